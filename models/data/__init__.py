@@ -1,0 +1,1 @@
+"""Datasets: synthderm (controlled, the embedded default), ISIC2019 and generic folders."""

@@ -1,0 +1,332 @@
+"""``synthderm``: controlled dermoscopy-like data with real, measurable shortcuts.
+
+Each image is skin-toned textured background (sometimes hair) with one lesion. Benign lesions are
+round/oval, uniform brown, smooth-bordered; malignant ones irregular, asymmetric and multi-coloured
+(dark and blue-grey regions). Both are driven by one latent *severity* t ∈ [0, 1] whose class
+distributions overlap, so a clean model tops out around 90–97%, not 100%.
+
+Artifacts (``models.data.artifacts``) are then drawn per a spurious-correlation spec: for each
+artifact and class, the fraction of images that carry it. Membership is an exact stratified draw
+(``round(p · n_class)`` samples per class and split, chosen by a seeded permutation) rather than the
+paper's per-sample Bernoulli (method.md §5.1), so realised rates equal the spec up to rounding.
+Appearance is seeded by ``(seed, index, artifact)`` as in method.md §5.2, so the band-aid on image
+17 is the same in the training-distribution, attacked and exported variants.
+
+Test variants (method.md §5.4): ``"ch"`` (training distribution), ``"clean"`` (no artifacts) and
+``"attacked"`` (the chosen artifact on 100% of images, same indices, nothing else drawn).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from models.data import artifacts as _artifacts
+from models.errors import ConfigError
+
+LABELS = ("benign", "malignant")
+ARTIFACT_ORDER = ("band_aid", "ruler", "skin_marker", "timestamp", "microscope")
+_ARTIFACT_ID = {a: i for i, a in enumerate(ARTIFACT_ORDER)}
+
+#: (p in benign, p in malignant); method-independent demo defaults from the foundation issue.
+DEFAULT_SPEC: dict[str, tuple[float, float]] = {
+    "band_aid": (0.50, 0.03),
+    "ruler": (0.05, 0.30),
+    "skin_marker": (0.05, 0.15),
+    "timestamp": (0.0, 0.0),
+    "microscope": (0.0, 0.0),
+}
+SPLITS = ("train", "val", "test")
+_N_ANG = 720
+VARIANTS = ("ch", "clean", "attacked")
+
+
+@dataclass(frozen=True)
+class SynthDermConfig:
+    """Everything that determines the bytes of a synthderm dataset."""
+
+    seed: int = 0
+    size: int = 128
+    n_train: int = 2000
+    n_val: int = 400
+    n_test: int = 600
+    p_malignant: float = 0.4
+    spec: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_SPEC))
+    hair_p: float = 0.3
+    #: severity ~ Beta(a, b) for benign and Beta(b, a) for malignant; the overlap sets the ceiling.
+    severity_ab: tuple[float, float] = (2.0, 6.0)
+
+    def __post_init__(self) -> None:
+        if self.size < 32:
+            raise ConfigError(f"size={self.size}: synthderm needs at least 32 px")
+        for art, (pb, pm) in self.spec.items():
+            if art not in _ARTIFACT_ID:
+                raise ConfigError(f"unknown artifact {art!r} in spec; valid: {', '.join(ARTIFACT_ORDER)}")
+            if not (0 <= pb <= 1 and 0 <= pm <= 1):
+                raise ConfigError(f"spec[{art!r}] = {(pb, pm)}: rates must be in [0, 1]")
+
+    def with_spec(self, **rates: tuple[float, float]) -> SynthDermConfig:
+        spec = dict(self.spec)
+        spec.update(rates)
+        return replace(self, spec=spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "size": self.size,
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "n_test": self.n_test,
+            "p_malignant": self.p_malignant,
+            "spec": {k: list(v) for k, v in self.spec.items()},
+            "hair_p": self.hair_p,
+            "severity_ab": list(self.severity_ab),
+        }
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One rendered image with its ground truth."""
+
+    index: int
+    image: np.ndarray  # H×W×3 uint8
+    label: int
+    artifacts: tuple[str, ...]
+    masks: dict[str, np.ndarray]  # artifact -> H×W bool, exactly the pixels it drew
+    lesion: np.ndarray  # H×W bool
+    severity: float
+
+
+class SynthDerm:
+    """A deterministic synthderm dataset; ``sample(i)`` renders image ``i`` on the fly."""
+
+    def __init__(self, cfg: SynthDermConfig | None = None) -> None:
+        self.cfg = cfg or SynthDermConfig()
+        c = self.cfg
+        n = c.n_train + c.n_val + c.n_test
+        rng = np.random.default_rng([c.seed, 0xC1A55])
+        self.labels = (rng.random(n) < c.p_malignant).astype(np.int64)
+        self.split_of = np.array(["train"] * c.n_train + ["val"] * c.n_val + ["test"] * c.n_test)
+        self.membership = self._draw_membership()
+        yy, xx = np.mgrid[0 : c.size, 0 : c.size].astype(np.float32)
+        self._yy, self._xx = yy, xx
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    # ------------------------------------------------------------------ membership
+
+    def _draw_membership(self) -> dict[str, np.ndarray]:
+        """Exact stratified draw per (artifact, split, class)."""
+        c = self.cfg
+        out: dict[str, np.ndarray] = {}
+        for art in ARTIFACT_ORDER:
+            pb, pm = c.spec.get(art, (0.0, 0.0))
+            member = np.zeros(len(self.labels), dtype=bool)
+            rng = np.random.default_rng([c.seed, 0xA27, _ARTIFACT_ID[art]])
+            for split in SPLITS:
+                for cls, p in ((0, pb), (1, pm)):
+                    idx = np.flatnonzero((self.split_of == split) & (self.labels == cls))
+                    k = int(round(p * len(idx)))
+                    member[rng.permutation(idx)[:k]] = True
+            out[art] = member
+        return out
+
+    def indices(self, split: str) -> np.ndarray:
+        if split == "all":
+            return np.arange(len(self))
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}, all")
+        return np.flatnonzero(self.split_of == split)
+
+    def artifacts_of(self, index: int, variant: str = "ch", attack: str = "band_aid") -> tuple[str, ...]:
+        if variant == "ch":
+            return tuple(a for a in ARTIFACT_ORDER if self.membership[a][index])
+        if variant == "clean":
+            return ()
+        if variant == "attacked":
+            if attack not in _ARTIFACT_ID:
+                raise ConfigError(f"unknown artifact {attack!r}; valid: {', '.join(ARTIFACT_ORDER)}")
+            return (attack,)
+        raise ConfigError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+
+    def artifact_ids(self, split: str = "all") -> dict[str, list[int]]:
+        """``{artifact: [indices]}`` in the training distribution, the annotation JSON format."""
+        keep = set(self.indices(split).tolist())
+        return {a: [int(i) for i in np.flatnonzero(m) if i in keep] for a, m in self.membership.items() if m.any()}
+
+    # ------------------------------------------------------------------ rendering
+
+    def sample(self, index: int, variant: str = "ch", attack: str = "band_aid") -> Sample:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range [0, {len(self)})")
+        c = self.cfg
+        label = int(self.labels[index])
+        rng = np.random.default_rng([c.seed, index])
+        a, b = c.severity_ab
+        t = float(rng.beta(b, a) if label == 1 else rng.beta(a, b))
+        img = self._background(rng)
+        lesion = self._lesion(img, rng, t)
+        if rng.random() < c.hair_p:
+            self._hair(img, rng)
+        occupied = _dilate(lesion, max(2, c.size // 40))
+        masks: dict[str, np.ndarray] = {}
+        arts = self.artifacts_of(index, variant, attack)
+        for art in arts:
+            arng = np.random.default_rng([c.seed, index, 1 + _ARTIFACT_ID[art]])
+            m = _artifacts.render(art, img, occupied, arng)
+            masks[art] = m
+            occupied = occupied | m
+        return Sample(index, img, label, arts, masks, lesion, t)
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        S = self.cfg.size
+        base = np.array([rng.uniform(195, 235), rng.uniform(145, 185), rng.uniform(115, 155)], np.float32)
+        low = _smooth_noise(rng, S, 5) * rng.uniform(6, 14)
+        fine = rng.normal(0, 3.0, (S, S, 1)).astype(np.float32)
+        img = base[None, None, :] + low[..., None] * np.array([1.0, 0.9, 0.8], np.float32) + fine
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+    def _lesion(self, img: np.ndarray, rng: np.random.Generator, t: float) -> np.ndarray:
+        S = self.cfg.size
+        cy, cx = ((S - 1) / 2 + rng.uniform(-0.06, 0.06, 2) * S).tolist()
+        R = float(S * rng.uniform(0.14, 0.22) * (1 + 0.15 * t))
+        dy, dx = self._yy - cy, self._xx - cx
+        rho = np.sqrt(dx * dx + dy * dy)
+        # The border radius depends on the angle only: evaluate it on a 1-D table of angles and
+        # look it up, instead of evaluating every harmonic at every pixel.
+        ang = np.linspace(-np.pi, np.pi, _N_ANG, endpoint=False)
+        ecc = rng.uniform(0.0, 0.12) + 0.15 * t * rng.random()
+        phi0 = rng.uniform(0, 2 * np.pi)
+        r_tab = 1 + ecc * np.cos(2 * (ang - phi0))  # ellipse: asymmetry grows with t
+        n_harm = 2 + int(round(7 * t))
+        for k in range(3, 3 + n_harm):  # harmonics: irregularity grows with t
+            amp = (0.015 + 0.10 * t) * rng.uniform(0.3, 1.0) / np.sqrt(k - 2)
+            r_tab = r_tab + amp * np.cos(k * ang + rng.uniform(0, 2 * np.pi))
+        r_tab = (R * np.minimum(r_tab, 1.45)).astype(np.float32)  # stay inside the artifact-free centre
+        a_idx = ((np.arctan2(dy, dx) + np.pi) * (_N_ANG / (2 * np.pi))).astype(np.int32) % _N_ANG
+        r_b = r_tab[a_idx]
+        edge = float(1.0 + 2.5 * t * rng.random())
+        alpha = np.clip((r_b - rho) / edge + 0.5, 0.0, 1.0)
+        lesion = alpha > 0.02
+        # colour: uniform brown for benign; malignant adds dark and blue-grey regions and a gradient
+        brown = np.array([rng.uniform(110, 150), rng.uniform(70, 95), rng.uniform(45, 65)], np.float32)
+        tex = _smooth_noise(rng, S, 8)
+        col = brown[None, None, :] * (1 + 0.06 * tex[..., None])
+        grad_dir = rng.uniform(0, 2 * np.pi)
+        grad = (dx * float(np.cos(grad_dir) / R) + dy * float(np.sin(grad_dir) / R))[..., None]
+        col = col * (1 - 0.25 * t * np.clip(grad, -1, 1))
+        dark_frac = np.clip(t - 0.3, 0, 1) * 0.55
+        if dark_frac > 0:
+            n1 = _smooth_noise(rng, S, 7)
+            thr = np.quantile(n1[lesion], 1 - dark_frac) if lesion.any() else np.inf
+            w = np.clip((n1 - thr) * 4, 0, 1)[..., None]
+            col = col * (1 - w) + np.array([45, 32, 30], np.float32) * w
+        grey_frac = np.clip(t - 0.45, 0, 1) * 0.6
+        if grey_frac > 0:
+            n2 = _smooth_noise(rng, S, 7)
+            thr = np.quantile(n2[lesion], 1 - grey_frac) if lesion.any() else np.inf
+            w = np.clip((n2 - thr) * 4, 0, 1)[..., None] * 0.85
+            col = col * (1 - w) + np.array([105, 115, 135], np.float32) * w
+        a3 = alpha[..., None]
+        out = img.astype(np.float32) * (1 - a3) + col * a3
+        img[...] = np.clip(out, 0, 255).astype(np.uint8)
+        return lesion
+
+    def _hair(self, img: np.ndarray, rng: np.random.Generator) -> None:
+        S = self.cfg.size
+        pil = Image.fromarray(img)
+        d = ImageDraw.Draw(pil)
+        for _ in range(int(rng.integers(1, 5))):
+            p0, p1, p2 = rng.uniform(0, S, (3, 2))
+            ts = np.linspace(0, 1, 12)[:, None]
+            pts = (1 - ts) ** 2 * p0 + 2 * (1 - ts) * ts * p1 + ts**2 * p2
+            shade = int(rng.uniform(30, 70))
+            d.line([tuple(p) for p in pts], fill=(shade, shade - 10 if shade > 10 else 0, 10), width=1)
+        img[...] = np.asarray(pil)
+
+    # ------------------------------------------------------------------ bulk access
+
+    def iter_samples(self, split: str = "all", variant: str = "ch", attack: str = "band_aid") -> Iterator[Sample]:
+        for i in self.indices(split):
+            yield self.sample(int(i), variant, attack)
+
+    def arrays(
+        self, split: str, variant: str = "ch", attack: str = "band_aid", progress: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """All images of a split as ``(N×H×W×3 uint8, N labels)``."""
+        idx = self.indices(split)
+        X = np.empty((len(idx), self.cfg.size, self.cfg.size, 3), np.uint8)
+        for j, i in enumerate(idx):
+            X[j] = self.sample(int(i), variant, attack).image
+            if progress is not None:
+                progress(1)
+        return X, self.labels[idx].copy()
+
+    @cached_property
+    def realised_rates(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """``{split: {artifact: (rate in benign, rate in malignant)}}`` as drawn."""
+        out: dict[str, dict[str, tuple[float, float]]] = {}
+        for split in SPLITS:
+            sel = self.split_of == split
+            out[split] = {
+                a: tuple(float(m[sel & (self.labels == k)].mean()) if (sel & (self.labels == k)).any() else 0.0 for k in (0, 1))  # type: ignore[misc]
+                for a, m in self.membership.items()
+            }
+        return out
+
+    def export(self, root: str | Path, variant: str = "ch", attack: str = "band_aid", progress: Any = None) -> Path:
+        """Write PNG images, per-artifact mask PNGs, ``labels.csv`` and ``artifacts.json``.
+
+        The layout is the generic folder dataset's (``models.data.folder``), so an exported
+        synthderm reads back like real data.
+        """
+        root = Path(root)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(exist_ok=True)
+        rows = []
+        art_ids: dict[str, list[str]] = {}
+        for i in range(len(self)):
+            s = self.sample(i, variant, attack)
+            sid = f"synth_{i:06d}"
+            Image.fromarray(s.image).save(root / "images" / f"{sid}.png", optimize=False, compress_level=1)
+            for art, m in s.masks.items():
+                Image.fromarray(m.astype(np.uint8) * 255).save(root / "masks" / f"{sid}_{art}.png")
+                art_ids.setdefault(art, []).append(sid)
+            rows.append({"image": sid, "label": LABELS[s.label], "split": self.split_of[i]})
+            if progress is not None:
+                progress(1)
+        with open(root / "labels.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image", "label", "split"])
+            w.writeheader()
+            w.writerows(rows)
+        (root / "artifacts.json").write_text(json.dumps(art_ids, indent=1))
+        (root / "synthderm.json").write_text(json.dumps({"variant": variant, **self.cfg.to_dict()}, indent=1))
+        return root
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
+    """Zero-mean, unit-ish low-frequency noise: a coarse random grid upsampled bilinearly."""
+    g = rng.normal(0, 1, (grid, grid)).astype(np.float32)
+    return np.asarray(Image.fromarray(g, mode="F").resize((size, size), Image.BILINEAR))
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Binary dilation by a (2r+1)² square, separable: rows then columns."""
+    rows = mask.copy()
+    for s in range(1, r + 1):
+        rows[s:] |= mask[:-s]
+        rows[:-s] |= mask[s:]
+    out = rows.copy()
+    for s in range(1, r + 1):
+        out[:, s:] |= rows[:, :-s]
+        out[:, :-s] |= rows[:, s:]
+    return out

@@ -1,0 +1,26 @@
+"""One domain error tree for the ML side. Messages name the bad value and the valid choices."""
+
+from __future__ import annotations
+
+
+class MedauditError(Exception):
+    """Base of every error medaudit raises on purpose."""
+
+
+class UnknownModelError(MedauditError, KeyError):
+    """A model or architecture name that the registry does not know."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsError(MedauditError):
+    """A checkpoint that is missing, unreadable or does not fit the architecture."""
+
+
+class DatasetError(MedauditError):
+    """A dataset path, CSV, column or image that cannot be used."""
+
+
+class ConfigError(MedauditError, ValueError):
+    """A configuration value out of its valid range."""

@@ -1,0 +1,1 @@
+"""The online side (BentoML service, flags, metrics). Imports ``models``, never the reverse."""
