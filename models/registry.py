@@ -72,9 +72,9 @@ class ModelCfg:
         return cls(
             arch=d["arch"],
             source=d["source"],
-            input_size=tuple(d["input_size"]),  # type: ignore[arg-type]
-            mean=tuple(d["mean"]),  # type: ignore[arg-type]
-            std=tuple(d["std"]),  # type: ignore[arg-type]
+            input_size=tuple(d["input_size"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
             labels=tuple(d["labels"]),
             hook_points=dict(d["hook_points"]),
             default_cav_layer=d["default_cav_layer"],
@@ -154,8 +154,10 @@ def create_model(
             labels = labels or saved_cfg.labels
             img_size = img_size or saved_cfg.input_size[-1]
     if labels is None:
-        labels = cfg.labels if num_classes in (None, len(cfg.labels)) else tuple(
-            f"class_{k}" for k in range(num_classes or 0)
+        labels = (
+            cfg.labels
+            if num_classes in (None, len(cfg.labels))
+            else tuple(f"class_{k}" for k in range(num_classes or 0))
         )
     if num_classes is not None and num_classes != len(labels):
         raise ValueError(f"num_classes={num_classes} but {len(labels)} labels given: {labels}")
@@ -175,7 +177,9 @@ def create_model(
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise WeightsError(f"weights file not found: {p} (medaudit never downloads weights; pass a local path)")
+        raise WeightsError(
+            f"weights file not found: {p} (medaudit never downloads weights; pass a local path)"
+        )
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a corrupt file

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.data.synthetic import SynthDerm, SynthDermConfig
-from models.registry import ModelCfg, create_model, get_cfg
+from models.registry import ModelCfg, create_model
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
@@ -84,7 +84,11 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def render_split(
-    ds: SynthDerm, split: str, variant: str = "ch", attack: str = "band_aid", cache_dir: Path | None = None,
+    ds: SynthDerm,
+    split: str,
+    variant: str = "ch",
+    attack: str = "band_aid",
+    cache_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A split as ``(uint8 N×3×H×W, int64 labels)``, cached as .npz keyed by the data config."""
@@ -138,7 +142,9 @@ def train(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, card_path = out / "model.pt", out / "card.json"
+    # model.pt holds weights + configs (what serving and corrections load); train_state.pt the
+    # optimizer/scheduler state for resuming (and for fine-tunes that reuse it, method.md §11.9).
+    ckpt_path, state_path, card_path = out / "model.pt", out / "train_state.pt", out / "card.json"
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     torch.manual_seed(tcfg.seed)
@@ -151,15 +157,17 @@ def train(
     steps_per_epoch = math.ceil(len(Xtr) / tcfg.batch_size)
     total = steps_per_epoch * tcfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        opt,
+        lambda s: min(1.0, (s + 1) / steps_per_epoch) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)),
     )
     start_epoch, history = 0, []
-    if ckpt_path.exists():
+    if ckpt_path.exists() and state_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("train_cfg") == tcfg.to_dict():
+        opt_state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("train_cfg") == tcfg.to_dict() and opt_state.get("epoch") == state.get("epoch"):
             model.load_state_dict(state["state_dict"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
+            opt.load_state_dict(opt_state["optimizer"])
+            sched.load_state_dict(opt_state["scheduler"])
             start_epoch, history = int(state["epoch"]), list(state.get("history", []))
             log(f"resuming {ckpt_path} at epoch {start_epoch}/{tcfg.epochs}")
         else:
@@ -187,23 +195,23 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            run_loss += float(loss)
+            run_loss += loss.item()
             if adv:
                 adv(1)
         history.append({"epoch": epoch + 1, "loss": run_loss / steps_per_epoch})
-        torch.save(
+        _atomic_save(
+            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1}, state_path
+        )
+        _atomic_save(
             {
                 "state_dict": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
                 "epoch": epoch + 1,
                 "history": history,
                 "cfg": mcfg.to_dict(),
                 "train_cfg": tcfg.to_dict(),
             },
-            ckpt_path.with_suffix(".tmp"),
+            ckpt_path,
         )
-        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
     train_seconds = time.perf_counter() - t0
     card = evaluate_base(model, mcfg, ds, cache, progress=progress)
     card.update(
@@ -223,7 +231,11 @@ def train(
 
 
 def evaluate_base(
-    model: nn.Module, mcfg: ModelCfg, ds: SynthDerm, cache: Path | None, attack: str = "band_aid",
+    model: nn.Module,
+    mcfg: ModelCfg,
+    ds: SynthDerm,
+    cache: Path | None,
+    attack: str = "band_aid",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Accuracy on the three test variants (method.md §5.4) and the shortcut's size."""
@@ -237,6 +249,13 @@ def evaluate_base(
         "malignant_clean_minus_attacked_points": round(100 * (res["clean"][mal] - res["attacked"][mal]), 2),
     }
     return {"test": res}
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
+    """Write then rename, so a kill mid-save never leaves a half-written checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -87,11 +87,13 @@ def band_aid(img: np.ndarray, occupied: np.ndarray, rng: np.random.Generator) ->
         for hy in (width // 3, (2 * width) // 3):
             d.point([(hx, hy), (length - 1 - hx, hy)], fill=3)
     angle = float(rng.uniform(0, 180))
-    layer = np.asarray(canvas.rotate(angle, resample=Image.NEAREST, expand=True))
+    layer = np.asarray(canvas.rotate(angle, resample=Image.Resampling.NEAREST, expand=True))
     placed = _place(layer, occupied, rng)
     if placed is None:  # very crowded image: shrink once
         small = np.asarray(
-            Image.fromarray(layer).resize((layer.shape[1] // 2, layer.shape[0] // 2), Image.NEAREST)
+            Image.fromarray(layer).resize(
+                (layer.shape[1] // 2, layer.shape[0] // 2), Image.Resampling.NEAREST
+            )
         )
         placed = _place(small, occupied, rng)
         if placed is None:
@@ -185,7 +187,12 @@ def timestamp(img: np.ndarray, occupied: np.ndarray, rng: np.random.Generator) -
     x0, y0, x1, y1 = d.textbbox((0, 0), text, font=font)
     tw, th = x1 - x0, y1 - y0
     margin = max(2, S // 40)
-    corners = [(margin, margin), (S - tw - margin, margin), (margin, S - th - margin), (S - tw - margin, S - th - margin)]
+    corners = [
+        (margin, margin),
+        (S - tw - margin, margin),
+        (margin, S - th - margin),
+        (S - tw - margin, S - th - margin),
+    ]
     order = rng.permutation(4)
     colour = np.clip(np.array([10 if rng.random() < 0.5 else 245] * 3) + rng.normal(0, 5, 3), 0, 255)
     for k in order:
@@ -211,9 +218,7 @@ def microscope(img: np.ndarray, occupied: np.ndarray, rng: np.random.Generator) 
     return outside
 
 
-def render(
-    name: str, img: np.ndarray, occupied: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def render(name: str, img: np.ndarray, occupied: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Draw artifact ``name``; raise with the valid names if unknown."""
     try:
         fn = ARTIFACTS[name]

@@ -161,7 +161,9 @@ class SynthDerm:
     def artifact_ids(self, split: str = "all") -> dict[str, list[int]]:
         """``{artifact: [indices]}`` in the training distribution, the annotation JSON format."""
         keep = set(self.indices(split).tolist())
-        return {a: [int(i) for i in np.flatnonzero(m) if i in keep] for a, m in self.membership.items() if m.any()}
+        return {
+            a: [int(i) for i in np.flatnonzero(m) if i in keep] for a, m in self.membership.items() if m.any()
+        }
 
     # ------------------------------------------------------------------ rendering
 
@@ -255,7 +257,9 @@ class SynthDerm:
 
     # ------------------------------------------------------------------ bulk access
 
-    def iter_samples(self, split: str = "all", variant: str = "ch", attack: str = "band_aid") -> Iterator[Sample]:
+    def iter_samples(
+        self, split: str = "all", variant: str = "ch", attack: str = "band_aid"
+    ) -> Iterator[Sample]:
         for i in self.indices(split):
             yield self.sample(int(i), variant, attack)
 
@@ -278,12 +282,17 @@ class SynthDerm:
         for split in SPLITS:
             sel = self.split_of == split
             out[split] = {
-                a: tuple(float(m[sel & (self.labels == k)].mean()) if (sel & (self.labels == k)).any() else 0.0 for k in (0, 1))  # type: ignore[misc]
+                a: tuple(
+                    float(m[sel & (self.labels == k)].mean()) if (sel & (self.labels == k)).any() else 0.0
+                    for k in (0, 1)
+                )  # type: ignore[misc]
                 for a, m in self.membership.items()
             }
         return out
 
-    def export(self, root: str | Path, variant: str = "ch", attack: str = "band_aid", progress: Any = None) -> Path:
+    def export(
+        self, root: str | Path, variant: str = "ch", attack: str = "band_aid", progress: Any = None
+    ) -> Path:
         """Write PNG images, per-artifact mask PNGs, ``labels.csv`` and ``artifacts.json``.
 
         The layout is the generic folder dataset's (``models.data.folder``), so an exported
@@ -316,7 +325,7 @@ class SynthDerm:
 def _smooth_noise(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
     """Zero-mean, unit-ish low-frequency noise: a coarse random grid upsampled bilinearly."""
     g = rng.normal(0, 1, (grid, grid)).astype(np.float32)
-    return np.asarray(Image.fromarray(g, mode="F").resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(g, mode="F").resize((size, size), Image.Resampling.BILINEAR))
 
 
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:

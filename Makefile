@@ -1,0 +1,55 @@
+# medaudit: every target sets itself up (virtual environment + install) on a fresh machine.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+OUT     ?= artifacts
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test test-fast lint format bench train clean
+
+help:
+	@echo "make demo   build the demo model on synthetic data (and, as issues land, serve it)"
+	@echo "make test   run the whole test suite (what CI runs)"
+	@echo "make lint   ruff format --check, ruff check, mypy"
+	@echo "make bench  benchmarks into benchmarks/results/"
+
+$(BIN)/python:
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (torch 2.14.1 wheels are for CPython 3.11)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Re-install whenever pyproject.toml changes (the stamp carries its hash).
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/medaudit demo --out $(OUT)
+
+train: install
+	$(BIN)/medaudit train --out $(OUT)/resnet18-synthderm
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python benchmarks/lrp.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,162 @@
+"""synthderm: determinism, exact masks, spurious-correlation rates, variants, export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from models.data import artifacts
+from models.data.synthetic import ARTIFACT_ORDER, DEFAULT_SPEC, SynthDerm, SynthDermConfig
+from models.errors import ConfigError
+
+SMALL = SynthDermConfig(n_train=60, n_val=10, n_test=20, size=64, seed=3)
+
+
+def test_same_seed_same_bytes() -> None:
+    a, b = SynthDerm(SMALL), SynthDerm(SMALL)
+    for i in range(0, len(a), 7):
+        sa, sb = a.sample(i), b.sample(i)
+        assert sa.image.tobytes() == sb.image.tobytes()
+        assert sa.artifacts == sb.artifacts
+        assert all(np.array_equal(sa.masks[k], sb.masks[k]) for k in sa.masks)
+
+
+def test_other_seed_other_bytes() -> None:
+    a = SynthDerm(SMALL)
+    b = SynthDerm(SynthDermConfig(n_train=60, n_val=10, n_test=20, size=64, seed=4))
+    assert a.sample(0).image.tobytes() != b.sample(0).image.tobytes()
+
+
+def test_sample_order_does_not_matter() -> None:
+    ds = SynthDerm(SMALL)
+    late = ds.sample(50).image.copy()
+    for i in range(10):
+        ds.sample(i)
+    assert np.array_equal(late, ds.sample(50).image)
+
+
+@pytest.mark.parametrize("name", list(artifacts.ARTIFACTS))
+def test_mask_is_exactly_the_drawn_pixels(name: str) -> None:
+    """Outside the mask nothing changes; inside, (almost) every pixel changes."""
+    ds = SynthDerm(SMALL)
+    for i in range(12):
+        clean = ds.sample(i, "clean")
+        att = ds.sample(i, "attacked", attack=name)
+        m = att.masks[name]
+        assert m.any(), f"{name} drew nothing on image {i}"
+        changed = (clean.image != att.image).any(axis=2)
+        assert not (changed & ~m).any(), f"{name} changed pixels outside its mask on image {i}"
+        # A drawn pixel may by chance equal the background in all three channels; it must be rare.
+        assert changed[m].mean() > 0.97, f"{name}: only {changed[m].mean():.3f} of mask pixels changed"
+
+
+@pytest.mark.parametrize("name", list(artifacts.ARTIFACTS))
+def test_artifact_never_covers_the_lesion(name: str) -> None:
+    ds = SynthDerm(SMALL)
+    for i in range(12):
+        s = ds.sample(i, "attacked", attack=name)
+        assert not (s.masks[name] & s.lesion).any()
+
+
+def test_masks_of_several_artifacts_do_not_overlap() -> None:
+    cfg = SMALL.with_spec(band_aid=(1.0, 1.0), ruler=(1.0, 1.0), skin_marker=(1.0, 1.0))
+    ds = SynthDerm(cfg)
+    for i in range(8):
+        s = ds.sample(i)
+        assert set(s.artifacts) == {"band_aid", "ruler", "skin_marker"}
+        total = sum(m.astype(int) for m in s.masks.values())
+        assert total.max() == 1
+
+
+def test_realised_rates_match_the_spec() -> None:
+    ds = SynthDerm(SynthDermConfig(size=64))  # the demo's split sizes
+    for split, rates in ds.realised_rates.items():
+        for art, (pb, pm) in rates.items():
+            sb, sm = DEFAULT_SPEC[art]
+            assert abs(pb - sb) <= 0.03, (split, art, pb, sb)
+            assert abs(pm - sm) <= 0.03, (split, art, pm, sm)
+
+
+def test_rates_are_realised_in_the_images() -> None:
+    """Membership is what gets drawn: every listed artifact has a non-empty mask."""
+    ds = SynthDerm(SMALL.with_spec(band_aid=(0.5, 0.1)))
+    listed = 0
+    for s in ds.iter_samples("train"):
+        listed += "band_aid" in s.artifacts
+        assert ("band_aid" in s.artifacts) == bool(s.masks.get("band_aid", np.zeros(1)).any())
+    assert listed == len(ds.artifact_ids("train")["band_aid"])
+
+
+def test_variants_share_lesions_and_differ_only_by_the_attack() -> None:
+    ds = SynthDerm(SMALL)
+    for i in ds.indices("test")[:5]:
+        clean, att = ds.sample(int(i), "clean"), ds.sample(int(i), "attacked")
+        assert clean.artifacts == () and att.artifacts == ("band_aid",)
+        assert clean.label == att.label and clean.severity == att.severity
+        assert np.array_equal(clean.lesion, att.lesion)
+
+
+def test_attack_matches_the_training_distribution_drawing() -> None:
+    """Image i's band-aid is the same wherever it is drawn (seeded by index, method.md §5.2)."""
+    ds = SynthDerm(SMALL.with_spec(band_aid=(1.0, 1.0), ruler=(0, 0), skin_marker=(0, 0)))
+    for i in range(5):
+        assert np.array_equal(ds.sample(i).image, ds.sample(i, "attacked", attack="band_aid").image)
+
+
+def test_classes_overlap_by_severity() -> None:
+    ds = SynthDerm(SynthDermConfig(n_train=400, n_val=0, n_test=0, size=32))
+    sev = np.array([ds.sample(i).severity for i in range(len(ds))])
+    y = ds.labels
+    assert sev[y == 0].mean() < 0.35 < 0.65 < sev[y == 1].mean()
+    # overlap exists: some benign are more severe than some malignant
+    assert sev[y == 0].max() > sev[y == 1].min()
+
+
+def test_splits_are_disjoint_and_cover_everything() -> None:
+    ds = SynthDerm(SMALL)
+    parts = [set(ds.indices(s).tolist()) for s in ("train", "val", "test")]
+    assert sum(map(len, parts)) == len(ds) and set.union(*parts) == set(range(len(ds)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"size": 8}, "at least 32"),
+        ({"spec": {"sticker": (0.1, 0.1)}}, "unknown artifact 'sticker'"),
+        ({"spec": {"ruler": (1.5, 0.1)}}, r"rates must be in \[0, 1\]"),
+    ],
+)
+def test_bad_config_is_a_clear_error(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SynthDermConfig(**kwargs)
+
+
+def test_bad_variant_split_and_artifact_names() -> None:
+    ds = SynthDerm(SMALL)
+    with pytest.raises(ConfigError, match="unknown variant 'dirty'.*ch, clean, attacked"):
+        ds.sample(0, "dirty")
+    with pytest.raises(ConfigError, match="unknown split 'dev'"):
+        ds.indices("dev")
+    with pytest.raises(ConfigError, match="unknown artifact 'sticker'"):
+        ds.sample(0, "attacked", attack="sticker")
+    with pytest.raises(IndexError):
+        ds.sample(len(ds))
+
+
+def test_export_writes_images_masks_and_annotations(tmp_path) -> None:
+    from PIL import Image
+
+    cfg = SynthDermConfig(n_train=6, n_val=2, n_test=2, size=48, seed=1).with_spec(band_aid=(0.5, 0.5))
+    ds = SynthDerm(cfg)
+    root = ds.export(tmp_path / "sd")
+    rows = (root / "labels.csv").read_text().strip().splitlines()
+    assert rows[0] == "image,label,split" and len(rows) == 11
+    ann = json.loads((root / "artifacts.json").read_text())
+    assert set(ann) <= set(ARTIFACT_ORDER)
+    first = ann["band_aid"][0]
+    i = int(first.split("_")[1])
+    assert np.array_equal(np.asarray(Image.open(root / "images" / f"{first}.png")), ds.sample(i).image)
+    mask = np.asarray(Image.open(root / "masks" / f"{first}_band_aid.png")) > 0
+    assert np.array_equal(mask, ds.sample(i).masks["band_aid"])
