@@ -24,3 +24,11 @@ class DatasetError(MedauditError):
 
 class ConfigError(MedauditError, ValueError):
     """A configuration value out of its valid range."""
+
+
+class InvalidArrayError(MedauditError, ValueError):
+    """An array handed to an explanation function with the wrong shape, dtype or values."""
+
+
+class ConceptBankError(MedauditError):
+    """A concept bank that is unreadable, incomplete or used with a model or layer it was not fitted for."""
