@@ -1,0 +1,381 @@
+"""The LRP engine: an :class:`Explainer` per model, one forward and one batched backward per call.
+
+Construction (once per served model, method.md §3):
+
+1. :func:`~models.xai.canonizers.canonize` makes a canonized deep copy (the original model is
+   never modified);
+2. :func:`build_lrp_model` swaps every layer of that copy for its rule module from
+   :mod:`models.xai.rules` — zennit 0.5.1's ``EpsilonPlusFlat`` (method.md §3.1).
+
+A call (:meth:`Explainer.explain`) runs the rule model forward once, recording the outputs of the
+requested hook points, and then runs **one** backward for all relevance seeds of all images:
+
+* class seeds start at the logits: the logit of the target class (zennit-crp's default) or
+  ``init_rel`` (one-hot) — method.md §3.1 "CRP conventions";
+* concept seeds start at the output ``A`` of hook point ℓ with ``R = ReLU(A) ⊙ v`` (the CAV
+  broadcast over space) — method.md §2.1, as CRP's ``start_layer``/``init_rel``.
+
+The seeds differ only in the gradient fed to the graph, so they run as a batched vector-Jacobian
+product (``is_grads_batched``, i.e. vmap over the backward) and cost one forward plus S
+backwards. ``batch_mode="repeat"`` instead repeats the input S times (S forwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from models.errors import ConfigError, UnknownModelError
+from models.registry import ModelCfg
+from models.xai import rules
+from models.xai.canonizers import canonize
+from models.xai.layers import PassThrough, ResidualSum
+
+# --------------------------------------------------------------------------- composite
+
+#: Modules that get the Pass rule. zennit 0.5.1's ``types.Activation`` (minus
+#: ``MultiheadAttention``, which canonizers wrap in PassThrough) plus BatchNorm, which zennit
+#: also passes; canonizers merge every BatchNorm they can, so this is a fallback.
+PASS_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ELU, nn.Hardshrink, nn.Hardsigmoid, nn.Hardtanh, nn.Hardswish, nn.LeakyReLU, nn.LogSigmoid,
+    nn.PReLU, nn.ReLU, nn.ReLU6, nn.RReLU, nn.SELU, nn.CELU, nn.GELU, nn.Sigmoid, nn.SiLU,
+    nn.Softplus, nn.Softshrink, nn.Softsign, nn.Tanh, nn.Tanhshrink, nn.Threshold,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, PassThrough,
+)  # fmt: skip
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+#: Layer types with a rule in zennit's EpsilonPlusFlat that this engine does not implement.
+_UNSUPPORTED = (
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.AvgPool1d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool3d, nn.MultiheadAttention,
+)  # fmt: skip
+
+
+def rule_for(module: nn.Module, first: bool) -> nn.Module | None:
+    """The rule module replacing ``module`` (``None``: keep it, plain gradient), method.md §3.1.
+
+    ``first`` marks the first conv/linear in module order, which gets Flat.
+    """
+    if isinstance(module, _UNSUPPORTED):
+        raise ConfigError(f"no LRP rule implemented for {type(module).__name__}")
+    if isinstance(module, _CONVS):
+        return rules.FlatConv(module) if first else rules.ZPlusConv(module)
+    if isinstance(module, nn.Linear):
+        return rules.FlatLinear(module) if first else rules.EpsilonLinear(module)
+    if isinstance(module, ResidualSum):
+        return rules.NormSum()
+    if isinstance(module, _AVG_POOLS):
+        return rules.NormAvgPool(module)
+    if isinstance(module, PASS_TYPES):
+        return rules.PassRule(module)
+    return None  # MaxPool, LayerNorm, Dropout, Identity, Flatten, ...: gradient
+
+
+def build_lrp_model(canonical: nn.Module) -> nn.Module:
+    """Replace, in place, every layer of a canonized model by its rule module; return the model.
+
+    Mirrors zennit's ``SpecialFirstLayerMapComposite``: the first ``Conv``/``Linear`` in
+    ``named_modules()`` order (descending into every module) is the "first layer".
+    """
+    first_path = next(
+        (name for name, m in canonical.named_modules() if isinstance(m, _CONVS + (nn.Linear,))), None
+    )
+    replacements: list[tuple[str, nn.Module]] = []
+    skip_below: list[str] = []
+    for name, module in canonical.named_modules():
+        if not name or any(name.startswith(p + ".") for p in skip_below):
+            continue
+        rule = rule_for(module, first=name == first_path)
+        if rule is not None:
+            replacements.append((name, rule))
+            skip_below.append(name)  # a rule owns its whole subtree (e.g. Pass over attention)
+    for name, rule in replacements:
+        parent_path, _, attr = name.rpartition(".")
+        setattr(canonical.get_submodule(parent_path) if parent_path else canonical, attr, rule)
+    return canonical
+
+
+# --------------------------------------------------------------------------- seeds and results
+
+
+@dataclass(frozen=True)
+class ClassTarget:
+    """Relevance seeded at the logits.
+
+    Attributes:
+        index: class index for every image, one index per image, or ``None`` for each image's
+            predicted class.
+    """
+
+    index: int | tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ConceptTarget:
+    """Relevance seeded at hook point ``layer``: ``R = ReLU(A) ⊙ v`` (method.md §2.1).
+
+    Attributes:
+        layer: a hook-point name from ``ModelCfg.hook_points``.
+        vector: the concept direction ``v``, shape ``(C,)`` for the layer's C channels.
+    """
+
+    layer: str
+    vector: torch.Tensor
+
+
+Target = int | Literal["pred"] | ClassTarget | ConceptTarget
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """What one :meth:`Explainer.explain` call returns. S = number of targets, B = batch size.
+
+    Attributes:
+        logits: ``(B, K)`` model outputs.
+        heatmaps: ``(S, B, H, W)`` input relevance summed over channels (CRP ``heatmap_modifier``).
+        targets: the targets, normalised (``ClassTarget`` / ``ConceptTarget``), in seed order.
+        class_indices: ``(S, B)`` class index each class seed used; ``-1`` for concept seeds.
+        activations: hook point -> ``(B, C)`` spatially max-pooled activation (method.md §11.4).
+        relevance: hook point -> ``(S, B, *layer output shape)`` relevance at the layer output.
+        input_relevance: ``(S, B, C, H, W)`` relevance at the input, if asked for.
+    """
+
+    logits: torch.Tensor
+    heatmaps: torch.Tensor
+    targets: tuple[ClassTarget | ConceptTarget, ...]
+    class_indices: torch.Tensor
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
+    relevance: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_relevance: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------- recording
+
+#: The store of the recording active in this thread/task; ``None`` outside :func:`recording`.
+_RECORDING: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("medaudit_lrp_recording", default=None)
+
+
+class Tap(nn.Module):
+    """Wraps the module of a hook point and records its output while a :func:`recording` is active.
+
+    Taps replace forward hooks: they are part of the private rule model, so nothing is
+    registered per call, and the store is a context variable, so concurrent calls in different
+    threads do not see each other's activations.
+    """
+
+    def __init__(self, inner: nn.Module, name: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = name
+
+    def forward(self, *args: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        out = self.inner(*args, **kwargs)
+        store = _RECORDING.get()
+        if store is not None:
+            store[self.name] = out
+        return out
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, torch.Tensor]]:
+    """Collect the outputs of every :class:`Tap` run inside the block; reset also on error."""
+    store: dict[str, torch.Tensor] = {}
+    token = _RECORDING.set(store)
+    try:
+        yield store
+    finally:
+        _RECORDING.reset(token)
+
+
+def add_taps(model: nn.Module, hook_points: dict[str, str]) -> None:
+    """Wrap the module of every hook point (``name -> dotted path``) of ``model`` in a :class:`Tap`."""
+    for name, path in sorted(hook_points.items(), key=lambda kv: -kv[1].count(".")):  # deepest first
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, Tap(getattr(parent, attr), name))
+
+
+def max_pool_spatial(a: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial) -> (B, C)`` by max over space; ``(B, C)`` unchanged (method.md §11.4)."""
+    return a if a.ndim == 2 else a.flatten(2).amax(-1)
+
+
+# --------------------------------------------------------------------------- explainer
+
+
+class Explainer:
+    """Fast LRP (zennit 0.5.1 ``EpsilonPlusFlat`` + canonizers) for one model. Build once, call often.
+
+    Args:
+        model: the served network; it is deep-copied and never modified.
+        cfg: its registry config (hook points, canonizer id).
+        batch_mode: how several seeds share a call: ``"vmap"`` (one forward, a batched backward)
+            or ``"repeat"`` (input repeated per seed).
+    """
+
+    def __init__(self, model: nn.Module, cfg: ModelCfg, *, batch_mode: Literal["vmap", "repeat"] = "vmap"):
+        if batch_mode not in ("vmap", "repeat"):
+            raise ConfigError(f"batch_mode={batch_mode!r}; valid: 'vmap', 'repeat'")
+        self.cfg = cfg
+        self.batch_mode = batch_mode
+        self.model = build_lrp_model(canonize(model, cfg.canonizer))
+        add_taps(self.model, cfg.hook_points)
+
+    def to(self, *args: object, **kwargs: object) -> Explainer:
+        """Move/cast the rule model, like ``nn.Module.to``; returns ``self``."""
+        self.model.to(*args, **kwargs)  # type: ignore[call-overload]
+        return self
+
+    def _path(self, layer: str) -> str:
+        if layer not in self.cfg.hook_points:
+            raise UnknownModelError(
+                f"{self.cfg.arch} has no hook point {layer!r}; valid: {', '.join(self.cfg.hook_points)}"
+            )
+        return self.cfg.hook_points[layer]
+
+    def explain(
+        self,
+        x: torch.Tensor,
+        targets: Sequence[Target] = ("pred",),
+        *,
+        cav_layers: Sequence[str] = (),
+        relevance_layers: Sequence[str] = (),
+        init_rel: Literal["logit"] | float = "logit",
+        return_input_relevance: bool = False,
+    ) -> Explanation:
+        """Logits, one heatmap per target and image, and activations/relevance at hook points.
+
+        Args:
+            x: ``(B, C, H, W)`` normalised images.
+            targets: relevance seeds, each applied to every image: a class index, ``"pred"``
+                (each image's predicted class), a :class:`ClassTarget` or a :class:`ConceptTarget`.
+            cav_layers: hook points whose max-pooled activations to return (for concept scores).
+            relevance_layers: hook points whose relevance to return (per target).
+            init_rel: class-seed value: ``"logit"`` (the target logit, zennit-crp's default) or a
+                number for a one-hot seed (``1`` as CRP's ``init_rel=1``).
+            return_input_relevance: also return the ``(S, B, C, H, W)`` input relevance.
+
+        Raises:
+            ConfigError: bad input shape, target, class index or ``init_rel``.
+            UnknownModelError: a layer name that is not a hook point of this model.
+        """
+        seeds = self._normalise_targets(targets)
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+            raise ConfigError(
+                f"x must be a float tensor (B, C, H, W); got {getattr(x, 'shape', type(x).__name__)}"
+            )
+        if not (
+            init_rel == "logit" or (isinstance(init_rel, int | float) and not isinstance(init_rel, bool))
+        ):
+            raise ConfigError(f"init_rel={init_rel!r}; valid: 'logit' or a number (1 = one-hot)")
+        seed_layers = [t.layer for t in seeds if isinstance(t, ConceptTarget)]
+        for name in [*cav_layers, *relevance_layers]:
+            self._path(name)
+        n_seeds, batch = len(seeds), x.shape[0]
+        repeat = self.batch_mode == "repeat" and n_seeds > 1
+        ref = next(t for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point())
+        x_in = x.detach().to(ref.device, ref.dtype)
+        x_in = (x_in.repeat(n_seeds, 1, 1, 1) if repeat else x_in).requires_grad_(True)
+
+        with torch.enable_grad(), recording() as acts:
+            logits = self.model(x_in)
+            out0 = {k: v[:batch] for k, v in acts.items()}
+            class_idx, grad_logits = self._class_seeds(seeds, logits[:batch].detach(), init_rel)
+            grad_layers = {ln: self._concept_seeds(seeds, ln, out0[ln]) for ln in dict.fromkeys(seed_layers)}
+            outputs = [logits, *(acts[ln] for ln in grad_layers)]
+            grads = [grad_logits, *grad_layers.values()]
+            inputs = [x_in, *(acts[ln] for ln in relevance_layers)]
+            if repeat:  # (S, B, ...) -> (S·B, ...)
+                grads = [g.flatten(0, 1) for g in grads]
+            elif n_seeds == 1:
+                grads = [g[0] for g in grads]
+            got = torch.autograd.grad(
+                outputs, inputs, grads, is_grads_batched=n_seeds > 1 and not repeat, allow_unused=True
+            )
+        rel = [
+            (torch.zeros_like(i) if g is None else g).reshape(n_seeds, batch, *i.shape[1:]).detach()
+            for g, i in zip(got, [i[:batch] for i in inputs], strict=True)
+        ]
+        return Explanation(
+            logits=logits[:batch].detach(),
+            heatmaps=rel[0].sum(2),
+            targets=seeds,
+            class_indices=class_idx,
+            activations={ln: max_pool_spatial(out0[ln].detach()) for ln in cav_layers},
+            relevance=dict(zip(relevance_layers, rel[1:], strict=True)),
+            input_relevance=rel[0] if return_input_relevance else None,
+        )
+
+    # -- seeds
+
+    def _normalise_targets(self, targets: Sequence[Target]) -> tuple[ClassTarget | ConceptTarget, ...]:
+        if isinstance(targets, str | int | ClassTarget | ConceptTarget):
+            targets = [targets]
+        if len(targets) == 0:
+            raise ConfigError("targets is empty; give at least one class index, 'pred' or ConceptTarget")
+        out: list[ClassTarget | ConceptTarget] = []
+        for t in targets:
+            if isinstance(t, ClassTarget | ConceptTarget):
+                out.append(t)
+            elif t == "pred":
+                out.append(ClassTarget(None))
+            elif isinstance(t, int) and not isinstance(t, bool):
+                out.append(ClassTarget(t))
+            else:
+                raise ConfigError(
+                    f"target {t!r} is not valid; use a class index, 'pred', ClassTarget or ConceptTarget"
+                )
+        for t in out:
+            if isinstance(t, ConceptTarget):
+                self._path(t.layer)
+        return tuple(out)
+
+    def _class_seeds(
+        self, seeds: Sequence[ClassTarget | ConceptTarget], logits: torch.Tensor, init_rel: str | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, n_classes = logits.shape
+        idx = torch.full((len(seeds), batch), -1, dtype=torch.long, device=logits.device)
+        grad = torch.zeros(len(seeds), *logits.shape, dtype=logits.dtype, device=logits.device)
+        for s, t in enumerate(seeds):
+            if not isinstance(t, ClassTarget):
+                continue
+            if t.index is None:
+                idx[s] = logits.argmax(1)
+            else:
+                wanted = torch.as_tensor(t.index, dtype=torch.long).reshape(-1)
+                if wanted.numel() not in (1, batch):
+                    raise ConfigError(f"ClassTarget has {wanted.numel()} indices for a batch of {batch}")
+                bad = wanted[(wanted < 0) | (wanted >= n_classes)]
+                if bad.numel():
+                    labels = ", ".join(f"{k}={name}" for k, name in enumerate(self.cfg.labels))
+                    raise ConfigError(f"class index {int(bad[0])} out of range; valid: {labels}")
+                idx[s] = wanted.to(logits.device).expand(batch)
+            rows = idx[s, :, None]
+            if init_rel == "logit":
+                grad[s].scatter_(1, rows, logits.gather(1, rows))
+            else:
+                grad[s].scatter_(1, rows, float(init_rel))
+        return idx, grad
+
+    @staticmethod
+    def _concept_seeds(
+        seeds: Sequence[ClassTarget | ConceptTarget], layer: str, activation: torch.Tensor
+    ) -> torch.Tensor:
+        grad = torch.zeros(len(seeds), *activation.shape, dtype=activation.dtype, device=activation.device)
+        for s, t in enumerate(seeds):
+            if isinstance(t, ConceptTarget) and t.layer == layer:
+                v = torch.as_tensor(t.vector).to(activation.device, activation.dtype).reshape(-1)
+                if v.numel() != activation.shape[1]:
+                    raise ConfigError(
+                        f"concept vector for {layer!r} has {v.numel()} entries; the layer has "
+                        f"{activation.shape[1]} channels"
+                    )
+                v = v.reshape(1, -1, *([1] * (activation.ndim - 2)))
+                grad[s] = activation.detach().clamp(min=0) * v  # method.md §2.1: ReLU(A) ⊙ v
+        return grad

@@ -1,0 +1,382 @@
+"""LRP rules as custom autograd functions: zennit 0.5.1's ``EpsilonPlusFlat`` (method.md §3.1).
+
+Each rule is a module that replaces one layer of a canonized model. Its forward computes the
+layer's ordinary output; its backward receives the relevance ``R`` at the layer output and
+returns the relevance at the layer input, with a small, fixed number of tensor ops. No hooks,
+no re-running of modules with temporarily swapped parameters: modified weights (``w⁺``, ``w⁻``,
+``b⁺``) are computed once when the rule is built.
+
+The backward functions are written so that ``torch.autograd.grad(..., is_grads_batched=True)``
+can run several relevance seeds through one backward (``generate_vmap_rule``): everything saved
+from the forward is unbatched, only ``R`` carries the seed dimension.
+
+Notation (method.md §3.1): ``x`` layer input, ``w``/``b`` weight and bias, ``z`` the
+rule-specific pre-activation, ``s = R / stab(z)`` and ``stab(z) = z + ε·sign(z)`` with
+``sign(0) = +1`` (zennit's ``stabilize``), ``ε = 1e-6``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+#: zennit's default stabiliser for every rule of ``EpsilonPlusFlat`` (method.md §3.1).
+EPSILON = 1e-6
+
+ConvArgs = tuple[list[int], list[int], list[int], int]  # stride, padding, dilation, groups
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z + ε·sign(z)`` with ``sign(0) = +1``, exactly as ``zennit.core.stabilize``."""
+    return z + torch.where(z >= 0, eps, -eps)
+
+
+# --------------------------------------------------------------------------- conv helpers
+
+
+def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, args: ConvArgs) -> torch.Tensor:
+    stride, padding, dilation, groups = args
+    return torch.convolution(x, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
+
+
+def _conv_transpose(
+    s: torch.Tensor, input_shape: torch.Size, w: torch.Tensor, args: ConvArgs
+) -> torch.Tensor:
+    """The adjoint of ``_conv`` w.r.t. its input: ``Σ_j w_ij s_j`` for every input position i."""
+    stride, padding, dilation, groups = args
+    shape_like = s.new_empty(1).expand(input_shape)  # only its shape is read
+    return torch.ops.aten.convolution_backward(
+        s, shape_like, w, None, stride, padding, dilation, False, [0] * len(stride), groups,
+        (True, False, False),
+    )[0]  # fmt: skip
+
+
+def conv_args(conv: nn.modules.conv._ConvNd) -> ConvArgs:
+    """Stride, padding, dilation and groups of ``conv`` in the form the aten ops take."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(
+            f"LRP rules need numeric zero padding; {conv} has padding={conv.padding!r}, "
+            f"padding_mode={conv.padding_mode!r}"
+        )
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+
+
+# --------------------------------------------------------------------------- z+ (conv)
+
+
+class _ZPlusFn(torch.autograd.Function):
+    """z⁺ = α1β0 allowing negative inputs (method.md §3.1, zennit ``ZPlus``).
+
+    ``R_i = x⁺_i Σ_j w⁺_ij s_j + x⁻_i Σ_j w⁻_ij s_j`` with
+    ``s_j = R_j / stab(Σ_i x⁺_i w⁺_ij + x⁻_i w⁻_ij + b⁺_j)``.
+    When the input has no negative entries (the usual case after a ReLU) the x⁻ terms are exactly
+    zero and are skipped: one conv and one transposed conv per backward.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        w_pos: torch.Tensor,
+        w_neg: torch.Tensor,
+        b_pos_eps: torch.Tensor,
+        args: ConvArgs,
+    ) -> torch.Tensor:
+        return _conv(x, w, b, args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, _, _, w_pos, w_neg, b_pos_eps, args = inputs
+        ctx.save_for_backward(x, w_pos, w_neg, b_pos_eps)
+        ctx.args = args
+        ctx.nonnegative = bool(x.numel() == 0 or x.min() >= 0)
+
+    @staticmethod
+    def backward(ctx: Any, r: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w_pos, w_neg, b_pos_eps = ctx.saved_tensors
+        # z⁺ ≥ 0, so stab(z⁺) = z⁺ + ε; the ε is folded into the bias b⁺ + ε (see ZPlusConv).
+        if ctx.nonnegative:
+            s = r / _conv(x, w_pos, b_pos_eps, ctx.args)
+            return x * _conv_transpose(s, x.shape, w_pos, ctx.args), None, None, None, None, None, None
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        s = r / (_conv(x_pos, w_pos, b_pos_eps, ctx.args) + _conv(x_neg, w_neg, None, ctx.args))
+        rel = x_pos * _conv_transpose(s, x.shape, w_pos, ctx.args)
+        rel = rel + x_neg * _conv_transpose(s, x.shape, w_neg, ctx.args)
+        return rel, None, None, None, None, None, None
+
+
+class ZPlusConv(nn.Module):
+    """A convolution whose backward is the z⁺ rule (every conv but the first, method.md §3.1)."""
+
+    def __init__(self, conv: nn.modules.conv._ConvNd, eps: float = EPSILON) -> None:
+        super().__init__()
+        self.args = conv_args(conv)
+        self.eps = eps
+        w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+        self.register_buffer("weight", w.clone())
+        self.register_buffer("bias", None if b is None else b.clone())
+        self.register_buffer("weight_pos", w.clamp(min=0))
+        self.register_buffer("weight_neg", w.clamp(max=0))
+        # zennit zeroes the bias of the x⁻w⁻ term; only b⁺ enters the denominator. Its
+        # stabiliser is folded in: stab(z⁺) = z⁺ + ε because z⁺ ≥ 0.
+        b_pos = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b.clamp(min=0)
+        self.register_buffer("bias_pos_eps", b_pos + eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ZPlusFn.apply(
+            x, self.weight, self.bias, self.weight_pos, self.weight_neg, self.bias_pos_eps, self.args
+        )
+
+
+# --------------------------------------------------------------------------- Flat (first layer)
+
+
+class _FlatConvFn(torch.autograd.Function):
+    """Flat (method.md §3.1, zennit ``Flat``): relevance spread uniformly over the receptive field.
+
+    ``R_i = Σ_{j ∋ i} R_j / stab(n_j)`` where ``n_j`` counts the (non-padding) inputs of output j.
+    The result is the same for every input channel; with ``groups == 1`` it is computed on one
+    channel and broadcast.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, args: ConvArgs, eps: float
+    ) -> torch.Tensor:
+        return _conv(x, w, b, args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, w, _, args, eps = inputs
+        ctx.input_shape, ctx.kernel = x.shape, w.shape
+        ctx.args, ctx.eps = args, eps
+
+    @staticmethod
+    def backward(ctx: Any, r: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        shape, kernel, args = ctx.input_shape, ctx.kernel, ctx.args
+        stride, padding, dilation, groups = args
+        single = (stride, padding, dilation, 1)
+        kernel_ones = r.new_ones((1, 1, *kernel[2:]))
+        taps = _conv(r.new_ones((1, 1, *shape[2:])), kernel_ones, None, single)  # zero padding: not counted
+        s = r / stabilize(taps * (shape[1] // groups), ctx.eps)  # n_j = taps · input channels per group
+        if groups == 1:
+            one_channel = _conv_transpose(
+                s.sum(1, keepdim=True), (shape[0], 1, *shape[2:]), kernel_ones, single
+            )
+            rel = one_channel.expand(shape)
+        else:
+            rel = _conv_transpose(s, shape, r.new_ones(kernel), args)
+        return rel, None, None, None, None
+
+
+class FlatConv(nn.Module):
+    """A convolution whose backward is the Flat rule (the first conv/linear, method.md §3.1)."""
+
+    def __init__(self, conv: nn.modules.conv._ConvNd, eps: float = EPSILON) -> None:
+        super().__init__()
+        self.args = conv_args(conv)
+        self.eps = eps
+        self.register_buffer("weight", conv.weight.detach().clone())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FlatConvFn.apply(x, self.weight, self.bias, self.args, self.eps)
+
+
+class _FlatLinearFn(torch.autograd.Function):
+    """Flat for a linear first layer: ``R_i = Σ_j R_j / stab(d_in)``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float) -> torch.Tensor:  # type: ignore[override]
+        return nn.functional.linear(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, _, _, eps = inputs
+        ctx.input_shape, ctx.eps = x.shape, eps
+
+    @staticmethod
+    def backward(ctx: Any, r: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        d_in = ctx.input_shape[-1]
+        total = r.sum(-1, keepdim=True) / stabilize(r.new_tensor(float(d_in)), ctx.eps)
+        return total.expand(*r.shape[:-1], d_in), None, None, None
+
+
+class FlatLinear(nn.Module):
+    """A linear layer whose backward is the Flat rule (if it is the model's first layer)."""
+
+    def __init__(self, linear: nn.Linear, eps: float = EPSILON) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", linear.weight.detach().clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FlatLinearFn.apply(x, self.weight, self.bias, self.eps)
+
+
+# --------------------------------------------------------------------------- ε (linear)
+
+
+class _EpsilonFn(torch.autograd.Function):
+    """ε rule (method.md §3.1, zennit ``Epsilon``): ``R_i = x_i Σ_j w_ji R_j / stab(z_j)``, z = wx + b."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float) -> torch.Tensor:  # type: ignore[override]
+        return nn.functional.linear(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, w, _, eps = inputs
+        ctx.save_for_backward(x, w, output)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx: Any, r: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w, z = ctx.saved_tensors
+        return x * torch.matmul(r / stabilize(z, ctx.eps), w), None, None, None
+
+
+class EpsilonLinear(nn.Module):
+    """A linear layer whose backward is the ε rule (every ``nn.Linear`` but a first layer)."""
+
+    def __init__(self, linear: nn.Linear, eps: float = EPSILON) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", linear.weight.detach().clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _EpsilonFn.apply(x, self.weight, self.bias, self.eps)
+
+
+# --------------------------------------------------------------------------- Norm (sums, avg-pools)
+
+
+class _NormSumFn(torch.autograd.Function):
+    """Norm on a residual sum (method.md §3.1, §11.1): ``R_a = a·R / stab(a + b)``, same for b."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        return a + b
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        a, b, eps = inputs
+        ctx.save_for_backward(a, b, output)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx: Any, r: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, b, z = ctx.saved_tensors
+        s = r / stabilize(z, ctx.eps)
+        need_a, need_b, _ = ctx.needs_input_grad
+        return (a * s if need_a else None), (b * s if need_b else None), None
+
+
+class NormSum(nn.Module):
+    """Replaces :class:`~models.xai.layers.ResidualSum`; backward is the Norm rule."""
+
+    def __init__(self, eps: float = EPSILON) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _NormSumFn.apply(a, b, self.eps)
+
+
+def _avg_pool_adjoint(pool: nn.Module, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The adjoint (vector-Jacobian product) of the linear map ``pool`` at ``x`` applied to ``s``."""
+    if isinstance(pool, nn.AdaptiveAvgPool2d) and s.shape[-2:] == (1, 1):
+        return s.expand(*s.shape[:-2], *x.shape[-2:]) / (x.shape[-1] * x.shape[-2])
+    if isinstance(pool, nn.AdaptiveAvgPool2d):
+        return torch.ops.aten._adaptive_avg_pool2d_backward(s, x.expand(*s.shape[:-2], *x.shape[-2:]))
+    if isinstance(pool, nn.AvgPool2d):
+        return torch.ops.aten.avg_pool2d_backward(
+            s, x.expand(*s.shape[:-2], *x.shape[-2:]), list(nn.modules.utils._pair(pool.kernel_size)),
+            list(nn.modules.utils._pair(pool.stride)), list(nn.modules.utils._pair(pool.padding)),
+            pool.ceil_mode, pool.count_include_pad, pool.divisor_override,
+        )  # fmt: skip
+    raise TypeError(f"no adjoint for {type(pool).__name__}")
+
+
+class _NormPoolFn(torch.autograd.Function):
+    """Norm on average pooling (method.md §3.1): ``R_i = x_i · Pᵀ(R / stab(P x))_i``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, pool: nn.Module, eps: float) -> torch.Tensor:  # type: ignore[override]
+        return pool(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, pool, eps = inputs
+        ctx.save_for_backward(x, output)
+        ctx.pool, ctx.eps = pool, eps
+
+    @staticmethod
+    def backward(ctx: Any, r: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, z = ctx.saved_tensors
+        return x * _avg_pool_adjoint(ctx.pool, x, r / stabilize(z, ctx.eps)), None, None
+
+
+class NormAvgPool(nn.Module):
+    """An average pool (``AvgPool2d``, ``AdaptiveAvgPool2d``) whose backward is the Norm rule."""
+
+    def __init__(self, pool: nn.Module, eps: float = EPSILON) -> None:
+        super().__init__()
+        if not isinstance(pool, nn.AvgPool2d | nn.AdaptiveAvgPool2d):
+            raise TypeError(
+                f"NormAvgPool supports AvgPool2d and AdaptiveAvgPool2d, not {type(pool).__name__}"
+            )
+        self.pool = pool
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NormPoolFn.apply(x, self.pool, self.eps)
+
+
+# --------------------------------------------------------------------------- Pass
+
+
+class _PassFn(torch.autograd.Function):
+    """Pass (method.md §3.1, zennit ``Pass``): the relevance at the output is the relevance at the input."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, fn: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        return fn(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, r: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return r, None
+
+
+class PassRule(nn.Module):
+    """Runs ``inner`` forward and passes relevance straight through (activations, attention)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _PassFn.apply(x, self.inner)
