@@ -131,9 +131,9 @@ def fit_cav(acts: np.ndarray, labels: np.ndarray, kind: str = "svm", seed: int =
         reg, cv_score = _choose_reg(x, t, weights, n_folds, seed, fit_one, score_one)
     else:
         reg, cv_score, n_folds = DEFAULT_REG, None, 0
-    w, converged = fit_one(x, t, weights, reg)
+    coef, converged = fit_one(x, t, weights, reg)
     return Cav(
-        v=_unit(w, kind),
+        v=_unit(coef[:-1], kind),  # the last entry is the intercept, dropped (§1.2)
         kind=cast(CavKind, kind),
         reg=reg,
         cv_score=cv_score,
@@ -596,7 +596,7 @@ class ConceptBank:
             for f in _ARRAY_FIELDS
         }
         save_file(tensors, str(out / _TENSORS_FILE))
-        (out / _META_FILE).write_text(json.dumps(self._meta(), indent=2, sort_keys=True) + "\n")
+        (out / _META_FILE).write_text(json.dumps(self._meta(), indent=2) + "\n")
         return out
 
     @classmethod
