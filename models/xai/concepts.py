@@ -178,6 +178,7 @@ def _unit(w: np.ndarray, kind: str) -> np.ndarray:
 
 FitFn = Callable[[np.ndarray, np.ndarray, np.ndarray, float], tuple[np.ndarray, bool]]
 ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
+PathFn = Callable[[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]], list[np.ndarray]]
 
 
 def _choose_reg(
@@ -190,16 +191,21 @@ def _choose_reg(
     score_one: ScoreFn,
 ) -> tuple[float, float]:
     """Grid search over :data:`REG_GRID`; ties go to the smaller value, as in GridSearchCV."""
-    splits = list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, t))
-    means = []
-    for reg in REG_GRID:
-        fold_scores = []
-        for tr, va in splits:
-            coef, _ = fit_one(x[tr], t[tr], w[tr], reg)
-            fold_scores.append(score_one(coef, x[va], t[va]))
-        means.append(float(np.mean(fold_scores)))
+    splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, t)
+    scores = np.zeros((n_folds, len(REG_GRID)))
+    for i, (tr, va) in enumerate(splits):
+        path = _PATHS[fit_one](x[tr], t[tr], w[tr], REG_GRID)
+        scores[i] = [score_one(coef, x[va], t[va]) for coef in path]
+    means = scores.mean(axis=0)
     best = int(np.argmax(means))
-    return REG_GRID[best], means[best]
+    return REG_GRID[best], float(means[best])
+
+
+def _path_by_refitting(fit_one: FitFn) -> PathFn:
+    def path(x: np.ndarray, t: np.ndarray, w: np.ndarray, regs: tuple[float, ...]) -> list[np.ndarray]:
+        return [fit_one(x, t, w, reg)[0] for reg in regs]
+
+    return path
 
 
 def _fit_svm(x: np.ndarray, t: np.ndarray, w: np.ndarray, reg: float) -> tuple[np.ndarray, bool]:
@@ -228,13 +234,26 @@ def _coef_with_intercept(model: Any) -> np.ndarray:
 
 def _fit_ridge(x: np.ndarray, t: np.ndarray, w: np.ndarray, reg: float) -> tuple[np.ndarray, bool]:
     """Weighted ridge onto 2t−1 with an unpenalised intercept, in closed form."""
+    return _ridge_path(x, t, w, (reg,))[0], True
+
+
+def _ridge_path(x: np.ndarray, t: np.ndarray, w: np.ndarray, regs: tuple[float, ...]) -> list[np.ndarray]:
+    """Ridge solutions for every α from one eigendecomposition of the weighted, centred Gram matrix.
+
+    Minimises Σ w_n (y_n − x_n·β − b)² + α‖β‖² (sklearn ``Ridge(fit_intercept=True)`` with
+    ``sample_weight``): centre with weighted means, then β(α) = Q diag(1/(λ+α)) Qᵀ Xcᵀ W yc.
+    """
     y = 2.0 * t - 1.0
     ws = w / w.sum()
     x_mean, y_mean = ws @ x, float(ws @ y)
-    xc, yc = x - x_mean, y - y_mean
-    gram = (xc * w[:, None]).T @ xc + reg * np.eye(x.shape[1])
-    coef = np.linalg.solve(gram, (xc * w[:, None]).T @ yc)
-    return np.append(coef, y_mean - x_mean @ coef), True
+    xcw = (x - x_mean) * w[:, None]
+    lam, q = np.linalg.eigh(xcw.T @ (x - x_mean))
+    qb = q.T @ (xcw.T @ (y - y_mean))
+    out = []
+    for reg in regs:
+        coef = q @ (qb / (np.maximum(lam, 0.0) + reg))
+        out.append(np.append(coef, y_mean - x_mean @ coef))
+    return out
 
 
 def _accuracy(coef: np.ndarray, x: np.ndarray, t: np.ndarray) -> float:
@@ -252,6 +271,11 @@ _ESTIMATORS: dict[str, tuple[FitFn, ScoreFn]] = {
     "svm": (_fit_svm, _accuracy),
     "ridge": (_fit_ridge, _r2),
     "logistic": (_fit_logistic, _accuracy),
+}
+_PATHS: dict[FitFn, PathFn] = {
+    _fit_svm: _path_by_refitting(_fit_svm),
+    _fit_ridge: _ridge_path,
+    _fit_logistic: _path_by_refitting(_fit_logistic),
 }
 
 
