@@ -1,0 +1,233 @@
+"""Each rule against a slow implementation written from its formula (method.md §3.1), in float64.
+
+The references never call a transposed convolution or autograd: they build the explicit
+contribution tensor ``z_ij`` (input i to output j) with ``unfold``, normalise it per output and
+sum it back per input.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.xai import rules
+from models.xai.lrp import build_lrp_model
+
+EPS = 1e-6
+TOL = 1e-6
+
+
+def stab(z: torch.Tensor) -> torch.Tensor:
+    return z + EPS * torch.where(z >= 0, 1.0, -1.0).to(z)
+
+
+def conv_contributions(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """``c[b, i, o, l]`` = input i's term of output (o, position l), i over unfolded patches."""
+    patches = F.unfold(x, w.shape[-2:], padding=padding, stride=stride)  # (B, Cin·k·k, L)
+    return patches[:, :, None, :] * w.flatten(1).T[None, :, :, None]
+
+
+def fold_back(r: torch.Tensor, x: torch.Tensor, k: int, stride: int, padding: int) -> torch.Tensor:
+    return F.fold(r, x.shape[-2:], k, padding=padding, stride=stride)
+
+
+def ref_zplus(conv: nn.Conv2d, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    w, b = conv.weight, conv.bias
+    s, p = conv.stride[0], conv.padding[0]
+    c = conv_contributions(x.clamp(min=0), w.clamp(min=0), s, p)
+    c = c + conv_contributions(x.clamp(max=0), w.clamp(max=0), s, p)
+    z = c.sum(1) + b.clamp(min=0)[None, :, None]  # (B, Cout, L)
+    r_patch = (c / stab(z)[:, None] * r.flatten(2)[:, None]).sum(2)
+    return fold_back(r_patch, x, w.shape[-1], s, p)
+
+
+def ref_flat(conv: nn.Conv2d, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    s, p = conv.stride[0], conv.padding[0]
+    c = conv_contributions(torch.ones_like(x), torch.ones_like(conv.weight), s, p)
+    r_patch = (c / stab(c.sum(1))[:, None] * r.flatten(2)[:, None]).sum(2)
+    return fold_back(r_patch, x, conv.weight.shape[-1], s, p)
+
+
+def ref_epsilon(lin: nn.Linear, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    c = x[:, :, None] * lin.weight.T[None]  # (B, in, out)
+    z = c.sum(1) + lin.bias
+    return (c / stab(z)[:, None] * r[:, None]).sum(2)
+
+
+def ref_norm_avgpool(k: int, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    c = F.unfold(x, k, stride=k).reshape(x.shape[0], x.shape[1], k * k, -1) / (k * k)
+    z = c.sum(2)
+    r_patch = (c / stab(z)[:, :, None] * r.flatten(2)[:, :, None]).flatten(1, 2)
+    return F.fold(r_patch, x.shape[-2:], k, stride=k)
+
+
+def rule_relevance(rule: nn.Module, r: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    xs = tuple(x.clone().requires_grad_(True) for x in xs)
+    out = rule(*xs)
+    return torch.autograd.grad(out, xs, r)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["x>=0", "signed-x"])
+@pytest.mark.parametrize(("stride", "padding"), [(1, 1), (2, 1), (2, 0)])
+def test_zplus_matches_formula(gen: torch.Generator, signed: bool, stride: int, padding: int) -> None:
+    conv = nn.Conv2d(3, 5, 3, stride=stride, padding=padding).double()
+    x = torch.randn(2, 3, 9, 9, generator=gen, dtype=torch.float64)
+    x = x if signed else x.clamp(min=0)
+    r = torch.randn(2, 5, *conv(x).shape[-2:], generator=gen, dtype=torch.float64)
+    (got,) = rule_relevance(rules.ZPlusConv(conv), r, x)
+    torch.testing.assert_close(got, ref_zplus(conv, x, r), atol=TOL, rtol=TOL)
+
+
+def test_zplus_conserves_relevance_without_bias(gen: torch.Generator) -> None:
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=False).double()
+    x = torch.rand(2, 3, 6, 6, generator=gen, dtype=torch.float64) + 0.1
+    r = torch.rand(2, 5, 6, 6, generator=gen, dtype=torch.float64)
+    (got,) = rule_relevance(rules.ZPlusConv(conv), r, x)
+    z = F.conv2d(x, conv.weight.clamp(min=0), padding=1)
+    torch.testing.assert_close(got.sum(), (r * z / (z + EPS)).sum(), rtol=1e-12, atol=0)  # only ε absorbs
+
+
+@pytest.mark.parametrize(("stride", "padding"), [(1, 1), (2, 3)])
+def test_flat_matches_formula(gen: torch.Generator, stride: int, padding: int) -> None:
+    conv = nn.Conv2d(3, 4, 7 if padding == 3 else 3, stride=stride, padding=padding).double()
+    x = torch.randn(2, 3, 11, 11, generator=gen, dtype=torch.float64)
+    r = torch.randn(2, 4, *conv(x).shape[-2:], generator=gen, dtype=torch.float64)
+    (got,) = rule_relevance(rules.FlatConv(conv), r, x)
+    torch.testing.assert_close(got, ref_flat(conv, x, r), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(got.sum(), r.sum(), atol=0, rtol=1e-6)  # Flat conserves (up to ε)
+
+
+def test_flat_grouped_conv_matches_formula(gen: torch.Generator) -> None:
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
+    x = torch.randn(1, 4, 5, 5, generator=gen, dtype=torch.float64)
+    r = torch.randn(1, 6, 5, 5, generator=gen, dtype=torch.float64)
+    (got,) = rule_relevance(rules.FlatConv(conv), r, x)
+    ones = torch.ones_like(x[:, :2])
+    want = torch.cat([ref_flat(_slice_conv(conv, g), ones, r[:, 3 * g : 3 * g + 3]) for g in (0, 1)], 1)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
+def _slice_conv(conv: nn.Conv2d, group: int) -> nn.Conv2d:
+    part = nn.Conv2d(2, 3, 3, padding=1).double()
+    part.weight.data = conv.weight.data[3 * group : 3 * group + 3]
+    return part
+
+
+def test_epsilon_matches_formula(gen: torch.Generator) -> None:
+    lin = nn.Linear(6, 3).double()
+    x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    r = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    (got,) = rule_relevance(rules.EpsilonLinear(lin), r, x)
+    torch.testing.assert_close(got, ref_epsilon(lin, x, r), atol=TOL, rtol=TOL)
+
+
+def test_flat_linear_spreads_uniformly(gen: torch.Generator) -> None:
+    lin = nn.Linear(5, 3).double()
+    r = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    (got,) = rule_relevance(rules.FlatLinear(lin), r, torch.randn(2, 5, dtype=torch.float64))
+    torch.testing.assert_close(got, (r.sum(1, keepdim=True) / (5 + EPS)).expand(2, 5), atol=TOL, rtol=0)
+
+
+def test_norm_sum_splits_in_proportion(gen: torch.Generator) -> None:
+    a, b = (torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    r = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    got_a, got_b = rule_relevance(rules.NormSum(), r, a, b)
+    torch.testing.assert_close(got_a, a * r / stab(a + b), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(got_b, b * r / stab(a + b), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(3)])
+def test_norm_avgpool_matches_formula(gen: torch.Generator, pool: nn.Module) -> None:
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    r = torch.randn(2, 3, 3, 3, generator=gen, dtype=torch.float64)
+    (got,) = rule_relevance(rules.NormAvgPool(pool), r, x)
+    torch.testing.assert_close(got, ref_norm_avgpool(2, x, r), atol=TOL, rtol=TOL)
+
+
+def test_norm_global_avgpool(gen: torch.Generator) -> None:
+    x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
+    r = torch.randn(2, 3, 1, 1, generator=gen, dtype=torch.float64)
+    (got,) = rule_relevance(rules.NormAvgPool(nn.AdaptiveAvgPool2d(1)), r, x)
+    mean = x.mean((2, 3), keepdim=True)  # Norm: x_i · Pᵀ(R / stab(P x)), Pᵀs = s / (H·W)
+    torch.testing.assert_close(got, x * (r / stab(mean)) / 25, atol=TOL, rtol=TOL)
+
+
+def test_pass_forwards_relevance_unchanged(gen: torch.Generator) -> None:
+    x, r = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    (got,) = rule_relevance(rules.PassRule(nn.GELU()), r, x)
+    assert torch.equal(got, r)
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def test_tiny_model_matches_layerwise_reference(gen: torch.Generator) -> None:
+    """Composite of the rules, chained by hand from the formulas, vs the rule model's backward."""
+    torch.manual_seed(0)
+    model = Tiny().double().eval()
+    x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    f = model.features
+    a1 = f[1](f[0](x))
+    a2 = f[3](f[2](a1))
+    p = f[4](a2)
+    a3 = f[6](f[5](p))
+    pooled = model.pool(a3)
+    logits = model.fc(pooled.flatten(1))
+    r = torch.zeros_like(logits)
+    r[:, 1] = logits[:, 1]
+    r_pool = ref_epsilon(model.fc, pooled.flatten(1), r)[:, :, None, None]
+    r_a3 = a3 * r_pool / stab(pooled) / (a3.shape[-1] * a3.shape[-2])  # Norm on global average pool
+    r_p = ref_zplus(f[5], p, r_a3)  # ReLU: Pass
+    p_in = a2.clone().requires_grad_(True)
+    (r_a2,) = torch.autograd.grad(f[4](p_in), p_in, r_p)  # MaxPool: gradient
+    r_a1 = ref_zplus(f[2], a1, r_a2)
+    r_x = ref_flat(f[0], x, r_a1)
+
+    lrp = build_lrp_model(copy.deepcopy(model))
+    x_in = x.clone().requires_grad_(True)
+    out = lrp(x_in)
+    torch.testing.assert_close(out, logits, atol=1e-12, rtol=0)
+    (got,) = torch.autograd.grad(out, x_in, r)
+    torch.testing.assert_close(got, r_x, atol=TOL, rtol=TOL)
+
+
+def test_tiny_model_matches_zennit(gen: torch.Generator) -> None:
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
+
+    torch.manual_seed(1)
+    model = Tiny().double().eval().requires_grad_(False)
+    x = torch.randn(3, 3, 8, 8, generator=gen, dtype=torch.float64)
+    grad = torch.zeros(3, 3, dtype=torch.float64)
+    grad[:, 2] = 1.0
+    with Gradient(model, EpsilonPlusFlat()) as attributor:
+        _, want = attributor(x.clone().requires_grad_(True), lambda _o: grad)
+    lrp = build_lrp_model(copy.deepcopy(model))
+    x_in = x.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(lrp(x_in), x_in, grad)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
+def test_unsupported_padding_is_refused() -> None:
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        rules.ZPlusConv(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
