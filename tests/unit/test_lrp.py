@@ -1,0 +1,226 @@
+"""The :class:`Explainer` API: shapes, seeds in one batched backward, init_rel, hook hygiene, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from models.errors import ConfigError, MedauditError, UnknownModelError
+from models.registry import create_model
+from models.xai import ClassTarget, ConceptTarget, Explainer, Explanation
+from models.xai import lrp as lrp_module
+
+SIZE, BATCH = 32, 3
+
+
+@pytest.fixture(scope="module")
+def resnet() -> tuple[nn.Module, Explainer]:
+    torch.manual_seed(0)
+    model, cfg = create_model("resnet18", img_size=SIZE)
+    with torch.no_grad():  # timm zero-inits each block's last BN; make the branches matter
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model, Explainer(model, cfg)
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def test_shapes_and_types(resnet: tuple[nn.Module, Explainer], x: torch.Tensor) -> None:
+    _, explainer = resnet
+    v = torch.randn(256)
+    e = explainer.explain(
+        x,
+        ["pred", 1, ConceptTarget("identity_2", v)],
+        cav_layers=["identity_2", "last_conv"],
+        relevance_layers=["identity_1"],
+        return_input_relevance=True,
+    )
+    assert isinstance(e, Explanation)
+    assert e.logits.shape == (BATCH, 2)
+    assert e.heatmaps.shape == (3, BATCH, SIZE, SIZE)
+    assert e.input_relevance is not None and e.input_relevance.shape == (3, BATCH, 3, SIZE, SIZE)
+    torch.testing.assert_close(e.input_relevance.sum(2), e.heatmaps)
+    assert e.activations["identity_2"].shape == (BATCH, 256)
+    assert e.activations["last_conv"].shape == (BATCH, 512)
+    assert e.relevance["identity_1"].shape == (3, BATCH, 128, SIZE // 8, SIZE // 8)
+    assert e.class_indices[0].tolist() == e.logits.argmax(1).tolist()
+    assert e.class_indices[1].tolist() == [1] * BATCH
+    assert e.class_indices[2].tolist() == [-1] * BATCH
+    assert not e.heatmaps.requires_grad and not e.logits.requires_grad
+    with pytest.raises(AttributeError):
+        e.logits = e.logits  # type: ignore[misc]  # frozen
+
+
+def test_logits_and_activations_are_the_original_models(
+    resnet: tuple[nn.Module, Explainer], x: torch.Tensor
+) -> None:
+    model, explainer = resnet
+    e = explainer.explain(x, [0], cav_layers=["identity_2"])
+    seen: dict[str, torch.Tensor] = {}
+    handle = model.layer3.register_forward_hook(lambda _m, _i, o: seen.update(a=o))
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(e.logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e.activations["identity_2"], seen["a"].amax((2, 3)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "repeat"])
+def test_seeds_in_one_call_equal_separate_calls(
+    resnet: tuple[nn.Module, Explainer], x: torch.Tensor, mode: str
+) -> None:
+    model, explainer = resnet
+    if mode == "repeat":
+        explainer = Explainer(model, explainer.cfg, batch_mode="repeat")
+    v = torch.randn(256, generator=torch.Generator().manual_seed(3))
+    targets = ["pred", ClassTarget((1, 0, 1)), ConceptTarget("identity_2", v)]
+    together = explainer.explain(x, targets, relevance_layers=["identity_2"])
+    for s, target in enumerate(targets):
+        alone = explainer.explain(x, [target], relevance_layers=["identity_2"])
+        torch.testing.assert_close(together.heatmaps[s], alone.heatmaps[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(together.relevance["identity_2"][s], alone.relevance["identity_2"][0])
+
+
+def test_init_rel_one_hot_scales_by_the_logit(resnet: tuple[nn.Module, Explainer], x: torch.Tensor) -> None:
+    _, explainer = resnet
+    by_logit = explainer.explain(x, [1])
+    one_hot = explainer.explain(x, [1], init_rel=1)
+    # LRP is linear in the seed: the logit-seeded map is the one-hot map times the logit.
+    torch.testing.assert_close(by_logit.heatmaps[0], one_hot.heatmaps[0] * by_logit.logits[:, 1, None, None])
+    assert not torch.allclose(by_logit.heatmaps[0], one_hot.heatmaps[0])
+
+
+def test_concept_seed_relevance_at_its_layer_is_the_seed(
+    resnet: tuple[nn.Module, Explainer], x: torch.Tensor
+) -> None:
+    _, explainer = resnet
+    v = torch.randn(256)
+    e = explainer.explain(
+        x, [ConceptTarget("identity_2", v)], cav_layers=["identity_2"], relevance_layers=["identity_2"]
+    )
+    r = e.relevance["identity_2"][0]
+    assert torch.all((r == 0) | (torch.sign(r) == torch.sign(v)[None, :, None, None]))
+    assert torch.count_nonzero(r) > 0
+    # relevance share along v (the later "relevance share" metric) is computable from the result
+    share = (r.sum((2, 3)) @ v) / r.sum((2, 3)).norm(dim=1)
+    assert share.shape == (BATCH,)
+
+
+def test_class_seed_is_conserved_up_to_biases(resnet: tuple[nn.Module, Explainer], x: torch.Tensor) -> None:
+    _, explainer = resnet
+    e = explainer.explain(x, [0], relevance_layers=["last_conv"])
+    total = e.relevance["last_conv"][0].flatten(1).sum(1)
+    torch.testing.assert_close(total, e.logits[:, 0] - _fc_bias(explainer)[0], atol=1e-4, rtol=1e-4)
+
+
+def _fc_bias(explainer: Explainer) -> torch.Tensor:
+    return explainer.model.fc.bias
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(m._backward_pre_hooks)
+        for m in model.modules()
+    )
+
+
+def test_no_hook_survives_a_call_or_a_failing_call(
+    resnet: tuple[nn.Module, Explainer], x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, explainer = resnet
+    before = (_hooks(model), _hooks(explainer.model))
+    explainer.explain(x, [0, ConceptTarget("identity_2", torch.ones(256))], cav_layers=["identity_1"])
+    assert (_hooks(model), _hooks(explainer.model)) == before == (0, 0)
+    assert lrp_module._RECORDING.get() is None
+
+    def explode(*_args: object) -> None:
+        raise RuntimeError("injected failure in the backward")
+
+    monkeypatch.setattr(lrp_module.Explainer, "_concept_seeds", staticmethod(explode))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        explainer.explain(x, [ConceptTarget("identity_2", torch.ones(256))], cav_layers=["identity_1"])
+    assert (_hooks(model), _hooks(explainer.model)) == (0, 0)
+    assert lrp_module._RECORDING.get() is None
+    monkeypatch.undo()
+    with pytest.raises(ConfigError):  # a domain error raised after the forward
+        explainer.explain(x, [ConceptTarget("identity_2", torch.ones(3))])
+    assert (_hooks(model), _hooks(explainer.model)) == (0, 0)
+    assert lrp_module._RECORDING.get() is None
+
+
+def test_concurrent_calls_do_not_mix_activations(resnet: tuple[nn.Module, Explainer]) -> None:
+    _, explainer = resnet
+    inputs = [torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    alone = [explainer.explain(xi, [0], cav_layers=["identity_2"]).activations["identity_2"] for xi in inputs]
+    got: dict[int, torch.Tensor] = {}
+
+    def work(k: int) -> None:
+        got[k] = explainer.explain(inputs[k], [0], cav_layers=["identity_2"]).activations["identity_2"]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(4):
+        torch.testing.assert_close(got[k], alone[k])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"targets": [7]}, ConfigError, "class index 7 out of range; valid: 0=benign, 1=malignant"),
+        ({"targets": ["best"]}, ConfigError, "target 'best' is not valid"),
+        ({"targets": []}, ConfigError, "targets is empty"),
+        ({"targets": [ClassTarget((0, 1))]}, ConfigError, "2 indices for a batch of 3"),
+        (
+            {"targets": [ConceptTarget("layer9", torch.ones(3))]},
+            UnknownModelError,
+            "no hook point 'layer9'; valid",
+        ),
+        ({"cav_layers": ["nope"]}, UnknownModelError, "no hook point 'nope'; valid: identity_0"),
+        ({"init_rel": "one"}, ConfigError, "init_rel='one'; valid: 'logit' or a number"),
+        (
+            {"targets": [ConceptTarget("identity_2", torch.ones(3))]},
+            ConfigError,
+            "3 entries; the layer has 256",
+        ),
+    ],
+)
+def test_bad_arguments_are_domain_errors_naming_choices(
+    resnet: tuple[nn.Module, Explainer], x: torch.Tensor, kwargs: dict, error: type, match: str
+) -> None:
+    _, explainer = resnet
+    kwargs = {"targets": [0], **kwargs}
+    with pytest.raises(error, match=match) as info:
+        explainer.explain(x, **kwargs)
+    assert isinstance(info.value, MedauditError)
+
+
+def test_bad_input_and_mode(resnet: tuple[nn.Module, Explainer]) -> None:
+    model, explainer = resnet
+    with pytest.raises(ConfigError, match=r"\(B, C, H, W\); got torch.Size\(\[3, 32, 32\]\)"):
+        explainer.explain(torch.randn(3, SIZE, SIZE))
+    with pytest.raises(ConfigError, match="batch_mode='fast'; valid: 'vmap', 'repeat'"):
+        Explainer(model, explainer.cfg, batch_mode="fast")  # type: ignore[arg-type]
+
+
+def test_original_model_is_not_modified(resnet: tuple[nn.Module, Explainer], x: torch.Tensor) -> None:
+    model, explainer = resnet
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    explainer.explain(x, [0])
+    assert all(p.requires_grad for p in model.parameters())
