@@ -1,0 +1,50 @@
+"""Model corrections behind one :class:`Correction` interface (method.md §4).
+
+P-ClArC and reactive P-ClArC insert a projection module at layer ℓ (training-free); RR-ClArC,
+RRR and the Vanilla fine-tune train the layers after ℓ. ``CORRECTIONS`` maps each name to its
+class, for configuration by name.
+"""
+
+from __future__ import annotations
+
+from models.corrections.base import (
+    Correction,
+    CorrectionData,
+    FinetuneConfig,
+    fit_correction_data,
+    freeze_up_to,
+    pooled_activations,
+)
+from models.corrections.pclarc import (
+    ClarcProjection,
+    PClarc,
+    ReactivePClarc,
+    find_projection,
+    insert_projection,
+)
+from models.corrections.rrclarc import RRClarc, rrclarc_penalty
+from models.corrections.rrr import RRR, rrr_penalty
+from models.corrections.vanilla import Original, Vanilla
+
+CORRECTIONS: dict[str, type] = {c.name: c for c in (Original, Vanilla, PClarc, ReactivePClarc, RRClarc, RRR)}
+
+__all__ = [
+    "CORRECTIONS",
+    "RRR",
+    "ClarcProjection",
+    "Correction",
+    "CorrectionData",
+    "FinetuneConfig",
+    "Original",
+    "PClarc",
+    "RRClarc",
+    "ReactivePClarc",
+    "Vanilla",
+    "find_projection",
+    "fit_correction_data",
+    "freeze_up_to",
+    "insert_projection",
+    "pooled_activations",
+    "rrclarc_penalty",
+    "rrr_penalty",
+]

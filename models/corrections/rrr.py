@@ -1,0 +1,83 @@
+"""RRR ("Right for the Right Reasons", the paper's ``RRR_ExpMax``; method.md §4.6, §11.10).
+
+With ŷ_b = argmax_k f_k(x_b) and G = ∂(Σ_b f_{ŷ_b}(x_b))/∂x (create_graph=True)::
+
+    L = CE_w + λ · (1/B) Σ_b cos(|Σ_c G_{b,c}|, M_b)
+
+Channels are summed **before** the absolute value; the cosine runs over flattened pixels; samples
+without an artifact have M_b = 0 and contribute 0 but still count in 1/B. Masks are the ground
+truth (``source_maks: gt``). λ = 10, the lower of the paper's {10, 50}: the cosine is scale-free in
+[0, 1], so the paper's value carries over to other data, unlike RR-ClArC's λ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from models.corrections.base import Batch, CorrectionData, FinetuneConfig, FinetuneLog, finetune
+from models.errors import ConfigError
+from models.registry import ModelCfg
+
+#: Guard of the cosine's denominator; a zero mask or zero gradient gives cosine 0.
+COS_EPS = 1e-12
+
+
+def rrr_penalty(logits: torch.Tensor, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(1/B) Σ_b cos(|Σ_c ∂(Σ_b f_ŷ)/∂x_{b,c}|, M_b) (method.md §4.6).
+
+    Args:
+        logits: (B, K) outputs computed from ``x``.
+        x: (B, C, H, W) input with ``requires_grad``.
+        masks: (B, H, W) artifact masks in [0, 1].
+    """
+    pred = logits.argmax(1, keepdim=True)
+    (grad,) = torch.autograd.grad(logits.gather(1, pred).sum(), x, create_graph=True)
+    g = grad.sum(1).abs().flatten(1)  # channels summed, then |·|
+    m = masks.to(g.dtype).flatten(1)
+    cos = (g * m).sum(1) / (g.norm(dim=1) * m.norm(dim=1)).clamp_min(COS_EPS)
+    return cos.mean()
+
+
+@dataclass(frozen=True)
+class RRR:
+    """RRR with ground-truth artifact masks (method.md §4.6); same freezing as RR-ClArC (§11.9)."""
+
+    lamb: float = 10.0
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    name: ClassVar[str] = "rrr"
+
+    def __post_init__(self) -> None:
+        if self.lamb < 0:
+            raise ConfigError(f"lamb={self.lamb}; must be ≥ 0")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {
+            "lamb": self.lamb,
+            "explanation": "ExpMax",
+            "masks": "gt",
+            "finetune": self.finetune.to_dict(),
+        }
+
+    def apply(self, model: nn.Module, cfg: ModelCfg, data: CorrectionData) -> nn.Module:
+        return self.fit(model, cfg, data)[0]
+
+    def fit(
+        self, model: nn.Module, cfg: ModelCfg, data: CorrectionData, log: Any = None
+    ) -> tuple[nn.Module, FinetuneLog, float]:
+        if data.masks is None:
+            raise ConfigError("RRR needs artifact masks: CorrectionData.masks (N, H, W)")
+
+        def penalty(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            x = batch.x.detach().requires_grad_(True)
+            logits = net(x)
+            assert batch.masks is not None
+            if not bool((batch.masks > 0).any()):  # §4.6: no mask in the batch -> no term
+                return logits, logits.new_zeros(())
+            return logits, rrr_penalty(logits, x, batch.masks)
+
+        return finetune(model, cfg, data, self.finetune, penalty, self.lamb, who="RRR", log=log)
