@@ -283,6 +283,40 @@ class Explainer:
         x_in = x.detach().to(ref.device, ref.dtype)
         x_in = (x_in.repeat(n_seeds, 1, 1, 1) if repeat else x_in).requires_grad_(True)
 
+        for _attempt in range(2):  # a second run only if a z⁺ layer's sign assumption failed
+            with rules.sign_audit() as signs_held:
+                logits, out0, class_idx, got = self._propagate(
+                    x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers
+                )
+            if signs_held():
+                break
+        inputs = [x_in, *(out0[ln] for ln in relevance_layers)]
+        rel = [
+            (torch.zeros_like(i) if g is None else g).reshape(n_seeds, batch, *i.shape[1:]).detach()
+            for g, i in zip(got, [i[:batch] for i in inputs], strict=True)
+        ]
+        return Explanation(
+            logits=logits[:batch].detach(),
+            heatmaps=rel[0].sum(2),
+            targets=seeds,
+            class_indices=class_idx,
+            activations={ln: max_pool_spatial(out0[ln].detach()) for ln in cav_layers},
+            relevance=dict(zip(relevance_layers, rel[1:], strict=True)),
+            input_relevance=rel[0] if return_input_relevance else None,
+        )
+
+    def _propagate(
+        self,
+        x_in: torch.Tensor,
+        seeds: tuple[ClassTarget | ConceptTarget, ...],
+        batch: int,
+        repeat: bool,
+        init_rel: str | float,
+        seed_layers: Sequence[str],
+        relevance_layers: Sequence[str],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """One forward of the rule model and one (batched) backward for all seeds."""
+        n_seeds = len(seeds)
         with torch.enable_grad(), recording() as acts:
             logits = self.model(x_in)
             out0 = {k: v[:batch] for k, v in acts.items()}
@@ -298,19 +332,7 @@ class Explainer:
             got = torch.autograd.grad(
                 outputs, inputs, grads, is_grads_batched=n_seeds > 1 and not repeat, allow_unused=True
             )
-        rel = [
-            (torch.zeros_like(i) if g is None else g).reshape(n_seeds, batch, *i.shape[1:]).detach()
-            for g, i in zip(got, [i[:batch] for i in inputs], strict=True)
-        ]
-        return Explanation(
-            logits=logits[:batch].detach(),
-            heatmaps=rel[0].sum(2),
-            targets=seeds,
-            class_indices=class_idx,
-            activations={ln: max_pool_spatial(out0[ln].detach()) for ln in cav_layers},
-            relevance=dict(zip(relevance_layers, rel[1:], strict=True)),
-            input_relevance=rel[0] if return_input_relevance else None,
-        )
+        return logits, out0, class_idx, got
 
     # -- seeds
 

@@ -17,6 +17,9 @@ rule-specific pre-activation, ``s = R / stab(z)`` and ``stab(z) = z + ε·sign(z
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -86,15 +89,15 @@ class _ZPlusFn(torch.autograd.Function):
         w_neg: torch.Tensor,
         b_pos_eps: torch.Tensor,
         args: ConvArgs,
+        nonnegative: bool,
     ) -> torch.Tensor:
         return _conv(x, w, b, args)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        x, _, _, w_pos, w_neg, b_pos_eps, args = inputs
+        x, _, _, w_pos, w_neg, b_pos_eps, args, nonnegative = inputs
         ctx.save_for_backward(x, w_pos, w_neg, b_pos_eps)
-        ctx.args = args
-        ctx.nonnegative = bool(x.numel() == 0 or x.min() >= 0)
+        ctx.args, ctx.nonnegative = args, nonnegative
 
     @staticmethod
     def backward(ctx: Any, r: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -102,12 +105,12 @@ class _ZPlusFn(torch.autograd.Function):
         # z⁺ ≥ 0, so stab(z⁺) = z⁺ + ε; the ε is folded into the bias b⁺ + ε (see ZPlusConv).
         if ctx.nonnegative:
             s = r / _conv(x, w_pos, b_pos_eps, ctx.args)
-            return x * _conv_transpose(s, x.shape, w_pos, ctx.args), None, None, None, None, None, None
+            return x * _conv_transpose(s, x.shape, w_pos, ctx.args), None, None, None, None, None, None, None
         x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
         s = r / (_conv(x_pos, w_pos, b_pos_eps, ctx.args) + _conv(x_neg, w_neg, None, ctx.args))
         rel = x_pos * _conv_transpose(s, x.shape, w_pos, ctx.args)
         rel = rel + x_neg * _conv_transpose(s, x.shape, w_neg, ctx.args)
-        return rel, None, None, None, None, None, None
+        return rel, None, None, None, None, None, None, None
 
 
 class ZPlusConv(nn.Module):
@@ -126,11 +129,73 @@ class ZPlusConv(nn.Module):
         # stabiliser is folded in: stab(z⁺) = z⁺ + ε because z⁺ ≥ 0.
         b_pos = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b.clamp(min=0)
         self.register_buffer("bias_pos_eps", b_pos + eps)
+        #: whether this layer's input had no negative entries last time (see :func:`input_is_nonnegative`)
+        self.seen_nonnegative: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nonnegative = input_is_nonnegative(self, x)
         return _ZPlusFn.apply(
-            x, self.weight, self.bias, self.weight_pos, self.weight_neg, self.bias_pos_eps, self.args
+            x,
+            self.weight,
+            self.bias,
+            self.weight_pos,
+            self.weight_neg,
+            self.bias_pos_eps,
+            self.args,
+            nonnegative,
         )
+
+
+# --------------------------------------------------------------------------- sign audit
+
+#: ``(layer, min of its input)`` for every z⁺ layer that assumed a non-negative input this call.
+_SIGN_AUDIT: ContextVar[list[tuple[ZPlusConv, torch.Tensor]] | None] = ContextVar(
+    "medaudit_lrp_sign_audit", default=None
+)
+
+
+def sync_is_costly(x: torch.Tensor) -> bool:
+    """Reading a value of ``x`` on the host stalls an asynchronous device (not the CPU)."""
+    return x.device.type != "cpu"
+
+
+def input_is_nonnegative(layer: ZPlusConv, x: torch.Tensor) -> bool:
+    """Whether z⁺ may skip its x⁻ terms, without a device sync per layer on accelerators.
+
+    On CPU the check is exact and cheap. On an accelerator, inside :func:`sign_audit`, a layer
+    that saw a non-negative input before assumes it again and records ``x.min()`` for one
+    verification after the backward; anywhere else it synchronises and checks.
+    """
+    audit = _SIGN_AUDIT.get()
+    if audit is not None and layer.seen_nonnegative and sync_is_costly(x):
+        audit.append((layer, x.detach().amin()))
+        return True
+    layer.seen_nonnegative = bool(x.numel() == 0 or x.min() >= 0)
+    return layer.seen_nonnegative
+
+
+@contextlib.contextmanager
+def sign_audit() -> Iterator[Callable[[], bool]]:
+    """Collect the sign assumptions of z⁺ layers; the yielded ``verify()`` says whether all held.
+
+    ``verify()`` synchronises once; a layer whose assumption failed forgets it, so running the
+    same computation again is exact.
+    """
+    records: list[tuple[ZPlusConv, torch.Tensor]] = []
+    token = _SIGN_AUDIT.set(records)
+
+    def verify() -> bool:
+        if not records:
+            return True
+        held = (torch.stack([m for _, m in records]) >= 0).tolist()
+        for (layer, _), ok in zip(records, held, strict=True):
+            layer.seen_nonnegative = layer.seen_nonnegative and ok
+        return all(held)
+
+    try:
+        yield verify
+    finally:
+        _SIGN_AUDIT.reset(token)
 
 
 # --------------------------------------------------------------------------- Flat (first layer)

@@ -224,3 +224,46 @@ def test_original_model_is_not_modified(resnet: tuple[nn.Module, Explainer], x: 
     assert all(p.requires_grad for p in model.parameters())
     explainer.explain(x, [0])
     assert all(p.requires_grad for p in model.parameters())
+
+
+class _SignedTiny(nn.Module):
+    """conv2 sees conv1's raw output, so its input sign depends on the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.features[0].weight.uniform_(0.0, 1.0)
+            self.features[0].bias.fill_(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def test_deferred_sign_check_reruns_when_an_assumption_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On accelerators z⁺ layers reuse the last input sign and verify once; a wrong guess reruns."""
+    from models.registry import ModelCfg
+    from models.xai import rules
+
+    torch.manual_seed(0)
+    model = _SignedTiny().eval()
+    cfg = ModelCfg(arch="signed_tiny", source="test", canonizer="vgg", hook_points={})
+    positive, signed = torch.rand(2, 3, 8, 8), torch.randn(2, 3, 8, 8) - 1.0
+    exact = Explainer(model, cfg).explain(signed, [0]).heatmaps  # CPU: checked every call
+
+    monkeypatch.setattr(rules, "sync_is_costly", lambda _x: True)
+    explainer = Explainer(model, cfg)
+    explainer.explain(positive, [0])  # conv2 learns "non-negative input"
+    layer = explainer.model.features[1]
+    assert isinstance(layer, rules.ZPlusConv) and layer.seen_nonnegative is True
+    calls = []
+    original = explainer._propagate
+    monkeypatch.setattr(explainer, "_propagate", lambda *a: calls.append(1) or original(*a))
+    got = explainer.explain(signed, [0]).heatmaps
+    assert len(calls) == 2 and layer.seen_nonnegative is False  # guessed wrong, reran exactly
+    torch.testing.assert_close(got, exact)
+    calls.clear()
+    explainer.explain(signed, [0])
+    assert len(calls) == 1
