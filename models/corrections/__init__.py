@@ -1,5 +1,9 @@
 """Model corrections behind one :class:`Correction` interface (method.md §4).
 
+``models.corrections.build.correct_and_evaluate`` (correct, save, export, evaluate, card) and
+``models.corrections.io`` (version checkpoints) are imported from their modules, not from here,
+so that importing the corrections does not pull in ONNX export and evaluation.
+
 P-ClArC and reactive P-ClArC insert a projection module at layer ℓ (training-free); RR-ClArC,
 RRR and the Vanilla fine-tune train the layers after ℓ. ``CORRECTIONS`` maps each name to its
 class, for configuration by name.

@@ -1,0 +1,124 @@
+"""One building block for the offline pipeline: correct → save → export → check → evaluate → card.
+
+:func:`correct_and_evaluate` runs once per correction; the pipeline supplies the original model,
+the :class:`CorrectionData` (CAVs and μ0 from the original model's activations) and the
+:class:`~models.evaluate.EvalData` shared by all versions, and compares the returned cards with
+:func:`models.cards.comparison_markdown` / :func:`models.cards.comparison_table`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.cards import ModelCard, build_card
+from models.corrections.base import Correction, CorrectionData
+from models.corrections.io import save_version
+from models.evaluate import EvalData, evaluate_version
+from models.export import check_parity, export_onnx
+from models.registry import ModelCfg
+
+WEIGHTS_FILE, ONNX_FILE = "model.pt", "model.onnx"
+
+
+@dataclass(frozen=True, eq=False)
+class VersionResult:
+    """What :func:`correct_and_evaluate` produced for one version."""
+
+    version: str
+    model: nn.Module
+    card: ModelCard
+    directory: Path
+    weights_path: Path
+    onnx_path: Path
+
+
+def version_name(correction: Correction, artifact: str) -> str:
+    """``vanilla`` for the original model, else ``<correction>-<artifact>`` (architecture.md)."""
+    return "vanilla" if correction.name == "vanilla" else f"{correction.name}-{artifact}"
+
+
+def correct_and_evaluate(
+    model: nn.Module,
+    cfg: ModelCfg,
+    correction: Correction,
+    data: CorrectionData,
+    eval_data: EvalData,
+    out_dir: str | Path,
+    *,
+    model_name: str = "resnet18-synthderm",
+    data_info: Mapping[str, Any] | None = None,
+    parity_images: torch.Tensor | None = None,
+    opset: int = 17,
+    log: Callable[[str], None] | None = None,
+) -> VersionResult:
+    """Applies ``correction`` and writes ``out_dir/<version>/{model.pt, model.onnx, card.json, card.md}``.
+
+    Args:
+        model: The original model (not modified).
+        cfg: Its registry config.
+        correction: Any :class:`Correction`.
+        data: CAVs, μ0 and training data for the correction.
+        eval_data: Test sets, artifact samples and the original CAV for the evaluation.
+        out_dir: Parent directory of the version directories.
+        model_name: ``<arch>-<dataset>``; the card is named ``<model_name>:<version>``.
+        data_info: Data configuration for the card (default: ``eval_data.info``).
+        parity_images: Images for the ONNX parity check (default: the first 64 clean test images).
+        opset: ONNX opset.
+        log: Optional progress logger.
+    """
+    version = version_name(correction, data.artifact)
+    directory = Path(out_dir) / version
+    directory.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda _msg: None)
+    t0 = time.perf_counter()
+    fit = getattr(correction, "fit", None)
+    extra: dict[str, Any] = {}
+    if callable(fit):
+        net, flog, lamb = fit(model, cfg, data, log)
+        extra = {"lamb_resolved": lamb, "steps": flog.steps, "history": flog.history}
+    else:
+        net = correction.apply(model, cfg, data)
+    extra["seconds"] = round(time.perf_counter() - t0, 2)
+    say(f"{version}: corrected in {extra['seconds']} s")
+    weights = save_version(
+        net,
+        cfg,
+        directory / WEIGHTS_FILE,
+        correction=correction.name,
+        layer=data.layer,
+        params=correction.params,
+    )
+    onnx_path = export_onnx(net, cfg, directory / ONNX_FILE, opset=opset)
+    images = parity_images if parity_images is not None else eval_data.sets["clean"].images[:64]
+    parity = check_parity(net, cfg, onnx_path, images)
+    say(f"{version}: ONNX parity {parity.max_abs_diff:.2g}")
+    report = evaluate_version(net, cfg, eval_data)
+    card = build_card(
+        name=f"{model_name}:{version}",
+        version=version,
+        architecture=cfg.to_dict(),
+        data=dict(data_info if data_info is not None else eval_data.info),
+        correction={
+            "name": correction.name,
+            "layer": data.layer if correction.name != "vanilla" else "",
+            "cav_kind": "signal",
+            "artifact": data.artifact,
+            "params": correction.params,
+            **extra,
+        },
+        metrics=report.as_dict(),
+        weights_path=weights,
+        onnx_path=onnx_path,
+        parity={**asdict(parity), "providers": list(parity.providers)},
+        opset=opset,
+    )
+    card.save(directory)
+    say(f"{version}: card written to {directory}")
+    return VersionResult(version, net, card, directory, weights, onnx_path)

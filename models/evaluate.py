@@ -1,0 +1,347 @@
+"""Evaluation of a model version (method.md §7, §11.14).
+
+* **Classification** on the training-distribution ("ch"), clean and attacked test sets (§5.4):
+  accuracy and its binomial standard error, macro F1, per-class one-vs-rest ROC-AUC on raw logits
+  and per-class accuracy (accuracy among the samples of that class, as in ``models.train``).
+* **Artifact relevance** (§7 ``compute_artifact_relevance.py``): input LRP heatmaps of the
+  version (its projection, if any, active) seeded at the **true** class with ``init_rel=1``,
+  scored by :func:`models.xai.localize.artifact_relevance_eval` (|H|, refined mask M′); mean and SEM
+  over artifact samples.
+* **TCAV** (§7 ``measure_tcav.py``): d_{h,w} = Σ_c ∂f_{c*}/∂a_{c,h,w} · v_c at a fixed layer, with
+  v the CAV fitted on the **original** model's activations and c* the class the artifact is
+  correlated with; quotient #{d>0}/#{d≠0} over all positions, the same over per-sample spatial
+  means, and sensitivity mean |d|, with binomial / SEM standard errors.
+* **Retrieval** of the original CAV on the version: AUROC/AP/τ of ⟨φ(x), v⟩ against artifact labels.
+
+Departure, TCAV of P-ClArC: the authors measure TCAV on the model loaded **without** the P-ClArC
+hook (§7), so a P-ClArC version's TCAV equals the original's by construction. Here the version is
+measured as served: d is the gradient of the served model w.r.t. the original layer output, i.e.
+the projection's input when the projection sits at the TCAV layer. The paper's number is the
+original model's row. Pass the original model to :func:`tcav` to get it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import ConstantInputWarning
+from sklearn.metrics import f1_score, roc_auc_score
+from torch import nn
+
+from models.corrections.base import capture, pooled_activations
+from models.errors import ConfigError
+from models.registry import ModelCfg
+from models.train import normalize, predict
+from models.xai.localize import artifact_relevance_eval
+from models.xai.metrics import retrieval_metrics
+
+VARIANTS = ("ch", "clean", "attacked")
+
+
+# --------------------------------------------------------------------------------- classification
+
+
+def classification_metrics(
+    logits: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, labels: tuple[str, ...]
+) -> dict[str, float]:
+    """Accuracy (+ standard error), macro F1, per-class AUC and per-class accuracy (method.md §7).
+
+    AUC is one-vs-rest on the raw logit of each class; NaN when a class is absent or the only one.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    t = np.asarray(y).astype(np.int64)
+    if z.ndim != 2 or z.shape[1] != len(labels) or t.shape != (z.shape[0],) or len(t) == 0:
+        raise ConfigError(f"logits must be (N, {len(labels)}) and y (N,), N > 0; got {z.shape} and {t.shape}")
+    pred = z.argmax(1)
+    acc = float(np.mean(pred == t))
+    out = {
+        "accuracy": acc,
+        "accuracy_se": math.sqrt(acc * (1 - acc) / len(t)),
+        "f1_macro": float(
+            f1_score(t, pred, labels=list(range(len(labels))), average="macro", zero_division=0)
+        ),
+        "n": float(len(t)),
+    }
+    for k, name in enumerate(labels):
+        sel = t == k
+        out[f"accuracy_{name}"] = float(np.mean(pred[sel] == k)) if sel.any() else float("nan")
+        out[f"auc_{name}"] = float(roc_auc_score(sel, z[:, k])) if 0 < sel.sum() < len(t) else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------------- artifact relevance
+
+
+def input_heatmaps(
+    model: nn.Module, cfg: ModelCfg, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 16
+) -> np.ndarray:
+    """LRP input heatmaps (N, H, W) seeded at the true class with ``init_rel=1`` (method.md §7)."""
+    from models.xai.lrp import ClassTarget, Explainer
+
+    explainer = Explainer(model, cfg)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i : i + batch_size], cfg).float()
+        y = tuple(int(k) for k in labels[i : i + batch_size])
+        exp = explainer.explain(x, [ClassTarget(y)], init_rel=1.0)
+        out.append(exp.heatmaps[0].double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[2:]))
+
+
+@dataclass(frozen=True)
+class MeanSem:
+    mean: float
+    sem: float
+    n: int
+
+
+def mean_sem(values: np.ndarray) -> MeanSem:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return MeanSem(float("nan"), float("nan"), 0)
+    sem = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
+    return MeanSem(float(v.mean()), sem, int(v.size))
+
+
+def artifact_relevance(
+    model: nn.Module, cfg: ModelCfg, images: torch.Tensor, labels: torch.Tensor, masks: np.ndarray
+) -> MeanSem:
+    """Mean and SEM of Σ|H ⊙ M′| / (Σ|H| + 1e-10) over artifact samples (method.md §7)."""
+    hm = input_heatmaps(model, cfg, images, labels)
+    m = np.asarray(masks)
+    if m.shape != hm.shape:
+        raise ConfigError(f"masks must be (N, H, W) = {hm.shape}; got {m.shape}")
+    return mean_sem(np.array([artifact_relevance_eval(h, k) for h, k in zip(hm, m, strict=True)]))
+
+
+# --------------------------------------------------------------------------------- TCAV
+
+
+@dataclass(frozen=True)
+class Tcav:
+    """TCAV scores of one class at one layer (method.md §7, ``measure_tcav.py``)."""
+
+    quotient: float
+    quotient_se: float
+    mean_quotient: float
+    mean_quotient_se: float
+    sensitivity: float
+    sensitivity_se: float
+    n: int
+    target_class: int
+
+
+def directional_derivatives(
+    model: nn.Module,
+    cfg: ModelCfg,
+    layer: str,
+    v: np.ndarray,
+    images: torch.Tensor,
+    target_class: int,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """d_{b,h,w} = Σ_c ∂f_{c*}(x_b)/∂a_{c,h,w} · v_c, shape (N, H·W) (1 position for (B, C) layers).
+
+    The model runs in eval mode, so samples are independent and a batch gives the per-sample
+    gradients of the summed logit.
+    """
+    model.eval()
+    vec = torch.as_tensor(np.asarray(v, np.float32))
+    out = []
+    with capture(model, cfg, layer, before_correction=True) as store:
+        for i in range(0, len(images), batch_size):
+            x = normalize(images[i : i + batch_size], cfg).float().requires_grad_(True)
+            with torch.enable_grad():
+                logits = model(x)
+                (grad,) = torch.autograd.grad(logits[:, target_class].sum(), store["a"])
+            g = grad if grad.ndim > 2 else grad[..., None]
+            out.append(torch.einsum("bc...,c->b...", g, vec.to(g.dtype)).flatten(1).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1))
+
+
+def tcav(
+    model: nn.Module, cfg: ModelCfg, layer: str, v: np.ndarray, images: torch.Tensor, target_class: int
+) -> Tcav:
+    """TCAV quotient, mean quotient and sensitivity with standard errors (method.md §7)."""
+    d = directional_derivatives(model, cfg, layer, v, images, target_class)
+
+    def quotient(x: np.ndarray) -> tuple[float, float]:
+        nz = x[x != 0]
+        if nz.size == 0:
+            return float("nan"), float("nan")
+        q = float(np.mean(nz > 0))
+        return q, math.sqrt(q * (1 - q) / nz.size)
+
+    q, q_se = quotient(d.ravel())
+    mq, mq_se = quotient(d.mean(axis=1)) if len(d) else (float("nan"), float("nan"))
+    sens = mean_sem(np.abs(d).ravel())
+    return Tcav(q, q_se, mq, mq_se, sens.mean, sens.sem, len(d), target_class)
+
+
+# --------------------------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True, eq=False)
+class EvalSet:
+    """One test variant: uint8 images (N, 3, H, W) and labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class EvalData:
+    """Everything :func:`evaluate_version` needs, shared by all versions of one model.
+
+    Attributes:
+        sets: Test variants by name: "ch", "clean", "attacked" (§5.4).
+        artifact: Artifact (concept) name.
+        cav_layer: The fixed TCAV / retrieval layer (§7: ResNet ``identity_2``).
+        cav: Unit CAV fitted on the **original** model's activations at ``cav_layer``.
+        cav_kind: Its kind (§7: ``signal`` for ClArC configs, ``svm`` otherwise), for the card.
+        tcav_class: c*, the class the artifact is correlated with.
+        artifact_images, artifact_labels, artifact_masks: artifact samples (ch variant) with their
+            ground-truth masks (N, H, W), for artifact relevance and TCAV.
+        retrieval_images, retrieval_labels: images and 0/1 artifact labels for retrieval AUROC.
+    """
+
+    sets: Mapping[str, EvalSet]
+    artifact: str
+    cav_layer: str
+    cav: np.ndarray
+    cav_kind: str
+    tcav_class: int
+    artifact_images: torch.Tensor
+    artifact_labels: torch.Tensor
+    artifact_masks: np.ndarray
+    retrieval_images: torch.Tensor
+    retrieval_labels: np.ndarray
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """All metrics of one version; :meth:`as_dict` is what the model card stores."""
+
+    classification: dict[str, dict[str, float]]
+    artifact_relevance: MeanSem
+    tcav: Tcav
+    retrieval: dict[str, float]
+    artifact: str
+    cav_layer: str
+    cav_kind: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, so the card is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def retrieval(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Retrieval metrics of bias scores, with float32 round-off removed first.
+
+    After P-ClArC every score is ⟨μ0, v⟩ up to float32 round-off (~1e-7 relative); ranking that
+    noise would give a random AUROC instead of the 0.5 of a constant score. Scores are therefore
+    rounded to 5 significant digits of their largest magnitude. A constant score has no Kendall τ
+    (scipy warns and returns NaN; it is stored as null).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    scale = float(np.max(np.abs(s))) if s.size else 0.0
+    if scale > 0:
+        step = 10.0 ** (math.floor(math.log10(scale)) - 4)
+        s = np.round(s / step) * step
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ConstantInputWarning)
+        return {k: float(v) for k, v in retrieval_metrics(s, labels).as_dict().items()}
+
+
+def evaluate_version(model: nn.Module, cfg: ModelCfg, data: EvalData) -> EvalReport:
+    """Every §7 metric of one version (the model as served: projections active)."""
+    cls = {
+        name: classification_metrics(predict(model, s.images, cfg), s.labels, cfg.labels)
+        for name, s in data.sets.items()
+    }
+    rel = artifact_relevance(model, cfg, data.artifact_images, data.artifact_labels, data.artifact_masks)
+    tc = tcav(model, cfg, data.cav_layer, data.cav, data.artifact_images, data.tcav_class)
+    acts = pooled_activations(model, cfg, data.cav_layer, data.retrieval_images)
+    ret = retrieval(acts @ np.asarray(data.cav, np.float64), data.retrieval_labels)
+    return EvalReport(
+        classification=cls,
+        artifact_relevance=rel,
+        tcav=tc,
+        retrieval=ret,
+        artifact=data.artifact,
+        cav_layer=data.cav_layer,
+        cav_kind=data.cav_kind,
+    )
+
+
+# --------------------------------------------------------------------------------- synthderm
+
+
+def synthderm_eval_data(
+    ds: Any,
+    cfg: ModelCfg,
+    *,
+    artifact: str,
+    cav: np.ndarray,
+    cav_layer: str,
+    cav_kind: str,
+    split: str = "test",
+    max_artifact_samples: int = 64,
+    tcav_class: int | None = None,
+    cache_dir: Any = None,
+) -> EvalData:
+    """:class:`EvalData` for a :class:`~models.data.synthetic.SynthDerm` split.
+
+    Test variants via :func:`models.train.render_split` (attacked: ``artifact`` on every image);
+    artifact samples are the split's training-distribution images carrying ``artifact`` (at most
+    ``max_artifact_samples``, in index order) with their exact pixel masks; retrieval runs on the
+    whole "ch" split. ``tcav_class`` defaults to the class with the higher artifact rate in the spec.
+    """
+    from models.train import render_split
+
+    sets = {v: EvalSet(*render_split(ds, split, v, artifact, cache_dir=cache_dir)) for v in VARIANTS}
+    idx = ds.indices(split)
+    member = ds.membership[artifact][idx]
+    chosen = idx[member][:max_artifact_samples]
+    if len(chosen) == 0:
+        raise ConfigError(f"split {split!r} has no {artifact!r} samples to evaluate artifact relevance on")
+    samples = [ds.sample(int(i), "ch", artifact) for i in chosen]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
+    masks = np.stack([s.masks[artifact].astype(np.float32) for s in samples])
+    if tcav_class is None:
+        rates = ds.cfg.spec.get(artifact, (0.0, 0.0))
+        tcav_class = int(np.argmax(rates))
+    return EvalData(
+        sets=sets,
+        artifact=artifact,
+        cav_layer=cav_layer,
+        cav=np.asarray(cav, np.float64),
+        cav_kind=cav_kind,
+        tcav_class=tcav_class,
+        artifact_images=images,
+        artifact_labels=torch.tensor([s.label for s in samples]),
+        artifact_masks=masks,
+        retrieval_images=sets["ch"].images,
+        retrieval_labels=member.astype(np.int64),
+        info={
+            "split": split,
+            "n_artifact_samples": len(chosen),
+            "dataset": "synthderm",
+            "data_config": ds.cfg.to_dict(),
+        },
+    )
