@@ -1,0 +1,118 @@
+"""Evaluation (method.md §7): hand-made classification case, TCAV, retrieval, artifact relevance."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models.corrections import CorrectionData, PClarc
+from models.errors import ConfigError
+from models.evaluate import artifact_relevance, classification_metrics, mean_sem, retrieval, tcav
+from models.registry import ModelCfg, create_model
+
+LABELS = ("benign", "malignant")
+
+
+def test_classification_metrics_on_known_logits() -> None:
+    logits = np.array([[2.0, 0.0], [1.0, 0.5], [0.0, 1.0], [0.2, 0.1], [0.0, 3.0], [1.0, 2.0]])
+    y = np.array([0, 0, 0, 1, 1, 1])
+    # predictions 0, 0, 1, 0, 1, 1: 4/6 correct; per class: benign 2/3, malignant 2/3
+    m = classification_metrics(logits, y, LABELS)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["accuracy_se"] == pytest.approx(math.sqrt((4 / 6) * (2 / 6) / 6))
+    assert m["accuracy_benign"] == pytest.approx(2 / 3) and m["accuracy_malignant"] == pytest.approx(2 / 3)
+    assert m["f1_macro"] == pytest.approx(2 / 3)  # both classes: P = R = 2/3
+    # AUC malignant on raw logit 1: pos {0.1, 3, 2} vs neg {0, 0.5, 1}: 7 of 9 pairs ordered
+    assert m["auc_malignant"] == pytest.approx(7 / 9)
+    # AUC benign on raw logit 0: pos {2, 1, 0} vs neg {0.2, 0, 1}: 2 beats all three (3),
+    # 1 beats 0.2 and 0 and ties 1 (2.5), 0 ties 0 (0.5) -> 6 / 9
+    assert m["auc_benign"] == pytest.approx(6 / 9)
+
+
+def test_classification_metrics_single_class_auc_is_nan_and_shape_errors() -> None:
+    m = classification_metrics(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 0]), LABELS)
+    assert math.isnan(m["auc_benign"]) and math.isnan(m["accuracy_malignant"])
+    with pytest.raises(ConfigError):
+        classification_metrics(np.zeros((3, 3)), np.zeros(3), LABELS)
+
+
+def test_mean_sem() -> None:
+    r = mean_sem(np.array([1.0, 2.0, 3.0]))
+    assert r.mean == 2.0 and r.sem == pytest.approx(1 / math.sqrt(3)) and r.n == 3
+    assert mean_sem(np.array([])).n == 0
+
+
+class _Lin(nn.Module):
+    """feat = 1x1 conv (identity-like hook point), logits = linear map of spatial sums."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.feat = nn.Conv2d(3, 3, 1, bias=False)
+        with torch.no_grad():
+            self.feat.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        self.w = nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feat(x).sum((2, 3)) @ self.w.T
+
+
+def test_tcav_on_a_linear_model() -> None:
+    # d_{h,w} = Σ_c ∂f_k/∂a_{c,h,w} v_c = ⟨W_k, v⟩ at every position
+    w = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 0.0]])
+    model = _Lin(w)
+    cfg = ModelCfg(arch="lin", source="test", input_size=(3, 4, 4), hook_points={"feat": "feat"})
+    images = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
+    v = np.array([1.0, 0.0, 0.0])
+    t0 = tcav(model, cfg, "feat", v, images, target_class=0)
+    assert t0.quotient == 1.0 and t0.mean_quotient == 1.0 and t0.sensitivity == pytest.approx(1.0)
+    assert t0.n == 3 and t0.quotient_se == 0.0
+    t1 = tcav(model, cfg, "feat", np.array([0.0, 1.0, 0.0]), images, target_class=0)
+    assert t1.quotient == 0.0 and t1.sensitivity == pytest.approx(2.0)
+    t2 = tcav(model, cfg, "feat", v, images, target_class=1)  # no gradient along v: undefined
+    assert math.isnan(t2.quotient) and t2.sensitivity == 0.0
+
+
+def test_retrieval_of_constant_scores_is_chance_not_noise() -> None:
+    labels = np.array([0, 1] * 10)
+    noisy_constant = 0.7 + np.linspace(-1, 1, 20) * 1e-8 * labels  # float32-level noise
+    r = retrieval(noisy_constant, labels)
+    assert r["auroc"] == 0.5 and math.isnan(r["kendall_tau"])
+    assert retrieval(labels * 2.0 + 1.0, labels)["auroc"] == 1.0
+
+
+def test_tcav_and_retrieval_after_pclarc() -> None:
+    torch.manual_seed(0)
+    model, cfg = create_model("resnet18", img_size=32)
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=256)
+    v /= np.linalg.norm(v)
+    net = PClarc().apply(model, cfg, CorrectionData(layer="identity_2", cav=v, mu0=rng.random(256)))
+    images = torch.randint(
+        0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    # measured through the projection: the spatial sum of d vanishes (Σ_c v_c² = 1), so every
+    # per-sample spatial mean is ~0 while single positions still move
+    from models.evaluate import directional_derivatives
+
+    d = directional_derivatives(net, cfg, "identity_2", v, images, target_class=1)
+    d0 = directional_derivatives(model, cfg, "identity_2", v, images, target_class=1)
+    assert np.abs(d.sum(1)).max() < 1e-5 * np.abs(d0).sum(1).max()
+
+
+def test_artifact_relevance_counts_heatmap_inside_refined_mask(monkeypatch) -> None:
+    import models.evaluate as ev
+
+    hm = np.zeros((2, 32, 32))
+    hm[0, :8, :8] = 1.0  # all relevance on the artifact
+    hm[1, 20:, 20:] = -1.0  # all (negative) relevance far from it
+    monkeypatch.setattr(ev, "input_heatmaps", lambda *a, **k: hm)
+    masks = np.zeros((2, 32, 32))
+    masks[:, :6, :6] = 1.0
+    r = artifact_relevance(None, None, torch.zeros(2, 3, 32, 32), torch.zeros(2), masks)  # type: ignore[arg-type]
+    assert r.n == 2 and r.mean == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ConfigError):
+        artifact_relevance(None, None, torch.zeros(2), torch.zeros(2), masks[:, :5])  # type: ignore[arg-type]
