@@ -22,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -232,29 +233,44 @@ def run_case(args: argparse.Namespace, name: str, size: int, batch: int, torch: 
     cases = [case]
 
     if device.type == "cuda" and not args.no_bf16:
-        bf_explainer = Explainer(model, cfg).to(device=device, dtype=torch.bfloat16)
-        bf_model = model.to(torch.bfloat16)
-        xb = x.to(torch.bfloat16)
-
-        def bf_forward() -> Any:
-            with torch.no_grad():
-                return bf_model(xb)
-
-        bf_fns: dict[str, Callable[[], Any]] = {
-            "forward": bf_forward,
-            "gradient×input": lambda: grad_x_input(bf_model, xb),
-            "engine LRP (1 seed)": lambda: bf_explainer.explain(xb, [target]),
-            "engine LRP (2 seeds, vmap)": lambda: bf_explainer.explain(xb, [target, 0]),
-        }
-        bf_runs = timed(bf_fns, dict.fromkeys(bf_fns, args.repeats), sync)
-        bf_rows = [_row(k, bf_runs[k], batch, "") for k in bf_fns]
-        bf_heat = bf_explainer.explain(xb, [target]).heatmaps[0].float()
-        bf_case = Case(
-            name, size, batch, "bf16", bf_rows, {"engine_bf16_vs_fp32_mean_cosine": cosine(bf_heat, ours)}
-        )
-        bf_case.ratios = _ratios(bf_rows)
-        cases.append(bf_case)
+        try:
+            cases.append(bf16_case(args, model, cfg, x, target, ours, grad_x_input, sync, torch))
+        except Exception:  # keep the fp32 rows if bf16 fails
+            traceback.print_exc()
+            case.fidelity["bf16_error"] = float("nan")
     return cases
+
+
+def bf16_case(
+    args: argparse.Namespace, model: Any, cfg: Any, x: Any, target: int, ours: Any,
+    grad_x_input: Callable[..., Any], sync: Callable[[], None], torch: Any,
+) -> Case:  # fmt: skip
+    """The engine and gradient×input in bfloat16; the engine's heatmaps compared with fp32's."""
+    from models.xai import Explainer
+
+    name, (size, batch), device = cfg.arch, (x.shape[-1], x.shape[0]), x.device
+    bf_explainer = Explainer(model, cfg).to(device=device, dtype=torch.bfloat16)
+    bf_model = model.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+
+    def bf_forward() -> Any:
+        with torch.no_grad():
+            return bf_model(xb)
+
+    bf_fns: dict[str, Callable[[], Any]] = {
+        "forward": bf_forward,
+        "gradient×input": lambda: grad_x_input(bf_model, xb),
+        "engine LRP (1 seed)": lambda: bf_explainer.explain(xb, [target]),
+        "engine LRP (2 seeds, vmap)": lambda: bf_explainer.explain(xb, [target, 0]),
+    }
+    bf_runs = timed(bf_fns, dict.fromkeys(bf_fns, args.repeats), sync)
+    bf_rows = [_row(k, bf_runs[k], batch, "") for k in bf_fns]
+    bf_heat = bf_explainer.explain(xb, [target]).heatmaps[0].float()
+    bf_case = Case(
+        name, size, batch, "bf16", bf_rows, {"engine_bf16_vs_fp32_mean_cosine": cosine(bf_heat, ours)}
+    )
+    bf_case.ratios = _ratios(bf_rows)
+    return bf_case
 
 
 def _row(name: str, runs: list[float], batch: int, note: str) -> Row:
@@ -324,7 +340,12 @@ def main() -> None:
         name, rest = spec.split("@")
         size, batch = (int(v) for v in rest.split(":"))
         t0 = time.perf_counter()
-        cases += run_case(args, name, size, batch, torch)
+        try:
+            cases += run_case(args, name, size, batch, torch)
+        except Exception:  # one broken case (e.g. another timm version) must not lose the others
+            traceback.print_exc()
+            info[f"error {spec}"] = traceback.format_exc(limit=3)
+            continue
         print(f"{spec}: {time.perf_counter() - t0:.0f} s", flush=True)
     info["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ ConvArgs = tuple[list[int], list[int], list[int], int]  # stride, padding, dilat
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``z + ε·sign(z)`` with ``sign(0) = +1``, exactly as ``zennit.core.stabilize``."""
-    return z + torch.where(z >= 0, eps, -eps)
+    return torch.where(z >= 0, z + eps, z - eps)
 
 
 # --------------------------------------------------------------------------- conv helpers
