@@ -129,7 +129,7 @@ class _TimmBasicBlock(timm_resnet.BasicBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.act1(self.drop_block(self.bn1(self.conv1(x))))
-        x = self.bn2(self.conv2(self.aa(x)))
+        x = self.bn2(self.conv2(self.aa(x)))  # type: ignore[misc]  # timm annotates aa as None-able
         if self.se is not None:
             x = self.se(x)
         if self.drop_path is not None:
@@ -147,7 +147,7 @@ class _TimmBottleneck(timm_resnet.Bottleneck):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))
-        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))  # type: ignore[misc]  # as above
         x = self.bn3(self.conv3(x))
         if self.se is not None:
             x = self.se(x)
@@ -215,7 +215,7 @@ def canonize_resnet(model: nn.Module) -> None:
         for conv_name, bn_name in pairs:
             _merge_pair(module, conv_name, bn_name)
         if module.downsample is not None:  # conv→BN, or resnet-d's AvgPool→conv→BN
-            merge_sequential_batchnorms(module.downsample)
+            merge_sequential_batchnorms(module.downsample)  # type: ignore[arg-type]
         module.__class__ = canonical
         module.add_module("residual_sum", ResidualSum())
         blocks += 1
@@ -263,7 +263,7 @@ class _TimmVisionTransformer(timm_vit.VisionTransformer):
         x = x.view(x.shape[0], -1, x.shape[-1])
         if to_cat:
             x = torch.cat([*to_cat, x], dim=1)
-        x = self.pos_sum(x, self.pos_embed.expand_as(x))
+        x = self.pos_sum(x, self.pos_embed.expand_as(x))  # type: ignore[union-attr]  # checked in canonize_vit
         return self.pos_drop(x)
 
 
@@ -327,5 +327,5 @@ def canonize(model: nn.Module, kind: str) -> nn.Module:
     CANONIZERS[kind](canonical)
     for module in canonical.modules():
         if getattr(module, "inplace", False):  # in-place activations would overwrite saved inputs
-            module.inplace = False
+            module.inplace = False  # type: ignore[assignment]
     return canonical

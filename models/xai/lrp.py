@@ -338,7 +338,7 @@ class Explainer:
 
     def _normalise_targets(self, targets: Sequence[Target]) -> tuple[ClassTarget | ConceptTarget, ...]:
         if isinstance(targets, str | int | ClassTarget | ConceptTarget):
-            targets = [targets]
+            targets = [targets]  # type: ignore[list-item]  # a bare target; validated below
         if len(targets) == 0:
             raise ConfigError("targets is empty; give at least one class index, 'pred' or ConceptTarget")
         out: list[ClassTarget | ConceptTarget] = []

@@ -18,7 +18,7 @@ rule-specific pre-activation, ``s = R / stab(z)`` and ``stab(z) = z + ε·sign(z
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -45,7 +45,7 @@ def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, args: ConvAr
 
 
 def _conv_transpose(
-    s: torch.Tensor, input_shape: torch.Size, w: torch.Tensor, args: ConvArgs
+    s: torch.Tensor, input_shape: Sequence[int], w: torch.Tensor, args: ConvArgs
 ) -> torch.Tensor:
     """The adjoint of ``_conv`` w.r.t. its input: ``Σ_j w_ij s_j`` for every input position i."""
     stride, padding, dilation, groups = args
@@ -81,7 +81,7 @@ class _ZPlusFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         x: torch.Tensor,
         w: torch.Tensor,
         b: torch.Tensor | None,
@@ -212,7 +212,7 @@ class _FlatConvFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, args: ConvArgs, eps: float
     ) -> torch.Tensor:
         return _conv(x, w, b, args)
@@ -261,7 +261,7 @@ class _FlatLinearFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float) -> torch.Tensor:
         return nn.functional.linear(x, w, b)
 
     @staticmethod
@@ -298,7 +298,7 @@ class _EpsilonFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float) -> torch.Tensor:
         return nn.functional.linear(x, w, b)
 
     @staticmethod
@@ -335,7 +335,7 @@ class _NormSumFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
         return a + b
 
     @staticmethod
@@ -384,7 +384,7 @@ class _NormPoolFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, pool: nn.Module, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(x: torch.Tensor, pool: nn.Module, eps: float) -> torch.Tensor:
         return pool(x)
 
     @staticmethod
@@ -424,7 +424,7 @@ class _PassFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, fn: nn.Module) -> torch.Tensor:  # type: ignore[override]
+    def forward(x: torch.Tensor, fn: nn.Module) -> torch.Tensor:
         return fn(x)
 
     @staticmethod

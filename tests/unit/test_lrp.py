@@ -267,3 +267,13 @@ def test_deferred_sign_check_reruns_when_an_assumption_fails(monkeypatch: pytest
     calls.clear()
     explainer.explain(signed, [0])
     assert len(calls) == 1
+
+
+def test_bfloat16_engine_agrees_with_float32(resnet: tuple[nn.Module, Explainer], x: torch.Tensor) -> None:
+    model, explainer = resnet
+    bf16 = Explainer(model, explainer.cfg).to(torch.bfloat16)
+    got = bf16.explain(x, [1, ConceptTarget("identity_2", torch.ones(256))])
+    want = explainer.explain(x, [1, ConceptTarget("identity_2", torch.ones(256))])
+    assert got.heatmaps.dtype == torch.bfloat16
+    cos = nn.functional.cosine_similarity(got.heatmaps.float().flatten(2), want.heatmaps.flatten(2), dim=2)
+    assert cos.min().item() >= 0.99
