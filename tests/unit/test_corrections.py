@@ -327,3 +327,16 @@ def test_correction_data_validation() -> None:
             images=torch.zeros(2, 3, 4, 4),
             labels=torch.zeros(2),
         )
+
+
+def test_augment_pair_moves_mask_with_image() -> None:
+    # Departure from the authors' Kvasir-attacked hm loader (image augmented, mask not; §8, §11.15)
+    from models.corrections.base import augment_pair
+
+    x = torch.zeros(16, 3, 8, 8)
+    x[:, :, 0, 1] = 1.0  # one bright pixel, off the diagonal so transposes show
+    m = (x[:, 0] > 0).float()
+    xa, ma = augment_pair(x, m, torch.Generator().manual_seed(0))
+    assert ma is not None
+    assert torch.equal(xa[:, 0] == xa[:, 0].amax((1, 2), keepdim=True), ma > 0)
+    assert not torch.equal(ma, m)  # some geometry was applied
