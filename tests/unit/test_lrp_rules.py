@@ -231,3 +231,30 @@ def test_tiny_model_matches_zennit(gen: torch.Generator) -> None:
 def test_unsupported_padding_is_refused() -> None:
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
         rules.ZPlusConv(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rules.ZPlusConv(nn.Conv2d(3, 4, 3, padding=1).double()),
+        lambda: rules.FlatConv(nn.Conv2d(3, 4, 3, stride=2, padding=1).double()),
+        lambda: rules.EpsilonLinear(nn.Linear(6 * 6 * 3, 4).double()),
+        lambda: rules.NormAvgPool(nn.AvgPool2d(2)),
+        lambda: rules.NormAvgPool(nn.AdaptiveAvgPool2d(4)),
+        lambda: rules.NormAvgPool(nn.AdaptiveAvgPool2d(1)),
+        lambda: rules.PassRule(nn.ReLU()),
+    ],
+    ids=["zplus", "flat", "epsilon", "avgpool", "adaptive", "global", "pass"],
+)
+def test_batched_seeds_equal_one_backward_each(gen: torch.Generator, make: object) -> None:
+    """``is_grads_batched`` (vmap over the backward) must give each seed's own relevance."""
+    rule = make()  # type: ignore[operator]
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    x = x.flatten(1) if isinstance(rule, rules.EpsilonLinear) else x
+    x = x.requires_grad_(True)
+    out = rule(x)
+    seeds = torch.randn(3, *out.shape, generator=gen, dtype=torch.float64)
+    (batched,) = torch.autograd.grad(out, x, seeds, is_grads_batched=True, retain_graph=True)
+    for s in range(3):
+        (one,) = torch.autograd.grad(out, x, seeds[s], retain_graph=True)
+        torch.testing.assert_close(batched[s], one, atol=1e-12, rtol=1e-12)
