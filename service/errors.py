@@ -1,0 +1,142 @@
+"""The online side's error tree: every error the service raises on purpose carries its HTTP status.
+
+``service/api.py`` translates with one rule: an :class:`AuditError` becomes ``exc.status`` with body
+``exc.to_json()`` (and ``exc.headers()``); anything else is a 500. Messages name the bad value and
+the valid choices, never a secret (API keys are never echoed: see :mod:`service.auth`).
+
+Configuration errors are start-up errors, not HTTP ones: they are :class:`models.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from models.errors import MedauditError
+
+
+class AuditError(MedauditError):
+    """Base of every error the service maps to an HTTP response.
+
+    Attributes:
+        status: HTTP status code (class-level, per subclass).
+        code: Stable machine-readable error code: clients branch on it, never on ``detail``.
+        detail: Human-readable message naming the bad value and the valid choices.
+        extra: JSON-serialisable fields added to the body (valid choices, limits, …).
+    """
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "audit_error"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = {k: _jsonable(v) for k, v in extra.items()}
+
+    def __str__(self) -> str:
+        return self.detail
+
+    def to_json(self) -> dict[str, Any]:
+        """The response body: ``{"error": code, "detail": message, **extra}``."""
+        return {"error": self.code, "detail": self.detail, **self.extra}
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error needs (``WWW-Authenticate`` for 401)."""
+        return {}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list, set, frozenset)):
+        items = sorted(v) if isinstance(v, (set, frozenset)) else v
+        return [_jsonable(x) for x in items]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)
+
+
+# -- request body / image --------------------------------------------------------------------------
+
+
+class InvalidImageError(AuditError):
+    """A body in a supported format that cannot be used: truncated, corrupt, animated, multi-frame,
+    a DICOM without pixel data, an unsupported colour model."""
+
+    status = 422
+    code = "invalid_image"
+
+
+class EmptyImageError(InvalidImageError):
+    """The request carried no bytes at all."""
+
+    status = 400
+    code = "empty_body"
+
+
+class UnsupportedMediaTypeError(InvalidImageError):
+    """The bytes (or the declared content type) are not a format the service decodes, or a DICOM
+    transfer syntax for which no decoder is installed."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class PayloadTooLargeError(InvalidImageError):
+    """More bytes than the configured maximum (``MEDAUDIT_MAX_BYTES``)."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class ImageTooLargeError(InvalidImageError):
+    """More pixels than the configured maximum, judged from the header before any decoding
+    (decompression-bomb guard, ``MEDAUDIT_MAX_PIXELS``)."""
+
+    status = 413
+    code = "image_too_large"
+
+
+class ImageTooSmallError(InvalidImageError):
+    """A side shorter than the configured minimum (``MEDAUDIT_MIN_IMAGE_SIDE``)."""
+
+    status = 422
+    code = "image_too_small"
+
+
+# -- routing ---------------------------------------------------------------------------------------
+
+
+class UnknownModelVersionError(AuditError):
+    """A model version that this deployment does not serve."""
+
+    status = 404
+    code = "unknown_model_version"
+
+    def __init__(self, version: str, valid: Iterable[str]) -> None:
+        valid = sorted(valid)
+        super().__init__(
+            f"unknown model version {version!r}; this deployment serves: {', '.join(valid) or '(none)'}",
+            version=version,
+            valid_versions=valid,
+        )
+
+
+# -- auth ------------------------------------------------------------------------------------------
+
+
+class AuthError(AuditError):
+    """No credentials, malformed credentials, or a key that matches none. Never echoes the key."""
+
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="medaudit"'}
+
+
+class ForbiddenError(AuditError):
+    """A valid key whose role does not allow the endpoint."""
+
+    status = 403
+    code = "forbidden"
