@@ -1,0 +1,239 @@
+"""Typed service settings, built once at start from the environment and passed down.
+
+Nothing here reads the environment at import: :meth:`Settings.from_env` takes a mapping (pass
+``os.environ`` at start, a dict in tests). Every bad value is a :class:`models.errors.ConfigError`
+that names the variable, the value (never a secret) and what is valid.
+
+Variables (all optional except where auth is on):
+
+=================================  ==========================================================
+``MEDAUDIT_VERSIONS``              served versions, comma-separated (default ``vanilla``)
+``MEDAUDIT_AB_WEIGHTS``            ``version=weight,…`` (default: all weight on the first)
+``MEDAUDIT_SHADOW_VERSION``        a served version that shadows every request
+``MEDAUDIT_AB_SALT``               mixed into the A/B hash; change to reshuffle subjects
+``MEDAUDIT_FLAG_FPR``              presence threshold's false-positive rate, in (0, 1)
+                                   (default: each concept bank's own target FPR)
+``MEDAUDIT_MAX_BYTES``             largest accepted body, bytes (default 32 MiB)
+``MEDAUDIT_MAX_PIXELS``            largest accepted width×height (default 40 000 000)
+``MEDAUDIT_MIN_IMAGE_SIDE``        smallest accepted side, px (default 1: tiny images are upscaled)
+``MEDAUDIT_REDIS_URL``/``REDIS_URL``  redis://, rediss:// or unix:// URL (default: none = embedded)
+``MEDAUDIT_AUTH``                  on/off (default on; on with no keys is an error)
+``MEDAUDIT_API_KEYS``              ``role:sha256hex,…`` (see :mod:`service.auth`)
+``MEDAUDIT_API_KEYS_FILE``         a file of such entries, one per line
+``MEDAUDIT_API_KEY_SALT``          the per-deployment salt the digests were made with
+``MEDAUDIT_OPEN_HEALTH``           health endpoints without a key (default on)
+``MEDAUDIT_OPEN_METRICS``          ``/metrics`` without a key (default on: scraped in-cluster)
+=================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.errors import ConfigError
+from service.auth import KeyEntry, KeyStore, parse_key_spec
+from service.inputs import Limits
+from service.routing import Router
+
+PREFIX = "MEDAUDIT_"
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service decides at start. Frozen: built once, passed down, never mutated."""
+
+    versions: tuple[str, ...] = ("vanilla",)
+    ab_weights: tuple[tuple[str, float], ...] = (("vanilla", 1.0),)
+    shadow_version: str | None = None
+    ab_salt: str = ""
+    flag_fpr: float | None = None
+    limits: Limits = field(default_factory=Limits)
+    redis_url: str | None = None
+    auth_enabled: bool = True
+    api_keys: tuple[KeyEntry, ...] = field(default=(), repr=False)
+    api_key_salt: str = field(default="", repr=False)
+    open_health: bool = True
+    open_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.versions:
+            raise ConfigError(f"{PREFIX}VERSIONS is empty; name at least one served version")
+        for v in self.versions:
+            if not _VERSION.match(v):
+                raise ConfigError(
+                    f"{PREFIX}VERSIONS: {v!r} is not a valid version name (letters, digits, . _ : + -)"
+                )
+        if len(set(self.versions)) != len(self.versions):
+            raise ConfigError(f"{PREFIX}VERSIONS lists a version twice: {', '.join(self.versions)}")
+        for v, _ in self.ab_weights:
+            if v not in self.versions:
+                raise ConfigError(
+                    f"{PREFIX}AB_WEIGHTS names {v!r}, which is not served; served: {', '.join(self.versions)}"
+                )
+        if self.shadow_version is not None and self.shadow_version not in self.versions:
+            raise ConfigError(
+                f"{PREFIX}SHADOW_VERSION={self.shadow_version!r} is not served; "
+                f"served: {', '.join(self.versions)}"
+            )
+        if self.flag_fpr is not None and not 0.0 < self.flag_fpr < 1.0:
+            raise ConfigError(f"{PREFIX}FLAG_FPR must be in (0, 1), got {self.flag_fpr!r}")
+        if self.redis_url is not None and not re.match(r"^(redis|rediss|unix)://", self.redis_url):
+            raise ConfigError(
+                f"{PREFIX}REDIS_URL must start with redis://, rediss:// or unix://, got "
+                f"{_redact_url(self.redis_url)!r}"
+            )
+        if self.auth_enabled:
+            if not self.api_keys:
+                raise ConfigError(
+                    f"{PREFIX}AUTH is on but no keys are configured: set {PREFIX}API_KEYS or "
+                    f"{PREFIX}API_KEYS_FILE (role:sha256hex entries), or {PREFIX}AUTH=off"
+                )
+            if not self.api_key_salt:
+                raise ConfigError(f"{PREFIX}AUTH is on but {PREFIX}API_KEY_SALT is empty")
+        self.router()  # validates weights now rather than on the first request
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from an environment mapping (``os.environ`` at service start).
+
+        Raises:
+            ConfigError: A value that cannot be parsed or is out of range, naming the variable.
+        """
+        env = {k: v for k, v in environ.items() if v.strip() != ""}  # empty = unset
+        versions = tuple(_split(env.get(PREFIX + "VERSIONS", "vanilla")))
+        weights_s = env.get(PREFIX + "AB_WEIGHTS")
+        weights = _parse_weights(weights_s) if weights_s else ((versions[0], 1.0),) if versions else ()
+        keys: tuple[KeyEntry, ...] = ()
+        if PREFIX + "API_KEYS" in env:
+            keys += parse_key_spec(env[PREFIX + "API_KEYS"], PREFIX + "API_KEYS")
+        if PREFIX + "API_KEYS_FILE" in env:
+            path = Path(env[PREFIX + "API_KEYS_FILE"])
+            try:
+                text = path.read_text()
+            except OSError as e:
+                raise ConfigError(f"{PREFIX}API_KEYS_FILE={str(path)!r} cannot be read: {e.strerror}") from e
+            keys += parse_key_spec(text, f"{PREFIX}API_KEYS_FILE ({path})")
+        return cls(
+            versions=versions,
+            ab_weights=weights,
+            shadow_version=env.get(PREFIX + "SHADOW_VERSION"),
+            ab_salt=env.get(PREFIX + "AB_SALT", ""),
+            flag_fpr=_float(env, PREFIX + "FLAG_FPR"),
+            limits=Limits(
+                max_bytes=_int(env, PREFIX + "MAX_BYTES", Limits.max_bytes),
+                max_pixels=_int(env, PREFIX + "MAX_PIXELS", Limits.max_pixels),
+                min_side=_int(env, PREFIX + "MIN_IMAGE_SIDE", Limits.min_side),
+            ),
+            redis_url=env.get(PREFIX + "REDIS_URL", env.get("REDIS_URL")),
+            auth_enabled=_bool(env, PREFIX + "AUTH", True),
+            api_keys=keys,
+            api_key_salt=env.get(PREFIX + "API_KEY_SALT", ""),
+            open_health=_bool(env, PREFIX + "OPEN_HEALTH", True),
+            open_metrics=_bool(env, PREFIX + "OPEN_METRICS", True),
+        )
+
+    def router(self) -> Router:
+        """The A/B router these settings describe (served versions absent from the weights get 0)."""
+        weights = {v: 0.0 for v in self.versions} | dict(self.ab_weights)
+        return Router(weights, self.shadow_version, salt=self.ab_salt)
+
+    def key_store(self) -> KeyStore | None:
+        """The key store, or ``None`` when auth is off (callers then use ``auth.ANONYMOUS``)."""
+        return KeyStore(self.api_keys, self.api_key_salt) if self.auth_enabled else None
+
+
+def unknown_variables(environ: Mapping[str, str], known: frozenset[str] | None = None) -> list[str]:
+    """``MEDAUDIT_*`` variables that these settings do not read: log them at start to catch typos.
+
+    Other components may read their own ``MEDAUDIT_*`` variables; pass them in ``known``.
+    """
+    mine = {PREFIX + n for n in _NAMES}
+    return sorted(k for k in environ if k.startswith(PREFIX) and k not in mine and k not in (known or ()))
+
+
+_NAMES = (
+    "VERSIONS",
+    "AB_WEIGHTS",
+    "SHADOW_VERSION",
+    "AB_SALT",
+    "FLAG_FPR",
+    "MAX_BYTES",
+    "MAX_PIXELS",
+    "MIN_IMAGE_SIDE",
+    "REDIS_URL",
+    "AUTH",
+    "API_KEYS",
+    "API_KEYS_FILE",
+    "API_KEY_SALT",
+    "OPEN_HEALTH",
+    "OPEN_METRICS",
+)
+
+
+def _split(s: str) -> list[str]:
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def _parse_weights(s: str) -> tuple[tuple[str, float], ...]:
+    out: list[tuple[str, float]] = []
+    for item in _split(s):
+        v, sep, w = item.partition("=")
+        if not sep or not v.strip():
+            raise ConfigError(f"{PREFIX}AB_WEIGHTS: {item!r} is not 'version=weight'")
+        try:
+            wf = float(w)
+        except ValueError:
+            raise ConfigError(f"{PREFIX}AB_WEIGHTS: weight of {v.strip()!r} is {w!r}, not a number") from None
+        if not math.isfinite(wf) or wf < 0:
+            raise ConfigError(
+                f"{PREFIX}AB_WEIGHTS: weight of {v.strip()!r} must be finite and >= 0, got {w!r}"
+            )
+        out.append((v.strip(), wf))
+    names = [v for v, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{PREFIX}AB_WEIGHTS names a version twice: {s!r}")
+    return tuple(out)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    if name not in env:
+        return default
+    s = env[name].strip().replace("_", "")
+    try:
+        v = int(s)
+    except ValueError:
+        raise ConfigError(f"{name} must be a positive integer, got {env[name]!r}") from None
+    if v < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {env[name]!r}")
+    return v
+
+
+def _float(env: Mapping[str, str], name: str) -> float | None:
+    if name not in env:
+        return None
+    try:
+        return float(env[name])
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {env[name]!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    if name not in env:
+        return default
+    s = env[name].strip().lower()
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be one of on/off, true/false, 1/0, yes/no; got {env[name]!r}")
+
+
+def _redact_url(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
