@@ -292,8 +292,11 @@ def _check_pixels(h: int, w: int, limits: Limits, frames: int = 1) -> None:
 
 def _decode_pil(data: bytes, fmt: str, limits: Limits, notes: list[str]) -> tuple[np.ndarray, Any, str]:
     try:
-        im = Image.open(io.BytesIO(data), formats=_PIL_FORMATS[fmt])
-    except Image.DecompressionBombError as e:
+        with warnings.catch_warnings():
+            # raise at open, before a single pixel of a would-be bomb is allocated
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=_PIL_FORMATS[fmt])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(f"decompression-bomb guard: {e}", max_pixels=limits.max_pixels) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise InvalidImageError(f"cannot read the {fmt} header: {_short(e)}", format=fmt) from e
