@@ -1,0 +1,127 @@
+"""Settings from the environment: defaults, parsing, and errors that name the variable."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from models.errors import ConfigError
+from service.auth import Role, hash_key
+from service.config import Settings, unknown_variables
+from service.inputs import Limits
+
+SALT = "s3"
+DIGEST = hash_key("the-key", SALT)
+AUTH = {"MEDAUDIT_API_KEYS": f"client:{DIGEST}", "MEDAUDIT_API_KEY_SALT": SALT}
+
+
+def test_defaults_need_keys_or_auth_off() -> None:
+    with pytest.raises(ConfigError, match="MEDAUDIT_AUTH is on but no keys"):
+        Settings.from_env({})
+    s = Settings.from_env({"MEDAUDIT_AUTH": "off"})
+    assert s.versions == ("vanilla",) and s.router().weights == {"vanilla": 1.0}
+    assert s.limits == Limits() and s.redis_url is None and s.key_store() is None
+    assert s.open_health and s.open_metrics and s.flag_fpr is None
+
+
+def test_full_environment() -> None:
+    env = {
+        **AUTH,
+        "MEDAUDIT_VERSIONS": "vanilla, pclarc-band_aid ,rrclarc-band_aid",
+        "MEDAUDIT_AB_WEIGHTS": "vanilla=3,pclarc-band_aid=1",
+        "MEDAUDIT_SHADOW_VERSION": "rrclarc-band_aid",
+        "MEDAUDIT_FLAG_FPR": "0.01",
+        "MEDAUDIT_MAX_BYTES": "1_000_000",
+        "MEDAUDIT_MAX_PIXELS": "4000000",
+        "MEDAUDIT_MIN_IMAGE_SIDE": "16",
+        "REDIS_URL": "redis://localhost:6379/0",
+        "MEDAUDIT_OPEN_METRICS": "no",
+    }
+    s = Settings.from_env(env)
+    assert s.versions == ("vanilla", "pclarc-band_aid", "rrclarc-band_aid")
+    r = s.router()
+    assert r.weights == {"pclarc-band_aid": 0.25, "rrclarc-band_aid": 0.0, "vanilla": 0.75}
+    assert r.shadow == "rrclarc-band_aid" and s.flag_fpr == 0.01
+    assert s.limits == Limits(max_bytes=1_000_000, max_pixels=4_000_000, min_side=16)
+    assert s.redis_url == "redis://localhost:6379/0" and not s.open_metrics
+    store = s.key_store()
+    assert store is not None and store.authenticate("Bearer the-key").role is Role.CLIENT
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.auth_enabled = False  # type: ignore[misc]
+
+
+def test_medaudit_redis_url_wins_and_empty_means_unset() -> None:
+    s = Settings.from_env(
+        {
+            "MEDAUDIT_AUTH": "off",
+            "MEDAUDIT_REDIS_URL": "rediss://h:1",
+            "REDIS_URL": "redis://x",
+            "MEDAUDIT_SHADOW_VERSION": "",
+        }
+    )
+    assert s.redis_url == "rediss://h:1" and s.shadow_version is None
+
+
+def test_keys_file(tmp_path: Path) -> None:
+    f = tmp_path / "keys"
+    f.write_text(f"# reviewers\nreviewer:{hash_key('r', SALT)}\n")
+    s = Settings.from_env({**AUTH, "MEDAUDIT_API_KEYS_FILE": str(f)})
+    assert [e.role for e in s.api_keys] == [Role.CLIENT, Role.REVIEWER]
+    with pytest.raises(ConfigError, match="MEDAUDIT_API_KEYS_FILE='/nonexistent' cannot be read"):
+        Settings.from_env({**AUTH, "MEDAUDIT_API_KEYS_FILE": "/nonexistent"})
+
+
+def test_repr_hides_keys_and_salt() -> None:
+    text = repr(Settings.from_env(AUTH))
+    assert DIGEST not in text and SALT not in text
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"MEDAUDIT_MAX_BYTES": "lots"}, "MEDAUDIT_MAX_BYTES must be a positive integer, got 'lots'"),
+        ({"MEDAUDIT_MAX_PIXELS": "0"}, "MEDAUDIT_MAX_PIXELS must be a positive integer"),
+        ({"MEDAUDIT_AUTH": "maybe"}, "MEDAUDIT_AUTH must be one of on/off"),
+        ({"MEDAUDIT_FLAG_FPR": "1.5"}, r"MEDAUDIT_FLAG_FPR must be in \(0, 1\)"),
+        ({"MEDAUDIT_FLAG_FPR": "low"}, "MEDAUDIT_FLAG_FPR must be a number"),
+        ({"MEDAUDIT_VERSIONS": "a,a"}, "lists a version twice"),
+        ({"MEDAUDIT_VERSIONS": "a b"}, "'a b' is not a valid version name"),
+        ({"MEDAUDIT_AB_WEIGHTS": "nope=1"}, "AB_WEIGHTS names 'nope', which is not served; served: vanilla"),
+        ({"MEDAUDIT_AB_WEIGHTS": "vanilla"}, "'vanilla' is not 'version=weight'"),
+        ({"MEDAUDIT_AB_WEIGHTS": "vanilla=-1"}, "finite and >= 0"),
+        ({"MEDAUDIT_AB_WEIGHTS": "vanilla=0"}, "sum to 0"),
+        ({"MEDAUDIT_SHADOW_VERSION": "pclarc"}, "SHADOW_VERSION='pclarc' is not served"),
+        ({"REDIS_URL": "http://user:pw@h"}, r"must start with redis://.*'http://\*\*\*@h'"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as ei:
+        Settings.from_env({"MEDAUDIT_AUTH": "off", **env})
+    assert "pw" not in str(ei.value)
+
+
+def test_auth_on_needs_salt() -> None:
+    with pytest.raises(ConfigError, match="MEDAUDIT_API_KEY_SALT is empty"):
+        Settings.from_env({"MEDAUDIT_API_KEYS": f"client:{DIGEST}"})
+
+
+def test_unknown_variables_catch_typos() -> None:
+    env = {"MEDAUDIT_MAX_BYTE": "1", "MEDAUDIT_MAX_BYTES": "1", "MEDAUDIT_HOME": "/x", "PATH": "/bin"}
+    assert unknown_variables(env) == ["MEDAUDIT_HOME", "MEDAUDIT_MAX_BYTE"]
+    assert unknown_variables(env, frozenset({"MEDAUDIT_HOME"})) == ["MEDAUDIT_MAX_BYTE"]
+
+
+def test_import_is_light() -> None:
+    """No transport and no torch behind the service's groundwork modules."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, service.config, service.inputs, service.routing, service.auth, service.errors; "
+        "bad = [m for m in ('torch', 'bentoml', 'redis', 'starlette', 'pydicom') if m in sys.modules]; "
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
