@@ -175,11 +175,11 @@ def train(
     if start_epoch >= tcfg.epochs and card_path.exists():
         return json.loads(card_path.read_text())
     weights = class_weights(ytr.numpy(), mcfg.num_classes)
-    g = torch.Generator().manual_seed(tcfg.seed)
-    for _ in range(start_epoch):  # keep the shuffling stream identical when resuming
-        torch.randperm(len(Xtr), generator=g)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, tcfg.epochs):
+        # one generator per epoch, so a resumed run shuffles and augments exactly as an
+        # uninterrupted one would
+        g = torch.Generator().manual_seed(tcfg.seed * 100_003 + epoch)
         model.train()
         perm = torch.randperm(len(Xtr), generator=g)
         adv = progress(f"epoch {epoch + 1}/{tcfg.epochs}", steps_per_epoch) if progress else None

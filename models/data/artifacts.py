@@ -98,7 +98,8 @@ def band_aid(img: np.ndarray, occupied: np.ndarray, rng: np.random.Generator) ->
         placed = _place(small, occupied, rng)
         if placed is None:
             return np.zeros(occupied.shape, dtype=bool)
-    strip = _jitter(rng, (222, 178, 140), 8)
+    # tan fabric, a shade darker and more orange than the skin tones, as real plasters are
+    strip = _jitter(rng, (196, 136, 92), 8)
     pad = _jitter(rng, (247, 240, 232), 4)
     hole = (strip.astype(np.int32) * 3 // 4).astype(np.uint8)
     return _paint(img, placed, {1: strip, 2: pad, 3: hole})

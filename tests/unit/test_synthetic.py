@@ -105,13 +105,27 @@ def test_attack_matches_the_training_distribution_drawing() -> None:
         assert np.array_equal(ds.sample(i).image, ds.sample(i, "attacked", attack="band_aid").image)
 
 
-def test_classes_overlap_by_severity() -> None:
-    ds = SynthDerm(SynthDermConfig(n_train=400, n_val=0, n_test=0, size=32))
-    sev = np.array([ds.sample(i).severity for i in range(len(ds))])
+def test_classes_overlap_through_ambiguous_lesions() -> None:
+    cfg = SynthDermConfig(n_train=1500, n_val=0, n_test=0, size=32)
+    ds = SynthDerm(cfg)
+    sev = np.array(
+        [ds._severity(np.random.default_rng([cfg.seed, i]), int(ds.labels[i])) for i in range(len(ds))]
+    )
     y = ds.labels
-    assert sev[y == 0].mean() < 0.35 < 0.65 < sev[y == 1].mean()
-    # overlap exists: some benign are more severe than some malignant
+    assert sev[y == 0].mean() < 0.3 < 0.6 < sev[y == 1].mean()
+    lo, hi = cfg.ambiguous_zone
+    in_zone = (sev >= lo) & (sev < hi)
+    # the zone holds the ambiguous share of each class (plus a little of the typical tails)
+    assert 0.04 <= in_zone[y == 0].mean() <= 0.10
+    assert 0.33 <= in_zone[y == 1].mean() <= 0.45
     assert sev[y == 0].max() > sev[y == 1].min()
+
+
+def test_severity_is_what_sample_renders_with() -> None:
+    ds = SynthDerm(SMALL)
+    for i in range(5):
+        expect = ds._severity(np.random.default_rng([SMALL.seed, i]), int(ds.labels[i]))
+        assert ds.sample(i).severity == expect
 
 
 def test_splits_are_disjoint_and_cover_everything() -> None:
