@@ -1,0 +1,97 @@
+"""Training: a smoke run on tiny data, resumption, class weights, augmentation, the card."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from models.data.synthetic import SynthDermConfig
+from models.registry import create_model
+from models.train import TrainConfig, augment, class_weights, normalize, train
+
+TINY = TrainConfig(
+    arch="resnet18",
+    epochs=2,
+    batch_size=8,
+    data=SynthDermConfig(n_train=24, n_val=4, n_test=12, size=32, seed=5),
+)
+
+
+def test_class_weights_follow_the_paper() -> None:
+    w = class_weights(np.array([0, 0, 0, 1, 2, 2]), 4)
+    assert torch.allclose(w, torch.tensor([1.0, 3.0, 1.5, 0.0]))
+
+
+def test_augment_keeps_range_shape_and_is_seeded() -> None:
+    x = torch.rand(6, 3, 16, 16)
+    a = augment(x.clone(), torch.Generator().manual_seed(0))
+    b = augment(x.clone(), torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, x)
+
+
+def test_normalize_uses_half_mean_std() -> None:
+    _, cfg = create_model("resnet18")
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
+    assert torch.equal(normalize(x, cfg), torch.tensor([-1.0, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2))
+
+
+def test_smoke_train_writes_checkpoint_and_card_and_resumes(tmp_path) -> None:
+    logs: list[str] = []
+    card = train(TINY, tmp_path / "run", cache_dir=tmp_path / "cache", log=logs.append)
+    ckpt = tmp_path / "run" / "model.pt"
+    assert ckpt.exists() and (tmp_path / "run" / "train_state.pt").exists()
+    on_disk = json.loads((tmp_path / "run" / "card.json").read_text())
+    assert on_disk == card
+    for variant in ("ch", "clean", "attacked"):
+        assert 0.0 <= card["test"][variant]["accuracy"] <= 1.0
+    assert len(card["history"]) == 2 and all(np.isfinite(h["loss"]) for h in card["history"])
+    assert len(card["weights_sha256"]) == 64
+
+    # the checkpoint loads through the registry with its config
+    model, cfg = create_model("resnet18", weights=ckpt)
+    assert cfg.input_size == (3, 32, 32)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+
+    # re-running the finished config does no work and returns the same card
+    again = train(TINY, tmp_path / "run", cache_dir=tmp_path / "cache", log=logs.append)
+    assert again == card and any("resuming" in m for m in logs)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_in_epoch(n: int):
+    """A progress callback that raises inside epoch ``n`` (1-based), like a kill mid-training."""
+
+    def start(desc: str, total: int):
+        def advance(k: int = 1) -> None:
+            if desc.startswith(f"epoch {n}/"):
+                raise _Interrupt(desc)
+
+        return advance
+
+    return start
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path) -> None:
+    quiet = {"cache_dir": tmp_path / "cache", "log": lambda _: None}
+    train(TINY, tmp_path / "full", **quiet)
+    try:
+        train(TINY, tmp_path / "cut", progress=_stop_in_epoch(2), **quiet)
+        raise AssertionError("the interrupt did not fire")
+    except _Interrupt:
+        pass
+    assert torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["epoch"] == 1
+    logs: list[str] = []
+    train(TINY, tmp_path / "cut", cache_dir=tmp_path / "cache", log=logs.append)
+    assert any("resuming" in m and "epoch 1/2" in m for m in logs)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
