@@ -234,12 +234,24 @@ def run_case(args: argparse.Namespace, name: str, size: int, batch: int, torch: 
         name_ig = next(k for k in fns if "IG-32" in k)
         repeats[name_ig] = args.ig_repeats
 
+    if device.type == "cuda":
+        try:
+            captured = explainer.capture(x, [target])
+            fns["engine LRP (1 seed, CUDA graph)"] = lambda: captured(x)
+            repeats["engine LRP (1 seed, CUDA graph)"] = args.repeats
+        except Exception as e:  # capture is best-effort; the eager rows stand without it
+            notes["engine LRP (1 seed, CUDA graph)"] = f"capture failed: {type(e).__name__}: {e}"[:200]
+
     runs = timed(fns, repeats, sync)
     rows = [_row(k, runs[k], batch, notes.get(k, "")) for k in fns]
     rows += [Row(k, note=v) for k, v in notes.items() if k not in fns]
 
     fidelity: dict[str, float] = {}
     ours = explainer.explain(x, [target]).heatmaps[0]
+    if "engine LRP (1 seed, CUDA graph)" in fns:
+        fidelity["cuda_graph_vs_eager_mean_cosine"] = cosine(
+            fns["engine LRP (1 seed, CUDA graph)"]().heatmaps[0], ours
+        )
     if zennit_ok:
         theirs = fns["zennit LRP"]()
         fidelity["engine_vs_zennit_mean_cosine"] = cosine(ours, theirs)

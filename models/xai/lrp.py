@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -232,6 +232,15 @@ class Explainer:
         self.model.to(*args, **kwargs)  # type: ignore[call-overload]
         return self
 
+    def capture(
+        self, example: torch.Tensor, targets: Sequence[Target] = ("pred",), **kwargs: Any
+    ) -> CapturedExplain:
+        """A CUDA-graph replay of :meth:`explain` for inputs shaped like ``example``.
+
+        See :class:`CapturedExplain`.
+        """
+        return CapturedExplain(self, example, targets, **kwargs)
+
     def _path(self, layer: str) -> str:
         if layer not in self.cfg.hook_points:
             raise UnknownModelError(
@@ -283,13 +292,18 @@ class Explainer:
         x_in = x.detach().to(ref.device, ref.dtype)
         x_in = (x_in.repeat(n_seeds, 1, 1, 1) if repeat else x_in).requires_grad_(True)
 
-        for _attempt in range(2):  # a second run only if a z⁺ layer's sign assumption failed
-            with rules.sign_audit() as signs_held:
-                logits, out0, class_idx, got = self._propagate(
-                    x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers
-                )
-            if signs_held():
-                break
+        if not _DEFER_SIGN_CHECK.get():
+            for _attempt in range(2):  # a second run only if a z⁺ layer's sign assumption failed
+                with rules.sign_audit() as signs_held:
+                    logits, out0, class_idx, got = self._propagate(
+                        x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers
+                    )
+                if signs_held():
+                    break
+        else:  # inside CapturedExplain: the caller's audit verifies after the graph replays
+            logits, out0, class_idx, got = self._propagate(
+                x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers
+            )
         inputs = [x_in, *(out0[ln] for ln in relevance_layers)]
         rel = [
             (torch.zeros_like(i) if g is None else g).reshape(n_seeds, batch, *i.shape[1:]).detach()
@@ -377,7 +391,10 @@ class Explainer:
                 if bad.numel():
                     labels = ", ".join(f"{k}={name}" for k, name in enumerate(self.cfg.labels))
                     raise ConfigError(f"class index {int(bad[0])} out of range; valid: {labels}")
-                idx[s] = wanted.to(logits.device).expand(batch)
+                if wanted.numel() == 1:  # a fill, not a host-to-device copy: CUDA-graph capturable
+                    idx[s].fill_(int(wanted))
+                else:
+                    idx[s] = wanted.to(logits.device)
             rows = idx[s, :, None]
             if init_rel == "logit":
                 grad[s].scatter_(1, rows, logits.gather(1, rows))
@@ -401,3 +418,63 @@ class Explainer:
                 v = v.reshape(1, -1, *([1] * (activation.ndim - 2)))
                 grad[s] = activation.detach().clamp(min=0) * v  # method.md §2.1: ReLU(A) ⊙ v
         return grad
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+#: True while :class:`CapturedExplain` records: ``explain`` leaves the sign check to the graph's caller.
+_DEFER_SIGN_CHECK: ContextVar[bool] = ContextVar("medaudit_lrp_defer_sign_check", default=False)
+
+
+class CapturedExplain:
+    """:meth:`Explainer.explain` for one input shape and fixed arguments, replayed as a CUDA graph.
+
+    For batch-1 latency, where launching ~500 kernels from Python costs more than running them.
+    Exactness is kept: z⁺ layers assume the input signs seen while warming up, the graph records
+    each layer's ``min(x)``, and a call whose assumptions fail (one host sync to check) is
+    recomputed eagerly. Results are copies, safe to keep across calls. Not thread-safe: one
+    graph has one set of static buffers.
+
+    Args:
+        explainer: a CUDA :class:`Explainer`.
+        example: an input of the shape every call will have.
+        targets, **kwargs: as for :meth:`Explainer.explain`, fixed for every call.
+    """
+
+    def __init__(self, explainer: Explainer, example: torch.Tensor, targets: Sequence[Target], **kwargs: Any):
+        if example.device.type != "cuda":
+            raise ConfigError(f"CUDA graphs need a CUDA input; got device {example.device}")
+        self.explainer, self.targets, self.kwargs = explainer, targets, kwargs
+        self.static_x = example.detach().clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: allocator, cuDNN plans, z⁺ input signs
+            for _ in range(3):
+                explainer.explain(self.static_x, targets, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        token = _DEFER_SIGN_CHECK.set(True)
+        try:
+            with rules.sign_audit() as signs_held, torch.cuda.graph(self.graph):
+                self.static_out = explainer.explain(self.static_x, targets, **kwargs)
+        finally:
+            _DEFER_SIGN_CHECK.reset(token)
+        self.signs_held = signs_held
+
+    def __call__(self, x: torch.Tensor) -> Explanation:
+        if x.shape != self.static_x.shape:
+            raise ConfigError(f"captured for input shape {tuple(self.static_x.shape)}, got {tuple(x.shape)}")
+        self.static_x.copy_(x)
+        self.graph.replay()
+        if not self.signs_held():  # an input sign differed from the warm-up's: recompute exactly
+            return self.explainer.explain(x, self.targets, **self.kwargs)
+        return _cloned(self.static_out)
+
+
+def _cloned(e: Explanation) -> Explanation:
+    def copy(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.clone()
+        return {k: t.clone() for k, t in v.items()} if isinstance(v, dict) else v
+
+    return replace(e, **{f.name: copy(getattr(e, f.name)) for f in fields(e)})

@@ -277,3 +277,27 @@ def test_bfloat16_engine_agrees_with_float32(resnet: tuple[nn.Module, Explainer]
     assert got.heatmaps.dtype == torch.bfloat16
     cos = nn.functional.cosine_similarity(got.heatmaps.float().flatten(2), want.heatmaps.flatten(2), dim=2)
     assert cos.min().item() >= 0.99
+
+
+def test_cuda_graph_capture_needs_a_cuda_input(resnet: tuple[nn.Module, Explainer], x: torch.Tensor) -> None:
+    _, explainer = resnet
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA input; got device cpu"):
+        explainer.capture(x, [0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_equals_eager() -> None:
+    torch.manual_seed(0)
+    model, cfg = create_model("resnet18", img_size=64)
+    explainer = Explainer(model.cuda(), cfg)
+    xs = [torch.randn(1, 3, 64, 64, device="cuda") for _ in range(3)]
+    targets = ["pred", ConceptTarget("identity_2", torch.randn(256, device="cuda"))]
+    captured = explainer.capture(xs[0], targets, cav_layers=["identity_2"])
+    for xi in xs:
+        got, want = captured(xi), explainer.explain(xi, targets, cav_layers=["identity_2"])
+        torch.testing.assert_close(got.heatmaps, want.heatmaps, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got.activations["identity_2"], want.activations["identity_2"])
+    first = captured(xs[0]).heatmaps
+    captured(xs[1])
+    torch.testing.assert_close(first, explainer.explain(xs[0], targets).heatmaps, atol=1e-5, rtol=1e-4)
