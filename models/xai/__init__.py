@@ -1,10 +1,18 @@
 """LRP core: canonizers, rules and the :class:`Explainer` (method.md §2.1, §3)."""
 
 from models.xai.canonizers import CanonizerError, canonize
-from models.xai.lrp import ClassTarget, ConceptTarget, Explainer, Explanation, build_lrp_model
+from models.xai.lrp import (
+    CapturedExplain,
+    ClassTarget,
+    ConceptTarget,
+    Explainer,
+    Explanation,
+    build_lrp_model,
+)
 
 __all__ = [
     "CanonizerError",
+    "CapturedExplain",
     "ClassTarget",
     "ConceptTarget",
     "Explainer",

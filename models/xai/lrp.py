@@ -18,6 +18,9 @@ requested hook points, and then runs **one** backward for all relevance seeds of
 The seeds differ only in the gradient fed to the graph, so they run as a batched vector-Jacobian
 product (``is_grads_batched``, i.e. vmap over the backward) and cost one forward plus S
 backwards. ``batch_mode="repeat"`` instead repeats the input S times (S forwards).
+
+On CUDA, :meth:`Explainer.capture` returns a :class:`CapturedExplain` that replays a call as a
+CUDA graph (batch-1 latency is otherwise dominated by kernel launches).
 """
 
 from __future__ import annotations
