@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from clients.build_cmd import build as _build_cmd
+
 app = typer.Typer(
     help="medaudit: audit medical image classifiers for shortcut learning.", no_args_is_help=True
 )
@@ -141,6 +143,8 @@ def data_stats(size: int = typer.Option(128), seed: int = typer.Option(0)) -> No
     ds = SynthDerm(SynthDermConfig(seed=seed, size=size))
     console.print_json(json.dumps(ds.realised_rates))
 
+
+app.command("build")(_build_cmd)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,57 @@
+"""``medaudit build``: the offline pipeline (models.pipeline.build) plus registration in the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def build(
+    out: Path = typer.Option(
+        Path("artifacts"), help="Root folder; the model family goes to <out>/<arch>-synthderm."
+    ),
+    artifact: str = typer.Option("band_aid", help="Artifact to correct for."),
+    corrections: str = typer.Option(
+        "vanilla,vanilla-ft,pclarc,rpclarc,rrclarc,rrr", help="Comma-separated corrections to build."
+    ),
+    layer: str = typer.Option("", help="CAV / correction layer (default: the architecture's)."),
+    n_correction_images: int | None = typer.Option(
+        None, help="Training images the fine-tuning corrections see (0: all; default: the build config's)."
+    ),
+    register: bool = typer.Option(True, help="Register every version in the BentoML model store."),
+    bentoml_home: Path | None = typer.Option(
+        None, envvar="BENTOML_HOME", help="BentoML home (the store is <home>/models)."
+    ),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+) -> None:
+    """Train (or reuse), fit concept banks, build every corrected version, evaluate, export, register."""
+    from dataclasses import replace
+    from functools import partial
+
+    from clients.cli import console, progress_bars
+    from models.pipeline import BuildConfig
+    from models.pipeline import build as run_build
+
+    cfg = BuildConfig(
+        artifact=artifact, layer=layer, corrections=tuple(c for c in corrections.split(",") if c)
+    )
+    if threads:
+        cfg = replace(cfg, train=replace(cfg.train, threads=threads))
+    if n_correction_images is not None:
+        cfg = replace(cfg, n_correction_images=n_correction_images)
+    reg = None
+    if register:
+        from service.store import register_version
+
+        reg = partial(register_version, home=bentoml_home)
+    with progress_bars() as bars:
+        res = run_build(cfg, out, progress=bars, log=console.print, register=reg)
+    console.print(res.comparison_md.read_text())
+    for s in res.stages:
+        console.print(f"  {s.stage:<20} {'reused' if s.reused else 'built':<7} {s.seconds:8.1f} s")
+    console.print(f"total {res.seconds:.1f} s; table: {res.comparison_md}, {res.comparison_json}")
+    if res.registered:
+        console.print("registered: " + ", ".join(tag for tag, _ in res.registered.values()))
+    if not res.accepted:
+        console.print("[yellow]no correction meets the issue-5 acceptance thresholds[/]")
