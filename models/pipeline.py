@@ -366,13 +366,14 @@ def acceptance(
         row[f"{victim} gap recovered %"] = rec
         row["clean Δ pts"] = d_clean
         row["relevance cut %"] = cut
+        tol = 1e-9  # a value on a threshold passes despite float round-off
         row["meets issue 5"] = bool(
             card is not base
             and rec is not None
-            and rec >= MIN_GAP_RECOVERED
-            and d_clean >= -MAX_CLEAN_LOSS_PTS
+            and rec >= MIN_GAP_RECOVERED - tol
+            and d_clean >= -MAX_CLEAN_LOSS_PTS - tol
             and cut is not None
-            and cut >= MIN_RELEVANCE_CUT
+            and cut >= MIN_RELEVANCE_CUT - tol
         )
     return rows
 

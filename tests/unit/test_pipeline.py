@@ -1,0 +1,157 @@
+"""The offline build: every version built, registered and tabulated; a re-run reuses everything."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+
+from models.cards import build_card
+from models.corrections import FinetuneConfig
+from models.data.synthetic import SynthDermConfig
+from models.errors import ConfigError
+from models.pipeline import DEFAULT_CORRECTIONS, BuildConfig, acceptance, build, stage_key
+from models.train import TrainConfig
+
+NAME = "resnet18-synthderm"
+
+
+def tiny_config() -> BuildConfig:
+    return BuildConfig(
+        train=TrainConfig(
+            epochs=1, batch_size=16, data=SynthDermConfig(size=32, n_train=60, n_val=16, n_test=24)
+        ),
+        finetune=FinetuneConfig(epochs=1, batch_size=8, max_steps=1),
+        n_correction_images=16,
+        max_artifact_samples=3,
+    )
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory):
+    from service.store import list_versions, register_version
+
+    out = tmp_path_factory.mktemp("build")
+    home = out / "bento"
+    reg = functools.partial(register_version, home=home)
+    logs1: list[str] = []
+    first = build(tiny_config(), out, log=logs1.append, register=reg)
+    files1, store1 = _mtimes(out / NAME), list_versions(home=home)
+    logs2: list[str] = []
+    second = build(tiny_config(), out, log=logs2.append, register=reg)
+    return out, home, first, second, logs1, logs2, files1, store1
+
+
+@pytest.mark.slow
+def test_first_build_makes_registers_and_tabulates_every_version(two_builds) -> None:
+    from service.store import load_version
+
+    out, home, first, _, logs1, _, _, store1 = two_builds
+    versions = ["vanilla"] + [f"{c}-band_aid" for c in DEFAULT_CORRECTIONS[1:]]
+    assert [c.version for c in first.cards] == versions
+    assert not any(s.reused for s in first.stages if s.stage != "train")
+    assert any(line.startswith("train: trained") for line in logs1)
+    assert {v: created for v, (_, created) in first.registered.items()} == dict.fromkeys(versions, True)
+    assert [v.tag for v in store1] == sorted(f"{NAME}:{v}" for v in versions)
+    md = first.comparison_md.read_text()
+    rows = json.loads(first.comparison_json.read_text())["rows"]
+    assert [r["version"] for r in rows] == versions
+    for v in versions:
+        assert f"| {v} |" in md
+        vdir = first.version_dirs[v]
+        assert {"model.pt", "model.onnx", "card.json", "card.md", "build.json"} <= {
+            p.name for p in vdir.iterdir()
+        }
+    lv = load_version(f"{NAME}:pclarc-band_aid", home=home)
+    assert lv.card.correction["name"] == "pclarc"
+    assert lv.bank.model_version == f"{NAME}:pclarc-band_aid" and "band_aid" in lv.bank.concepts
+
+
+@pytest.mark.slow
+def test_second_build_reuses_everything_and_registers_the_same_versions(two_builds) -> None:
+    from service.store import list_versions
+
+    out, home, first, second, _, logs2, files1, store1 = two_builds
+    assert all(s.reused for s in second.stages), [s for s in second.stages if not s.reused]
+    assert not any(line.startswith("train: trained") or line.endswith("building") for line in logs2)
+    changed = {k for k, t in _mtimes(out / NAME).items() if files1.get(k) != t}
+    assert changed <= {"comparison.md", "comparison.json"}, (
+        changed
+    )  # no checkpoint, bank or version rewritten
+    assert all(created is False for _, created in second.registered.values())
+    assert list_versions(home=home) == store1
+    assert [c.to_dict() for c in second.cards] == [c.to_dict() for c in first.cards]
+    assert second.comparison == first.comparison
+
+
+@pytest.mark.slow
+def test_a_damaged_version_is_rebuilt_alone(two_builds) -> None:
+    out, home, *_ = two_builds
+    from service.store import register_version
+
+    onnx = out / NAME / "versions" / "pclarc-band_aid" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-1])
+    res = build(
+        tiny_config(), out, log=lambda _m: None, register=functools.partial(register_version, home=home)
+    )
+    rebuilt = [s.stage for s in res.stages if not s.reused]
+    assert rebuilt == ["pclarc-band_aid"]
+
+
+def test_stage_keys_follow_their_inputs() -> None:
+    assert stage_key("a", {"x": 1, "y": 2}) == stage_key("a", {"y": 2, "x": 1})
+    assert stage_key("a", {"x": 1}) != stage_key("a", {"x": 2})
+
+
+def test_build_config_defaults_come_from_the_dataclasses_and_bad_values_are_named() -> None:
+    cfg = BuildConfig()
+    assert cfg.train == TrainConfig() and cfg.train.data == SynthDermConfig()
+    assert cfg.corrections == DEFAULT_CORRECTIONS and cfg.model_name == NAME
+    with pytest.raises(ConfigError, match="unknown corrections"):
+        BuildConfig(corrections=("clarc",))
+    with pytest.raises(ConfigError, match="timestamp"):
+        BuildConfig(artifact="timestamp")  # drawn nowhere in the default spec
+    ft = FinetuneConfig(epochs=1)
+    assert BuildConfig(finetune=ft).correction("rrr").finetune == ft  # type: ignore[attr-defined]
+
+
+def _card(tmp_path: Path, version: str, name: str, clean: float, att_mal: float, rel: float):
+    w = tmp_path / f"{version}.pt"
+    w.write_bytes(version.encode())
+    cls = {"accuracy": clean, "accuracy_malignant": 0.9, "accuracy_benign": 0.9}
+    metrics = {
+        "classification": {"ch": cls, "clean": cls, "attacked": {**cls, "accuracy_malignant": att_mal}},
+        "artifact_relevance": {"mean": rel},
+        "tcav": {"quotient": 0.5},
+        "retrieval": {"auroc": 0.5},
+    }
+    return build_card(
+        name=f"{NAME}:{version}",
+        version=version,
+        architecture={"labels": ["benign", "malignant"]},
+        data={},
+        correction={"name": name},
+        metrics=metrics,
+        weights_path=w,
+    )
+
+
+def test_acceptance_columns_and_thresholds(tmp_path) -> None:
+    spec = {"band_aid": (0.5, 0.03)}
+    cards = [
+        _card(tmp_path, "vanilla", "vanilla", 0.90, 0.50, 0.40),  # gap on malignant: 0.9 - 0.5
+        _card(tmp_path, "good", "rrclarc", 0.875, 0.70, 0.20),  # 50 % back, -2.5 pts, -50 % relevance
+        _card(tmp_path, "lossy", "rrr", 0.86, 0.90, 0.05),  # -4 pts clean
+        _card(tmp_path, "shy", "pclarc", 0.90, 0.60, 0.10),  # 25 % back
+    ]
+    rows = {r["version"]: r for r in acceptance(cards, spec, "band_aid")}
+    assert rows["good"]["malignant gap recovered %"] == pytest.approx(50.0)
+    assert rows["good"]["clean Δ pts"] == pytest.approx(-2.5)
+    assert rows["good"]["relevance cut %"] == pytest.approx(50.0)
+    assert [v for v, r in rows.items() if r["meets issue 5"]] == ["good"]
