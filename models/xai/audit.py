@@ -867,6 +867,24 @@ def hidden_artifact_config(
     return replace(base, data=base.data.with_spec(**{artifact: rates}))
 
 
+def train_with_hidden_artifact(
+    out_dir: str | Path,
+    artifact: str = "timestamp",
+    rates: tuple[float, float] = (0.0, 0.1),
+    base: TrainConfig | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains (or resumes) the acceptance experiment's model: ``base`` (default: the demo config)
+    with ``artifact`` planted at ``rates``; returns its card (see :func:`models.train.train`)."""
+    from models.train import train
+
+    tcfg = hidden_artifact_config(base or TrainConfig(), artifact, rates)
+    return train(tcfg, out_dir, cache_dir=cache_dir, progress=progress, log=log)
+
+
 def synthderm_config_from_dict(d: Mapping[str, Any]) -> SynthDermConfig:
     """The :class:`SynthDermConfig` a ``to_dict()`` (e.g. a checkpoint's ``train_cfg.data``) describes."""
     known = set(SynthDermConfig.__dataclass_fields__)
