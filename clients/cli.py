@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from clients.audit_cmd import audit as _audit_cmd
 from clients.build_cmd import build as _build_cmd
 
 app = typer.Typer(
@@ -116,6 +117,9 @@ def demo(out: Path = typer.Option(DEMO_DIR, help="Where the demo's models and da
         seed=0,
         threads=0,
     )
+
+
+app.command("audit")(_audit_cmd)
 
 
 @data_app.command("export")

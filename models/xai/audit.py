@@ -61,6 +61,16 @@ SPLITS = ("train", "val", "test")
 TOP_K = 24
 
 
+#: Per-concept CAV/localization layer where it differs from the architecture's default ℓ; see
+#: :func:`default_concept_layers`.
+DEFAULT_CONCEPT_LAYERS: dict[str, str] = {}
+
+
+def default_concept_layers(cfg: ModelCfg, artifacts: Sequence[str]) -> dict[str, str]:
+    """The built-in per-concept layers that apply to ``cfg``'s hook points and the declared concepts."""
+    return {a: ln for a, ln in DEFAULT_CONCEPT_LAYERS.items() if a in artifacts and ln in cfg.hook_points}
+
+
 @dataclass(frozen=True)
 class AuditOptions:
     """Knobs of :func:`run_audit` beyond the model, the data and the concepts.

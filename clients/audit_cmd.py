@@ -1,0 +1,219 @@
+"""``medaudit audit``: the offline audit of a checkpoint, written as report.html + metrics.json.
+
+Registered in ``clients.cli`` as ``app.command("audit")(audit)``. Heavy imports happen inside the
+command, and ``clients.cli`` is imported there too (it imports this module to register it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+#: What the demo model is audited for: the synthderm artifacts with a spurious correlation.
+DEFAULT_ARTIFACTS = "band_aid,ruler,skin_marker"
+
+
+def _parse_pairs(values: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key or not val:
+            raise typer.BadParameter(f"{what} {v!r}: write NAME=VALUE")
+        out[key.strip()] = val.strip()
+    return out
+
+
+def _parse_plant(value: str) -> tuple[str, tuple[float, float]]:
+    """``timestamp:0.0,0.1`` -> ("timestamp", (0.0, 0.1))."""
+    name, sep, rates = value.partition(":")
+    try:
+        pb, pm = (float(x) for x in rates.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"--plant {value!r}: write ARTIFACT:P_BENIGN,P_MALIGNANT, e.g. timestamp:0.0,0.1"
+        ) from None
+    if not sep or not name:
+        raise typer.BadParameter(f"--plant {value!r}: write ARTIFACT:P_BENIGN,P_MALIGNANT")
+    return name, (pb, pm)
+
+
+def audit(
+    weights: Path = typer.Option(
+        Path("artifacts/resnet18-synthderm/model.pt"), help="Checkpoint written by medaudit train."
+    ),
+    dataset: str = typer.Option(
+        "synthderm",
+        help="synthderm (the checkpoint's own data config when it has one), folder:<path> or "
+        "isic2019:<path>.",
+    ),
+    out: Path = typer.Option(Path("artifacts/audit"), help="Folder for report.html, metrics.json, banks/."),
+    artifacts: str = typer.Option(DEFAULT_ARTIFACTS, help="Declared concepts, comma-separated."),
+    layer: str | None = typer.Option(None, help="Default CAV layer (the architecture's default if unset)."),
+    concept_layer: list[str] = typer.Option(
+        [], help="Per-concept layer, NAME=LAYER (repeatable); overrides the built-in defaults."
+    ),
+    cav_kind: str = typer.Option("svm", help="CAV estimator: svm (method.md §1.3), signal, ridge, logistic."),
+    max_train: int = typer.Option(0, help="Audit at most this many training images (0: all)."),
+    max_val: int = typer.Option(0, help="Audit at most this many validation images (0: all)."),
+    max_test: int = typer.Option(0, help="Audit at most this many test images (0: all)."),
+    max_localize: int = typer.Option(200, help="Artifact test images localized per concept."),
+    top_k: int = typer.Option(24, help="Outliers shown and counted per discovery method."),
+    model_version: str | None = typer.Option(
+        None, help="Version name for the concept banks (default <weights folder>:<card version>)."
+    ),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    seed: int = typer.Option(0),
+    plant: str | None = typer.Option(
+        None,
+        help="Discovery experiment: ARTIFACT:P_BENIGN,P_MALIGNANT. Trains (or resumes) the demo "
+        "config with that artifact planted into --weights' folder first, then audits without "
+        "declaring it.",
+    ),
+    train_epochs: int | None = typer.Option(None, help="With --plant: epochs (default: the demo's)."),
+    train_size: int | None = typer.Option(None, help="With --plant: image size (default: the demo's)."),
+    train_n: int | None = typer.Option(None, help="With --plant: training images (default: the demo's)."),
+) -> None:
+    """Audit a checkpoint: concept retrieval, localization against masks, discovery; HTML report."""
+    from dataclasses import replace
+
+    import torch
+
+    from clients.cli import console, progress_bars
+    from clients.report import write_report
+    from models.data.registry import open_dataset
+    from models.data.synthetic import SynthDerm
+    from models.errors import MedauditError
+    from models.registry import create_model, load_checkpoint_file
+    from models.train import TrainConfig
+    from models.xai.audit import (
+        AuditOptions,
+        default_concept_layers,
+        run_audit,
+        synthderm_config_from_dict,
+        train_with_hidden_artifact,
+    )
+
+    if threads:
+        torch.set_num_threads(threads)
+    declared = [a.strip() for a in artifacts.split(",") if a.strip()]
+    try:
+        with progress_bars() as bars:
+            if plant is not None:
+                name, rates = _parse_plant(plant)
+                if name in declared:
+                    raise typer.BadParameter(
+                        f"--plant {name} is also in --artifacts; it must stay undeclared"
+                    )
+                _check_planted_target(weights, name, rates)
+                base = TrainConfig()
+                data = base.data
+                if train_size is not None:
+                    data = replace(data, size=train_size)
+                if train_n is not None:
+                    data = replace(data, n_train=train_n)
+                base = replace(base, data=data, threads=threads, epochs=train_epochs or base.epochs)
+                console.print(f"training {weights.parent} with {name} planted at {rates} (undeclared)")
+                train_with_hidden_artifact(
+                    weights.parent, name, rates, base, progress=bars, log=console.print
+                )
+            ckpt = load_checkpoint_file(weights)
+            arch = (ckpt.get("cfg") or {}).get("arch", "resnet18")
+            model, cfg = create_model(arch, weights=weights)
+            train_cfg = ckpt.get("train_cfg") or {}
+            notes: list[str] = []
+            if dataset == "synthderm" and "data" in train_cfg:
+                ds: Any = SynthDerm(synthderm_config_from_dict(train_cfg["data"]))
+                notes.append("synthderm rendered with the checkpoint's own data config")
+            else:
+                ds = open_dataset(dataset)
+            version = model_version or f"{weights.parent.name}:{_card_version(weights)}"
+            layers = {
+                **default_concept_layers(cfg, declared),
+                **_parse_pairs(concept_layer, "--concept-layer"),
+            }
+            caps = {s: n for s, n in (("train", max_train), ("val", max_val), ("test", max_test)) if n > 0}
+            opts = AuditOptions(
+                concept_layers=layers, max_per_split=caps, max_localize=max_localize, top_k=top_k, seed=seed
+            )
+            report = run_audit(
+                model,
+                cfg,
+                version,
+                ds,
+                artifacts=declared,
+                layer=layer,
+                cav_kind=cav_kind,
+                progress=bars,
+                options=opts,
+                dataset_name=dataset,
+            )
+        if notes:
+            report = replace(report, notes=(*report.notes, *notes))
+        html_path = write_report(report, out)
+        for ln, bank in report.banks.items():
+            bank.save(out / "banks" / ln)
+    except MedauditError as e:
+        console.print(f"[red]audit failed:[/] {e}")
+        raise typer.Exit(2) from e
+    _print_summary(console, report.to_dict())
+    console.print(f"report: {html_path}\nmetrics: {out / 'metrics.json'}\nconcept banks: {out / 'banks'}")
+
+
+def _card_version(weights: Path) -> str:
+    card = weights.parent / "card.json"
+    try:
+        return str(json.loads(card.read_text()).get("version", "vanilla"))
+    except (OSError, ValueError):
+        return "vanilla"
+
+
+def _check_planted_target(weights: Path, name: str, rates: tuple[float, float]) -> None:
+    """Refuse to overwrite a checkpoint trained without the planted artifact (e.g. the demo's)."""
+    from models.registry import load_checkpoint_file
+
+    if not weights.exists():
+        return
+    spec = ((load_checkpoint_file(weights).get("train_cfg") or {}).get("data") or {}).get("spec") or {}
+    if [float(x) for x in spec.get(name, (0.0, 0.0))] != list(rates):
+        raise typer.BadParameter(
+            f"{weights} was trained without {name} at {rates}; give --plant a --weights path of its own "
+            f"(e.g. artifacts/resnet18-synthderm-{name}/model.pt) so this checkpoint is not overwritten"
+        )
+
+
+def _print_summary(console: Any, m: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"audit of {m['model_version']} on {m['dataset']}")
+    for col in ("concept", "layer", "AUROC test", "AP test", 'AUROC "all"', "mean IoU", "mean ρ", "n loc"):
+        t.add_column(col, justify="right")
+    for name, c in m["concepts"].items():
+        held, allm, loc = (
+            c["retrieval"].get("held_out") or {},
+            c["retrieval"].get("all") or {},
+            c["localization"],
+        )
+        t.add_row(
+            name,
+            c["layer"],
+            _f(held.get("auroc")),
+            _f(held.get("ap")),
+            _f(allm.get("auroc")),
+            _f(loc and loc["iou_mean"]),
+            _f(loc and loc["rho_mean"]),
+            str(loc["n"] if loc else 0),
+        )
+    console.print(t)
+    d = m["discovery"]
+    for art, hits in d["undeclared_artifact_hits"].items():
+        console.print(
+            f"undeclared {art}: SpRAy {hits['spray']}/{d['top_k']}, channels {hits['channels']}/{d['top_k']} "
+            f"of the top outliers carry it (base rate {d['undeclared_artifact_base_rate'][art]:.3f})"
+        )
+
+
+def _f(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
