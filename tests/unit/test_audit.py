@@ -1,0 +1,198 @@
+"""The offline audit end to end on a tiny, quickly trained model (issue 4).
+
+Metrics need not be good on a 32 px model trained for one epoch on 60 images; what is tested is
+the structure, the ranges, and that localization is scored against the dataset's own masks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.data.folder import FolderDataset
+from models.data.synthetic import SynthDerm, SynthDermConfig
+from models.errors import ConfigError
+from models.registry import create_model
+from models.train import TrainConfig
+from models.xai.audit import (
+    AuditOptions,
+    AuditReport,
+    hidden_artifact_config,
+    run_audit,
+    synthderm_config_from_dict,
+    train_with_hidden_artifact,
+    write_metrics,
+)
+from models.xai.localize import iou
+
+DECLARED = ("band_aid", "ruler")
+HIDDEN = "timestamp"
+DATA = SynthDermConfig(size=32, n_train=60, n_val=24, n_test=40, seed=3).with_spec(
+    band_aid=(0.5, 0.2), ruler=(0.2, 0.5), skin_marker=(0.0, 0.0), timestamp=(0.0, 0.3)
+)
+OPTS = AuditOptions(top_k=8, n_gallery=3, batch_size=32, concept_layers={"ruler": "identity_1"})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, object, Path]:
+    out = tmp_path_factory.mktemp("hidden")
+    base = TrainConfig(epochs=1, batch_size=16, threads=1, data=DATA)
+    card = train_with_hidden_artifact(out, HIDDEN, (0.0, 0.3), base, log=lambda _: None)
+    assert card["train_config"]["data"]["spec"][HIDDEN] == [0.0, 0.3]
+    model, cfg = create_model("resnet18", weights=out / "model.pt")
+    return model, cfg, out
+
+
+@pytest.fixture(scope="module")
+def ds() -> SynthDerm:
+    return SynthDerm(DATA)
+
+
+@pytest.fixture(scope="module")
+def report(trained: tuple, ds: SynthDerm) -> AuditReport:
+    model, cfg, _ = trained
+    seen: dict[str, list[int]] = {}
+
+    def progress(desc: str, total: int) -> Callable[[int], None]:
+        seen[desc] = [total, 0]
+
+        def advance(n: int) -> None:
+            seen[desc][1] += n
+
+        return advance
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = run_audit(model, cfg, "resnet18-tiny:vanilla", ds, DECLARED, progress=progress, options=OPTS)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the audit modified the model"
+    assert set(seen) >= {"explain train", "explain val", "explain test", "localize band_aid"}
+    assert all(done == total for total, done in seen.values()), seen
+    return rep
+
+
+def test_report_structure_and_json(report: AuditReport, tmp_path: Path) -> None:
+    assert report.artifacts == DECLARED
+    assert set(report.concepts) == set(DECLARED)
+    assert report.splits == {
+        "train": {"audited": 60, "available": 60},
+        "val": {"audited": 24, "available": 24},
+        "test": {"audited": 40, "available": 40},
+    }
+    path = write_metrics(report, tmp_path)
+
+    def no_nan(token: str) -> float:
+        raise AssertionError(f"metrics.json holds {token}")
+
+    m = json.loads(path.read_text(), parse_constant=no_nan)
+    assert m["format"] == "medaudit.audit" and m["model_version"] == "resnet18-tiny:vanilla"
+    assert m["concepts"]["ruler"]["layer"] == "identity_1"
+    assert m["concepts"]["band_aid"]["layer"] == "identity_2"
+    assert m["dataset_config"]["spec"][HIDDEN] == [0.0, 0.3]
+    assert set(m["discovery"]) >= {"spray", "channels", "undeclared_artifact_hits", "top_k"}
+    for s in ("train", "val", "test"):
+        assert 0.0 <= m["accuracy"][s] <= 1.0
+
+
+def test_one_bank_per_layer_keyed_by_version(report: AuditReport) -> None:
+    assert set(report.banks) == {"identity_2", "identity_1"}
+    assert report.banks["identity_1"].concepts == ("ruler",)
+    for layer, bank in report.banks.items():
+        bank.check_model("resnet18-tiny:vanilla", layer)
+        for name in bank.concepts:
+            assert np.linalg.norm(bank[name].v) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_retrieval_held_out_is_the_test_split(report: AuditReport, ds: SynthDerm) -> None:
+    test_idx = ds.indices("test")
+    for name, c in report.concepts.items():
+        held, allm = c.retrieval["held_out"], c.retrieval["all"]
+        assert held.n == len(test_idx) and allm.n == len(ds)
+        assert held.n_pos == int(ds.membership[name][test_idx].sum())
+        np.testing.assert_array_equal(np.sort(c.test_indices), test_idx)
+        np.testing.assert_array_equal(c.test_labels, ds.membership[name][c.test_indices])
+        for met in (held, allm):
+            assert 0.0 <= met.auroc <= 1.0 and 0.0 <= met.ap <= 1.0 and -1.0 <= met.kendall_tau <= 1.0
+
+
+def test_localization_is_scored_against_ground_truth_masks(report: AuditReport, ds: SynthDerm) -> None:
+    for name, c in report.concepts.items():
+        carriers = [i for i in ds.indices("test") if ds.membership[name][i]]
+        with_mask = [i for i in carriers if ds.sample(int(i)).masks[name].any()]
+        assert c.n_localized == len(with_mask) == len(c.iou) == len(c.rho) > 0
+        assert ((c.iou >= 0) & (c.iou <= 1)).all() and ((c.rho >= 0) & (c.rho <= 1 + 1e-9)).all()
+        assert len(c.gallery) == 3
+        assert [g.rank for g in c.gallery] == [1, 2, 3]
+        for g in c.gallery:
+            assert g.image.shape == (32, 32, 3) and g.heatmap.shape == (32, 32) and g.mask.shape == (32, 32)
+            np.testing.assert_array_equal(g.image, ds.sample(g.index).image)
+            assert g.carries == bool(ds.membership[name][g.index])
+            if g.carries and g.gt_mask is not None:
+                np.testing.assert_array_equal(g.gt_mask, ds.sample(g.index).masks[name])
+                assert g.iou == pytest.approx(iou(g.mask, g.gt_mask))
+            else:
+                assert g.iou is None
+
+
+def test_discovery_counts_the_undeclared_artifact(report: AuditReport, ds: SynthDerm) -> None:
+    d = report.discovery
+    assert set(d.hits) == {HIDDEN}  # declared ones are not counted; skin_marker is absent
+    assert 0 < len(d.spray_top) <= 8 and len(d.channel_top) == 8
+    for method, top in (("spray", d.spray_top), ("channels", d.channel_top)):
+        assert d.hits[HIDDEN][method] == sum(bool(ds.membership[HIDDEN][o.index]) for o in top)
+        assert [o.rank for o in top] == list(range(1, len(top) + 1))
+        assert len({o.index for o in top}) == len(top)
+        for o in top:
+            assert o.heatmap.shape == (32, 32) and o.label == ds.labels[o.index]
+    scores = [o.score for o in d.spray_top]
+    assert scores == sorted(scores, reverse=True)
+    assert d.base_rate[HIDDEN] == pytest.approx(ds.membership[HIDDEN].mean())
+    assert set(d.spray) == {"benign", "malignant"}
+
+
+def test_subsampling_is_reported(trained: tuple, ds: SynthDerm) -> None:
+    model, cfg, _ = trained
+    opts = AuditOptions(max_per_split={"train": 40}, top_k=4, n_gallery=1, max_localize=3)
+    rep = run_audit(model, cfg, "v", ds, ["band_aid"], options=opts)
+    assert rep.splits["train"] == {"audited": 40, "available": 60}
+    assert any("40 of 60" in n for n in rep.notes)
+    assert rep.concepts["band_aid"].n_localized <= 3
+
+
+def test_folder_dataset_without_masks_skips_iou(trained: tuple, ds: SynthDerm, tmp_path: Path) -> None:
+    model, cfg, _ = trained
+    root = ds.export(tmp_path / "exported")
+    for f in (root / "masks").iterdir():
+        f.unlink()
+    (root / "masks").rmdir()
+    rep = run_audit(model, cfg, "v", FolderDataset(root), ["band_aid"], options=AuditOptions(top_k=4))
+    c = rep.concepts["band_aid"]
+    assert len(c.iou) == 0 and rep.to_dict()["concepts"]["band_aid"]["localization"] is None
+    assert any("no artifact masks" in n for n in rep.notes)
+    assert all(g.gt_mask is None and g.heatmap.shape == (32, 32) for g in c.gallery)
+    assert math.isfinite(c.retrieval["held_out"].auroc)
+
+
+def test_bad_requests_name_the_valid_choices(trained: tuple, ds: SynthDerm) -> None:
+    model, cfg, _ = trained
+    with pytest.raises(ConfigError, match="not annotated.*annotated: band_aid"):
+        run_audit(model, cfg, "v", ds, ["pacemaker"])
+    with pytest.raises(ConfigError, match="no hook point 'features.22'"):
+        run_audit(model, cfg, "v", ds, ["band_aid"], layer="features.22")
+    with pytest.raises(ConfigError, match="unknown CAV kind"):
+        run_audit(model, cfg, "v", ds, ["band_aid"], cav_kind="pca")
+    with pytest.raises(ConfigError, match="at least one artifact"):
+        run_audit(model, cfg, "v", ds, [])
+
+
+def test_configs_round_trip_and_plant() -> None:
+    cfg = DATA
+    assert synthderm_config_from_dict(cfg.to_dict()) == cfg
+    planted = hidden_artifact_config(TrainConfig(), "timestamp", (0.1, 0.0))
+    assert planted.data.spec["timestamp"] == (0.1, 0.0)
+    assert planted.data.spec["band_aid"] == TrainConfig().data.spec["band_aid"]
