@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,15 @@ DATA = SynthDermConfig(size=32, n_train=60, n_val=24, n_test=40, seed=3).with_sp
     band_aid=(0.5, 0.2), ruler=(0.2, 0.5), skin_marker=(0.0, 0.0), timestamp=(0.0, 0.3)
 )
 OPTS = AuditOptions(top_k=8, n_gallery=3, batch_size=32, concept_layers={"ruler": "identity_1"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    # One torch thread: on a shared 2-core runner two threads contend and run ~4x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
