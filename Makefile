@@ -22,6 +22,10 @@ $(BIN)/python:
 # Re-install whenever pyproject.toml changes (the stamp carries its hash).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# zennit-crp is the reference for concept-conditioned heatmaps in the tests. Its metadata pins
+	# zennit<=0.4.6, but the CondAttribution we compare against runs on 0.5.1 (method.md §11.2
+	# pins 0.5.1), so it goes in without its dependency resolution.
+	$(BIN)/pip install --quiet --no-deps zennit-crp==0.6.0
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
