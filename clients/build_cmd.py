@@ -19,6 +19,9 @@ def build(
     n_correction_images: int | None = typer.Option(
         None, help="Training images the fine-tuning corrections see (0: all; default: the build config's)."
     ),
+    n_eval_images: int | None = typer.Option(
+        None, help="Test images per variant for evaluation (0: all; default: the build config's)."
+    ),
     register: bool = typer.Option(True, help="Register every version in the BentoML model store."),
     bentoml_home: Path | None = typer.Option(
         None, envvar="BENTOML_HOME", help="BentoML home (the store is <home>/models)."
@@ -37,9 +40,11 @@ def build(
         artifact=artifact, layer=layer, corrections=tuple(c for c in corrections.split(",") if c)
     )
     if threads:
-        cfg = replace(cfg, train=replace(cfg.train, threads=threads))
+        cfg = replace(cfg, threads=threads)  # not train.threads: that is part of the checkpoint's key
     if n_correction_images is not None:
         cfg = replace(cfg, n_correction_images=n_correction_images)
+    if n_eval_images is not None:
+        cfg = replace(cfg, n_eval_images=n_eval_images)
     reg = None
     if register:
         from service.store import register_version
