@@ -1,0 +1,367 @@
+"""One request's audit, transport-free: predict (ONNX Runtime), explain (LRP), score concepts, flag.
+
+An :class:`AuditEngine` is built once per served version at service start (:meth:`AuditEngine.
+from_store`): the verified torch model becomes an :class:`~models.xai.lrp.Explainer` (canonized
+once), the ONNX graph an ONNX Runtime session, and the version's concept bank is kept beside them.
+Per request:
+
+* :meth:`AuditEngine.predict`: one batched ONNX Runtime run, probabilities by softmax.
+* :meth:`AuditEngine.audit`: one LRP call seeded at the predicted class *and* at every concept's
+  CAV (method.md §2.1), which gives the class heatmap, the max-pooled activations for concept
+  scores (§1.4), the class relevance at the CAV layer for each concept's relevance share, and the
+  concept-conditioned heatmaps whose binarisation (§2.2) is the localization mask of a concept
+  judged present.
+* :func:`decide_flag`: flag when a concept is present **and** its share of the class relevance at
+  the CAV layer exceeds a threshold: presence alone says the artifact is in the image, the share
+  says the prediction rests on it.
+* :func:`compare`: one image through several versions, side by side, with their agreement.
+
+The audit's prediction comes from the torch forward pass the heatmap explains, not from ONNX
+Runtime: the explanation must be of the logits it reports (the two agree to float tolerance,
+which ``models.export.check_parity`` tests at export).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.export import INPUT_NAME, OUTPUT_NAME, ort_session
+from models.train import normalize
+from models.xai.concepts import relevance_share
+from models.xai.localize import binarize
+from models.xai.lrp import ConceptTarget, Explainer, Target
+from service.errors import UnknownModelVersionError
+from service.inputs import DecodedImage, to_model_input
+from service.store import LoadedVersion, load_version
+
+#: Model name used when a served version is given without one (``vanilla`` -> this ``:vanilla``).
+DEFAULT_MODEL_NAME = "resnet18-synthderm"
+
+Image_ = DecodedImage | np.ndarray
+
+
+@dataclass(frozen=True)
+class FlagThresholds:
+    """When a prediction is flagged for review.
+
+    Attributes:
+        relevance_share: A present concept flags when its relevance share is above this.
+        fpr: Presence threshold's false-positive rate; ``None`` uses each bank's target FPR.
+    """
+
+    relevance_share: float = 0.2
+    fpr: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.relevance_share <= 1.0:
+            raise ValueError(f"relevance_share must lie in [0, 1], got {self.relevance_share!r}")
+        if self.fpr is not None and not 0.0 < self.fpr < 1.0:
+            raise ValueError(f"fpr must lie in (0, 1), got {self.fpr!r}")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction by one version."""
+
+    version: str
+    label: str
+    class_index: int
+    probabilities: Mapping[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "label": self.label,
+            "class_index": self.class_index,
+            "probabilities": dict(self.probabilities),
+        }
+
+
+@dataclass(frozen=True)
+class ConceptScore:
+    """One concept on one image (method.md §1.4) with its relevance share and, if present, mask.
+
+    Attributes:
+        concept: Concept (artifact) name.
+        score: ⟨φ(x), v⟩ at the bank's layer.
+        percentile: Calibrated percentile among clean validation scores (0–100).
+        present: ``score`` above the bank's threshold at the chosen FPR.
+        threshold: That threshold.
+        relevance_share: Share of the predicted class's relevance at the CAV layer along v, [0, 1].
+        mask_png: Base64 PNG of the binarised concept-conditioned heatmap, for present concepts.
+    """
+
+    concept: str
+    score: float
+    percentile: float
+    present: bool
+    threshold: float
+    relevance_share: float
+    mask_png: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "concept": self.concept,
+            "score": self.score,
+            "percentile": self.percentile,
+            "present": self.present,
+            "threshold": self.threshold,
+            "relevance_share": self.relevance_share,
+            "mask_png": self.mask_png,
+        }
+
+
+@dataclass(frozen=True)
+class FlagDecision:
+    """Whether a result goes to review, and why (one reason per flagging concept)."""
+
+    flagged: bool
+    reasons: tuple[str, ...] = ()
+    concepts: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"flagged": self.flagged, "reasons": list(self.reasons), "concepts": list(self.concepts)}
+
+
+@dataclass(frozen=True, eq=False)
+class AuditResult:
+    """One image's audit by one version.
+
+    Attributes:
+        prediction: From the explained forward pass.
+        heatmap_png: Base64 PNG: the model-size input with the class heatmap overlaid
+            (red positive, blue negative relevance).
+        heatmap: The raw class heatmap (H, W) as float16, if asked for.
+        concepts: One score per concept of the version's bank.
+        flag: The decision of :func:`decide_flag`.
+        layer: The bank's CAV layer.
+    """
+
+    prediction: Prediction
+    heatmap_png: str
+    concepts: tuple[ConceptScore, ...]
+    flag: FlagDecision
+    layer: str
+    heatmap: np.ndarray | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        raw = None
+        if self.heatmap is not None:
+            h = np.ascontiguousarray(self.heatmap, dtype="<f2")
+            raw = {"dtype": "float16", "shape": list(h.shape), "data": base64.b64encode(h.tobytes()).decode()}
+        return {
+            "prediction": self.prediction.to_json(),
+            "heatmap_png": self.heatmap_png,
+            "heatmap": raw,
+            "layer": self.layer,
+            "concepts": [c.to_json() for c in self.concepts],
+            "flag": self.flag.to_json(),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """One image audited by several versions: side by side, with agreement."""
+
+    results: Mapping[str, AuditResult]
+    labels_agree: bool
+    flags_agree: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "versions": list(self.results),
+            "results": {v: r.to_json() for v, r in self.results.items()},
+            "agreement": {"label": self.labels_agree, "flag": self.flags_agree},
+        }
+
+
+def decide_flag(concepts: Iterable[ConceptScore], thresholds: FlagThresholds) -> FlagDecision:
+    """Flag when some concept is present and its relevance share is above the threshold.
+
+    Pure: the same scores and thresholds always give the same decision. A share equal to the
+    threshold does not flag.
+    """
+    reasons, names = [], []
+    for c in concepts:
+        if c.present and c.relevance_share > thresholds.relevance_share:
+            names.append(c.concept)
+            reasons.append(
+                f"{c.concept} present (score {c.score:.3g} > threshold {c.threshold:.3g}, "
+                f"percentile {c.percentile:.1f}) and carries {c.relevance_share:.0%} of the "
+                f"class relevance (> {thresholds.relevance_share:.0%})"
+            )
+    return FlagDecision(bool(names), tuple(reasons), tuple(names))
+
+
+def version_tag(version: str) -> str:
+    """``vanilla`` -> ``resnet18-synthderm:vanilla``; a full ``name:version`` is kept."""
+    return version if ":" in version else f"{DEFAULT_MODEL_NAME}:{version}"
+
+
+# --------------------------------------------------------------------------------- images -> PNG
+
+
+def png_base64(arr: np.ndarray) -> str:
+    """uint8 (H, W) or (H, W, 3) array -> base64 PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", optimize=False)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def overlay(rgb: np.ndarray, heatmap: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """The image with a heatmap blended in: red where relevance is positive, blue where negative."""
+    h = np.asarray(heatmap, dtype=np.float64)
+    m = float(np.abs(h).max())
+    h = h / m if m > 0 else np.zeros_like(h)
+    colour = np.zeros((*h.shape, 3))
+    colour[..., 0] = np.clip(h, 0, 1)
+    colour[..., 2] = np.clip(-h, 0, 1)
+    weight = alpha * np.abs(h)[..., None]
+    out = (1 - weight) * rgb.astype(np.float64) + weight * 255.0 * colour
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------- engine
+
+
+class AuditEngine:
+    """Predict, explain, score and flag for one served version. Build once, call often.
+
+    Args:
+        loaded: A verified version from the store.
+        thresholds: Flag thresholds.
+        ort_threads: ONNX Runtime intra-op threads (0: its default).
+    """
+
+    def __init__(self, loaded: LoadedVersion, thresholds: FlagThresholds | None = None, ort_threads: int = 0):
+        self.tag = loaded.tag
+        self.version = loaded.tag.split(":", 1)[1]
+        self.cfg = loaded.cfg
+        self.card = loaded.card
+        self.bank = loaded.bank
+        self.thresholds = thresholds or FlagThresholds()
+        self.explainer = Explainer(loaded.model, loaded.cfg)
+        self.session = ort_session(loaded.onnx_path, threads=ort_threads)
+        layer = self.bank.layer
+        self._targets: list[Target] = [
+            "pred",
+            *(
+                ConceptTarget(layer, torch.tensor(np.asarray(self.bank[c].v), dtype=torch.float32))
+                for c in self.bank
+            ),
+        ]
+
+    @classmethod
+    def from_store(
+        cls,
+        version: str,
+        home: str | Path | None = None,
+        thresholds: FlagThresholds | None = None,
+        ort_threads: int = 0,
+    ) -> AuditEngine:
+        """Loads (sha256-verified) ``version`` from the BentoML store and builds its engine."""
+        return cls(load_version(version_tag(version), home=home), thresholds, ort_threads)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.cfg.input_size[1]), int(self.cfg.input_size[2])
+
+    def _inputs(self, images: Sequence[Image_]) -> tuple[np.ndarray, torch.Tensor]:
+        if not images:
+            raise ValueError("no images")
+        rgb = np.stack([to_model_input(im, self.size) for im in images])  # (B, H, W, 3) uint8
+        x = normalize(torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous(), self.cfg)
+        return rgb, x
+
+    def _prediction(self, logits: np.ndarray) -> list[Prediction]:
+        z = logits.astype(np.float64)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        labels = self.cfg.labels
+        return [
+            Prediction(
+                version=self.version,
+                label=labels[int(row.argmax())],
+                class_index=int(row.argmax()),
+                probabilities={lab: float(q) for lab, q in zip(labels, row, strict=True)},
+            )
+            for row in p
+        ]
+
+    def predict(self, images: Sequence[Image_]) -> list[Prediction]:
+        """Predictions for a batch of images, one ONNX Runtime run."""
+        _, x = self._inputs(images)
+        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(np.float32)})[0]
+        return self._prediction(np.asarray(logits))
+
+    def audit(self, images: Sequence[Image_], *, raw_heatmap: bool = False) -> list[AuditResult]:
+        """Full audits for a batch of images, one LRP call (one forward, one batched backward)."""
+        rgb, x = self._inputs(images)
+        layer = self.bank.layer
+        e = self.explainer.explain(x, self._targets, cav_layers=[layer], relevance_layers=[layer])
+        preds = self._prediction(e.logits.double().numpy())
+        scores = self.bank.score(e.activations[layer].double().numpy(), self.thresholds.fpr)
+        class_rel = e.relevance[layer][0].double().numpy()  # (B, C, h, w), seeded at the class
+        heat = e.heatmaps.double().numpy()  # (1 + K, B, H, W)
+        shares = {c: relevance_share(class_rel, self.bank[c].v) for c in self.bank}
+        out = []
+        for b, pred in enumerate(preds):
+            concepts = []
+            for k, c in enumerate(self.bank):
+                s = scores[c]
+                present = bool(s.present[b])
+                mask = png_base64(binarize(heat[1 + k, b]) * 255) if present else None
+                concepts.append(
+                    ConceptScore(
+                        concept=c,
+                        score=float(s.score[b]),
+                        percentile=float(s.percentile[b]),
+                        present=present,
+                        threshold=float(s.threshold),
+                        relevance_share=float(shares[c][b]),
+                        mask_png=mask,
+                    )
+                )
+            out.append(
+                AuditResult(
+                    prediction=pred,
+                    heatmap_png=png_base64(overlay(rgb[b], heat[0, b])),
+                    concepts=tuple(concepts),
+                    flag=decide_flag(concepts, self.thresholds),
+                    layer=layer,
+                    heatmap=heat[0, b].astype(np.float16) if raw_heatmap else None,
+                )
+            )
+        return out
+
+    def warmup(self) -> None:
+        """One predict and one audit on a blank image, so the first request pays no lazy set-up."""
+        blank = np.zeros((*self.size, 3), dtype=np.uint8)
+        self.predict([blank])
+        self.audit([blank])
+
+
+def compare(engines: Mapping[str, AuditEngine], image: Image_, versions: Sequence[str]) -> Comparison:
+    """One image audited by each of ``versions`` (served engines), with label and flag agreement.
+
+    Raises:
+        UnknownModelVersionError: a version that is not served (404, lists the served ones).
+    """
+    if not versions:
+        versions = list(engines)
+    for v in versions:
+        if v not in engines:
+            raise UnknownModelVersionError(v, engines)
+    results = {v: engines[v].audit([image])[0] for v in dict.fromkeys(versions)}
+    labels = {r.prediction.label for r in results.values()}
+    flags = {r.flag.flagged for r in results.values()}
+    return Comparison(results, len(labels) == 1, len(flags) == 1)

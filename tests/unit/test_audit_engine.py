@@ -1,0 +1,129 @@
+"""AuditEngine (tier 1: no transport): predictions, audits, comparison, and the flag rule as a table."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.audit import (
+    AuditEngine,
+    ConceptScore,
+    FlagThresholds,
+    compare,
+    decide_flag,
+    version_tag,
+)
+from service.errors import UnknownModelVersionError
+
+
+def _score(concept: str, present: bool, share: float) -> ConceptScore:
+    return ConceptScore(concept, 1.0, 97.0, present, 0.5, share)
+
+
+@pytest.mark.parametrize(
+    ("concepts", "threshold", "flagged", "names"),
+    [
+        ([], 0.2, False, ()),
+        ([_score("band_aid", False, 0.9)], 0.2, False, ()),  # absent: high share alone never flags
+        ([_score("band_aid", True, 0.1)], 0.2, False, ()),  # present but not used
+        ([_score("band_aid", True, 0.2)], 0.2, False, ()),  # equal to the threshold: no flag
+        ([_score("band_aid", True, 0.21)], 0.2, True, ("band_aid",)),
+        ([_score("band_aid", True, 0.5), _score("ruler", True, 0.9)], 0.2, True, ("band_aid", "ruler")),
+        ([_score("band_aid", True, 0.5), _score("ruler", False, 0.9)], 0.2, True, ("band_aid",)),
+        ([_score("band_aid", True, 0.0)], 0.0, False, ()),
+        ([_score("band_aid", True, 1.0)], 1.0, False, ()),
+    ],
+)
+def test_decide_flag_table(concepts, threshold, flagged, names) -> None:
+    d = decide_flag(concepts, FlagThresholds(relevance_share=threshold))
+    assert d.flagged is flagged and d.concepts == names and len(d.reasons) == len(names)
+    for n, r in zip(names, d.reasons, strict=True):
+        assert r.startswith(n) and "present" in r
+
+
+def test_flag_thresholds_refuse_out_of_range_values() -> None:
+    with pytest.raises(ValueError, match="relevance_share"):
+        FlagThresholds(relevance_share=1.5)
+    with pytest.raises(ValueError, match="fpr"):
+        FlagThresholds(fpr=0.0)
+
+
+def test_version_tag() -> None:
+    assert version_tag("vanilla") == "resnet18-synthderm:vanilla"
+    assert version_tag("other-set:v2") == "other-set:v2"
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_store):
+    return {
+        v: AuditEngine.from_store(v, home=tiny_store, ort_threads=1) for v in ("vanilla", "pclarc-band_aid")
+    }
+
+
+def _png(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+def test_predict_is_batched_and_matches_the_audit_forward(engines) -> None:
+    eng = engines["vanilla"]
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(40 + 8 * i, 36, 3), dtype=np.uint8) for i in range(3)]
+    preds = eng.predict(images)
+    audits = eng.audit(images, raw_heatmap=True)
+    assert len(preds) == len(audits) == 3
+    for p, a in zip(preds, audits, strict=True):
+        assert p.version == "vanilla" and p.label in eng.cfg.labels
+        assert sum(p.probabilities.values()) == pytest.approx(1.0)
+        assert a.prediction.label == p.label
+        for lab in eng.cfg.labels:  # ORT and torch agree to float tolerance
+            assert a.prediction.probabilities[lab] == pytest.approx(p.probabilities[lab], abs=1e-4)
+
+
+def test_audit_result_structure(engines) -> None:
+    eng = engines["vanilla"]
+    img = np.random.default_rng(1).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    (r,) = eng.audit([img], raw_heatmap=True)
+    assert _png(r.heatmap_png).shape == (32, 32, 3)
+    assert r.heatmap is not None and r.heatmap.dtype == np.float16 and r.heatmap.shape == (32, 32)
+    assert [c.concept for c in r.concepts] == ["band_aid", "ruler"]
+    for c in r.concepts:
+        assert 0.0 <= c.relevance_share <= 1.0 and 0.0 <= c.percentile <= 100.0
+        assert c.present == (c.score > c.threshold)
+        assert (c.mask_png is not None) == c.present
+        if c.mask_png:
+            assert set(np.unique(_png(c.mask_png))) <= {0, 255}
+    assert r.flag == decide_flag(r.concepts, eng.thresholds)
+    body = r.to_json()
+    raw = np.frombuffer(base64.b64decode(body["heatmap"]["data"]), dtype="<f2").reshape(
+        body["heatmap"]["shape"]
+    )
+    assert np.array_equal(raw, r.heatmap)
+    assert eng.audit([img])[0].to_json()["heatmap"] is None
+
+
+def test_present_concepts_get_masks_and_flags_follow_thresholds(engines) -> None:
+    eng = engines["vanilla"]
+    img = np.random.default_rng(2).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    always = AuditEngine.__new__(AuditEngine)
+    always.__dict__.update(eng.__dict__, thresholds=FlagThresholds(relevance_share=0.0, fpr=0.999))
+    (r,) = always.audit([img])
+    present = [c for c in r.concepts if c.present]
+    assert present, "at FPR 0.999 the threshold is the lowest clean score"
+    assert all(c.mask_png for c in present)
+    assert r.flag.flagged == any(c.relevance_share > 0 for c in present)
+
+
+def test_compare_side_by_side_and_unknown_version(engines) -> None:
+    img = np.random.default_rng(3).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    cmp = compare(engines, img, ["vanilla", "pclarc-band_aid"])
+    assert list(cmp.results) == ["vanilla", "pclarc-band_aid"]
+    labels = {r.prediction.label for r in cmp.results.values()}
+    assert cmp.labels_agree == (len(labels) == 1)
+    assert cmp.to_json()["agreement"] == {"label": cmp.labels_agree, "flag": cmp.flags_agree}
+    with pytest.raises(UnknownModelVersionError) as e:
+        compare(engines, img, ["vanilla", "nope"])
+    assert e.value.status == 404 and e.value.to_json()["valid_versions"] == ["pclarc-band_aid", "vanilla"]
