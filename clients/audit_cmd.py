@@ -61,6 +61,11 @@ def audit(
     max_test: int = typer.Option(0, help="Audit at most this many test images (0: all)."),
     max_localize: int = typer.Option(200, help="Artifact test images localized per concept."),
     top_k: int = typer.Option(24, help="Outliers shown and counted per discovery method."),
+    discovery_layer: str | None = typer.Option(None, help="Layer of the channel view (default: --layer)."),
+    channel_features: str = typer.Option("relevance", help="Channel view on relevance or activation."),
+    include_declared: bool = typer.Option(
+        False, help="Let discovery rank samples that carry a declared artifact too."
+    ),
     model_version: str | None = typer.Option(
         None, help="Version name for the concept banks (default <weights folder>:<card version>)."
     ),
@@ -136,7 +141,14 @@ def audit(
             }
             caps = {s: n for s, n in (("train", max_train), ("val", max_val), ("test", max_test)) if n > 0}
             opts = AuditOptions(
-                concept_layers=layers, max_per_split=caps, max_localize=max_localize, top_k=top_k, seed=seed
+                concept_layers=layers,
+                max_per_split=caps,
+                max_localize=max_localize,
+                top_k=top_k,
+                seed=seed,
+                discovery_layer=discovery_layer,
+                channel_features=channel_features,
+                exclude_declared=not include_declared,
             )
             report = run_audit(
                 model,

@@ -285,9 +285,9 @@ def _discovery_section(report: AuditReport) -> str:
         f'<div class="row">{"".join(_outlier_card(o, labels, undeclared) for o in d.spray_top)}</div>'
     )
     parts.append(
-        f"<h3>Model perspective: channel relevance at {_e(report.layer)}</h3><p>Channels whose "
-        "max-pooled relevance pattern over samples stands apart (LOF on cosine distances); shown are "
-        "the samples on which the most outlying channels are most relevant.</p>"
+        f"<h3>Model perspective: channel {_e(d.features)} at {_e(d.layer)}</h3><p>Channels whose "
+        f"max-pooled {_e(d.features)} pattern over samples stands apart (LOF on cosine distances); "
+        "shown are the samples on which the most outlying channels score highest.</p>"
     )
     if d.channels is not None:
         r = d.channels

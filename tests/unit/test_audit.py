@@ -23,6 +23,7 @@ from models.train import TrainConfig
 from models.xai.audit import (
     AuditOptions,
     AuditReport,
+    default_concept_layers,
     hidden_artifact_config,
     run_audit,
     synthderm_config_from_dict,
@@ -160,7 +161,9 @@ def test_discovery_counts_the_undeclared_artifact(report: AuditReport, ds: Synth
             assert o.heatmap.shape == (32, 32) and o.label == ds.labels[o.index]
     scores = [o.score for o in d.spray_top]
     assert scores == sorted(scores, reverse=True)
-    assert d.base_rate[HIDDEN] == pytest.approx(ds.membership[HIDDEN].mean())
+    pool = ~(ds.membership["band_aid"] | ds.membership["ruler"])  # discovery skips declared carriers
+    assert d.base_rate[HIDDEN] == pytest.approx(ds.membership[HIDDEN][pool].mean())
+    assert all(not set(o.artifacts) & set(DECLARED) for o in (*d.spray_top, *d.channel_top))
     assert set(d.spray) == {"benign", "malignant"}
 
 
@@ -205,3 +208,10 @@ def test_configs_round_trip_and_plant() -> None:
     planted = hidden_artifact_config(TrainConfig(), "timestamp", (0.1, 0.0))
     assert planted.data.spec["timestamp"] == (0.1, 0.0)
     assert planted.data.spec["band_aid"] == TrainConfig().data.spec["band_aid"]
+
+
+def test_default_concept_layers_apply_to_declared_concepts_and_known_layers() -> None:
+    _, resnet = create_model("resnet18")
+    assert default_concept_layers(resnet, ["band_aid", "timestamp"]) == {"band_aid": "identity_1"}
+    _, vgg = create_model("vgg16")
+    assert default_concept_layers(vgg, ["band_aid"]) == {}  # no identity_1 hook point there
