@@ -1,0 +1,273 @@
+"""The BentoML service: HTTP <-> :mod:`service.audit` translation, nothing else.
+
+Endpoints (every response carries ``X-Request-ID`` and, when a model answered, ``X-Model-Version``):
+
+=======================  ====================================================================
+``POST /predict``        raw image body (PNG, JPEG, TIFF, GIF, DICOM) -> prediction
+``POST /audit``          raw image body -> prediction, heatmap, concept scores, flag decision
+                         (``?raw_heatmap=1`` adds the float16 map)
+``POST /compare``        raw image body -> audits by several versions (``?versions=a,b``;
+                         default all served) side by side, with agreement
+``GET /models``          served versions, A/B weights, shadow and its agreement counters
+``GET /models/{v}``      one version's model card
+``/readyz``              200 only after every version is loaded and warmed (BentoML's own)
+=======================  ====================================================================
+
+The image is the whole request body (BentoML 1.4 *root input*), e.g.
+``curl --data-binary @x.png -H 'Content-Type: image/png' localhost:3000/audit``. Version choice:
+``X-Model-Version`` wins, else the :class:`~service.routing.Router` hashes ``X-Subject-Key``
+(random with the A/B weights when there is none). A shadow version, if configured, also predicts
+every request and its agreement with the answering version is counted.
+
+Errors: an :class:`~service.errors.AuditError` becomes its status with body
+``{"error", "detail", ..., "request_id"}``; anything else is BentoML's generic 500.
+
+The GET routes live in a small Starlette app mounted at ``/models`` because BentoML 1.4 API
+routes are POST-only. Settings are read from the environment once, in ``__init__`` (see
+:mod:`service.config`; ``MEDAUDIT_AUTH=off`` for demos), plus ``MEDAUDIT_FLAG_SHARE``, the relevance
+share above which a present concept flags (default 0.2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from models.errors import ConfigError
+from service.audit import AuditEngine, FlagThresholds, compare, version_tag
+from service.auth import ANONYMOUS, Principal, Role
+from service.config import Settings
+from service.errors import AuditError, UnknownModelVersionError
+from service.inputs import DecodedImage, decode_image
+from service.routing import Route
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+with warnings.catch_warnings():  # bentoml 1.4.40's import-time pathspec deprecation (see service.store)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"GitWildMatchPattern")
+    import bentoml
+    from bentoml.validators import ContentType
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route as HttpRoute
+
+log = logging.getLogger(__name__)
+
+FLAG_SHARE_VAR = "MEDAUDIT_FLAG_SHARE"
+ImageBody = Annotated[Path, ContentType("application/octet-stream")]
+
+
+class ShadowStats:
+    """In-memory agreement counters of (answering version, shadow version) pairs. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str, bool]] = Counter()
+
+    def record(self, version: str, shadow: str, agree: bool) -> None:
+        with self._lock:
+            self._counts[(version, shadow, agree)] += 1
+
+    def to_json(self) -> list[dict[str, Any]]:
+        with self._lock:
+            pairs = sorted({(v, s) for v, s, _ in self._counts})
+            return [
+                {
+                    "version": v,
+                    "shadow": s,
+                    "agree": self._counts[(v, s, True)],
+                    "disagree": self._counts[(v, s, False)],
+                }
+                for v, s in pairs
+            ]
+
+
+def flag_thresholds(environ: Mapping[str, str], fpr: float | None) -> FlagThresholds:
+    """Flag thresholds from ``MEDAUDIT_FLAG_SHARE`` (default 0.2) and the settings' FPR."""
+    raw = environ.get(FLAG_SHARE_VAR, "").strip()
+    try:
+        share = float(raw) if raw else FlagThresholds.relevance_share
+        return FlagThresholds(relevance_share=share, fpr=fpr)
+    except ValueError:
+        raise ConfigError(f"{FLAG_SHARE_VAR} must be a number in [0, 1], got {raw!r}") from None
+
+
+def _models_index(request: Request) -> JSONResponse:
+    svc: MedAudit = request.app.state.service
+    return svc.http_get(request, lambda: svc.models_json())
+
+
+def _model_card(request: Request) -> JSONResponse:
+    svc: MedAudit = request.app.state.service
+    return svc.http_get(request, lambda: svc.card_json(request.path_params["version"]))
+
+
+models_app = Starlette(
+    routes=[
+        HttpRoute("/", _models_index, methods=["GET"]),
+        HttpRoute("/{version}", _model_card, methods=["GET"]),
+    ]
+)
+
+
+@bentoml.asgi_app(models_app, path="/models")
+@bentoml.service(name="medaudit", traffic={"timeout": 300})
+class MedAudit:
+    """Serves every configured version: predictions, audits and comparisons."""
+
+    def __init__(self) -> None:
+        self.settings = Settings.from_env(os.environ)
+        self.router = self.settings.router()
+        self.keys = self.settings.key_store()
+        self.thresholds = flag_thresholds(os.environ, self.settings.flag_fpr)
+        self.shadow_stats = ShadowStats()
+        self._ready = False
+        self.engines: dict[str, AuditEngine] = {}
+        for v in self.settings.versions:
+            eng = AuditEngine.from_store(v, thresholds=self.thresholds)
+            eng.warmup()
+            self.engines[v] = eng
+            log.info("serving %s (concepts: %s)", eng.tag, ", ".join(eng.bank.concepts))
+        models_app.state.service = self
+        self._ready = True
+
+    def __is_ready__(self) -> bool:
+        return self._ready
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def authenticate(self, headers: Mapping[str, str], role: Role = Role.CLIENT) -> Principal:
+        principal = ANONYMOUS if self.keys is None else self.keys.authenticate(headers.get("authorization"))
+        principal.require(role)
+        return principal
+
+    def route(self, headers: Mapping[str, str]) -> Route:
+        return self.router.route(headers.get("x-model-version"), headers.get("x-subject-key"))
+
+    def _shadow(self, route: Route, image: DecodedImage, label: str) -> dict[str, Any] | None:
+        if route.shadow is None:
+            return None
+        shadow = self.engines[route.shadow].predict([image])[0]
+        agree = shadow.label == label
+        self.shadow_stats.record(route.version, route.shadow, agree)
+        return {"version": route.shadow, "label": shadow.label, "agree": agree}
+
+    def _serve(
+        self, ctx: bentoml.Context, image: Path, work: Callable[[DecodedImage], dict[str, Any]]
+    ) -> Any:
+        """Request id, auth, decoding and error translation around one POST endpoint."""
+        headers = ctx.request.headers
+        rid = headers.get("x-request-id") or uuid.uuid4().hex
+        ctx.response.headers["X-Request-ID"] = rid
+        try:
+            self.authenticate(headers)
+            # BentoML hands an empty body to a root input as "{}": the declared length tells them apart.
+            data = b"" if headers.get("content-length") == "0" else Path(image).read_bytes()
+            decoded = decode_image(data, headers.get("content-type"), self.settings.limits)
+            body = work(decoded)
+        except AuditError as e:
+            ctx.response.status_code = e.status
+            for k, v in e.headers().items():
+                ctx.response.headers[k] = v
+            return JSONResponse({**e.to_json(), "request_id": rid}, status_code=e.status)
+        if "version" in body:
+            ctx.response.headers["X-Model-Version"] = body["version"]
+        return {"request_id": rid, **body, "notes": list(decoded.notes)}
+
+    def http_get(self, request: Request, work: Callable[[], dict[str, Any]]) -> JSONResponse:
+        """The same translation for the mounted GET routes."""
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            self.authenticate(request.headers)
+            return JSONResponse({"request_id": rid, **work()}, headers={"X-Request-ID": rid})
+        except AuditError as e:
+            return JSONResponse(
+                {**e.to_json(), "request_id": rid},
+                status_code=e.status,
+                headers={"X-Request-ID": rid, **e.headers()},
+            )
+
+    # ----------------------------------------------------------------------------- core calls
+
+    def predict_json(self, image: DecodedImage, headers: Mapping[str, str]) -> dict[str, Any]:
+        route = self.route(headers)
+        pred = self.engines[route.version].predict([image])[0]
+        return {
+            "version": route.version,
+            "via": route.via,
+            "prediction": pred.to_json(),
+            "shadow": self._shadow(route, image, pred.label),
+        }
+
+    def audit_json(
+        self, image: DecodedImage, headers: Mapping[str, str], raw_heatmap: bool
+    ) -> dict[str, Any]:
+        route = self.route(headers)
+        result = self.engines[route.version].audit([image], raw_heatmap=raw_heatmap)[0]
+        return {
+            "version": route.version,
+            "via": route.via,
+            **result.to_json(),
+            "shadow": self._shadow(route, image, result.prediction.label),
+        }
+
+    def compare_json(self, image: DecodedImage, versions: list[str]) -> dict[str, Any]:
+        return compare(self.engines, image, versions).to_json()
+
+    def models_json(self) -> dict[str, Any]:
+        weights = self.router.weights
+        return {
+            "versions": [
+                {
+                    "version": v,
+                    "tag": e.tag,
+                    "weight": weights[v],
+                    "concepts": list(e.bank.concepts),
+                    "cav_layer": e.bank.layer,
+                    "input_size": list(e.cfg.input_size),
+                    "labels": list(e.cfg.labels),
+                }
+                for v, e in self.engines.items()
+            ],
+            "shadow": self.router.shadow,
+            "shadow_agreement": self.shadow_stats.to_json(),
+            "flag_thresholds": {
+                "relevance_share": self.thresholds.relevance_share,
+                "fpr": self.thresholds.fpr,
+            },
+        }
+
+    def card_json(self, version: str) -> dict[str, Any]:
+        engine = self.engines.get(version) or next(
+            (e for e in self.engines.values() if e.tag == version_tag(version)), None
+        )
+        if engine is None:
+            raise UnknownModelVersionError(version, self.engines)
+        return {"version": engine.version, "tag": engine.tag, "card": engine.card.to_dict()}
+
+    # ----------------------------------------------------------------------------- HTTP
+
+    @bentoml.api(route="/predict")
+    def predict(self, image: ImageBody, /, ctx: bentoml.Context) -> dict[str, Any]:
+        """Prediction for the image in the request body."""
+        return self._serve(ctx, image, lambda d: self.predict_json(d, ctx.request.headers))
+
+    @bentoml.api(route="/audit")
+    def audit(self, image: ImageBody, /, ctx: bentoml.Context) -> dict[str, Any]:
+        """Prediction, LRP heatmap, concept scores, localization masks and flag decision."""
+        raw = ctx.request.query_params.get("raw_heatmap", "").lower() in ("1", "true", "yes")
+        return self._serve(ctx, image, lambda d: self.audit_json(d, ctx.request.headers, raw))
+
+    @bentoml.api(route="/compare")
+    def compare(self, image: ImageBody, /, ctx: bentoml.Context) -> dict[str, Any]:
+        """Audits by several versions (``?versions=a,b``, default all) side by side."""
+        q = ctx.request.query_params.get("versions", "")
+        versions = [v.strip() for v in q.split(",") if v.strip()]
+        return self._serve(ctx, image, lambda d: self.compare_json(d, versions))

@@ -1,0 +1,244 @@
+"""The BentoML service: tier 1 (the class called directly), tier 2 (in-process ASGI), tier 3 (real
+``bentoml serve`` + httpx + curl, marked e2e/slow). Every tier runs on the tiny two-version store."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.auth import hash_key
+from service.errors import AuthError, UnknownModelVersionError
+from service.inputs import decode_image
+
+# bentoml 1.4.40 builds its IO schemas through a pydantic hook deprecated in pydantic 2.11: theirs to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
+
+SALT, CLIENT_KEY, REVIEWER_KEY = "test-salt", "client-key-0123456789abcdef", "reviewer-key-0123456789abcdef"
+
+
+def _env(home: Path, auth: bool) -> dict[str, str]:
+    env = {
+        "BENTOML_HOME": str(home),
+        "MEDAUDIT_VERSIONS": "vanilla,pclarc-band_aid",
+        "MEDAUDIT_AB_WEIGHTS": "vanilla=1,pclarc-band_aid=1",
+        "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
+        "MEDAUDIT_AUTH": "on" if auth else "off",
+    }
+    if auth:
+        env["MEDAUDIT_API_KEYS"] = (
+            f"client:{hash_key(CLIENT_KEY, SALT)},reviewer:{hash_key(REVIEWER_KEY, SALT)}"
+        )
+        env["MEDAUDIT_API_KEY_SALT"] = SALT
+    return env
+
+
+def _png(size: int = 40, seed: int = 0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def service_env(tiny_store: Path) -> Iterator[dict[str, str]]:
+    env = _env(tiny_store, auth=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield env
+
+
+# ------------------------------------------------------------------------------ tier 1
+
+
+@pytest.fixture(scope="module")
+def svc(service_env):
+    from service.api import MedAudit
+
+    return MedAudit()
+
+
+def test_tier1_service_class_called_directly(svc) -> None:
+    img = decode_image(_png(), "image/png")
+    assert svc.__is_ready__()
+    out = svc.predict_json(img, {"x-model-version": "pclarc-band_aid"})
+    assert out["version"] == "pclarc-band_aid" and out["via"] == "explicit" and out["shadow"] is None
+    out = svc.audit_json(img, {"x-model-version": "vanilla"}, raw_heatmap=False)
+    assert out["shadow"]["version"] == "pclarc-band_aid" and isinstance(out["shadow"]["agree"], bool)
+    assert {c["concept"] for c in out["concepts"]} == {"band_aid", "ruler"}
+    with pytest.raises(UnknownModelVersionError):
+        svc.predict_json(img, {"x-model-version": "nope"})
+    with pytest.raises(AuthError):
+        svc.authenticate({})
+    assert svc.card_json("resnet18-synthderm:vanilla")["version"] == "vanilla"
+
+
+# ------------------------------------------------------------------------------ tier 2
+
+
+@pytest.fixture(scope="module")
+def client(service_env):
+    from starlette.testclient import TestClient
+
+    from service.api import MedAudit
+
+    with TestClient(MedAudit.to_asgi()) as c:
+        c.headers["Authorization"] = f"Bearer {CLIENT_KEY}"
+        yield c
+
+
+def test_ready_and_models(client) -> None:
+    assert client.get("/readyz").status_code == 200
+    r = client.get("/models/")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [v["version"] for v in body["versions"]] == ["vanilla", "pclarc-band_aid"]
+    assert body["shadow"] == "pclarc-band_aid" and body["request_id"]
+    r = client.get("/models/vanilla")
+    assert r.status_code == 200 and r.json()["card"]["version"] == "vanilla"
+    r = client.get("/models/nope")
+    assert r.status_code == 404
+    assert r.json()["error"] == "unknown_model_version"
+    assert r.json()["valid_versions"] == ["pclarc-band_aid", "vanilla"]
+
+
+def test_predict_explicit_version_wins_and_subject_key_is_stable(client) -> None:
+    r = client.post(
+        "/predict",
+        content=_png(),
+        headers={"Content-Type": "image/png", "X-Model-Version": "vanilla", "X-Request-ID": "rid-1"},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == "vanilla" and body["via"] == "explicit" and body["request_id"] == "rid-1"
+    assert r.headers["x-model-version"] == "vanilla" and r.headers["x-request-id"] == "rid-1"
+    assert body["shadow"]["version"] == "pclarc-band_aid"
+    assert sum(body["prediction"]["probabilities"].values()) == pytest.approx(1.0)
+    versions = {
+        client.post(
+            "/predict", content=_png(), headers={"Content-Type": "image/png", "X-Subject-Key": "patient-7"}
+        ).json()["version"]
+        for _ in range(3)
+    }
+    assert len(versions) == 1
+    agreement = client.get("/models/").json()["shadow_agreement"]
+    assert any(a["version"] == "vanilla" and a["agree"] + a["disagree"] >= 1 for a in agreement)
+
+
+def test_audit_returns_heatmap_concepts_and_flag(client) -> None:
+    r = client.post(
+        "/audit?raw_heatmap=1",
+        content=_png(24),
+        headers={"Content-Type": "application/octet-stream", "X-Model-Version": "pclarc-band_aid"},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == "pclarc-band_aid" and body["shadow"] is None
+    hm = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
+    assert hm.size == (32, 32)
+    assert body["heatmap"]["dtype"] == "float16" and body["heatmap"]["shape"] == [32, 32]
+    assert set(body["flag"]) == {"flagged", "reasons", "concepts"}
+    assert any("small image" in n for n in body["notes"])
+    for c in body["concepts"]:
+        assert (c["mask_png"] is not None) == c["present"]
+
+
+def test_compare(client) -> None:
+    r = client.post(
+        "/compare?versions=vanilla,pclarc-band_aid", content=_png(), headers={"Content-Type": "image/png"}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["versions"] == ["vanilla", "pclarc-band_aid"] and set(body["agreement"]) == {"label", "flag"}
+    r = client.post("/compare?versions=vanilla,nope", content=_png(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 404 and r.json()["valid_versions"] == ["pclarc-band_aid", "vanilla"]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b"not an image at all", {"Content-Type": "image/png"}, 415, "unsupported_media_type"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, {"Content-Type": "image/png"}, 422, "invalid_image"),
+        (b"", {"Content-Type": "image/png"}, 400, "empty_body"),
+        (None, {"Content-Type": "image/png", "X-Model-Version": "nope"}, 404, "unknown_model_version"),
+        (None, {"Content-Type": "image/png", "Authorization": "Bearer wrong"}, 401, "unauthorized"),
+    ],
+)
+def test_bad_requests_are_4xx_json(client, body, headers, status, code) -> None:
+    for endpoint in ("/predict", "/audit"):
+        r = client.post(endpoint, content=_png() if body is None else body, headers=headers)
+        assert r.status_code == status, r.text
+        assert r.json()["error"] == code and r.json()["request_id"] == r.headers["x-request-id"]
+    if status == 401:
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert client.get("/models/", headers=headers).status_code == 401
+
+
+# ------------------------------------------------------------------------------ tier 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path: Path) -> None:
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, **_env(tiny_store, auth=False), "OMP_NUM_THREADS": "1"}
+    bentoml_bin = str(Path(sys.executable).parent / "bentoml")
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [bentoml_bin, "serve", "service.api:MedAudit", "--port", str(port), "--host", "127.0.0.1"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        r = httpx.post(f"{base}/audit", content=_png(), headers={"Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] in ("vanilla", "pclarc-band_aid")
+        assert httpx.get(f"{base}/models/nope").status_code == 404
+        if shutil.which("curl"):
+            img = tmp_path / "x.png"
+            img.write_bytes(_png())
+            curl = ["curl", "-s", "-w", "\n%{http_code}", "--data-binary", f"@{img}"]
+            curl += ["-H", "Content-Type: image/png", "-H", "X-Model-Version: vanilla", f"{base}/predict"]
+            out = subprocess.run(curl, capture_output=True, text=True, timeout=60, check=True)
+            body, code = out.stdout.rsplit("\n", 1)
+            assert code == "200" and '"version":"vanilla"' in body.replace(" ", "")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
