@@ -1,0 +1,34 @@
+"""``python -m service``: serve the store with ``bentoml serve service.api:MedAudit``.
+
+Usage::
+
+    BENTOML_HOME=artifacts/bentoml MEDAUDIT_AUTH=off \\
+    MEDAUDIT_VERSIONS=vanilla,pclarc-band_aid MEDAUDIT_AB_WEIGHTS=vanilla=1 \\
+    python -m service --port 3000
+
+Every other argument is passed to ``bentoml serve`` unchanged (``--host``, ``--port``,
+``--development``, …). Settings come from the environment (:mod:`service.config`), read once when
+the service starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+SERVICE = "service.api:MedAudit"
+
+
+def main(argv: list[str]) -> None:
+    exe = Path(sys.executable).parent / "bentoml"
+    bentoml = str(exe) if exe.exists() else shutil.which("bentoml") or "bentoml"
+    root = Path(__file__).resolve().parents[1]
+    os.chdir(root)  # bentoml resolves "service.api" from the working directory
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    os.execv(bentoml, [bentoml, "serve", SERVICE, *argv])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
