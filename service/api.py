@@ -14,7 +14,8 @@ Endpoints (every response carries ``X-Request-ID`` and, when a model answered, `
 =======================  ====================================================================
 
 The image is the whole request body (BentoML 1.4 *root input*), e.g.
-``curl --data-binary @x.png -H 'Content-Type: image/png' localhost:3000/audit``. Version choice:
+``curl --data-binary @x.png -H 'Content-Type: image/png' localhost:3000/audit``; a multipart form
+upload (``curl -F image=@x.png …``) works too (:mod:`service.uploads`). Version choice:
 ``X-Model-Version`` wins, else the :class:`~service.routing.Router` hashes ``X-Subject-Key``
 (random with the A/B weights when there is none). A shadow version, if configured, also predicts
 every request and its agreement with the answering version is counted.
@@ -47,6 +48,7 @@ from service.config import Settings
 from service.errors import AuditError, UnknownModelVersionError
 from service.inputs import DecodedImage, decode_image
 from service.routing import Route
+from service.uploads import UploadNormalizer
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 with warnings.catch_warnings():  # bentoml 1.4.40's import-time pathspec deprecation (see service.store)
@@ -271,3 +273,6 @@ class MedAudit:
         q = ctx.request.query_params.get("versions", "")
         versions = [v.strip() for v in q.split(",") if v.strip()]
         return self._serve(ctx, image, lambda d: self.compare_json(d, versions))
+
+
+MedAudit.add_asgi_middleware(UploadNormalizer)  # type: ignore[attr-defined]

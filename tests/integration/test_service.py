@@ -106,6 +106,8 @@ def test_ready_and_models(client) -> None:
     body = r.json()
     assert [v["version"] for v in body["versions"]] == ["vanilla", "pclarc-band_aid"]
     assert body["shadow"] == "pclarc-band_aid" and body["request_id"]
+    assert client.get("/models", follow_redirects=False).status_code in (200, 307)
+    assert client.get("/models").json()["versions"] == body["versions"]
     r = client.get("/models/vanilla")
     assert r.status_code == 200 and r.json()["card"]["version"] == "vanilla"
     r = client.get("/models/nope")
@@ -186,6 +188,25 @@ def test_bad_requests_are_4xx_json(client, body, headers, status, code) -> None:
         assert client.get("/models/", headers=headers).status_code == 401
 
 
+def test_multipart_and_form_labelled_uploads_reach_the_decoder(client) -> None:
+    png = _png()
+    r = client.post(
+        "/predict", files={"image": ("x.png", png, "image/png")}, headers={"X-Model-Version": "vanilla"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == "vanilla" and r.json()["notes"] == []
+    r = client.post("/audit", files={"other": ("x.bin", png, "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    r = client.post("/predict", content=png, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    r = client.post("/predict", data={"field": "no file"}, files={})
+    assert r.status_code in (400, 415) and r.json()["error"] in ("empty_body", "unsupported_media_type")
+    r = client.post(
+        "/predict", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+
+
 # ------------------------------------------------------------------------------ tier 3
 
 
@@ -235,6 +256,20 @@ def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path
             out = subprocess.run(curl, capture_output=True, text=True, timeout=60, check=True)
             body, code = out.stdout.rsplit("\n", 1)
             assert code == "200" and '"version":"vanilla"' in body.replace(" ", "")
+            form = [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-F",
+                f"image=@{img};type=image/png",
+            ]
+            out = subprocess.run(
+                [*form, f"{base}/audit"], capture_output=True, text=True, timeout=60, check=True
+            )
+            assert out.stdout == "200"
     finally:
         proc.terminate()
         try:
