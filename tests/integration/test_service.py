@@ -157,6 +157,25 @@ def test_audit_returns_heatmap_concepts_and_flag(client) -> None:
         assert (c["mask_png"] is not None) == c["present"]
 
 
+def test_concurrent_audits_match_sequential_ones(client) -> None:
+    """BentoML runs sync APIs in a thread pool: concurrent audits must not see each other's state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    headers = {"Content-Type": "image/png", "X-Model-Version": "vanilla"}
+
+    def audit(seed: int) -> tuple[str, list[float]]:
+        r = client.post("/audit", content=_png(seed=seed), headers=headers)
+        assert r.status_code == 200, r.text
+        b = r.json()
+        return b["heatmap_png"], [c["score"] for c in b["concepts"]]
+
+    sequential = [audit(s) for s in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(audit, range(4)))
+    for (hm_s, sc_s), (hm_c, sc_c) in zip(sequential, concurrent, strict=True):
+        assert hm_s == hm_c and sc_s == pytest.approx(sc_c, rel=1e-5)
+
+
 def test_compare(client) -> None:
     r = client.post(
         "/compare?versions=vanilla,pclarc-band_aid", content=_png(), headers={"Content-Type": "image/png"}
