@@ -14,6 +14,11 @@ import typer
 
 #: What the demo model is audited for: the synthderm artifacts with a spurious correlation.
 DEFAULT_ARTIFACTS = "band_aid,ruler,skin_marker"
+#: Channel view of discovery: max-pooled *activations* at the first stage. On the demo config with a
+#: timestamp planted in 10% of malignant images, the model barely used the timestamp (ρ ≈ its area
+#: share), so relevance-based views found 1–3 of 24 at identity_1/identity_2, while activations at
+#: identity_0, where text strokes are still resolved, found 10 of 24 (base rate 5%).
+DISCOVERY_LAYER = "identity_0"
 
 
 def _parse_pairs(values: list[str], what: str) -> dict[str, str]:
@@ -61,8 +66,13 @@ def audit(
     max_test: int = typer.Option(0, help="Audit at most this many test images (0: all)."),
     max_localize: int = typer.Option(200, help="Artifact test images localized per concept."),
     top_k: int = typer.Option(24, help="Outliers shown and counted per discovery method."),
-    discovery_layer: str | None = typer.Option(None, help="Layer of the channel view (default: --layer)."),
-    channel_features: str = typer.Option("relevance", help="Channel view on relevance or activation."),
+    discovery_layer: str | None = typer.Option(
+        None,
+        help=f"Layer of the channel view (default: {DISCOVERY_LAYER} where the model has it, else --layer).",
+    ),
+    channel_features: str = typer.Option(
+        "activation", help="Channel view on activation (default, see DISCOVERY_LAYER) or relevance."
+    ),
     include_declared: bool = typer.Option(
         False, help="Let discovery rank samples that carry a declared artifact too."
     ),
@@ -146,7 +156,8 @@ def audit(
                 max_localize=max_localize,
                 top_k=top_k,
                 seed=seed,
-                discovery_layer=discovery_layer,
+                discovery_layer=discovery_layer
+                or (DISCOVERY_LAYER if DISCOVERY_LAYER in cfg.hook_points else None),
                 channel_features=channel_features,
                 exclude_declared=not include_declared,
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -215,3 +216,25 @@ def test_default_concept_layers_apply_to_declared_concepts_and_known_layers() ->
     assert default_concept_layers(resnet, ["band_aid", "timestamp"]) == {"band_aid": "identity_1"}
     _, vgg = create_model("vgg16")
     assert default_concept_layers(vgg, ["band_aid"]) == {}  # no identity_1 hook point there
+
+
+def test_cli_writes_report_metrics_and_banks(trained: tuple, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from clients.cli import app
+
+    _, _, ckpt_dir = trained
+    weights = ckpt_dir / "model.pt"
+    args = ["audit", "--weights", str(weights), "--out", str(tmp_path), "--artifacts", "band_aid,ruler"]
+    res = CliRunner().invoke(app, [*args, "--top-k", "4", "--threads", "1", "--max-test", "30"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["concepts"]["ruler"]["layer"] == "identity_1"  # the built-in per-concept default
+    assert m["discovery"]["channels"] == {**m["discovery"]["channels"], "layer": "identity_0"}
+    assert m["splits"]["test"] == {"audited": 30, "available": 40}
+    assert "checkpoint's own data config" in " ".join(m["notes"])
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+    assert (tmp_path / "banks" / "identity_1" / "bank.json").is_file()
+    # --plant refuses to retrain a checkpoint that was trained without that plant
+    res = CliRunner().invoke(app, [*args, "--plant", "timestamp:0.1,0.0"])
+    assert res.exit_code == 2 and "trained without timestamp" in re.sub(r"[\s│]+", " ", res.output)
