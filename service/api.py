@@ -23,6 +23,12 @@ every request and its agreement with the answering version is counted.
 Errors: an :class:`~service.errors.AuditError` becomes its status with body
 ``{"error", "detail", ..., "request_id"}``; anything else is BentoML's generic 500.
 
+``/predict`` is adaptively batched: :class:`MedAudit` authenticates, decodes, routes and resizes,
+then awaits :class:`Predictor` (a dependent BentoML service, its own process under
+``bentoml serve``), whose batchable API merges concurrent requests into one ONNX Runtime run per
+version. ``/audit`` and ``/compare`` run LRP per request in BentoML's thread pool (a different
+latency class; batching them the same way is possible later).
+
 The GET routes live in a small Starlette app mounted at ``/models`` because BentoML 1.4 API
 routes are POST-only. Settings are read from the environment once, in ``__init__`` (see
 :mod:`service.config`; ``MEDAUDIT_AUTH=off`` for demos), plus ``MEDAUDIT_FLAG_SHARE``, the relevance
@@ -31,6 +37,7 @@ share above which a present concept flags (default 0.2).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -42,7 +49,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from models.errors import ConfigError
-from service.audit import AuditEngine, FlagThresholds, compare, version_tag
+from service.audit import AuditEngine, FlagThresholds, OnnxPredictor, compare, version_tag
 from service.auth import ANONYMOUS, Principal, Role
 from service.config import Settings
 from service.errors import AuditError, UnknownModelVersionError
@@ -55,6 +62,8 @@ with warnings.catch_warnings():  # bentoml 1.4.40's import-time pathspec depreca
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"GitWildMatchPattern")
     import bentoml
     from bentoml.validators import ContentType
+import anyio.to_thread
+import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -101,6 +110,35 @@ def flag_thresholds(environ: Mapping[str, str], fpr: float | None) -> FlagThresh
         raise ConfigError(f"{FLAG_SHARE_VAR} must be a number in [0, 1], got {raw!r}") from None
 
 
+@bentoml.service(name="medaudit-predictor", traffic={"timeout": 60})
+class Predictor:
+    """ONNX Runtime predictions of every served version behind one adaptively batched API.
+
+    BentoML's batchable APIs take one list argument and lose per-request headers, so routing, auth
+    and decoding stay in :class:`MedAudit`, which sends model-size pixels here; concurrent
+    requests are merged into one ONNX Runtime run per version (``max_latency_ms`` bounds the wait).
+    """
+
+    def __init__(self) -> None:
+        settings = Settings.from_env(os.environ)
+        self.predictors = {v: OnnxPredictor.from_store(v) for v in settings.versions}
+        for p in self.predictors.values():
+            p.predict([np.zeros((*p.size, 3), dtype=np.uint8)])
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=200)
+    def predict_batch(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``[{"version", "pixels": (H, W, 3) uint8}]`` -> one prediction JSON per job, in order."""
+        out: list[dict[str, Any]] = [{} for _ in jobs]
+        by_version: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_version.setdefault(str(job["version"]), []).append(i)
+        for version, idx in by_version.items():
+            rgb = np.stack([np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx])
+            for i, pred in zip(idx, self.predictors[version].predict_pixels(rgb), strict=True):
+                out[i] = pred.to_json()
+        return out
+
+
 def _models_index(request: Request) -> JSONResponse:
     svc: MedAudit = request.app.state.service
     return svc.http_get(request, lambda: svc.models_json())
@@ -123,6 +161,8 @@ models_app = Starlette(
 @bentoml.service(name="medaudit", traffic={"timeout": 300})
 class MedAudit:
     """Serves every configured version: predictions, audits and comparisons."""
+
+    batcher = bentoml.depends(Predictor)
 
     def __init__(self) -> None:
         self.settings = Settings.from_env(os.environ)
@@ -161,6 +201,18 @@ class MedAudit:
         self.shadow_stats.record(route.version, route.shadow, agree)
         return {"version": route.shadow, "label": shadow.label, "agree": agree}
 
+    def _decode(self, headers: Mapping[str, str], image: Path) -> DecodedImage:
+        # BentoML hands an empty body to a root input as "{}": the declared length tells them apart.
+        data = b"" if headers.get("content-length") == "0" else Path(image).read_bytes()
+        return decode_image(data, headers.get("content-type"), self.settings.limits)
+
+    @staticmethod
+    def _error(ctx: bentoml.Context, e: AuditError, rid: str) -> JSONResponse:
+        ctx.response.status_code = e.status
+        for k, v in e.headers().items():
+            ctx.response.headers[k] = v
+        return JSONResponse({**e.to_json(), "request_id": rid}, status_code=e.status)
+
     def _serve(
         self, ctx: bentoml.Context, image: Path, work: Callable[[DecodedImage], dict[str, Any]]
     ) -> Any:
@@ -170,15 +222,10 @@ class MedAudit:
         ctx.response.headers["X-Request-ID"] = rid
         try:
             self.authenticate(headers)
-            # BentoML hands an empty body to a root input as "{}": the declared length tells them apart.
-            data = b"" if headers.get("content-length") == "0" else Path(image).read_bytes()
-            decoded = decode_image(data, headers.get("content-type"), self.settings.limits)
+            decoded = self._decode(headers, image)
             body = work(decoded)
         except AuditError as e:
-            ctx.response.status_code = e.status
-            for k, v in e.headers().items():
-                ctx.response.headers[k] = v
-            return JSONResponse({**e.to_json(), "request_id": rid}, status_code=e.status)
+            return self._error(ctx, e, rid)
         if "version" in body:
             ctx.response.headers["X-Model-Version"] = body["version"]
         return {"request_id": rid, **body, "notes": list(decoded.notes)}
@@ -257,9 +304,35 @@ class MedAudit:
     # ----------------------------------------------------------------------------- HTTP
 
     @bentoml.api(route="/predict")
-    def predict(self, image: ImageBody, /, ctx: bentoml.Context) -> dict[str, Any]:
-        """Prediction for the image in the request body."""
-        return self._serve(ctx, image, lambda d: self.predict_json(d, ctx.request.headers))
+    async def predict(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
+        """Prediction for the image in the request body, adaptively batched in :class:`Predictor`."""
+        headers = ctx.request.headers
+        rid = headers.get("x-request-id") or uuid.uuid4().hex
+        ctx.response.headers["X-Request-ID"] = rid
+
+        def prepare() -> tuple[DecodedImage, Route, dict[str, np.ndarray]]:
+            self.authenticate(headers)
+            decoded = self._decode(headers, image)
+            route = self.route(headers)
+            versions = [route.version] + ([route.shadow] if route.shadow else [])
+            return decoded, route, {v: self.engines[v].predictor.pixels([decoded])[0] for v in versions}
+
+        try:
+            decoded, route, pixels = await anyio.to_thread.run_sync(prepare)
+        except AuditError as e:
+            return self._error(ctx, e, rid)
+        answers = await asyncio.gather(
+            *(self.batcher.to_async.predict_batch([{"version": v, "pixels": px}]) for v, px in pixels.items())
+        )
+        pred = answers[0][0]
+        shadow = None
+        if route.shadow is not None:
+            label = answers[1][0]["label"]
+            shadow = {"version": route.shadow, "label": label, "agree": label == pred["label"]}
+            self.shadow_stats.record(route.version, route.shadow, shadow["agree"])
+        ctx.response.headers["X-Model-Version"] = route.version
+        body = {"version": route.version, "via": route.via, "prediction": pred, "shadow": shadow}
+        return {"request_id": rid, **body, "notes": list(decoded.notes)}
 
     @bentoml.api(route="/audit")
     def audit(self, image: ImageBody, /, ctx: bentoml.Context) -> dict[str, Any]:

@@ -233,6 +233,61 @@ def overlay(rgb: np.ndarray, heatmap: np.ndarray, alpha: float = 0.6) -> np.ndar
 # --------------------------------------------------------------------------------- engine
 
 
+def predictions(logits: np.ndarray, labels: Sequence[str], version: str) -> list[Prediction]:
+    """Softmax of (B, K) logits as :class:`Prediction` objects."""
+    z = np.asarray(logits, dtype=np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return [
+        Prediction(
+            version=version,
+            label=labels[int(row.argmax())],
+            class_index=int(row.argmax()),
+            probabilities={lab: float(q) for lab, q in zip(labels, row, strict=True)},
+        )
+        for row in p
+    ]
+
+
+class OnnxPredictor:
+    """Predictions of one version through ONNX Runtime only (what the batching service holds).
+
+    Args:
+        loaded: A verified version from the store.
+        ort_threads: ONNX Runtime intra-op threads (0: its default).
+    """
+
+    def __init__(self, loaded: LoadedVersion, ort_threads: int = 0) -> None:
+        self.tag = loaded.tag
+        self.version = loaded.tag.split(":", 1)[1]
+        self.cfg = loaded.cfg
+        self.session = ort_session(loaded.onnx_path, threads=ort_threads)
+
+    @classmethod
+    def from_store(cls, version: str, home: str | Path | None = None, ort_threads: int = 0) -> OnnxPredictor:
+        return cls(load_version(version_tag(version), home=home), ort_threads)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.cfg.input_size[1]), int(self.cfg.input_size[2])
+
+    def pixels(self, images: Sequence[Image_]) -> np.ndarray:
+        """Images resized to the model input: (B, H, W, 3) uint8 (small enough to ship to a batcher)."""
+        if not images:
+            raise ValueError("no images")
+        return np.stack([to_model_input(im, self.size) for im in images])
+
+    def predict_pixels(self, rgb: np.ndarray) -> list[Prediction]:
+        """Predictions for (B, H, W, 3) uint8 model-size images, one ONNX Runtime run."""
+        x = normalize(torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2), self.cfg)
+        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(np.float32)})[0]
+        return predictions(np.asarray(logits), self.cfg.labels, self.version)
+
+    def predict(self, images: Sequence[Image_]) -> list[Prediction]:
+        """Predictions for a batch of images, one ONNX Runtime run."""
+        return self.predict_pixels(self.pixels(images))
+
+
 class AuditEngine:
     """Predict, explain, score and flag for one served version. Build once, call often.
 
@@ -250,7 +305,7 @@ class AuditEngine:
         self.bank = loaded.bank
         self.thresholds = thresholds or FlagThresholds()
         self.explainer = Explainer(loaded.model, loaded.cfg)
-        self.session = ort_session(loaded.onnx_path, threads=ort_threads)
+        self.predictor = OnnxPredictor(loaded, ort_threads)
         layer = self.bank.layer
         self._targets: list[Target] = [
             "pred",
@@ -276,39 +331,19 @@ class AuditEngine:
         return int(self.cfg.input_size[1]), int(self.cfg.input_size[2])
 
     def _inputs(self, images: Sequence[Image_]) -> tuple[np.ndarray, torch.Tensor]:
-        if not images:
-            raise ValueError("no images")
-        rgb = np.stack([to_model_input(im, self.size) for im in images])  # (B, H, W, 3) uint8
-        x = normalize(torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous(), self.cfg)
-        return rgb, x
-
-    def _prediction(self, logits: np.ndarray) -> list[Prediction]:
-        z = logits.astype(np.float64)
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        labels = self.cfg.labels
-        return [
-            Prediction(
-                version=self.version,
-                label=labels[int(row.argmax())],
-                class_index=int(row.argmax()),
-                probabilities={lab: float(q) for lab, q in zip(labels, row, strict=True)},
-            )
-            for row in p
-        ]
+        rgb = self.predictor.pixels(images)  # (B, H, W, 3) uint8
+        return rgb, normalize(torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous(), self.cfg)
 
     def predict(self, images: Sequence[Image_]) -> list[Prediction]:
         """Predictions for a batch of images, one ONNX Runtime run."""
-        _, x = self._inputs(images)
-        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(np.float32)})[0]
-        return self._prediction(np.asarray(logits))
+        return self.predictor.predict(images)
 
     def audit(self, images: Sequence[Image_], *, raw_heatmap: bool = False) -> list[AuditResult]:
         """Full audits for a batch of images, one LRP call (one forward, one batched backward)."""
         rgb, x = self._inputs(images)
         layer = self.bank.layer
         e = self.explainer.explain(x, self._targets, cav_layers=[layer], relevance_layers=[layer])
-        preds = self._prediction(e.logits.double().numpy())
+        preds = predictions(e.logits.double().numpy(), self.cfg.labels, self.version)
         scores = self.bank.score(e.activations[layer].double().numpy(), self.thresholds.fpr)
         class_rel = e.relevance[layer][0].double().numpy()  # (B, C, h, w), seeded at the class
         heat = e.heatmaps.double().numpy()  # (1 + K, B, H, W)

@@ -85,6 +85,23 @@ def test_tier1_service_class_called_directly(svc) -> None:
     assert svc.card_json("resnet18-synthderm:vanilla")["version"] == "vanilla"
 
 
+def test_tier1_batcher_groups_mixed_versions_and_keeps_order(svc) -> None:
+    from service.api import Predictor
+
+    batcher = Predictor()
+    images = [decode_image(_png(seed=s), "image/png") for s in range(4)]
+    versions = ["vanilla", "pclarc-band_aid", "vanilla", "pclarc-band_aid"]
+    jobs = [
+        {"version": v, "pixels": svc.engines[v].predictor.pixels([im])[0]}
+        for v, im in zip(versions, images, strict=True)
+    ]
+    out = batcher.predict_batch(jobs)
+    for v, im, got in zip(versions, images, out, strict=True):
+        want = svc.engines[v].predict([im])[0].to_json()
+        assert got["version"] == v and got["label"] == want["label"]
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+
+
 # ------------------------------------------------------------------------------ tier 2
 
 
