@@ -284,6 +284,18 @@ def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path
         assert r.status_code == 200, r.text
         assert r.json()["version"] in ("vanilla", "pclarc-band_aid")
         assert httpx.get(f"{base}/models/nope").status_code == 404
+        from concurrent.futures import ThreadPoolExecutor
+
+        def predict(_: int) -> int:
+            return httpx.post(
+                f"{base}/predict", content=_png(), headers={"Content-Type": "image/png"}, timeout=60
+            ).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(predict, range(16))) == {200}
+        metrics = httpx.get(f"{base}/metrics").text  # the batcher's histogram: every job went through it
+        sums = [ln for ln in metrics.splitlines() if ln.startswith("bentoml_service_adaptive_batch_size_sum")]
+        assert any('method_name="predict_batch"' in ln and float(ln.split()[-1]) >= 16 for ln in sums), sums
         if shutil.which("curl"):
             img = tmp_path / "x.png"
             img.write_bytes(_png())
