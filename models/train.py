@@ -62,23 +62,23 @@ def normalize(x: torch.Tensor, cfg: ModelCfg) -> torch.Tensor:
     """uint8 NCHW or float [0, 1] NCHW -> the model's normalised input."""
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
-    mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.std, dtype=x.dtype).view(1, -1, 1, 1)
+    mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Flips, 90° rotations and mild brightness/contrast jitter, on [0, 1] images."""
-    B = x.shape[0]
-    flip_h = torch.rand(B, generator=g) < 0.5
-    flip_v = torch.rand(B, generator=g) < 0.5
+    B, dev = x.shape[0], x.device
+    flip_h = (torch.rand(B, generator=g) < 0.5).to(dev)
+    flip_v = (torch.rand(B, generator=g) < 0.5).to(dev)
     x = torch.where(flip_h.view(B, 1, 1, 1), x.flip(3), x)
     x = torch.where(flip_v.view(B, 1, 1, 1), x.flip(2), x)
     if x.shape[2] == x.shape[3]:
-        rot = torch.rand(B, generator=g) < 0.5
+        rot = (torch.rand(B, generator=g) < 0.5).to(dev)
         x = torch.where(rot.view(B, 1, 1, 1), x.transpose(2, 3), x)
-    b = (torch.rand(B, 1, 1, 1, generator=g) - 0.5) * 0.2
-    c = 1 + (torch.rand(B, 1, 1, 1, generator=g) - 0.5) * 0.2
+    b = ((torch.rand(B, 1, 1, 1, generator=g) - 0.5) * 0.2).to(dev)
+    c = (1 + (torch.rand(B, 1, 1, 1, generator=g) - 0.5) * 0.2).to(dev)
     m = x.mean(dim=(1, 2, 3), keepdim=True)
     return ((x - m) * c + m + b).clamp_(0, 1)
 
@@ -114,7 +114,8 @@ def render_split(
 def predict(model: nn.Module, X: torch.Tensor, cfg: ModelCfg, batch_size: int = 128) -> torch.Tensor:
     """Logits for uint8 images, in batches."""
     model.eval()
-    out = [model(normalize(X[i : i + batch_size], cfg)) for i in range(0, len(X), batch_size)]
+    dev = next(model.parameters()).device
+    out = [model(normalize(X[i : i + batch_size].to(dev), cfg)).cpu() for i in range(0, len(X), batch_size)]
     return torch.cat(out)
 
 
@@ -134,6 +135,7 @@ def train(
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train (or resume) the base model and write ``model.pt`` and ``card.json`` into ``out_dir``.
 
@@ -152,7 +154,7 @@ def train(
     cache = Path(cache_dir) if cache_dir else out / "cache"
     Xtr, ytr = render_split(ds, "train", cache_dir=cache, progress=progress)
     model, mcfg = create_model(tcfg.arch, img_size=tcfg.data.size)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device=torch.device(device), memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     steps_per_epoch = math.ceil(len(Xtr) / tcfg.batch_size)
     total = steps_per_epoch * tcfg.epochs
@@ -174,7 +176,7 @@ def train(
             log(f"{ckpt_path} was trained with another config; starting over")
     if start_epoch >= tcfg.epochs and card_path.exists():
         return json.loads(card_path.read_text())
-    weights = class_weights(ytr.numpy(), mcfg.num_classes)
+    weights = class_weights(ytr.numpy(), mcfg.num_classes).to(device)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, tcfg.epochs):
         # one generator per epoch, so a resumed run shuffles and augments exactly as an
@@ -186,11 +188,11 @@ def train(
         run_loss = 0.0
         for s in range(steps_per_epoch):
             idx = perm[s * tcfg.batch_size : (s + 1) * tcfg.batch_size]
-            x = Xtr[idx].float().div_(255)
+            x = Xtr[idx].to(device).float().div_(255)
             if tcfg.augment:
                 x = augment(x, g)
             x = normalize(x, mcfg).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), ytr[idx], weight=weights)
+            loss = F.cross_entropy(model(x), ytr[idx].to(device), weight=weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
