@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help install demo test test-fast lint format bench train clean
 
 help:
-	@echo "make demo   build the demo model on synthetic data (and, as issues land, serve it)"
+	@echo "make demo   train, correct and register the demo versions on synthderm, then serve them on :3000"
 	@echo "make test   run the whole test suite (what CI runs)"
 	@echo "make lint   ruff format --check, ruff check, mypy"
 	@echo "make bench  benchmarks into benchmarks/results/"
@@ -53,6 +53,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install
+	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/lrp.py
 
 clean:

@@ -93,6 +93,20 @@ class SynthDermConfig:
         spec.update(rates)
         return replace(self, spec=spec)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SynthDermConfig:
+        """Inverse of :meth:`to_dict` (JSON lists back to tuples); unknown keys are ignored."""
+        known = set(cls.__dataclass_fields__)
+        kw: dict[str, Any] = {k: v for k, v in d.items() if k in known}
+        if "spec" in kw:
+            kw["spec"] = {a: (float(r[0]), float(r[1])) for a, r in kw["spec"].items()}
+        for key in ("severity_ab", "p_ambiguous", "ambiguous_zone"):
+            if key in kw:
+                kw[key] = tuple(float(x) for x in kw[key])
+        if "biopsy_artifacts" in kw:
+            kw["biopsy_artifacts"] = tuple(kw["biopsy_artifacts"])
+        return cls(**kw)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "generator_version": GENERATOR_VERSION,

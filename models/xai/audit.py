@@ -947,14 +947,7 @@ def train_with_hidden_artifact(
 
 def synthderm_config_from_dict(d: Mapping[str, Any]) -> SynthDermConfig:
     """The :class:`SynthDermConfig` a ``to_dict()`` (e.g. a checkpoint's ``train_cfg.data``) describes."""
-    known = set(SynthDermConfig.__dataclass_fields__)
-    kw: dict[str, Any] = {k: v for k, v in d.items() if k in known}
-    if "spec" in kw:
-        kw["spec"] = {a: (float(r[0]), float(r[1])) for a, r in kw["spec"].items()}
-    for key in ("severity_ab", "p_ambiguous", "ambiguous_zone"):
-        if key in kw:
-            kw[key] = tuple(float(x) for x in kw[key])
-    return SynthDermConfig(**kw)
+    return SynthDermConfig.from_dict(d)
 
 
 def _sem(x: np.ndarray) -> float:

@@ -190,3 +190,11 @@ def test_export_writes_images_masks_and_annotations(tmp_path) -> None:
     assert np.array_equal(np.asarray(Image.open(root / "images" / f"{first}.png")), ds.sample(i).image)
     mask = np.asarray(Image.open(root / "masks" / f"{first}_band_aid.png")) > 0
     assert np.array_equal(mask, ds.sample(i).masks["band_aid"])
+
+
+def test_config_dict_round_trip() -> None:
+    cfg = SynthDermConfig(size=48, seed=9, biopsy_artifacts=("band_aid", "ruler")).with_spec(
+        timestamp=(0.1, 0.0)
+    )
+    again = SynthDermConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
