@@ -86,6 +86,14 @@ class BuildConfig:
     artifact: str = "band_aid"
     layer: str = ""
     cav_scope: str = "artifact_class"
+    #: ``"paired"``: fit the correction CAV, μ0 and the rP-ClArC gate on counterfactual pairs, every
+    #: training image rendered without and with the artifact (synthderm can draw both), so v is
+    #: the artifact's direction alone. ``"membership"``: the paper's recipe, artifact vs
+    #: no-artifact samples within ``cav_scope`` (method.md §1.1). Membership CAVs pick up whatever
+    #: the artifact co-occurs with: with band-aids on biopsied (ambiguous-looking) benign lesions,
+    #: v also points along "malignant-looking", and P-ClArC then moved malignant images toward
+    #: benign (measured: attacked malignant accuracy 0.664 -> 0.320).
+    cav_data: str = "paired"
     corrections: tuple[str, ...] = DEFAULT_CORRECTIONS
     finetune: FinetuneConfig | None = None
     n_correction_images: int = 800
@@ -102,6 +110,8 @@ class BuildConfig:
             raise ConfigError(f"unknown corrections {unknown}; valid: {', '.join(CORRECTIONS)}")
         if self.cav_scope not in ("artifact_class", "all"):
             raise ConfigError(f"cav_scope={self.cav_scope!r}; valid: 'artifact_class', 'all'")
+        if self.cav_data not in ("paired", "membership"):
+            raise ConfigError(f"cav_data={self.cav_data!r}; valid: 'paired', 'membership'")
         rates = self.train.data.spec.get(self.artifact)
         if rates is None or max(rates) <= 0:
             drawn = [a for a, r in self.train.data.spec.items() if max(r) > 0]
@@ -232,7 +242,7 @@ def build(
     scope = (focus,) if cfg.cav_scope == "artifact_class" else None
     bank_key = stage_key(
         "banks", weights_sha, cfg.train.data.to_dict(), layer, cfg.artifact, scope, concepts, cfg.seed,
-        cfg.target_fpr,
+        cfg.target_fpr, cfg.cav_data,
     )  # fmt: skip
     bank_dir = model_dir / "banks" / bank_key
     banks = _load_banks(bank_dir)
@@ -462,6 +472,18 @@ def _fit_banks(
         base_tag, layer, acts, member, val, kind="svm", dataset="synthderm", seed=cfg.seed,
         target_fpr=cfg.target_fpr, provenance={**prov, "cav_scope": None},
     )  # fmt: skip
+    if cfg.cav_data == "paired":
+        log(f"banks: counterfactual pairs, the training split without and with {cfg.artifact}")
+        Xc, _ = render_split(ds, "train", "clean", cfg.artifact, cache_dir=cache, progress=progress)
+        Xa, _ = render_split(ds, "train", "attacked", cfg.artifact, cache_dir=cache, progress=progress)
+        pair_acts = np.concatenate([pooled_activations(model, mcfg, layer, X) for X in (Xc, Xa)])
+        t_pair = np.repeat(np.array([0, 1], np.int64), len(Xc))
+        correction = ConceptBank.fit(
+            base_tag, layer, pair_acts, {cfg.artifact: t_pair}, val, kind="signal", dataset="synthderm",
+            seed=cfg.seed, target_fpr=cfg.target_fpr, provenance={**prov, "cav_data": "paired"},
+        )  # fmt: skip
+        gate = fit_cav(pair_acts, t_pair, kind="svm", seed=cfg.seed).v
+        return _Banks(detection, correction, np.asarray(gate, np.float64), reused=False)
     keep = np.ones(len(ytr), bool) if scope is None else np.isin(ytr.numpy(), scope)
     t = np.where(keep, member[cfg.artifact], -1)
     correction = ConceptBank.fit(

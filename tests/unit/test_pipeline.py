@@ -70,6 +70,7 @@ def test_first_build_makes_registers_and_tabulates_every_version(two_builds) -> 
         }
     lv = load_version(f"{NAME}:pclarc-band_aid", home=home)
     assert lv.card.correction["name"] == "pclarc"
+    assert any("counterfactual pairs" in line for line in logs1)  # the correction CAV's data
     assert lv.bank.model_version == f"{NAME}:pclarc-band_aid" and "band_aid" in lv.bank.concepts
 
 
@@ -117,6 +118,9 @@ def test_build_config_defaults_come_from_the_dataclasses_and_bad_values_are_name
         BuildConfig(corrections=("clarc",))
     with pytest.raises(ConfigError, match="timestamp"):
         BuildConfig(artifact="timestamp")  # drawn nowhere in the default spec
+    assert cfg.cav_data == "paired"
+    with pytest.raises(ConfigError, match="cav_data='pairs'; valid: 'paired', 'membership'"):
+        BuildConfig(cav_data="pairs")
     ft = FinetuneConfig(epochs=1)
     assert BuildConfig(finetune=ft).correction("rrr").finetune == ft  # type: ignore[attr-defined]
 
