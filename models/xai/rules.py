@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -276,8 +276,10 @@ class _FlatLinearFn(torch.autograd.Function):
         return total.expand(*r.shape[:-1], d_in), None, None, None
 
 
-class FlatLinear(nn.Module):
-    """A linear layer whose backward is the Flat rule (if it is the model's first layer)."""
+class _RuleLinear(nn.Module):
+    """A frozen copy of an ``nn.Linear`` whose forward runs the autograd function ``_fn``."""
+
+    _fn: ClassVar[type[torch.autograd.Function]]
 
     def __init__(self, linear: nn.Linear, eps: float = EPSILON) -> None:
         super().__init__()
@@ -286,7 +288,13 @@ class FlatLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FlatLinearFn.apply(x, self.weight, self.bias, self.eps)
+        return self._fn.apply(x, self.weight, self.bias, self.eps)
+
+
+class FlatLinear(_RuleLinear):
+    """A linear layer whose backward is the Flat rule (if it is the model's first layer)."""
+
+    _fn = _FlatLinearFn
 
 
 # --------------------------------------------------------------------------- ε (linear)
@@ -313,17 +321,10 @@ class _EpsilonFn(torch.autograd.Function):
         return x * torch.matmul(r / stabilize(z, ctx.eps), w), None, None, None
 
 
-class EpsilonLinear(nn.Module):
+class EpsilonLinear(_RuleLinear):
     """A linear layer whose backward is the ε rule (every ``nn.Linear`` but a first layer)."""
 
-    def __init__(self, linear: nn.Linear, eps: float = EPSILON) -> None:
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", linear.weight.detach().clone())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _EpsilonFn.apply(x, self.weight, self.bias, self.eps)
+    _fn = _EpsilonFn
 
 
 # --------------------------------------------------------------------------- Norm (sums, avg-pools)
