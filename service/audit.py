@@ -144,6 +144,9 @@ class AuditResult:
         concepts: One score per concept of the version's bank.
         flag: The decision of :func:`decide_flag`.
         layer: The bank's CAV layer.
+        features: The spatially max-pooled activations φ(x) at ``layer`` (float32, (C,)): what
+            the concept scores are dot products of. Not in the JSON; flags store it so that
+            reviewed flags can refit the bank (``medaudit refine-cav``).
     """
 
     prediction: Prediction
@@ -152,6 +155,7 @@ class AuditResult:
     flag: FlagDecision
     layer: str
     heatmap: np.ndarray | None = field(default=None, repr=False)
+    features: np.ndarray | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         raw = None
@@ -344,7 +348,8 @@ class AuditEngine:
         layer = self.bank.layer
         e = self.explainer.explain(x, self._targets, cav_layers=[layer], relevance_layers=[layer])
         preds = predictions(e.logits.double().numpy(), self.cfg.labels, self.version)
-        scores = self.bank.score(e.activations[layer].double().numpy(), self.thresholds.fpr)
+        pooled = e.activations[layer].double().numpy()
+        scores = self.bank.score(pooled, self.thresholds.fpr)
         class_rel = e.relevance[layer][0].double().numpy()  # (B, C, h, w), seeded at the class
         heat = e.heatmaps.double().numpy()  # (1 + K, B, H, W)
         shares = {c: relevance_share(class_rel, self.bank[c].v) for c in self.bank}
@@ -374,6 +379,7 @@ class AuditEngine:
                     flag=decide_flag(concepts, self.thresholds),
                     layer=layer,
                     heatmap=heat[0, b].astype(np.float16) if raw_heatmap else None,
+                    features=pooled[b].astype(np.float32),
                 )
             )
         return out
