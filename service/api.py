@@ -23,11 +23,12 @@ every request and its agreement with the answering version is counted.
 Errors: an :class:`~service.errors.AuditError` becomes its status with body
 ``{"error", "detail", ..., "request_id"}``; anything else is BentoML's generic 500.
 
-``/predict`` is adaptively batched: :class:`MedAudit` authenticates, decodes, routes and resizes,
-then awaits :class:`Predictor` (a dependent BentoML service, its own process under
-``bentoml serve``), whose batchable API merges concurrent requests into one ONNX Runtime run per
-version. ``/audit`` and ``/compare`` run LRP per request in BentoML's thread pool (a different
-latency class; batching them the same way is possible later).
+Work is adaptively batched in two dependent BentoML services (each its own process under
+``bentoml serve``): :class:`MedAudit` authenticates, decodes, routes and resizes, then awaits
+:class:`Predictor` (``/predict`` and shadow predictions: one ONNX Runtime run per version per
+batch) or :class:`Auditor` (``/audit`` and ``/compare``: one LRP call per version per batch).
+BentoML's batchable APIs take one list argument and lose per-request headers, which is why the
+split is there: everything that needs the request stays in :class:`MedAudit`.
 
 The GET routes live in a small Starlette app mounted at ``/models`` because BentoML 1.4 API
 routes are POST-only. Settings are read from the environment once, in ``__init__`` (see
@@ -44,12 +45,19 @@ import threading
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 from models.errors import ConfigError
-from service.audit import AuditEngine, FlagThresholds, OnnxPredictor, compare, version_tag
+from service.audit import (
+    PREDICT_BACKENDS,
+    AuditEngine,
+    FlagThresholds,
+    compare,
+    comparison_json,
+    version_tag,
+)
 from service.auth import ANONYMOUS, Principal, Role
 from service.config import Settings
 from service.errors import AuditError, UnknownModelVersionError
@@ -112,31 +120,77 @@ def flag_thresholds(environ: Mapping[str, str], fpr: float | None) -> FlagThresh
 
 @bentoml.service(name="medaudit-predictor", traffic={"timeout": 60})
 class Predictor:
-    """ONNX Runtime predictions of every served version behind one adaptively batched API.
+    """Predictions of every served version behind one adaptively batched API.
 
     BentoML's batchable APIs take one list argument and lose per-request headers, so routing, auth
     and decoding stay in :class:`MedAudit`, which sends model-size pixels here; concurrent
-    requests are merged into one ONNX Runtime run per version (``max_latency_ms`` bounds the wait).
+    requests are merged into one model run per version (``max_latency_ms`` bounds the wait).
+    ONNX Runtime by default; ``MEDAUDIT_PREDICT_BACKEND=torch`` for the eager baseline.
     """
 
     def __init__(self) -> None:
         settings = Settings.from_env(os.environ)
-        self.predictors = {v: OnnxPredictor.from_store(v) for v in settings.versions}
+        backend = PREDICT_BACKENDS[settings.predict_backend]
+        self.predictors = {v: backend.from_store(v) for v in settings.versions}
         for p in self.predictors.values():
             p.predict([np.zeros((*p.size, 3), dtype=np.uint8)])
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=200)
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=1000)
     def predict_batch(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``[{"version", "pixels": (H, W, 3) uint8}]`` -> one prediction JSON per job, in order."""
         out: list[dict[str, Any]] = [{} for _ in jobs]
-        by_version: dict[str, list[int]] = {}
-        for i, job in enumerate(jobs):
-            by_version.setdefault(str(job["version"]), []).append(i)
-        for version, idx in by_version.items():
+        for version, idx in _by_version(jobs).items():
             rgb = np.stack([np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx])
             for i, pred in zip(idx, self.predictors[version].predict_pixels(rgb), strict=True):
                 out[i] = pred.to_json()
         return out
+
+
+@bentoml.service(name="medaudit-auditor", traffic={"timeout": 300})
+class Auditor:
+    """Audits (prediction + LRP heatmap + concept scores + flag) behind one batched API.
+
+    Concurrent ``/audit`` and ``/compare`` requests of a version share one LRP call (one forward,
+    one batched backward): the per-layer work of the backward is paid once per batch, which is
+    what lets ``/audit`` keep up with ``/predict`` (benchmarks/serve.py).
+    """
+
+    def __init__(self) -> None:
+        settings = Settings.from_env(os.environ)
+        thresholds = flag_thresholds(os.environ, settings.flag_fpr)
+        self.engines = {v: AuditEngine.from_store(v, thresholds=thresholds) for v in settings.versions}
+        for e in self.engines.values():
+            e.warmup()
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=16, max_latency_ms=20000)
+    def audit_batch(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``[{"version", "pixels", "raw_heatmap"}]`` -> ``{"result": audit JSON, "features"}`` each."""
+        return audit_jobs(self.engines, jobs)
+
+
+def _by_version(jobs: list[dict[str, Any]]) -> dict[str, list[int]]:
+    by_version: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_version.setdefault(str(job["version"]), []).append(i)
+    return by_version
+
+
+def audit_jobs(engines: Mapping[str, AuditEngine], jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One :meth:`AuditEngine.audit` call per version over a batch of jobs, results in job order.
+
+    ``features`` (the pooled activations the flags store) travels beside the JSON, not in it.
+    """
+    out: list[dict[str, Any]] = [{} for _ in jobs]
+    for version, idx in _by_version(jobs).items():
+        rgb = [np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx]
+        raw = any(bool(jobs[i].get("raw_heatmap")) for i in idx)
+        results = engines[version].audit(rgb, raw_heatmap=raw)
+        for i, r in zip(idx, results, strict=True):
+            body = r.to_json()
+            if not jobs[i].get("raw_heatmap"):
+                body["heatmap"] = None
+            out[i] = {"result": body, "features": r.features}
+    return out
 
 
 def _models_index(request: Request) -> JSONResponse:
@@ -163,6 +217,7 @@ class MedAudit:
     """Serves every configured version: predictions, audits and comparisons."""
 
     batcher = bentoml.depends(Predictor)
+    auditor = bentoml.depends(Auditor)
 
     def __init__(self) -> None:
         self.settings = Settings.from_env(os.environ)
@@ -193,14 +248,6 @@ class MedAudit:
     def route(self, headers: Mapping[str, str]) -> Route:
         return self.router.route(headers.get("x-model-version"), headers.get("x-subject-key"))
 
-    def _shadow(self, route: Route, image: DecodedImage, label: str) -> dict[str, Any] | None:
-        if route.shadow is None:
-            return None
-        shadow = self.engines[route.shadow].predict([image])[0]
-        agree = shadow.label == label
-        self.shadow_stats.record(route.version, route.shadow, agree)
-        return {"version": route.shadow, "label": shadow.label, "agree": agree}
-
     def _decode(self, headers: Mapping[str, str], image: Path) -> DecodedImage:
         # BentoML hands an empty body to a root input as "{}": the declared length tells them apart.
         data = b"" if headers.get("content-length") == "0" else Path(image).read_bytes()
@@ -213,17 +260,25 @@ class MedAudit:
             ctx.response.headers[k] = v
         return JSONResponse({**e.to_json(), "request_id": rid}, status_code=e.status)
 
-    def _serve(
-        self, ctx: bentoml.Context, image: Path, work: Callable[[DecodedImage], dict[str, Any]]
+    async def _serve(
+        self, ctx: bentoml.Context, image: Path, work: Callable[[DecodedImage], Awaitable[dict[str, Any]]]
     ) -> Any:
-        """Request id, auth, decoding and error translation around one POST endpoint."""
+        """Request id, auth, decoding and error translation around one POST endpoint.
+
+        Blocking steps (decoding, resizing) run in worker threads so the event loop keeps
+        accepting requests: that concurrency is what the batched dependencies merge.
+        """
         headers = ctx.request.headers
         rid = headers.get("x-request-id") or uuid.uuid4().hex
         ctx.response.headers["X-Request-ID"] = rid
-        try:
+
+        def authenticate_and_decode() -> DecodedImage:
             self.authenticate(headers)
-            decoded = self._decode(headers, image)
-            body = work(decoded)
+            return self._decode(headers, image)
+
+        try:
+            decoded = await anyio.to_thread.run_sync(authenticate_and_decode)
+            body = await work(decoded)
         except AuditError as e:
             return self._error(ctx, e, rid)
         if "version" in body:
@@ -244,28 +299,80 @@ class MedAudit:
             )
 
     # ----------------------------------------------------------------------------- core calls
+    # Each endpoint's work in two forms: synchronous on this process's engines (``*_json``: the
+    # service class called directly, tier-1 tests) and asynchronous through the batched
+    # dependencies (the HTTP endpoints). Both build their jobs and answers with the same helpers.
+
+    def _jobs(self, image: DecodedImage, route: Route) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Model-size pixels for the answering version and, if any, the shadow version."""
+
+        def job(v: str) -> dict[str, Any]:
+            return {"version": v, "pixels": self.engines[v].predictor.pixels([image])[0]}
+
+        return job(route.version), (job(route.shadow) if route.shadow else None)
+
+    def _answer(
+        self, route: Route, answer: dict[str, Any], label: str, shadow: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The response body around one version's answer, with shadow agreement recorded."""
+        shadow_json = None
+        if shadow is not None and route.shadow is not None:
+            agree = shadow["label"] == label
+            self.shadow_stats.record(route.version, route.shadow, agree)
+            shadow_json = {"version": route.shadow, "label": shadow["label"], "agree": agree}
+        return {"version": route.version, "via": route.via, **answer, "shadow": shadow_json}
+
+    def _shadow_sync(self, job: dict[str, Any] | None) -> dict[str, Any] | None:
+        if job is None:
+            return None
+        return self.engines[job["version"]].predictor.predict_pixels(job["pixels"][None])[0].to_json()
 
     def predict_json(self, image: DecodedImage, headers: Mapping[str, str]) -> dict[str, Any]:
         route = self.route(headers)
-        pred = self.engines[route.version].predict([image])[0]
-        return {
-            "version": route.version,
-            "via": route.via,
-            "prediction": pred.to_json(),
-            "shadow": self._shadow(route, image, pred.label),
-        }
+        job, shadow = self._jobs(image, route)
+        pred = self.engines[route.version].predictor.predict_pixels(job["pixels"][None])[0].to_json()
+        return self._answer(route, {"prediction": pred}, pred["label"], self._shadow_sync(shadow))
 
     def audit_json(
         self, image: DecodedImage, headers: Mapping[str, str], raw_heatmap: bool
     ) -> dict[str, Any]:
         route = self.route(headers)
-        result = self.engines[route.version].audit([image], raw_heatmap=raw_heatmap)[0]
-        return {
-            "version": route.version,
-            "via": route.via,
-            **result.to_json(),
-            "shadow": self._shadow(route, image, result.prediction.label),
-        }
+        job, shadow = self._jobs(image, route)
+        res = audit_jobs(self.engines, [{**job, "raw_heatmap": raw_heatmap}])[0]["result"]
+        return self._answer(route, res, res["prediction"]["label"], self._shadow_sync(shadow))
+
+    async def predict_async(self, image: DecodedImage, headers: Mapping[str, str]) -> dict[str, Any]:
+        route = self.route(headers)
+        job, shadow = await anyio.to_thread.run_sync(lambda: self._jobs(image, route))
+        jobs = [job] if shadow is None else [job, shadow]
+        answers = await asyncio.gather(*(self.batcher.to_async.predict_batch([j]) for j in jobs))
+        pred = answers[0][0]
+        return self._answer(route, {"prediction": pred}, pred["label"], answers[1][0] if shadow else None)
+
+    async def audit_async(
+        self, image: DecodedImage, headers: Mapping[str, str], raw_heatmap: bool
+    ) -> dict[str, Any]:
+        route = self.route(headers)
+        job, shadow = await anyio.to_thread.run_sync(lambda: self._jobs(image, route))
+        calls = [self.auditor.to_async.audit_batch([{**job, "raw_heatmap": raw_heatmap}])]
+        if shadow is not None:
+            calls.append(self.batcher.to_async.predict_batch([shadow]))
+        answers = await asyncio.gather(*calls)
+        res = answers[0][0]["result"]
+        return self._answer(route, res, res["prediction"]["label"], answers[1][0] if shadow else None)
+
+    async def compare_async(self, image: DecodedImage, versions: list[str]) -> dict[str, Any]:
+        versions = list(dict.fromkeys(versions or self.engines))
+        for v in versions:
+            if v not in self.engines:
+                raise UnknownModelVersionError(v, self.engines)
+        pixels = await anyio.to_thread.run_sync(
+            lambda: {v: self.engines[v].predictor.pixels([image])[0] for v in versions}
+        )
+        answers = await asyncio.gather(
+            *(self.auditor.to_async.audit_batch([{"version": v, "pixels": pixels[v]}]) for v in versions)
+        )
+        return comparison_json({v: a[0]["result"] for v, a in zip(versions, answers, strict=True)})
 
     def compare_json(self, image: DecodedImage, versions: list[str]) -> dict[str, Any]:
         return compare(self.engines, image, versions).to_json()
@@ -306,46 +413,20 @@ class MedAudit:
     @bentoml.api(route="/predict")
     async def predict(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Prediction for the image in the request body, adaptively batched in :class:`Predictor`."""
-        headers = ctx.request.headers
-        rid = headers.get("x-request-id") or uuid.uuid4().hex
-        ctx.response.headers["X-Request-ID"] = rid
-
-        def prepare() -> tuple[DecodedImage, Route, dict[str, np.ndarray]]:
-            self.authenticate(headers)
-            decoded = self._decode(headers, image)
-            route = self.route(headers)
-            versions = [route.version] + ([route.shadow] if route.shadow else [])
-            return decoded, route, {v: self.engines[v].predictor.pixels([decoded])[0] for v in versions}
-
-        try:
-            decoded, route, pixels = await anyio.to_thread.run_sync(prepare)
-        except AuditError as e:
-            return self._error(ctx, e, rid)
-        answers = await asyncio.gather(
-            *(self.batcher.to_async.predict_batch([{"version": v, "pixels": px}]) for v, px in pixels.items())
-        )
-        pred = answers[0][0]
-        shadow = None
-        if route.shadow is not None:
-            label = answers[1][0]["label"]
-            shadow = {"version": route.shadow, "label": label, "agree": label == pred["label"]}
-            self.shadow_stats.record(route.version, route.shadow, shadow["agree"])
-        ctx.response.headers["X-Model-Version"] = route.version
-        body = {"version": route.version, "via": route.via, "prediction": pred, "shadow": shadow}
-        return {"request_id": rid, **body, "notes": list(decoded.notes)}
+        return await self._serve(ctx, image, lambda d: self.predict_async(d, ctx.request.headers))
 
     @bentoml.api(route="/audit")
-    def audit(self, image: ImageBody, /, ctx: bentoml.Context) -> dict[str, Any]:
+    async def audit(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Prediction, LRP heatmap, concept scores, localization masks and flag decision."""
         raw = ctx.request.query_params.get("raw_heatmap", "").lower() in ("1", "true", "yes")
-        return self._serve(ctx, image, lambda d: self.audit_json(d, ctx.request.headers, raw))
+        return await self._serve(ctx, image, lambda d: self.audit_async(d, ctx.request.headers, raw))
 
     @bentoml.api(route="/compare")
-    def compare(self, image: ImageBody, /, ctx: bentoml.Context) -> dict[str, Any]:
+    async def compare(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Audits by several versions (``?versions=a,b``, default all) side by side."""
         q = ctx.request.query_params.get("versions", "")
         versions = [v.strip() for v in q.split(",") if v.strip()]
-        return self._serve(ctx, image, lambda d: self.compare_json(d, versions))
+        return await self._serve(ctx, image, lambda d: self.compare_async(d, versions))
 
 
 MedAudit.add_asgi_middleware(UploadNormalizer)  # type: ignore[attr-defined]

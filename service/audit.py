@@ -181,11 +181,18 @@ class Comparison:
     flags_agree: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "versions": list(self.results),
-            "results": {v: r.to_json() for v, r in self.results.items()},
-            "agreement": {"label": self.labels_agree, "flag": self.flags_agree},
-        }
+        return comparison_json({v: r.to_json() for v, r in self.results.items()})
+
+
+def comparison_json(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Audit JSONs of several versions side by side, with label and flag agreement."""
+    labels = {r["prediction"]["label"] for r in results.values()}
+    flags = {r["flag"]["flagged"] for r in results.values()}
+    return {
+        "versions": list(results),
+        "results": dict(results),
+        "agreement": {"label": len(labels) == 1, "flag": len(flags) == 1},
+    }
 
 
 def decide_flag(concepts: Iterable[ConceptScore], thresholds: FlagThresholds) -> FlagDecision:
@@ -253,22 +260,23 @@ def predictions(logits: np.ndarray, labels: Sequence[str], version: str) -> list
     ]
 
 
-class OnnxPredictor:
-    """Predictions of one version through ONNX Runtime only (what the batching service holds).
+class VersionPredictor:
+    """Predictions of one version; subclasses say how the logits are computed.
 
     Args:
         loaded: A verified version from the store.
-        ort_threads: ONNX Runtime intra-op threads (0: its default).
+        ort_threads: ONNX Runtime intra-op threads (0: its default; unused by torch).
     """
 
     def __init__(self, loaded: LoadedVersion, ort_threads: int = 0) -> None:
         self.tag = loaded.tag
         self.version = loaded.tag.split(":", 1)[1]
         self.cfg = loaded.cfg
-        self.session = ort_session(loaded.onnx_path, threads=ort_threads)
 
     @classmethod
-    def from_store(cls, version: str, home: str | Path | None = None, ort_threads: int = 0) -> OnnxPredictor:
+    def from_store(
+        cls, version: str, home: str | Path | None = None, ort_threads: int = 0
+    ) -> VersionPredictor:
         return cls(load_version(version_tag(version), home=home), ort_threads)
 
     @property
@@ -281,15 +289,50 @@ class OnnxPredictor:
             raise ValueError("no images")
         return np.stack([to_model_input(im, self.size) for im in images])
 
+    def _inputs(self, rgb: np.ndarray) -> torch.Tensor:
+        return normalize(torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2), self.cfg)
+
+    def logits(self, rgb: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
     def predict_pixels(self, rgb: np.ndarray) -> list[Prediction]:
-        """Predictions for (B, H, W, 3) uint8 model-size images, one ONNX Runtime run."""
-        x = normalize(torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2), self.cfg)
-        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(np.float32)})[0]
-        return predictions(np.asarray(logits), self.cfg.labels, self.version)
+        """Predictions for (B, H, W, 3) uint8 model-size images, one model run."""
+        return predictions(self.logits(rgb), self.cfg.labels, self.version)
 
     def predict(self, images: Sequence[Image_]) -> list[Prediction]:
-        """Predictions for a batch of images, one ONNX Runtime run."""
+        """Predictions for a batch of images, one model run."""
         return self.predict_pixels(self.pixels(images))
+
+
+class OnnxPredictor(VersionPredictor):
+    """Through ONNX Runtime (what ``/predict`` serves; providers chosen by ``models.export``)."""
+
+    def __init__(self, loaded: LoadedVersion, ort_threads: int = 0) -> None:
+        super().__init__(loaded, ort_threads)
+        self.session = ort_session(loaded.onnx_path, threads=ort_threads)
+
+    def logits(self, rgb: np.ndarray) -> np.ndarray:
+        x = self._inputs(rgb).numpy().astype(np.float32)
+        return np.asarray(self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0], dtype=np.float64)
+
+
+class TorchPredictor(VersionPredictor):
+    """Through the eager torch model: the baseline ONNX Runtime is measured against.
+
+    ``MEDAUDIT_PREDICT_BACKEND=torch`` serves ``/predict`` with it (benchmarks/serve.py compares
+    the two in one run).
+    """
+
+    def __init__(self, loaded: LoadedVersion, ort_threads: int = 0) -> None:
+        super().__init__(loaded, ort_threads)
+        self.model = loaded.model.eval()
+
+    def logits(self, rgb: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(self._inputs(rgb).float()).double().numpy()
+
+
+PREDICT_BACKENDS: dict[str, type[VersionPredictor]] = {"onnx": OnnxPredictor, "torch": TorchPredictor}
 
 
 class AuditEngine:

@@ -11,6 +11,7 @@ Variables (all optional except where auth is on):
 ``MEDAUDIT_AB_WEIGHTS``            ``version=weight,…`` (default: all weight on the first)
 ``MEDAUDIT_SHADOW_VERSION``        a served version that shadows every request
 ``MEDAUDIT_AB_SALT``               mixed into the A/B hash; change to reshuffle subjects
+``MEDAUDIT_PREDICT_BACKEND``       ``onnx`` (default: ONNX Runtime) or ``torch`` (eager; a baseline)
 ``MEDAUDIT_FLAG_FPR``              presence threshold's false-positive rate, in (0, 1)
                                    (default: each concept bank's own target FPR)
 ``MEDAUDIT_MAX_BYTES``             largest accepted body, bytes (default 32 MiB)
@@ -23,6 +24,8 @@ Variables (all optional except where auth is on):
 ``MEDAUDIT_API_KEY_SALT``          the per-deployment salt the digests were made with
 ``MEDAUDIT_OPEN_HEALTH``           health endpoints without a key (default on)
 ``MEDAUDIT_OPEN_METRICS``          ``/metrics`` without a key (default on: scraped in-cluster)
+``MEDAUDIT_FLAG_*``                the flag pipeline (:mod:`service.flags.settings`), in
+                                   ``Settings.flags``
 =================================  ==========================================================
 """
 
@@ -36,6 +39,8 @@ from pathlib import Path
 
 from models.errors import ConfigError
 from service.auth import KeyEntry, KeyStore, parse_key_spec
+from service.flags.settings import NAMES as FLAG_NAMES
+from service.flags.settings import FlagSettings
 from service.inputs import Limits
 from service.routing import Router
 
@@ -54,6 +59,7 @@ class Settings:
     shadow_version: str | None = None
     ab_salt: str = ""
     flag_fpr: float | None = None
+    predict_backend: str = "onnx"
     limits: Limits = field(default_factory=Limits)
     redis_url: str | None = None
     auth_enabled: bool = True
@@ -61,6 +67,7 @@ class Settings:
     api_key_salt: str = field(default="", repr=False)
     open_health: bool = True
     open_metrics: bool = True
+    flags: FlagSettings = field(default_factory=FlagSettings)
 
     def __post_init__(self) -> None:
         if not self.versions:
@@ -81,6 +88,10 @@ class Settings:
             raise ConfigError(
                 f"{PREFIX}SHADOW_VERSION={self.shadow_version!r} is not served; "
                 f"served: {', '.join(self.versions)}"
+            )
+        if self.predict_backend not in ("onnx", "torch"):
+            raise ConfigError(
+                f"{PREFIX}PREDICT_BACKEND must be 'onnx' or 'torch', got {self.predict_backend!r}"
             )
         if self.flag_fpr is not None and not 0.0 < self.flag_fpr < 1.0:
             raise ConfigError(f"{PREFIX}FLAG_FPR must be in (0, 1), got {self.flag_fpr!r}")
@@ -126,6 +137,7 @@ class Settings:
             shadow_version=env.get(PREFIX + "SHADOW_VERSION"),
             ab_salt=env.get(PREFIX + "AB_SALT", ""),
             flag_fpr=_float(env, PREFIX + "FLAG_FPR"),
+            predict_backend=env.get(PREFIX + "PREDICT_BACKEND", "onnx").strip().lower(),
             limits=Limits(
                 max_bytes=_int(env, PREFIX + "MAX_BYTES", Limits.max_bytes),
                 max_pixels=_int(env, PREFIX + "MAX_PIXELS", Limits.max_pixels),
@@ -137,6 +149,7 @@ class Settings:
             api_key_salt=env.get(PREFIX + "API_KEY_SALT", ""),
             open_health=_bool(env, PREFIX + "OPEN_HEALTH", True),
             open_metrics=_bool(env, PREFIX + "OPEN_METRICS", True),
+            flags=FlagSettings.from_env(env),
         )
 
     def router(self) -> Router:
@@ -164,6 +177,7 @@ _NAMES = (
     "SHADOW_VERSION",
     "AB_SALT",
     "FLAG_FPR",
+    "PREDICT_BACKEND",
     "MAX_BYTES",
     "MAX_PIXELS",
     "MIN_IMAGE_SIDE",
@@ -174,6 +188,7 @@ _NAMES = (
     "API_KEY_SALT",
     "OPEN_HEALTH",
     "OPEN_METRICS",
+    *FLAG_NAMES,
 )
 
 

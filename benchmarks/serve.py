@@ -1,0 +1,309 @@
+"""Benchmark: the served app under concurrent load — /predict (ONNX Runtime vs eager torch) and /audit.
+
+Starts real ``bentoml serve service.api:MedAudit`` processes on a built store (``make demo`` builds
+one under ``artifacts/bentoml``) and drives them with concurrent HTTP clients, every contender in
+the same run:
+
+* ``predict_onnx``: ``/predict`` as served (ONNX Runtime, adaptively batched);
+* ``predict_torch``: the same server started with ``MEDAUDIT_PREDICT_BACKEND=torch`` (eager);
+* ``audit``: ``/audit`` (LRP heatmap + concept scores + masks + flag), adaptively batched.
+
+Phases are interleaved round-robin over ``--rounds`` so background load on the shared machine hits
+each alike; the table reports the median over rounds of throughput and of p50/p99 latency, and
+the adaptive batch sizes the server's own ``bentoml_service_adaptive_batch_size`` histogram saw.
+The load generator shares the machine's cores with the server: on 2 cores every figure is a
+lower bound for a dedicated host, and ratios (same run, same generator) are what to compare.
+
+    python benchmarks/serve.py                          # artifacts/bentoml, 16 users, 3×15 s per phase
+    python benchmarks/serve.py --users 32 --seconds 20 --rounds 5
+
+Writes ``benchmarks/results/serve_cpu.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Phase:
+    """One contender over one round."""
+
+    name: str
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    batch_mean: float | None
+    batch_hist: dict[str, float] = field(default_factory=dict)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--home", type=Path, default=ROOT / "artifacts" / "bentoml", help="BENTOML_HOME with the store"
+    )
+    p.add_argument("--version", default="vanilla", help="the served version under test")
+    p.add_argument("--users", type=int, default=16, help="concurrent clients (batching needs concurrency)")
+    p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per phase per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--images", type=int, default=32, help="distinct synthderm test images (PNG) sent")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_cpu")
+    return p.parse_args()
+
+
+def test_images(n: int) -> list[bytes]:
+    """PNG bytes of synthderm test images, half of them attacked with the band-aid."""
+    from models.data.synthetic import SynthDerm, SynthDermConfig
+
+    ds = SynthDerm(SynthDermConfig())
+    idx = ds.indices("test")[:n]
+    out = []
+    for k, i in enumerate(idx):
+        s = ds.sample(int(i), "attacked", attack="band_aid") if k % 2 else ds.sample(int(i), "clean")
+        buf = io.BytesIO()
+        Image.fromarray(s.image).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def served(home: Path, version: str, backend: str, log_path: Path):
+    """A ``bentoml serve`` process serving ``version``; yields its base URL once ready."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "MEDAUDIT_VERSIONS": version,
+        "MEDAUDIT_AUTH": "off",
+        "MEDAUDIT_PREDICT_BACKEND": backend,
+    }
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [bentoml, "serve", "service.api:MedAudit", "--port", str(port), "--host", "127.0.0.1"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"bentoml serve exited; see {log_path}")
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"not ready after 300 s; see {log_path}")
+                time.sleep(1)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def batch_histogram(base: str, method: str) -> dict[str, float]:
+    """Cumulative ``le`` buckets plus ``_sum``/``_count`` of the adaptive batch size of ``method``."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if (
+            not line.startswith("bentoml_service_adaptive_batch_size")
+            or f'method_name="{method}"' not in line
+        ):
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.startswith("bentoml_service_adaptive_batch_size_bucket"):
+            le = name.split('le="', 1)[1].split('"', 1)[0]
+            out[f"le={le}"] = out.get(f"le={le}", 0.0) + float(value)
+        elif name.startswith("bentoml_service_adaptive_batch_size_sum"):
+            out["sum"] = out.get("sum", 0.0) + float(value)
+        elif name.startswith("bentoml_service_adaptive_batch_size_count"):
+            out["count"] = out.get("count", 0.0) + float(value)
+    return out
+
+
+async def drive(
+    base: str, endpoint: str, images: list[bytes], users: int, seconds: float
+) -> tuple[list[float], int]:
+    """``users`` clients posting images back to back for ``seconds``: latencies (s) and errors."""
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=users, max_keepalive_connections=users)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+
+        async def user(u: int) -> None:
+            nonlocal errors
+            k = u
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(
+                        endpoint, content=images[k % len(images)], headers={"Content-Type": "image/png"}
+                    )
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+                k += users
+
+        await asyncio.gather(*(user(u) for u in range(users)))
+    return latencies, errors
+
+
+def run_phase(
+    name: str, base: str, endpoint: str, method: str, images: list[bytes], args: argparse.Namespace
+) -> Phase:
+    before = batch_histogram(base, method)
+    t0 = time.perf_counter()
+    lat, errors = asyncio.run(drive(base, endpoint, images, args.users, args.seconds))
+    wall = time.perf_counter() - t0
+    after = batch_histogram(base, method)
+    hist = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    count = hist.get("count", 0.0)
+    lat_ms = np.asarray(lat) * 1e3 if lat else np.asarray([float("nan")])
+    return Phase(
+        name=name,
+        requests=len(lat),
+        errors=errors,
+        seconds=wall,
+        rps=len(lat) / wall,
+        p50_ms=float(np.percentile(lat_ms, 50)),
+        p99_ms=float(np.percentile(lat_ms, 99)),
+        batch_mean=hist["sum"] / count if count else None,
+        batch_hist={k: v for k, v in hist.items() if k.startswith("le=")},
+    )
+
+
+def summarize(phases: list[Phase]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(p.name for p in phases):
+        ps = [p for p in phases if p.name == name]
+        means = [p.batch_mean for p in ps if p.batch_mean is not None]
+        out[name] = {
+            "rps_median": statistics.median(p.rps for p in ps),
+            "p50_ms_median": statistics.median(p.p50_ms for p in ps),
+            "p99_ms_median": statistics.median(p.p99_ms for p in ps),
+            "requests": sum(p.requests for p in ps),
+            "errors": sum(p.errors for p in ps),
+            "batch_mean_median": statistics.median(means) if means else None,
+            "rounds": len(ps),
+        }
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    if not (args.home / "models").is_dir():
+        sys.exit(f"no model store at {args.home}: run `make demo` (or `medaudit build`) first")
+    images = test_images(args.images)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    phases: list[Phase] = []
+    log_dir = args.out.parent / "logs"
+    log_dir.mkdir(exist_ok=True)
+    # Two servers at once would fight over 2 cores: each backend gets its own server, started per
+    # round, and the phases alternate onnx-predict, audit, torch-predict.
+    for r in range(args.rounds):
+        with served(args.home, args.version, "onnx", log_dir / "serve_onnx.log") as base:
+            for name, endpoint, method in (
+                ("predict_onnx", "/predict", "predict_batch"),
+                ("audit", "/audit", "audit_batch"),
+            ):
+                asyncio.run(drive(base, endpoint, images, args.users, 3.0))  # warm-up
+                phases.append(run_phase(name, base, endpoint, method, images, args))
+                print(f"round {r + 1}: {phases[-1]}", flush=True)
+        with served(args.home, args.version, "torch", log_dir / "serve_torch.log") as base:
+            asyncio.run(drive(base, "/predict", images, args.users, 3.0))
+            phases.append(run_phase("predict_torch", base, "/predict", "predict_batch", images, args))
+            print(f"round {r + 1}: {phases[-1]}", flush=True)
+    summary = summarize(phases)
+    ratios = {
+        "audit_over_predict_onnx": summary["audit"]["rps_median"] / summary["predict_onnx"]["rps_median"],
+        "predict_onnx_over_torch": summary["predict_onnx"]["rps_median"]
+        / summary["predict_torch"]["rps_median"],
+    }
+    meta = {
+        "version": args.version,
+        "users": args.users,
+        "seconds_per_phase": args.seconds,
+        "rounds": args.rounds,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {"meta": meta, "summary": summary, "ratios": ratios, "phases": [asdict(p) for p in phases]},
+            indent=2,
+        )
+    )
+    lines = [
+        f"# Served app under load ({meta['date']}, {meta['cpu_count']} CPUs, {args.users} users, "
+        f"{args.rounds}×{args.seconds:.0f} s per contender)",
+        "",
+        "| contender | req/s (median) | p50 ms | p99 ms | mean adaptive batch | requests | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in summary.items():
+        b = f"{s['batch_mean_median']:.1f}" if s["batch_mean_median"] else "-"
+        lines.append(
+            f"| {name} | {s['rps_median']:.1f} | {s['p50_ms_median']:.0f} | {s['p99_ms_median']:.0f} | {b} "
+            f"| {s['requests']} | {s['errors']} |"
+        )
+    lines += [
+        "",
+        f"- /audit over /predict (ONNX) req/s: **{ratios['audit_over_predict_onnx']:.2f}** (goal ≥ 0.25)",
+        f"- /predict ONNX Runtime / eager torch: **{ratios['predict_onnx_over_torch']:.2f}×** (goal ≥ 1.3×)",
+        "",
+        "The load generator runs on the same machine as the server; figures are lower bounds for a",
+        "dedicated host, ratios are comparable. Reproduce: `python benchmarks/serve.py`.",
+    ]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
