@@ -208,5 +208,14 @@ def data_stats(size: int = typer.Option(128), seed: int = typer.Option(0)) -> No
 
 app.command("build")(_build_cmd)
 
+# The flag pipeline (issue 7): imported here, after `app`, because its commands import clients.cli.
+from clients.flags_cmd import refine_cav as _refine_cav_cmd  # noqa: E402
+from clients.flags_cmd import review_app as _review_app  # noqa: E402
+from clients.flags_cmd import worker as _worker_cmd  # noqa: E402
+
+app.command("worker")(_worker_cmd)
+app.add_typer(_review_app, name="review")
+app.command("refine-cav")(_refine_cav_cmd)
+
 if __name__ == "__main__":
     app()

