@@ -10,6 +10,8 @@ Endpoints (every response carries ``X-Request-ID`` and, when a model answered, `
                          default all served) side by side, with agreement
 ``GET /models``          served versions, A/B weights, shadow and its agreement counters
 ``GET /models/{v}``      one version's model card
+``GET /models/_route``   which version would answer these headers (``X-Subject-Key``,
+                         ``X-Model-Version``), without running a model: A/B debugging
 ``/readyz``              200 only after every version is loaded and warmed (BentoML's own)
 =======================  ====================================================================
 
@@ -198,6 +200,11 @@ def _models_index(request: Request) -> JSONResponse:
     return svc.http_get(request, lambda: svc.models_json())
 
 
+def _route(request: Request) -> JSONResponse:
+    svc: MedAudit = request.app.state.service
+    return svc.http_get(request, lambda: svc.route(request.headers).to_json())
+
+
 def _model_card(request: Request) -> JSONResponse:
     svc: MedAudit = request.app.state.service
     return svc.http_get(request, lambda: svc.card_json(request.path_params["version"]))
@@ -206,6 +213,8 @@ def _model_card(request: Request) -> JSONResponse:
 models_app = Starlette(
     routes=[
         HttpRoute("/", _models_index, methods=["GET"]),
+        # Version names start with a letter or digit (service.config), so "_route" is never one.
+        HttpRoute("/_route", _route, methods=["GET"]),
         HttpRoute("/{version}", _model_card, methods=["GET"]),
     ]
 )

@@ -41,6 +41,9 @@ class Route:
     shadow: str | None
     via: Via
 
+    def to_json(self) -> dict[str, str | None]:
+        return {"version": self.version, "shadow": self.shadow, "via": self.via}
+
 
 class Router:
     """Deterministic weighted A/B assignment over served versions.

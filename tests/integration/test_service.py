@@ -156,6 +156,40 @@ def test_predict_explicit_version_wins_and_subject_key_is_stable(client) -> None
     assert any(a["version"] == "vanilla" and a["agree"] + a["disagree"] >= 1 for a in agreement)
 
 
+@pytest.mark.slow
+def test_ab_split_over_http_is_within_three_points_and_stable(client) -> None:
+    """10,000 subject keys through the HTTP routing path; /predict answers as /models/_route says."""
+    n = 10_000
+    got = [
+        client.get("/models/_route", headers={"X-Subject-Key": f"patient-{i}"}).json()["version"]
+        for i in range(n)
+    ]
+    share = got.count("vanilla") / n
+    print(f"A/B over HTTP: vanilla {share:.2%} of {n} keys (weights 1:1)")
+    assert abs(share - 0.5) <= 0.03
+    again = [
+        client.get("/models/_route", headers={"X-Subject-Key": f"patient-{i}"}).json()["version"]
+        for i in range(500)
+    ]
+    assert again == got[:500]
+    for i in range(0, 200, 10):
+        r = client.post(
+            "/predict",
+            content=_png(seed=i),
+            headers={"Content-Type": "image/png", "X-Subject-Key": f"patient-{i}"},
+        )
+        assert r.status_code == 200 and r.json()["version"] == got[i] and r.json()["via"] == "hash"
+    r = client.get("/models/_route", headers={"X-Subject-Key": "patient-1", "X-Model-Version": "vanilla"})
+    assert r.json() == {
+        "request_id": r.json()["request_id"],
+        "version": "vanilla",
+        "shadow": "pclarc-band_aid",
+        "via": "explicit",
+    }
+    r = client.get("/models/_route", headers={"X-Model-Version": "nope"})
+    assert r.status_code == 404 and r.json()["valid_versions"] == ["pclarc-band_aid", "vanilla"]
+
+
 def test_audit_returns_heatmap_concepts_and_flag(client) -> None:
     r = client.post(
         "/audit?raw_heatmap=1",
