@@ -238,6 +238,44 @@ def test_compare(client) -> None:
     assert r.status_code == 404 and r.json()["valid_versions"] == ["pclarc-band_aid", "vanilla"]
 
 
+def _dcm(name: str) -> bytes:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"pydicom's bundled {name} is missing"
+    return Path(str(path)).read_bytes()
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "SC_rgb_dcmtk_+eb+cr.dcm"])
+@pytest.mark.parametrize("content_type", ["application/dicom", "application/octet-stream"])
+def test_real_dicom_files_are_predicted_and_audited(client, name: str, content_type: str) -> None:
+    """pydicom's bundled real files (CT with rescale, MR, RGB secondary capture) through the whole path."""
+    body = _dcm(name)
+    for endpoint in ("/predict", "/audit"):
+        r = client.post(
+            endpoint, content=body, headers={"Content-Type": content_type, "X-Model-Version": "vanilla"}
+        )
+        assert r.status_code == 200, (endpoint, r.text)
+        assert r.json()["version"] == "vanilla"
+    assert r.json()["heatmap_png"] and len(r.json()["concepts"]) == 2
+    r = client.post("/predict", files={"image": (name, body, "application/dicom")})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "code"),
+    [
+        ("rtdose.dcm", 422, "invalid_image"),  # multi-frame: refused, not silently the first frame
+        ("MR_truncated.dcm", 422, "invalid_image"),
+        ("MR_small_jpeg_ls_lossless.dcm", 415, "unsupported_media_type"),
+    ],
+)
+def test_unsupported_dicom_is_a_named_4xx(client, name: str, status: int, code: str) -> None:
+    r = client.post("/audit", content=_dcm(name), headers={"Content-Type": "application/dicom"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == code and r.json()["detail"]
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "status", "code"),
     [
@@ -352,6 +390,13 @@ def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path
                 [*form, f"{base}/audit"], capture_output=True, text=True, timeout=60, check=True
             )
             assert out.stdout == "200"
+            dcm = tmp_path / "ct.dcm"
+            dcm.write_bytes(_dcm("CT_small.dcm"))
+            curl = ["curl", "-s", "-w", "\n%{http_code}", "--data-binary", f"@{dcm}"]
+            curl += ["-H", "Content-Type: application/dicom", f"{base}/audit"]
+            out = subprocess.run(curl, capture_output=True, text=True, timeout=60, check=True)
+            body, code = out.stdout.rsplit("\n", 1)
+            assert code == "200" and '"heatmap_png"' in body, body[:500]
     finally:
         proc.terminate()
         try:
