@@ -137,20 +137,12 @@ def review_list(
         console.print_json(json.dumps(page))
         return
     t = Table(title=f"{page['total']} {status} flags (showing {len(page['items'])} from {offset})")
-    cols = [
-        "flag_id",
-        "model_version",
-        "concept",
-        "severity",
-        "label",
-        "percentile",
-        "relevance_share",
-        "created_at",
-    ]
+    cols = {"flag_id": "flag", "model_version": "version", "severity": "severity", "label": "label"}
+    cols |= {"percentile": "pct", "relevance_share": "share"}
     if status == "resolved":
-        cols += ["verdict", "reviewer"]
-    for c in cols:
-        t.add_column(c)
+        cols |= {"verdict": "verdict", "reviewer": "by"}
+    for c, title in cols.items():
+        t.add_column(title, no_wrap=c == "flag_id")
     for it in page["items"]:
         t.add_row(*(_cell(it.get(c)) for c in cols))
     console.print(t)

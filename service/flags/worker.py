@@ -301,6 +301,10 @@ class Worker:
             if self.hook:
                 self.hook("before_write", event)
             created = self.write_review(event, entry_id)
+            if created:
+                self.stats.written += 1
+            else:
+                self.stats.redelivered += 1
             if self.hook:
                 self.hook("after_write", event)
         except (redis.ConnectionError, redis.TimeoutError):
@@ -321,10 +325,6 @@ class Worker:
                     reason,
                 )
             return
-        if created:
-            self.stats.written += 1
-        else:
-            self.stats.redelivered += 1
         self.r.xack(self.keys.stream, self.cfg.group, entry_id)
 
     def write_review(self, event: FlagEvent, entry_id: str) -> bool:

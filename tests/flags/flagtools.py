@@ -1,0 +1,69 @@
+"""Helpers of the flag pipeline tests: audit results built from the service's own dataclasses."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service.audit import AuditResult, ConceptScore, FlagDecision, Prediction
+
+
+def png_b64(value: int, size: int = 8) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value % 256, np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def score(
+    concept: str = "band_aid",
+    *,
+    present: bool = True,
+    share: float = 0.4,
+    percentile: float = 97.0,
+    score: float = 2.0,
+    threshold: float = 1.0,
+    mask: bool = True,
+) -> ConceptScore:
+    return ConceptScore(
+        concept=concept,
+        score=score,
+        percentile=percentile,
+        present=present,
+        threshold=threshold,
+        relevance_share=share,
+        mask_png=png_b64(7) if (mask and present) else None,
+    )
+
+
+def result(
+    *concepts: ConceptScore,
+    label: str = "benign",
+    features: np.ndarray | None = None,
+    seed: int = 0,
+    dim: int = 16,
+) -> AuditResult:
+    """An audit result whose first concept flags under the default policy (unless given others)."""
+    cs = concepts or (score("band_aid"), score("ruler", present=False, share=0.0))
+    feats = (
+        features if features is not None else np.random.default_rng(seed).normal(size=dim).astype(np.float32)
+    )
+    probs = {"benign": 0.8, "malignant": 0.2} if label == "benign" else {"benign": 0.3, "malignant": 0.7}
+    return AuditResult(
+        prediction=Prediction(
+            version="vanilla", label=label, class_index=int(label != "benign"), probabilities=probs
+        ),
+        heatmap_png=png_b64(seed),
+        concepts=tuple(cs),
+        flag=FlagDecision(False),
+        layer="identity_2",
+        features=feats,
+    )
+
+
+def stream_request_ids(client: Any, stream: str) -> list[str]:
+    """Request ids of every entry of ``stream``, in stream order."""
+    return [f[b"request_id"].decode() for _, f in client.xrange(stream)]
