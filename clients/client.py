@@ -79,6 +79,7 @@ __all__ = [
     "Prediction",
     "RateLimited",
     "ResponseFormatError",
+    "RouteInfo",
     "RetryPolicy",
     "ServerError",
     "ShadowAgreement",
@@ -600,6 +601,16 @@ class ModelCard:
     card: Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class RouteInfo:
+    """``GET /models/_route``: which version would answer these headers, and how it was chosen."""
+
+    request_id: str
+    version: str
+    shadow: str | None
+    via: str
+
+
 def _b64(s: str | None) -> bytes | None:
     return None if s is None else base64.b64decode(s)
 
@@ -733,6 +744,14 @@ def parse_models(d: Mapping[str, Any]) -> ModelsResponse:
     )
 
 
+def parse_route(d: Mapping[str, Any]) -> RouteInfo:
+    """``GET /models/_route`` JSON -> :class:`RouteInfo`."""
+    shadow = d.get("shadow")
+    return RouteInfo(
+        str(d["request_id"]), str(d["version"]), None if shadow is None else str(shadow), str(d["via"])
+    )
+
+
 def parse_card(d: Mapping[str, Any]) -> ModelCard:
     """``GET /models/{version}`` JSON -> :class:`ModelCard`."""
     return ModelCard(str(d["request_id"]), str(d["version"]), str(d["tag"]), dict(d["card"]))
@@ -854,6 +873,15 @@ class _ClientBase:
             versions = [v for v in versions.split(",") if v.strip()]
         params = {"versions": ",".join(v.strip() for v in versions)} if versions else None
         return _ClientBase._image_call("/compare", image, parse_compare, request_id=request_id, params=params)
+
+    @staticmethod
+    def _route_call(version: str | None, subject_key: str | None) -> _Call:
+        headers = {}
+        if version is not None:
+            headers["X-Model-Version"] = version
+        if subject_key is not None:
+            headers["X-Subject-Key"] = subject_key
+        return _Call("GET", "/models/_route", parse_route, headers=headers)
 
     def _url(self, call: _Call) -> str:
         return self.base_url + call.path
@@ -1024,6 +1052,13 @@ class MedauditClient(_ClientBase):
         call = _Call("GET", "/models/" + quote(version, safe=""), parse_card)
         return self._call(call)
 
+    def route(self, *, version: str | None = None, subject_key: str | None = None) -> RouteInfo:
+        """Which version would answer a request with these headers, without running a model.
+
+        Without either, the answer is a random draw with the A/B weights, like a key-less request.
+        """
+        return self._call(self._route_call(version, subject_key))
+
     def ready(self) -> bool:
         """Whether every version is loaded and warm (``/readyz``). One attempt, no retries.
 
@@ -1160,6 +1195,10 @@ class AsyncMedauditClient(_ClientBase):
         """See :meth:`MedauditClient.model_card`."""
         call = _Call("GET", "/models/" + quote(version, safe=""), parse_card)
         return await self._call(call)
+
+    async def route(self, *, version: str | None = None, subject_key: str | None = None) -> RouteInfo:
+        """See :meth:`MedauditClient.route`."""
+        return await self._call(self._route_call(version, subject_key))
 
     async def ready(self) -> bool:
         """See :meth:`MedauditClient.ready`."""

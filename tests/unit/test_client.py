@@ -171,7 +171,7 @@ def test_compare_keeps_the_order_asked_for(mc: MedauditClient) -> None:
     assert set(mc.compare(_png()).versions) == set(VERSIONS)
 
 
-def test_models_card_and_ready(mc: MedauditClient) -> None:
+def test_models_route_card_and_ready(mc: MedauditClient) -> None:
     assert mc.ready()
     models = mc.models()
     assert [m.version for m in models.versions] == ["vanilla", "pclarc-band_aid"]
@@ -181,6 +181,12 @@ def test_models_card_and_ready(mc: MedauditClient) -> None:
     assert all(a.shadow == "pclarc-band_aid" for a in models.shadow_agreement)
     with pytest.raises(KeyError, match="served: vanilla, pclarc-band_aid"):
         models["nope"]
+    route = mc.route(subject_key="patient-7")
+    assert route.via == "hash" and route.version == mc.predict(_png(), subject_key="patient-7").version
+    assert (mc.route(version="vanilla").version, mc.route(version="vanilla").via) == ("vanilla", "explicit")
+    assert mc.route(version="vanilla").shadow == "pclarc-band_aid"
+    with pytest.raises(UnknownVersion):
+        mc.route(version="nope")
     card = mc.model_card("resnet18-synthderm:vanilla")
     assert (card.version, card.tag) == ("vanilla", "resnet18-synthderm:vanilla")
     assert card.card["version"] == "vanilla" and mc.model_card("vanilla").tag == card.tag
