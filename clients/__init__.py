@@ -1,1 +1,2 @@
-"""What talks to the service or drives the pipeline: the CLI, (later) the client and locust file."""
+"""What talks to the service or drives the pipeline: the CLI, the HTTP client (:mod:`clients.client`),
+(later) the locust file."""

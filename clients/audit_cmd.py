@@ -1,5 +1,9 @@
 """``medaudit audit``: the offline audit of a checkpoint, written as report.html + metrics.json.
 
+``medaudit audit FILE`` instead audits one image with a running service
+(:func:`clients.service_cmd.audit_image`); the two modes share ``--out`` and refuse each other's
+options, so a half-remembered command fails loudly instead of silently doing the other audit.
+
 Registered in ``clients.cli`` as ``app.command("audit")(audit)``. Heavy imports happen inside the
 command, and ``clients.cli`` is imported there too (it imports this module to register it).
 """
@@ -12,6 +16,8 @@ from typing import Any
 
 import typer
 
+from clients.service_cmd import KEY_OPT, SERVICE_PANEL, TIMEOUT_OPT, URL_OPT
+
 #: What the demo model is audited for: the synthderm artifacts with a spurious correlation.
 DEFAULT_ARTIFACTS = "band_aid,ruler,skin_marker"
 #: Channel view of discovery: max-pooled *activations* at the first stage. On the demo config with a
@@ -19,6 +25,9 @@ DEFAULT_ARTIFACTS = "band_aid,ruler,skin_marker"
 #: share), so relevance-based views found 1–3 of 24 at identity_1/identity_2, while activations at
 #: identity_0, where text strokes are still resolved, found 10 of 24 (base rate 5%).
 DISCOVERY_LAYER = "identity_0"
+OFFLINE_OUT = Path("artifacts/audit")
+#: Parameters of the service mode (FILE given); every other one belongs to the offline audit.
+SERVICE_PARAMS = ("url", "api_key", "version", "subject_key", "timeout")
 
 
 def _parse_pairs(values: list[str], what: str) -> dict[str, str]:
@@ -46,6 +55,15 @@ def _parse_plant(value: str) -> tuple[str, tuple[float, float]]:
 
 
 def audit(
+    ctx: typer.Context,
+    file: Path | None = typer.Argument(
+        None,
+        exists=True,
+        dir_okay=False,
+        readable=True,
+        show_default=False,
+        help="An image (PNG, JPEG, TIFF, GIF, DICOM): audit it with a running service instead.",
+    ),
     weights: Path = typer.Option(
         Path("artifacts/resnet18-synthderm/model.pt"), help="Checkpoint written by medaudit train."
     ),
@@ -54,7 +72,12 @@ def audit(
         help="synthderm (the checkpoint's own data config when it has one), folder:<path> or "
         "isic2019:<path>.",
     ),
-    out: Path = typer.Option(Path("artifacts/audit"), help="Folder for report.html, metrics.json, banks/."),
+    out: Path | None = typer.Option(
+        None,
+        show_default=False,
+        help=f"Folder for report.html, metrics.json, banks/ (default {OFFLINE_OUT}); with FILE, for "
+        "the heatmap and concept mask PNGs (default: the current folder).",
+    ),
     artifacts: str = typer.Option(DEFAULT_ARTIFACTS, help="Declared concepts, comma-separated."),
     layer: str | None = typer.Option(None, help="Default CAV layer (the architecture's default if unset)."),
     concept_layer: list[str] = typer.Option(
@@ -90,8 +113,47 @@ def audit(
     train_epochs: int | None = typer.Option(None, help="With --plant: epochs (default: the demo's)."),
     train_size: int | None = typer.Option(None, help="With --plant: image size (default: the demo's)."),
     train_n: int | None = typer.Option(None, help="With --plant: training images (default: the demo's)."),
+    url: str = URL_OPT,
+    api_key: str | None = KEY_OPT,
+    version: str | None = typer.Option(
+        None, help="Ask for this version (default: A/B routing).", rich_help_panel=SERVICE_PANEL
+    ),
+    subject_key: str | None = typer.Option(
+        None, help="Stable key (patient, study) for A/B routing.", rich_help_panel=SERVICE_PANEL
+    ),
+    timeout: float = TIMEOUT_OPT,
 ) -> None:
-    """Audit a checkpoint: concept retrieval, localization against masks, discovery; HTML report."""
+    """Audit a checkpoint offline, or one image (FILE) with a running service.
+
+    Offline: concept retrieval, localization against masks and discovery, as an HTML report. With
+    FILE: the service's prediction, heatmap, concept scores and flag, printed, with the PNGs saved.
+    """
+    given = [name for name in ctx.params if name not in ("file", "out") and _on_command_line(ctx, name)]
+    if file is not None:
+        offline = [n for n in given if n not in SERVICE_PARAMS]
+        if offline:
+            raise typer.BadParameter(
+                f"{_flags(offline)} belong to the offline audit, which takes no FILE; drop FILE "
+                "to audit a checkpoint, or drop these options to audit the image with the service"
+            )
+        from clients.service_cmd import audit_image
+
+        audit_image(
+            file,
+            url=url,
+            api_key=api_key,
+            version=version,
+            subject_key=subject_key,
+            out=out if out is not None else Path("."),
+            timeout=timeout,
+        )
+        return
+    service_only = [n for n in given if n in SERVICE_PARAMS]
+    if service_only:
+        raise typer.BadParameter(
+            f"{_flags(service_only)} need an image: medaudit audit FILE {_flags(service_only)} ..."
+        )
+    out = out if out is not None else OFFLINE_OUT
     from dataclasses import replace
 
     import torch
@@ -183,6 +245,16 @@ def audit(
         raise typer.Exit(2) from e
     _print_summary(console, report.to_dict())
     console.print(f"report: {html_path}\nmetrics: {out / 'metrics.json'}\nconcept banks: {out / 'banks'}")
+
+
+def _on_command_line(ctx: typer.Context, name: str) -> bool:
+    # By name: typer 0.29 vendors its own click (typer._click), whose ParameterSource is not click.core's.
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _flags(names: list[str]) -> str:
+    return " ".join("--" + n.replace("_", "-") for n in names)
 
 
 def _card_version(weights: Path) -> str:

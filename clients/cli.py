@@ -1,4 +1,5 @@
-"""The ``medaudit`` command line: offline pipeline steps now, service commands as they land."""
+"""The ``medaudit`` command line: offline pipeline steps, and ``predict``/``compare``/``audit FILE``
+against a running service (:mod:`clients.service_cmd`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from rich.table import Table
 
 from clients.audit_cmd import audit as _audit_cmd
 from clients.build_cmd import build as _build_cmd
+from clients.service_cmd import compare as _compare_cmd
+from clients.service_cmd import predict as _predict_cmd
 
 app = typer.Typer(
     help="medaudit: audit medical image classifiers for shortcut learning.", no_args_is_help=True
@@ -178,6 +181,8 @@ def demo(
 
 
 app.command("audit")(_audit_cmd)
+app.command("predict")(_predict_cmd)
+app.command("compare")(_compare_cmd)
 
 
 @data_app.command("export")
