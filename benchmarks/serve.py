@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from service.process import served  # noqa: E402
 
 
 @dataclass
@@ -90,54 +93,17 @@ def test_images(n: int) -> list[bytes]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
-def served(home: Path, version: str, backend: str, log_path: Path):
-    """A ``bentoml serve`` process serving ``version``; yields its base URL once ready."""
-    port = free_port()
+def served_version(home: Path, version: str, backend: str, log_path: Path) -> Iterator[str]:
+    """A ``bentoml serve`` process serving ``version`` with the ``backend`` predict path."""
     env = {
-        **os.environ,
         "BENTOML_HOME": str(home),
-        "BENTOML_DO_NOT_TRACK": "True",
         "MEDAUDIT_VERSIONS": version,
         "MEDAUDIT_AUTH": "off",
         "MEDAUDIT_PREDICT_BACKEND": backend,
     }
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [bentoml, "serve", "service.api:MedAudit", "--port", str(port), "--host", "127.0.0.1"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"bentoml serve exited; see {log_path}")
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"not ready after 300 s; see {log_path}")
-                time.sleep(1)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with served(env, log_path, ready_timeout=300) as base:
+        yield base
 
 
 def batch_histogram(base: str, method: str) -> dict[str, float]:
@@ -246,7 +212,7 @@ def main() -> None:
     # Two servers at once would fight over 2 cores: each backend gets its own server, started per
     # round, and the phases alternate onnx-predict, audit, torch-predict.
     for r in range(args.rounds):
-        with served(args.home, args.version, "onnx", log_dir / "serve_onnx.log") as base:
+        with served_version(args.home, args.version, "onnx", log_dir / "serve_onnx.log") as base:
             for name, endpoint, method in (
                 ("predict_onnx", "/predict", "predict_batch"),
                 ("audit", "/audit", "audit_batch"),
@@ -254,7 +220,7 @@ def main() -> None:
                 asyncio.run(drive(base, endpoint, images, args.users, 3.0))  # warm-up
                 phases.append(run_phase(name, base, endpoint, method, images, args))
                 print(f"round {r + 1}: {phases[-1]}", flush=True)
-        with served(args.home, args.version, "torch", log_dir / "serve_torch.log") as base:
+        with served_version(args.home, args.version, "torch", log_dir / "serve_torch.log") as base:
             asyncio.run(drive(base, "/predict", images, args.users, 3.0))
             phases.append(run_phase("predict_torch", base, "/predict", "predict_batch", images, args))
             print(f"round {r + 1}: {phases[-1]}", flush=True)

@@ -44,14 +44,17 @@ import asyncio
 import logging
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 from models.errors import ConfigError
+from service import metrics
 from service.audit import (
     PREDICT_BACKENDS,
     AuditEngine,
@@ -95,6 +98,7 @@ class ShadowStats:
     def record(self, version: str, shadow: str, agree: bool) -> None:
         with self._lock:
             self._counts[(version, shadow, agree)] += 1
+        metrics.SHADOW.labels(version, shadow, str(agree).lower()).inc()
 
     def to_json(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -142,6 +146,7 @@ class Predictor:
         """``[{"version", "pixels": (H, W, 3) uint8}]`` -> one prediction JSON per job, in order."""
         out: list[dict[str, Any]] = [{} for _ in jobs]
         for version, idx in _by_version(jobs).items():
+            metrics.BATCH_IMAGES.labels("predictor", version).observe(len(idx))
             rgb = np.stack([np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx])
             for i, pred in zip(idx, self.predictors[version].predict_pixels(rgb), strict=True):
                 out[i] = pred.to_json()
@@ -170,6 +175,16 @@ class Auditor:
         return audit_jobs(self.engines, jobs)
 
 
+@contextmanager
+def _stage(endpoint: str, stage: str) -> Iterator[None]:
+    """Times one request stage into ``medaudit_stage_seconds`` (also when it raises)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.STAGE_SECONDS.labels(endpoint, stage).observe(time.perf_counter() - t0)
+
+
 def _by_version(jobs: list[dict[str, Any]]) -> dict[str, list[int]]:
     by_version: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -184,6 +199,7 @@ def audit_jobs(engines: Mapping[str, AuditEngine], jobs: list[dict[str, Any]]) -
     """
     out: list[dict[str, Any]] = [{} for _ in jobs]
     for version, idx in _by_version(jobs).items():
+        metrics.BATCH_IMAGES.labels("auditor", version).observe(len(idx))
         rgb = [np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx]
         raw = any(bool(jobs[i].get("raw_heatmap")) for i in idx)
         results = engines[version].audit(rgb, raw_heatmap=raw)
@@ -202,7 +218,7 @@ def _models_index(request: Request) -> JSONResponse:
 
 def _route(request: Request) -> JSONResponse:
     svc: MedAudit = request.app.state.service
-    return svc.http_get(request, lambda: svc.route(request.headers).to_json())
+    return svc.http_get(request, lambda: svc.route(request.headers, count=False).to_json())
 
 
 def _model_card(request: Request) -> JSONResponse:
@@ -240,6 +256,13 @@ class MedAudit:
             eng = AuditEngine.from_store(v, thresholds=self.thresholds)
             eng.warmup()
             self.engines[v] = eng
+            files = eng.card.files
+            metrics.MODEL_INFO.labels(
+                v,
+                eng.tag,
+                files.get("weights", {}).get("sha256", ""),
+                files.get("onnx", {}).get("sha256", ""),
+            ).set(1)
             log.info("serving %s (concepts: %s)", eng.tag, ", ".join(eng.bank.concepts))
         models_app.state.service = self
         self._ready = True
@@ -254,8 +277,12 @@ class MedAudit:
         principal.require(role)
         return principal
 
-    def route(self, headers: Mapping[str, str]) -> Route:
-        return self.router.route(headers.get("x-model-version"), headers.get("x-subject-key"))
+    def route(self, headers: Mapping[str, str], *, count: bool = True) -> Route:
+        """The version that answers (and the shadow); counted as an A/B assignment unless told not."""
+        route = self.router.route(headers.get("x-model-version"), headers.get("x-subject-key"))
+        if count:
+            metrics.AB_ASSIGNMENTS.labels(route.version, route.via).inc()
+        return route
 
     def _decode(self, headers: Mapping[str, str], image: Path) -> DecodedImage:
         # BentoML hands an empty body to a root input as "{}": the declared length tells them apart.
@@ -285,13 +312,23 @@ class MedAudit:
             self.authenticate(headers)
             return self._decode(headers, image)
 
+        endpoint = ctx.request.url.path
+        t0 = time.perf_counter()
         try:
             decoded = await anyio.to_thread.run_sync(authenticate_and_decode)
+            metrics.STAGE_SECONDS.labels(endpoint, "decode").observe(time.perf_counter() - t0)
             body = await work(decoded)
         except AuditError as e:
+            metrics.REQUESTS.labels(endpoint, "none", e.code).inc()
             return self._error(ctx, e, rid)
+        except Exception:
+            metrics.REQUESTS.labels(endpoint, "none", "server_error").inc()
+            raise
+        version = body.get("version", "none")
         if "version" in body:
             ctx.response.headers["X-Model-Version"] = body["version"]
+        metrics.REQUESTS.labels(endpoint, version, "ok").inc()
+        metrics.STAGE_SECONDS.labels(endpoint, "total").observe(time.perf_counter() - t0)
         return {"request_id": rid, **body, "notes": list(decoded.notes)}
 
     def http_get(self, request: Request, work: Callable[[], dict[str, Any]]) -> JSONResponse:
@@ -323,7 +360,13 @@ class MedAudit:
     def _answer(
         self, route: Route, answer: dict[str, Any], label: str, shadow: dict[str, Any] | None
     ) -> dict[str, Any]:
-        """The response body around one version's answer, with shadow agreement recorded."""
+        """The response body around one version's answer, with shadow agreement and metrics recorded."""
+        metrics.PREDICTIONS.labels(route.version, label).inc()
+        for c in answer.get("concepts", ()):
+            metrics.CONCEPT_PERCENTILE.labels(route.version, c["concept"]).observe(c["percentile"])
+            metrics.CONCEPT_SHARE.labels(route.version, c["concept"]).observe(c["relevance_share"])
+            if c["present"]:
+                metrics.CONCEPT_PRESENT.labels(route.version, c["concept"]).inc()
         shadow_json = None
         if shadow is not None and route.shadow is not None:
             agree = shadow["label"] == label
@@ -354,7 +397,8 @@ class MedAudit:
         route = self.route(headers)
         job, shadow = await anyio.to_thread.run_sync(lambda: self._jobs(image, route))
         jobs = [job] if shadow is None else [job, shadow]
-        answers = await asyncio.gather(*(self.batcher.to_async.predict_batch([j]) for j in jobs))
+        with _stage("/predict", "predict"):
+            answers = await asyncio.gather(*(self.batcher.to_async.predict_batch([j]) for j in jobs))
         pred = answers[0][0]
         return self._answer(route, {"prediction": pred}, pred["label"], answers[1][0] if shadow else None)
 
@@ -366,7 +410,8 @@ class MedAudit:
         calls = [self.auditor.to_async.audit_batch([{**job, "raw_heatmap": raw_heatmap}])]
         if shadow is not None:
             calls.append(self.batcher.to_async.predict_batch([shadow]))
-        answers = await asyncio.gather(*calls)
+        with _stage("/audit", "explain"):
+            answers = await asyncio.gather(*calls)
         res = answers[0][0]["result"]
         return self._answer(route, res, res["prediction"]["label"], answers[1][0] if shadow else None)
 
@@ -378,9 +423,10 @@ class MedAudit:
         pixels = await anyio.to_thread.run_sync(
             lambda: {v: self.engines[v].predictor.pixels([image])[0] for v in versions}
         )
-        answers = await asyncio.gather(
-            *(self.auditor.to_async.audit_batch([{"version": v, "pixels": pixels[v]}]) for v in versions)
-        )
+        with _stage("/compare", "explain"):
+            answers = await asyncio.gather(
+                *(self.auditor.to_async.audit_batch([{"version": v, "pixels": pixels[v]}]) for v in versions)
+            )
         return comparison_json({v: a[0]["result"] for v, a in zip(versions, answers, strict=True)})
 
     def compare_json(self, image: DecodedImage, versions: list[str]) -> dict[str, Any]:

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +17,7 @@ from PIL import Image
 from service.auth import hash_key
 from service.errors import AuthError, UnknownModelVersionError
 from service.inputs import decode_image
+from service.process import served
 
 # bentoml 1.4.40 builds its IO schemas through a pydantic hook deprecated in pydantic 2.11: theirs to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
@@ -318,40 +315,13 @@ def test_multipart_and_form_labelled_uploads_reach_the_decoder(client) -> None:
 # ------------------------------------------------------------------------------ tier 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path: Path) -> None:
     import httpx
 
-    port = _free_port()
-    env = {**os.environ, **_env(tiny_store, auth=False), "OMP_NUM_THREADS": "1"}
-    bentoml_bin = str(Path(sys.executable).parent / "bentoml")
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [bentoml_bin, "serve", "service.api:MedAudit", "--port", str(port), "--host", "127.0.0.1"],
-        cwd=Path(__file__).resolve().parents[2],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(1)
+    env = {**_env(tiny_store, auth=False), "OMP_NUM_THREADS": "1"}
+    with served(env, tmp_path / "serve.log") as base:
         r = httpx.post(f"{base}/audit", content=_png(), headers={"Content-Type": "image/png"}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["version"] in ("vanilla", "pclarc-band_aid")
@@ -368,39 +338,84 @@ def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path
         metrics = httpx.get(f"{base}/metrics").text  # the batcher's histogram: every job went through it
         sums = [ln for ln in metrics.splitlines() if ln.startswith("bentoml_service_adaptive_batch_size_sum")]
         assert any('method_name="predict_batch"' in ln and float(ln.split()[-1]) >= 16 for ln in sums), sums
-        if shutil.which("curl"):
-            img = tmp_path / "x.png"
-            img.write_bytes(_png())
-            curl = ["curl", "-s", "-w", "\n%{http_code}", "--data-binary", f"@{img}"]
-            curl += ["-H", "Content-Type: image/png", "-H", "X-Model-Version: vanilla", f"{base}/predict"]
-            out = subprocess.run(curl, capture_output=True, text=True, timeout=60, check=True)
-            body, code = out.stdout.rsplit("\n", 1)
-            assert code == "200" and '"version":"vanilla"' in body.replace(" ", "")
-            form = [
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-F",
-                f"image=@{img};type=image/png",
-            ]
-            out = subprocess.run(
-                [*form, f"{base}/audit"], capture_output=True, text=True, timeout=60, check=True
-            )
-            assert out.stdout == "200"
-            dcm = tmp_path / "ct.dcm"
-            dcm.write_bytes(_dcm("CT_small.dcm"))
-            curl = ["curl", "-s", "-w", "\n%{http_code}", "--data-binary", f"@{dcm}"]
-            curl += ["-H", "Content-Type: application/dicom", f"{base}/audit"]
-            out = subprocess.run(curl, capture_output=True, text=True, timeout=60, check=True)
-            body, code = out.stdout.rsplit("\n", 1)
-            assert code == "200" and '"heatmap_png"' in body, body[:500]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        assert shutil.which("curl"), "curl is part of this tier (apt-get install curl)"
+        img = tmp_path / "x.png"
+        img.write_bytes(_png())
+        curl = ["curl", "-s", "-w", "\n%{http_code}", "--data-binary", f"@{img}"]
+        curl += ["-H", "Content-Type: image/png", "-H", "X-Model-Version: vanilla", f"{base}/predict"]
+        out = subprocess.run(curl, capture_output=True, text=True, timeout=60, check=True)
+        body, code = out.stdout.rsplit("\n", 1)
+        assert code == "200" and '"version":"vanilla"' in body.replace(" ", "")
+        form = [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-F",
+            f"image=@{img};type=image/png",
+        ]
+        out = subprocess.run([*form, f"{base}/audit"], capture_output=True, text=True, timeout=60, check=True)
+        assert out.stdout == "200"
+        dcm = tmp_path / "ct.dcm"
+        dcm.write_bytes(_dcm("CT_small.dcm"))
+        curl = ["curl", "-s", "-w", "\n%{http_code}", "--data-binary", f"@{dcm}"]
+        curl += ["-H", "Content-Type: application/dicom", f"{base}/audit"]
+        out = subprocess.run(curl, capture_output=True, text=True, timeout=60, check=True)
+        body, code = out.stdout.rsplit("\n", 1)
+        assert code == "200" and '"heatmap_png"' in body, body[:500]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_custom_metrics_add_up_across_two_workers(tiny_store: Path, tmp_path: Path) -> None:
+    """BentoML #5056: with 2 API workers, /metrics must aggregate every custom series of both."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    env = {
+        **_env(tiny_store, auth=False),
+        "OMP_NUM_THREADS": "1",
+        "BENTOML_CONFIG_OPTIONS": "services.medaudit.workers=2",
+    }
+    n = 24
+    with served(env, tmp_path / "serve.log") as base:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def call(i: int) -> int:
+            endpoint = "/audit" if i % 4 == 0 else "/predict"
+            headers = {"Content-Type": "image/png", "X-Subject-Key": f"s{i}"}
+            return httpx.post(
+                f"{base}{endpoint}", content=_png(seed=i), headers=headers, timeout=120
+            ).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(call, range(n))) == {200}
+        text = httpx.get(f"{base}/metrics").text
+    log = (tmp_path / "serve.log").read_text()
+    assert "[entry_service:medaudit:2]" in log, "the second API worker never started"
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def total(name: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in families[name].samples
+            if s.name == name + "_total" and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    print(f"2 workers: {total('medaudit_requests', outcome='ok'):.0f} requests counted of {n}")
+    assert total("medaudit_requests", outcome="ok") == n
+    assert total("medaudit_ab_assignments") == n
+    assert total("medaudit_predictions") == n
+    # pclarc-band_aid shadows every request it does not answer itself
+    assert total("medaudit_shadow_comparisons") == total("medaudit_ab_assignments", version="vanilla") > 0
+    stage = [s for s in families["medaudit_stage_seconds"].samples if s.name.endswith("_count")]
+    assert sum(s.value for s in stage if s.labels["stage"] == "total") == n
+    assert sum(s.value for s in families["medaudit_batch_images"].samples if s.name.endswith("_sum")) >= n
+    info = [s for s in families["medaudit_model_info"].samples]
+    assert {s.labels["version"] for s in info} == {"vanilla", "pclarc-band_aid"}
+    assert all(len(s.labels["weights_sha256"]) == 64 for s in info)
+    for f in families.values():  # no request-level identifiers as labels, ever
+        for s in f.samples:
+            assert not {"request_id", "subject_key", "patient_id"} & set(s.labels), s

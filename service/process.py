@@ -1,0 +1,92 @@
+"""Run ``bentoml serve service.api:MedAudit`` as a child process and wait until it is ready.
+
+What the tier-3 tests, the live Prometheus check and ``benchmarks/serve.py`` share: start a real
+server on a free port, poll ``/readyz``, hand back its base URL, and always stop it (SIGTERM, then
+SIGKILL after a grace period). The server's output goes to a log file whose tail is quoted in
+every error, so a failed start says why.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServeError(RuntimeError):
+    """The server exited or did not become ready; the message ends with its log's tail."""
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+@contextmanager
+def served(
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    port: int | None = None,
+    target: str = "service.api:MedAudit",
+    ready_timeout: float = 180.0,
+) -> Iterator[str]:
+    """A ``bentoml serve`` process with ``env`` added to this one's; yields ``http://127.0.0.1:PORT``.
+
+    Raises:
+        ServeError: The process exited before it was ready, or ``ready_timeout`` passed.
+    """
+    port = port or free_port()
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
+    base = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [bentoml, "serve", target, "--port", str(port), "--host", "127.0.0.1"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while not _ready(base):
+                if proc.poll() is not None:
+                    raise ServeError(f"bentoml serve exited with {proc.returncode}:\n{_tail(log_path)}")
+                if time.monotonic() > deadline:
+                    raise ServeError(f"not ready after {ready_timeout:.0f} s:\n{_tail(log_path)}")
+                time.sleep(0.5)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _ready(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
