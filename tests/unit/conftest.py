@@ -6,8 +6,8 @@ client and the CLI get a real socket without the minutes of a ``bentoml serve`` 
 
 BentoML registers its HTTP metrics in ``prometheus_client``'s process-global registry when an app
 starts, so a second app in one process (another module's, or a ``TestClient`` beside the uvicorn
-one) fails with ``DuplicateTimeseries``. :func:`new_medaudit_app` forgets them first; an earlier
-app keeps working, its metrics are just no longer exported.
+one) fails with ``DuplicateTimeseries``. :func:`new_medaudit_app` forgets them before each start and
+after the module; an earlier app keeps working, its metrics are just no longer exported.
 """
 
 from __future__ import annotations
@@ -64,12 +64,13 @@ def _forget_bentoml_metrics() -> None:
         REGISTRY.unregister(collector)
 
 
-@pytest.fixture(scope="session")
-def new_medaudit_app() -> Callable[[], Any]:
-    """Returns ``make() -> MedAudit.to_asgi()``, safe to call (and start) more than once a process.
+@pytest.fixture(scope="module")
+def new_medaudit_app() -> Iterator[Callable[[], Any]]:
+    """Yields ``make() -> MedAudit.to_asgi()``, safe to call (and start) more than once a process.
 
     Start the app (``TestClient`` enter, uvicorn run) right after ``make()``: the metrics are
-    registered at start.
+    registered at start. They are forgotten again when the module is done, so that a later
+    module's app (``tests/integration/test_service.py`` in the same session) can register its own.
     """
 
     def make() -> Any:
@@ -78,7 +79,8 @@ def new_medaudit_app() -> Callable[[], Any]:
         _forget_bentoml_metrics()
         return MedAudit.to_asgi()
 
-    return make
+    yield make
+    _forget_bentoml_metrics()
 
 
 @pytest.fixture(scope="module")
