@@ -111,3 +111,56 @@ def metric_names(expr: str) -> set[str]:
 
 def unknown_names(expr: str) -> set[str]:
     return metric_names(expr) - known_series()
+
+
+# ---------------------------------------------------------------------------------------- Grafana
+
+#: Panels whose series only `medaudit worker` exports carry this in their description: without a
+#: worker they have no data, and the live check says so instead of failing.
+WORKER_MARK = "Needs the flag worker"
+#: Series only the worker exports (the service process declares them too, but never sets them).
+WORKER_SERIES = frozenset(
+    {
+        "medaudit_flag_queue_length",
+        "medaudit_flag_queue_lag",
+        "medaudit_flag_queue_pending",
+        "medaudit_flag_dead_letters",
+        "medaudit_flag_reviews_total",
+    }
+)
+DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
+#: Grafana's own variables a Prometheus query may use.
+GRAFANA_VARIABLES = frozenset({"__rate_interval", "__interval", "__range", "__range_s", "__interval_ms"})
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    """File name -> parsed dashboard JSON, for every file in ``deploy/grafana/dashboards``."""
+    import json
+
+    return {p.name: json.loads(p.read_text()) for p in sorted((GRAFANA / "dashboards").glob("*.json"))}
+
+
+def all_panels(board: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel, those nested in collapsed rows included."""
+    out: list[dict[str, Any]] = []
+    for p in board.get("panels", []):
+        out.append(p)
+        out.extend(p.get("panels", []))
+    return out
+
+
+def panel_targets(board: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(panel, target) for every query of every panel."""
+    return [(p, t) for p in all_panels(board) for t in p.get("targets", [])]
+
+
+def variable_metric_query(query: str) -> str:
+    """A template variable's query as PromQL: ``label_values(m{...}, l)`` -> ``group by (l) (m{...})``."""
+    m = re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\s*\)\s*", query, re.S)
+    if m:
+        return f"group by ({m.group(2)}) ({m.group(1)})"
+    return query
+
+
+def needs_worker(panel: dict[str, Any]) -> bool:
+    return WORKER_MARK in panel.get("description", "")
