@@ -78,6 +78,11 @@ def worker(
         None, help="Deliveries before an entry is dead-lettered (default MEDAUDIT_FLAG_MAX_DELIVERIES, 5)."
     ),
     drain: bool = typer.Option(False, help="Stop once nothing is undelivered or pending (batch runs)."),
+    metrics_port: int = typer.Option(
+        0,
+        help="Serve Prometheus metrics (queue gauges, review counts) on this port (9464); 0: off.",
+    ),
+    metrics_interval: float = typer.Option(5.0, help="Seconds between queue gauge updates."),
     log_level: str = typer.Option("INFO", help="Logging level."),
 ) -> None:
     """Turn flag events into review records (consumer group; several workers may run in parallel).
@@ -107,8 +112,53 @@ def worker(
     stop = threading.Event()
     install_signal_handlers(stop)
     console.print(f"worker {cfg.consumer}: group {cfg.group} on {s.keys.stream}")
-    stats = Worker(client, s.keys, cfg).run(stop, drain=drain)
+    w = Worker(client, s.keys, cfg)
+    if metrics_port:
+        _export_metrics(metrics_port, metrics_interval, w, _client(redis_url), stop)
+        console.print(f"metrics on :{metrics_port}/metrics")
+    stats = w.run(stop, drain=drain)
     console.print_json(json.dumps(stats.to_json()))
+
+
+def _export_metrics(port: int, interval: float, w: Any, client: redis.Redis, stop: Any) -> None:
+    """Serves ``service.metrics``' queue gauges and review counter for this worker's scrape job.
+
+    A daemon thread refreshes the gauges from :func:`~service.flags.worker.queue_stats` (its own
+    connection) every ``interval`` seconds and adds the worker's new counts to
+    ``medaudit_flag_reviews_total{event=written|redelivered|dead_lettered}``.
+    """
+    import threading
+
+    import redis as redis_lib
+    from prometheus_client import start_http_server
+
+    from service import metrics as m
+    from service.flags.worker import queue_stats
+
+    start_http_server(port)
+    seen = {"written": 0, "redelivered": 0, "dead_lettered": 0}
+    log = logging.getLogger("clients.flags_cmd")
+
+    def refresh() -> None:
+        while True:
+            try:
+                q = queue_stats(client, w.keys, w.cfg.group)
+                m.QUEUE_LENGTH.set(q["stream_length"])
+                if q["group_lag"] is not None:
+                    m.QUEUE_LAG.set(q["group_lag"])
+                m.QUEUE_PENDING.set(q["group_pending"])
+                m.DEAD_LETTERS.set(q["dlq_length"])
+            except redis_lib.RedisError as e:
+                log.warning("metrics: queue stats unavailable: %s", e)
+            for event, before in seen.items():
+                now = int(getattr(w.stats, event))
+                if now > before:
+                    m.REVIEWS.labels(event=event).inc(now - before)
+                    seen[event] = now
+            if stop.wait(interval):
+                return
+
+    threading.Thread(target=refresh, name="worker-metrics", daemon=True).start()
 
 
 # --------------------------------------------------------------------------------- review

@@ -37,7 +37,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,6 +105,16 @@ _TRANSIENT_PREFIXES = (
 )
 
 
+#: Counter attribute -> outcome label passed to the observer.
+_OUTCOMES = {
+    "published": "published",
+    "replayed": "replayed",
+    "spooled": "spooled",
+    "duplicates": "duplicate",
+    "dropped": "dropped",
+}
+
+
 def _transient(e: Exception) -> bool:
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError)):
         return True
@@ -126,6 +136,10 @@ class FlagPublisher:
             background thread (never the caller).
         backoff: (first, longest) wait between attempts while Redis is down, s.
         client: A bytes client (:func:`service.flags.redis_conn.connect`) to use instead of ``url``.
+        observer: Called as ``observer(outcome, n)`` whenever a counter moves, with ``outcome`` one
+            of ``published``, ``replayed``, ``spooled``, ``duplicate``, ``dropped`` (the labels of
+            ``medaudit_flag_publish_total``); read ``publisher.spool.pending`` there for the
+            spool gauge. It runs on the caller's or the publisher's thread and must not raise.
     """
 
     def __init__(
@@ -141,6 +155,7 @@ class FlagPublisher:
         timeout: float = 1.0,
         backoff: tuple[float, float] = (0.05, 2.0),
         client: redis.Redis | None = None,
+        observer: Callable[[str, int], None] | None = None,
     ) -> None:
         if client is None:
             client = connect(
@@ -171,6 +186,7 @@ class FlagPublisher:
         self._deadline = float("inf")
         self.submitted = self.published = self.replayed = self.spooled = self.duplicates = self.dropped = 0
         self.flags_published = 0
+        self._observer = observer
         self._thread = threading.Thread(target=self._run, name="flag-publisher", daemon=True)
         self._thread.start()
 
@@ -335,6 +351,12 @@ class FlagPublisher:
     def _add(self, name: str, n: int = 1) -> None:
         with self._count_lock:
             setattr(self, name, getattr(self, name) + n)
+        outcome = _OUTCOMES.get(name)
+        if self._observer is not None and outcome is not None:
+            try:
+                self._observer(outcome, n)
+            except Exception:  # metrics must never break publishing
+                log.exception("flags: the publisher's observer raised")
 
     @property
     def queue_depth(self) -> int:

@@ -7,6 +7,7 @@ import json
 import signal
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,11 @@ pytestmark = pytest.mark.redis
 
 def test_publish_is_idempotent_per_request(redis_url: str, keys: FlagKeys, client, tmp_path: Path) -> None:
     two = result(score("band_aid"), score("ruler", share=0.5), seed=1)  # two flagging concepts
-    pub = FlagPublisher(redis_url, keys=keys, spool_dir=tmp_path / "a", ttl_s=3600)
+    seen: Counter[str] = Counter()
+    observe = seen.update  # what the service wires to medaudit_flag_publish_total{outcome}
+    pub = FlagPublisher(
+        redis_url, keys=keys, spool_dir=tmp_path / "a", ttl_s=3600, observer=lambda o, n: observe({o: n})
+    )
     for i in range(4):
         d = pub.submit(result(seed=i), request_id=f"req-{i}", version="vanilla", subject_key="patient-7")
         assert d.concepts == ("band_aid",)
@@ -39,6 +44,7 @@ def test_publish_is_idempotent_per_request(redis_url: str, keys: FlagKeys, clien
     print(f"\nsubmitted 7 requests (2 repeats) -> {len(ids)} stream entries: {ids}")
     assert ids == ["req-0", "req-1", "req-2", "req-3", "req-two", "req-two"]
     assert (pub.published, pub.duplicates, pub.flags_published, again.duplicates) == (5, 1, 6, 1)
+    assert seen == {"published": 5, "duplicate": 1}
     entries = [FlagEvent.from_fields(f) for _, f in client.xrange(keys.stream)]
     assert [e.flag_id for e in entries[-2:]] == ["req-two:band_aid", "req-two:ruler"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,9 +10,11 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from flagtools import result
 
 from service.flags.events import FlagEvent, FlagKeys
@@ -224,8 +227,10 @@ def test_cli_worker_stops_cleanly_on_sigterm(redis_url: str, keys: FlagKeys, cli
     exe = Path(sys.executable).parent / "medaudit"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "clients.cli"]
     env = {**os.environ, "MEDAUDIT_REDIS_URL": redis_url, "MEDAUDIT_FLAG_PREFIX": keys.prefix}
+    port = free_port()
     proc = subprocess.Popen(
-        [*cmd, "worker", "--block-ms", "200", "--consumer", "cli-worker"],
+        [*cmd, "worker", "--block-ms", "200", "--consumer", "cli-worker", "--metrics-port", str(port),
+         "--metrics-interval", "0.1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -235,6 +240,16 @@ def test_cli_worker_stops_cleanly_on_sigterm(redis_url: str, keys: FlagKeys, cli
                 proc.communicate()[0] if proc.poll() else ""
             )
             time.sleep(0.05)
+        metrics = ""
+        while 'medaudit_flag_reviews_total{event="written"} 8.0' not in metrics:
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.1)
+            with contextlib.suppress(OSError):
+                metrics = (
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+                )
+        assert "medaudit_flag_queue_length 8.0" in metrics and "medaudit_flag_queue_pending 0.0" in metrics
+        assert "medaudit_flag_dead_letters 0.0" in metrics and "medaudit_flag_queue_lag 0.0" in metrics
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
