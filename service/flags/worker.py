@@ -57,6 +57,9 @@ redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
+#: Most entries ``queue_stats`` reads to count the lag where Redis does not report it.
+LAG_SCAN_LIMIT = 1000
+
 #: Called at ``"before_write"`` and ``"after_write"`` of each entry (tests slow or break it there).
 Hook = Callable[[str, FlagEvent], None]
 
@@ -235,7 +238,9 @@ class Worker:
                 count=self.cfg.count,
             )
             cursor = _text(resp[0])
-            entries = [(_text(i), f) for i, f in resp[1]]
+            # Redis 6.2 lists entries deleted meanwhile as nil, which redis-py makes (None, None);
+            # 7.0+ reports them apart (resp[2]) and drops them from the PEL itself.
+            entries = [(_text(i), f) for i, f in resp[1] if i is not None]
             if entries:
                 total += len(entries)
                 self.stats.claimed += len(entries)
@@ -397,13 +402,19 @@ def queue_stats(
     """Gauges for monitoring (``medaudit_flag_queue_*`` later): one round trip per number.
 
     Returns:
-        ``stream_length`` (XLEN), ``group_lag`` (entries never delivered to the group; None when
-        Redis cannot tell, e.g. after trimming), ``group_pending`` (delivered, not acknowledged),
+        ``stream_length`` (XLEN), ``group_lag`` (entries never delivered to the group; counted,
+        up to :data:`LAG_SCAN_LIMIT`, where Redis does not say: 6.2, or 7.x after deletions; None
+        without a group), ``group_pending`` (delivered, not acknowledged),
         ``consumers``, ``dlq_length``, ``open_reviews`` and ``resolved_reviews``.
     """
     keys = keys or FlagKeys()
     info = group_info(client, keys, group)
     lag = info.get("lag")
+    if info and lag is None:
+        # Redis 6.2 has no lag field, and 7.x reports none after deletions: count what follows the
+        # last delivered id instead, up to LAG_SCAN_LIMIT entries (a floor beyond that).
+        last = _text(info.get("last-delivered-id", b"0-0"))
+        lag = len(client.xrange(keys.stream, min=f"({last}", max="+", count=LAG_SCAN_LIMIT) or [])
     return {
         "stream_length": int(client.xlen(keys.stream)),
         "group_exists": bool(info),
