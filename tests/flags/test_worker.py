@@ -261,3 +261,33 @@ def test_cli_worker_stops_cleanly_on_sigterm(redis_url: str, keys: FlagKeys, cli
     assert proc.returncode == 0, out
     assert "SIGTERM received" in out and '"written": 8' in out
     assert _pending(client, keys) == 0
+
+
+def test_parallel_workers_share_the_stream_and_write_each_record_once(
+    redis_url: str, keys: FlagKeys, client, tmp_path: Path
+) -> None:
+    n = 120
+    _produce(redis_url, keys, tmp_path, [f"req-{i:03d}" for i in range(n)])
+
+    def pace(stage: str, _event: FlagEvent) -> None:
+        if stage == "before_write":
+            time.sleep(0.002)  # long enough for both workers to get a share
+
+    workers = [
+        Worker(
+            connect(redis_url, timeout=10),
+            keys,
+            WorkerConfig(consumer=f"w{i}", count=5, block_ms=100),
+            hook=pace,
+        )
+        for i in range(2)
+    ]
+    threads = [threading.Thread(target=w.run, kwargs={"drain": True}) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    written = [w.stats.written for w in workers]
+    print(f"\n{n} flags, two workers in parallel wrote {written}")
+    assert sum(written) == n and min(written) > 0
+    assert len(_review_records(client, keys)) == n and _pending(client, keys) == 0
