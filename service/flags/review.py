@@ -270,16 +270,18 @@ def resolve_review(
 
 
 def review_app(
-    client: redis.Redis,
-    keys: FlagKeys | None = None,
+    client: redis.Redis | Callable[[], redis.Redis],
+    keys: FlagKeys | Callable[[], FlagKeys] | None = None,
     *,
     authorize: Callable[[Request], str] | None = None,
 ) -> Starlette:
     """The reviewer endpoints as a Starlette app, to mount at ``/reviews``.
 
     Args:
-        client: A bytes Redis client, shared by the app's requests.
-        keys: Key layout.
+        client: A bytes Redis client shared by the app's requests, or a zero-argument callable
+            returning it, called per request: so the app can be built at import (BentoML mounts
+            ASGI apps at class definition) and the client in the service's ``__init__``.
+        keys: Key layout, or a callable returning it (same reason).
         authorize: ``authorize(request) -> reviewer name``; raises an :class:`AuditError` (401/403)
             for a request without the reviewer role. The service passes one built on its
             :class:`~service.auth.KeyStore` (e.g. ``principal.require(Role.REVIEWER)`` and
@@ -289,8 +291,13 @@ def review_app(
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    keys = keys or FlagKeys()
     auth = authorize or (lambda _req: "anonymous")
+
+    def r() -> redis.Redis:
+        return client() if callable(client) else client
+
+    def k() -> FlagKeys:
+        return (keys() if callable(keys) else keys) or FlagKeys()
 
     def guarded(fn: Callable[[Request, str], Any]) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> JSONResponse:
@@ -318,23 +325,23 @@ def review_app(
             limit, offset = int(q.get("limit", 50)), int(q.get("offset", 0))
         except ValueError:
             raise InvalidReviewError("limit and offset must be integers") from None
-        return list_reviews(client, keys, q.get("status", "open"), limit, offset)
+        return list_reviews(r(), k(), q.get("status", "open"), limit, offset)
 
     def show(request: Request, _reviewer: str) -> dict[str, Any]:
         images = request.query_params.get("images", "1").lower() not in ("0", "false", "no", "off")
-        return get_review(client, request.path_params["flag_id"], keys, images=images)
+        return get_review(r(), request.path_params["flag_id"], k(), images=images)
 
     def resolve(request: Request, reviewer: str) -> dict[str, Any]:
         body = request.state.body
         if not isinstance(body, dict) or not isinstance(body.get("verdict"), str):
             raise InvalidReviewError('the body must be a JSON object with a "verdict" string', valid=VERDICTS)
         return resolve_review(
-            client,
+            r(),
             request.path_params["flag_id"],
             body["verdict"],
             body.get("note") or "",
             reviewer=reviewer,
-            keys=keys,
+            keys=k(),
         )
 
     return Starlette(

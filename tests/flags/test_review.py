@@ -102,7 +102,12 @@ def test_http_endpoints(client, queued: FlagKeys) -> None:
             raise AuthError("invalid API key")
         return "k_reviewer"
 
-    app = Starlette(routes=[Mount("/reviews", review_app(client, queued, authorize=authorize))])
+    # Built before the client exists (as at import in service/api.py): both are looked up per request.
+    late: dict[str, object] = {}
+    app = Starlette(
+        routes=[Mount("/reviews", review_app(lambda: late["r"], lambda: late["k"], authorize=authorize))]
+    )
+    late.update(r=client, k=queued)
     h = {"Authorization": "Bearer reviewer-key"}
     with TestClient(app) as http:
         assert http.get("/reviews").status_code == 401
