@@ -164,3 +164,33 @@ def variable_metric_query(query: str) -> str:
 
 def needs_worker(panel: dict[str, Any]) -> bool:
     return WORKER_MARK in panel.get("description", "")
+
+
+# ------------------------------------------------------------------------------ processes, settings
+
+
+def cli_options(command: str) -> set[str]:
+    """The options a ``medaudit <command>`` accepts (from the typer app itself)."""
+    import typer.main
+
+    from clients.cli import app
+
+    group = typer.main.get_command(app)
+    cmd = group.commands[command]  # type: ignore[attr-defined]
+    return {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
+
+
+def check_medaudit_args(args: list[str]) -> None:
+    """``["medaudit", "<command>", "--opt", ...]`` names a real command and only its options."""
+    assert args[0] == "medaudit", args
+    options = cli_options(args[1])
+    used = {a.split("=", 1)[0] for a in args[2:] if a.startswith("--")}
+    assert used <= options, f"medaudit {args[1]} has no {sorted(used - options)}"
+
+
+def check_settings(env: dict[str, str]) -> None:
+    """Every MEDAUDIT_* variable is one the service reads, and together they parse (auth aside)."""
+    from service.config import Settings, unknown_variables
+
+    assert unknown_variables(env) == []
+    Settings.from_env({**env, "MEDAUDIT_AUTH": "off", "MEDAUDIT_API_KEYS": "", "MEDAUDIT_API_KEY_SALT": ""})
