@@ -9,9 +9,7 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from PIL import Image
 
 from clients.client import AsyncMedauditClient, MedauditClient, Unauthorized, UnknownVersion
 from service.auth import hash_key
+from service.process import free_port, served
 
 pytestmark = [
     pytest.mark.e2e,
@@ -33,20 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-@dataclass(frozen=True)
-class Served:
-    url: str
-    log: Path
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _png(size: int = 40, seed: int = 0) -> bytes:
     arr = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -55,12 +40,9 @@ def _png(size: int = 40, seed: int = 0) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """``bentoml serve`` on a free port, ready (``/readyz``) before the first test."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    port = _free_port()
+def url(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``bentoml serve`` (service.process.served) on a free port, ready before the first test."""
     env = {
-        **os.environ,
         "BENTOML_HOME": str(tiny_store),
         "MEDAUDIT_VERSIONS": "vanilla,pclarc-band_aid",
         "MEDAUDIT_AB_WEIGHTS": "vanilla=1,pclarc-band_aid=1",
@@ -70,60 +52,19 @@ def served(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "MEDAUDIT_API_KEY_SALT": SALT,
         "OMP_NUM_THREADS": "1",
     }
-    log_path = tmp / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "bentoml"),
-                "serve",
-                "service.api:MedAudit",
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            with MedauditClient(url, api_key=CLIENT_KEY) as mc:
-                deadline = time.monotonic() + 180
-                while not _ready(mc):
-                    assert proc.poll() is None, log_path.read_text()[-3000:]
-                    assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-                    time.sleep(1)
-            yield Served(url, log_path)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with served(env, tmp_path_factory.mktemp("e2e") / "serve.log") as base:
+        yield base
 
 
-def _ready(mc: MedauditClient) -> bool:
-    from clients.client import MedauditConnectionError
-
-    try:
-        return mc.ready()
-    except MedauditConnectionError:
-        return False
-
-
-def test_sync_client(served: Served) -> None:
-    with MedauditClient(served.url, api_key=CLIENT_KEY) as mc:
+def test_sync_client(url: str) -> None:
+    with MedauditClient(url, api_key=CLIENT_KEY) as mc:
         mc.wait_ready(timeout=5)
         pred = mc.predict(_png(), version="vanilla", request_id="e2e-1")
         assert (pred.request_id, pred.version, pred.via) == ("e2e-1", "vanilla", "explicit")
         assert pred.shadow is not None and pred.shadow.version == "pclarc-band_aid"
         audit = mc.audit(_png(), version="vanilla", raw_heatmap=True)
-        assert (
-            audit.prediction.label == pred.prediction.label
-        )  # torch forward vs ONNX: same image, same label
+        # the audit's torch forward and /predict's ONNX Runtime agree on the label
+        assert audit.prediction.label == pred.prediction.label
         assert audit.heatmap is not None and audit.heatmap.shape == (32, 32)
         assert Image.open(io.BytesIO(audit.heatmap_png)).size == (32, 32)
         cmp = mc.compare(_png(), versions=["vanilla", "pclarc-band_aid"])
@@ -136,13 +77,13 @@ def test_sync_client(served: Served) -> None:
         with pytest.raises(UnknownVersion) as ei:
             mc.audit(_png(), version="nope")
         assert ei.value.valid_versions == ("pclarc-band_aid", "vanilla")
-    with MedauditClient(served.url) as anon, pytest.raises(Unauthorized):
+    with MedauditClient(url) as anon, pytest.raises(Unauthorized):
         anon.predict(_png())
 
 
-def test_async_client_concurrent_requests(served: Served) -> None:
+def test_async_client_concurrent_requests(url: str) -> None:
     async def main() -> None:
-        async with AsyncMedauditClient(served.url, api_key=CLIENT_KEY) as c:
+        async with AsyncMedauditClient(url, api_key=CLIENT_KEY) as c:
             await c.wait_ready(timeout=5)
             images = [_png(seed=s) for s in range(6)]
             preds = await asyncio.gather(*(c.predict(im, version="vanilla") for im in images))
@@ -166,32 +107,39 @@ def _cli(*args: str, key: str | None = CLIENT_KEY, cwd: Path = ROOT) -> subproce
     )
 
 
-def test_cli_against_the_served_app(served: Served, tmp_path: Path) -> None:
+def test_cli_against_the_served_app(url: str, tmp_path: Path) -> None:
     img = tmp_path / "case.png"
     img.write_bytes(_png())
-    out = _cli("predict", str(img), "--url", served.url, "--version", "vanilla")
+    out = _cli("predict", str(img), "--url", url, "--version", "vanilla")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "answered by vanilla (via explicit)" in out.stdout and "shadow pclarc-band_aid" in out.stdout
-
-    out = _cli(
-        "audit", str(img), "--url", served.url, "--version", "pclarc-band_aid", "--out", str(tmp_path / "o")
+    assert "answered by vanilla (via explicit)" in out.stdout and "shadow pclarc-band_aid" in out.stdout, (
+        out.stdout
     )
+
+    out = _cli("audit", str(img), "--url", url, "--version", "pclarc-band_aid", "--out", str(tmp_path / "o"))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "concepts at" in out.stdout and ("FLAGGED" in out.stdout or "not flagged" in out.stdout)
+    assert "concepts at" in out.stdout and ("FLAGGED" in out.stdout or "not flagged" in out.stdout), (
+        out.stdout
+    )
     (heatmap,) = (tmp_path / "o").glob("case_*_heatmap.png")
     with Image.open(heatmap) as im:
         assert im.size == (32, 32)
 
-    out = _cli("compare", str(img), "--url", served.url, "--heatmaps", "--out", str(tmp_path / "c"))
+    out = _cli("compare", str(img), "--url", url, "--heatmaps", "--out", str(tmp_path / "c"))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert re.search(r"labels (agree|DISAGREE), flags (agree|DISAGREE)", out.stdout)
+    assert re.search(r"labels (agree|DISAGREE), flags (agree|DISAGREE)", out.stdout), out.stdout
     assert len(list((tmp_path / "c").glob("case_*_heatmap.png"))) == 2
 
-    out = _cli("predict", str(img), "--url", served.url, key=None)
-    assert out.returncode == 1 and "MEDAUDIT_API_KEY" in out.stderr and "Traceback" not in out.stderr
-    out = _cli("predict", str(img), "--url", served.url, "--version", "nope")
-    assert out.returncode == 1 and "this service serves: pclarc-band_aid, vanilla" in out.stderr
-    down = f"http://127.0.0.1:{_free_port()}"
+    out = _cli("predict", str(img), "--url", url, key=None)
+    assert out.returncode == 1 and "MEDAUDIT_API_KEY" in out.stderr, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    out = _cli("predict", str(img), "--url", url, "--version", "nope")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "this service serves: pclarc-band_aid, vanilla" in out.stderr, out.stderr
+    down = f"http://127.0.0.1:{free_port()}"
     out = _cli("predict", str(img), "--url", down)
-    assert out.returncode == 3 and f"cannot reach the medaudit service at {down}" in out.stderr
-    assert "make demo" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert f"cannot reach the medaudit service at {down}" in out.stderr and "make demo" in out.stderr, (
+        out.stderr
+    )
+    assert "Traceback" not in out.stderr
