@@ -83,13 +83,16 @@ def test_prometheus_gets_its_config_and_rules_and_scrapes_compose_services() -> 
     for rule_file in config["rule_files"]:
         assert mounts[str(Path(config_path).parent / rule_file)] == PROM / rule_file
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
-    assert "medaudit" in jobs
+    assert set(jobs) == {"medaudit", "medaudit-worker"}  # the job names the alert rules match
     for job in jobs.values():
         for target in (t for sc in job["static_configs"] for t in sc["targets"]):
             host, port = target.split(":")
             assert host in SERVICES, target
             if host == "medaudit":
                 assert int(port) in _container_port("medaudit")
+            if host == "worker":
+                command = SERVICES["worker"]["command"]
+                assert command[command.index("--metrics-port") + 1] == port
 
 
 def test_grafana_provisioning_matches_its_mounts() -> None:

@@ -203,7 +203,6 @@ def test_selectors_of_services_and_budgets_match_pods() -> None:
         assert w["spec"]["selector"]["matchLabels"].items() <= _pod_labels(w).items()
     redis = _get(BASE, "StatefulSet", "redis")
     assert _get(BASE, "Service", redis["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
-    assert _get(BASE, "Service", "medaudit-pods")["spec"]["clusterIP"] == "None"
 
 
 def test_configmap_and_secret_hold_settings_the_service_reads() -> None:
@@ -231,6 +230,16 @@ def test_worker_runs_a_real_medaudit_command() -> None:
     (c,) = _get(BASE, "Deployment", "medaudit-worker")["spec"]["template"]["spec"]["containers"]
     check_medaudit_args(c["args"])
     assert c["args"][1] == "worker"
+    port = c["args"][c["args"].index("--metrics-port") + 1]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"] == int(port)
+    scrape = load_yaml(DEPLOY / "prometheus" / "prometheus-kubernetes.yml")["scrape_configs"]
+    jobs = {j["job_name"]: j["dns_sd_configs"][0] for j in scrape}
+    assert set(jobs) == {"medaudit", "medaudit-worker"}
+    for job, service in (("medaudit", "medaudit-pods"), ("medaudit-worker", "medaudit-worker")):
+        (name,) = jobs[job]["names"]
+        assert name == f"{service}.medaudit.svc.cluster.local"
+        assert _get(BASE, "Service", service)["spec"]["clusterIP"] == "None"
+    assert jobs["medaudit-worker"]["port"] == int(port) and jobs["medaudit"]["port"] == 3000
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_keeps_the_base() -> None:
