@@ -34,6 +34,7 @@ import yaml
 from deploytools import (
     PROM,
     ROOT,
+    cli_options,
     dashboards,
     declared_series,
     metric_names,
@@ -81,17 +82,6 @@ def _prometheus_bin() -> str:
             "prometheus is not installed: apt-get install prometheus (Debian's package; .ci/run does)"
         )
     return path
-
-
-def _worker_can_export_metrics() -> bool:
-    out = subprocess.run(
-        [str(Path(sys.executable).parent / "medaudit"), "worker", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
-    )
-    return "--metrics-port" in out.stdout
 
 
 def _wait(pred: Any, timeout: float, what: str, log: Path | None = None) -> None:
@@ -191,11 +181,23 @@ def _lint(text: str) -> list[str]:
     return kept
 
 
-def test_every_panel_and_rule_against_live_prometheus(tiny_store: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def flag_prefix() -> Iterator[str]:
+    """A key prefix of the run's own; its keys are removed from the shared Redis afterwards."""
+    prefix = f"medaudit-live-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    if os.environ.get("REDIS_URL"):
+        _forget_keys(os.environ["REDIS_URL"], prefix)
+
+
+def test_every_panel_and_rule_against_live_prometheus(
+    tiny_store: Path, tmp_path: Path, flag_prefix: str
+) -> None:
     prometheus = _prometheus_bin()
     promtool()
-    with_worker = _worker_can_export_metrics() and bool(os.environ.get("REDIS_URL"))
-    prefix = f"medaudit-live-{uuid.uuid4().hex[:8]}"
+    with_worker = "--metrics-port" in cli_options("worker") and bool(os.environ.get("REDIS_URL"))
+    if not with_worker:
+        print("\nno worker: REDIS_URL is unset or `medaudit worker` has no --metrics-port")
     env = {
         "BENTOML_HOME": str(tiny_store),
         "MEDAUDIT_VERSIONS": "vanilla,pclarc-band_aid",
@@ -205,7 +207,7 @@ def test_every_panel_and_rule_against_live_prometheus(tiny_store: Path, tmp_path
         # Lenient thresholds so that random tiny models still find concepts present and raise flags.
         "MEDAUDIT_FLAG_FPR": "0.5",
         "MEDAUDIT_FLAG_POLICY": "share=0",
-        "MEDAUDIT_FLAG_PREFIX": prefix,
+        "MEDAUDIT_FLAG_PREFIX": flag_prefix,
         "MEDAUDIT_FLAG_SPOOL_DIR": str(tmp_path / "spool"),
         "OMP_NUM_THREADS": "1",
     }
@@ -267,6 +269,19 @@ def test_every_panel_and_rule_against_live_prometheus(tiny_store: Path, tmp_path
     print("\n".join(report))
     assert lint == [], "promtool check metrics:\n" + "\n".join(lint)
     assert failures == [], "\n".join(failures)
+
+
+def _forget_keys(url: str, prefix: str) -> None:
+    """The run's flag stream, reviews and heatmaps: its own key prefix, removed from the shared Redis."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def _last_scrape(prom: str) -> float:
