@@ -58,6 +58,7 @@ from service import metrics
 from service.audit import (
     PREDICT_BACKENDS,
     AuditEngine,
+    AuditResult,
     FlagThresholds,
     compare,
     comparison_json,
@@ -66,6 +67,7 @@ from service.audit import (
 from service.auth import ANONYMOUS, Principal, Role
 from service.config import Settings
 from service.errors import AuditError, UnknownModelVersionError
+from service.flags.policy import PolicyDecision, evaluate
 from service.inputs import DecodedImage, decode_image
 from service.routing import Route
 from service.uploads import UploadNormalizer
@@ -236,6 +238,45 @@ models_app = Starlette(
 )
 
 
+def _review_client() -> Any:
+    svc: MedAudit = models_app.state.service
+    if svc.review_client is None:
+        from service.flags.review import ReviewStoreUnavailableError
+
+        raise ReviewStoreUnavailableError("flags are off on this service (MEDAUDIT_FLAGS=off)")
+    return svc.review_client
+
+
+def _review_keys() -> Any:
+    svc: MedAudit = models_app.state.service
+    return svc.settings.flags.keys
+
+
+def _reviewer(request: Request) -> str:
+    svc: MedAudit = models_app.state.service
+    return svc.authenticate(request.headers, Role.REVIEWER).key_id
+
+
+def _review_app() -> Starlette:
+    from service.flags.review import review_app
+
+    return review_app(_review_client, _review_keys, authorize=_reviewer)
+
+
+reviews_app = _review_app()
+
+
+def flag_json(decision: PolicyDecision) -> dict[str, Any]:
+    """The response's ``flag``: the policy decision, plus the flat ``reasons``/``concepts`` lists."""
+    body = decision.to_json()
+    return {
+        **body,
+        "concepts": list(decision.concepts),
+        "reasons": [f"{f.concept}: {r}" for f in decision.flags for r in f.reasons],
+    }
+
+
+@bentoml.asgi_app(reviews_app, path="/reviews")
 @bentoml.asgi_app(models_app, path="/models")
 @bentoml.service(name="medaudit", traffic={"timeout": 300})
 class MedAudit:
@@ -264,8 +305,33 @@ class MedAudit:
                 files.get("onnx", {}).get("sha256", ""),
             ).set(1)
             log.info("serving %s (concepts: %s)", eng.tag, ", ".join(eng.bank.concepts))
+        self.policy = self.settings.flags.policy(self.thresholds.relevance_share)
+        self.policy.check_concepts(sorted({c for e in self.engines.values() for c in e.bank.concepts}))
+        self.publisher: Any = None
+        self.review_client: Any = None
+        if self.settings.flags_enabled:
+            from service.flags.producer import FlagPublisher
+
+            self.publisher = FlagPublisher.from_settings(
+                self.settings, default_share=self.thresholds.relevance_share, observer=self._on_publish
+            )
+            self.review_client = self.publisher.client
         models_app.state.service = self
         self._ready = True
+
+    def _on_publish(self, outcome: str, n: int) -> None:
+        """The publisher's observer: outcome counters, and the spool gauge (may run before
+        ``self.publisher`` is assigned, while an old spool replays)."""
+        metrics.FLAG_PUBLISH.labels(outcome).inc(n)
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            metrics.SPOOL_EVENTS.set(publisher.spool.pending)
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        """Drains the flag publisher (what Redis does not take by then stays in the spool)."""
+        if self.publisher is not None:
+            self.publisher.close(timeout=5.0)
 
     def __is_ready__(self) -> bool:
         return self._ready
@@ -297,7 +363,10 @@ class MedAudit:
         return JSONResponse({**e.to_json(), "request_id": rid}, status_code=e.status)
 
     async def _serve(
-        self, ctx: bentoml.Context, image: Path, work: Callable[[DecodedImage], Awaitable[dict[str, Any]]]
+        self,
+        ctx: bentoml.Context,
+        image: Path,
+        work: Callable[[DecodedImage, str], Awaitable[dict[str, Any]]],
     ) -> Any:
         """Request id, auth, decoding and error translation around one POST endpoint.
 
@@ -317,7 +386,7 @@ class MedAudit:
         try:
             decoded = await anyio.to_thread.run_sync(authenticate_and_decode)
             metrics.STAGE_SECONDS.labels(endpoint, "decode").observe(time.perf_counter() - t0)
-            body = await work(decoded)
+            body = await work(decoded, rid)
         except AuditError as e:
             metrics.REQUESTS.labels(endpoint, "none", e.code).inc()
             return self._error(ctx, e, rid)
@@ -385,13 +454,50 @@ class MedAudit:
         pred = self.engines[route.version].predictor.predict_pixels(job["pixels"][None])[0].to_json()
         return self._answer(route, {"prediction": pred}, pred["label"], self._shadow_sync(shadow))
 
+    def _flag(
+        self,
+        route: Route,
+        answer: dict[str, Any],
+        headers: Mapping[str, str],
+        request_id: str,
+        shadow: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The flag policy on the answering version's audit; flagged ones go to the publisher.
+
+        The shadow (a corrected version, when configured) disagreeing is one of the policy's
+        reasons. Publishing never blocks or fails the request (:class:`FlagPublisher.submit`).
+        """
+        t0 = time.perf_counter()
+        result = AuditResult.from_json(answer["result"], answer["features"])
+        disagrees = None if shadow is None else shadow["label"] != result.prediction.label
+        if self.publisher is not None:
+            decision = self.publisher.submit(
+                result,
+                request_id=request_id,
+                version=route.version,
+                subject_key=headers.get("x-subject-key"),
+                corrected_disagrees=disagrees,
+            )
+        else:
+            decision = evaluate(result, self.policy, disagrees)
+        for f in decision.flags:
+            metrics.FLAGS.labels(route.version, f.concept, str(f.severity)).inc()
+        metrics.STAGE_SECONDS.labels("/audit", "flag_publish").observe(time.perf_counter() - t0)
+        return {**answer["result"], "flag": flag_json(decision)}
+
     def audit_json(
-        self, image: DecodedImage, headers: Mapping[str, str], raw_heatmap: bool
+        self,
+        image: DecodedImage,
+        headers: Mapping[str, str],
+        raw_heatmap: bool,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         route = self.route(headers)
-        job, shadow = self._jobs(image, route)
-        res = audit_jobs(self.engines, [{**job, "raw_heatmap": raw_heatmap}])[0]["result"]
-        return self._answer(route, res, res["prediction"]["label"], self._shadow_sync(shadow))
+        job, shadow_job = self._jobs(image, route)
+        answer = audit_jobs(self.engines, [{**job, "raw_heatmap": raw_heatmap}])[0]
+        shadow = self._shadow_sync(shadow_job)
+        res = self._flag(route, answer, headers, request_id or uuid.uuid4().hex, shadow)
+        return self._answer(route, res, res["prediction"]["label"], shadow)
 
     async def predict_async(self, image: DecodedImage, headers: Mapping[str, str]) -> dict[str, Any]:
         route = self.route(headers)
@@ -403,7 +509,7 @@ class MedAudit:
         return self._answer(route, {"prediction": pred}, pred["label"], answers[1][0] if shadow else None)
 
     async def audit_async(
-        self, image: DecodedImage, headers: Mapping[str, str], raw_heatmap: bool
+        self, image: DecodedImage, headers: Mapping[str, str], raw_heatmap: bool, request_id: str
     ) -> dict[str, Any]:
         route = self.route(headers)
         job, shadow = await anyio.to_thread.run_sync(lambda: self._jobs(image, route))
@@ -412,8 +518,9 @@ class MedAudit:
             calls.append(self.batcher.to_async.predict_batch([shadow]))
         with _stage("/audit", "explain"):
             answers = await asyncio.gather(*calls)
-        res = answers[0][0]["result"]
-        return self._answer(route, res, res["prediction"]["label"], answers[1][0] if shadow else None)
+        shadow_pred = answers[1][0] if shadow else None
+        res = self._flag(route, answers[0][0], headers, request_id, shadow_pred)
+        return self._answer(route, res, res["prediction"]["label"], shadow_pred)
 
     async def compare_async(self, image: DecodedImage, versions: list[str]) -> dict[str, Any]:
         versions = list(dict.fromkeys(versions or self.engines))
@@ -427,7 +534,11 @@ class MedAudit:
             answers = await asyncio.gather(
                 *(self.auditor.to_async.audit_batch([{"version": v, "pixels": pixels[v]}]) for v in versions)
             )
-        return comparison_json({v: a[0]["result"] for v, a in zip(versions, answers, strict=True)})
+        results = {}
+        for v, a in zip(versions, answers, strict=True):
+            decision = evaluate(AuditResult.from_json(a[0]["result"]), self.policy)
+            results[v] = {**a[0]["result"], "flag": flag_json(decision)}
+        return comparison_json(results)
 
     def compare_json(self, image: DecodedImage, versions: list[str]) -> dict[str, Any]:
         return compare(self.engines, image, versions).to_json()
@@ -468,20 +579,22 @@ class MedAudit:
     @bentoml.api(route="/predict")
     async def predict(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Prediction for the image in the request body, adaptively batched in :class:`Predictor`."""
-        return await self._serve(ctx, image, lambda d: self.predict_async(d, ctx.request.headers))
+        return await self._serve(ctx, image, lambda d, _rid: self.predict_async(d, ctx.request.headers))
 
     @bentoml.api(route="/audit")
     async def audit(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Prediction, LRP heatmap, concept scores, localization masks and flag decision."""
         raw = ctx.request.query_params.get("raw_heatmap", "").lower() in ("1", "true", "yes")
-        return await self._serve(ctx, image, lambda d: self.audit_async(d, ctx.request.headers, raw))
+        return await self._serve(
+            ctx, image, lambda d, rid: self.audit_async(d, ctx.request.headers, raw, rid)
+        )
 
     @bentoml.api(route="/compare")
     async def compare(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Audits by several versions (``?versions=a,b``, default all) side by side."""
         q = ctx.request.query_params.get("versions", "")
         versions = [v.strip() for v in q.split(",") if v.strip()]
-        return await self._serve(ctx, image, lambda d: self.compare_async(d, versions))
+        return await self._serve(ctx, image, lambda d, _rid: self.compare_async(d, versions))
 
 
 MedAudit.add_asgi_middleware(UploadNormalizer)  # type: ignore[attr-defined]

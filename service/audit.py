@@ -157,6 +157,25 @@ class AuditResult:
     heatmap: np.ndarray | None = field(default=None, repr=False)
     features: np.ndarray | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any], features: np.ndarray | None = None) -> AuditResult:
+        """The inverse of :meth:`to_json` (what the batched :class:`service.api.Auditor` returns)."""
+        p = body["prediction"]
+        heat = body.get("heatmap")
+        return cls(
+            prediction=Prediction(p["version"], p["label"], int(p["class_index"]), dict(p["probabilities"])),
+            heatmap_png=body["heatmap_png"],
+            concepts=tuple(ConceptScore(**c) for c in body["concepts"]),
+            flag=FlagDecision(
+                bool(body["flag"]["flagged"]), tuple(body["flag"]["reasons"]), tuple(body["flag"]["concepts"])
+            ),
+            layer=body["layer"],
+            heatmap=None
+            if heat is None
+            else np.frombuffer(base64.b64decode(heat["data"]), dtype="<f2").reshape(heat["shape"]),
+            features=None if features is None else np.asarray(features, dtype=np.float32),
+        )
+
     def to_json(self) -> dict[str, Any]:
         raw = None
         if self.heatmap is not None:

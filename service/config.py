@@ -18,6 +18,7 @@ Variables (all optional except where auth is on):
 ``MEDAUDIT_MAX_PIXELS``            largest accepted width×height (default 40 000 000)
 ``MEDAUDIT_MIN_IMAGE_SIDE``        smallest accepted side, px (default 1: tiny images are upscaled)
 ``MEDAUDIT_REDIS_URL``/``REDIS_URL``  redis://, rediss:// or unix:// URL (default: none = embedded)
+``MEDAUDIT_FLAGS``                 on/off: publish flagged audits to Redis (default on)
 ``MEDAUDIT_AUTH``                  on/off (default on; on with no keys is an error)
 ``MEDAUDIT_API_KEYS``              ``role:sha256hex,…`` (see :mod:`service.auth`)
 ``MEDAUDIT_API_KEYS_FILE``         a file of such entries, one per line
@@ -62,6 +63,7 @@ class Settings:
     predict_backend: str = "onnx"
     limits: Limits = field(default_factory=Limits)
     redis_url: str | None = None
+    flags_enabled: bool = True
     auth_enabled: bool = True
     api_keys: tuple[KeyEntry, ...] = field(default=(), repr=False)
     api_key_salt: str = field(default="", repr=False)
@@ -144,6 +146,7 @@ class Settings:
                 min_side=_int(env, PREFIX + "MIN_IMAGE_SIDE", Limits.min_side),
             ),
             redis_url=env.get(PREFIX + "REDIS_URL", env.get("REDIS_URL")),
+            flags_enabled=_bool(env, PREFIX + "FLAGS", True),
             auth_enabled=_bool(env, PREFIX + "AUTH", True),
             api_keys=keys,
             api_key_salt=env.get(PREFIX + "API_KEY_SALT", ""),
@@ -182,6 +185,7 @@ _NAMES = (
     "MAX_PIXELS",
     "MIN_IMAGE_SIDE",
     "REDIS_URL",
+    "FLAGS",
     "AUTH",
     "API_KEYS",
     "API_KEYS_FILE",

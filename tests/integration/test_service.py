@@ -32,6 +32,7 @@ def _env(home: Path, auth: bool) -> dict[str, str]:
         "MEDAUDIT_AB_WEIGHTS": "vanilla=1,pclarc-band_aid=1",
         "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
         "MEDAUDIT_AUTH": "on" if auth else "off",
+        "MEDAUDIT_FLAGS": "off",  # the flag pipeline through the service: test_service_flags.py
     }
     if auth:
         env["MEDAUDIT_API_KEYS"] = (
@@ -103,12 +104,10 @@ def test_tier1_batcher_groups_mixed_versions_and_keeps_order(svc) -> None:
 
 
 @pytest.fixture(scope="module")
-def client(service_env):
+def client(service_env, new_medaudit_app):
     from starlette.testclient import TestClient
 
-    from service.api import MedAudit
-
-    with TestClient(MedAudit.to_asgi()) as c:
+    with TestClient(new_medaudit_app()) as c:
         c.headers["Authorization"] = f"Bearer {CLIENT_KEY}"
         yield c
 
@@ -199,7 +198,7 @@ def test_audit_returns_heatmap_concepts_and_flag(client) -> None:
     hm = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
     assert hm.size == (32, 32)
     assert body["heatmap"]["dtype"] == "float16" and body["heatmap"]["shape"] == [32, 32]
-    assert set(body["flag"]) == {"flagged", "reasons", "concepts"}
+    assert set(body["flag"]) == {"flagged", "severity", "flags", "reasons", "concepts"}
     assert any("small image" in n for n in body["notes"])
     for c in body["concepts"]:
         assert (c["mask_png"] is not None) == c["present"]

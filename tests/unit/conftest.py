@@ -55,34 +55,6 @@ def live_service_env(home: Path) -> dict[str, str]:
     }
 
 
-def _forget_bentoml_metrics() -> None:
-    from prometheus_client import REGISTRY
-
-    # prometheus_client has no public listing of a registry's collectors.
-    names = REGISTRY._names_to_collectors  # type: ignore[attr-defined]
-    for collector in {c for n, c in list(names.items()) if n.startswith("bentoml_")}:
-        REGISTRY.unregister(collector)
-
-
-@pytest.fixture(scope="module")
-def new_medaudit_app() -> Iterator[Callable[[], Any]]:
-    """Yields ``make() -> MedAudit.to_asgi()``, safe to call (and start) more than once a process.
-
-    Start the app (``TestClient`` enter, uvicorn run) right after ``make()``: the metrics are
-    registered at start. They are forgotten again when the module is done, so that a later
-    module's app (``tests/integration/test_service.py`` in the same session) can register its own.
-    """
-
-    def make() -> Any:
-        from service.api import MedAudit
-
-        _forget_bentoml_metrics()
-        return MedAudit.to_asgi()
-
-    yield make
-    _forget_bentoml_metrics()
-
-
 @pytest.fixture(scope="module")
 def live_service(tiny_store: Path, new_medaudit_app: Callable[[], Any]) -> Iterator[LiveService]:
     """The service on a free local port, up until the module's tests are done.

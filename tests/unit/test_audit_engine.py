@@ -11,6 +11,7 @@ from PIL import Image
 
 from service.audit import (
     AuditEngine,
+    AuditResult,
     ConceptScore,
     FlagThresholds,
     compare,
@@ -103,6 +104,9 @@ def test_audit_result_structure(engines) -> None:
     )
     assert np.array_equal(raw, r.heatmap)
     assert eng.audit([img])[0].to_json()["heatmap"] is None
+    back = AuditResult.from_json(body, r.features)  # what the batched Auditor's JSON turns back into
+    assert back.to_json() == body and np.array_equal(back.features, r.features)
+    assert r.features is not None and r.features.shape == (eng.bank[eng.bank.concepts[0]].v.shape[0],)
 
 
 def test_present_concepts_get_masks_and_flags_follow_thresholds(engines) -> None:
