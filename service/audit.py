@@ -405,46 +405,67 @@ class AuditEngine:
         return self.predictor.predict(images)
 
     def audit(self, images: Sequence[Image_], *, raw_heatmap: bool = False) -> list[AuditResult]:
-        """Full audits for a batch of images, one LRP call (one forward, one batched backward)."""
+        """Full audits for a batch of images.
+
+        Two LRP calls at most: the first (one forward, one backward seeded at the predicted class)
+        gives the class heatmap, the pooled activations that score every concept, and the class
+        relevance at the CAV layer for the shares. Only images on which some concept is present
+        need concept-conditioned heatmaps (their masks), so the second call, seeded at every
+        concept's CAV, runs on those images alone: on clean traffic the audit costs one backward,
+        not 1 + K.
+        """
         rgb, x = self._inputs(images)
         layer = self.bank.layer
-        e = self.explainer.explain(x, self._targets, cav_layers=[layer], relevance_layers=[layer])
+        e = self.explainer.explain(x, ["pred"], cav_layers=[layer], relevance_layers=[layer])
         preds = predictions(e.logits.double().numpy(), self.cfg.labels, self.version)
         pooled = e.activations[layer].double().numpy()
         scores = self.bank.score(pooled, self.thresholds.fpr)
         class_rel = e.relevance[layer][0].double().numpy()  # (B, C, h, w), seeded at the class
-        heat = e.heatmaps.double().numpy()  # (1 + K, B, H, W)
+        heat = e.heatmaps[0].double().numpy()  # (B, H, W)
         shares = {c: relevance_share(class_rel, self.bank[c].v) for c in self.bank}
+        masks = self._masks(x, scores)
         out = []
         for b, pred in enumerate(preds):
-            concepts = []
-            for k, c in enumerate(self.bank):
-                s = scores[c]
-                present = bool(s.present[b])
-                mask = png_base64(binarize(heat[1 + k, b]) * 255) if present else None
-                concepts.append(
-                    ConceptScore(
-                        concept=c,
-                        score=float(s.score[b]),
-                        percentile=float(s.percentile[b]),
-                        present=present,
-                        threshold=float(s.threshold),
-                        relevance_share=float(shares[c][b]),
-                        mask_png=mask,
-                    )
+            concepts = tuple(
+                ConceptScore(
+                    concept=c,
+                    score=float(scores[c].score[b]),
+                    percentile=float(scores[c].percentile[b]),
+                    present=bool(scores[c].present[b]),
+                    threshold=float(scores[c].threshold),
+                    relevance_share=float(shares[c][b]),
+                    mask_png=masks.get((b, c)),
                 )
+                for c in self.bank
+            )
             out.append(
                 AuditResult(
                     prediction=pred,
-                    heatmap_png=png_base64(overlay(rgb[b], heat[0, b])),
-                    concepts=tuple(concepts),
+                    heatmap_png=png_base64(overlay(rgb[b], heat[b])),
+                    concepts=concepts,
                     flag=decide_flag(concepts, self.thresholds),
                     layer=layer,
-                    heatmap=heat[0, b].astype(np.float16) if raw_heatmap else None,
+                    heatmap=heat[b].astype(np.float16) if raw_heatmap else None,
                     features=pooled[b].astype(np.float32),
                 )
             )
         return out
+
+    def _masks(self, x: torch.Tensor, scores: Mapping[str, Any]) -> dict[tuple[int, str], str]:
+        """Localization masks (method.md §2.1–2.2) of the present concepts: ``(image, concept) -> PNG``."""
+        concepts = list(self.bank)
+        present = np.stack([np.asarray(scores[c].present, dtype=bool) for c in concepts])  # (K, B)
+        rows = np.flatnonzero(present.any(axis=0))
+        if rows.size == 0:
+            return {}
+        e = self.explainer.explain(x[torch.from_numpy(rows)], self._targets[1:])
+        heat = e.heatmaps.double().numpy()  # (K, len(rows), H, W)
+        return {
+            (int(b), c): png_base64(binarize(heat[k, i]) * 255)
+            for i, b in enumerate(rows)
+            for k, c in enumerate(concepts)
+            if present[k, b]
+        }
 
     def warmup(self) -> None:
         """One predict and one audit on a blank image, so the first request pays no lazy set-up."""

@@ -121,6 +121,33 @@ def test_present_concepts_get_masks_and_flags_follow_thresholds(engines) -> None
     assert r.flag.flagged == any(c.relevance_share > 0 for c in present)
 
 
+def test_two_phase_audit_matches_one_joint_lrp_call(engines) -> None:
+    """Masks come from a second LRP call on the images with a present concept only: the same
+    heatmaps (and so masks) as seeding class and concepts in one call, and the same class heatmap."""
+    from models.xai.localize import binarize
+    from service.audit import png_base64
+
+    eng = engines["vanilla"]
+    wide = AuditEngine.__new__(AuditEngine)
+    wide.__dict__.update(eng.__dict__, thresholds=FlagThresholds(relevance_share=0.0, fpr=0.5))
+    noise = [
+        np.random.default_rng(10 + i).integers(0, 256, size=(32, 32, 3), dtype=np.uint8) for i in range(4)
+    ]
+    imgs = noise + [np.full((32, 32, 3), v, dtype=np.uint8) for v in (0, 90, 180, 255)]
+    results = wide.audit(imgs, raw_heatmap=True)
+    present = [(b, c.concept) for b, r in enumerate(results) for c in r.concepts if c.present]
+    absent = [(b, c.concept) for b, r in enumerate(results) for c in r.concepts if not c.present]
+    assert present and absent, "FPR 0.5 should make some concepts present and some not"
+    _, x = wide._inputs(imgs)
+    joint = wide.explainer.explain(x, wide._targets).heatmaps.double().numpy()
+    concepts = list(wide.bank)
+    for b, r in enumerate(results):
+        assert np.allclose(r.heatmap, joint[0, b].astype(np.float16), rtol=1e-2, atol=1e-3)
+        for c in r.concepts:
+            want = png_base64(binarize(joint[1 + concepts.index(c.concept), b]) * 255) if c.present else None
+            assert c.mask_png == want, (b, c.concept)
+
+
 def test_compare_side_by_side_and_unknown_version(engines) -> None:
     img = np.random.default_rng(3).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     cmp = compare(engines, img, ["vanilla", "pclarc-band_aid"])
