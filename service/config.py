@@ -40,6 +40,7 @@ from pathlib import Path
 
 from models.errors import ConfigError
 from service.auth import KeyEntry, KeyStore, parse_key_spec
+from service.envvars import positive_int
 from service.flags.settings import NAMES as FLAG_NAMES
 from service.flags.settings import FlagSettings
 from service.inputs import Limits
@@ -141,9 +142,9 @@ class Settings:
             flag_fpr=_float(env, PREFIX + "FLAG_FPR"),
             predict_backend=env.get(PREFIX + "PREDICT_BACKEND", "onnx").strip().lower(),
             limits=Limits(
-                max_bytes=_int(env, PREFIX + "MAX_BYTES", Limits.max_bytes),
-                max_pixels=_int(env, PREFIX + "MAX_PIXELS", Limits.max_pixels),
-                min_side=_int(env, PREFIX + "MIN_IMAGE_SIDE", Limits.min_side),
+                max_bytes=positive_int(env, PREFIX + "MAX_BYTES", Limits.max_bytes),
+                max_pixels=positive_int(env, PREFIX + "MAX_PIXELS", Limits.max_pixels),
+                min_side=positive_int(env, PREFIX + "MIN_IMAGE_SIDE", Limits.min_side),
             ),
             redis_url=env.get(PREFIX + "REDIS_URL", env.get("REDIS_URL")),
             flags_enabled=_bool(env, PREFIX + "FLAGS", True),
@@ -219,19 +220,6 @@ def _parse_weights(s: str) -> tuple[tuple[str, float], ...]:
     if len(set(names)) != len(names):
         raise ConfigError(f"{PREFIX}AB_WEIGHTS names a version twice: {s!r}")
     return tuple(out)
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    if name not in env:
-        return default
-    s = env[name].strip().replace("_", "")
-    try:
-        v = int(s)
-    except ValueError:
-        raise ConfigError(f"{name} must be a positive integer, got {env[name]!r}") from None
-    if v < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {env[name]!r}")
-    return v
 
 
 def _float(env: Mapping[str, str], name: str) -> float | None:

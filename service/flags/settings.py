@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.errors import ConfigError
+from service.envvars import positive_int
 from service.flags.events import FlagKeys
 from service.flags.policy import POLICY_VAR, ConceptPolicy, PolicyConfig
 
@@ -101,24 +102,11 @@ class FlagSettings:
         return cls(
             policy_spec=env.get(PREFIX + "POLICY", ""),
             prefix=env.get(PREFIX + "PREFIX", cls.prefix).strip(),
-            maxlen=_int(env, PREFIX + "MAXLEN", cls.maxlen),
-            ttl_s=_int(env, PREFIX + "TTL", cls.ttl_s),
+            maxlen=positive_int(env, PREFIX + "MAXLEN", cls.maxlen),
+            ttl_s=positive_int(env, PREFIX + "TTL", cls.ttl_s),
             spool_dir=Path(spool) if spool else None,
-            queue_size=_int(env, PREFIX + "QUEUE", cls.queue_size),
+            queue_size=positive_int(env, PREFIX + "QUEUE", cls.queue_size),
             group=env.get(PREFIX + "GROUP", cls.group).strip(),
-            min_idle_ms=_int(env, PREFIX + "MIN_IDLE_MS", cls.min_idle_ms),
-            max_deliveries=_int(env, PREFIX + "MAX_DELIVERIES", cls.max_deliveries),
+            min_idle_ms=positive_int(env, PREFIX + "MIN_IDLE_MS", cls.min_idle_ms),
+            max_deliveries=positive_int(env, PREFIX + "MAX_DELIVERIES", cls.max_deliveries),
         )
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    if name not in env:
-        return default
-    s = env[name].strip().replace("_", "")
-    try:
-        v = int(s)
-    except ValueError:
-        raise ConfigError(f"{name} must be a positive integer, got {env[name]!r}") from None
-    if v < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {env[name]!r}")
-    return v

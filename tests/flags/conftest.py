@@ -8,16 +8,14 @@ afterwards, so tests never see each other's streams and the shared Redis is left
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from flagtools import RedisServer
+
+from service.process import free_port
 
 REDIS_URL = os.environ.get("REDIS_URL") or os.environ.get("MEDAUDIT_REDIS_URL") or "redis://127.0.0.1:6379/0"
 
@@ -55,57 +53,6 @@ def client(redis_url: str) -> Iterator[object]:
     c = connect(redis_url, timeout=10.0)
     yield c
     c.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A ``redis-server`` of our own that a test may pause, kill and restart on the same port.
-
-    Appendonly with fsync on every write, so a SIGKILL loses nothing Redis acknowledged: the
-    test checks the *publisher's* guarantees, not a volatile server's.
-    """
-
-    def __init__(self, directory: Path, port: int) -> None:
-        self.dir, self.port = directory, port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.skip("redis-server is not installed")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.dir), "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        from service.flags.redis_conn import answers
-
-        deadline = time.monotonic() + 10
-        while not answers(self.url, timeout=0.2):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.05)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a paused server cannot die
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RedisServer, free_port
-from flagtools import result, score, stream_request_ids
+from flagtools import RedisServer, result, score, stream_request_ids
 from PIL import Image
 
 from service.flags.events import FlagEvent, FlagKeys
 from service.flags.producer import FlagPublisher
+from service.process import free_port
 
 pytestmark = pytest.mark.redis
 

@@ -136,7 +136,7 @@ def test_http_endpoints(client, queued: FlagKeys) -> None:
 
 
 def test_http_503_when_redis_is_down() -> None:
-    from conftest import free_port
+    from service.process import free_port
 
     dead = connect(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2, connect_timeout=0.2, retries=0)
     with TestClient(Starlette(routes=[Mount("/reviews", review_app(dead))])) as http:

@@ -14,13 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from flagtools import result
 
 from service.flags.events import FlagEvent, FlagKeys
 from service.flags.producer import FlagPublisher
 from service.flags.redis_conn import connect
 from service.flags.worker import Worker, WorkerConfig, ensure_group, queue_stats
+from service.process import free_port
 
 pytestmark = pytest.mark.redis
 GROUP = "medaudit-review"

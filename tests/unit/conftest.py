@@ -12,7 +12,6 @@ after the module; an earlier app keeps working, its metrics are just no longer e
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from service.auth import hash_key
+from service.process import free_port
 
 SALT, CLIENT_KEY = "test-salt", "client-key-0123456789abcdef"
 
@@ -34,12 +34,6 @@ class LiveService:
     url: str
     client_key: str
     env: dict[str, str]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def live_service_env(home: Path) -> dict[str, str]:

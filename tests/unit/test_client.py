@@ -35,6 +35,7 @@ from clients.client import (
     parse_retry_after,
     sniff_content_type,
 )
+from service.process import free_port
 
 # bentoml 1.4.40 builds its IO schemas through a pydantic hook deprecated in pydantic 2.11: theirs to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
@@ -364,16 +365,8 @@ def test_non_json_answers() -> None:
     assert (ei.value.code, ei.value.detail, ei.value.body) == ("http_500", "Internal Server Error", {})
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_connection_refused_is_retried_then_names_the_url() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with MedauditClient(url, retries=RetryPolicy(retries=2, base_delay=0.01)) as c:
         with pytest.raises(MedauditConnectionError, match=f"at {url} after 3 attempts") as ei:
             c.predict(_png())
@@ -383,7 +376,7 @@ def test_connection_refused_is_retried_then_names_the_url() -> None:
 
 
 def test_a_service_that_comes_up_late_is_reached_by_retrying() -> None:
-    port = _free_port()
+    port = free_port()
     started: list[_Flaky] = []
 
     def start_late() -> None:
@@ -471,7 +464,7 @@ def test_async_client_retries_and_maps_errors() -> None:
         async with AsyncMedauditClient(url, retries=RetryPolicy(retries=1, base_delay=0.01)) as c:
             await c.models()
 
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(MedauditConnectionError, match="after 2 attempts"):
         asyncio.run(refused(url))
 
