@@ -13,6 +13,8 @@ Endpoints (every response carries ``X-Request-ID`` and, when a model answered, `
 ``GET /models/_route``   which version would answer these headers (``X-Subject-Key``,
                          ``X-Model-Version``), without running a model: A/B debugging
 ``/readyz``              200 only after every version is loaded and warmed (BentoML's own)
+``GET /openapi.json``    the OpenAPI 3.1 contract of all of the above (:mod:`service.openapi`);
+                         BentoML's own ``/docs.json`` stays for its UI and clients
 =======================  ====================================================================
 
 The image is the whole request body (BentoML 1.4 *root input*), e.g.
@@ -23,7 +25,8 @@ upload (``curl -F image=@x.png …``) works too (:mod:`service.uploads`). Versio
 every request and its agreement with the answering version is counted.
 
 Errors: an :class:`~service.errors.AuditError` becomes its status with body
-``{"error", "detail", ..., "request_id"}``; anything else is BentoML's generic 500.
+``{"error", "detail", ..., "request_id"}``; what the frameworks answer themselves (no such route,
+wrong method, BentoML's 500) is given the same body by :class:`~service.errors.JsonErrorBodies`.
 
 Work is adaptively batched in two dependent BentoML services (each its own process under
 ``bentoml serve``): :class:`MedAudit` authenticates, decodes, routes and resizes, then awaits
@@ -66,9 +69,10 @@ from service.audit import (
 )
 from service.auth import ANONYMOUS, Principal, Role
 from service.config import Settings
-from service.errors import AuditError, UnknownModelVersionError
+from service.errors import AuditError, JsonErrorBodies, UnknownModelVersionError
 from service.flags.policy import PolicyDecision, evaluate
-from service.inputs import DecodedImage, decode_image
+from service.inputs import DecodedImage, check_body_size, decode_image
+from service.openapi import OpenAPIDocument
 from service.routing import Route
 from service.uploads import UploadNormalizer
 
@@ -254,7 +258,7 @@ models_app = Starlette(
         # Version names start with a letter or digit (service.config), so "_route" is never one.
         HttpRoute("/_route", _route, methods=["GET"]),
         HttpRoute("/{version}", _model_card, methods=["GET"]),
-    ]
+    ],
 )
 
 
@@ -372,8 +376,11 @@ class MedAudit:
 
     def _decode(self, headers: Mapping[str, str], image: Path) -> DecodedImage:
         # BentoML hands an empty body to a root input as "{}": the declared length tells them apart.
-        data = b"" if headers.get("content-length") == "0" else Path(image).read_bytes()
-        return decode_image(data, headers.get("content-type"), self.settings.limits)
+        if headers.get("content-length") == "0":
+            return decode_image(b"", headers.get("content-type"), self.settings.limits)
+        # BentoML spooled the body to a file; an oversized one is refused before it is read into memory.
+        check_body_size(Path(image).stat().st_size, self.settings.limits)
+        return decode_image(Path(image).read_bytes(), headers.get("content-type"), self.settings.limits)
 
     @staticmethod
     def _error(ctx: bentoml.Context, e: AuditError, rid: str) -> JSONResponse:
@@ -623,3 +630,5 @@ class MedAudit:
 
 
 MedAudit.add_asgi_middleware(UploadNormalizer)  # type: ignore[attr-defined]
+MedAudit.add_asgi_middleware(OpenAPIDocument)  # type: ignore[attr-defined]
+MedAudit.add_asgi_middleware(JsonErrorBodies)  # type: ignore[attr-defined]

@@ -140,3 +140,75 @@ class ForbiddenError(AuditError):
 
     status = 403
     code = "forbidden"
+
+
+class JsonErrorBodies:
+    """ASGI middleware giving the frameworks' own error responses the service's error body.
+
+    Starlette and BentoML answer some requests before our code runs (a path no route matches,
+    e.g. one with a newline; a wrong method; an unhandled exception's 500) with plain text. Clients
+    parse one error shape, so any >= 400 response that is not JSON is rewritten to
+    ``{"error", "detail", "request_id"}`` with its status and other headers kept. A 5xx says no
+    more than that (no traceback text reaches the client); the request id finds it in the log.
+    """
+
+    CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: dict[str, Any] = {}
+
+        async def send_json_errors(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = {k.lower(): v for k, v in message.get("headers", [])}
+                if message["status"] >= 400 and not headers.get(b"content-type", b"").startswith(
+                    b"application/json"
+                ):
+                    held["start"], held["body"] = message, b""
+                    return
+            elif message["type"] == "http.response.body" and "start" in held:
+                held["body"] += message.get("body", b"")
+                if not message.get("more_body"):
+                    for m in self._rewrite(scope, held["start"], held["body"]):
+                        await send(m)
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_json_errors)
+
+    def _rewrite(self, scope: Any, start: Any, text: bytes) -> list[dict[str, Any]]:
+        import json
+        import uuid
+
+        status = int(start["status"])
+        request_headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        response_headers = {k.lower(): v for k, v in start.get("headers", [])}
+        rid = (response_headers.get(b"x-request-id") or request_headers.get(b"x-request-id") or b"").decode(
+            "latin-1"
+        ) or uuid.uuid4().hex
+        if status >= 500:
+            code, detail = "internal_error", "the service failed on this request; quote its request id"
+        else:
+            code = self.CODES.get(status, "http_error")
+            said = text.decode("utf-8", "replace").strip()[:300]
+            detail = f"{scope.get('method', '')} {scope.get('path', '')}: {said or code}"
+        body = json.dumps({"error": code, "detail": detail, "request_id": rid}).encode()
+        kept = [
+            (k, v)
+            for k, v in start.get("headers", [])
+            if k.lower() not in (b"content-type", b"content-length", b"x-request-id")
+        ]
+        kept += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", rid.encode("latin-1")),
+        ]
+        return [
+            {"type": "http.response.start", "status": status, "headers": kept},
+            {"type": "http.response.body", "body": body},
+        ]
