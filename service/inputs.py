@@ -174,12 +174,7 @@ def decode_image(data: bytes, content_type: str | None = None, limits: Limits | 
     limits = limits or Limits()
     if not data:
         raise EmptyImageError("the request body is empty; send the image bytes")
-    if len(data) > limits.max_bytes:
-        raise PayloadTooLargeError(
-            f"the body has {len(data)} bytes, more than the limit of {limits.max_bytes}",
-            size_bytes=len(data),
-            max_bytes=limits.max_bytes,
-        )
+    check_body_size(len(data), limits)
     fmt = detect_format(bytes(data[:132]))
     notes: list[str] = []
     declared = _declared_format(content_type)
@@ -213,6 +208,17 @@ def decode_image(data: bytes, content_type: str | None = None, limits: Limits | 
     if min(h, w) < SMALL_SIDE:
         notes.append(f"small image ({w}×{h} px): it is upscaled to the model's input size")
     return DecodedImage(np.ascontiguousarray(rgb), fmt, original, mode, tuple(notes))
+
+
+def check_body_size(size: int, limits: Limits) -> None:
+    """Raises :class:`PayloadTooLargeError` (413) when a body of ``size`` bytes is over the limit:
+    callers that hold a file or a declared length check it before reading the bytes."""
+    if size > limits.max_bytes:
+        raise PayloadTooLargeError(
+            f"the body has {size} bytes, more than the limit of {limits.max_bytes}",
+            size_bytes=size,
+            max_bytes=limits.max_bytes,
+        )
 
 
 def to_model_input(img: DecodedImage | np.ndarray, size: int | tuple[int, int]) -> np.ndarray:

@@ -16,7 +16,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +41,44 @@ def _tail(path: Path, n: int = 3000) -> str:
         return "(no log)"
 
 
+@dataclass(frozen=True)
+class Server:
+    """A running ``bentoml serve``: its base URL, its process and the log it writes."""
+
+    base: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server's whole process tree (the entry service, its dependency
+        services' workers, BentoML's watcher), summed; processes that exit meanwhile are skipped."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0
+        total = 0
+        for p in procs:
+            with suppress(psutil.NoSuchProcess):
+                total += p.memory_info().rss
+        return total
+
+    def log_tail(self, n: int = 3000) -> str:
+        return _tail(self.log_path, n)
+
+
 @contextmanager
-def served(
+def serving(
     env: Mapping[str, str],
     log_path: Path,
     *,
     port: int | None = None,
     target: str = "service.api:MedAudit",
     ready_timeout: float = 180.0,
-) -> Iterator[str]:
-    """A ``bentoml serve`` process with ``env`` added to this one's; yields ``http://127.0.0.1:PORT``.
+) -> Iterator[Server]:
+    """A ``bentoml serve`` process with ``env`` added to this one's, ready; stopped on exit.
 
     Raises:
         ServeError: The process exited before it was ready, or ``ready_timeout`` passed.
@@ -74,7 +103,7 @@ def served(
                 if time.monotonic() > deadline:
                     raise ServeError(f"not ready after {ready_timeout:.0f} s:\n{_tail(log_path)}")
                 time.sleep(0.5)
-            yield base
+            yield Server(base, proc, log_path)
         finally:
             proc.terminate()
             try:
@@ -82,6 +111,20 @@ def served(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+@contextmanager
+def served(
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    port: int | None = None,
+    target: str = "service.api:MedAudit",
+    ready_timeout: float = 180.0,
+) -> Iterator[str]:
+    """:func:`serving`, yielding only the base URL ``http://127.0.0.1:PORT``."""
+    with serving(env, log_path, port=port, target=target, ready_timeout=ready_timeout) as server:
+        yield server.base
 
 
 def _ready(base: str) -> bool:

@@ -11,17 +11,25 @@ parser by content type, so two common uploads would otherwise never reach our de
   by magic bytes anyway (:mod:`service.inputs`).
 
 A multipart body without a file part becomes an empty body (400 ``empty_body``); a malformed one
-is a 400 JSON error. Other paths and content types pass through untouched.
+is a 400 ``invalid_upload``, and one declaring more than ``MEDAUDIT_MAX_BYTES`` (plus 64 KiB of form
+overhead) a 413 before it is parsed; both with the service's error body and request id. Other
+paths and content types pass through untouched.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
+
+from service.envvars import positive_int
+from service.errors import AuditError
+from service.inputs import Limits, check_body_size
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -32,14 +40,30 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 FORM = "application/x-www-form-urlencoded"
 MULTIPART = "multipart/form-data"
 FILE_FIELDS = ("image", "file")
+#: Bytes a multipart body may carry beyond the image itself (boundaries, part headers, other fields).
+MULTIPART_OVERHEAD = 64 * 2**10
+
+
+class InvalidUploadError(AuditError):
+    """A multipart/form-data body that cannot be parsed (no boundary, truncated, …)."""
+
+    status = 400
+    code = "invalid_upload"
 
 
 class UploadNormalizer:
     """Rewrites form uploads on ``paths`` into a raw body with the file's content type."""
 
-    def __init__(self, app: ASGIApp, paths: tuple[str, ...] = ("/predict", "/audit", "/compare")) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        paths: tuple[str, ...] = ("/predict", "/audit", "/compare"),
+        max_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.paths = paths
+        # The same limit as the decoder's (MEDAUDIT_MAX_BYTES), read once like service.config does.
+        self.max_bytes = max_bytes or positive_int(os.environ, "MEDAUDIT_MAX_BYTES", Limits.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths or scope["method"] != "POST":
@@ -51,10 +75,20 @@ class UploadNormalizer:
         if base == FORM:
             await self.app(_with_headers(scope, "application/octet-stream", None), receive, send)
         elif base == MULTIPART:
+            declared = headers.get(b"content-length", b"").decode("latin-1")
+            if declared.isdigit() and int(declared) > self.max_bytes + MULTIPART_OVERHEAD:
+                # Refused before the form parser buffers it (413, as for a raw body).
+                limits = Limits(max_bytes=self.max_bytes + MULTIPART_OVERHEAD)
+                try:
+                    check_body_size(int(declared), limits)
+                except AuditError as e:
+                    await _refuse(send, headers, e)
+                    return
             try:
                 body, file_ctype = await _first_file(Request(scope, receive))
             except Exception as e:  # a malformed multipart body is the client's 4xx
-                await _bad_request(send, f"cannot parse the multipart/form-data body: {str(e)[:200]}")
+                detail = f"cannot parse the multipart/form-data body: {str(e)[:200]}"
+                await _refuse(send, headers, InvalidUploadError(detail))
                 return
             await self.app(_with_headers(scope, file_ctype, len(body)), _replay(body), send)
         else:
@@ -93,13 +127,19 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-async def _bad_request(send: Send, detail: str) -> None:
-    body = json.dumps({"error": "invalid_upload", "detail": detail}).encode()
+async def _refuse(send: Send, headers: dict[bytes, bytes], error: AuditError) -> None:
+    """The error as the service's JSON error body, with the request id (given or generated)."""
+    rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+    body = json.dumps({**error.to_json(), "request_id": rid}).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 400,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", rid.encode("latin-1")),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
