@@ -1,206 +1,38 @@
 """Upload decoding: every hostile input ends in a 4xx AuditError, every good one in correct RGB.
 
-The hostile corpus is built here (hand-crafted headers, truncations, seeded byte mutations of valid
-files) plus pydicom's bundled test files; ``test_hostile_corpus_size`` names its size.
+The hostile corpus (hand-crafted headers, truncations, seeded byte mutations of valid files, pydicom's
+bundled test files) lives in ``tests/hostile_inputs.py``, shared with the HTTP suite in tests/live;
+``test_hostile_corpus_size`` names its size.
 """
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from hostile_inputs import (
+    HOSTILE,
+    MUTANTS,
+    dcm,
+    dcm_path,
+    ds_bytes,
+    gradient,
+    png_header,
+    save,
+    valid_samples,
+)
 from PIL import Image
-from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_windowing, get_decoder
 
 from service.errors import (
     AuditError,
-    EmptyImageError,
     ImageTooLargeError,
-    ImageTooSmallError,
-    InvalidImageError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
 from service.inputs import DecodedImage, Limits, decode_image, detect_format, to_model_input
-
-RNG_SEED = 0
-
-
-def _dcm_path(name: str) -> str:
-    # download=False: pydicom fetches non-bundled files from the network; the tests must not.
-    path = get_testdata_file(name, download=False)
-    assert isinstance(path, str), f"{name} is not bundled with pydicom {pydicom.__version__}"
-    return path
-
-
-def _dcm(name: str) -> bytes:
-    return Path(_dcm_path(name)).read_bytes()
-
-
-def _ds_bytes(ds: pydicom.Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    return buf.getvalue()
-
-
-def _save(im: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def _png_header(width: int, height: int, depth: int = 8, color: int = 2) -> bytes:
-    """A PNG whose IHDR declares ``width×height`` and a tiny, wrong IDAT: a bomb candidate."""
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", ihdr)
-        + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + _chunk(b"IEND", b"")
-    )
-
-
-def _gradient(h: int = 40, w: int = 48) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w]
-    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) % 256], axis=2).astype(np.uint8)
-
-
-def _valid_samples() -> dict[str, bytes]:
-    rgb = Image.fromarray(_gradient())
-    return {
-        "png": _save(rgb, "PNG"),
-        "jpeg": _save(rgb, "JPEG", quality=90),
-        "gif": _save(rgb.convert("P"), "GIF"),
-        "tiff": _save(rgb, "TIFF"),
-        "dicom": _dcm("MR_small.dcm"),
-    }
-
-
-def _animated_gif() -> bytes:
-    frames = [Image.new("RGB", (8, 8), (80 * i, 0, 255 - 80 * i)) for i in range(3)]
-    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:])
-
-
-def _hostile() -> list[tuple[str, bytes, str | None, Limits, type[AuditError]]]:
-    v = _valid_samples()
-    rng = np.random.default_rng(RNG_SEED)
-    no_pixels, huge, hsv = (pydicom.dcmread(_dcm_path("MR_small.dcm")) for _ in range(3))
-    del no_pixels.PixelData
-    huge.Rows, huge.Columns = 60000, 60000
-    hsv.PhotometricInterpretation = "HSV"
-    rgb16 = Image.fromarray(_gradient())
-    cases: list[tuple[str, bytes, str | None, Limits, type[AuditError]]] = [
-        ("empty", b"", None, Limits(), EmptyImageError),
-        ("random", rng.bytes(2048), None, Limits(), UnsupportedMediaTypeError),
-        ("random-declared-png", rng.bytes(512), "image/png", Limits(), UnsupportedMediaTypeError),
-        ("text", b"hello, this is not an image", "text/plain", Limits(), UnsupportedMediaTypeError),
-        ("over-max-bytes", v["png"], "image/png", Limits(max_bytes=100), PayloadTooLargeError),
-        ("png-truncated", v["png"][: len(v["png"]) // 2], None, Limits(), InvalidImageError),
-        ("png-signature-only", v["png"][:8], None, Limits(), InvalidImageError),
-        (
-            "png-bad-crc",
-            v["png"][:40] + bytes([v["png"][40] ^ 0xFF]) + v["png"][41:],
-            None,
-            Limits(),
-            InvalidImageError,
-        ),
-        ("png-100000x100000", _png_header(100_000, 100_000), "image/png", Limits(), ImageTooLargeError),
-        # above PIL's 2×MAX_IMAGE_PIXELS: its DecompressionBombError, not our check, fires first
-        (
-            "png-pil-bomb-error",
-            _png_header(15_000, 15_000),
-            None,
-            Limits(max_pixels=10**9),
-            ImageTooLargeError,
-        ),
-        # between MAX_IMAGE_PIXELS and 2×: PIL only warns; the warning must become the 413
-        (
-            "png-pil-bomb-warning",
-            _png_header(10_000, 10_000),
-            None,
-            Limits(max_pixels=10**9),
-            ImageTooLargeError,
-        ),
-        ("png-zero-size", _png_header(0, 0), None, Limits(), InvalidImageError),
-        (
-            "png-animated",
-            _save(rgb16, "PNG", save_all=True, append_images=[rgb16.rotate(90)]),
-            None,
-            Limits(),
-            InvalidImageError,
-        ),
-        ("jpeg-truncated", v["jpeg"][: len(v["jpeg"]) // 2], "image/jpeg", Limits(), InvalidImageError),
-        ("jpeg-magic-only", b"\xff\xd8\xff" + b"\x00" * 64, None, Limits(), InvalidImageError),
-        ("gif-animated", _animated_gif(), "image/gif", Limits(), InvalidImageError),
-        ("gif-header-only", b"GIF89a" + rng.bytes(16), None, Limits(), InvalidImageError),
-        ("tiff-header-only", b"II*\x00" + rng.bytes(32), None, Limits(), InvalidImageError),
-        (
-            "tiff-multipage",
-            _save(rgb16, "TIFF", save_all=True, append_images=[rgb16]),
-            None,
-            Limits(),
-            InvalidImageError,
-        ),
-        ("too-small", _save(Image.new("RGB", (1, 1)), "PNG"), None, Limits(min_side=2), ImageTooSmallError),
-        ("dicom-no-pixeldata", _ds_bytes(no_pixels), "application/dicom", Limits(), InvalidImageError),
-        ("dicom-huge-declared", _ds_bytes(huge), None, Limits(), ImageTooLargeError),
-        ("dicom-hsv", _ds_bytes(hsv), None, Limits(), UnsupportedMediaTypeError),
-        ("dicom-truncated", _dcm("MR_truncated.dcm"), None, Limits(), InvalidImageError),
-        ("dicom-multiframe-rle", _dcm("SC_rgb_rle_2frame.dcm"), None, Limits(), InvalidImageError),
-        ("dicom-multiframe-15", _dcm("rtdose.dcm"), None, Limits(), InvalidImageError),
-        (
-            "dicom-preamble-garbage",
-            b"\x00" * 128 + b"DICM" + rng.bytes(256),
-            None,
-            Limits(),
-            InvalidImageError,
-        ),
-        ("dicom-12bit-jpeg", _dcm("JPEG-lossy.dcm"), None, Limits(), UnsupportedMediaTypeError),
-        ("dicom-no-meta", _dcm("no_meta.dcm"), "application/dicom", Limits(), UnsupportedMediaTypeError),
-    ]
-    if not get_decoder(pydicom.uid.JPEGLSLossless).is_available:
-        cases.append(
-            (
-                "dicom-jpeg-ls-no-handler",
-                _dcm("MR_small_jpeg_ls_lossless.dcm"),
-                None,
-                Limits(),
-                UnsupportedMediaTypeError,
-            )
-        )
-    return cases
-
-
-HOSTILE = _hostile()
-MUTANTS_PER_FORMAT = 12
-
-
-def _mutants() -> list[tuple[str, bytes]]:
-    rng = np.random.default_rng(RNG_SEED + 1)
-    out = []
-    for fmt, data in _valid_samples().items():
-        for i in range(MUTANTS_PER_FORMAT):
-            b = bytearray(data)
-            start = 132 if fmt == "dicom" else 8  # keep the magic so the decoder, not detection, is hit
-            for pos in rng.integers(start, len(b), size=1 + i % 4):
-                b[pos] = int(rng.integers(0, 256))
-            if i % 3 == 2:
-                b = b[: int(rng.integers(start + 1, len(b)))]
-            out.append((f"{fmt}-{i}", bytes(b)))
-    return out
-
-
-MUTANTS = _mutants()
 
 
 @pytest.mark.parametrize(
@@ -245,7 +77,7 @@ def test_payload_too_large_names_sizes() -> None:
 
 def test_pixel_limit_is_checked_before_decoding() -> None:
     with pytest.raises(ImageTooLargeError) as ei:
-        decode_image(_png_header(3000, 2000), limits=Limits(max_pixels=5_999_999))
+        decode_image(png_header(3000, 2000), limits=Limits(max_pixels=5_999_999))
     assert ei.value.to_json()["pixels"] == 6_000_000 and "3000×2000" in str(ei.value)
 
 
@@ -266,14 +98,14 @@ def test_limits_validate() -> None:
 
 
 def test_detect_format() -> None:
-    v = _valid_samples()
+    v = valid_samples()
     assert {k: detect_format(b) for k, b in v.items()} == {k: k for k in v}
     assert detect_format(b"") is None and detect_format(b"BM....") is None
 
 
 def test_rgb_png_is_exact_and_read_only() -> None:
-    g = _gradient()
-    img = decode_image(_save(Image.fromarray(g), "PNG"), "image/png")
+    g = gradient()
+    img = decode_image(save(Image.fromarray(g), "PNG"), "image/png")
     assert isinstance(img, DecodedImage) and img.source_format == "png" and img.mode == "RGB"
     np.testing.assert_array_equal(img.rgb, g)
     assert img.original_size == g.shape[:2] and img.notes == ()
@@ -282,15 +114,15 @@ def test_rgb_png_is_exact_and_read_only() -> None:
 
 
 def test_declared_type_mismatch_decodes_by_magic_with_note() -> None:
-    g = _gradient()
-    img = decode_image(_save(Image.fromarray(g), "PNG"), "image/jpeg; charset=binary")
+    g = gradient()
+    img = decode_image(save(Image.fromarray(g), "PNG"), "image/jpeg; charset=binary")
     np.testing.assert_array_equal(img.rgb, g)
     assert any("declared content type" in n for n in img.notes)
-    assert decode_image(_save(Image.fromarray(g), "PNG"), "application/octet-stream").notes == ()
+    assert decode_image(save(Image.fromarray(g), "PNG"), "application/octet-stream").notes == ()
 
 
 def test_one_pixel_image_is_accepted_and_upscaled() -> None:
-    img = decode_image(_save(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"))
+    img = decode_image(save(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"))
     assert img.size == (1, 1) and any("upscaled" in n for n in img.notes)
     x = to_model_input(img, 224)
     assert x.shape == (224, 224, 3) and x.dtype == np.uint8 and (x == [10, 200, 30]).all()
@@ -298,7 +130,7 @@ def test_one_pixel_image_is_accepted_and_upscaled() -> None:
 
 def test_sixteen_bit_png_is_scaled_not_clipped() -> None:
     a = np.linspace(0, 65535, 64 * 4).reshape(4, 64).astype(np.uint16)
-    img = decode_image(_save(Image.fromarray(a), "PNG"))
+    img = decode_image(save(Image.fromarray(a), "PNG"))
     expected = np.rint(a / 257.0).astype(np.uint8)
     np.testing.assert_array_equal(img.rgb[:, :, 0], expected)
     assert img.rgb[..., 0].max() == 255 and len(np.unique(img.rgb)) > 200
@@ -307,7 +139,7 @@ def test_sixteen_bit_png_is_scaled_not_clipped() -> None:
 
 def test_cmyk_jpeg_converts_to_rgb() -> None:
     im = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
-    img = decode_image(_save(im, "JPEG", quality=95))
+    img = decode_image(save(im, "JPEG", quality=95))
     assert img.mode == "CMYK" and any("CMYK" in n for n in img.notes)
     r, g, b = img.rgb.reshape(-1, 3).mean(axis=0)
     assert r > 240 and g < 15 and b < 15
@@ -317,7 +149,7 @@ def test_palette_with_transparency_composites_on_black() -> None:
     im = Image.new("P", (4, 2), 1)
     im.putpalette([255, 255, 255, 0, 128, 255] + [0] * 762)
     im.putpixel((0, 0), 0)
-    img = decode_image(_save(im, "PNG", transparency=0))
+    img = decode_image(save(im, "PNG", transparency=0))
     assert img.rgb[0, 0].tolist() == [0, 0, 0]
     assert img.rgb[1, 1].tolist() == [0, 128, 255]
     assert any("black" in n for n in img.notes)
@@ -326,26 +158,26 @@ def test_palette_with_transparency_composites_on_black() -> None:
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_alpha_is_premultiplied_on_black(mode: str) -> None:
     im = Image.new("RGBA", (3, 3), (200, 100, 50, 128)).convert(mode)
-    img = decode_image(_save(im, "PNG"))
+    img = decode_image(save(im, "PNG"))
     src = np.asarray(im.convert("RGBA"), dtype=np.float64)[0, 0]
     np.testing.assert_allclose(img.rgb[0, 0], src[:3] * src[3] / 255, atol=0.5)
 
 
 def test_exif_orientation_is_applied() -> None:
-    g = _gradient(8, 20)
+    g = gradient(8, 20)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
-    img = decode_image(_save(Image.fromarray(g), "PNG", exif=exif))
+    img = decode_image(save(Image.fromarray(g), "PNG", exif=exif))
     assert img.original_size == (8, 20) and img.size == (20, 8)
     np.testing.assert_array_equal(img.rgb, np.rot90(g, k=-1))
     assert any("EXIF orientation 6" in n for n in img.notes)
 
 
 def test_single_frame_gif_and_tiff_decode() -> None:
-    g = _gradient()
-    tif = decode_image(_save(Image.fromarray(g), "TIFF"), "image/tiff")
+    g = gradient()
+    tif = decode_image(save(Image.fromarray(g), "TIFF"), "image/tiff")
     np.testing.assert_array_equal(tif.rgb, g)
-    gif = decode_image(_save(Image.new("L", (5, 7), 77), "GIF"), "image/gif")
+    gif = decode_image(save(Image.new("L", (5, 7), 77), "GIF"), "image/gif")
     assert gif.size == (7, 5) and (gif.rgb == 77).all()
 
 
@@ -373,7 +205,7 @@ def test_modes_match_the_training_loader(tmp_path: Path) -> None:
 
 
 def test_to_model_input_sizes() -> None:
-    g = _gradient(30, 40)
+    g = gradient(30, 40)
     assert to_model_input(g, (20, 10)).shape == (20, 10, 3)
     same = to_model_input(g, (30, 40))
     np.testing.assert_array_equal(same, g)
@@ -397,17 +229,17 @@ def _ref_window(ds: pydicom.Dataset) -> np.ndarray:
 
 
 def test_dicom_window_matches_pydicom() -> None:
-    img = decode_image(_dcm("MR_small.dcm"), "application/dicom")
-    ds = pydicom.dcmread(_dcm_path("MR_small.dcm"))
+    img = decode_image(dcm("MR_small.dcm"), "application/dicom")
+    ds = pydicom.dcmread(dcm_path("MR_small.dcm"))
     assert img.source_format == "dicom" and img.mode == "MONOCHROME2/16" and img.size == (64, 64)
     assert np.abs(img.rgb[..., 0].astype(float) - _ref_window(ds)).max() <= 1.0
     assert any("window" in n for n in img.notes)
 
 
 def test_dicom_rescale_then_window_in_hounsfield_units() -> None:
-    ds = pydicom.dcmread(_dcm_path("CT_small.dcm"))
+    ds = pydicom.dcmread(dcm_path("CT_small.dcm"))
     ds.WindowCenter, ds.WindowWidth = 40, 400
-    img = decode_image(_ds_bytes(ds))
+    img = decode_image(ds_bytes(ds))
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     expected = np.rint(np.clip((hu - 39.5) / 399 + 0.5, 0, 1) * 255)
     np.testing.assert_array_equal(img.rgb[..., 0], expected)
@@ -415,16 +247,16 @@ def test_dicom_rescale_then_window_in_hounsfield_units() -> None:
 
 
 def test_dicom_without_window_is_min_max_scaled() -> None:
-    img = decode_image(_dcm("CT_small.dcm"))
+    img = decode_image(dcm("CT_small.dcm"))
     assert img.rgb.min() == 0 and img.rgb.max() == 255
     assert any("min–max" in n for n in img.notes)
 
 
 def test_dicom_monochrome1_is_inverted() -> None:
-    ds = pydicom.dcmread(_dcm_path("MR_small.dcm"))
-    mono2 = decode_image(_ds_bytes(ds)).rgb.astype(int)
+    ds = pydicom.dcmread(dcm_path("MR_small.dcm"))
+    mono2 = decode_image(ds_bytes(ds)).rgb.astype(int)
     ds.PhotometricInterpretation = "MONOCHROME1"
-    mono1 = decode_image(_ds_bytes(ds))
+    mono1 = decode_image(ds_bytes(ds))
     assert np.abs(mono1.rgb.astype(int) - (255 - mono2)).max() <= 1
     assert any("MONOCHROME1" in n for n in mono1.notes)
 
@@ -433,34 +265,34 @@ def test_dicom_monochrome1_is_inverted() -> None:
 def test_dicom_lossless_encodings_decode_identically(name: str) -> None:
     if name == "MR_small_jp2klossless.dcm" and not get_decoder(pydicom.uid.JPEG2000Lossless).is_available:
         pytest.skip("no JPEG 2000 decoder (pillow built without openjpeg)")
-    ref = decode_image(_dcm("MR_small.dcm")).rgb
-    np.testing.assert_array_equal(decode_image(_dcm(name)).rgb, ref)
+    ref = decode_image(dcm("MR_small.dcm")).rgb
+    np.testing.assert_array_equal(decode_image(dcm(name)).rgb, ref)
 
 
 def test_dicom_ybr_is_converted_to_rgb() -> None:
-    rgb = decode_image(_dcm("SC_rgb_rle.dcm")).rgb.astype(int)
-    ybr = decode_image(_dcm("SC_ybr_full_422_uncompressed.dcm"))
+    rgb = decode_image(dcm("SC_rgb_rle.dcm")).rgb.astype(int)
+    ybr = decode_image(dcm("SC_ybr_full_422_uncompressed.dcm"))
     assert ybr.mode == "YBR_FULL_422/8" and any("converted to RGB" in n for n in ybr.notes)
     assert np.abs(ybr.rgb.astype(int) - rgb).mean() < 3
 
 
 def test_dicom_16_bit_rgb_is_scaled() -> None:
-    eight = decode_image(_dcm("SC_rgb_rle.dcm")).rgb.astype(int)
-    sixteen = decode_image(_dcm("SC_rgb_rle_16bit.dcm"))
+    eight = decode_image(dcm("SC_rgb_rle.dcm")).rgb.astype(int)
+    sixteen = decode_image(dcm("SC_rgb_rle_16bit.dcm"))
     assert sixteen.mode == "RGB/16"
     assert np.abs(sixteen.rgb.astype(int) - eight).max() <= 1
 
 
 def test_dicom_palette_and_one_bit() -> None:
-    pal = decode_image(_dcm("examples_palette.dcm"))
+    pal = decode_image(dcm("examples_palette.dcm"))
     assert pal.size == (350, 800) and len(np.unique(pal.rgb.reshape(-1, 3), axis=0)) > 10
-    bit = decode_image(_dcm("liver_1frame.dcm"))
+    bit = decode_image(dcm("liver_1frame.dcm"))
     assert set(np.unique(bit.rgb).tolist()) <= {0, 255}
 
 
 def test_dicom_decoder_warning_becomes_a_note() -> None:
     # pydicom warns about excess padding; tests run with warnings as errors, the service must not fail.
-    img = decode_image(_dcm("MR_small_padded.dcm"))
+    img = decode_image(dcm("MR_small_padded.dcm"))
     assert any("decoder warning" in n for n in img.notes)
 
 
@@ -468,5 +300,5 @@ def test_dicom_jpeg_ls_without_handler_names_the_syntax() -> None:
     if get_decoder(pydicom.uid.JPEGLSLossless).is_available:
         pytest.skip("a JPEG-LS decoder is installed")
     with pytest.raises(UnsupportedMediaTypeError, match="JPEG-LS") as ei:
-        decode_image(_dcm("MR_small_jpeg_ls_lossless.dcm"))
+        decode_image(dcm("MR_small_jpeg_ls_lossless.dcm"))
     assert ei.value.status == 415
