@@ -53,6 +53,7 @@ import warnings
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,7 +70,7 @@ from service.audit import (
 )
 from service.auth import ANONYMOUS, Principal, Role
 from service.config import Settings
-from service.errors import AuditError, JsonErrorBodies, UnknownModelVersionError
+from service.errors import AuditError, JsonErrorBodies, ServiceOverloadedError, UnknownModelVersionError
 from service.flags.policy import PolicyDecision, evaluate
 from service.inputs import DecodedImage, check_body_size, decode_image
 from service.openapi import OpenAPIDocument
@@ -150,7 +151,7 @@ class Predictor:
         for p in self.predictors.values():
             p.predict([np.zeros((*p.size, 3), dtype=np.uint8)])
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=1000)
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=3000)
     def predict_batch(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``[{"version", "pixels": (H, W, 3) uint8}]`` -> one prediction JSON per job, in order."""
         out: list[dict[str, Any]] = [{} for _ in jobs]
@@ -184,19 +185,44 @@ class Auditor:
         return audit_jobs(self.engines, jobs)
 
 
-async def _dependency(call: Callable[[list[dict[str, Any]]], Awaitable[Any]], job: dict[str, Any]) -> Any:
-    """One job to a batched dependency, retried when a pooled keep-alive connection turns out to
-    have been closed by the other side (aiohttp's ServerDisconnectedError, seen under load).
-    Safe: predictions and audits are pure functions of the job."""
+#: How long one batched call may take before it is abandoned and sent again. BentoML's dispatcher
+#: sheds what would queue past ``max_latency_ms`` (a fast 503), so a call still unanswered after
+#: this long was lost on the way (seen about once in a few thousand requests under load: the
+#: internal client's pooled connection; BentoML issue #4971), not slow.
+PREDICT_DEADLINE_S = 15.0
+AUDIT_DEADLINE_S = 120.0
+
+
+async def _dependency(
+    call: Callable[[list[dict[str, Any]]], Awaitable[Any]], job: dict[str, Any], deadline_s: float
+) -> Any:
+    """One job to a batched dependency, with the failures of BentoML's internal hop handled.
+
+    * A pooled keep-alive connection the other side closed (aiohttp's ServerDisconnectedError,
+      seen under load) and a call unanswered after ``deadline_s``: sent again, 3 tries in all.
+      Safe: predictions and audits are pure functions of the job.
+    * The dependency shedding load (its 503): :class:`ServiceOverloadedError`, a 503 with
+      ``Retry-After`` for the client, at once; retrying inside would only add to the queue.
+    """
     import aiohttp
+    from bentoml.exceptions import BentoMLException
 
     for attempt in range(3):
         try:
-            return await call([job])
-        except aiohttp.ClientConnectionError:
+            return await asyncio.wait_for(call([job]), deadline_s)
+        except BentoMLException as e:
+            if e.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
+                raise ServiceOverloadedError(
+                    "the model service is at capacity and refused this request; retry after 1 s"
+                ) from e
+            raise
+        except (aiohttp.ClientConnectionError, TimeoutError) as e:
+            why = "unanswered" if isinstance(e, TimeoutError) else "connection dropped"
             if attempt == 2:
-                raise
-            log.warning("dependency connection dropped; retrying (attempt %d)", attempt + 2)
+                raise ServiceOverloadedError(
+                    f"the model service did not answer ({why}, 3 tries); retry after 1 s"
+                ) from e
+            log.warning("dependency call %s; retrying (attempt %d)", why, attempt + 2)
             await asyncio.sleep(0.01 * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -532,7 +558,7 @@ class MedAudit:
         jobs = [job] if shadow is None else [job, shadow]
         with _stage("/predict", "predict"):
             answers = await asyncio.gather(
-                *(_dependency(self.batcher.to_async.predict_batch, j) for j in jobs)
+                *(_dependency(self.batcher.to_async.predict_batch, j, PREDICT_DEADLINE_S) for j in jobs)
             )
         pred = answers[0][0]
         return self._answer(route, {"prediction": pred}, pred["label"], answers[1][0] if shadow else None)
@@ -542,9 +568,13 @@ class MedAudit:
     ) -> dict[str, Any]:
         route = self.route(headers)
         job, shadow = await anyio.to_thread.run_sync(lambda: self._jobs(image, route))
-        calls = [_dependency(self.auditor.to_async.audit_batch, {**job, "raw_heatmap": raw_heatmap})]
+        calls = [
+            _dependency(
+                self.auditor.to_async.audit_batch, {**job, "raw_heatmap": raw_heatmap}, AUDIT_DEADLINE_S
+            )
+        ]
         if shadow is not None:
-            calls.append(_dependency(self.batcher.to_async.predict_batch, shadow))
+            calls.append(_dependency(self.batcher.to_async.predict_batch, shadow, PREDICT_DEADLINE_S))
         with _stage("/audit", "explain"):
             answers = await asyncio.gather(*calls)
         shadow_pred = answers[1][0] if shadow else None
@@ -562,7 +592,11 @@ class MedAudit:
         with _stage("/compare", "explain"):
             answers = await asyncio.gather(
                 *(
-                    _dependency(self.auditor.to_async.audit_batch, {"version": v, "pixels": pixels[v]})
+                    _dependency(
+                        self.auditor.to_async.audit_batch,
+                        {"version": v, "pixels": pixels[v]},
+                        AUDIT_DEADLINE_S,
+                    )
                     for v in versions
                 )
             )

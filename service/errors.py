@@ -142,6 +142,26 @@ class ForbiddenError(AuditError):
     code = "forbidden"
 
 
+# -- capacity ---------------------------------------------------------------------------------------
+
+
+class ServiceOverloadedError(AuditError):
+    """A batched model service refused the work (its queue would wait past its latency bound) or
+    did not answer in time. Nothing was computed for the request; the same request may be sent
+    again after ``Retry-After`` seconds (predictions and audits have no side effects before the
+    answer, so a retry is safe)."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, detail: str, retry_after_s: int = 1, **extra: Any) -> None:
+        super().__init__(detail, retry_after_s=retry_after_s, **extra)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 class JsonErrorBodies:
     """ASGI middleware giving the frameworks' own error responses the service's error body.
 

@@ -213,7 +213,8 @@ _DESCRIPTIONS = {
     413: "Body or declared image size over the limits",
     415: "The bytes are not a supported image format, or a DICOM transfer syntax has no decoder",
     422: "The image cannot be used (corrupt, several frames, too small), or invalid parameters",
-    503: "The review queue (Redis) does not answer",
+    503: "Temporarily unavailable: the model service is at capacity (retry after Retry-After seconds), "
+    "or the review queue's Redis does not answer",
 }
 
 
@@ -265,7 +266,7 @@ def build(versions: list[str], *, auth: bool, reviews: bool, title: str = "medau
         _header("X-Subject-Key", "A/B routing key (e.g. a pseudonymous patient id): same key, same version."),
     ]
     rid = [routing[0]]
-    image_errors = (400, 401, 404, 413, 415, 422) if auth else (400, 404, 413, 415, 422)
+    image_errors = (400, 401, 404, 413, 415, 422, 503) if auth else (400, 404, 413, 415, 422, 503)
     get_errors = (401,) if auth else ()
     paths: dict[str, Any] = {
         "/predict": {

@@ -22,7 +22,7 @@ def test_document_lists_every_route_and_its_errors() -> None:
         doc["paths"]
     )
     audit = doc["paths"]["/audit"]["post"]
-    assert {"200", "400", "401", "404", "413", "415", "422"} == set(audit["responses"])
+    assert {"200", "400", "401", "404", "413", "415", "422", "503"} == set(audit["responses"])
     assert {p["name"] for p in audit["parameters"]} == {
         "X-Request-ID",
         "X-Model-Version",
