@@ -5,14 +5,17 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 OUT     ?= artifacts
 PYTEST_ARGS ?=
+LOAD_ARGS ?=
 
-.PHONY: help install demo test test-fast lint format bench train clean
+.PHONY: help install demo test test-fast lint format bench load soak train clean
 
 help:
 	@echo "make demo   train, correct and register the demo versions on synthderm, then serve them on :3000"
 	@echo "make test   run the whole test suite (what CI runs)"
 	@echo "make lint   ruff format --check, ruff check, mypy"
 	@echo "make bench  benchmarks into benchmarks/results/"
+	@echo "make load   locust mix against the served demo store -> benchmarks/results/load_cpu.md (LOAD_ARGS=...)"
+	@echo "make soak   10 minutes of that mix, RSS growth after warm-up <= 10% -> benchmarks/results/soak_cpu.md"
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (torch 2.14.1 wheels are for CPython 3.11)"; exit 1; }
@@ -55,6 +58,16 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/lrp.py
+
+# The demo writes its example image last: its presence means the store is complete.
+$(OUT)/example_malignant_band_aid.png: | install
+	$(BIN)/medaudit demo --no-serve --out $(OUT)
+
+load: install $(OUT)/example_malignant_band_aid.png
+	$(BIN)/python benchmarks/load.py --home $(OUT)/bentoml $(LOAD_ARGS)
+
+soak: install $(OUT)/example_malignant_band_aid.png
+	$(BIN)/python benchmarks/load.py --home $(OUT)/bentoml --soak $(LOAD_ARGS)
 
 clean:
 	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -44,6 +44,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from clients.load import batch_histogram  # noqa: E402
 from service.process import served  # noqa: E402
 
 
@@ -102,27 +103,6 @@ def served_version(home: Path, version: str, backend: str, log_path: Path) -> It
     }
     with served(env, log_path, ready_timeout=300) as base:
         yield base
-
-
-def batch_histogram(base: str, method: str) -> dict[str, float]:
-    """Cumulative ``le`` buckets plus ``_sum``/``_count`` of the adaptive batch size of ``method``."""
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if (
-            not line.startswith("bentoml_service_adaptive_batch_size")
-            or f'method_name="{method}"' not in line
-        ):
-            continue
-        name, value = line.rsplit(" ", 1)
-        if name.startswith("bentoml_service_adaptive_batch_size_bucket"):
-            le = name.split('le="', 1)[1].split('"', 1)[0]
-            out[f"le={le}"] = out.get(f"le={le}", 0.0) + float(value)
-        elif name.startswith("bentoml_service_adaptive_batch_size_sum"):
-            out["sum"] = out.get("sum", 0.0) + float(value)
-        elif name.startswith("bentoml_service_adaptive_batch_size_count"):
-            out["count"] = out.get("count", 0.0) + float(value)
-    return out
 
 
 async def drive(

@@ -41,6 +41,29 @@ def _tail(path: Path, n: int = 3000) -> str:
         return "(no log)"
 
 
+def tree_rss(pid: int) -> tuple[int, int]:
+    """Summed RSS (bytes) of process ``pid`` and all its descendants, and how many they are.
+
+    For ``bentoml serve``: the arbiter, the entry service and its dependency services' workers.
+    Shared pages (the torch libraries every worker maps) count once per process, so compare the
+    sum with itself over time rather than with a machine's memory. Processes that exit meanwhile
+    are skipped; (0, 0) when ``pid`` is gone.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0
+    total = n = 0
+    for p in procs:
+        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.memory_info().rss
+            n += 1
+    return total, n
+
+
 @dataclass(frozen=True)
 class Server:
     """A running ``bentoml serve``: its base URL, its process and the log it writes."""
@@ -50,20 +73,8 @@ class Server:
     log_path: Path
 
     def rss_bytes(self) -> int:
-        """Resident memory of the server's whole process tree (the entry service, its dependency
-        services' workers, BentoML's watcher), summed; processes that exit meanwhile are skipped."""
-        import psutil
-
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0
-        total = 0
-        for p in procs:
-            with suppress(psutil.NoSuchProcess):
-                total += p.memory_info().rss
-        return total
+        """Resident memory of the server's whole process tree (see :func:`tree_rss`)."""
+        return tree_rss(self.proc.pid)[0]
 
     def log_tail(self, n: int = 3000) -> str:
         return _tail(self.log_path, n)

@@ -1,0 +1,56 @@
+"""Short load test (issue #9, "Load"): the locust mix of ``clients/locustfile.py`` against a real
+``bentoml serve`` of the tiny two-version store, A/B split with a shadow, for ~30 s.
+
+Asserts zero failed requests (non-2xx or a wrong body), that every endpoint and payload kind of the
+mix was exercised, and that adaptive batching engaged (mean predictor batch > 1). ``make load``
+runs the same mix, longer, on the demo store (``benchmarks/load.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clients.load import render_markdown, run_load
+from service.process import serving
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+USERS, SECONDS = 16, 30
+
+
+def test_load_mix_has_no_errors_and_batches(tiny_store: Path, tmp_path: Path) -> None:
+    env = {
+        "BENTOML_HOME": str(tiny_store),
+        "MEDAUDIT_VERSIONS": "vanilla,pclarc-band_aid",
+        "MEDAUDIT_AB_WEIGHTS": "vanilla=1,pclarc-band_aid=1",
+        "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
+        "MEDAUDIT_AUTH": "off",
+        "MEDAUDIT_FLAGS": "off",
+    }
+    with serving(env, tmp_path / "serve.log") as server:
+        report = run_load(
+            server.base,
+            users=USERS,
+            spawn_rate=USERS,
+            seconds=SECONDS,
+            workdir=tmp_path / "locust",
+            server_pid=server.proc.pid,
+            # Think time up to 1 s: enough concurrency to batch, below the predictor's 1 s
+            # max_latency_ms on a busy 2-core runner (past it BentoML answers 503 "overloaded").
+            env={"MEDAUDIT_LOAD_WAIT": "1.0"},
+            meta={"served": "tiny store, vanilla + pclarc-band_aid A/B 1:1, shadow pclarc-band_aid"},
+        )
+    print("\n" + render_markdown(report, "Short load test"))
+
+    assert report.total_failures == 0, report.errors
+    assert not report.exceptions, report.exceptions
+    endpoints = {r.name: r.requests for r in report.endpoints}
+    for e in ("/predict", "/audit", "/compare", "/models/"):
+        assert endpoints.get(e, 0) > 0, f"{e} got no requests: {endpoints}"
+    kinds = {r.name.split(" [", 1)[1].rstrip("]") for r in report.requests if " [" in r.name}
+    assert kinds == {p["kind"] for p in report.meta["payloads"]}, kinds
+    mean = report.batch_mean("predict_batch")
+    assert mean is not None and mean > 1.0, report.adaptive_batches
+    assert report.rss and report.rss[-1].processes >= 3  # arbiter + MedAudit, Predictor, Auditor
