@@ -125,7 +125,9 @@ class ConceptTarget:
 
     Attributes:
         layer: a hook-point name from ``ModelCfg.hook_points``.
-        vector: the concept direction ``v``, shape ``(C,)`` for the layer's C channels.
+        vector: the concept direction ``v``, shape ``(C,)`` for the layer's C channels, or
+            ``(B, C)``: one direction per image of the batch (e.g. each image's present concept,
+            so that a batch of (image, concept) pairs costs one backward, not one per concept).
     """
 
     layer: str
@@ -341,6 +343,10 @@ class Explainer:
             grad_layers = {ln: self._concept_seeds(seeds, ln, out0[ln]) for ln in dict.fromkeys(seed_layers)}
             outputs = [logits, *(acts[ln] for ln in grad_layers)]
             grads = [grad_logits, *grad_layers.values()]
+            if not any(isinstance(t, ClassTarget) for t in seeds):
+                # Only concept seeds: the logits' seed is all zeros, and propagating zeros back
+                # through every layer above the concept layer would change nothing but the time.
+                outputs, grads = outputs[1:], grads[1:]
             inputs = [x_in, *(acts[ln] for ln in relevance_layers)]
             if repeat:  # (S, B, ...) -> (S·B, ...)
                 grads = [g.flatten(0, 1) for g in grads]
@@ -412,13 +418,18 @@ class Explainer:
         grad = torch.zeros(len(seeds), *activation.shape, dtype=activation.dtype, device=activation.device)
         for s, t in enumerate(seeds):
             if isinstance(t, ConceptTarget) and t.layer == layer:
-                v = torch.as_tensor(t.vector).to(activation.device, activation.dtype).reshape(-1)
-                if v.numel() != activation.shape[1]:
+                v = torch.as_tensor(t.vector).to(activation.device, activation.dtype)
+                batch, channels = activation.shape[:2]
+                if v.ndim == 2 and v.shape[0] == batch:  # one direction per image
+                    per_image = v.shape[1]
+                else:
+                    per_image, v = v.numel(), v.reshape(1, -1)
+                if per_image != channels:
                     raise ConfigError(
-                        f"concept vector for {layer!r} has {v.numel()} entries; the layer has "
-                        f"{activation.shape[1]} channels"
+                        f"concept vector for {layer!r} has {per_image} entries; the layer has "
+                        f"{channels} channels (give (C,), or (batch, C) for one per image)"
                     )
-                v = v.reshape(1, -1, *([1] * (activation.ndim - 2)))
+                v = v.reshape(v.shape[0], channels, *([1] * (activation.ndim - 2)))
                 grad[s] = activation.detach().clamp(min=0) * v  # method.md §2.1: ReLU(A) ⊙ v
         return grad
 

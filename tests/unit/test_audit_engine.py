@@ -122,9 +122,11 @@ def test_present_concepts_get_masks_and_flags_follow_thresholds(engines) -> None
 
 
 def test_two_phase_audit_matches_one_joint_lrp_call(engines) -> None:
-    """Masks come from a second LRP call on the images with a present concept only: the same
-    heatmaps (and so masks) as seeding class and concepts in one call, and the same class heatmap."""
+    """Masks come from a second LRP call on the present (image, concept) pairs only, each seeded at
+    its own concept: the same heatmaps (and so masks) as seeding class and every concept for every
+    image in one call, and the same class heatmap."""
     from models.xai.localize import binarize
+    from models.xai.lrp import ConceptTarget
     from service.audit import png_base64
 
     eng = engines["vanilla"]
@@ -139,7 +141,8 @@ def test_two_phase_audit_matches_one_joint_lrp_call(engines) -> None:
     absent = [(b, c.concept) for b, r in enumerate(results) for c in r.concepts if not c.present]
     assert present and absent, "FPR 0.5 should make some concepts present and some not"
     _, x = wide._inputs(imgs)
-    joint = wide.explainer.explain(x, wide._targets).heatmaps.double().numpy()
+    targets = ["pred", *(ConceptTarget(wide.bank.layer, wide._cavs[c]) for c in wide.bank)]
+    joint = wide.explainer.explain(x, targets).heatmaps.double().numpy()
     concepts = list(wide.bank)
     for b, r in enumerate(results):
         assert np.allclose(r.heatmap, joint[0, b].astype(np.float16), rtol=1e-2, atol=1e-3)

@@ -301,3 +301,19 @@ def test_cuda_graph_replay_equals_eager() -> None:
     first = captured(xs[0]).heatmaps
     captured(xs[1])
     torch.testing.assert_close(first, explainer.explain(xs[0], targets).heatmaps, atol=1e-5, rtol=1e-4)
+
+
+def test_per_image_concept_vectors_equal_one_call_per_concept(resnet) -> None:
+    """A ``(B, C)`` ConceptTarget seeds each image at its own direction: the same heatmaps as one
+    call per direction (what the audit's masks rely on: one backward for all present pairs)."""
+    _, explainer = resnet
+    torch.manual_seed(5)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    vs = torch.randn(2, 256)
+    which = [0, 1, 1, 0]
+    got = explainer.explain(x, [ConceptTarget("identity_2", vs[which])]).heatmaps[0]
+    for b, k in enumerate(which):
+        want = explainer.explain(x[b : b + 1], [ConceptTarget("identity_2", vs[k])]).heatmaps[0, 0]
+        torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="one per image"):
+        explainer.explain(x, [ConceptTarget("identity_2", vs[[0, 1, 1]])])
