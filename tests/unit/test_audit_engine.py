@@ -161,3 +161,17 @@ def test_compare_side_by_side_and_unknown_version(engines) -> None:
     with pytest.raises(UnknownModelVersionError) as e:
         compare(engines, img, ["vanilla", "nope"])
     assert e.value.status == 404 and e.value.to_json()["valid_versions"] == ["pclarc-band_aid", "vanilla"]
+
+
+def test_onnx_input_is_the_torch_input_bit_for_bit(engines, tiny_store) -> None:
+    """The ONNX path normalises in numpy (no torch thread pool next to ONNX Runtime's): the same
+    float32 bits as models.train.normalize, so both backends see one input and agree."""
+    from service.audit import TorchPredictor
+
+    onnx = engines["vanilla"].predictor
+    torch_path = TorchPredictor.from_store("vanilla", home=tiny_store)
+    rgb = np.random.default_rng(4).integers(0, 256, size=(3, *onnx.size, 3), dtype=np.uint8)
+    got = onnx.normalized(rgb)
+    assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"] and got.shape == (3, 3, *onnx.size)
+    np.testing.assert_array_equal(got, torch_path._inputs(rgb).float().numpy())
+    np.testing.assert_allclose(onnx.logits(rgb), torch_path.logits(rgb), atol=1e-4)
