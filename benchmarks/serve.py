@@ -239,6 +239,8 @@ def main() -> None:
         "audit_over_predict_onnx": summary["audit"]["rps_median"] / summary["predict_onnx"]["rps_median"],
         "predict_onnx_over_torch": summary["predict_onnx"]["rps_median"]
         / summary["predict_torch"]["rps_median"],
+        "in_process_audit_over_onnx_predict": engine_ips["audit"] / engine_ips["onnx_predict"],
+        "in_process_onnx_over_torch_predict": engine_ips["onnx_predict"] / engine_ips["torch_predict"],
     }
     meta = {
         "version": args.version,
@@ -249,10 +251,21 @@ def main() -> None:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "env": {
+            k: os.environ[k]
+            for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+            if k in os.environ
+        },
     }
     args.out.with_suffix(".json").write_text(
         json.dumps(
-            {"meta": meta, "summary": summary, "ratios": ratios, "phases": [asdict(p) for p in phases]},
+            {
+                "meta": meta,
+                "summary": summary,
+                "ratios": ratios,
+                "in_process_images_per_s": engine_ips,
+                "phases": [asdict(p) for p in phases],
+            },
             indent=2,
         )
     )

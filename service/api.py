@@ -43,9 +43,17 @@ share above which a present concept flags (default 0.2).
 
 from __future__ import annotations
 
+import os
+
+# Before torch is imported (the project imports below load it): torch's OpenMP threads sleep
+# between parallel regions instead of spinning. The three served processes share the cores, and
+# spinning LRP threads in the auditor took the CPU the entry service needs to decode and answer:
+# served /audit throughput +13-16% on 2 CPUs (2 interleaved rounds each; see the closing note of
+# issue #9). An operator's own OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import asyncio
 import logging
-import os
 import threading
 import time
 import uuid
