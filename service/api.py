@@ -235,6 +235,23 @@ async def _dependency(
     raise AssertionError("unreachable")
 
 
+def _keep_sessions(dependency: Any) -> None:
+    """Stop BentoML 1.4.40's internal client from recycling its aiohttp session mid-traffic.
+
+    Its ``SessionManager`` closes the session every 100 requests (and every 300 s) while other
+    requests are still in flight on it; each of those fails with a connection error and is sent
+    again by :func:`_dependency` (the predictor may already have computed it). Under the locust mix
+    that was ~2 retries a second (1166 in the 10-minute soak). The dependencies here are local
+    sockets with nothing to re-resolve, so the session lives as long as the process. Best effort:
+    a BentoML without these attributes is left as it is.
+    """
+    for client in (getattr(dependency, "_async", None), getattr(dependency, "_sync", None)):
+        manager = getattr(client, "_session_manager", None)
+        if manager is not None and hasattr(manager, "max_requests") and hasattr(manager, "max_age"):
+            manager.max_requests = 2**62
+            manager.max_age = float("inf")
+
+
 @contextmanager
 def _stage(endpoint: str, stage: str) -> Iterator[None]:
     """Times one request stage into ``medaudit_stage_seconds`` (also when it raises)."""
@@ -374,6 +391,7 @@ class MedAudit:
                 self.settings, default_share=self.thresholds.relevance_share, observer=self._on_publish
             )
             self.review_client = self.publisher.client
+        self._sessions_kept = False
         models_app.state.service = self
         self._ready = True
 
@@ -443,6 +461,10 @@ class MedAudit:
             return self._decode(headers, image)
 
         endpoint = ctx.request.url.path
+        if not self._sessions_kept:  # here, not in __init__: resolving a dependency there builds it
+            for dependency in (self.batcher, self.auditor):
+                _keep_sessions(dependency)
+            self._sessions_kept = True
         t0 = time.perf_counter()
         try:
             decoded = await anyio.to_thread.run_sync(authenticate_and_decode)

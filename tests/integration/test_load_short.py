@@ -43,6 +43,10 @@ def test_load_mix_has_no_errors_and_batches(tiny_store: Path, tmp_path: Path) ->
             meta={"served": "tiny store, vanilla + pclarc-band_aid A/B 1:1, shadow pclarc-band_aid"},
         )
     print("\n" + render_markdown(report, "Short load test"))
+    # Internal hops retried because BentoML's client dropped a connection under a request in
+    # flight (service.api._keep_sessions stops its session recycling; ~1 a second before).
+    dropped = (tmp_path / "serve.log").read_text(errors="replace").count("dependency call connection dropped")
+    print(f"internal connections dropped and retried: {dropped}")
 
     assert report.total_failures == 0, report.errors
     assert not report.exceptions, report.exceptions
@@ -54,3 +58,4 @@ def test_load_mix_has_no_errors_and_batches(tiny_store: Path, tmp_path: Path) ->
     mean = report.batch_mean("predict_batch")
     assert mean is not None and mean > 1.0, report.adaptive_batches
     assert report.rss and report.rss[-1].processes >= 3  # arbiter + MedAudit, Predictor, Auditor
+    assert dropped <= 5, f"{dropped} internal calls lost their connection: is the session recycled again?"
