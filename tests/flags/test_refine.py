@@ -85,7 +85,13 @@ def test_reviewed_flags_refit_the_bank_and_held_out_retrieval_improves(
 
     samples, skipped = reviewed_samples(client, keys, model_version=TAG, layer=LAYER)
     assert skipped == {"verdict_other": 4} and len(samples) == 80
-    np.testing.assert_array_equal(np.stack([s.features for s in samples]), x_prod.astype(np.float32))
+    # Oldest resolution first, and resolutions in the same millisecond by flag id ("p10" < "p9"):
+    # match each sample to the flag it came from, not to a position.
+    by_flag = {s.flag_id: s for s in samples}
+    assert set(by_flag) == {f"p{i}:band_aid" for i in range(80)}
+    for i, x in enumerate(x_prod):
+        np.testing.assert_array_equal(by_flag[f"p{i}:band_aid"].features, x.astype(np.float32))
+        assert by_flag[f"p{i}:band_aid"].label == t_prod[i]
 
     res = refine_bank(bank, data, samples)
     before, base, after = (m["band_aid"]["auroc"] for m in (res.stored, res.baseline, res.refined))  # type: ignore[index]
