@@ -89,7 +89,9 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 with warnings.catch_warnings():  # bentoml 1.4.40's import-time pathspec deprecation (see service.store)
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"GitWildMatchPattern")
     import bentoml
+    from bentoml.exceptions import BentoMLException
     from bentoml.validators import ContentType
+import aiohttp
 import anyio.to_thread
 import numpy as np
 from starlette.applications import Starlette
@@ -212,9 +214,6 @@ async def _dependency(
     * The dependency shedding load (its 503): :class:`ServiceOverloadedError`, a 503 with
       ``Retry-After`` for the client, at once; retrying inside would only add to the queue.
     """
-    import aiohttp
-    from bentoml.exceptions import BentoMLException
-
     for attempt in range(3):
         try:
             return await asyncio.wait_for(call([job]), deadline_s)

@@ -184,11 +184,10 @@ class JsonErrorBodies:
         held: dict[str, Any] = {}
 
         async def send_json_errors(message: Any) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                # Successful answers (nearly all traffic) pass without looking at their headers.
                 headers = {k.lower(): v for k, v in message.get("headers", [])}
-                if message["status"] >= 400 and not headers.get(b"content-type", b"").startswith(
-                    b"application/json"
-                ):
+                if not headers.get(b"content-type", b"").startswith(b"application/json"):
                     held["start"], held["body"] = message, b""
                     return
             elif message["type"] == "http.response.body" and "start" in held:

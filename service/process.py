@@ -41,6 +41,16 @@ def _tail(path: Path, n: int = 3000) -> str:
         return "(no log)"
 
 
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """SIGTERM (a server drains and runs its shutdown hooks), then SIGKILL after ``grace_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def tree_rss(pid: int) -> tuple[int, int]:
     """Summed RSS (bytes) of process ``pid`` and all its descendants, and how many they are.
 
@@ -116,12 +126,7 @@ def serving(
                 time.sleep(0.5)
             yield Server(base, proc, log_path)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop(proc)
 
 
 @contextmanager

@@ -77,6 +77,18 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def tiny_deployment(tiny_store: Path) -> dict[str, str]:
+    """The environment of a ``bentoml serve`` of :func:`tiny_store` as most served tests want it:
+    both versions, split 1:1 A/B, the corrected one as shadow. Tests add auth, flags and limits."""
+    return {
+        "BENTOML_HOME": str(tiny_store),
+        "MEDAUDIT_VERSIONS": "vanilla,pclarc-band_aid",
+        "MEDAUDIT_AB_WEIGHTS": "vanilla=1,pclarc-band_aid=1",
+        "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
+    }
+
+
 def _forget_bentoml_metrics() -> None:
     from prometheus_client import REGISTRY
 

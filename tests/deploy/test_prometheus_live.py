@@ -45,7 +45,7 @@ from deploytools import (
 )
 from PIL import Image
 
-from service.process import free_port, served
+from service.process import free_port, served, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -109,12 +109,7 @@ def _process(
         try:
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+            stop(proc)
 
 
 def _prometheus_config(tmp: Path, service: str, worker: str | None) -> Path:
@@ -191,7 +186,7 @@ def flag_prefix() -> Iterator[str]:
 
 
 def test_every_panel_and_rule_against_live_prometheus(
-    tiny_store: Path, tmp_path: Path, flag_prefix: str
+    tiny_deployment: dict[str, str], tmp_path: Path, flag_prefix: str
 ) -> None:
     prometheus = _prometheus_bin()
     promtool()
@@ -199,10 +194,7 @@ def test_every_panel_and_rule_against_live_prometheus(
     if not with_worker:
         print("\nno worker: REDIS_URL is unset or `medaudit worker` has no --metrics-port")
     env = {
-        "BENTOML_HOME": str(tiny_store),
-        "MEDAUDIT_VERSIONS": "vanilla,pclarc-band_aid",
-        "MEDAUDIT_AB_WEIGHTS": "vanilla=1,pclarc-band_aid=1",
-        "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
+        **tiny_deployment,
         "MEDAUDIT_AUTH": "off",
         # Lenient thresholds so that random tiny models still find concepts present and raise flags.
         "MEDAUDIT_FLAG_FPR": "0.5",

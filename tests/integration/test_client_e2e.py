@@ -40,13 +40,10 @@ def _png(size: int = 40, seed: int = 0) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def url(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def url(tiny_deployment: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``bentoml serve`` (service.process.served) on a free port, ready before the first test."""
     env = {
-        "BENTOML_HOME": str(tiny_store),
-        "MEDAUDIT_VERSIONS": "vanilla,pclarc-band_aid",
-        "MEDAUDIT_AB_WEIGHTS": "vanilla=1,pclarc-band_aid=1",
-        "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
+        **tiny_deployment,
         "MEDAUDIT_AUTH": "on",
         "MEDAUDIT_API_KEYS": f"client:{hash_key(CLIENT_KEY, SALT)}",
         "MEDAUDIT_API_KEY_SALT": SALT,

@@ -20,12 +20,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 USERS, SECONDS = 16, 30
 
 
-def test_load_mix_has_no_errors_and_batches(tiny_store: Path, tmp_path: Path) -> None:
+def test_load_mix_has_no_errors_and_batches(tiny_deployment: dict[str, str], tmp_path: Path) -> None:
     env = {
-        "BENTOML_HOME": str(tiny_store),
-        "MEDAUDIT_VERSIONS": "vanilla,pclarc-band_aid",
-        "MEDAUDIT_AB_WEIGHTS": "vanilla=1,pclarc-band_aid=1",
-        "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
+        **tiny_deployment,
         "MEDAUDIT_AUTH": "off",
         "MEDAUDIT_FLAGS": "off",
     }

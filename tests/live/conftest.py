@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from live_support import MAX_BYTES, MAX_PIXELS, SALT, Live
@@ -25,7 +24,7 @@ REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture(scope="session")
-def live(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+def live(tiny_deployment: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     from service.flags.redis_conn import answers, connect
 
     assert answers(REDIS_URL, timeout=2.0), f"no Redis at {REDIS_URL} (.ci/run starts one)"
@@ -35,10 +34,7 @@ def live(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     prefix = f"live-{uuid.uuid4().hex[:10]}"
     tmp = tmp_path_factory.mktemp("live")
     env = {
-        "BENTOML_HOME": str(tiny_store),
-        "MEDAUDIT_VERSIONS": "vanilla,pclarc-band_aid",
-        "MEDAUDIT_AB_WEIGHTS": "vanilla=1,pclarc-band_aid=1",
-        "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
+        **tiny_deployment,
         "MEDAUDIT_AUTH": "on",
         "MEDAUDIT_API_KEYS": f"client:{hash_key(client_key, SALT)},reviewer:{hash_key(reviewer_key, SALT)}",
         "MEDAUDIT_API_KEY_SALT": SALT,

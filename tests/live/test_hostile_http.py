@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import json
 import struct
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from hostile_inputs import HOSTILE, MUTANTS, gradient, png_header, save
 from live_support import MAX_BYTES, MAX_PIXELS, Live, response_validator
 from PIL import Image
 
+from clients.load import RssSampler
 from service.inputs import Limits
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.redis]
@@ -139,26 +137,6 @@ def pydicom_cases() -> list[Case]:
     return [(f"pydicom-{p.name}", p.read_bytes(), "application/dicom", None) for p in files]
 
 
-@contextmanager
-def rss_sampler(live: Live, every_s: float = 0.05) -> Iterator[list[int]]:
-    """Samples the server tree's RSS in a thread while the block runs."""
-    samples: list[int] = []
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            samples.append(live.server.rss_bytes())
-            stop.wait(every_s)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    try:
-        yield samples
-    finally:
-        stop.set()
-        t.join()
-
-
 def _check(
     name: str, endpoint: str, r: httpx.Response, expected: int | None, validate: Any, seen: Counter[str]
 ) -> str | None:
@@ -200,7 +178,7 @@ def test_every_hostile_input_gets_an_audit_or_a_4xx_and_memory_stays_bounded(liv
         time.sleep(1.0)
         baseline = live.server.rss_bytes()
         t0 = time.perf_counter()
-        with rss_sampler(live) as samples:
+        with RssSampler(live.server.proc.pid, interval=0.05) as sampler:
             jobs = [(case, ep) for case in crafted for ep in ("/audit", "/predict", "/compare")]
             jobs += [(case, "/audit") for case in dicoms]
             for (name, body, ctype, expected), ep in jobs:
@@ -214,6 +192,7 @@ def test_every_hostile_input_gets_an_audit_or_a_4xx_and_memory_stays_bounded(liv
         time.sleep(1.0)
         after = live.server.rss_bytes()
         assert c.get("/readyz").status_code == 200
+    samples = [x.rss_bytes for x in sampler.samples]
     peak = max(samples)
     mib = 2**20
     n_inputs = len(crafted) + len(dicoms)
