@@ -67,6 +67,12 @@ def parse_args() -> argparse.Namespace:
         help="torch CPU threads (default 1: the CPU box is shared; 0: torch's)",
     )
     p.add_argument("--no-bf16", action="store_true", help="cuda: skip the bf16 rows")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="every contender (model, input, engine) in channels-last memory format (NHWC)",
+    )
+    p.add_argument("--tag", default="", help="suffix of the result files: lrp_<device><tag>.md")
     p.add_argument("--no-ig", action="store_true", help="skip Integrated Gradients")
     p.add_argument("--vendor", type=Path, help="directory with pure-python packages to put on sys.path")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -156,11 +162,12 @@ def run_case(args: argparse.Namespace, name: str, size: int, batch: int, torch: 
                 m.weight.uniform_(0.5, 1.5)
                 m.running_var.uniform_(0.5, 2.0)
                 m.running_mean.normal_(0, 0.2)
-    model = model.to(device).requires_grad_(False).eval()
-    x = torch.randn(batch, 3, size, size, device=device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).requires_grad_(False).eval()
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     target = 1
-    explainer = Explainer(model, cfg).to(device)
-    repeat_explainer = Explainer(model, cfg, batch_mode="repeat").to(device)
+    explainer = Explainer(model, cfg).to(device, memory_format=fmt)
+    repeat_explainer = Explainer(model, cfg, batch_mode="repeat").to(device, memory_format=fmt)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     notes: dict[str, str] = {}
 
@@ -257,7 +264,12 @@ def run_case(args: argparse.Namespace, name: str, size: int, batch: int, torch: 
         fidelity["engine_vs_zennit_mean_cosine"] = cosine(ours, theirs)
         s_o, s_t = ours.flatten(1).sum(1), theirs.flatten(1).sum(1)
         fidelity["engine_vs_zennit_max_rel_sum_diff"] = ((s_o - s_t).abs() / s_t.abs()).max().item()
-    case = Case(name, size, batch, "fp32" + ("+tf32" if device.type == "cuda" else ""), rows, fidelity)
+    dtype = (
+        "fp32"
+        + ("+tf32" if device.type == "cuda" else "")
+        + (", channels-last" if args.channels_last else "")
+    )
+    case = Case(name, size, batch, dtype, rows, fidelity)
     case.ratios = _ratios(rows)
     cases = [case]
 
@@ -278,9 +290,10 @@ def bf16_case(
     from models.xai import Explainer
 
     name, (size, batch), device = cfg.arch, (x.shape[-1], x.shape[0]), x.device
-    bf_explainer = Explainer(model, cfg).to(device=device, dtype=torch.bfloat16)
-    bf_model = model.to(torch.bfloat16)
-    xb = x.to(torch.bfloat16)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    bf_explainer = Explainer(model, cfg).to(device=device, dtype=torch.bfloat16, memory_format=fmt)
+    bf_model = model.to(torch.bfloat16, memory_format=fmt)
+    xb = x.to(torch.bfloat16).contiguous(memory_format=fmt)
 
     def bf_forward() -> Any:
         with torch.no_grad():
@@ -292,12 +305,23 @@ def bf16_case(
         "engine LRP (1 seed)": lambda: bf_explainer.explain(xb, [target]),
         "engine LRP (2 seeds, vmap)": lambda: bf_explainer.explain(xb, [target, 0]),
     }
+    note = ""
+    try:
+        captured = bf_explainer.capture(xb, [target])
+        bf_fns["engine LRP (1 seed, CUDA graph)"] = lambda: captured(xb)
+    except Exception as e:  # capture is best-effort; the eager rows stand without it
+        note = f"capture failed: {type(e).__name__}: {e}"[:200]
     bf_runs = timed(bf_fns, dict.fromkeys(bf_fns, args.repeats), sync)
     bf_rows = [_row(k, bf_runs[k], batch, "") for k in bf_fns]
+    if note:
+        bf_rows.append(Row("engine LRP (1 seed, CUDA graph)", note=note))
     bf_heat = bf_explainer.explain(xb, [target]).heatmaps[0].float()
-    bf_case = Case(
-        name, size, batch, "bf16", bf_rows, {"engine_bf16_vs_fp32_mean_cosine": cosine(bf_heat, ours)}
-    )
+    fidelity = {"engine_bf16_vs_fp32_mean_cosine": cosine(bf_heat, ours)}
+    if "engine LRP (1 seed, CUDA graph)" in bf_fns:
+        graph_heat = bf_fns["engine LRP (1 seed, CUDA graph)"]().heatmaps[0].float()
+        fidelity["cuda_graph_bf16_vs_fp32_mean_cosine"] = cosine(graph_heat, ours)
+    dtype = "bf16" + (", channels-last" if args.channels_last else "")
+    bf_case = Case(name, size, batch, dtype, bf_rows, fidelity)
     bf_case.ratios = _ratios(bf_rows)
     return bf_case
 
@@ -322,6 +346,11 @@ def _ratios(rows: list[Row]) -> dict[str, float]:
         ratios["two_seeds_repeat_vs_one_seed_time"] = t["engine LRP (2 seeds, repeat)"] / one
     if "zennit LRP" in t:
         ratios["engine_speedup_vs_zennit"] = t["zennit LRP"] / one
+    graph = t.get("engine LRP (1 seed, CUDA graph)")
+    if graph:
+        ratios["cuda_graph_throughput_vs_gradient_x_input"] = t["gradient×input"] / graph
+        if "zennit LRP" in t:
+            ratios["cuda_graph_speedup_vs_zennit"] = t["zennit LRP"] / graph
     return {k: round(v, 3) for k, v in ratios.items()}
 
 
@@ -382,7 +411,7 @@ def main() -> None:
         print(f"{spec}: {time.perf_counter() - t0:.0f} s", flush=True)
     info["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"lrp_{args.device}"
+    stem = args.out / f"lrp_{args.device}{args.tag}"
     stem.with_suffix(".json").write_text(
         json.dumps({"machine": info, "cases": [asdict(c) for c in cases]}, indent=2, default=str)
     )
