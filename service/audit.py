@@ -478,7 +478,8 @@ class AuditEngine:
             return {}
         rows = torch.as_tensor([int(b) for b, _ in pairs])
         target = ConceptTarget(self.bank.layer, torch.stack([self._cavs[c] for _, c in pairs]))
-        heat = self.explainer.explain(x[rows], [target]).heatmaps[0].double().numpy()  # (pairs, H, W)
+        # logits=False: the forward stops at the CAV layer (nothing above it changes the masks)
+        heat = self.explainer.explain(x[rows], [target], logits=False).heatmaps[0].double().numpy()
         return {(int(b), c): png_base64(binarize(heat[i]) * 255) for i, (b, c) in enumerate(pairs)}
 
     def warmup(self) -> None:

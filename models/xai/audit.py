@@ -732,7 +732,7 @@ def _concept_audit(
     for b0 in range(0, len(todo), opts.batch_size):
         b = todo[b0 : b0 + opts.batch_size]
         X = src.images(b)
-        hm = explainer.explain(normalize(X, cfg), [target]).heatmaps[0].double().numpy()
+        hm = explainer.explain(normalize(X, cfg), [target], logits=False).heatmaps[0].double().numpy()
         for j, i in enumerate(b):
             h = hm[j]
             mask = binarize(h)

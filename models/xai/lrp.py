@@ -164,6 +164,12 @@ class Explanation:
 
 #: The store of the recording active in this thread/task; ``None`` outside :func:`recording`.
 _RECORDING: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("medaudit_lrp_recording", default=None)
+#: Hook points after whose outputs the forward may stop (see ``Explainer.explain(logits=False)``).
+_STOP_AFTER: ContextVar[frozenset[str] | None] = ContextVar("medaudit_lrp_stop_after", default=None)
+
+
+class _ForwardDone(Exception):
+    """Raised by a :class:`Tap` once every hook point the call needs has been recorded."""
 
 
 class Tap(nn.Module):
@@ -184,6 +190,9 @@ class Tap(nn.Module):
         store = _RECORDING.get()
         if store is not None:
             store[self.name] = out
+            stop = _STOP_AFTER.get()
+            if stop is not None and stop <= store.keys():
+                raise _ForwardDone  # the rest of the network cannot change this call's results
         return out
 
 
@@ -262,6 +271,7 @@ class Explainer:
         relevance_layers: Sequence[str] = (),
         init_rel: Literal["logit"] | float = "logit",
         return_input_relevance: bool = False,
+        logits: bool = True,
     ) -> Explanation:
         """Logits, one heatmap per target and image, and activations/relevance at hook points.
 
@@ -274,6 +284,10 @@ class Explainer:
             init_rel: class-seed value: ``"logit"`` (the target logit, zennit-crp's default) or a
                 number for a one-hot seed (``1`` as CRP's ``init_rel=1``).
             return_input_relevance: also return the ``(S, B, C, H, W)`` input relevance.
+            logits: ``False`` lets a call whose seeds are all :class:`ConceptTarget` stop the
+                forward at the last hook point it needs (seed, CAV and relevance layers): the
+                layers above cannot change its heatmaps. ``Explanation.logits`` is then empty,
+                ``(B, 0)``. Ignored when a seed is a class.
 
         Raises:
             ConfigError: bad input shape, target, class index or ``init_rel``.
@@ -292,6 +306,11 @@ class Explainer:
         for name in [*cav_layers, *relevance_layers]:
             self._path(name)
         n_seeds, batch = len(seeds), x.shape[0]
+        stop_after = (
+            None
+            if logits or any(isinstance(t, ClassTarget) for t in seeds)
+            else frozenset([*seed_layers, *cav_layers, *relevance_layers])
+        )
         repeat = self.batch_mode == "repeat" and n_seeds > 1
         ref = next(t for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point())
         x_in = x.detach().to(ref.device, ref.dtype)
@@ -300,14 +319,14 @@ class Explainer:
         if not _DEFER_SIGN_CHECK.get():
             for _attempt in range(2):  # a second run only if a z⁺ layer's sign assumption failed
                 with rules.sign_audit() as signs_held:
-                    logits, out0, class_idx, got = self._propagate(
-                        x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers
+                    out, out0, class_idx, got = self._propagate(
+                        x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers, stop_after
                     )
                 if signs_held():
                     break
         else:  # inside CapturedExplain: the caller's audit verifies after the graph replays
-            logits, out0, class_idx, got = self._propagate(
-                x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers
+            out, out0, class_idx, got = self._propagate(
+                x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers, stop_after
             )
         inputs = [x_in, *(out0[ln] for ln in relevance_layers)]
         rel = [
@@ -315,7 +334,7 @@ class Explainer:
             for g, i in zip(got, [i[:batch] for i in inputs], strict=True)
         ]
         return Explanation(
-            logits=logits[:batch].detach(),
+            logits=out[:batch].detach(),
             heatmaps=rel[0].sum(2),
             targets=seeds,
             class_indices=class_idx,
@@ -333,11 +352,22 @@ class Explainer:
         init_rel: str | float,
         seed_layers: Sequence[str],
         relevance_layers: Sequence[str],
+        stop_after: frozenset[str] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor | None, ...]]:
-        """One forward of the rule model and one (batched) backward for all seeds."""
+        """One forward of the rule model and one (batched) backward for all seeds.
+
+        With ``stop_after`` (concept seeds only) the forward ends once those hook points are
+        recorded, and the returned logits are an empty ``(B, 0)`` tensor.
+        """
         n_seeds = len(seeds)
         with torch.enable_grad(), recording() as acts:
-            logits = self.model(x_in)
+            token = _STOP_AFTER.set(stop_after)
+            try:
+                logits = self.model(x_in)
+            except _ForwardDone:
+                logits = x_in.new_zeros(x_in.shape[0], 0)
+            finally:
+                _STOP_AFTER.reset(token)
             out0 = {k: v[:batch] for k, v in acts.items()}
             class_idx, grad_logits = self._class_seeds(seeds, logits[:batch].detach(), init_rel)
             grad_layers = {ln: self._concept_seeds(seeds, ln, out0[ln]) for ln in dict.fromkeys(seed_layers)}

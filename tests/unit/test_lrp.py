@@ -317,3 +317,31 @@ def test_per_image_concept_vectors_equal_one_call_per_concept(resnet) -> None:
         torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="one per image"):
         explainer.explain(x, [ConceptTarget("identity_2", vs[[0, 1, 1]])])
+
+
+def test_concept_only_call_may_stop_the_forward_at_its_layer(resnet, x: torch.Tensor) -> None:
+    """``logits=False``: a concept-seeded call stops the forward after the last hook point it
+    needs (the layers above do not run) and returns the same heatmaps, activations and
+    relevance as the full forward; a class seed keeps the full forward."""
+    _, explainer = resnet
+    target = ConceptTarget("identity_2", torch.randn(256, generator=torch.Generator().manual_seed(3)))
+    kwargs = {"cav_layers": ["identity_1", "identity_2"], "relevance_layers": ["identity_1"]}
+    ran: list[str] = []
+    last = explainer.model.get_submodule(explainer.cfg.hook_points["last_conv"])
+    handle = last.register_forward_hook(lambda *_: ran.append("last_conv"))
+    try:
+        want = explainer.explain(x, [target], **kwargs)
+        assert ran == ["last_conv"]
+        got = explainer.explain(x, [target], logits=False, **kwargs)
+        assert ran == ["last_conv"], "the layers above identity_2 ran"
+        assert got.logits.shape == (x.shape[0], 0)
+        torch.testing.assert_close(got.heatmaps, want.heatmaps, rtol=0, atol=0)
+        for ln in ("identity_1", "identity_2"):
+            torch.testing.assert_close(got.activations[ln], want.activations[ln], rtol=0, atol=0)
+        torch.testing.assert_close(got.relevance["identity_1"], want.relevance["identity_1"], rtol=0, atol=0)
+        with_class = explainer.explain(x, ["pred", target], logits=False)
+        assert ran == ["last_conv", "last_conv"] and with_class.logits.shape[1] == len(explainer.cfg.labels)
+        # the next call is not affected by the stop (the context variable is reset)
+        assert explainer.explain(x, [target]).logits.shape[1] == len(explainer.cfg.labels)
+    finally:
+        handle.remove()

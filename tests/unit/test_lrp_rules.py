@@ -258,3 +258,17 @@ def test_batched_seeds_equal_one_backward_each(gen: torch.Generator, make: objec
     for s in range(3):
         (one,) = torch.autograd.grad(out, x, seeds[s], retain_graph=True)
         torch.testing.assert_close(batched[s], one, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_stabilize_is_bit_identical_to_zennits_form(dtype: torch.dtype) -> None:
+    """rules.stabilize computes ``±ε + z`` with fewer temporaries than zennit's
+    ``where(z >= 0, z + ε, z - ε)``; the two must agree bit for bit, signed zeros included."""
+    torch.manual_seed(0)
+    z = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-8, 3, (1000,)), torch.tensor([0.0, -0.0])])
+    z = z.to(dtype)
+    expected = torch.where(z >= 0, z + EPS, z - EPS)
+    got = rules.stabilize(z, EPS)
+    assert got.dtype == dtype
+    assert torch.equal(got, expected)
+    assert got[-1] > 0 and got[-2] > 0  # sign(±0) = +1, as zennit
