@@ -6,11 +6,11 @@ once), the ONNX graph an ONNX Runtime session, and the version's concept bank is
 Per request:
 
 * :meth:`AuditEngine.predict`: one batched ONNX Runtime run, probabilities by softmax.
-* :meth:`AuditEngine.audit`: one LRP call seeded at the predicted class *and* at every concept's
-  CAV (method.md §2.1), which gives the class heatmap, the max-pooled activations for concept
-  scores (§1.4), the class relevance at the CAV layer for each concept's relevance share, and the
-  concept-conditioned heatmaps whose binarisation (§2.2) is the localization mask of a concept
-  judged present.
+* :meth:`AuditEngine.audit`: one LRP call seeded at the predicted class *and*, chosen from that
+  call's own forward pass, at the CAV of the concept each image shows (method.md §2.1). It gives
+  the class heatmap, the max-pooled activations for concept scores (§1.4), the class relevance
+  at the CAV layer for each concept's relevance share, and the concept-conditioned heatmap whose
+  binarisation (§2.2) is the localization mask of a concept judged present.
 * :func:`decide_flag`: flag when a concept is present **and** its share of the class relevance at
   the CAV layer exceeds a threshold: presence alone says the artifact is in the image, the share
   says the prediction rests on it.
@@ -421,23 +421,42 @@ class AuditEngine:
     def audit(self, images: Sequence[Image_], *, raw_heatmap: bool = False) -> list[AuditResult]:
         """Full audits for a batch of images.
 
-        Two LRP calls at most: the first (one forward, one backward seeded at the predicted class)
-        gives the class heatmap, the pooled activations that score every concept, and the class
-        relevance at the CAV layer for the shares. Only images on which some concept is present
-        need concept-conditioned heatmaps (their masks), so the second call, seeded at every
-        concept's CAV, runs on those images alone: on clean traffic the audit costs one backward,
-        not 1 + K.
+        One LRP call (one forward, one batched backward) gives the class heatmap, the pooled
+        activations that score every concept, the class relevance at the CAV layer for the
+        shares, and, through a second seed chosen between the forward and the backward, each
+        image's mask for the first concept present on it (a ``ConceptTarget`` whose vector is
+        a function of the forward: no second forward). On clean traffic that seed is zero and
+        is skipped, so the audit costs one backward. Only images showing two or more concepts
+        need one more call, for their other concepts' masks.
         """
         rgb, x = self._inputs(images)
         layer = self.bank.layer
-        e = self.explainer.explain(x, ["pred"], cav_layers=[layer], relevance_layers=[layer])
+        names = list(self.bank)
+        chosen: dict[str, Any] = {}
+
+        def first_present(pooled: torch.Tensor) -> torch.Tensor:
+            scores = self.bank.score(pooled.double().cpu().numpy(), self.thresholds.fpr)
+            present = np.stack([np.asarray(scores[c].present, dtype=bool) for c in names])  # (K, B)
+            pick = np.where(present.any(0), present.argmax(0), -1)
+            vectors = torch.zeros(pooled.shape, dtype=torch.float32)
+            for b, k in enumerate(pick):
+                if k >= 0:
+                    vectors[b] = self._cavs[names[k]]
+            chosen.update(scores=scores, pick=pick)
+            return vectors
+
+        e = self.explainer.explain(
+            x, ["pred", ConceptTarget(layer, first_present)], cav_layers=[layer], relevance_layers=[layer]
+        )
+        scores, pick = chosen["scores"], chosen["pick"]
         preds = predictions(e.logits.double().numpy(), self.cfg.labels, self.version)
         pooled = e.activations[layer].double().numpy()
-        scores = self.bank.score(pooled, self.thresholds.fpr)
         class_rel = e.relevance[layer][0].double().numpy()  # (B, C, h, w), seeded at the class
         heat = e.heatmaps[0].double().numpy()  # (B, H, W)
         shares = {c: relevance_share(class_rel, self.bank[c].v) for c in self.bank}
-        masks = self._masks(x, scores)
+        seeded = e.heatmaps[1].double().numpy()  # (B, H, W): each image's first present concept
+        masks = {(b, names[k]): png_base64(binarize(seeded[b]) * 255) for b, k in enumerate(pick) if k >= 0}
+        masks.update(self._masks(x, scores, done=set(masks)))
         out = []
         for b, pred in enumerate(preds):
             concepts = tuple(
@@ -465,15 +484,22 @@ class AuditEngine:
             )
         return out
 
-    def _masks(self, x: torch.Tensor, scores: Mapping[str, Any]) -> dict[tuple[int, str], str]:
+    def _masks(
+        self, x: torch.Tensor, scores: Mapping[str, Any], done: set[tuple[int, str]] | None = None
+    ) -> dict[tuple[int, str], str]:
         """Localization masks (method.md §2.1–2.2) of the present concepts: ``(image, concept) -> PNG``.
 
-        One LRP call over the (image, concept) pairs that are present, each seeded at its own
-        concept's CAV (a per-image :class:`ConceptTarget`), so an image pays for the concepts it
-        shows, not for every concept of the bank.
+        One LRP call over the (image, concept) pairs that are present (less those in ``done``),
+        each seeded at its own concept's CAV (a per-image :class:`ConceptTarget`), so an image
+        pays for the concepts it shows, not for every concept of the bank.
         """
         concepts = list(self.bank)
-        pairs = [(b, c) for c in concepts for b in np.flatnonzero(np.asarray(scores[c].present, dtype=bool))]
+        pairs = [
+            (int(b), c)
+            for c in concepts
+            for b in np.flatnonzero(np.asarray(scores[c].present, dtype=bool))
+            if (int(b), c) not in (done or set())
+        ]
         if not pairs:
             return {}
         rows = torch.as_tensor([int(b) for b, _ in pairs])

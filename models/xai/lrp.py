@@ -26,7 +26,7 @@ CUDA graph (batch-1 latency is otherwise dominated by kernel launches).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -128,10 +128,15 @@ class ConceptTarget:
         vector: the concept direction ``v``, shape ``(C,)`` for the layer's C channels, or
             ``(B, C)``: one direction per image of the batch (e.g. each image's present concept,
             so that a batch of (image, concept) pairs costs one backward, not one per concept).
+            Or a function of the layer's ``(B, C)`` max-pooled activation that returns either:
+            a seed chosen from the forward pass itself, between the forward and the backward
+            (e.g. the concept each image turned out to show), so it costs no second forward.
+            A seed that comes out zero for every image is not propagated at all (its heatmaps
+            are zeros).
     """
 
     layer: str
-    vector: torch.Tensor
+    vector: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
 Target = int | Literal["pred"] | ClassTarget | ConceptTarget
@@ -330,7 +335,9 @@ class Explainer:
             )
         inputs = [x_in, *(out0[ln] for ln in relevance_layers)]
         rel = [
-            (torch.zeros_like(i) if g is None else g).reshape(n_seeds, batch, *i.shape[1:]).detach()
+            (i.new_zeros(n_seeds, *i.shape) if g is None else g)
+            .reshape(n_seeds, batch, *i.shape[1:])
+            .detach()
             for g, i in zip(got, [i[:batch] for i in inputs], strict=True)
         ]
         return Explanation(
@@ -379,12 +386,21 @@ class Explainer:
                 outputs, grads = outputs[1:], grads[1:]
             inputs = [x_in, *(acts[ln] for ln in relevance_layers)]
             if repeat:  # (S, B, ...) -> (S·B, ...)
-                grads = [g.flatten(0, 1) for g in grads]
-            elif n_seeds == 1:
-                grads = [g[0] for g in grads]
-            got = torch.autograd.grad(
-                outputs, inputs, grads, is_grads_batched=n_seeds > 1 and not repeat, allow_unused=True
-            )
+                got = torch.autograd.grad(
+                    outputs, inputs, [g.flatten(0, 1) for g in grads], allow_unused=True
+                )
+                return logits, out0, class_idx, got
+            live = list(range(n_seeds))
+            if any(isinstance(t, ConceptTarget) and callable(t.vector) for t in seeds):
+                # A seed chosen from the forward may be zero for every image (e.g. no concept is
+                # present): it is left out of the backward. One host sync, only for such seeds.
+                live = [s for s in live if any(bool(g[s].any()) for g in grads)]
+            if not live:
+                return logits, out0, class_idx, tuple(None for _ in inputs)
+            sub = [g[live] if len(live) > 1 else g[live[0]] for g in grads]
+            got = torch.autograd.grad(outputs, inputs, sub, is_grads_batched=len(live) > 1, allow_unused=True)
+            if len(live) < n_seeds:  # back to one row per seed, zeros for the skipped ones
+                got = tuple(None if g is None else _expand_seeds(g, live, n_seeds) for g in got)
         return logits, out0, class_idx, got
 
     # -- seeds
@@ -448,7 +464,8 @@ class Explainer:
         grad = torch.zeros(len(seeds), *activation.shape, dtype=activation.dtype, device=activation.device)
         for s, t in enumerate(seeds):
             if isinstance(t, ConceptTarget) and t.layer == layer:
-                v = torch.as_tensor(t.vector).to(activation.device, activation.dtype)
+                vec = t.vector(max_pool_spatial(activation.detach())) if callable(t.vector) else t.vector
+                v = torch.as_tensor(vec).to(activation.device, activation.dtype)
                 batch, channels = activation.shape[:2]
                 if v.ndim == 2 and v.shape[0] == batch:  # one direction per image
                     per_image = v.shape[1]
@@ -462,6 +479,14 @@ class Explainer:
                 v = v.reshape(v.shape[0], channels, *([1] * (activation.ndim - 2)))
                 grad[s] = activation.detach().clamp(min=0) * v  # method.md §2.1: ReLU(A) ⊙ v
         return grad
+
+
+def _expand_seeds(got: torch.Tensor, live: Sequence[int], n_seeds: int) -> torch.Tensor:
+    """``(len(live), B, ...)`` (``(B, ...)`` if one seed is live) -> ``(n_seeds, B, ...)``, zeros else."""
+    rows = got if len(live) > 1 else got[None]
+    full = rows.new_zeros(n_seeds, *rows.shape[1:])
+    full[list(live)] = rows
+    return full
 
 
 # --------------------------------------------------------------------------- CUDA graphs

@@ -345,3 +345,43 @@ def test_concept_only_call_may_stop_the_forward_at_its_layer(resnet, x: torch.Te
         assert explainer.explain(x, [target]).logits.shape[1] == len(explainer.cfg.labels)
     finally:
         handle.remove()
+
+
+def test_seed_chosen_from_the_forward_equals_the_same_seed_given_up_front(resnet, x: torch.Tensor) -> None:
+    """A ConceptTarget whose vector is a function of the layer's pooled activation is called with
+    exactly that activation and gives the heatmaps of the same vectors passed as a tensor; a seed
+    that comes out all zero is skipped (zero heatmaps) and leaves the other seeds unchanged."""
+    _, explainer = resnet
+    vs = torch.randn(2, 256, generator=torch.Generator().manual_seed(7))
+    seen: list[torch.Tensor] = []
+
+    def choose(pooled: torch.Tensor) -> torch.Tensor:  # image b gets vs[b % 2], image 1 none
+        seen.append(pooled.clone())
+        out = vs[[b % 2 for b in range(pooled.shape[0])]].clone()
+        out[1] = 0
+        return out
+
+    got = explainer.explain(x, ["pred", ConceptTarget("identity_2", choose)], cav_layers=["identity_2"])
+    torch.testing.assert_close(seen[0], got.activations["identity_2"], rtol=0, atol=0)
+    fixed = vs[[b % 2 for b in range(x.shape[0])]].clone()
+    fixed[1] = 0
+    want = explainer.explain(x, ["pred", ConceptTarget("identity_2", fixed)], cav_layers=["identity_2"])
+    torch.testing.assert_close(got.heatmaps, want.heatmaps, rtol=1e-5, atol=1e-7)
+    assert torch.count_nonzero(got.heatmaps[1, 1]) == 0
+
+    def nothing(pooled: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(pooled)
+
+    skipped = explainer.explain(
+        x, ["pred", ConceptTarget("identity_2", nothing)], relevance_layers=["identity_1"]
+    )
+    alone = explainer.explain(x, ["pred"], relevance_layers=["identity_1"])
+    assert skipped.heatmaps.shape == (2, *alone.heatmaps.shape[1:])
+    assert torch.count_nonzero(skipped.heatmaps[1]) == 0
+    assert torch.count_nonzero(skipped.relevance["identity_1"][1]) == 0
+    torch.testing.assert_close(skipped.heatmaps[0], alone.heatmaps[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        skipped.relevance["identity_1"][0], alone.relevance["identity_1"][0], rtol=0, atol=0
+    )
+    only = explainer.explain(x, [ConceptTarget("identity_2", nothing)], logits=False)
+    assert only.heatmaps.shape == (1, *alone.heatmaps.shape[1:]) and torch.count_nonzero(only.heatmaps) == 0
