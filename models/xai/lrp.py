@@ -511,6 +511,11 @@ class CapturedExplain:
     """
 
     def __init__(self, explainer: Explainer, example: torch.Tensor, targets: Sequence[Target], **kwargs: Any):
+        if any(isinstance(t, ConceptTarget) and callable(t.vector) for t in targets):
+            raise ConfigError(
+                "a ConceptTarget chosen from the forward (a callable vector) reads the activations "
+                "on the host between forward and backward; it cannot be replayed as a CUDA graph"
+            )
         if example.device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA input; got device {example.device}")
         self.explainer, self.targets, self.kwargs = explainer, targets, kwargs

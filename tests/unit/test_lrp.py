@@ -283,6 +283,8 @@ def test_cuda_graph_capture_needs_a_cuda_input(resnet: tuple[nn.Module, Explaine
     _, explainer = resnet
     with pytest.raises(ConfigError, match="CUDA graphs need a CUDA input; got device cpu"):
         explainer.capture(x, [0])
+    with pytest.raises(ConfigError, match="cannot be replayed as a CUDA graph"):
+        explainer.capture(x, [ConceptTarget("identity_2", lambda pooled: pooled)])
 
 
 @pytest.mark.gpu
