@@ -94,6 +94,7 @@ with warnings.catch_warnings():  # bentoml 1.4.40's import-time pathspec depreca
 import aiohttp
 import anyio.to_thread
 import numpy as np
+import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -157,7 +158,10 @@ class Predictor:
     def __init__(self) -> None:
         settings = Settings.from_env(os.environ)
         backend = PREDICT_BACKENDS[settings.predict_backend]
-        self.predictors = {v: backend.from_store(v) for v in settings.versions}
+        if settings.predict_threads and settings.predict_backend == "torch":
+            torch.set_num_threads(settings.predict_threads)
+        threads = settings.predict_threads or 0
+        self.predictors = {v: backend.from_store(v, ort_threads=threads) for v in settings.versions}
         for p in self.predictors.values():
             p.predict([np.zeros((*p.size, 3), dtype=np.uint8)])
 
@@ -184,6 +188,8 @@ class Auditor:
 
     def __init__(self) -> None:
         settings = Settings.from_env(os.environ)
+        if settings.audit_threads:
+            torch.set_num_threads(settings.audit_threads)
         thresholds = flag_thresholds(os.environ, settings.flag_fpr)
         self.engines = {v: AuditEngine.from_store(v, thresholds=thresholds) for v in settings.versions}
         for e in self.engines.values():

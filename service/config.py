@@ -12,6 +12,8 @@ Variables (all optional except where auth is on):
 ``MEDAUDIT_SHADOW_VERSION``        a served version that shadows every request
 ``MEDAUDIT_AB_SALT``               mixed into the A/B hash; change to reshuffle subjects
 ``MEDAUDIT_PREDICT_BACKEND``       ``onnx`` (default: ONNX Runtime) or ``torch`` (eager; a baseline)
+``MEDAUDIT_PREDICT_THREADS``       intra-op threads of the /predict model (default: one per core)
+``MEDAUDIT_AUDIT_THREADS``         torch threads of the auditor (LRP) (default: one per core)
 ``MEDAUDIT_FLAG_FPR``              presence threshold's false-positive rate, in (0, 1)
                                    (default: each concept bank's own target FPR)
 ``MEDAUDIT_MAX_BYTES``             largest accepted body, bytes (default 32 MiB)
@@ -62,6 +64,11 @@ class Settings:
     ab_salt: str = ""
     flag_fpr: float | None = None
     predict_backend: str = "onnx"
+    #: Intra-op threads of the /predict model (ONNX Runtime or torch) and of the auditor's torch;
+    #: ``None``: the library's default (one per core). Each runs in its own process, beside the
+    #: entry service, so on a small machine fewer threads than cores can serve more.
+    predict_threads: int | None = None
+    audit_threads: int | None = None
     limits: Limits = field(default_factory=Limits)
     redis_url: str | None = None
     flags_enabled: bool = True
@@ -141,6 +148,8 @@ class Settings:
             ab_salt=env.get(PREFIX + "AB_SALT", ""),
             flag_fpr=_float(env, PREFIX + "FLAG_FPR"),
             predict_backend=env.get(PREFIX + "PREDICT_BACKEND", "onnx").strip().lower(),
+            predict_threads=_optional_positive_int(env, PREFIX + "PREDICT_THREADS"),
+            audit_threads=_optional_positive_int(env, PREFIX + "AUDIT_THREADS"),
             limits=Limits(
                 max_bytes=positive_int(env, PREFIX + "MAX_BYTES", Limits.max_bytes),
                 max_pixels=positive_int(env, PREFIX + "MAX_PIXELS", Limits.max_pixels),
@@ -182,6 +191,8 @@ _NAMES = (
     "AB_SALT",
     "FLAG_FPR",
     "PREDICT_BACKEND",
+    "PREDICT_THREADS",
+    "AUDIT_THREADS",
     "MAX_BYTES",
     "MAX_PIXELS",
     "MIN_IMAGE_SIDE",
@@ -195,6 +206,10 @@ _NAMES = (
     "OPEN_METRICS",
     *FLAG_NAMES,
 )
+
+
+def _optional_positive_int(env: Mapping[str, str], name: str) -> int | None:
+    return positive_int(env, name, 1) if name in env else None
 
 
 def _split(s: str) -> list[str]:

@@ -418,3 +418,23 @@ def test_custom_metrics_add_up_across_two_workers(tiny_store: Path, tmp_path: Pa
     for f in families.values():  # no request-level identifiers as labels, ever
         for s in f.samples:
             assert not {"request_id", "subject_key", "patient_id"} & set(s.labels), s
+
+
+def test_tier1_thread_settings_reach_the_model_runtimes(svc, monkeypatch) -> None:
+    """MEDAUDIT_PREDICT_THREADS sets ONNX Runtime's intra-op threads of every /predict session;
+    MEDAUDIT_AUDIT_THREADS sets the auditor process's torch threads."""
+    import torch
+
+    from service.api import Auditor, Predictor
+
+    monkeypatch.setenv("MEDAUDIT_PREDICT_THREADS", "1")
+    batcher = Predictor()
+    for p in batcher.predictors.values():
+        assert p.session.get_session_options().intra_op_num_threads == 1
+    before = torch.get_num_threads()
+    monkeypatch.setenv("MEDAUDIT_AUDIT_THREADS", "1")
+    try:
+        Auditor()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -24,6 +24,7 @@ def test_defaults_need_keys_or_auth_off() -> None:
     assert s.versions == ("vanilla",) and s.router().weights == {"vanilla": 1.0}
     assert s.limits == Limits() and s.redis_url is None and s.key_store() is None
     assert s.open_health and s.open_metrics and s.flag_fpr is None
+    assert s.predict_threads is None and s.audit_threads is None  # the libraries' defaults
 
 
 def test_full_environment() -> None:
@@ -38,8 +39,11 @@ def test_full_environment() -> None:
         "MEDAUDIT_MIN_IMAGE_SIDE": "16",
         "REDIS_URL": "redis://localhost:6379/0",
         "MEDAUDIT_OPEN_METRICS": "no",
+        "MEDAUDIT_PREDICT_THREADS": "1",
+        "MEDAUDIT_AUDIT_THREADS": "2",
     }
     s = Settings.from_env(env)
+    assert s.predict_threads == 1 and s.audit_threads == 2
     assert s.versions == ("vanilla", "pclarc-band_aid", "rrclarc-band_aid")
     r = s.router()
     assert r.weights == {"pclarc-band_aid": 0.25, "rrclarc-band_aid": 0.0, "vanilla": 0.75}
@@ -83,6 +87,8 @@ def test_repr_hides_keys_and_salt() -> None:
     [
         ({"MEDAUDIT_MAX_BYTES": "lots"}, "MEDAUDIT_MAX_BYTES must be a positive integer, got 'lots'"),
         ({"MEDAUDIT_MAX_PIXELS": "0"}, "MEDAUDIT_MAX_PIXELS must be a positive integer"),
+        ({"MEDAUDIT_PREDICT_THREADS": "0"}, "MEDAUDIT_PREDICT_THREADS must be a positive integer"),
+        ({"MEDAUDIT_AUDIT_THREADS": "two"}, "MEDAUDIT_AUDIT_THREADS must be a positive integer"),
         ({"MEDAUDIT_AUTH": "maybe"}, "MEDAUDIT_AUTH must be one of on/off"),
         ({"MEDAUDIT_FLAG_FPR": "1.5"}, r"MEDAUDIT_FLAG_FPR must be in \(0, 1\)"),
         ({"MEDAUDIT_FLAG_FPR": "low"}, "MEDAUDIT_FLAG_FPR must be a number"),
