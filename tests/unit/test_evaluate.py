@@ -116,3 +116,52 @@ def test_artifact_relevance_counts_heatmap_inside_refined_mask(monkeypatch) -> N
     assert r.n == 2 and r.mean == pytest.approx(0.5, abs=1e-6)
     with pytest.raises(ConfigError):
         artifact_relevance(None, None, torch.zeros(2), torch.zeros(2), masks[:, :5])  # type: ignore[arg-type]
+
+
+def test_evaluate_version_reads_retrieval_activations_from_the_ch_forward(monkeypatch) -> None:
+    import models.evaluate as ev
+    from models.corrections.base import pooled_activations
+    from models.train import predict
+
+    torch.manual_seed(0)
+    model, cfg = create_model("resnet18", img_size=32)
+    g = torch.Generator().manual_seed(0)
+    sets = {
+        k: ev.EvalSet(
+            torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g), torch.tensor([0, 1] * 3)
+        )
+        for k in ev.VARIANTS
+    }
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=256)
+    v /= np.linalg.norm(v)
+    member = np.array([0, 1, 0, 1, 1, 0])
+    masks = np.zeros((2, 32, 32), np.float32)
+    masks[:, :8, :8] = 1.0
+    data = ev.EvalData(
+        sets=sets, artifact="box", cav_layer="identity_2", cav=v, cav_kind="signal", tcav_class=0,
+        artifact_images=sets["ch"].images[:2], artifact_labels=sets["ch"].labels[:2], artifact_masks=masks,
+        retrieval_images=sets["ch"].images[:6], retrieval_labels=member,
+    )  # fmt: skip
+    # the reference: a separate forward for retrieval, as before
+    ref_acts = pooled_activations(model, cfg, "identity_2", sets["ch"].images)
+    ref_ret = retrieval(ref_acts @ v, member)
+    ref_cls = {
+        k: classification_metrics(predict(model, s.images, cfg), s.labels, LABELS) for k, s in sets.items()
+    }
+
+    def no_second_pass(*a, **k):  # the ch forward must supply the activations
+        raise AssertionError("pooled_activations called although the retrieval images are the ch set")
+
+    monkeypatch.setattr(ev, "pooled_activations", no_second_pass)
+    rep = ev.evaluate_version(model, cfg, data)
+    assert rep.retrieval == pytest.approx(ref_ret)
+    for k in ev.VARIANTS:
+        assert rep.classification[k] == pytest.approx(ref_cls[k], nan_ok=True)
+    logits, acts = ev.logits_and_pooled(model, cfg, sets["ch"].images, "identity_2", batch_size=4)
+    assert np.allclose(acts, ref_acts, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(logits, predict(model, sets["ch"].images, cfg), atol=1e-5)
+    # retrieval images that are not a test variant still get their own pass
+    other = ev.EvalData(**{**data.__dict__, "retrieval_images": sets["ch"].images.clone()})
+    with pytest.raises(AssertionError, match="pooled_activations called"):
+        ev.evaluate_version(model, cfg, other)
