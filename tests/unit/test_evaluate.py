@@ -165,3 +165,38 @@ def test_evaluate_version_reads_retrieval_activations_from_the_ch_forward(monkey
     other = ev.EvalData(**{**data.__dict__, "retrieval_images": sets["ch"].images.clone()})
     with pytest.raises(AssertionError, match="pooled_activations called"):
         ev.evaluate_version(model, cfg, other)
+
+
+def test_evaluate_version_forwards_rows_shared_between_variants_once() -> None:
+    import models.evaluate as ev
+    from models.train import predict
+
+    torch.manual_seed(0)
+    model, cfg = create_model("resnet18", img_size=32)
+    g = torch.Generator().manual_seed(1)
+    ch = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    clean, attacked = ch.clone(), ch.clone()
+    clean[[1, 4]] = 0  # rows 1 and 4 "carried an artifact" in ch
+    attacked[[0, 2, 3]] = 255  # the attack changes rows 0, 2, 3; rows 1, 4, 5 equal ch's
+    y = torch.tensor([0, 1] * 3)
+    sets = {"ch": ev.EvalSet(ch, y), "clean": ev.EvalSet(clean, y), "attacked": ev.EvalSet(attacked, y)}
+    v = np.ones(256) / 16.0
+    data = ev.EvalData(
+        sets=sets, artifact="box", cav_layer="identity_2", cav=v, cav_kind="signal", tcav_class=0,
+        artifact_images=ch[:2], artifact_labels=y[:2], artifact_masks=np.ones((2, 32, 32), np.float32),
+        retrieval_images=ch, retrieval_labels=np.array([0, 1, 0, 1, 1, 0]),
+    )  # fmt: skip
+    ref = {k: classification_metrics(predict(model, s.images, cfg), y, LABELS) for k, s in sets.items()}
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda _m, args: rows.append(len(args[0])) if not torch.is_grad_enabled() else None
+    )
+    try:
+        rep = ev.evaluate_version(model, cfg, data)
+    finally:
+        handle.remove()
+    for k in sets:
+        assert rep.classification[k] == pytest.approx(ref[k], nan_ok=True)
+    # no-grad forwards: all 6 ch rows (with the retrieval activations), clean rows 1 and 4,
+    # attacked rows 0, 2 and 3
+    assert sum(rows) == 6 + 2 + 3
