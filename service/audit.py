@@ -394,6 +394,11 @@ class AuditEngine:
         self.predictor = OnnxPredictor(loaded, ort_threads)
         #: Each concept's CAV as a float32 tensor: the seeds of the concept-conditioned heatmaps.
         self._cavs = {c: torch.tensor(np.asarray(self.bank[c].v), dtype=torch.float32) for c in self.bank}
+        #: The bank's concepts in order, and their CAVs as rows plus a zero row last: row ``k`` is
+        #: the mask seed of concept ``k``, row ``-1`` the seed of an image that shows none.
+        self._names = list(self.bank)
+        cavs = torch.stack([self._cavs[c] for c in self._names])
+        self._seed_rows = torch.cat([cavs, cavs.new_zeros(1, cavs.shape[1])])
 
     @classmethod
     def from_store(
@@ -431,19 +436,15 @@ class AuditEngine:
         """
         rgb, x = self._inputs(images)
         layer = self.bank.layer
-        names = list(self.bank)
+        names = self._names
         chosen: dict[str, Any] = {}
 
         def first_present(pooled: torch.Tensor) -> torch.Tensor:
             scores = self.bank.score(pooled.double().cpu().numpy(), self.thresholds.fpr)
             present = np.stack([np.asarray(scores[c].present, dtype=bool) for c in names])  # (K, B)
             pick = np.where(present.any(0), present.argmax(0), -1)
-            vectors = torch.zeros(pooled.shape, dtype=torch.float32)
-            for b, k in enumerate(pick):
-                if k >= 0:
-                    vectors[b] = self._cavs[names[k]]
             chosen.update(scores=scores, pick=pick)
-            return vectors
+            return self._seed_rows[torch.as_tensor(pick)]  # -1: the zero row
 
         e = self.explainer.explain(
             x, ["pred", ConceptTarget(layer, first_present)], cav_layers=[layer], relevance_layers=[layer]

@@ -128,8 +128,8 @@ class ConceptTarget:
         vector: the concept direction ``v``, shape ``(C,)`` for the layer's C channels, or
             ``(B, C)``: one direction per image of the batch (e.g. each image's present concept,
             so that a batch of (image, concept) pairs costs one backward, not one per concept).
-            Or a function of the layer's ``(B, C)`` max-pooled activation that returns either:
-            a seed chosen from the forward pass itself, between the forward and the backward
+            Or a function of the layer's ``(B, C)`` max-pooled activation that returns either
+            shape: a seed chosen from the forward pass itself, between the forward and the backward
             (e.g. the concept each image turned out to show), so it costs no second forward.
             A seed that comes out zero for every image is not propagated at all (its heatmaps
             are zeros).
