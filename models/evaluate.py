@@ -22,9 +22,11 @@ original model's row. Pass the original model to :func:`tcav` to get it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,7 +38,7 @@ from torch import nn
 
 from models.corrections.base import capture, max_pool, pooled_activations
 from models.errors import ConfigError
-from models.registry import ModelCfg
+from models.registry import ModelCfg, hook_module
 from models.train import normalize, predict
 from models.xai.localize import artifact_relevance_eval
 from models.xai.metrics import retrieval_metrics
@@ -209,6 +211,8 @@ class EvalData:
         artifact_images, artifact_labels, artifact_masks: artifact samples (ch variant) with their
             ground-truth masks (N, H, W), for artifact relevance and TCAV.
         retrieval_images, retrieval_labels: images and 0/1 artifact labels for retrieval AUROC.
+        prefix: Activations at ℓ the first version evaluated recorded, for the later ones
+            (:class:`PrefixCache`); filled by :func:`evaluate_version`.
     """
 
     sets: Mapping[str, EvalSet]
@@ -223,6 +227,7 @@ class EvalData:
     retrieval_images: torch.Tensor
     retrieval_labels: np.ndarray
     info: Mapping[str, Any] = field(default_factory=dict)
+    prefix: PrefixCache = field(default_factory=lambda: PrefixCache(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -294,57 +299,208 @@ def _same_images(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _logits_reusing(
-    model: nn.Module, cfg: ModelCfg, images: torch.Tensor, done: list[tuple[torch.Tensor, torch.Tensor]]
-) -> torch.Tensor:
-    """Logits of ``images``, forwarding only the rows that differ from the same row of an earlier
-    variant of equal length.
+def _shared_rows(images: torch.Tensor, earlier: list[torch.Tensor]) -> torch.Tensor:
+    """``src[i]``: the index of an earlier variant whose row i equals ``images[i]`` byte for byte, or −1.
 
     The test variants share indices (method.md §5.4): row i of "clean" is row i of "ch" without its
     artifacts and row i of "attacked" is row i of "clean" with the artifact, so every row of "ch"
     that carries no artifact (half of synthderm's) is byte-identical in "clean", and every row that
-    carries only the attack's artifact is identical in "attacked". In eval mode a row's logits do
-    not depend on its batch, so those rows reuse the earlier logits (equal up to float round-off of
-    a different batch composition).
+    carries only the attack's artifact is identical in "attacked". In eval mode a row's outputs do
+    not depend on its batch, so those rows reuse the earlier variant's (equal up to float round-off
+    of a different batch composition).
     """
     n = len(images)
-    logits: torch.Tensor | None = None
-    todo = torch.ones(n, dtype=torch.bool)
+    src = torch.full((n,), -1, dtype=torch.long)
     flat = images.reshape(n, -1)
-    for prev_images, prev_logits in done:
-        if prev_images.shape != images.shape or not todo.any():
+    for j, prev in enumerate(earlier):
+        todo = src < 0
+        if prev.shape != images.shape or not todo.any():
             continue
-        same = todo & (flat == prev_images.reshape(n, -1)).all(1)
-        if same.any():
-            if logits is None:
-                logits = torch.empty(n, prev_logits.shape[1], dtype=prev_logits.dtype)
-            logits[same] = prev_logits[same]
-            todo &= ~same
-    if logits is None:
-        return predict(model, images, cfg)
-    if todo.any():
-        logits[todo] = predict(model, images[todo], cfg).to(logits.dtype)
-    return logits
+        src[todo & (flat == prev.reshape(n, -1)).all(1)] = j
+    return src
+
+
+def prefix_fingerprint(model: nn.Module, cfg: ModelCfg, layer: str) -> str:
+    """sha256 of every parameter and buffer of the modules up to and including ``layer``, ClArC
+    projections excluded: two models with equal fingerprints compute the same activation at ℓ
+    before any projection (same architecture class assumed: versions of one build)."""
+    from models.corrections.base import frozen_module_names
+    from models.corrections.pclarc import ClarcProjection
+
+    h = hashlib.sha256(type(model).__name__.encode())
+    modules = dict(model.named_modules())
+    for name in frozen_module_names(model, cfg, layer):
+        m = modules[name]
+        if isinstance(m, ClarcProjection):
+            continue
+        h.update(f"|{name}:{type(m).__name__}".encode())
+        for key, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            h.update(f"|{key}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(eq=False)
+class PrefixCache:
+    """The activation maps at ℓ of every test row, recorded by the first version evaluated.
+
+    Every version of one build shares the layers up to and including ℓ: the fine-tuning
+    corrections freeze them (method.md §4.1, §11.9) and the ClArC projections act on ℓ's output
+    (§4.2). Their activation there, before any projection, is therefore the same for every version,
+    and only the layers after ℓ need to run again (a quarter of resnet18's FLOPs at
+    ℓ = identity_2; on the demo build it cut the classification forwards of the five later versions
+    to about a third). Sharing is checked, not assumed: :func:`prefix_fingerprint` must match, and a
+    probe row must give the same logits both ways, or the version is forwarded in full.
+
+    Attributes:
+        fingerprint: :func:`prefix_fingerprint` of the model that recorded the maps ("" = none yet).
+        layer: ℓ.
+        maps: Per test variant, ``(images, maps)``: the variant's images (to check a later call
+            passes the very same tensor) and their (N, C, h, w) float32 maps at ℓ.
+    """
+
+    fingerprint: str = ""
+    layer: str = ""
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _resume_at(model: nn.Module, cfg: ModelCfg, layer: str, store: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, the activation at ``layer`` (before a ClArC projection there, as
+    :func:`~models.corrections.base.capture` with ``before_correction``) is replaced by
+    ``store["a"]``: a forward on an **empty** batch then costs nothing before ℓ and runs the layers
+    after ℓ on the stored maps."""
+    from models.corrections.pclarc import ClarcProjection
+
+    module = hook_module(model, cfg, layer)
+    last = list(module.children())[-1] if isinstance(module, nn.Sequential) and len(module) else None
+    if isinstance(last, ClarcProjection):
+        handle = last.register_forward_pre_hook(lambda _m, _args: (store["a"],))
+    else:
+        handle = module.register_forward_hook(lambda _m, _args, _out: store["a"])
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _Forwards:
+    """The classification forwards of one evaluation: replayed from ℓ, recorded, or plain."""
+
+    def __init__(self, model: nn.Module, cfg: ModelCfg, data: EvalData, batch_size: int = 128) -> None:
+        self.model, self.cfg, self.layer, self.bs = model, cfg, data.cav_layer, batch_size
+        self.cache = data.prefix
+        fp = prefix_fingerprint(model, cfg, self.layer)
+        if self.cache.fingerprint == fp and self.cache.layer == self.layer and self._probe():
+            self.mode = "replay"
+        elif not self.cache.fingerprint:
+            self.mode, self.cache.fingerprint, self.cache.layer = "record", fp, self.layer
+        else:
+            self.mode = "plain"
+        self.done: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+
+    @torch.no_grad()
+    def _suffix(self, maps: torch.Tensor, pooled: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+        self.model.eval()
+        empty = torch.zeros(0, *self.cfg.input_size)
+        store: dict[str, torch.Tensor] = {}
+        logits, acts = [], []
+        # the injecting hook first: capture's hook on the same module must see the stored maps
+        with (
+            _resume_at(self.model, self.cfg, self.layer, store),
+            capture(self.model, self.cfg, self.layer, before_correction=False) as cap,
+        ):
+            for i in range(0, len(maps), self.bs):
+                store["a"] = maps[i : i + self.bs]
+                logits.append(self.model(empty))
+                if pooled:
+                    acts.append(max_pool(cap["a"]).double())
+        return torch.cat(logits), torch.cat(acts).numpy() if pooled else None
+
+    def _probe(self) -> bool:
+        """Whether replaying the first cached row gives the logits of a full forward."""
+        if not self.cache.maps:
+            return False
+        images, maps = next(iter(self.cache.maps.values()))
+        full = predict(self.model, images[:2], self.cfg)
+        return bool(torch.allclose(self._suffix(maps[:2], False)[0], full, rtol=1e-4, atol=1e-5))
+
+    @torch.no_grad()
+    def _full(
+        self, images: torch.Tensor, pooled: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray | None]:
+        self.model.eval()
+        record = self.mode == "record"
+        logits, maps, acts = [], [], []
+        with (
+            capture(self.model, self.cfg, self.layer, before_correction=True) as pre,
+            capture(self.model, self.cfg, self.layer, before_correction=False) as post,
+        ):
+            for i in range(0, len(images), self.bs):
+                logits.append(self.model(normalize(images[i : i + self.bs], self.cfg)))
+                if record:
+                    maps.append(pre["a"].clone())
+                if pooled:
+                    acts.append(max_pool(post["a"]).double())
+        return (
+            torch.cat(logits),
+            torch.cat(maps) if record else None,
+            torch.cat(acts).numpy() if pooled else None,
+        )
+
+    def __call__(
+        self, name: str, images: torch.Tensor, pooled: bool
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Logits of a test variant's images and, with ``pooled``, φ at ℓ (after any projection)."""
+        hit = self.cache.maps.get(name)
+        if self.mode == "replay" and hit is not None and _same_images(hit[0], images):
+            return self._suffix(hit[1], pooled)
+        src = _shared_rows(images, [d[0] for d in self.done]) if not pooled else None
+        if src is None or not (src >= 0).any():
+            logits, maps, acts = self._full(images, pooled)
+        else:  # rows an earlier variant shares are not forwarded again
+            todo = src < 0
+            logits = torch.empty(len(images), self.done[0][1].shape[1])
+            maps = None
+            if self.mode == "record":
+                m0 = self.done[0][2]
+                assert m0 is not None
+                maps = torch.empty(len(images), *m0.shape[1:])
+            for j, (_, prev_logits, prev_maps) in enumerate(self.done):
+                same = src == j
+                logits[same] = prev_logits[same]
+                if maps is not None and prev_maps is not None:
+                    maps[same] = prev_maps[same]
+            acts = None
+            if todo.any():
+                new_logits, new_maps, _ = self._full(images[todo], False)
+                logits[todo] = new_logits
+                if maps is not None and new_maps is not None:
+                    maps[todo] = new_maps
+        self.done.append((images, logits, maps))
+        if self.mode == "record" and maps is not None:
+            self.cache.maps[name] = (images, maps)
+        return logits, acts
 
 
 def evaluate_version(model: nn.Module, cfg: ModelCfg, data: EvalData) -> EvalReport:
     """Every §7 metric of one version (the model as served: projections active).
 
-    When the retrieval images are one of the test variants (synthderm: the "ch" split), their
-    activations at the CAV layer are recorded during that variant's classification forward instead
-    of a second pass over the same images (a quarter of the forwards of an evaluation); rows a
-    later variant shares byte for byte with an earlier one are not forwarded again
-    (:func:`_logits_reusing`; a quarter of synthderm's test rows).
+    Classification forwards (:class:`_Forwards`): the first version evaluated records every test
+    row's activation at ℓ in ``data.prefix``; a later version whose layers up to ℓ are the same
+    (:class:`PrefixCache`) runs only the layers after ℓ. Rows a later variant shares byte for byte
+    with an earlier one are not forwarded again (:func:`_shared_rows`). When the retrieval images
+    are one of the test variants (synthderm: the "ch" split), their activations at ℓ come from
+    that variant's classification forward instead of a second pass over the same images.
     """
     cls: dict[str, dict[str, float]] = {}
     acts: np.ndarray | None = None
-    done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images, logits) of earlier variants
+    forwards = _Forwards(model, cfg, data)
     for name, s in data.sets.items():
-        if acts is None and _same_images(s.images, data.retrieval_images):
-            logits, acts = logits_and_pooled(model, cfg, s.images, data.cav_layer)
-        else:
-            logits = _logits_reusing(model, cfg, s.images, done)
-        done.append((s.images, logits))
+        want = acts is None and _same_images(s.images, data.retrieval_images)
+        logits, pooled = forwards(name, s.images, want)
+        if want:
+            acts = pooled
         cls[name] = classification_metrics(logits, s.labels, cfg.labels)
     rel = artifact_relevance(model, cfg, data.artifact_images, data.artifact_labels, data.artifact_masks)
     tc = tcav(model, cfg, data.cav_layer, data.cav, data.artifact_images, data.tcav_class)

@@ -200,3 +200,113 @@ def test_evaluate_version_forwards_rows_shared_between_variants_once() -> None:
     # no-grad forwards: all 6 ch rows (with the retrieval activations), clean rows 1 and 4,
     # attacked rows 0, 2 and 3
     assert sum(rows) == 6 + 2 + 3
+
+
+def _shared_prefix_data(seed: int = 2):
+    import models.evaluate as ev
+
+    g = torch.Generator().manual_seed(seed)
+    ch = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g)
+    clean, attacked = ch.clone(), ch.clone()
+    clean[[1, 4]] = 0
+    attacked[[0, 2, 3]] = 255
+    y = torch.tensor([0, 1] * 5)
+    sets = {"ch": ev.EvalSet(ch, y), "clean": ev.EvalSet(clean, y), "attacked": ev.EvalSet(attacked, y)}
+    v = np.random.default_rng(seed).normal(size=256)
+    v /= np.linalg.norm(v)
+    return ev.EvalData(
+        sets=sets, artifact="box", cav_layer="identity_2", cav=v, cav_kind="signal", tcav_class=0,
+        artifact_images=ch[:2], artifact_labels=y[:2], artifact_masks=np.ones((2, 32, 32), np.float32),
+        retrieval_images=ch, retrieval_labels=np.array([0, 1] * 5),
+    )  # fmt: skip
+
+
+def _forwarded_rows(model: nn.Module, fn):
+    """Rows the model's no-grad forwards saw while ``fn`` ran (an empty-batch replay counts 0)."""
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda _m, args: rows.append(len(args[0])) if not torch.is_grad_enabled() else None
+    )
+    try:
+        return fn(), sum(rows)
+    finally:
+        handle.remove()
+
+
+def test_later_versions_sharing_the_prefix_run_only_the_layers_after_it() -> None:
+    import copy
+
+    import models.evaluate as ev
+
+    torch.manual_seed(0)
+    base, cfg = create_model("resnet18", img_size=32)
+    base.eval()
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=256)
+    pclarc = PClarc().apply(
+        base, cfg, CorrectionData(layer="identity_2", cav=v / np.linalg.norm(v), mu0=rng.random(256))
+    )
+    tuned = copy.deepcopy(base)  # a fine-tuned version: only the layers after ℓ differ
+    with torch.no_grad():
+        tuned.layer4[0].conv1.weight.mul_(1.5)
+        tuned.fc.bias.add_(0.3)
+    shifted = copy.deepcopy(base)  # a different prefix: must not replay
+    with torch.no_grad():
+        shifted.layer1[0].conv1.weight.mul_(0.5)
+
+    data = _shared_prefix_data()
+    first, rows = _forwarded_rows(base, lambda: ev.evaluate_version(base, cfg, data))
+    assert rows == 10 + 2 + 3  # recorded with the row reuse: ch, clean rows 1 and 4, attacked 0, 2, 3
+    assert data.prefix.fingerprint == ev.prefix_fingerprint(base, cfg, "identity_2")
+    assert set(data.prefix.maps) == {"ch", "clean", "attacked"}
+    alone = ev.evaluate_version(base, cfg, _shared_prefix_data())
+    for k in ev.VARIANTS:
+        assert first.classification[k] == pytest.approx(alone.classification[k], nan_ok=True)
+    for version, replayed in ((pclarc, True), (tuned, True), (shifted, False)):
+        fresh = ev.evaluate_version(version, cfg, _shared_prefix_data())  # its own record, no replay
+        rep, rows = _forwarded_rows(version, lambda version=version: ev.evaluate_version(version, cfg, data))
+        # replayed: only the 2 probe rows run in full; otherwise every distinct row does
+        assert rows == (2 if replayed else 15), (version is pclarc, version is tuned)
+        for k in ev.VARIANTS:
+            assert rep.classification[k] == pytest.approx(fresh.classification[k], rel=1e-6, nan_ok=True)
+        assert rep.retrieval == pytest.approx(fresh.retrieval, nan_ok=True)
+    # the replayed logits are the full forward's
+    logits, _ = ev._Forwards(tuned, cfg, data)("attacked", data.sets["attacked"].images, False)
+    assert torch.allclose(logits, predict_logits(tuned, cfg, data.sets["attacked"].images), atol=1e-5)
+
+
+def predict_logits(model: nn.Module, cfg: ModelCfg, images: torch.Tensor) -> torch.Tensor:
+    from models.train import predict
+
+    return predict(model, images, cfg)
+
+
+def test_a_replay_that_disagrees_with_a_full_forward_falls_back(monkeypatch) -> None:
+    import models.evaluate as ev
+
+    torch.manual_seed(0)
+    model, cfg = create_model("resnet18", img_size=32)
+    data = _shared_prefix_data()
+    ev.evaluate_version(model, cfg, data)
+    good = ev._Forwards(model, cfg, data)
+    assert good.mode == "replay"
+    with torch.no_grad():  # maps no longer match what the layers before ℓ compute
+        for _, maps in data.prefix.maps.values():
+            maps.mul_(2.0)
+    assert ev._Forwards(model, cfg, data).mode == "plain"
+
+
+def test_prefix_fingerprint_ignores_the_clarc_projection_and_sees_every_earlier_weight() -> None:
+    import models.evaluate as ev
+
+    torch.manual_seed(0)
+    model, cfg = create_model("resnet18", img_size=32)
+    fp = ev.prefix_fingerprint(model, cfg, "identity_2")
+    v = np.ones(256) / 16.0
+    net = PClarc().apply(model, cfg, CorrectionData(layer="identity_2", cav=v, mu0=np.zeros(256)))
+    assert ev.prefix_fingerprint(net, cfg, "identity_2") == fp
+    with torch.no_grad():
+        model.layer4[0].conv1.weight.add_(1.0)  # after ℓ: same prefix
+    assert ev.prefix_fingerprint(model, cfg, "identity_2") == fp
+    model.bn1.running_mean.add_(1e-3)  # a buffer before ℓ
+    assert ev.prefix_fingerprint(model, cfg, "identity_2") != fp
