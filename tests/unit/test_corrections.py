@@ -137,6 +137,45 @@ def test_pclarc_model_coordinate_is_mu0_and_original_untouched(tiny) -> None:
         PClarc().apply(corrected, cfg, data)
 
 
+def _full_forward_phi(
+    model: nn.Module, cfg: ModelCfg, layer: str, X: torch.Tensor, before: bool
+) -> np.ndarray:
+    """φ as pooled_activations computed it before the early exit: a whole forward per batch of 2."""
+    from models.train import normalize
+
+    model.eval()
+    out = []
+    with torch.no_grad(), capture(model, cfg, layer, before_correction=before) as store:
+        for i in range(0, len(X), 2):
+            model(normalize(X[i : i + 2], cfg))
+            out.append(store["a"].flatten(2).amax(-1).double().numpy())
+    return np.concatenate(out)
+
+
+def test_pooled_activations_stop_at_the_layer_and_equal_a_full_forward(tiny) -> None:
+    model, cfg, data = tiny
+    corrected = PClarc().apply(model, cfg, data)  # a ClarcProjection sits at the hook point
+    X = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    ran: list[str] = []
+    for net, before in ((model, False), (corrected, False), (corrected, True)):
+        ran.clear()
+        handles = [
+            net.get_submodule(name).register_forward_hook(lambda *_a, name=name: ran.append(name))
+            for name in ("layer4", "fc")
+        ]
+        try:
+            phi = pooled_activations(net, cfg, "identity_2", X, batch_size=2, before_correction=before)
+        finally:
+            for h in handles:
+                h.remove()
+        assert "layer4" not in ran and "fc" not in ran
+        np.testing.assert_array_equal(phi, _full_forward_phi(net, cfg, "identity_2", X, before))
+    # the hooks are gone and the models still run whole forwards
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    with torch.no_grad(), capture(model, cfg, "identity_2") as store:  # no stop by default
+        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2) and "a" in store
+
+
 def test_reactive_needs_svm_cav(tiny) -> None:
     model, cfg, data = tiny
     no_svm = CorrectionData(layer=data.layer, cav=data.cav, mu0=data.mu0)
