@@ -463,6 +463,7 @@ def _fit_banks(
 ) -> _Banks:
     log(f"banks: activations of the original model at {layer}")
     acts = pooled_activations(model, mcfg, layer, Xtr)
+    done = [(Xtr, acts)]  # (images, φ) whose rows later renders of the training split may share
     Xval, _ = render_split(ds, "val", "clean", cfg.artifact, cache_dir=cache, progress=progress)
     val = pooled_activations(model, mcfg, layer, Xval)
     tr_idx = ds.indices("train")
@@ -476,7 +477,7 @@ def _fit_banks(
         log(f"banks: counterfactual pairs, the training split without and with {cfg.artifact}")
         Xc, _ = render_split(ds, "train", "clean", cfg.artifact, cache_dir=cache, progress=progress)
         Xa, _ = render_split(ds, "train", "attacked", cfg.artifact, cache_dir=cache, progress=progress)
-        pair_acts = np.concatenate([pooled_activations(model, mcfg, layer, X) for X in (Xc, Xa)])
+        pair_acts = np.concatenate([_pooled_reusing(model, mcfg, layer, X, done) for X in (Xc, Xa)])
         t_pair = np.repeat(np.array([0, 1], np.int64), len(Xc))
         correction = ConceptBank.fit(
             base_tag, layer, pair_acts, {cfg.artifact: t_pair}, val, kind="signal", dataset="synthderm",
@@ -492,6 +493,46 @@ def _fit_banks(
     )  # fmt: skip
     gate = fit_cav(acts[keep], t[keep], kind="svm", seed=cfg.seed).v  # as fit_correction_data does
     return _Banks(detection, correction, np.asarray(gate, np.float64), reused=False)
+
+
+def _pooled_reusing(
+    model: torch.nn.Module,
+    mcfg: Any,
+    layer: str,
+    images: torch.Tensor,
+    done: list[tuple[torch.Tensor, np.ndarray]],
+) -> np.ndarray:
+    """φ of ``images``, forwarding only the rows that differ from the same row of an earlier render
+    of equal length (as :func:`models.evaluate._logits_reusing` does for logits).
+
+    The counterfactual pairs are the training split rendered "clean" and "attacked": row i of
+    "clean" is row i of "ch" without its artifacts and row i of "attacked" is row i of "clean" with
+    the correction artifact (method.md §5.4), so every "ch" row without artifacts is byte-identical
+    in "clean" and every "ch" row with only that artifact is identical in "attacked" (on the
+    default build 903 + 484 of the 3600 pair rows). In eval mode a row's φ does not depend on its
+    batch, so those rows reuse the earlier φ (equal up to float round-off of a different batch
+    composition). ``done`` gets ``(images, φ)`` appended.
+    """
+    n = len(images)
+    acts: np.ndarray | None = None
+    todo = np.ones(n, bool)
+    flat = images.reshape(n, -1)
+    for prev_images, prev_acts in done:
+        if prev_images.shape != images.shape or not todo.any():
+            continue
+        rows = np.flatnonzero(todo)
+        same = rows[(flat[rows] == prev_images.reshape(n, -1)[rows]).all(1).numpy()]
+        if len(same):
+            if acts is None:
+                acts = np.empty((n, prev_acts.shape[1]), prev_acts.dtype)
+            acts[same] = prev_acts[same]
+            todo[same] = False
+    if acts is None:
+        acts = pooled_activations(model, mcfg, layer, images)
+    elif todo.any():
+        acts[todo] = pooled_activations(model, mcfg, layer, images[torch.from_numpy(todo)])
+    done.append((images, acts))
+    return acts
 
 
 def _save_banks(banks: _Banks, directory: Path, meta: Mapping[str, Any]) -> None:

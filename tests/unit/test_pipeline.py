@@ -159,3 +159,69 @@ def test_acceptance_columns_and_thresholds(tmp_path) -> None:
     assert rows["good"]["clean Δ pts"] == pytest.approx(-2.5)
     assert rows["good"]["relevance cut %"] == pytest.approx(50.0)
     assert [v for v, r in rows.items() if r["meets issue 5"]] == ["good"]
+
+
+def test_fit_banks_forwards_rows_shared_with_the_ch_render_once(tmp_path, monkeypatch) -> None:
+    """The counterfactual pairs reuse φ of training rows the "ch" render already forwarded; the banks
+    equal those of forwarding every row (up to float round-off of another batch composition)."""
+    import numpy as np
+    import torch
+
+    import models.pipeline as pipeline
+    from models.data.synthetic import SynthDerm
+    from models.registry import create_model
+    from models.train import render_split
+
+    cfg = tiny_config()
+    ds = SynthDerm(cfg.train.data)
+    torch.manual_seed(0)
+    model, mcfg = create_model("resnet18", img_size=32)
+    Xtr, ytr = render_split(ds, "train", cache_dir=tmp_path)
+    tr_idx = ds.indices("train")
+    concepts = [a for a in ds.membership if ds.membership[a][tr_idx].any()]
+    forwarded: list[int] = []
+    real = pipeline.pooled_activations
+
+    def counting(m, c, layer, images, *a, **k):
+        forwarded.append(len(images))
+        return real(m, c, layer, images, *a, **k)
+
+    monkeypatch.setattr(pipeline, "pooled_activations", counting)
+
+    def fit() -> pipeline._Banks:
+        forwarded.clear()
+        return pipeline._fit_banks(
+            model, mcfg, ds, "identity_2", Xtr, ytr, concepts, cfg, (0,), "t:vanilla", tmp_path, None,
+            lambda _s: None,
+        )  # fmt: skip
+
+    reused = fit()
+    n_reused = list(forwarded)
+    monkeypatch.setattr(
+        pipeline, "_pooled_reusing", lambda m, c, layer, images, _done: counting(m, c, layer, images)
+    )
+    full = fit()
+    n = len(tr_idx)
+    arts = np.stack([ds.membership[a][tr_idx] for a in ds.membership])
+    bare = int((~arts.any(0)).sum())  # "ch" rows without artifacts: identical in "clean"
+    only = int((arts.any(0) & (arts.sum(0) == 1) & ds.membership[cfg.artifact][tr_idx]).sum())
+    assert bare > 0 and only > 0
+    # rows equal byte for byte; at 32 px an artifact may also draw no pixel, so a few more
+    same = [
+        int(
+            (render_split(ds, "train", v, cfg.artifact, cache_dir=tmp_path)[0] == Xtr).flatten(1).all(1).sum()
+        )
+        for v in ("clean", "attacked")
+    ]
+    assert same[0] >= bare and same[1] >= only
+    assert forwarded == [n, cfg.train.data.n_val, n, n]
+    assert n_reused == [n, cfg.train.data.n_val, n - same[0], n - same[1]]
+    for name in ("detection", "correction"):
+        a, b = getattr(reused, name), getattr(full, name)
+        assert a.concepts == b.concepts
+        for c in a:
+            assert a[c].cav.reg == b[c].cav.reg and a[c].cav.cv_score == b[c].cav.cv_score
+            for f in ("mu0", "mu1", "clean_scores"):
+                np.testing.assert_allclose(getattr(a[c], f), getattr(b[c], f), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(a[c].cav.v, b[c].cav.v, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(reused.cav_svm, full.cav_svm, rtol=0, atol=1e-6)
