@@ -95,3 +95,29 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_evaluate_base_forwards_test_rows_shared_between_variants_once(tmp_path) -> None:
+    from models.data.synthetic import SynthDerm
+    from models.train import accuracy_report, evaluate_base, predict, render_split
+
+    torch.manual_seed(0)
+    model, cfg = create_model("resnet18", img_size=32)
+    ds = SynthDerm(TINY.data)
+    sets = {v: render_split(ds, "test", v, cache_dir=tmp_path) for v in ("ch", "clean", "attacked")}
+    ref = {v: accuracy_report(predict(model, X, cfg), y, cfg.labels) for v, (X, y) in sets.items()}
+    ch = sets["ch"][0].flatten(1)
+    shared = [int((sets[v][0].flatten(1) == ch).all(1).sum()) for v in ("clean", "attacked")]
+    assert min(shared) > 0
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: rows.append(len(args[0])))
+    try:
+        card = evaluate_base(model, cfg, ds, tmp_path)
+    finally:
+        handle.remove()
+    n = len(ch)
+    assert sum(rows) == 3 * n - sum(shared)
+    for v in sets:
+        assert card["test"][v] == ref[v] or all(
+            np.isclose(card["test"][v][k], ref[v][k], equal_nan=True) for k in ref[v]
+        )
