@@ -42,7 +42,7 @@ from models.corrections.base import pooled_activations
 from models.data.synthetic import SynthDerm
 from models.errors import ConfigError
 from models.evaluate import EvalData, EvalSet
-from models.train import Progress, TrainConfig, render_split, sha256_file, train
+from models.train import Progress, TrainConfig, render_split, render_splits, sha256_file, train
 from models.xai.concepts import ConceptBank, fit_cav
 
 #: Bump when a stage's outputs change meaning, so old outputs are not reused.
@@ -475,8 +475,8 @@ def _fit_banks(
     )  # fmt: skip
     if cfg.cav_data == "paired":
         log(f"banks: counterfactual pairs, the training split without and with {cfg.artifact}")
-        Xc, _ = render_split(ds, "train", "clean", cfg.artifact, cache_dir=cache, progress=progress)
-        Xa, _ = render_split(ds, "train", "attacked", cfg.artifact, cache_dir=cache, progress=progress)
+        pairs = render_splits(ds, "train", ("clean", "attacked"), cfg.artifact, cache, progress)
+        Xc, Xa = pairs["clean"][0], pairs["attacked"][0]
         pair_acts = np.concatenate([_pooled_reusing(model, mcfg, layer, X, done) for X in (Xc, Xa)])
         t_pair = np.repeat(np.array([0, 1], np.int64), len(Xc))
         correction = ConceptBank.fit(

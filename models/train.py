@@ -92,22 +92,46 @@ def render_split(
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A split as ``(uint8 N×3×H×W, int64 labels)``, cached as .npz keyed by the data config."""
-    key = hashlib.sha256(
-        json.dumps([ds.cfg.to_dict(), split, variant, attack], sort_keys=True).encode()
-    ).hexdigest()[:16]
-    path = cache_dir / f"synthderm-{split}-{variant}-{key}.npz" if cache_dir else None
-    if path is not None and path.exists():
-        with np.load(path) as z:
-            X, y = z["X"], z["y"]
-    else:
-        adv = progress(f"render {split}/{variant}", len(ds.indices(split))) if progress else None
-        X, y = ds.arrays(split, variant, attack, progress=adv)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, X=X, y=y)
-            tmp.replace(path)
-    return torch.from_numpy(X).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
+    return render_splits(ds, split, (variant,), attack, cache_dir, progress)[variant]
+
+
+def render_splits(
+    ds: SynthDerm,
+    split: str,
+    variants: tuple[str, ...],
+    attack: str = "band_aid",
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`render_split` of several variants of one split; the variants not cached are rendered
+    in one pass (:meth:`SynthDerm.variant_arrays`: each image's background and lesion once), each
+    into its own cache file."""
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    paths: dict[str, Path | None] = {}
+    for variant in variants:
+        key = hashlib.sha256(
+            json.dumps([ds.cfg.to_dict(), split, variant, attack], sort_keys=True).encode()
+        ).hexdigest()[:16]
+        path = paths[variant] = cache_dir / f"synthderm-{split}-{variant}-{key}.npz" if cache_dir else None
+        if path is not None and path.exists():
+            with np.load(path) as z:
+                arrays[variant] = (z["X"], z["y"])
+    missing = tuple(v for v in dict.fromkeys(variants) if v not in arrays)
+    if missing:
+        adv = progress(f"render {split}/{'+'.join(missing)}", len(ds.indices(split))) if progress else None
+        Xs, y = ds.variant_arrays(split, missing, attack, progress=adv)
+        for variant in missing:
+            arrays[variant] = (Xs[variant], y)
+            path = paths[variant]
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.npz")
+                np.savez(tmp, X=Xs[variant], y=y)
+                tmp.replace(path)
+    return {  # in the order asked for
+        v: (torch.from_numpy(arrays[v][0]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(arrays[v][1]))
+        for v in dict.fromkeys(variants)
+    }
 
 
 @torch.no_grad()
@@ -282,8 +306,8 @@ def evaluate_base(
     """
     res: dict[str, Any] = {}
     done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images, logits) of earlier variants
-    for variant in ("ch", "clean", "attacked"):
-        X, y = render_split(ds, "test", variant, attack, cache_dir=cache, progress=progress)
+    sets = render_splits(ds, "test", ("ch", "clean", "attacked"), attack, cache, progress)
+    for variant, (X, y) in sets.items():
         res[variant] = accuracy_report(predict_reusing(model, X, mcfg, done), y, mcfg.labels)
     mal = f"accuracy_{mcfg.labels[1]}"
     res["shortcut"] = {

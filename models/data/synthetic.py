@@ -210,6 +210,12 @@ class SynthDerm:
     # ------------------------------------------------------------------ rendering
 
     def sample(self, index: int, variant: str = "ch", attack: str = "band_aid") -> Sample:
+        return self._dress(self._base(index), variant, attack)
+
+    def _base(self, index: int) -> Sample:
+        """Image ``index`` before its artifacts: background, lesion and hair, all from the
+        generator seeded by ``(seed, index)``; ``masks`` holds the occupied area (the dilated
+        lesion) under the key ``""``."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range [0, {len(self)})")
         c = self.cfg
@@ -221,14 +227,22 @@ class SynthDerm:
         if rng.random() < c.hair_p:
             self._hair(img, rng)
         occupied = _dilate(lesion, max(2, c.size // 40))
-        masks: dict[str, np.ndarray] = {}
+        return Sample(index, img, label, (), {"": occupied}, lesion, t)
+
+    def _dress(self, base: Sample, variant: str, attack: str, copy: bool = False) -> Sample:
+        """``base`` with the artifacts of ``variant``, each from its own generator seeded by
+        ``(seed, index, artifact)``. They draw into ``base.image`` unless ``copy``."""
+        c, index = self.cfg, base.index
         arts = self.artifacts_of(index, variant, attack)
+        img = base.image.copy() if copy and arts else base.image
+        occupied = base.masks[""]
+        masks: dict[str, np.ndarray] = {}
         for art in arts:
             arng = np.random.default_rng([c.seed, index, 1 + _ARTIFACT_ID[art]])
             m = _artifacts.render(art, img, occupied, arng)
             masks[art] = m
             occupied = occupied | m
-        return Sample(index, img, label, arts, masks, lesion, t)
+        return Sample(index, img, base.label, arts, masks, base.lesion, base.severity)
 
     def _severity(self, rng: np.random.Generator, label: int) -> float:
         c = self.cfg
@@ -316,13 +330,29 @@ class SynthDerm:
         self, split: str, variant: str = "ch", attack: str = "band_aid", progress: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """All images of a split as ``(N×H×W×3 uint8, N labels)``."""
+        X, y = self.variant_arrays(split, (variant,), attack, progress)
+        return X[variant], y
+
+    def variant_arrays(
+        self, split: str, variants: tuple[str, ...], attack: str = "band_aid", progress: Any = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Several variants of a split, ``({variant: N×H×W×3 uint8}, N labels)``, in one pass.
+
+        Each image's background, lesion and hair (~90 % of its rendering time) are drawn once and
+        every variant adds its artifacts to a copy: the bytes :meth:`arrays` gives per variant.
+        """
         idx = self.indices(split)
-        X = np.empty((len(idx), self.cfg.size, self.cfg.size, 3), np.uint8)
+        for v in variants:  # an unknown variant or attack fails before any rendering
+            self.artifacts_of(0, v, attack)
+        S = self.cfg.size
+        out = {v: np.empty((len(idx), S, S, 3), np.uint8) for v in variants}
         for j, i in enumerate(idx):
-            X[j] = self.sample(int(i), variant, attack).image
+            base = self._base(int(i))
+            for v in variants:
+                out[v][j] = self._dress(base, v, attack, copy=True).image
             if progress is not None:
                 progress(1)
-        return X, self.labels[idx].copy()
+        return out, self.labels[idx].copy()
 
     @cached_property
     def realised_rates(self) -> dict[str, dict[str, tuple[float, float]]]:

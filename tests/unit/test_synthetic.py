@@ -198,3 +198,25 @@ def test_config_dict_round_trip() -> None:
     )
     again = SynthDermConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+
+
+def test_variant_arrays_draw_each_base_once_and_give_the_bytes_of_arrays(monkeypatch) -> None:
+    import hashlib
+
+    ds = SynthDerm(SMALL)
+    variants = ("ch", "clean", "attacked")
+    per_variant = {v: ds.arrays("test", v, "ruler")[0] for v in variants}
+    # the renderer before variant_arrays gave these bytes (sha256 of the three variants); a change
+    # here is a rendering change, which needs a GENERATOR_VERSION bump
+    h = hashlib.sha256(b"".join(per_variant[v].tobytes() for v in variants)).hexdigest()
+    assert h == "c6bc568cb5685047b77e609e0709c1795b3f0b56569fd496a96f333754cba367"
+    bases: list[int] = []
+    real = SynthDerm._base
+    monkeypatch.setattr(SynthDerm, "_base", lambda self, i: bases.append(i) or real(self, i))
+    out, y = ds.variant_arrays("test", variants, "ruler")
+    assert bases == ds.indices("test").tolist()  # one background + lesion per image
+    assert list(out) == list(variants) and np.array_equal(y, ds.labels[ds.indices("test")])
+    for v in variants:
+        assert np.array_equal(out[v], per_variant[v])
+    with pytest.raises(ConfigError):
+        ds.variant_arrays("test", ("ch", "nope"))

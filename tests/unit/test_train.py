@@ -121,3 +121,34 @@ def test_evaluate_base_forwards_test_rows_shared_between_variants_once(tmp_path)
         assert card["test"][v] == ref[v] or all(
             np.isclose(card["test"][v][k], ref[v][k], equal_nan=True) for k in ref[v]
         )
+
+
+def test_render_splits_renders_missing_variants_in_one_pass_into_render_splits_cache(tmp_path) -> None:
+    from models.data.synthetic import SynthDerm
+    from models.train import render_split, render_splits
+
+    ds = SynthDerm(TINY.data)
+    ref = {v: render_split(ds, "test", v, cache_dir=tmp_path / "ref") for v in ("ch", "clean", "attacked")}
+    render_split(ds, "test", "clean", cache_dir=tmp_path / "new")  # one variant already cached
+    bars: list[str] = []
+
+    def progress(desc: str, total: int):
+        bars.append(desc)
+        return lambda _n: None
+
+    got = render_splits(
+        ds, "test", ("ch", "clean", "attacked"), cache_dir=tmp_path / "new", progress=progress
+    )
+    assert bars == ["render test/ch+attacked"] and list(got) == ["ch", "clean", "attacked"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted(
+        p.name for p in (tmp_path / "ref").iterdir()
+    )
+    for v, (X, y) in ref.items():
+        assert torch.equal(got[v][0], X) and torch.equal(got[v][1], y)
+        with (
+            np.load(next((tmp_path / "new").glob(f"*-{v}-*.npz"))) as a,
+            np.load(next((tmp_path / "ref").glob(f"*-{v}-*.npz"))) as b,
+        ):
+            assert np.array_equal(a["X"], b["X"]) and np.array_equal(a["y"], b["y"])
+    assert render_splits(ds, "test", ("attacked",), cache_dir=tmp_path / "new", progress=progress)
+    assert len(bars) == 1  # all cached now: nothing rendered
