@@ -213,7 +213,9 @@ def train(
     Xtr, ytr = render_split(ds, "train", cache_dir=cache, progress=progress)
     model, mcfg = create_model(tcfg.arch, img_size=tcfg.data.size)
     model = model.to(device=torch.device(device), memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    # foreach: the multi-tensor AdamW, bit-identical to torch's CPU default (a Python loop over the
+    # 62 tensors) and ~30 % cheaper per step (tests/unit/test_train.py checks the identity).
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, foreach=True)
     steps_per_epoch = math.ceil(len(Xtr) / tcfg.batch_size)
     total = steps_per_epoch * tcfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(

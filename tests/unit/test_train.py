@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import torch
+from torch import nn
 
 from models.data.synthetic import SynthDermConfig
 from models.registry import create_model
@@ -152,3 +154,24 @@ def test_render_splits_renders_missing_variants_in_one_pass_into_render_splits_c
             assert np.array_equal(a["X"], b["X"]) and np.array_equal(a["y"], b["y"])
     assert render_splits(ds, "test", ("attacked",), cache_dir=tmp_path / "new", progress=progress)
     assert len(bars) == 1  # all cached now: nothing rendered
+
+
+def test_foreach_adamw_is_bit_identical_to_the_single_tensor_loop() -> None:
+    """Training uses ``foreach=True`` for speed; the trained weights must not change with it."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))]
+    nets[0](torch.zeros(1, 3, 8, 8))
+    nets.append(copy.deepcopy(nets[0]))
+    opts = [
+        torch.optim.AdamW(n.parameters(), lr=1e-2, weight_decay=1e-4, foreach=f)
+        for n, f in zip(nets, (False, True), strict=True)
+    ]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 2, (4,), generator=g)
+        for n, o in zip(nets, opts, strict=True):
+            o.zero_grad()
+            nn.functional.cross_entropy(n(x), y).backward()
+            o.step()
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
