@@ -46,7 +46,7 @@ from models.train import Progress, TrainConfig, render_split, render_splits, sha
 from models.xai.concepts import ConceptBank, fit_cav
 
 #: Bump when a stage's outputs change meaning, so old outputs are not reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: fine-tunes resume the base run's optimiser state, not the previous one's
 DEFAULT_CORRECTIONS = ("vanilla", "vanilla-ft", "pclarc", "rpclarc", "rrclarc", "rrr")
 
 #: ``register(name, version, weights, onnx, card_dir, bank_dir) -> (tag, created)``.

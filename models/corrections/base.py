@@ -435,17 +435,22 @@ def finetune(
     # All parameters go to the optimiser so that a base-run state_dict (over all of them) loads;
     # frozen ones never get a gradient and are skipped by the step.
     if ft.optimizer == "adam":
-        opt = torch.optim.AdamW(net.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
+        opt = torch.optim.AdamW(net.parameters(), lr=ft.lr, weight_decay=ft.weight_decay, foreach=True)
     else:
         opt = torch.optim.SGD(net.parameters(), lr=ft.lr, momentum=0.9, weight_decay=ft.weight_decay)
     if ft.resume_optimizer and data.optimizer_state is not None:
         try:
-            opt.load_state_dict(dict(data.optimizer_state))
+            # A copy: load_state_dict keeps the given state's tensors and the steps then update
+            # them in place, so every later fine-tune sharing this CorrectionData (the build runs
+            # vanilla-ft, rrclarc and rrr from one) resumed the previous one's moments and step
+            # count instead of the base run's; results depended on the order of corrections.
+            opt.load_state_dict(copy.deepcopy(dict(data.optimizer_state)))
         except (ValueError, KeyError) as e:
             raise ConfigError(f"{who}: the base run's optimiser state does not fit: {e}") from e
         for group in opt.param_groups:  # the saved lr is the base schedule's last, not ours
             group["lr"] = ft.lr
             group["weight_decay"] = ft.weight_decay
+            group["foreach"] = True  # bit-identical to the loop, cheaper (models/train.py)
     weights = class_weights(labels.numpy(), cfg.num_classes)
     n = len(images)
     steps_per_epoch = math.ceil(n / ft.batch_size)

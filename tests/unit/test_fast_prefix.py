@@ -296,3 +296,19 @@ def test_unrecognised_patterns_and_no_batchnorm_still_finetune_the_same() -> Non
     ]
     _assert_same_training(nets[0], nets[1], model.state_dict())
     assert torch.equal(nets[0]["0.0.conv.weight"], model.state_dict()["0.0.conv.weight"])
+
+
+def test_a_finetune_leaves_the_resumed_optimizer_state_as_it_was() -> None:
+    """The build runs every fine-tuning correction from one CorrectionData: each must resume the
+    base run's Adam state, not the state an earlier correction's steps left behind."""
+    model, cfg, data = _resnet_data()
+    assert data.optimizer_state is not None
+    saved = copy.deepcopy(data.optimizer_state)
+    ft = FinetuneConfig(epochs=1, batch_size=8, max_steps=2, lr=1e-3)
+    first = Vanilla(finetune=ft).fit(model, cfg, data)[0].state_dict()
+    state = data.optimizer_state["state"]
+    for k, entry in saved["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(torch.as_tensor(state[k][name]), torch.as_tensor(value)), (k, name)
+    second = Vanilla(finetune=ft).fit(model, cfg, data)[0].state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # order of corrections is irrelevant
