@@ -285,20 +285,23 @@ def _discovery_section(report: AuditReport) -> str:
         f'<div class="row">{"".join(_outlier_card(o, labels, undeclared) for o in d.spray_top)}</div>'
     )
     parts.append(
-        f"<h3>Model perspective: channel {_e(d.features)} at {_e(d.layer)}</h3><p>Channels whose "
-        f"max-pooled {_e(d.features)} pattern over samples stands apart (LOF on cosine distances); "
-        "shown are the samples on which the most outlying channels score highest.</p>"
+        f"<h3>Model perspective: channel {_e(d.features)} at {_e(d.layer)}</h3><p>Channels ranked by "
+        f"tail concentration: how far above its median (robust z) the channel's max-pooled "
+        f"{_e(d.features)} is on its top 1% of samples; a channel an artifact drives is quiet "
+        "elsewhere. Shown are the samples that make the top channels outliers (z &gt; 3.5). LOF and "
+        "cluster size (cosine distances of the channels' patterns) are further evidence.</p>"
     )
     if d.channels is not None:
         r = d.channels
         n = min(d.top_k // 2, len(r.channels))
         rows = "".join(
-            f"<tr><td>{int(r.channels[i])}</td><td>{r.scores[i]:.3f}</td><td>{int(r.cluster[i])}</td>"
+            f"<tr><td>{int(r.channels[i])}</td><td>{r.tail[i]:.1f}</td><td>{r.lof[i]:.3f}</td>"
+            f"<td>{int(r.cluster[i])}</td>"
             f"<td>{int(r.cluster_size[i])}</td><td>{r.relevance[i]:.3g}</td></tr>"
             for i in range(n)
         )
         parts.append(
-            "<table><tr><th>channel</th><th>LOF</th><th>cluster</th><th>cluster size</th>"
+            "<table><tr><th>channel</th><th>tail z</th><th>LOF</th><th>cluster</th><th>cluster size</th>"
             f"<th>mean relevance</th></tr>{rows}</table>"
         )
     parts.append(

@@ -49,7 +49,14 @@ from models.xai.concepts import CAV_KINDS, ConceptBank, cav_score
 from models.xai.localize import artifact_relevance_rho, binarize, iou
 from models.xai.lrp import ConceptTarget, Explainer
 from models.xai.metrics import RetrievalMetrics, retrieval_metrics
-from models.xai.reveal import ChannelRanking, OutlierRanking, channel_outliers, downsample, spray_outliers
+from models.xai.reveal import (
+    OUTLIER_Z,
+    ChannelRanking,
+    OutlierRanking,
+    channel_outliers,
+    downsample,
+    spray_outliers,
+)
 
 Progress = Callable[[str, int], Callable[[int], None]]
 AuditDataset = SynthDerm | ImageDataset
@@ -333,7 +340,8 @@ class AuditReport:
             channels = [
                 {
                     "channel": int(r.channels[i]),
-                    "lof": float(r.scores[i]),
+                    "tail_z": float(r.tail[i]),
+                    "lof": float(r.lof[i]),
                     "cluster": int(r.cluster[i]),
                     "cluster_size": int(r.cluster_size[i]),
                     "mean_relevance": float(r.relevance[i]),
@@ -818,29 +826,30 @@ def _discover(
     pooled.sort(key=lambda t: -t[0])
     spray_pick = [(i, sc, f"class {cname}, LOF {sc:.2f}") for sc, i, cname in pooled[:k]]
 
-    # Model perspective: channels whose relevance (or activation) pattern over samples stands
-    # apart; their highest-scoring samples are what a reviewer would look at.
+    # Model perspective: channels ranked by how strongly a few samples drive them (tail
+    # concentration, :func:`channel_outliers`); a reviewer looks at the samples that make the top
+    # channels outliers (robust z > OUTLIER_Z), the top channel's first, until k are shown.
     ranking: ChannelRanking | None = None
     channel_pick: list[tuple[int, float, str]] = []
     rows = np.flatnonzero(pool)
     feats = col.rels_max if opts.channel_features == "relevance" else col.acts[layer]
     try:
-        ranking = channel_outliers(feats[rows], n_top=max(4, k // 4))
+        ranking = channel_outliers(feats[rows], n_top=k)
     except InvalidArrayError as e:
         notes.append(f"channel clustering skipped: {e}")
     if ranking is not None:
         seen: set[int] = set()
         for ci in range(len(ranking.channels)):
-            for row in ranking.top_samples[ci]:
+            for row, z in zip(ranking.top_samples[ci], ranking.top_z[ci], strict=True):
                 i = int(col.index[rows[row]])
-                if i not in seen and len(channel_pick) < k:
+                if z > OUTLIER_Z and i not in seen and len(channel_pick) < k:
                     seen.add(i)
                     channel_pick.append(
                         (
                             i,
-                            float(ranking.scores[ci]),
-                            f"channel {int(ranking.channels[ci])} (LOF {ranking.scores[ci]:.2f}, "
-                            f"cluster of {int(ranking.cluster_size[ci])})",
+                            float(z),
+                            f"channel {int(ranking.channels[ci])}: z {z:.1f} (tail {ranking.tail[ci]:.1f}, "
+                            f"LOF {ranking.lof[ci]:.2f}, cluster of {int(ranking.cluster_size[ci])})",
                         )
                     )
             if len(channel_pick) >= k:

@@ -69,7 +69,7 @@ def _channel_relevance(
 
 def test_channel_outliers_rank_the_artifact_channels_first() -> None:
     rel, artifact = _channel_relevance(seed=0)
-    ranking = channel_outliers(rel)
+    ranking = channel_outliers(rel, rank_by="lof")
     assert set(ranking.channels[:3].tolist()) == {45, 46, 47}
     assert (ranking.cluster_size[:3] == 3).all() and len(set(ranking.cluster[:3].tolist())) == 1
     assert artifact[ranking.top_samples[:3]].all()  # their top samples carry the artifact
@@ -80,3 +80,35 @@ def test_channel_outliers_rank_the_artifact_channels_first() -> None:
 def test_channel_outliers_need_live_channels() -> None:
     with pytest.raises(InvalidArrayError, match="at least 3 channels"):
         channel_outliers(np.zeros((10, 5)))
+
+
+def test_tail_concentration_finds_a_channel_a_few_samples_drive_among_correlated_activations() -> None:
+    """Max-pooled activations: every channel follows one image-wide factor (so all profiles are
+    close in cosine distance and cluster together); channel 7 also fires on 4 % of samples."""
+    rng = np.random.default_rng(3)
+    n, c = 500, 32
+    contrast = rng.gamma(4.0, 1.0, size=(n, 1))
+    act = contrast * rng.uniform(0.5, 1.5, size=(1, c)) + 0.3 * rng.random((n, c))
+    artifact = np.zeros(n, dtype=bool)
+    artifact[rng.choice(n, 20, replace=False)] = True
+    act[artifact, 7] += 12.0
+    ranking = channel_outliers(act, n_top=20)
+    assert ranking.rank_by == "tail" and ranking.channels[0] == 7
+    assert (np.diff(ranking.scores) <= 0).all() and np.array_equal(ranking.scores, ranking.tail)
+    assert artifact[ranking.top_samples[0]].sum() >= 18 and (ranking.top_z[0] > 3.5).all()
+    assert (ranking.cluster_size == c).all()  # the clustering alone cannot single it out
+    by_lof = channel_outliers(act, n_top=20, rank_by="lof")
+    assert np.array_equal(by_lof.scores, by_lof.lof) and (np.diff(by_lof.scores) <= 0).all()
+    with pytest.raises(InvalidArrayError, match="rank_by"):
+        channel_outliers(act, rank_by="kurtosis")
+
+
+def test_robust_z_uses_median_and_mad() -> None:
+    from models.xai.reveal import robust_z
+
+    x = np.array([[1.0, 2.0, 5.0], [2.0, 2.0, 5.0], [3.0, 2.0, 5.0], [10.0, 2.0, 6.0]])
+    z = robust_z(x)
+    # column 0: median 2.5, MAD 1.0 -> z = (x - 2.5) / 1.4826
+    assert np.allclose(z[:, 0], (x[:, 0] - 2.5) / 1.4826)
+    assert np.all(z[:, 1] == 0.0)  # constant
+    assert np.allclose(z[:, 2], (x[:, 2] - 5.0) / x[:, 2].std())  # MAD 0: the standard deviation
