@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.corrections.base import Batch, CorrectionData, FinetuneConfig, FinetuneLog, finetune
 from models.errors import ConfigError
@@ -91,7 +92,12 @@ class RRR:
 
         def penalty(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
             x = batch.x.detach().requires_grad_(True)
-            logits = net(x)
+            # The penalty differentiates an input gradient (a double backward). torch's fused CPU
+            # attention kernels (flash) have no double backward, so ViTs failed here ("derivative
+            # for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented");
+            # the math kernel computes the same attention with differentiable ops. CNNs: no effect.
+            with sdpa_kernel(SDPBackend.MATH):
+                logits = net(x)
             assert batch.masks is not None
             if not bool((batch.masks > 0).any()):  # §4.6: no mask in the batch -> no term
                 return logits, logits.new_zeros(())

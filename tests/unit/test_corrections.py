@@ -402,3 +402,20 @@ def test_augment_pair_moves_mask_with_image() -> None:
     assert ma is not None
     assert torch.equal(xa[:, 0] == xa[:, 0].amax((1, 2), keepdim=True), ma > 0)
     assert not torch.equal(ma, m)  # some geometry was applied
+
+
+def test_rrr_fine_tunes_a_vit() -> None:
+    """RRR's double backward runs through attention: the math kernel (flash has no double backward)."""
+    model, cfg = create_model("vit_tiny_patch16_224")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=g)
+    masks = torch.zeros(2, 224, 224)
+    masks[:, :32, :32] = 1.0
+    v = np.ones(192) / np.sqrt(192)
+    data = CorrectionData(
+        layer=cfg.default_cav_layer, cav=v, mu0=np.zeros(192), images=images, labels=torch.tensor([0, 1]),
+        masks=masks,
+    )  # fmt: skip
+    net, flog, _ = RRR(finetune=FinetuneConfig(epochs=1, batch_size=2, max_steps=1)).fit(model, cfg, data)
+    assert flog.steps == 1 and flog.history[0]["penalty"] > 0
+    assert not torch.equal(net.head.weight, model.head.weight)
