@@ -11,9 +11,11 @@ parser by content type, so two common uploads would otherwise never reach our de
   by magic bytes anyway (:mod:`service.inputs`).
 
 A multipart body without a file part becomes an empty body (400 ``empty_body``); a malformed one
-is a 400 ``invalid_upload``, and one declaring more than ``MEDAUDIT_MAX_BYTES`` (plus 64 KiB of form
-overhead) a 413 before it is parsed; both with the service's error body and request id. Other
-paths and content types pass through untouched.
+is a 400 ``invalid_upload``. Any image upload declaring more than ``MEDAUDIT_MAX_BYTES`` (plus
+64 KiB of form overhead for multipart) is a 413 before it is read, and one without a length
+(chunked transfer) is counted while it arrives and cut off with a 413 at the limit, instead of
+being buffered whole first; all with the service's error body and request id. Raw bodies with a
+length, and other paths, pass through untouched.
 """
 
 from __future__ import annotations
@@ -72,27 +74,85 @@ class UploadNormalizer:
         headers = {k.lower(): v for k, v in scope["headers"]}
         ctype = headers.get(b"content-type", b"").decode("latin-1")
         base = ctype.split(";", 1)[0].strip().lower()
-        if base == FORM:
-            await self.app(_with_headers(scope, "application/octet-stream", None), receive, send)
-        elif base == MULTIPART:
-            declared = headers.get(b"content-length", b"").decode("latin-1")
-            if declared.isdigit() and int(declared) > self.max_bytes + MULTIPART_OVERHEAD:
-                # Refused before the form parser buffers it (413, as for a raw body).
-                limits = Limits(max_bytes=self.max_bytes + MULTIPART_OVERHEAD)
-                try:
-                    check_body_size(int(declared), limits)
-                except AuditError as e:
-                    await _refuse(send, headers, e)
-                    return
+        limit = self.max_bytes + (MULTIPART_OVERHEAD if base == MULTIPART else 0)
+        declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+        if declared.isdigit() and int(declared) > limit:
+            # Refused before anything buffers it (the decoder would say the same after reading).
+            await _refuse(send, headers, _too_large(int(declared), limit))
+            return
+        if base == MULTIPART:
             try:
-                body, file_ctype = await _first_file(Request(scope, receive))
+                body, file_ctype = await _first_file(Request(scope, _limited(receive, limit)))
+            except _BodyTooLarge as e:
+                await _refuse(send, headers, _too_large(e.seen, limit))
+                return
+            except _Disconnected:
+                return
             except Exception as e:  # a malformed multipart body is the client's 4xx
                 detail = f"cannot parse the multipart/form-data body: {str(e)[:200]}"
                 await _refuse(send, headers, InvalidUploadError(detail))
                 return
             await self.app(_with_headers(scope, file_ctype, len(body)), _replay(body), send)
-        else:
-            await self.app(scope, receive, send)
+            return
+        relabel = "application/octet-stream" if base == FORM else None
+        if declared.isdigit():
+            await self.app(scope if relabel is None else _with_headers(scope, relabel, None), receive, send)
+            return
+        # No Content-Length (chunked transfer): read it here, counting, so that an endless body
+        # is cut off at the limit with a 413 instead of being buffered whole by BentoML first.
+        try:
+            body = await _read(_limited(receive, limit))
+        except _BodyTooLarge as e:
+            await _refuse(send, headers, _too_large(e.seen, limit))
+            return
+        except _Disconnected:
+            return
+        await self.app(_with_headers(scope, relabel or ctype or None, len(body)), _replay(body), send)
+
+
+class _BodyTooLarge(Exception):
+    def __init__(self, seen: int) -> None:
+        super().__init__(f"{seen} bytes received")
+        self.seen = seen
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def _too_large(size: int, limit: int) -> AuditError:
+    try:
+        check_body_size(size, Limits(max_bytes=limit))
+    except AuditError as e:
+        return e
+    raise AssertionError(f"{size} bytes is not over the limit {limit}")  # pragma: no cover
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that raises once the request body has grown past ``limit`` bytes."""
+    seen = 0
+
+    async def counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _BodyTooLarge(seen)
+        elif message["type"] == "http.disconnect":
+            raise _Disconnected()
+        return message
+
+    return counted
+
+
+async def _read(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def _first_file(request: Request) -> tuple[bytes, str]:
@@ -105,10 +165,14 @@ async def _first_file(request: Request) -> tuple[bytes, str]:
         return await upload.read(), upload.content_type or "application/octet-stream"
 
 
-def _with_headers(scope: Scope, content_type: str, length: int | None) -> Scope:
-    drop = {b"content-type"} | ({b"content-length", b"transfer-encoding"} if length is not None else set())
+def _with_headers(scope: Scope, content_type: str | None, length: int | None) -> Scope:
+    """``scope`` with its content type replaced (None: kept) and, given ``length``, a fixed length."""
+    drop = ({b"content-type"} if content_type is not None else set()) | (
+        {b"content-length", b"transfer-encoding"} if length is not None else set()
+    )
     hdrs = [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
-    hdrs.append((b"content-type", content_type.encode("latin-1")))
+    if content_type is not None:
+        hdrs.append((b"content-type", content_type.encode("latin-1")))
     if length is not None:
         hdrs.append((b"content-length", str(length).encode()))
     return {**scope, "headers": hdrs}

@@ -438,3 +438,32 @@ def test_tier1_thread_settings_reach_the_model_runtimes(svc, monkeypatch) -> Non
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_chunked_uploads_over_the_byte_limit_are_413_and_small_ones_pass(client) -> None:
+    """A body without Content-Length (chunked transfer) gets the same limit as a declared one.
+    (The test client assembles the whole body before the app runs; that the service stops reading
+    at the limit is tested on the middleware in tests/unit/test_uploads.py.)"""
+    from service.inputs import Limits
+
+    limit = Limits().max_bytes
+    chunk = b"\x89PNG\r\n\x1a\n" + b"\x00" * (2**20 - 8)
+    for ctype in ("image/png", "multipart/form-data; boundary=x"):
+        r = client.post(
+            "/predict",
+            content=(chunk for _ in range(limit // len(chunk) + 2)),
+            headers={"Content-Type": ctype, "X-Request-Id": "big-1"},
+        )
+        assert r.status_code == 413, r.text
+        assert r.json()["error"] == "payload_too_large" and r.json()["request_id"] == "big-1"
+    png = _png()
+    r = client.post(
+        "/predict",
+        content=(png[i : i + 100] for i in range(0, len(png), 100)),
+        headers={"Content-Type": "image/png", "X-Model-Version": "vanilla"},
+    )
+    assert r.status_code == 200, r.text
+    r = client.post(  # a declared length over the limit is refused before reading
+        "/audit", content=b"\x00" * (limit + 1), headers={"Content-Type": "application/octet-stream"}
+    )
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
