@@ -58,6 +58,8 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/lrp.py
+	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/build.py
 
 # The demo writes its example image last: its presence means the store is complete.
 $(OUT)/example_malignant_band_aid.png: | install

@@ -80,14 +80,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def machine(torch: Any, device: str) -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from benchmarks.machine import cpu_name  # ROOT is on sys.path once main() runs
+
+    cpu = cpu_name()
     info: dict[str, Any] = {
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
