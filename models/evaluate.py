@@ -39,7 +39,7 @@ from torch import nn
 from models.corrections.base import capture, max_pool, pooled_activations
 from models.errors import ConfigError
 from models.registry import ModelCfg, hook_module
-from models.train import normalize, predict
+from models.train import normalize, predict, shared_rows
 from models.xai.localize import artifact_relevance_eval
 from models.xai.metrics import retrieval_metrics
 
@@ -299,27 +299,6 @@ def _same_images(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _shared_rows(images: torch.Tensor, earlier: list[torch.Tensor]) -> torch.Tensor:
-    """``src[i]``: the index of an earlier variant whose row i equals ``images[i]`` byte for byte, or −1.
-
-    The test variants share indices (method.md §5.4): row i of "clean" is row i of "ch" without its
-    artifacts and row i of "attacked" is row i of "clean" with the artifact, so every row of "ch"
-    that carries no artifact (half of synthderm's) is byte-identical in "clean", and every row that
-    carries only the attack's artifact is identical in "attacked". In eval mode a row's outputs do
-    not depend on its batch, so those rows reuse the earlier variant's (equal up to float round-off
-    of a different batch composition).
-    """
-    n = len(images)
-    src = torch.full((n,), -1, dtype=torch.long)
-    flat = images.reshape(n, -1)
-    for j, prev in enumerate(earlier):
-        todo = src < 0
-        if prev.shape != images.shape or not todo.any():
-            continue
-        src[todo & (flat == prev.reshape(n, -1)).all(1)] = j
-    return src
-
-
 def prefix_fingerprint(model: nn.Module, cfg: ModelCfg, layer: str) -> str:
     """sha256 of every parameter and buffer of the modules up to and including ``layer``, ClArC
     projections excluded: two models with equal fingerprints compute the same activation at ℓ
@@ -455,7 +434,7 @@ class _Forwards:
         hit = self.cache.maps.get(name)
         if self.mode == "replay" and hit is not None and _same_images(hit[0], images):
             return self._suffix(hit[1], pooled)
-        src = _shared_rows(images, [d[0] for d in self.done]) if not pooled else None
+        src = shared_rows(images, [d[0] for d in self.done]) if not pooled else None
         if src is None or not (src >= 0).any():
             logits, maps, acts = self._full(images, pooled)
         else:  # rows an earlier variant shares are not forwarded again
@@ -489,7 +468,7 @@ def evaluate_version(model: nn.Module, cfg: ModelCfg, data: EvalData) -> EvalRep
     Classification forwards (:class:`_Forwards`): the first version evaluated records every test
     row's activation at ℓ in ``data.prefix``; a later version whose layers up to ℓ are the same
     (:class:`PrefixCache`) runs only the layers after ℓ. Rows a later variant shares byte for byte
-    with an earlier one are not forwarded again (:func:`_shared_rows`). When the retrieval images
+    with an earlier one are not forwarded again (:func:`models.train.shared_rows`). When the retrieval images
     are one of the test variants (synthderm: the "ch" split), their activations at ℓ come from
     that variant's classification forward instead of a second pass over the same images.
     """

@@ -42,7 +42,7 @@ from models.corrections.base import pooled_activations
 from models.data.synthetic import SynthDerm
 from models.errors import ConfigError
 from models.evaluate import EvalData, EvalSet
-from models.train import Progress, TrainConfig, render_split, render_splits, sha256_file, train
+from models.train import Progress, TrainConfig, render_split, render_splits, reusing, sha256_file, train
 from models.xai.concepts import ConceptBank, fit_cav
 
 #: Bump when a stage's outputs change meaning, so old outputs are not reused.
@@ -502,37 +502,10 @@ def _pooled_reusing(
     images: torch.Tensor,
     done: list[tuple[torch.Tensor, np.ndarray]],
 ) -> np.ndarray:
-    """φ of ``images``, forwarding only the rows that differ from the same row of an earlier render
-    of equal length (as :func:`models.evaluate._logits_reusing` does for logits).
-
-    The counterfactual pairs are the training split rendered "clean" and "attacked": row i of
-    "clean" is row i of "ch" without its artifacts and row i of "attacked" is row i of "clean" with
-    the correction artifact (method.md §5.4), so every "ch" row without artifacts is byte-identical
-    in "clean" and every "ch" row with only that artifact is identical in "attacked" (on the
-    default build 903 + 484 of the 3600 pair rows). In eval mode a row's φ does not depend on its
-    batch, so those rows reuse the earlier φ (equal up to float round-off of a different batch
-    composition). ``done`` gets ``(images, φ)`` appended.
-    """
-    n = len(images)
-    acts: np.ndarray | None = None
-    todo = np.ones(n, bool)
-    flat = images.reshape(n, -1)
-    for prev_images, prev_acts in done:
-        if prev_images.shape != images.shape or not todo.any():
-            continue
-        rows = np.flatnonzero(todo)
-        same = rows[(flat[rows] == prev_images.reshape(n, -1)[rows]).all(1).numpy()]
-        if len(same):
-            if acts is None:
-                acts = np.empty((n, prev_acts.shape[1]), prev_acts.dtype)
-            acts[same] = prev_acts[same]
-            todo[same] = False
-    if acts is None:
-        acts = pooled_activations(model, mcfg, layer, images)
-    elif todo.any():
-        acts[todo] = pooled_activations(model, mcfg, layer, images[torch.from_numpy(todo)])
-    done.append((images, acts))
-    return acts
+    """φ of ``images`` through :func:`models.train.reusing`: the counterfactual pairs are the
+    training split rendered "clean" and "attacked", and their rows equal to a "ch" row (on the
+    default build 903 + 484 of the 3600 pair rows) reuse its φ."""
+    return reusing(images, done, lambda x: pooled_activations(model, mcfg, layer, x))
 
 
 def _save_banks(banks: _Banks, directory: Path, meta: Mapping[str, Any]) -> None:
