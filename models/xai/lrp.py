@@ -245,6 +245,8 @@ class Explainer:
         self.batch_mode = batch_mode
         self.model = build_lrp_model(canonize(model, cfg.canonizer))
         add_taps(self.model, cfg.hook_points)
+        #: hook point -> whether it is a cut between input and logits (see ``_split_layer``)
+        self._cuts: dict[str, bool] = {}
 
     def to(self, *args: object, **kwargs: object) -> Explainer:
         """Move/cast the rule model, like ``nn.Module.to``; returns ``self``."""
@@ -390,6 +392,9 @@ class Explainer:
                     outputs, inputs, [g.flatten(0, 1) for g in grads], allow_unused=True
                 )
                 return logits, out0, class_idx, got
+            split = self._split_layer(seeds, seed_layers, relevance_layers, acts, x_in, logits)
+            if split is not None:
+                return logits, out0, class_idx, self._two_stage(split, seeds, outputs, grads, inputs, acts)
             live = list(range(n_seeds))
             if any(isinstance(t, ConceptTarget) and callable(t.vector) for t in seeds):
                 # A seed chosen from the forward may be zero for every image (e.g. no concept is
@@ -402,6 +407,79 @@ class Explainer:
             if len(live) < n_seeds:  # back to one row per seed, zeros for the skipped ones
                 got = tuple(None if g is None else _expand_seeds(g, live, n_seeds) for g in got)
         return logits, out0, class_idx, got
+
+    # -- two-stage backward: class seeds above the concept layer, all seeds below it
+
+    def _split_layer(
+        self,
+        seeds: Sequence[ClassTarget | ConceptTarget],
+        seed_layers: Sequence[str],
+        relevance_layers: Sequence[str],
+        acts: dict[str, torch.Tensor],
+        x_in: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> str | None:
+        """The concept layer ℓ if this call may run as two backwards (see :meth:`_two_stage`).
+
+        That needs class seeds and concept seeds, every concept seed at one layer ℓ, no relevance
+        asked for above ℓ, and ℓ a cut of the network: every path from the input to the logits
+        runs through ℓ's output (true of every ResNet stage and VGG feature, not of a layer a
+        skip connection bypasses). The cut is read off the autograd graph once per layer.
+        """
+        layers = set(seed_layers)
+        if len(layers) != 1 or not any(isinstance(t, ClassTarget) for t in seeds):
+            return None
+        (layer,) = layers
+        order = list(acts)  # recording order is forward order
+        if any(order.index(r) > order.index(layer) for r in relevance_layers):
+            return None
+        cut = self._cuts.get(layer)
+        if cut is None:
+            cut = self._cuts[layer] = _separates(logits, acts[layer], x_in)
+        return layer if cut else None
+
+    def _two_stage(
+        self,
+        layer: str,
+        seeds: Sequence[ClassTarget | ConceptTarget],
+        outputs: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        inputs: list[torch.Tensor],
+        acts: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The backward of a call that mixes class seeds with concept seeds at one cut layer ℓ.
+
+        One batched backward of all S seeds from the logits (what :meth:`_propagate` does
+        otherwise) carries the concept seeds' zero rows through every layer above ℓ. Here the
+        class seeds alone go from the logits to ℓ, and there every seed (the class relevance
+        that arrived, the concept seeds' ``ReLU(A) ⊙ v``) goes on to the input in one batched
+        backward. Same relevance, same rules; the layers above ℓ run once per class seed
+        instead of once per seed (/audit: one class seed and one concept seed).
+        """
+        n_seeds = len(seeds)
+        act = acts[layer]
+        class_rows = [s for s, t in enumerate(seeds) if isinstance(t, ClassTarget)]
+        g_logits = grads[0][class_rows] if len(class_rows) > 1 else grads[0][class_rows[0]]
+        (upper,) = torch.autograd.grad(
+            [outputs[0]], [act], [g_logits], is_grads_batched=len(class_rows) > 1, allow_unused=True
+        )
+        at_layer = grads[1].clone()  # (S, B, ...): the concept seeds, zero rows for class seeds
+        if upper is not None:
+            at_layer[class_rows] += upper if len(class_rows) > 1 else upper[None]
+        live = list(range(n_seeds))
+        if any(isinstance(t, ConceptTarget) and callable(t.vector) for t in seeds):
+            live = [s for s in live if bool(at_layer[s].any())]  # as in _propagate: skip zero seeds
+        below = [i for i in inputs if i is not act]
+        got_below: tuple[torch.Tensor | None, ...] = tuple(None for _ in below)
+        if live and below:
+            sub = at_layer[live] if len(live) > 1 else at_layer[live[0]]
+            got_below = torch.autograd.grad(
+                [act], below, [sub], is_grads_batched=len(live) > 1, allow_unused=True
+            )
+            if len(live) < n_seeds:
+                got_below = tuple(None if g is None else _expand_seeds(g, live, n_seeds) for g in got_below)
+        it = iter(got_below)
+        return tuple(at_layer if i is act else next(it) for i in inputs)
 
     # -- seeds
 
@@ -479,6 +557,25 @@ class Explainer:
                 v = v.reshape(v.shape[0], channels, *([1] * (activation.ndim - 2)))
                 grad[s] = activation.detach().clamp(min=0) * v  # method.md §2.1: ReLU(A) ⊙ v
         return grad
+
+
+def _separates(logits: torch.Tensor, act: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether every autograd path from ``logits`` back to the leaf ``x`` passes through ``act``.
+
+    A walk of the graph from the logits that does not enter ``act``'s node: if it still reaches
+    ``x``'s gradient accumulator, some relevance bypasses ``act``.
+    """
+    stop, seen = act.grad_fn, set()
+    stack = [logits.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node is stop or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is x:
+            return False
+        stack.extend(f for f, _ in node.next_functions)
+    return True
 
 
 def _expand_seeds(got: torch.Tensor, live: Sequence[int], n_seeds: int) -> torch.Tensor:

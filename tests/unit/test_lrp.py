@@ -387,3 +387,47 @@ def test_seed_chosen_from_the_forward_equals_the_same_seed_given_up_front(resnet
     )
     only = explainer.explain(x, [ConceptTarget("identity_2", nothing)], logits=False)
     assert only.heatmaps.shape == (1, *alone.heatmaps.shape[1:]) and torch.count_nonzero(only.heatmaps) == 0
+
+
+def test_two_stage_backward_equals_one_batched_backward(resnet, x: torch.Tensor) -> None:
+    """Class seeds plus concept seeds at one cut layer run as two backwards (class seeds down to
+    ℓ, then every seed from ℓ to the input); the result must be the single batched backward's,
+    for several class seeds, relevance asked at and below ℓ, and a seed chosen from the forward
+    that is zero for one image."""
+    model, cfg = resnet[0], resnet[1].cfg
+    two, one = Explainer(model, cfg), Explainer(model, cfg)
+    one._cuts["identity_2"] = False  # forces the single batched backward from the logits
+    v = torch.randn(256, generator=torch.Generator().manual_seed(11))
+
+    def some(pooled: torch.Tensor) -> torch.Tensor:
+        out = v.expand(pooled.shape[0], -1).clone()
+        out[0] = 0
+        return out
+
+    for targets in (
+        ["pred", ConceptTarget("identity_2", v)],
+        ["pred", ClassTarget((1, 0, 1)), ConceptTarget("identity_2", some)],
+    ):
+        kw = {"cav_layers": ["identity_2"], "relevance_layers": ["identity_2", "identity_0"]}
+        a, b = two.explain(x, targets, **kw), one.explain(x, targets, **kw)
+        assert two._cuts == {"identity_2": True}
+        torch.testing.assert_close(a.heatmaps, b.heatmaps, rtol=1e-5, atol=1e-7)
+        for ln in kw["relevance_layers"]:
+            torch.testing.assert_close(a.relevance[ln], b.relevance[ln], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    # relevance asked above ℓ: the split would not give it, so the call keeps one backward
+    calls: list[int] = []
+    original = two._two_stage
+    two._two_stage = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
+    two.explain(x, ["pred", ConceptTarget("identity_2", v)], relevance_layers=["last_conv"])
+    assert calls == []
+    two.explain(x, ["pred", ConceptTarget("identity_2", v)], relevance_layers=["identity_2"])
+    assert calls == [1]
+
+
+def test_separates_finds_a_path_that_bypasses_the_layer() -> None:
+    x = torch.randn(4, requires_grad=True)
+    a = x * 2
+    assert lrp_module._separates((a * 3).sum(), a, x)  # everything goes through a
+    assert not lrp_module._separates((a * 3).sum() + x.sum(), a, x)  # a skip around a
+    assert not lrp_module._separates((a * 3).sum() + (x * 5).exp().sum(), a, x)
