@@ -46,7 +46,7 @@ DEFAULT_SPEC: dict[str, tuple[float, float]] = {
 }
 SPLITS = ("train", "val", "test")
 #: Bump whenever rendering changes, so caches keyed by the config are not reused across versions.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 _N_ANG = 720
 VARIANTS = ("ch", "clean", "attacked")
 
