@@ -80,6 +80,10 @@ TOP_K = 24
 #: skin_marker   –                      0.972 / 0.13           0.916 / 0.08
 #: ============  =====================  =====================  =====================
 #:
+#: Those figures are synthderm generator 4. Generator 5 (the light beige plaster, see
+#: models/data/artifacts.py), default build, all 180 band-aid test images: band_aid at identity_0
+#: 1.000 / 0.647, identity_1 1.000 / 0.688, identity_2 1.000 / 0.302.
+#:
 #: identity_1 wins for every concept. At 128 px its 16×16 grid is the resolution the paper's
 #: identity_2 has at 224 px (14×14, method.md §9); identity_2 at 128 px is 8×8, too coarse to
 #: outline a ruler, and identity_0 spreads positive relevance over the skin texture.
