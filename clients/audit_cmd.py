@@ -25,7 +25,8 @@ DEFAULT_ARTIFACTS = "band_aid,ruler,skin_marker"
 #: share), so relevance-based views found 1–3 of 24 at identity_1/identity_2, while activations at
 #: identity_0, where text strokes are still resolved, found 10 of 24 (base rate 5%) with channels
 #: ranked by LOF and 24 of 24 ranked by tail concentration (:func:`models.xai.reveal.channel_outliers`;
-#: `medaudit audit --weights W --plant timestamp:0.0,0.1`, 2026-11-27).
+#: `medaudit audit --weights W --plant timestamp:0.0,0.1`, 2026-11-27). Synthderm generator 5 (the
+#: light beige band-aid), same command, another machine: 21 of 24 (SpRAy 0 of 24; base rate 0.044).
 DISCOVERY_LAYER = "identity_0"
 OFFLINE_OUT = Path("artifacts/audit")
 #: Parameters of the service mode (FILE given); every other one belongs to the offline audit.
