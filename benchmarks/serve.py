@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clients.load import batch_histogram  # noqa: E402
-from service.process import served  # noqa: E402
+from service.process import Server, serving  # noqa: E402
 
 
 @dataclass
@@ -61,6 +61,9 @@ class Phase:
     p99_ms: float
     batch_mean: float | None
     batch_hist: dict[str, float] = field(default_factory=dict)
+    #: CPU milliseconds per answered request, by process role (entry ``medaudit``, the
+    #: ``medaudit-predictor``/``medaudit-auditor`` workers, ``load generator``).
+    cpu_ms: dict[str, float] = field(default_factory=dict)
 
 
 def parse_args() -> argparse.Namespace:
@@ -93,7 +96,7 @@ def test_images(n: int) -> list[bytes]:
 
 
 @contextmanager
-def served_version(home: Path, version: str, backend: str, log_path: Path) -> Iterator[str]:
+def served_version(home: Path, version: str, backend: str, log_path: Path) -> Iterator[Server]:
     """A ``bentoml serve`` process serving ``version`` with the ``backend`` predict path."""
     env = {
         "BENTOML_HOME": str(home),
@@ -101,8 +104,8 @@ def served_version(home: Path, version: str, backend: str, log_path: Path) -> It
         "MEDAUDIT_AUTH": "off",
         "MEDAUDIT_PREDICT_BACKEND": backend,
     }
-    with served(env, log_path, ready_timeout=300) as base:
-        yield base
+    with serving(env, log_path, ready_timeout=300) as server:
+        yield server
 
 
 async def drive(
@@ -137,14 +140,25 @@ async def drive(
     return latencies, errors
 
 
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def run_phase(
-    name: str, base: str, endpoint: str, method: str, images: list[bytes], args: argparse.Namespace
+    name: str, server: Server, endpoint: str, method: str, images: list[bytes], args: argparse.Namespace
 ) -> Phase:
+    base = server.base
     before = batch_histogram(base, method)
+    cpu0, own0 = server.cpu_seconds(), _own_cpu_s()
     t0 = time.perf_counter()
     lat, errors = asyncio.run(drive(base, endpoint, images, args.users, args.seconds))
     wall = time.perf_counter() - t0
+    cpu1, own1 = server.cpu_seconds(), _own_cpu_s()
     after = batch_histogram(base, method)
+    n = max(len(lat), 1)
+    cpu_ms = {role: 1e3 * (t - cpu0.get(role, 0.0)) / n for role, t in cpu1.items()}
+    cpu_ms["load generator"] = 1e3 * (own1 - own0) / n
     hist = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     count = hist.get("count", 0.0)
     lat_ms = np.asarray(lat) * 1e3 if lat else np.asarray([float("nan")])
@@ -158,6 +172,7 @@ def run_phase(
         p99_ms=float(np.percentile(lat_ms, 99)),
         batch_mean=hist["sum"] / count if count else None,
         batch_hist={k: v for k, v in hist.items() if k.startswith("le=")},
+        cpu_ms={k: v for k, v in cpu_ms.items() if v >= 0.05},
     )
 
 
@@ -174,6 +189,10 @@ def summarize(phases: list[Phase]) -> dict[str, dict[str, Any]]:
             "errors": sum(p.errors for p in ps),
             "batch_mean_median": statistics.median(means) if means else None,
             "rounds": len(ps),
+            "cpu_ms_median": {
+                role: statistics.median(p.cpu_ms.get(role, 0.0) for p in ps)
+                for role in dict.fromkeys(r for p in ps for r in p.cpu_ms)
+            },
         }
     return out
 
@@ -220,17 +239,17 @@ def main() -> None:
     # Two servers at once would fight over 2 cores: each backend gets its own server, started per
     # round, and the phases alternate onnx-predict, audit, torch-predict.
     for r in range(args.rounds):
-        with served_version(args.home, args.version, "onnx", log_dir / "serve_onnx.log") as base:
+        with served_version(args.home, args.version, "onnx", log_dir / "serve_onnx.log") as server:
             for name, endpoint, method in (
                 ("predict_onnx", "/predict", "predict_batch"),
                 ("audit", "/audit", "audit_batch"),
             ):
-                asyncio.run(drive(base, endpoint, images, args.users, 3.0))  # warm-up
-                phases.append(run_phase(name, base, endpoint, method, images, args))
+                asyncio.run(drive(server.base, endpoint, images, args.users, 3.0))  # warm-up
+                phases.append(run_phase(name, server, endpoint, method, images, args))
                 print(f"round {r + 1}: {phases[-1]}", flush=True)
-        with served_version(args.home, args.version, "torch", log_dir / "serve_torch.log") as base:
-            asyncio.run(drive(base, "/predict", images, args.users, 3.0))
-            phases.append(run_phase("predict_torch", base, "/predict", "predict_batch", images, args))
+        with served_version(args.home, args.version, "torch", log_dir / "serve_torch.log") as server:
+            asyncio.run(drive(server.base, "/predict", images, args.users, 3.0))
+            phases.append(run_phase("predict_torch", server, "/predict", "predict_batch", images, args))
             print(f"round {r + 1}: {phases[-1]}", flush=True)
     engine_ips = in_process(args.home, args.version, images, batch=8, repeats=7)
     print(f"in-process images/s at batch 8: {engine_ips}", flush=True)
@@ -281,6 +300,22 @@ def main() -> None:
         lines.append(
             f"| {name} | {s['rps_median']:.1f} | {s['p50_ms_median']:.0f} | {s['p99_ms_median']:.0f} | {b} "
             f"| {s['requests']} | {s['errors']} |"
+        )
+    roles = list(dict.fromkeys(r for s in summary.values() for r in s["cpu_ms_median"]))
+    lines += [
+        "",
+        "CPU milliseconds per answered request, by process (medians over rounds; on 2 cores a "
+        "contender's req/s is at most 2000 / its total):",
+        "",
+        "| contender | " + " | ".join(roles) + " | total |",
+        "|---|" + "---:|" * (len(roles) + 1),
+    ]
+    for name, s in summary.items():
+        cpu = s["cpu_ms_median"]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{cpu.get(r, 0.0):.1f}" for r in roles)
+            + f" | {sum(cpu.values()):.1f} |"
         )
     lines += [
         "",

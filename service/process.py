@@ -74,6 +74,32 @@ def tree_rss(pid: int) -> tuple[int, int]:
     return total, n
 
 
+def tree_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of process ``pid`` and its descendants, by role.
+
+    The role of a ``bentoml serve`` worker is its ``--service-name`` (``medaudit`` for the entry
+    service, ``medaudit-predictor``, ``medaudit-auditor``); other processes (the arbiter) count
+    as ``other``. Two readings around a load phase give each process's CPU per request, which
+    says where a served request's time goes (benchmarks/serve.py). Processes that exit meanwhile
+    are skipped; ``{}`` when ``pid`` is gone.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    out: dict[str, float] = {}
+    for p in procs:
+        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            cmd = p.cmdline()
+            role = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd[:-1] else "other"
+            t = p.cpu_times()
+            out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
 @dataclass(frozen=True)
 class Server:
     """A running ``bentoml serve``: its base URL, its process and the log it writes."""
@@ -85,6 +111,10 @@ class Server:
     def rss_bytes(self) -> int:
         """Resident memory of the server's whole process tree (see :func:`tree_rss`)."""
         return tree_rss(self.proc.pid)[0]
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of the server's processes, by role (see :func:`tree_cpu_seconds`)."""
+        return tree_cpu_seconds(self.proc.pid)
 
     def log_tail(self, n: int = 3000) -> str:
         return _tail(self.log_path, n)
