@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,17 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
         proc.wait(timeout=10)
 
 
+def _tree(pid: int) -> list[Any]:
+    """``psutil.Process`` of ``pid`` and all its descendants; ``[]`` when ``pid`` is gone."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def tree_rss(pid: int) -> tuple[int, int]:
     """Summed RSS (bytes) of process ``pid`` and all its descendants, and how many they are.
 
@@ -61,13 +73,8 @@ def tree_rss(pid: int) -> tuple[int, int]:
     """
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0
     total = n = 0
-    for p in procs:
+    for p in _tree(pid):
         with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += p.memory_info().rss
             n += 1
@@ -85,13 +92,8 @@ def tree_cpu_seconds(pid: int) -> dict[str, float]:
     """
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return {}
     out: dict[str, float] = {}
-    for p in procs:
+    for p in _tree(pid):
         with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             cmd = p.cmdline()
             role = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd[:-1] else "other"

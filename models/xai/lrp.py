@@ -368,7 +368,6 @@ class Explainer:
         With ``stop_after`` (concept seeds only) the forward ends once those hook points are
         recorded, and the returned logits are an empty ``(B, 0)`` tensor.
         """
-        n_seeds = len(seeds)
         with torch.enable_grad(), recording() as acts:
             token = _STOP_AFTER.set(stop_after)
             try:
@@ -395,18 +394,7 @@ class Explainer:
             split = self._split_layer(seeds, seed_layers, relevance_layers, acts, x_in, logits)
             if split is not None:
                 return logits, out0, class_idx, self._two_stage(split, seeds, outputs, grads, inputs, acts)
-            live = list(range(n_seeds))
-            if any(isinstance(t, ConceptTarget) and callable(t.vector) for t in seeds):
-                # A seed chosen from the forward may be zero for every image (e.g. no concept is
-                # present): it is left out of the backward. One host sync, only for such seeds.
-                live = [s for s in live if any(bool(g[s].any()) for g in grads)]
-            if not live:
-                return logits, out0, class_idx, tuple(None for _ in inputs)
-            sub = [g[live] if len(live) > 1 else g[live[0]] for g in grads]
-            got = torch.autograd.grad(outputs, inputs, sub, is_grads_batched=len(live) > 1, allow_unused=True)
-            if len(live) < n_seeds:  # back to one row per seed, zeros for the skipped ones
-                got = tuple(None if g is None else _expand_seeds(g, live, n_seeds) for g in got)
-        return logits, out0, class_idx, got
+            return logits, out0, class_idx, _seeds_backward(outputs, inputs, grads, seeds)
 
     # -- two-stage backward: class seeds above the concept layer, all seeds below it
 
@@ -456,7 +444,6 @@ class Explainer:
         backward. Same relevance, same rules; the layers above ℓ run once per class seed
         instead of once per seed (/audit: one class seed and one concept seed).
         """
-        n_seeds = len(seeds)
         act = acts[layer]
         class_rows = [s for s, t in enumerate(seeds) if isinstance(t, ClassTarget)]
         g_logits = grads[0][class_rows] if len(class_rows) > 1 else grads[0][class_rows[0]]
@@ -466,19 +453,8 @@ class Explainer:
         at_layer = grads[1].clone()  # (S, B, ...): the concept seeds, zero rows for class seeds
         if upper is not None:
             at_layer[class_rows] += upper if len(class_rows) > 1 else upper[None]
-        live = list(range(n_seeds))
-        if any(isinstance(t, ConceptTarget) and callable(t.vector) for t in seeds):
-            live = [s for s in live if bool(at_layer[s].any())]  # as in _propagate: skip zero seeds
         below = [i for i in inputs if i is not act]
-        got_below: tuple[torch.Tensor | None, ...] = tuple(None for _ in below)
-        if live and below:
-            sub = at_layer[live] if len(live) > 1 else at_layer[live[0]]
-            got_below = torch.autograd.grad(
-                [act], below, [sub], is_grads_batched=len(live) > 1, allow_unused=True
-            )
-            if len(live) < n_seeds:
-                got_below = tuple(None if g is None else _expand_seeds(g, live, n_seeds) for g in got_below)
-        it = iter(got_below)
+        it = iter(_seeds_backward([act], below, [at_layer], seeds) if below else ())
         return tuple(at_layer if i is act else next(it) for i in inputs)
 
     # -- seeds
@@ -557,6 +533,31 @@ class Explainer:
                 v = v.reshape(v.shape[0], channels, *([1] * (activation.ndim - 2)))
                 grad[s] = activation.detach().clamp(min=0) * v  # method.md §2.1: ReLU(A) ⊙ v
         return grad
+
+
+def _seeds_backward(
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    seeds: Sequence[ClassTarget | ConceptTarget],
+) -> tuple[torch.Tensor | None, ...]:
+    """One batched backward of ``(S, ...)`` seed gradients at ``outputs``: ``(S, B, ...)`` per input.
+
+    A seed chosen from the forward may be zero for every image (e.g. no concept is present): it
+    is left out of the backward and its rows come back as zeros. One host sync, only when such
+    seeds exist. ``None`` for an input no live seed reaches.
+    """
+    n_seeds = len(seeds)
+    live = list(range(n_seeds))
+    if any(isinstance(t, ConceptTarget) and callable(t.vector) for t in seeds):
+        live = [s for s in live if any(bool(g[s].any()) for g in grads)]
+    if not live:
+        return tuple(None for _ in inputs)
+    sub = [g[live] if len(live) > 1 else g[live[0]] for g in grads]
+    got = torch.autograd.grad(outputs, inputs, sub, is_grads_batched=len(live) > 1, allow_unused=True)
+    if len(live) < n_seeds:  # back to one row per seed, zeros for the skipped ones
+        got = tuple(None if g is None else _expand_seeds(g, live, n_seeds) for g in got)
+    return got
 
 
 def _separates(logits: torch.Tensor, act: torch.Tensor, x: torch.Tensor) -> bool:
