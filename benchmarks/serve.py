@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clients.load import batch_histogram  # noqa: E402
+from service.config import audit_workers  # noqa: E402
 from service.process import Server, serving  # noqa: E402
 
 
@@ -270,6 +271,7 @@ def main() -> None:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "audit_workers": audit_workers(os.environ),
         "env": {
             k: os.environ[k]
             for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
@@ -290,7 +292,7 @@ def main() -> None:
     )
     lines = [
         f"# Served app under load ({meta['date']}, {meta['cpu_count']} CPUs, {args.users} users, "
-        f"{args.rounds}×{args.seconds:.0f} s per contender)",
+        f"{args.rounds}×{args.seconds:.0f} s per contender, {meta['audit_workers']} auditor worker(s))",
         "",
         "| contender | req/s (median) | p50 ms | p99 ms | mean adaptive batch | requests | errors |",
         "|---|---:|---:|---:|---:|---:|---:|",

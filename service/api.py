@@ -77,7 +77,7 @@ from service.audit import (
     version_tag,
 )
 from service.auth import ANONYMOUS, Principal, Role
-from service.config import Settings
+from service.config import Settings, audit_workers
 from service.errors import AuditError, JsonErrorBodies, ServiceOverloadedError, UnknownModelVersionError
 from service.flags.policy import PolicyDecision, evaluate
 from service.inputs import DecodedImage, check_body_size, decode_image
@@ -177,19 +177,28 @@ class Predictor:
         return out
 
 
-@bentoml.service(name="medaudit-auditor", traffic={"timeout": 300}, logging=_INTERNAL_LOGGING)
+@bentoml.service(
+    name="medaudit-auditor",
+    traffic={"timeout": 300},
+    logging=_INTERNAL_LOGGING,
+    # Read here, at import, because BentoML takes a service's process count from its decorator.
+    workers=audit_workers(os.environ),
+)
 class Auditor:
     """Audits (prediction + LRP heatmap + concept scores + flag) behind one batched API.
 
     Concurrent ``/audit`` and ``/compare`` requests of a version share one LRP call (one forward,
     one batched backward): the per-layer work of the backward is paid once per batch, which is
-    what lets ``/audit`` keep up with ``/predict`` (benchmarks/serve.py).
+    what lets ``/audit`` keep up with ``/predict`` (benchmarks/serve.py). By default one process
+    per core, each with one torch thread (``MEDAUDIT_AUDIT_WORKERS``; see
+    :func:`service.config.audit_workers` for why): each batches the requests that reach it.
     """
 
     def __init__(self) -> None:
         settings = Settings.from_env(os.environ)
-        if settings.audit_threads:
-            torch.set_num_threads(settings.audit_threads)
+        threads = settings.auditor_threads()
+        if threads:
+            torch.set_num_threads(threads)
         thresholds = flag_thresholds(os.environ, settings.flag_fpr)
         self.engines = {v: AuditEngine.from_store(v, thresholds=thresholds) for v in settings.versions}
         for e in self.engines.values():

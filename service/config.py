@@ -13,7 +13,10 @@ Variables (all optional except where auth is on):
 ``MEDAUDIT_AB_SALT``               mixed into the A/B hash; change to reshuffle subjects
 ``MEDAUDIT_PREDICT_BACKEND``       ``onnx`` (default: ONNX Runtime) or ``torch`` (eager; a baseline)
 ``MEDAUDIT_PREDICT_THREADS``       intra-op threads of the /predict model (default: one per core)
-``MEDAUDIT_AUDIT_THREADS``         torch threads of the auditor (LRP) (default: one per core)
+``MEDAUDIT_AUDIT_WORKERS``         auditor (LRP) processes: a number or ``auto`` (default: one per
+                                   usable core, at most 4; see :func:`audit_workers`)
+``MEDAUDIT_AUDIT_THREADS``         torch threads of each auditor process (default: the usable
+                                   cores shared out among the workers)
 ``MEDAUDIT_FLAG_FPR``              presence threshold's false-positive rate, in (0, 1)
                                    (default: each concept bank's own target FPR)
 ``MEDAUDIT_MAX_BYTES``             largest accepted body, bytes (default 32 MiB)
@@ -35,6 +38,7 @@ Variables (all optional except where auth is on):
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,6 +73,8 @@ class Settings:
     #: entry service, so on a small machine fewer threads than cores can serve more.
     predict_threads: int | None = None
     audit_threads: int | None = None
+    #: Auditor processes (BentoML workers of ``medaudit-auditor``); see :func:`audit_workers`.
+    audit_workers: int = 1
     limits: Limits = field(default_factory=Limits)
     redis_url: str | None = None
     flags_enabled: bool = True
@@ -150,6 +156,7 @@ class Settings:
             predict_backend=env.get(PREFIX + "PREDICT_BACKEND", "onnx").strip().lower(),
             predict_threads=_optional_positive_int(env, PREFIX + "PREDICT_THREADS"),
             audit_threads=_optional_positive_int(env, PREFIX + "AUDIT_THREADS"),
+            audit_workers=audit_workers(env),
             limits=Limits(
                 max_bytes=positive_int(env, PREFIX + "MAX_BYTES", Limits.max_bytes),
                 max_pixels=positive_int(env, PREFIX + "MAX_PIXELS", Limits.max_pixels),
@@ -165,6 +172,15 @@ class Settings:
             flags=FlagSettings.from_env(env),
         )
 
+    def auditor_threads(self) -> int | None:
+        """Torch threads of one auditor process: ``MEDAUDIT_AUDIT_THREADS`` if set; else, with
+        several workers, the usable cores shared out among them; else ``None`` (torch's default)."""
+        if self.audit_threads is not None:
+            return self.audit_threads
+        if self.audit_workers > 1:
+            return max(1, usable_cpus() // self.audit_workers)
+        return None
+
     def router(self) -> Router:
         """The A/B router these settings describe (served versions absent from the weights get 0)."""
         weights = {v: 0.0 for v in self.versions} | dict(self.ab_weights)
@@ -173,6 +189,53 @@ class Settings:
     def key_store(self) -> KeyStore | None:
         """The key store, or ``None`` when auth is off (callers then use ``auth.ANONYMOUS``)."""
         return KeyStore(self.api_keys, self.api_key_salt) if self.auth_enabled else None
+
+
+#: Most auditor processes ``auto`` starts: each holds torch and every served version's model
+#: (about 0.8 GiB unique memory each on the demo store), and LRP gains little past a few
+#: processes on a shared host.
+MAX_AUTO_AUDIT_WORKERS = 4
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """Cores this process may use: its affinity mask, narrowed by a cgroup v2 CPU quota.
+
+    A container's CPU limit (Kubernetes ``limits.cpu``) is a quota, not an affinity mask: the
+    mask still lists every core of the node, so the quota (``cpu.max``: ``"400000 100000"`` is
+    4 cores, rounded up; ``"max …"`` is none) has to be read too.
+    """
+    try:
+        n = len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 here, or an unreadable entry: the mask alone
+    return n
+
+
+def audit_workers(environ: Mapping[str, str]) -> int:
+    """Auditor processes from ``MEDAUDIT_AUDIT_WORKERS``: a positive number, or ``auto`` / unset
+    for one per usable core, at most :data:`MAX_AUTO_AUDIT_WORKERS`.
+
+    Why processes and not threads: torch's LRP backward scales poorly over threads on CPU (batch 8
+    on 2 cores: 23.3 ms per image with 2 threads against 31.2 with 1, so the second core adds only
+    34 %), while single-threaded processes each use a whole core. Served on 2 cores, two
+    single-threaded auditors answered 39.9 /audit req/s against 35.1 for one two-threaded one
+    (benchmarks/serve.py; numbers in issue #6's notes). BentoML reads this when ``service.api`` is
+    imported (the ``workers`` of the auditor's service), so it is a start-time setting.
+    """
+    name = PREFIX + "AUDIT_WORKERS"
+    raw = environ.get(name, "").strip().lower().replace("_", "")
+    if raw in ("", "auto"):
+        return min(usable_cpus(), MAX_AUTO_AUDIT_WORKERS)
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    raise ConfigError(f"{name} must be a positive integer or 'auto', got {environ[name]!r}")
 
 
 def unknown_variables(environ: Mapping[str, str], known: frozenset[str] | None = None) -> list[str]:
@@ -193,6 +256,7 @@ _NAMES = (
     "PREDICT_BACKEND",
     "PREDICT_THREADS",
     "AUDIT_THREADS",
+    "AUDIT_WORKERS",
     "MAX_BYTES",
     "MAX_PIXELS",
     "MIN_IMAGE_SIDE",

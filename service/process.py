@@ -81,24 +81,34 @@ def tree_rss(pid: int) -> tuple[int, int]:
     return total, n
 
 
-def tree_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) so far of process ``pid`` and its descendants, by role.
+def process_cpu_seconds(pid: int) -> list[tuple[str, int, float]]:
+    """``(role, pid, CPU seconds)`` of process ``pid`` and each descendant.
 
     The role of a ``bentoml serve`` worker is its ``--service-name`` (``medaudit`` for the entry
     service, ``medaudit-predictor``, ``medaudit-auditor``); other processes (the arbiter) count
-    as ``other``. Two readings around a load phase give each process's CPU per request, which
-    says where a served request's time goes (benchmarks/serve.py). Processes that exit meanwhile
-    are skipped; ``{}`` when ``pid`` is gone.
+    as ``other``. A service with several workers has one row per worker process. Processes that
+    exit meanwhile are skipped; ``[]`` when ``pid`` is gone.
     """
     import psutil
 
-    out: dict[str, float] = {}
+    out: list[tuple[str, int, float]] = []
     for p in _tree(pid):
         with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             cmd = p.cmdline()
             role = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd[:-1] else "other"
             t = p.cpu_times()
-            out[role] = out.get(role, 0.0) + t.user + t.system
+            out.append((role, p.pid, t.user + t.system))
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of process ``pid`` and its descendants, by role (see
+    :func:`process_cpu_seconds`). Two readings around a load phase give each role's CPU per
+    request, which says where a served request's time goes (benchmarks/serve.py).
+    """
+    out: dict[str, float] = {}
+    for role, _, seconds in process_cpu_seconds(pid):
+        out[role] = out.get(role, 0.0) + seconds
     return out
 
 
@@ -117,6 +127,10 @@ class Server:
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds so far of the server's processes, by role (see :func:`tree_cpu_seconds`)."""
         return tree_cpu_seconds(self.proc.pid)
+
+    def worker_cpu_seconds(self, role: str) -> dict[int, float]:
+        """CPU seconds so far of each process of one role (e.g. each auditor worker), by pid."""
+        return {pid: s for r, pid, s in process_cpu_seconds(self.proc.pid) if r == role}
 
     def log_tail(self, n: int = 3000) -> str:
         return _tail(self.log_path, n)

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from service.auth import hash_key
+from service.config import usable_cpus
 from service.errors import AuthError, UnknownModelVersionError
 from service.inputs import decode_image
 from service.process import served
@@ -368,6 +369,35 @@ def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path
 
 @pytest.mark.e2e
 @pytest.mark.slow
+def test_two_auditor_workers_both_take_audits(tiny_store: Path, tmp_path: Path) -> None:
+    """MEDAUDIT_AUDIT_WORKERS=2 starts two auditor processes, and concurrent audits reach both:
+    each burns CPU on them, and every one is 200. (Their thread split: the tier-1 test above.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from service.process import serving
+
+    env = {**_env(tiny_store, auth=False), "MEDAUDIT_AUDIT_WORKERS": "2"}
+    with serving(env, tmp_path / "serve.log") as server:
+        before = server.worker_cpu_seconds("medaudit-auditor")
+        assert len(before) == 2, before
+
+        def audit(i: int) -> int:
+            headers = {"Content-Type": "image/png", "X-Model-Version": "vanilla"}
+            r = httpx.post(f"{server.base}/audit", content=_png(seed=i), headers=headers, timeout=120)
+            return r.status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(audit, range(32))) == {200}
+        after = server.worker_cpu_seconds("medaudit-auditor")
+    spent = {pid: after[pid] - before[pid] for pid in before}
+    print(f"auditor CPU seconds by worker over 32 audits: {spent}")
+    assert all(s > 0.05 for s in spent.values()), spent
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_custom_metrics_add_up_across_two_workers(tiny_store: Path, tmp_path: Path) -> None:
     """BentoML #5056: with 2 API workers, /metrics must aggregate every custom series of both."""
     import httpx
@@ -422,7 +452,8 @@ def test_custom_metrics_add_up_across_two_workers(tiny_store: Path, tmp_path: Pa
 
 def test_tier1_thread_settings_reach_the_model_runtimes(svc, monkeypatch) -> None:
     """MEDAUDIT_PREDICT_THREADS sets ONNX Runtime's intra-op threads of every /predict session;
-    MEDAUDIT_AUDIT_THREADS sets the auditor process's torch threads."""
+    MEDAUDIT_AUDIT_THREADS sets the auditor process's torch threads, and without it several
+    auditor workers (MEDAUDIT_AUDIT_WORKERS) share the usable cores out."""
     import torch
 
     from service.api import Auditor, Predictor
@@ -436,6 +467,12 @@ def test_tier1_thread_settings_reach_the_model_runtimes(svc, monkeypatch) -> Non
     try:
         Auditor()
         assert torch.get_num_threads() == 1
+        # Several auditor workers and no thread count: the usable cores shared out among them.
+        monkeypatch.delenv("MEDAUDIT_AUDIT_THREADS")
+        monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "2")
+        torch.set_num_threads(7)
+        Auditor()
+        assert torch.get_num_threads() == max(1, usable_cpus() // 2)
     finally:
         torch.set_num_threads(before)
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from models.errors import ConfigError
+from service import config
 from service.auth import Role, hash_key
-from service.config import Settings, unknown_variables
+from service.config import MAX_AUTO_AUDIT_WORKERS, Settings, audit_workers, unknown_variables, usable_cpus
 from service.inputs import Limits
 
 SALT = "s3"
@@ -25,6 +26,7 @@ def test_defaults_need_keys_or_auth_off() -> None:
     assert s.limits == Limits() and s.redis_url is None and s.key_store() is None
     assert s.open_health and s.open_metrics and s.flag_fpr is None
     assert s.predict_threads is None and s.audit_threads is None  # the libraries' defaults
+    assert s.audit_workers == min(usable_cpus(), MAX_AUTO_AUDIT_WORKERS)
 
 
 def test_full_environment() -> None:
@@ -89,6 +91,11 @@ def test_repr_hides_keys_and_salt() -> None:
         ({"MEDAUDIT_MAX_PIXELS": "0"}, "MEDAUDIT_MAX_PIXELS must be a positive integer"),
         ({"MEDAUDIT_PREDICT_THREADS": "0"}, "MEDAUDIT_PREDICT_THREADS must be a positive integer"),
         ({"MEDAUDIT_AUDIT_THREADS": "two"}, "MEDAUDIT_AUDIT_THREADS must be a positive integer"),
+        (
+            {"MEDAUDIT_AUDIT_WORKERS": "0"},
+            "MEDAUDIT_AUDIT_WORKERS must be a positive integer or 'auto', got '0'",
+        ),
+        ({"MEDAUDIT_AUDIT_WORKERS": "many"}, "MEDAUDIT_AUDIT_WORKERS must be a positive integer or 'auto'"),
         ({"MEDAUDIT_AUTH": "maybe"}, "MEDAUDIT_AUTH must be one of on/off"),
         ({"MEDAUDIT_FLAG_FPR": "1.5"}, r"MEDAUDIT_FLAG_FPR must be in \(0, 1\)"),
         ({"MEDAUDIT_FLAG_FPR": "low"}, "MEDAUDIT_FLAG_FPR must be a number"),
@@ -131,3 +138,46 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_audit_workers_default_to_one_per_usable_core_capped(monkeypatch) -> None:
+    """Unset or ``auto``: one auditor process per usable core, at most MAX_AUTO_AUDIT_WORKERS; a
+    number is taken as it is."""
+    for cores, expected in ((1, 1), (2, 2), (64, MAX_AUTO_AUDIT_WORKERS)):
+        monkeypatch.setattr(config, "usable_cpus", lambda n=cores: n)
+        assert audit_workers({}) == audit_workers({"MEDAUDIT_AUDIT_WORKERS": " Auto "}) == expected
+    assert audit_workers({"MEDAUDIT_AUDIT_WORKERS": "3"}) == 3
+    assert Settings.from_env({"MEDAUDIT_AUTH": "off", "MEDAUDIT_AUDIT_WORKERS": "5"}).audit_workers == 5
+
+
+def test_auditor_threads_share_the_cores_out_among_workers(monkeypatch) -> None:
+    """Several workers and no MEDAUDIT_AUDIT_THREADS: cores // workers each (at least 1); one
+    worker: torch's own default (None); MEDAUDIT_AUDIT_THREADS always wins."""
+    monkeypatch.setattr(config, "usable_cpus", lambda: 8)
+    off = {"MEDAUDIT_AUTH": "off"}
+    assert Settings.from_env({**off, "MEDAUDIT_AUDIT_WORKERS": "4"}).auditor_threads() == 2
+    assert Settings.from_env({**off, "MEDAUDIT_AUDIT_WORKERS": "16"}).auditor_threads() == 1
+    assert Settings.from_env({**off, "MEDAUDIT_AUDIT_WORKERS": "1"}).auditor_threads() is None
+    both = {**off, "MEDAUDIT_AUDIT_WORKERS": "4", "MEDAUDIT_AUDIT_THREADS": "3"}
+    assert Settings.from_env(both).auditor_threads() == 3
+
+
+def test_usable_cpus_reads_a_cgroup_quota_below_the_affinity_mask(tmp_path: Path) -> None:
+    """A container's CPU limit is a cgroup v2 quota (cpu.max), rounded up to whole cores; "max",
+    a missing file or a malformed one leave the affinity mask."""
+    import os
+
+    mask = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert usable_cpus(cpu_max) == mask  # no file
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max) == mask
+    cpu_max.write_text("50000 100000\n")  # half a core: still one
+    assert usable_cpus(cpu_max) == 1
+    cpu_max.write_text(f"{(mask + 8) * 100000} 100000\n")  # a quota above the mask: the mask
+    assert usable_cpus(cpu_max) == mask
+    if mask >= 2:
+        cpu_max.write_text("150000 100000\n")
+        assert usable_cpus(cpu_max) == 2
+    cpu_max.write_text("garbage\n")
+    assert usable_cpus(cpu_max) == mask
