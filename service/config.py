@@ -226,8 +226,8 @@ def audit_workers(environ: Mapping[str, str]) -> int:
     on 2 cores: 23.3 ms per image with 2 threads against 31.2 with 1, so the second core adds only
     34 %), while single-threaded processes each use a whole core. Served on 2 cores (AMD EPYC,
     benchmarks/serve.py), one two-threaded auditor answered 33.4-35.1 /audit req/s and two
-    single-threaded ones 37.0-39.9 (2 and 3 runs; issue #6's notes). BentoML reads this when ``service.api`` is
-    imported (the ``workers`` of the auditor's service), so it is a start-time setting.
+    single-threaded ones 37.0-39.9 (2 and 4 runs; issue #6's notes). BentoML reads this when
+    ``service.api`` is imported (the ``workers`` of the auditor's service): a start-time setting.
     """
     name = PREFIX + "AUDIT_WORKERS"
     raw = environ.get(name, "").strip().lower().replace("_", "")
