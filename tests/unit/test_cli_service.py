@@ -180,3 +180,21 @@ def test_saved_heatmap_is_the_clients_png(run, image: Path, tmp_path: Path, live
     with MedauditClient(live_service.url, api_key=live_service.client_key) as mc:
         direct = mc.audit(image, version="vanilla")
     assert np.array_equal(_pixels(saved), np.asarray(Image.open(io.BytesIO(direct.heatmap_png))))
+
+
+def test_demo_try_commands_print_one_per_line_on_a_narrow_console(tmp_path: Path) -> None:
+    """``make demo``'s curl examples stay whole on a console narrower than them (rich wraps at 80
+    columns off a terminal; wrapped, a copied command breaks) and quote a path with spaces."""
+    import shlex
+
+    from rich.console import Console
+
+    from clients.cli import print_try_commands, try_commands
+
+    example = tmp_path / "a folder" / "example malignant band_aid.png"
+    buf = io.StringIO()
+    print_try_commands(Console(file=buf, width=40), example, 3000)
+    commands = try_commands(example, 3000)
+    assert buf.getvalue().splitlines() == ["  " + c for c in commands]
+    assert all(len(c) > 40 for c in commands[:3])  # the console really was narrower
+    assert shlex.split(commands[0])[3] == f"@{example}"
