@@ -225,9 +225,11 @@ def audit_workers(environ: Mapping[str, str]) -> int:
     Why processes and not threads: torch's LRP backward scales poorly over threads on CPU (batch 8
     on 2 cores: 23.3 ms per image with 2 threads against 31.2 with 1, so the second core adds only
     34 %), while single-threaded processes each use a whole core. Served on 2 cores (AMD EPYC,
-    benchmarks/serve.py), one two-threaded auditor answered 33.4-35.1 /audit req/s and two
-    single-threaded ones 37.0-39.9 (2 and 4 runs; issue #6's notes). BentoML reads this when
-    ``service.api`` is imported (the ``workers`` of the auditor's service): a start-time setting.
+    benchmarks/serve.py), one two-threaded auditor answered 33.4-35.1 /audit req/s (2 runs) and
+    two single-threaded ones 35.9-41.0, median 38.4 (7 runs; issue #6's notes). BentoML reads this
+    when ``service.api`` is imported (the ``workers`` of the auditor's service): a start-time
+    setting. Set the worker count here, not through ``BENTOML_CONFIG_OPTIONS``: the auditors' thread
+    split (:meth:`Settings.auditor_threads`) reads it from here.
     """
     name = PREFIX + "AUDIT_WORKERS"
     raw = environ.get(name, "").strip().lower().replace("_", "")
