@@ -132,6 +132,21 @@ def timed(
     return runs
 
 
+def aten_convs(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with the engine's prepacked CPU kernels turned off (``MEDAUDIT_LRP_PACKED=0``)."""
+    from models.xai.rules import PACKED_ENV
+
+    before = os.environ.get(PACKED_ENV)
+    os.environ[PACKED_ENV] = "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ[PACKED_ENV]
+        else:
+            os.environ[PACKED_ENV] = before
+
+
 def cosine(a: Any, b: Any) -> float:
     import torch
 
@@ -194,6 +209,13 @@ def run_case(args: argparse.Namespace, name: str, size: int, batch: int, torch: 
         "engine LRP (2 seeds, vmap)": lambda: explainer.explain(x, [target, 0]),
         "engine LRP (2 seeds, repeat)": lambda: repeat_explainer.explain(x, [target, 0]),
     }
+    if device.type == "cpu":
+        # The same engine with its z⁺ convs on aten instead of prepacked oneDNN kernels
+        # (models.xai.rules.PackedConv); float32 only (the bf16 rows take aten anyway).
+        fns["engine LRP (1 seed, aten convs)"] = lambda: aten_convs(lambda: explainer.explain(x, [target]))
+        fns["engine LRP (2 seeds, vmap, aten convs)"] = lambda: aten_convs(
+            lambda: explainer.explain(x, [target, 0])
+        )
     repeats = dict.fromkeys(fns, args.repeats)
 
     zennit_ok = True
@@ -339,6 +361,11 @@ def _ratios(rows: list[Row]) -> dict[str, float]:
         )
     if "engine LRP (2 seeds, repeat)" in t:
         ratios["two_seeds_repeat_vs_one_seed_time"] = t["engine LRP (2 seeds, repeat)"] / one
+    if "engine LRP (1 seed, aten convs)" in t:
+        ratios["packed_speedup_vs_aten_1_seed"] = t["engine LRP (1 seed, aten convs)"] / one
+        ratios["packed_speedup_vs_aten_2_seeds"] = (
+            t["engine LRP (2 seeds, vmap, aten convs)"] / t["engine LRP (2 seeds, vmap)"]
+        )
     if "zennit LRP" in t:
         ratios["engine_speedup_vs_zennit"] = t["zennit LRP"] / one
     graph = t.get("engine LRP (1 seed, CUDA graph)")

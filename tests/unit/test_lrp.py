@@ -10,7 +10,7 @@ from torch import nn
 
 from models.errors import ConfigError, MedauditError, UnknownModelError
 from models.registry import create_model
-from models.xai import ClassTarget, ConceptTarget, Explainer, Explanation
+from models.xai import ClassTarget, ConceptTarget, Explainer, Explanation, rules
 from models.xai import lrp as lrp_module
 
 SIZE, BATCH = 32, 3
@@ -431,3 +431,29 @@ def test_separates_finds_a_path_that_bypasses_the_layer() -> None:
     assert lrp_module._separates((a * 3).sum(), a, x)  # everything goes through a
     assert not lrp_module._separates((a * 3).sum() + x.sum(), a, x)  # a skip around a
     assert not lrp_module._separates((a * 3).sum() + (x * 5).exp().sum(), a, x)
+
+
+def test_packed_cpu_kernels_give_the_aten_engines_results(
+    resnet: tuple[nn.Module, Explainer], x: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole ResNet: heatmaps (class and concept seed, one batched backward), logits,
+    activations and layer relevance with prepacked oneDNN kernels equal aten's to float32
+    rounding (MEDAUDIT_LRP_PACKED=0 is the aten engine)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN: the aten path is all there is")
+    _, explainer = resnet
+    v = torch.randn(256, generator=torch.Generator().manual_seed(3))
+    targets = ["pred", ConceptTarget("identity_2", v)]
+    kwargs = {"cav_layers": ["identity_2"], "relevance_layers": ["identity_2"]}
+    packed = explainer.explain(x, targets, **kwargs)
+    monkeypatch.setenv(rules.PACKED_ENV, "0")
+    aten = explainer.explain(x, targets, **kwargs)
+    for got, want in [
+        (packed.heatmaps, aten.heatmaps),
+        (packed.logits, aten.logits),
+        (packed.activations["identity_2"], aten.activations["identity_2"]),
+        (packed.relevance["identity_2"], aten.relevance["identity_2"]),
+    ]:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    # the explainer's z⁺ layers really built packed kernels in the first call
+    assert any("_packed" in vars(m) for m in explainer.model.modules() if isinstance(m, rules.ZPlusConv))

@@ -272,3 +272,98 @@ def test_stabilize_is_bit_identical_to_zennits_form(dtype: torch.dtype) -> None:
     assert got.dtype == dtype
     assert torch.equal(got, expected)
     assert got[-1] > 0 and got[-2] > 0  # sign(±0) = +1, as zennit
+
+
+# --------------------------------------------------------------------------- prepacked CPU kernels
+# The z⁺ layers run on oneDNN kernels with prepacked weights on the CPU in float32 (rules.PackedConv);
+# the float64 tests above take aten. These compare the two paths in float32.
+
+
+def _aten_and_packed(
+    monkeypatch: pytest.MonkeyPatch, run: object
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    monkeypatch.setenv(rules.PACKED_ENV, "0")
+    aten = run()  # type: ignore[operator]
+    monkeypatch.delenv(rules.PACKED_ENV)
+    packed = run()  # type: ignore[operator]
+    return aten, packed
+
+
+needs_onednn = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(),
+    reason="this torch build has no oneDNN: the aten path is all there is",
+)
+
+
+@needs_onednn
+@pytest.mark.parametrize("signed", [False, True], ids=["x>=0", "signed-x"])
+@pytest.mark.parametrize(
+    ("k", "stride", "padding", "size"),
+    [(3, 1, 1, 8), (3, 2, 1, 9), (3, 2, 0, 10), (1, 2, 0, 7), (3, 1, 1, 4)],
+    ids=["3x3", "3x3-s2-odd", "3x3-s2-nopad", "1x1-s2", "3x3-4px"],
+)
+def test_packed_zplus_equals_aten(
+    monkeypatch: pytest.MonkeyPatch,
+    gen: torch.Generator,
+    signed: bool,
+    k: int,
+    stride: int,
+    padding: int,
+    size: int,
+) -> None:
+    """Output and relevance of a z⁺ layer: the same with prepacked kernels as with aten, to float32
+    rounding, including strided convs whose transposed conv needs an output padding."""
+    conv = nn.Conv2d(16, 24, k, stride=stride, padding=padding)
+    x = torch.randn(3, 16, size, size, generator=gen)
+    x = x if signed else x.clamp(min=0)
+    rule = rules.ZPlusConv(conv)
+    r = torch.randn(3, 24, *conv(x).shape[-2:], generator=gen)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        xg = x.clone().requires_grad_(True)
+        out = rule(xg)
+        (rel,) = torch.autograd.grad(out, xg, r)
+        return out.detach(), rel
+
+    aten, packed = _aten_and_packed(monkeypatch, run)
+    assert rule.packed(x) is not None  # the packed path really ran
+    for a, p in zip(aten, packed, strict=True):
+        assert p.shape == a.shape
+        torch.testing.assert_close(p, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+@needs_onednn
+def test_packed_zplus_batched_seeds_equal_one_backward_each(gen: torch.Generator) -> None:
+    """Several seeds through the packed adjoint's vmap rule (one larger batch) give each seed's own
+    relevance, as one backward per seed does."""
+    rule = rules.ZPlusConv(nn.Conv2d(8, 16, 3, stride=2, padding=1))
+    x = torch.rand(2, 8, 9, 9, generator=gen).requires_grad_(True)
+    assert rule.packed(x) is not None
+    out = rule(x)
+    seeds = torch.randn(3, *out.shape, generator=gen)
+    (batched,) = torch.autograd.grad(out, x, seeds, is_grads_batched=True, retain_graph=True)
+    for s in range(3):
+        (one,) = torch.autograd.grad(out, x, seeds[s], retain_graph=True)
+        torch.testing.assert_close(batched[s], one, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+def test_packed_weights_follow_the_layers_weights(gen: torch.Generator) -> None:
+    """Packed weights are a cache of the buffers: loading new weights repacks them."""
+    a, b = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+    rule, other = rules.ZPlusConv(a), rules.ZPlusConv(b)
+    x = torch.rand(2, 4, 5, 5, generator=gen)
+    before = rule(x).detach()
+    kernels = rule.packed(x)
+    rule.load_state_dict(other.state_dict())
+    assert rule.packed(x) is not kernels
+    torch.testing.assert_close(rule(x), other(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(rule(x), before)
+
+
+def test_packed_kernels_only_where_they_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64, the switch set to 0: aten. (CUDA tensors never reach oneDNN: device check.)"""
+    rule = rules.ZPlusConv(nn.Conv2d(4, 6, 3, padding=1))
+    assert rule.packed(torch.rand(1, 4, 5, 5, dtype=torch.float64)) is None
+    monkeypatch.setenv(rules.PACKED_ENV, "0")
+    assert rule.packed(torch.rand(1, 4, 5, 5)) is None
