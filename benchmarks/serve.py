@@ -8,14 +8,18 @@ the same run:
 * ``predict_torch``: the same server started with ``MEDAUDIT_PREDICT_BACKEND=torch`` (eager);
 * ``audit``: ``/audit`` (LRP heatmap + concept scores + masks + flag), adaptively batched.
 
-Phases are interleaved round-robin over ``--rounds`` so background load on the shared machine hits
-each alike; the table reports the median over rounds of throughput and of p50/p99 latency, and
-the adaptive batch sizes the server's own ``bentoml_service_adaptive_batch_size`` histogram saw.
-The load generator shares the machine's cores with the server: on 2 cores every figure is a
-lower bound for a dedicated host, and ratios (same run, same generator) are what to compare.
+Every contender runs at each concurrency of ``--users`` (closed loop: each user sends its next
+request when the last is answered), because the comparison depends on it: ONNX Runtime's cost per
+image hardly changes with the batch size, eager torch's falls as batches grow, and the adaptive
+batches grow with the number of requests in flight. Phases are interleaved round-robin over
+``--rounds`` so background load on the shared machine hits each alike; the table reports the
+median over rounds of throughput and of p50/p99 latency, and the adaptive batch sizes the
+server's own ``bentoml_service_adaptive_batch_size`` histogram saw. The load generator shares the
+machine's cores with the server: on 2 cores every figure is a lower bound for a dedicated host,
+and ratios (same run, same generator) are what to compare.
 
-    python benchmarks/serve.py                          # artifacts/bentoml, 16 users, 3×15 s per phase
-    python benchmarks/serve.py --users 32 --seconds 20 --rounds 5
+    python benchmarks/serve.py                          # artifacts/bentoml, 4, 8 and 16 users, 3×15 s
+    python benchmarks/serve.py --users 16 32 --seconds 20 --rounds 5
 
 Writes ``benchmarks/results/serve_cpu.md`` and ``.json``.
 """
@@ -44,6 +48,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from clients.load import batch_histogram  # noqa: E402
 from service.config import audit_workers  # noqa: E402
 from service.process import Server, serving  # noqa: E402
@@ -54,6 +59,7 @@ class Phase:
     """One contender over one round."""
 
     name: str
+    users: int
     requests: int
     errors: int
     seconds: float
@@ -73,7 +79,13 @@ def parse_args() -> argparse.Namespace:
         "--home", type=Path, default=ROOT / "artifacts" / "bentoml", help="BENTOML_HOME with the store"
     )
     p.add_argument("--version", default="vanilla", help="the served version under test")
-    p.add_argument("--users", type=int, default=16, help="concurrent clients (batching needs concurrency)")
+    p.add_argument(
+        "--users",
+        type=int,
+        nargs="+",
+        default=[4, 8, 16],
+        help="concurrent clients, one sweep point each (batching needs concurrency)",
+    )
     p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per phase per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--images", type=int, default=32, help="distinct synthderm test images (PNG) sent")
@@ -154,13 +166,20 @@ def _own_cpu_s() -> float:
 
 
 def run_phase(
-    name: str, server: Server, endpoint: str, method: str, images: list[bytes], args: argparse.Namespace
+    name: str,
+    server: Server,
+    endpoint: str,
+    method: str,
+    images: list[bytes],
+    users: int,
+    args: argparse.Namespace,
 ) -> Phase:
     base = server.base
+    asyncio.run(drive(base, endpoint, images, users, 3.0))  # warm-up at this concurrency
     before = batch_histogram(base, method)
     cpu0, own0 = server.cpu_seconds(), _own_cpu_s()
     t0 = time.perf_counter()
-    lat, errors = asyncio.run(drive(base, endpoint, images, args.users, args.seconds))
+    lat, errors = asyncio.run(drive(base, endpoint, images, users, args.seconds))
     wall = time.perf_counter() - t0
     cpu1, own1 = server.cpu_seconds(), _own_cpu_s()
     after = batch_histogram(base, method)
@@ -172,6 +191,7 @@ def run_phase(
     lat_ms = np.asarray(lat) * 1e3 if lat else np.asarray([float("nan")])
     return Phase(
         name=name,
+        users=users,
         requests=len(lat),
         errors=errors,
         seconds=wall,
@@ -184,12 +204,13 @@ def run_phase(
     )
 
 
-def summarize(phases: list[Phase]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for name in dict.fromkeys(p.name for p in phases):
-        ps = [p for p in phases if p.name == name]
+def summarize(phases: list[Phase]) -> dict[int, dict[str, dict[str, Any]]]:
+    """Medians over rounds: ``{users: {contender: figures}}``."""
+    out: dict[int, dict[str, dict[str, Any]]] = {}
+    for users, name in dict.fromkeys((p.users, p.name) for p in phases):
+        ps = [p for p in phases if p.name == name and p.users == users]
         means = [p.batch_mean for p in ps if p.batch_mean is not None]
-        out[name] = {
+        out.setdefault(users, {})[name] = {
             "rps_median": statistics.median(p.rps for p in ps),
             "p50_ms_median": statistics.median(p.p50_ms for p in ps),
             "p99_ms_median": statistics.median(p.p99_ms for p in ps),
@@ -235,6 +256,86 @@ def in_process(home: Path, version: str, images: list[bytes], batch: int, repeat
     return {k: len(rgb) / statistics.median(v) for k, v in runs.items()}
 
 
+GOALS = {"audit_over_predict_onnx": 0.25, "predict_onnx_over_torch": 1.3}
+
+
+def ratios_of(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The two acceptance ratios (issue 6) at one concurrency."""
+    onnx = summary["predict_onnx"]["rps_median"]
+    return {
+        "audit_over_predict_onnx": summary["audit"]["rps_median"] / onnx,
+        "predict_onnx_over_torch": onnx / summary["predict_torch"]["rps_median"],
+    }
+
+
+def markdown(
+    meta: dict[str, Any],
+    summary: dict[int, dict[str, dict[str, Any]]],
+    engine_ips: dict[str, float],
+    args: argparse.Namespace,
+) -> str:
+    users = list(summary)
+    lines = [
+        f"# Served app under load ({meta['date']}, {meta['cpu_count']} CPUs, {meta['cpu']}, "
+        f"{', '.join(map(str, users))} users, {args.rounds}×{args.seconds:.0f} s per contender and "
+        f"concurrency, {meta['audit_workers']} auditor worker(s))",
+        "",
+        "Issue 6's ratios at each concurrency (closed loop: `users` requests always in flight):",
+        "",
+        "| users | /audit ÷ /predict (goal ≥ 0.25) | ONNX Runtime ÷ eager torch /predict (goal ≥ 1.3) |",
+        "|---:|---:|---:|",
+    ]
+    for u in users:
+        r = ratios_of(summary[u])
+        marks = {k: "" if v >= GOALS[k] else " (below)" for k, v in r.items()}
+        lines.append(
+            f"| {u} | **{r['audit_over_predict_onnx']:.2f}**{marks['audit_over_predict_onnx']} "
+            f"| **{r['predict_onnx_over_torch']:.2f}×**{marks['predict_onnx_over_torch']} |"
+        )
+    lines += [
+        "",
+        "| users | contender | req/s (median) | p50 ms | p99 ms | mean adaptive batch | requests | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for u in users:
+        for name, st in summary[u].items():
+            b = f"{st['batch_mean_median']:.1f}" if st["batch_mean_median"] else "-"
+            lines.append(
+                f"| {u} | {name} | {st['rps_median']:.1f} | {st['p50_ms_median']:.0f} "
+                f"| {st['p99_ms_median']:.0f} | {b} | {st['requests']} | {st['errors']} |"
+            )
+    roles = list(
+        dict.fromkeys(r for per in summary.values() for st in per.values() for r in st["cpu_ms_median"])
+    )
+    lines += [
+        "",
+        "CPU milliseconds per answered request, by process (medians over rounds; on 2 cores a "
+        "contender's req/s is at most 2000 / its total):",
+        "",
+        "| users | contender | " + " | ".join(roles) + " | total |",
+        "|---:|---|" + "---:|" * (len(roles) + 1),
+    ]
+    for u in users:
+        for name, st in summary[u].items():
+            cpu = st["cpu_ms_median"]
+            lines.append(
+                f"| {u} | {name} | "
+                + " | ".join(f"{cpu.get(r, 0.0):.1f}" for r in roles)
+                + f" | {sum(cpu.values()):.1f} |"
+            )
+    lines += [
+        "",
+        "In-process, no HTTP, batch 1 / 4 / 8 (medians of 7 interleaved repeats; the model's cost per "
+        "image at the batch sizes the server forms): "
+        + "; ".join(f"{k} {v:.1f} img/s" for k, v in engine_ips.items())
+        + ".",
+        "",
+        "The load generator runs on the same machine as the server; figures are lower bounds for a",
+        "dedicated host, ratios are comparable. Reproduce: `python benchmarks/serve.py`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     args = parse_args()
     if not (args.home / "models").is_dir():
@@ -245,36 +346,35 @@ def main() -> None:
     log_dir = args.out.parent / "logs"
     log_dir.mkdir(exist_ok=True)
     # Two servers at once would fight over 2 cores: each backend gets its own server, started per
-    # round, and the phases alternate onnx-predict, audit, torch-predict.
+    # round, and the phases alternate onnx-predict, audit (every concurrency), torch-predict.
     for r in range(args.rounds):
         with served_version(args.home, args.version, "onnx", log_dir / "serve_onnx.log") as server:
-            for name, endpoint, method in (
-                ("predict_onnx", "/predict", "predict_batch"),
-                ("audit", "/audit", "audit_batch"),
-            ):
-                asyncio.run(drive(server.base, endpoint, images, args.users, 3.0))  # warm-up
-                phases.append(run_phase(name, server, endpoint, method, images, args))
-                print(f"round {r + 1}: {phases[-1]}", flush=True)
+            for users in args.users:
+                for name, endpoint, method in (
+                    ("predict_onnx", "/predict", "predict_batch"),
+                    ("audit", "/audit", "audit_batch"),
+                ):
+                    phases.append(run_phase(name, server, endpoint, method, images, users, args))
+                    print(f"round {r + 1}: {phases[-1]}", flush=True)
         with served_version(args.home, args.version, "torch", log_dir / "serve_torch.log") as server:
-            asyncio.run(drive(server.base, "/predict", images, args.users, 3.0))
-            phases.append(run_phase("predict_torch", server, "/predict", "predict_batch", images, args))
-            print(f"round {r + 1}: {phases[-1]}", flush=True)
-    engine_ips = in_process(args.home, args.version, images, batch=8, repeats=7)
-    print(f"in-process images/s at batch 8: {engine_ips}", flush=True)
+            for users in args.users:
+                phases.append(
+                    run_phase("predict_torch", server, "/predict", "predict_batch", images, users, args)
+                )
+                print(f"round {r + 1}: {phases[-1]}", flush=True)
+    engine_ips: dict[str, float] = {}
+    for batch in (1, 4, 8):
+        for k, v in in_process(args.home, args.version, images, batch=batch, repeats=7).items():
+            engine_ips[f"{k} b{batch}"] = v
+    print(f"in-process images/s: {engine_ips}", flush=True)
     summary = summarize(phases)
-    ratios = {
-        "audit_over_predict_onnx": summary["audit"]["rps_median"] / summary["predict_onnx"]["rps_median"],
-        "predict_onnx_over_torch": summary["predict_onnx"]["rps_median"]
-        / summary["predict_torch"]["rps_median"],
-        "in_process_audit_over_onnx_predict": engine_ips["audit"] / engine_ips["onnx_predict"],
-        "in_process_onnx_over_torch_predict": engine_ips["onnx_predict"] / engine_ips["torch_predict"],
-    }
     meta = {
         "version": args.version,
         "users": args.users,
         "seconds_per_phase": args.seconds,
         "rounds": args.rounds,
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_name(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -289,58 +389,17 @@ def main() -> None:
         json.dumps(
             {
                 "meta": meta,
-                "summary": summary,
-                "ratios": ratios,
+                "summary": {str(u): per for u, per in summary.items()},
+                "ratios": {str(u): ratios_of(per) for u, per in summary.items()},
                 "in_process_images_per_s": engine_ips,
                 "phases": [asdict(p) for p in phases],
             },
             indent=2,
         )
     )
-    lines = [
-        f"# Served app under load ({meta['date']}, {meta['cpu_count']} CPUs, {args.users} users, "
-        f"{args.rounds}×{args.seconds:.0f} s per contender, {meta['audit_workers']} auditor worker(s))",
-        "",
-        "| contender | req/s (median) | p50 ms | p99 ms | mean adaptive batch | requests | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, s in summary.items():
-        b = f"{s['batch_mean_median']:.1f}" if s["batch_mean_median"] else "-"
-        lines.append(
-            f"| {name} | {s['rps_median']:.1f} | {s['p50_ms_median']:.0f} | {s['p99_ms_median']:.0f} | {b} "
-            f"| {s['requests']} | {s['errors']} |"
-        )
-    roles = list(dict.fromkeys(r for s in summary.values() for r in s["cpu_ms_median"]))
-    lines += [
-        "",
-        "CPU milliseconds per answered request, by process (medians over rounds; on 2 cores a "
-        "contender's req/s is at most 2000 / its total):",
-        "",
-        "| contender | " + " | ".join(roles) + " | total |",
-        "|---|" + "---:|" * (len(roles) + 1),
-    ]
-    for name, s in summary.items():
-        cpu = s["cpu_ms_median"]
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{cpu.get(r, 0.0):.1f}" for r in roles)
-            + f" | {sum(cpu.values()):.1f} |"
-        )
-    lines += [
-        "",
-        f"- /audit over /predict (ONNX) req/s: **{ratios['audit_over_predict_onnx']:.2f}** (goal ≥ 0.25)",
-        f"- /predict ONNX Runtime / eager torch: **{ratios['predict_onnx_over_torch']:.2f}×** (goal ≥ 1.3×)",
-        "",
-        "In-process, batch 8, no HTTP (medians of 7 interleaved repeats): "
-        + ", ".join(f"{k} {v:.1f} img/s" for k, v in engine_ips.items())
-        + f"; audit/predict {ratios['in_process_audit_over_onnx_predict']:.2f}, "
-        f"ONNX/torch {ratios['in_process_onnx_over_torch_predict']:.2f}×.",
-        "",
-        "The load generator runs on the same machine as the server; figures are lower bounds for a",
-        "dedicated host, ratios are comparable. Reproduce: `python benchmarks/serve.py`.",
-    ]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = markdown(meta, summary, engine_ips, args)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
