@@ -465,7 +465,9 @@ class MedAudit:
         self.engines: dict[str, AuditEngine] = {}
         for v in self.settings.versions:
             eng = AuditEngine.from_store(v, thresholds=self.thresholds)
-            eng.warmup()
+            # Served, this process resizes and routes; audits run in Auditor. Its own LRP engine
+            # serves only direct calls (audit_json, compare_json), which set it up on first use.
+            eng.warmup(audit=False)
             self.engines[v] = eng
             files = eng.card.files
             metrics.MODEL_INFO.labels(

@@ -509,11 +509,14 @@ class AuditEngine:
         heat = self.explainer.explain(x[rows], [target], logits=False).heatmaps[0].double().numpy()
         return {(int(b), c): png_base64(binarize(heat[i]) * 255) for i, (b, c) in enumerate(pairs)}
 
-    def warmup(self) -> None:
-        """One predict and one audit on a blank image, so the first request pays no lazy set-up."""
+    def warmup(self, *, audit: bool = True) -> None:
+        """One predict and (``audit``) one audit on a blank image, so the first request pays no
+        lazy set-up. An audit's set-up includes the LRP engine's prepacked CPU kernels (~70 MB for
+        ResNet-18), worth it only in a process that serves audits."""
         blank = np.zeros((*self.size, 3), dtype=np.uint8)
         self.predict([blank])
-        self.audit([blank])
+        if audit:
+            self.audit([blank])
 
 
 def compare(engines: Mapping[str, AuditEngine], image: Image_, versions: Sequence[str]) -> Comparison:

@@ -192,8 +192,8 @@ class Settings:
 
 
 #: Most auditor processes ``auto`` starts: each holds torch and every served version's model
-#: (about 0.8 GiB unique memory each on the demo store), and LRP gains little past a few
-#: processes on a shared host.
+#: (about 1.5 GiB unique memory each with three versions, their LRP kernels prepacked), and LRP
+#: gains little past a few processes on a shared host.
 MAX_AUTO_AUDIT_WORKERS = 4
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 

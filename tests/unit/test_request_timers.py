@@ -16,8 +16,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDepre
 
 
 def middleware(delay_s: float, timeout_s: float) -> Any:
-    import service.api
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    import service.api
 
     assert service.api.cancel_request_timers()  # in place (and idempotent)
 
