@@ -226,8 +226,11 @@ def summarize(phases: list[Phase]) -> dict[int, dict[str, dict[str, Any]]]:
     return out
 
 
-def in_process(home: Path, version: str, images: list[bytes], batch: int, repeats: int) -> dict[str, float]:
-    """Images/s of the three model paths alone (no HTTP), same batch, medians over interleaved repeats.
+def in_process(
+    home: Path, version: str, images: list[bytes], batches: list[int], repeats: int
+) -> dict[str, float]:
+    """Images/s of the three model paths alone (no HTTP) at each batch size, medians over
+    interleaved repeats: ``{"onnx_predict b8": ...}``. The models are loaded once.
 
     Separates what the model costs from what serving adds: if ONNX Runtime is not faster here,
     no server setting will make ``/predict`` faster than the torch path.
@@ -238,22 +241,24 @@ def in_process(home: Path, version: str, images: list[bytes], batch: int, repeat
 
     engine = AuditEngine.from_store(version, home=home)
     torch_pred = TorchPredictor(load_version(engine.tag, home=home))
-    decoded = [decode_image(b, "image/png") for b in images[:batch]]
-    rgb = engine.predictor.pixels(decoded)
-    paths = {
-        "onnx_predict": lambda: engine.predictor.predict_pixels(rgb),
-        "torch_predict": lambda: torch_pred.predict_pixels(rgb),
-        "audit": lambda: engine.audit(list(rgb)),
-    }
-    for f in paths.values():
-        f()  # warm-up
-    runs: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(repeats):
-        for name, f in paths.items():
-            t0 = time.perf_counter()
-            f()
-            runs[name].append(time.perf_counter() - t0)
-    return {k: len(rgb) / statistics.median(v) for k, v in runs.items()}
+    out: dict[str, float] = {}
+    for batch in batches:
+        rgb = engine.predictor.pixels([decode_image(b, "image/png") for b in images[:batch]])
+        paths = {
+            "onnx_predict": lambda rgb=rgb: engine.predictor.predict_pixels(rgb),
+            "torch_predict": lambda rgb=rgb: torch_pred.predict_pixels(rgb),
+            "audit": lambda rgb=rgb: engine.audit(list(rgb)),
+        }
+        for f in paths.values():
+            f()  # warm-up
+        runs: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(repeats):
+            for name, f in paths.items():
+                t0 = time.perf_counter()
+                f()
+                runs[name].append(time.perf_counter() - t0)
+        out.update({f"{k} b{batch}": len(rgb) / statistics.median(v) for k, v in runs.items()})
+    return out
 
 
 GOALS = {"audit_over_predict_onnx": 0.25, "predict_onnx_over_torch": 1.3}
@@ -362,10 +367,7 @@ def main() -> None:
                     run_phase("predict_torch", server, "/predict", "predict_batch", images, users, args)
                 )
                 print(f"round {r + 1}: {phases[-1]}", flush=True)
-    engine_ips: dict[str, float] = {}
-    for batch in (1, 4, 8):
-        for k, v in in_process(args.home, args.version, images, batch=batch, repeats=7).items():
-            engine_ips[f"{k} b{batch}"] = v
+    engine_ips = in_process(args.home, args.version, images, batches=[1, 4, 8], repeats=7)
     print(f"in-process images/s: {engine_ips}", flush=True)
     summary = summarize(phases)
     meta = {

@@ -18,6 +18,7 @@ rule-specific pre-activation, ``s = R / stab(z)`` and ``stab(z) = z + ε·sign(z
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, ClassVar
@@ -72,8 +73,6 @@ PACKED_ENV = "MEDAUDIT_LRP_PACKED"
 def packed_kernels_usable(x: torch.Tensor, w: torch.Tensor, args: ConvArgs) -> bool:
     """Whether :class:`PackedConv` can run a conv of ``w`` on ``x``: a 2-d float32 conv on the CPU
     with oneDNN present, enabled, and not turned off by ``MEDAUDIT_LRP_PACKED=0``."""
-    import os
-
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -106,7 +105,8 @@ class PackedConv:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, args: ConvArgs) -> None:
         self.weight, self.bias, self.args = weight, bias, args
         self._fwd: dict[tuple[int, ...], torch.Tensor] = {}
-        self._adj: dict[tuple[int, ...], torch.Tensor] = {}
+        #: per (output, input) shape: the packed transposed weight and its output padding
+        self._adj: dict[tuple[int, ...], tuple[torch.Tensor, list[int]]] = {}
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         """``conv(x, w) + b`` for a channels-last ``x`` (the output is channels-last)."""
@@ -124,20 +124,27 @@ class PackedConv:
     def adjoint(self, s: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
         """``Σ_j w_ij s_j`` for every input position i (what :func:`_conv_transpose` computes)."""
         stride, padding, dilation, groups = self.args
-        k = self.weight.shape[2:]
-        # the transposed conv's output padding that gives back exactly the input's spatial size
-        out_pad = [
-            int(n) - ((int(m) - 1) * st - 2 * p + d * (kk - 1) + 1)
-            for n, m, st, p, d, kk in zip(
-                input_shape[2:], s.shape[2:], stride, padding, dilation, k, strict=True
-            )
-        ]
         key = (*s.shape[1:], *input_shape[2:])
-        packed = self._adj.get(key)
-        if packed is None:
-            packed = self._adj[key] = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+        cached = self._adj.get(key)
+        if cached is None:
+            # the transposed conv's output padding that gives back exactly the input's spatial size
+            out_pad = [
+                int(n) - ((int(m) - 1) * st - 2 * p + d * (kk - 1) + 1)
+                for n, m, st, p, d, kk in zip(
+                    input_shape[2:],
+                    s.shape[2:],
+                    stride,
+                    padding,
+                    dilation,
+                    self.weight.shape[2:],
+                    strict=True,
+                )
+            ]
+            packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
                 self.weight, padding, out_pad, stride, dilation, groups, list(s.shape)
             )
+            cached = self._adj[key] = (packed, out_pad)
+        packed, out_pad = cached
         return packed_adjoint(s, packed, padding, out_pad, stride, dilation)
 
 
