@@ -445,14 +445,18 @@ class Explainer:
         instead of once per seed (/audit: one class seed and one concept seed).
         """
         act = acts[layer]
+        # Rows are picked by Python ints, never a list: indexing with a list copies an index tensor
+        # from the host, which CUDA-graph capture (Explainer.capture) refuses for unpinned memory.
         class_rows = [s for s, t in enumerate(seeds) if isinstance(t, ClassTarget)]
-        g_logits = grads[0][class_rows] if len(class_rows) > 1 else grads[0][class_rows[0]]
+        many = len(class_rows) > 1
+        g_logits = torch.stack([grads[0][s] for s in class_rows]) if many else grads[0][class_rows[0]]
         (upper,) = torch.autograd.grad(
-            [outputs[0]], [act], [g_logits], is_grads_batched=len(class_rows) > 1, allow_unused=True
+            [outputs[0]], [act], [g_logits], is_grads_batched=many, allow_unused=True
         )
         at_layer = grads[1].clone()  # (S, B, ...): the concept seeds, zero rows for class seeds
         if upper is not None:
-            at_layer[class_rows] += upper if len(class_rows) > 1 else upper[None]
+            for i, s in enumerate(class_rows):
+                at_layer[s] += upper[i] if many else upper
         below = [i for i in inputs if i is not act]
         it = iter(_seeds_backward([act], below, [at_layer], seeds) if below else ())
         return tuple(at_layer if i is act else next(it) for i in inputs)
@@ -553,7 +557,12 @@ def _seeds_backward(
         live = [s for s in live if any(bool(g[s].any()) for g in grads)]
     if not live:
         return tuple(None for _ in inputs)
-    sub = [g[live] if len(live) > 1 else g[live[0]] for g in grads]
+    # Rows by Python ints (see _two_stage: a list index is a host copy, refused in graph capture);
+    # with every seed live the gradients go in as they are.
+    if len(live) == n_seeds:
+        sub = list(grads) if n_seeds > 1 else [g[0] for g in grads]
+    else:
+        sub = [torch.stack([g[s] for s in live]) if len(live) > 1 else g[live[0]] for g in grads]
     got = torch.autograd.grad(outputs, inputs, sub, is_grads_batched=len(live) > 1, allow_unused=True)
     if len(live) < n_seeds:  # back to one row per seed, zeros for the skipped ones
         got = tuple(None if g is None else _expand_seeds(g, live, n_seeds) for g in got)
@@ -583,7 +592,8 @@ def _expand_seeds(got: torch.Tensor, live: Sequence[int], n_seeds: int) -> torch
     """``(len(live), B, ...)`` (``(B, ...)`` if one seed is live) -> ``(n_seeds, B, ...)``, zeros else."""
     rows = got if len(live) > 1 else got[None]
     full = rows.new_zeros(n_seeds, *rows.shape[1:])
-    full[list(live)] = rows
+    for i, s in enumerate(live):
+        full[s] = rows[i]
     return full
 
 

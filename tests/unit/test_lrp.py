@@ -294,12 +294,14 @@ def test_cuda_graph_replay_equals_eager() -> None:
     model, cfg = create_model("resnet18", img_size=64)
     explainer = Explainer(model.cuda(), cfg)
     xs = [torch.randn(1, 3, 64, 64, device="cuda") for _ in range(3)]
-    targets = ["pred", ConceptTarget("identity_2", torch.randn(256, device="cuda"))]
-    captured = explainer.capture(xs[0], targets, cav_layers=["identity_2"])
-    for xi in xs:
-        got, want = captured(xi), explainer.explain(xi, targets, cav_layers=["identity_2"])
-        torch.testing.assert_close(got.heatmaps, want.heatmaps, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(got.activations["identity_2"], want.activations["identity_2"])
+    v = ConceptTarget("identity_2", torch.randn(256, device="cuda"))
+    # class and concept seeds at a cut layer: the two-stage backward, with one and two class seeds
+    for targets in (["pred", v], ["pred", ClassTarget((1,)), v]):
+        captured = explainer.capture(xs[0], targets, cav_layers=["identity_2"])
+        for xi in xs:
+            got, want = captured(xi), explainer.explain(xi, targets, cav_layers=["identity_2"])
+            torch.testing.assert_close(got.heatmaps, want.heatmaps, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got.activations["identity_2"], want.activations["identity_2"])
     first = captured(xs[0]).heatmaps
     captured(xs[1])
     torch.testing.assert_close(first, explainer.explain(xs[0], targets).heatmaps, atol=1e-5, rtol=1e-4)
