@@ -207,7 +207,9 @@ class Auditor:
     one batched backward): the per-layer work of the backward is paid once per batch, which is
     what lets ``/audit`` keep up with ``/predict`` (benchmarks/serve.py). By default one process
     per core, each with one torch thread (``MEDAUDIT_AUDIT_WORKERS``; see
-    :func:`service.config.audit_workers` for why): each batches the requests that reach it.
+    :func:`service.config.audit_workers` for why): each batches the requests that reach it. Where
+    torch sees a GPU, LRP runs there, in one process (``MEDAUDIT_AUDIT_DEVICE``); the entry
+    service's own engines, for direct calls, stay on the CPU.
     """
 
     def __init__(self) -> None:
@@ -216,7 +218,11 @@ class Auditor:
         if threads:
             torch.set_num_threads(threads)
         thresholds = flag_thresholds(os.environ, settings.flag_fpr)
-        self.engines = {v: AuditEngine.from_store(v, thresholds=thresholds) for v in settings.versions}
+        self.engines = {
+            v: AuditEngine.from_store(v, thresholds=thresholds, device=settings.audit_device)
+            for v in settings.versions
+        }
+        log.info("auditor: LRP on %s, %s torch thread(s)", settings.audit_device, torch.get_num_threads())
         for e in self.engines.values():
             e.warmup()
         freeze_startup_heap()

@@ -381,19 +381,32 @@ class AuditEngine:
         loaded: A verified version from the store.
         thresholds: Flag thresholds.
         ort_threads: ONNX Runtime intra-op threads (0: its default).
+        device: Where the LRP engine runs (``"cpu"``, ``"cuda:0"``; see
+            :func:`service.config.audit_device`). Inputs are prepared and results returned on the
+            CPU either way; predictions stay on ONNX Runtime, whose providers pick the GPU apart.
     """
 
-    def __init__(self, loaded: LoadedVersion, thresholds: FlagThresholds | None = None, ort_threads: int = 0):
+    def __init__(
+        self,
+        loaded: LoadedVersion,
+        thresholds: FlagThresholds | None = None,
+        ort_threads: int = 0,
+        device: str | torch.device = "cpu",
+    ):
+        self.device = torch.device(device)
         self.tag = loaded.tag
         self.version = loaded.tag.split(":", 1)[1]
         self.cfg = loaded.cfg
         self.card = loaded.card
         self.bank = loaded.bank
         self.thresholds = thresholds or FlagThresholds()
-        self.explainer = Explainer(loaded.model, loaded.cfg)
+        self.explainer = Explainer(loaded.model, loaded.cfg).to(self.device)
         self.predictor = OnnxPredictor(loaded, ort_threads)
         #: Each concept's CAV as a float32 tensor: the seeds of the concept-conditioned heatmaps.
-        self._cavs = {c: torch.tensor(np.asarray(self.bank[c].v), dtype=torch.float32) for c in self.bank}
+        self._cavs = {
+            c: torch.tensor(np.asarray(self.bank[c].v), dtype=torch.float32, device=self.device)
+            for c in self.bank
+        }
         #: The bank's concepts in order, and their CAVs as rows plus a zero row last: row ``k`` is
         #: the mask seed of concept ``k``, row ``-1`` the seed of an image that shows none.
         self._names = list(self.bank)
@@ -407,9 +420,10 @@ class AuditEngine:
         home: str | Path | None = None,
         thresholds: FlagThresholds | None = None,
         ort_threads: int = 0,
+        device: str | torch.device = "cpu",
     ) -> AuditEngine:
         """Loads (sha256-verified) ``version`` from the BentoML store and builds its engine."""
-        return cls(load_version(version_tag(version), home=home), thresholds, ort_threads)
+        return cls(load_version(version_tag(version), home=home), thresholds, ort_threads, device)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -444,18 +458,18 @@ class AuditEngine:
             present = np.stack([np.asarray(scores[c].present, dtype=bool) for c in names])  # (K, B)
             pick = np.where(present.any(0), present.argmax(0), -1)
             chosen.update(scores=scores, pick=pick)
-            return self._seed_rows[torch.as_tensor(pick)]  # -1: the zero row
+            return self._seed_rows[torch.as_tensor(pick, device=self.device)]  # -1: the zero row
 
         e = self.explainer.explain(
             x, ["pred", ConceptTarget(layer, first_present)], cav_layers=[layer], relevance_layers=[layer]
         )
         scores, pick = chosen["scores"], chosen["pick"]
-        preds = predictions(e.logits.double().numpy(), self.cfg.labels, self.version)
-        pooled = e.activations[layer].double().numpy()
-        class_rel = e.relevance[layer][0].double().numpy()  # (B, C, h, w), seeded at the class
-        heat = e.heatmaps[0].double().numpy()  # (B, H, W)
+        preds = predictions(_numpy(e.logits), self.cfg.labels, self.version)
+        pooled = _numpy(e.activations[layer])
+        class_rel = _numpy(e.relevance[layer][0])  # (B, C, h, w), seeded at the class
+        heat = _numpy(e.heatmaps[0])  # (B, H, W)
         shares = {c: relevance_share(class_rel, self.bank[c].v) for c in self.bank}
-        seeded = e.heatmaps[1].double().numpy()  # (B, H, W): each image's first present concept
+        seeded = _numpy(e.heatmaps[1])  # (B, H, W): each image's first present concept
         masks = {(b, names[k]): png_base64(binarize(seeded[b]) * 255) for b, k in enumerate(pick) if k >= 0}
         masks.update(self._masks(x, scores, done=set(masks)))
         out = []
@@ -506,7 +520,7 @@ class AuditEngine:
         rows = torch.as_tensor([int(b) for b, _ in pairs])
         target = ConceptTarget(self.bank.layer, torch.stack([self._cavs[c] for _, c in pairs]))
         # logits=False: the forward stops at the CAV layer (nothing above it changes the masks)
-        heat = self.explainer.explain(x[rows], [target], logits=False).heatmaps[0].double().numpy()
+        heat = _numpy(self.explainer.explain(x[rows], [target], logits=False).heatmaps[0])
         return {(int(b), c): png_base64(binarize(heat[i]) * 255) for i, (b, c) in enumerate(pairs)}
 
     def warmup(self, *, audit: bool = True) -> None:
@@ -517,6 +531,11 @@ class AuditEngine:
         self.predict([blank])
         if audit:
             self.audit([blank])
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A result tensor (on the engine's device) as a float64 array on the host."""
+    return t.detach().to("cpu", torch.float64).numpy()
 
 
 def compare(engines: Mapping[str, AuditEngine], image: Image_, versions: Sequence[str]) -> Comparison:

@@ -17,6 +17,8 @@ Variables (all optional except where auth is on):
                                    usable core, at most 4; see :func:`audit_workers`)
 ``MEDAUDIT_AUDIT_THREADS``         torch threads of each auditor process (default: the usable
                                    cores shared out among the workers)
+``MEDAUDIT_AUDIT_DEVICE``          where the auditor runs LRP: ``auto`` (default: the GPU when
+                                   torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``
 ``MEDAUDIT_FLAG_FPR``              presence threshold's false-positive rate, in (0, 1)
                                    (default: each concept bank's own target FPR)
 ``MEDAUDIT_MAX_BYTES``             largest accepted body, bytes (default 32 MiB)
@@ -75,6 +77,8 @@ class Settings:
     audit_threads: int | None = None
     #: Auditor processes (BentoML workers of ``medaudit-auditor``); see :func:`audit_workers`.
     audit_workers: int = 1
+    #: Torch device of the auditor's LRP engine (``cpu``, ``cuda:N``); see :func:`audit_device`.
+    audit_device: str = "cpu"
     limits: Limits = field(default_factory=Limits)
     redis_url: str | None = None
     flags_enabled: bool = True
@@ -157,6 +161,7 @@ class Settings:
             predict_threads=_optional_positive_int(env, PREFIX + "PREDICT_THREADS"),
             audit_threads=_optional_positive_int(env, PREFIX + "AUDIT_THREADS"),
             audit_workers=audit_workers(env),
+            audit_device=audit_device(env),
             limits=Limits(
                 max_bytes=positive_int(env, PREFIX + "MAX_BYTES", Limits.max_bytes),
                 max_pixels=positive_int(env, PREFIX + "MAX_PIXELS", Limits.max_pixels),
@@ -230,14 +235,52 @@ def audit_workers(environ: Mapping[str, str]) -> int:
     when ``service.api`` is imported (the ``workers`` of the auditor's service): a start-time
     setting. Set the worker count here, not through ``BENTOML_CONFIG_OPTIONS``: the auditors' thread
     split (:meth:`Settings.auditor_threads`) reads it from here.
+
+    With the auditor on a GPU (:func:`audit_device`), ``auto`` is one process: the batch, not the
+    process count, fills a GPU, and each process would hold its own CUDA context and models.
     """
     name = PREFIX + "AUDIT_WORKERS"
     raw = environ.get(name, "").strip().lower().replace("_", "")
     if raw in ("", "auto"):
+        if audit_device(environ) != "cpu":
+            return 1
         return min(usable_cpus(), MAX_AUTO_AUDIT_WORKERS)
     if raw.isdigit() and int(raw) >= 1:
         return int(raw)
     raise ConfigError(f"{name} must be a positive integer or 'auto', got {environ[name]!r}")
+
+
+def audit_device(environ: Mapping[str, str], cuda_devices: int | None = None) -> str:
+    """The auditor's torch device from ``MEDAUDIT_AUDIT_DEVICE``: ``"cpu"`` or ``"cuda:N"``.
+
+    ``auto`` (or unset) takes the first GPU when torch sees one, else the CPU; ``cuda`` is
+    ``cuda:0``. Asking for a GPU that is not there is a start-time error, not a silent CPU
+    fallback: an operator who set it expects the GPU's throughput. ``cuda_devices`` overrides
+    ``torch.cuda.device_count()`` (tests).
+    """
+    name = PREFIX + "AUDIT_DEVICE"
+    raw = environ.get(name, "").strip().lower()
+    if raw == "cpu":
+        return "cpu"
+    m = re.fullmatch(r"cuda(?::(\d+))?", raw)
+    if raw not in ("", "auto") and not m:
+        raise ConfigError(f"{name} must be auto, cpu, cuda or cuda:N, got {environ[name]!r}")
+    if cuda_devices is None:
+        cuda_devices = _cuda_devices()
+    if not m:  # auto
+        return "cuda:0" if cuda_devices else "cpu"
+    index = int(m.group(1) or 0)
+    if index >= cuda_devices:
+        seen = f"torch sees {cuda_devices} GPU(s)" if cuda_devices else "torch sees no GPU"
+        raise ConfigError(f"{name}={environ[name]!r} but {seen}; use auto or cpu")
+    return f"cuda:{index}"
+
+
+def _cuda_devices() -> int:
+    """GPUs torch can use here (imports torch: called at service start, not at import)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def unknown_variables(environ: Mapping[str, str], known: frozenset[str] | None = None) -> list[str]:
@@ -259,6 +302,7 @@ _NAMES = (
     "PREDICT_THREADS",
     "AUDIT_THREADS",
     "AUDIT_WORKERS",
+    "AUDIT_DEVICE",
     "MAX_BYTES",
     "MAX_PIXELS",
     "MIN_IMAGE_SIDE",

@@ -6,62 +6,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
-SERVED_NAME = "resnet18-synthderm"
+from service.fixtures import SERVED_NAME
 
 
 def build_tiny_version(root: Path, home: Path, version: str, seed: int) -> str:
     """Registers a randomly initialised 32 px resnet18 as ``resnet18-synthderm:<version>``."""
-    from models.cards import build_card
-    from models.corrections.io import save_version
-    from models.export import export_onnx
-    from models.registry import create_model
-    from models.xai.concepts import ConceptBank
+    from service.fixtures import write_version_files
     from service.store import register_version
 
-    torch.manual_seed(seed)
-    model, cfg = create_model("resnet18", img_size=32)
-    layer = cfg.default_cav_layer
-    d = root / version
-    w = save_version(model, cfg, d / "model.pt", correction="vanilla", layer=layer, params={})
-    o = export_onnx(model, cfg, d / "model.onnx")
-    cls = {"accuracy": 0.9, "accuracy_malignant": 0.8, "f1_macro": 0.85}
-    build_card(
-        name=f"{SERVED_NAME}:{version}",
-        version=version,
-        architecture=cfg.to_dict(),
-        data={"dataset": "synthderm"},
-        correction={"name": "vanilla", "layer": layer, "params": {}},
-        metrics={
-            "classification": {"ch": cls, "clean": cls, "attacked": cls},
-            "artifact_relevance": {"mean": 0.2, "sem": 0.01, "n": 4},
-            "tcav": {"quotient": 0.6, "quotient_se": 0.1, "target_class": 0},
-            "retrieval": {"auroc": 0.9},
-            "artifact": "band_aid",
-            "cav_layer": layer,
-            "cav_kind": "svm",
-        },
-        weights_path=w,
-        onnx_path=o,
-    ).save(d)
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        from models.xai.lrp import Explainer
-
-        x = torch.randn(24, 3, 32, 32)
-        acts = (
-            Explainer(model, cfg).explain(x, ["pred"], cav_layers=[layer]).activations[layer].double().numpy()
-        )
-    t = (np.arange(24) % 2).astype(np.int64)
-    labels = {"band_aid": t, "ruler": rng.permutation(t)}
-    ConceptBank.fit(f"{SERVED_NAME}:{version}", layer, acts, labels, acts[t == 0], kind="signal").save(
-        d / "bank"
-    )
+    d = write_version_files(root / version, version, seed)
     tag, _ = register_version(
-        SERVED_NAME, version, weights=w, onnx=o, card_dir=d, bank_dir=d / "bank", home=home
+        SERVED_NAME,
+        version,
+        weights=d / "model.pt",
+        onnx=d / "model.onnx",
+        card_dir=d,
+        bank_dir=d / "bank",
+        home=home,
     )
     return tag
 
@@ -75,6 +39,15 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for seed, version in enumerate(("vanilla", "pclarc-band_aid")):
         build_tiny_version(root / "src", home, version, seed)
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A ``vanilla`` like :func:`tiny_store`'s, loaded without BentoML (machines without it)."""
+    from service.fixtures import load_version_files, write_version_files
+
+    d = write_version_files(tmp_path_factory.mktemp("tiny_files") / "vanilla", "vanilla", 0)
+    return load_version_files(d, "vanilla")
 
 
 @pytest.fixture(scope="session")

@@ -175,3 +175,63 @@ def test_onnx_input_is_the_torch_input_bit_for_bit(engines, tiny_store) -> None:
     assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"] and got.shape == (3, 3, *onnx.size)
     np.testing.assert_array_equal(got, torch_path._inputs(rgb).float().numpy())
     np.testing.assert_allclose(onnx.logits(rgb), torch_path.logits(rgb), atol=1e-4)
+
+
+def _audit_fields(results: list[AuditResult]) -> dict[str, np.ndarray]:
+    return {
+        "probs": np.array(
+            [[r.prediction.probabilities[k] for k in sorted(r.prediction.probabilities)] for r in results]
+        ),
+        "heat": np.stack([r.heatmap.astype(np.float64) for r in results]),
+        "scores": np.array([[c.score for c in r.concepts] for r in results]),
+        "shares": np.array([[c.relevance_share for c in r.concepts] for r in results]),
+        "features": np.stack([r.features for r in results]),
+    }
+
+
+def _devices(eng: AuditEngine) -> set[str]:
+    m = eng.explainer.model
+    held = (*m.parameters(), *m.buffers(), *eng._cavs.values())
+    return {t.device.type for t in held}
+
+
+def test_engine_device_is_where_lrp_runs(tiny_loaded) -> None:
+    """The CPU engine's rule model and concept seeds live on the device it was given, and its
+    results are host arrays; the CUDA twin of this check is the next test."""
+    import torch
+
+    eng = AuditEngine(tiny_loaded, ort_threads=1, device="cpu")
+    assert eng.device == torch.device("cpu")
+    assert _devices(eng) == {"cpu"}
+    (r,) = eng.audit([np.zeros((32, 32, 3), dtype=np.uint8)], raw_heatmap=True)
+    assert isinstance(r.heatmap, np.ndarray) and r.heatmap.shape == (32, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_matches_the_cpu_engine(tiny_loaded) -> None:
+    """LRP on the GPU (MEDAUDIT_AUDIT_DEVICE) gives the CPU engine's audit: same predictions,
+    concept scores, shares and heatmaps up to float32/TF32 rounding, and the same flags where a
+    decision is not on its threshold. Results come back as host arrays either way."""
+    import torch
+
+    cpu = AuditEngine(tiny_loaded, ort_threads=1, device="cpu")
+    gpu = AuditEngine(tiny_loaded, ort_threads=1, device="cuda")
+    assert _devices(gpu) == {"cuda"}
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8) for _ in range(6)]
+    want, got = cpu.audit(images, raw_heatmap=True), gpu.audit(images, raw_heatmap=True)
+    w, g = _audit_fields(want), _audit_fields(got)
+    np.testing.assert_allclose(g["probs"], w["probs"], atol=1e-3)
+    np.testing.assert_allclose(g["features"], w["features"], rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(g["scores"], w["scores"], rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(g["shares"], w["shares"], atol=1e-2)
+    for a, b in zip(g["heat"], w["heat"], strict=True):  # float16 maps: compare their shape
+        cos = float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+        assert cos > 0.999, cos
+    for r_g, r_w in zip(got, want, strict=True):
+        assert r_g.prediction.label == r_w.prediction.label
+        for c_g, c_w in zip(r_g.concepts, r_w.concepts, strict=True):
+            if abs(c_w.score - c_w.threshold) > 1e-2 * max(1.0, abs(c_w.threshold)):
+                assert c_g.present == c_w.present
+    torch.cuda.synchronize()

@@ -142,7 +142,8 @@ def test_import_is_light() -> None:
 
 def test_audit_workers_default_to_one_per_usable_core_capped(monkeypatch) -> None:
     """Unset or ``auto``: one auditor process per usable core, at most MAX_AUTO_AUDIT_WORKERS; a
-    number is taken as it is."""
+    number is taken as it is. (No GPU: on one, ``auto`` is one process; see below.)"""
+    monkeypatch.setattr(config, "_cuda_devices", lambda: 0)
     for cores, expected in ((1, 1), (2, 2), (64, MAX_AUTO_AUDIT_WORKERS)):
         monkeypatch.setattr(config, "usable_cpus", lambda n=cores: n)
         assert audit_workers({}) == audit_workers({"MEDAUDIT_AUDIT_WORKERS": " Auto "}) == expected
@@ -181,3 +182,56 @@ def test_usable_cpus_reads_a_cgroup_quota_below_the_affinity_mask(tmp_path: Path
         assert usable_cpus(cpu_max) == 2
     cpu_max.write_text("garbage\n")
     assert usable_cpus(cpu_max) == mask
+
+
+@pytest.mark.parametrize(
+    ("value", "gpus", "expected"),
+    [
+        (None, 0, "cpu"),
+        (None, 2, "cuda:0"),
+        ("auto", 0, "cpu"),
+        (" AUTO ", 1, "cuda:0"),
+        ("cpu", 2, "cpu"),
+        ("cuda", 1, "cuda:0"),
+        ("cuda:1", 2, "cuda:1"),
+    ],
+)
+def test_audit_device_resolves_auto_and_explicit_choices(value, gpus, expected) -> None:
+    env = {} if value is None else {"MEDAUDIT_AUDIT_DEVICE": value}
+    assert config.audit_device(env, cuda_devices=gpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "gpus", "match"),
+    [
+        ("cuda", 0, "sees no GPU"),
+        ("cuda:2", 2, "sees 2 GPU"),
+        ("gpu", 1, "auto, cpu, cuda or cuda:N"),
+        ("cuda:-1", 1, "auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_audit_device_refuses_a_gpu_that_is_not_there(value, gpus, match) -> None:
+    """An explicit GPU that is missing is a start-time error naming the variable, never a silent
+    fallback to the CPU."""
+    with pytest.raises(ConfigError, match=f"MEDAUDIT_AUDIT_DEVICE.*{match}"):
+        config.audit_device({"MEDAUDIT_AUDIT_DEVICE": value}, cuda_devices=gpus)
+
+
+def test_audit_device_on_this_machine_and_in_settings() -> None:
+    """Read from torch itself (no injected GPU count): auto is the GPU exactly when torch sees one."""
+    import torch
+
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert Settings.from_env({"MEDAUDIT_AUTH": "off"}).audit_device == expected
+    assert Settings.from_env({"MEDAUDIT_AUTH": "off", "MEDAUDIT_AUDIT_DEVICE": "cpu"}).audit_device == "cpu"
+    assert "MEDAUDIT_AUDIT_DEVICE" not in unknown_variables({"MEDAUDIT_AUDIT_DEVICE": "cpu"})
+
+
+def test_auto_audit_workers_is_one_process_on_a_gpu(monkeypatch) -> None:
+    """The batch fills a GPU, not extra processes (each would hold a CUDA context and the models);
+    an explicit count still wins, and an explicit CPU device keeps one process per core."""
+    monkeypatch.setattr(config, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(config, "_cuda_devices", lambda: 1)
+    assert audit_workers({}) == 1
+    assert audit_workers({"MEDAUDIT_AUDIT_WORKERS": "3"}) == 3
+    assert audit_workers({"MEDAUDIT_AUDIT_DEVICE": "cpu"}) == min(8, MAX_AUTO_AUDIT_WORKERS)

@@ -1,0 +1,182 @@
+"""The whole ``/audit`` engine on the CPU and on a GPU: where its time goes on each.
+
+``AuditEngine.audit`` is one LRP call (forward + batched backward, seeded at the predicted class
+and at each image's first present concept) followed by host work: concept scoring, relevance
+shares, float16 maps, and PNG encoding of the overlay and masks. On the CPU the LRP call is nearly
+all of it; on a GPU it is not, which decides how far ``MEDAUDIT_AUDIT_DEVICE=cuda`` can take the
+auditor. This runs one random-weight version (:mod:`service.fixtures`: the shapes and code paths
+of a served ResNet-18, no training and no BentoML store needed) on each device and times, per
+batch size, the whole audit and its LRP call alone, round-robin over repeats (medians).
+
+    python benchmarks/audit_device.py                     # cpu, and cuda when torch sees a GPU
+    python benchmarks/audit_device.py --devices cpu --batches 1 8
+
+Writes ``benchmarks/results/audit_engine_<tag>.md`` and ``.json`` (tag: ``--tag``, default the
+devices timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", nargs="*", help="torch devices to time (default: cpu, and cuda if present)")
+    p.add_argument("--size", type=int, default=128, help="input side in px (the served models: 128)")
+    p.add_argument("--batches", nargs="*", type=int, default=[1, 8, 32])
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (after one warm-up)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="result file name: audit_engine_<tag> (default: the devices timed, e.g. cpu_cuda)",
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    return p.parse_args()
+
+
+def time_engine(eng: Any, images: list[Any], batches: list[int], repeats: int) -> list[dict[str, Any]]:
+    """Per batch size: whole ``eng.audit`` calls, and the time each spent in its own LRP calls
+    (the class + first-concept call, and the masks' call when an image shows more concepts)."""
+    import torch
+
+    sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
+    explain = eng.explainer.explain
+    in_lrp = [0.0]
+
+    def timed_explain(*a: Any, **kw: Any) -> Any:
+        sync()
+        t0 = time.perf_counter()
+        out = explain(*a, **kw)
+        sync()
+        in_lrp[0] += time.perf_counter() - t0
+        return out
+
+    eng.explainer.explain = timed_explain
+    rows = []
+    for batch in batches:
+        ims = images[:batch]
+        eng.audit(ims)  # warm-up (and cuDNN's choice of kernels for this shape)
+        whole, only = [], []
+        for _ in range(repeats):
+            in_lrp[0] = 0.0
+            sync()
+            t0 = time.perf_counter()
+            eng.audit(ims)
+            sync()
+            whole.append(time.perf_counter() - t0)
+            only.append(in_lrp[0])
+        med_w, med_l = statistics.median(whole), statistics.median(only)
+        rows.append(
+            {
+                "device": str(eng.device),
+                "batch": batch,
+                "audit_ms": med_w * 1e3,
+                "lrp_ms": med_l * 1e3,
+                "audit_img_s": batch / med_w,
+                "lrp_share": med_l / med_w,
+                "audit_runs_ms": [r * 1e3 for r in whole],
+                "lrp_runs_ms": [r * 1e3 for r in only],
+            }
+        )
+        print(
+            f"{eng.device} b{batch}: audit {med_w * 1e3:.1f} ms ({batch / med_w:.0f} img/s), "
+            f"in LRP {med_l * 1e3:.1f} ms ({100 * med_l / med_w:.0f} %)",
+            flush=True,
+        )
+    eng.explainer.explain = explain
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import torch
+
+    from benchmarks.machine import cpu_name
+    from service.audit import AuditEngine
+    from service.fixtures import load_version_files, write_version_files
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    if any(d.startswith("cuda") for d in devices):
+        if not torch.cuda.is_available():
+            raise SystemExit("cuda asked for but torch sees no GPU")
+        torch.backends.cudnn.benchmark = True  # fixed shapes per batch size: pick kernels once
+    info: dict[str, Any] = {
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "size": args.size,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        loaded = load_version_files(write_version_files(Path(tmp) / "v", "bench", 0, args.size), "bench")
+        print(f"version written and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+        rng = np.random.default_rng(0)
+        images = [
+            rng.integers(0, 256, size=(args.size, args.size, 3), dtype=np.uint8)
+            for _ in range(max(args.batches))
+        ]
+        rows: list[dict[str, Any]] = []
+        for dev in devices:
+            rows += time_engine(AuditEngine(loaded, device=dev), images, args.batches, args.repeats)
+    tag = args.tag or "_".join(d.split(":")[0] for d in devices)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"audit_engine_{tag}"
+    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    stem.with_suffix(".md").write_text(markdown(info, rows))
+    print(markdown(info, rows))
+
+
+def markdown(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# /audit engine by device (ResNet-18 @ {info['size']} px, random weights)",
+        "",
+        f"CPU {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads); "
+        f"GPU {info['gpu'] or 'none'}; torch {info['torch']}. Medians of the timed repeats; "
+        "'in LRP' is the time an audit spent in its own LRP calls (synchronised), the rest of "
+        "it is host work (concept scoring, relevance shares, PNG encoding of overlay and masks).",
+        "",
+        "| device | batch | audit ms | audit img/s | in LRP ms | LRP share of the audit |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['device']} | {r['batch']} | {r['audit_ms']:.1f} | {r['audit_img_s']:.0f} | "
+            f"{r['lrp_ms']:.1f} | {100 * r['lrp_share']:.0f} % |"
+        )
+    cpu = {r["batch"]: r for r in rows if r["device"] == "cpu"}
+    gpu = [r for r in rows if r["device"].startswith("cuda") and r["batch"] in cpu]
+    if gpu:
+        lines += [
+            "",
+            "GPU ÷ CPU audit throughput, same run: "
+            + ", ".join(
+                f"batch {r['batch']} {r['audit_img_s'] / cpu[r['batch']]['audit_img_s']:.1f}×" for r in gpu
+            ),
+        ]
+    lines += ["", "Reproduce: `python benchmarks/audit_device.py`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
