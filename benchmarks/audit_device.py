@@ -37,6 +37,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", type=int, default=128, help="input side in px (the served models: 128)")
     p.add_argument("--batches", nargs="*", type=int, default=[1, 8, 32])
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per row (after one warm-up)")
+    p.add_argument(
+        "--home", type=Path, help="a built store (BENTOML_HOME): time its trained --version instead"
+    )
+    p.add_argument("--version", default="vanilla", help="with --home: the stored version to time")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     p.add_argument(
         "--tag",
@@ -82,6 +86,7 @@ def time_engine(eng: Any, images: list[Any], batches: list[int], repeats: int) -
         rows.append(
             {
                 "device": str(eng.device),
+                "host_work": "thread pool" if eng.parallel_host else "serial",
                 "batch": batch,
                 "audit_ms": med_w * 1e3,
                 "lrp_ms": med_l * 1e3,
@@ -92,7 +97,8 @@ def time_engine(eng: Any, images: list[Any], batches: list[int], repeats: int) -
             }
         )
         print(
-            f"{eng.device} b{batch}: audit {med_w * 1e3:.1f} ms ({batch / med_w:.0f} img/s), "
+            f"{eng.device} ({'pool' if eng.parallel_host else 'serial'}) b{batch}: "
+            f"audit {med_w * 1e3:.1f} ms ({batch / med_w:.0f} img/s), "
             f"in LRP {med_l * 1e3:.1f} ms ({100 * med_l / med_w:.0f} %)",
             flush=True,
         )
@@ -103,12 +109,12 @@ def time_engine(eng: Any, images: list[Any], batches: list[int], repeats: int) -
 def main() -> None:
     args = parse_args()
     sys.path.insert(0, str(ROOT))
-    import numpy as np
     import torch
 
     from benchmarks.machine import cpu_name
-    from service.audit import AuditEngine
-    from service.fixtures import load_version_files, write_version_files
+    from service.audit import AuditEngine, version_tag
+    from service.fixtures import load_version_files, synthderm_images, write_version_files
+    from service.store import load_version
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,16 +135,22 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        loaded = load_version_files(write_version_files(Path(tmp) / "v", "bench", 0, args.size), "bench")
-        print(f"version written and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
-        rng = np.random.default_rng(0)
-        images = [
-            rng.integers(0, 256, size=(args.size, args.size, 3), dtype=np.uint8)
-            for _ in range(max(args.batches))
-        ]
+        if args.home:
+            loaded = load_version(version_tag(args.version), home=args.home)
+            info["weights"] = f"trained: {loaded.tag} from {args.home}"
+        else:
+            loaded = load_version_files(write_version_files(Path(tmp) / "v", "bench", 0, args.size), "bench")
+            info["weights"] = "random (service.fixtures)"
+        info["size"] = int(loaded.cfg.input_size[1])
+        print(f"version loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+        images = synthderm_images(max(args.batches))
         rows: list[dict[str, Any]] = []
         for dev in devices:
-            rows += time_engine(AuditEngine(loaded, device=dev), images, args.batches, args.repeats)
+            eng = AuditEngine(loaded, device=dev)
+            # on a GPU, its default (host work on a thread pool) and the serial host work it replaced
+            for parallel in (False, True) if eng.device.type != "cpu" else (False,):
+                eng.parallel_host = parallel
+                rows += time_engine(eng, images, args.batches, args.repeats)
     tag = args.tag or "_".join(d.split(":")[0] for d in devices)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"audit_engine_{tag}"
@@ -149,23 +161,24 @@ def main() -> None:
 
 def markdown(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"# /audit engine by device (ResNet-18 @ {info['size']} px, random weights)",
+        f"# /audit engine by device (ResNet-18 @ {info['size']} px, {info['weights']} weights)",
         "",
         f"CPU {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads); "
         f"GPU {info['gpu'] or 'none'}; torch {info['torch']}. Medians of the timed repeats; "
         "'in LRP' is the time an audit spent in its own LRP calls (synchronised), the rest of "
         "it is host work (concept scoring, relevance shares, PNG encoding of overlay and masks).",
         "",
-        "| device | batch | audit ms | audit img/s | in LRP ms | LRP share of the audit |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| device | host work | batch | audit ms | audit img/s | in LRP ms | LRP share of the audit |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['device']} | {r['batch']} | {r['audit_ms']:.1f} | {r['audit_img_s']:.0f} | "
-            f"{r['lrp_ms']:.1f} | {100 * r['lrp_share']:.0f} % |"
+            f"| {r['device']} | {r.get('host_work', 'serial')} | {r['batch']} | {r['audit_ms']:.1f} | "
+            f"{r['audit_img_s']:.0f} | {r['lrp_ms']:.1f} | {100 * r['lrp_share']:.0f} % |"
         )
     cpu = {r["batch"]: r for r in rows if r["device"] == "cpu"}
-    gpu = [r for r in rows if r["device"].startswith("cuda") and r["batch"] in cpu]
+    gpu = [r for r in rows if r["device"] != "cpu" and r["batch"] in cpu and r.get("host_work") != "serial"]
+    gpu = gpu or [r for r in rows if r["device"] != "cpu" and r["batch"] in cpu]
     if gpu:
         lines += [
             "",

@@ -95,15 +95,12 @@ def parse_args() -> argparse.Namespace:
 
 def test_images(n: int) -> list[bytes]:
     """PNG bytes of synthderm test images, half of them attacked with the band-aid."""
-    from models.data.synthetic import SynthDerm, SynthDermConfig
+    from service.fixtures import synthderm_images
 
-    ds = SynthDerm(SynthDermConfig())
-    idx = ds.indices("test")[:n]
     out = []
-    for k, i in enumerate(idx):
-        s = ds.sample(int(i), "attacked", attack="band_aid") if k % 2 else ds.sample(int(i), "clean")
+    for image in synthderm_images(n):
         buf = io.BytesIO()
-        Image.fromarray(s.image).save(buf, format="PNG")
+        Image.fromarray(image).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
 

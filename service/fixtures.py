@@ -79,3 +79,17 @@ def load_version_files(d: Path, version: str) -> LoadedVersion:
     return LoadedVersion(
         tag, model, d / "model.onnx", ConceptBank.load(d / "bank"), ModelCard.load(d), cfg, record, d
     )
+
+
+def synthderm_images(n: int) -> list[np.ndarray]:
+    """``n`` synthderm test images (RGB arrays), every other one with the band-aid artifact: what a
+    served model sees (benchmarks send these; PNG encoding and concept masks behave as in service,
+    unlike noise)."""
+    from models.data.synthetic import SynthDerm, SynthDermConfig
+
+    ds = SynthDerm(SynthDermConfig())
+    idx = [int(i) for i in ds.indices("test")[:n]]
+    return [
+        (ds.sample(i, "attacked", attack="band_aid") if k % 2 else ds.sample(i, "clean")).image
+        for k, i in enumerate(idx)
+    ]

@@ -207,6 +207,22 @@ def test_engine_device_is_where_lrp_runs(tiny_loaded) -> None:
     assert isinstance(r.heatmap, np.ndarray) and r.heatmap.shape == (32, 32)
 
 
+def test_host_work_on_the_pool_gives_the_serial_results(tiny_loaded) -> None:
+    """The per-image host work (overlays, masks, PNG encoding) runs on a thread pool when LRP is
+    on a GPU; the audit must not change by it: same PNGs, same masks, in image order."""
+    from service.fixtures import synthderm_images
+
+    images = synthderm_images(6)
+    serial = AuditEngine(tiny_loaded, ort_threads=1)
+    assert serial.parallel_host is False  # the CPU default
+    pooled = AuditEngine(tiny_loaded, ort_threads=1)
+    pooled.parallel_host = True
+    want, got = serial.audit(images), pooled.audit(images)
+    assert [r.heatmap_png for r in got] == [r.heatmap_png for r in want]
+    assert [[c.mask_png for c in r.concepts] for r in got] == [[c.mask_png for c in r.concepts] for r in want]
+    assert any(c.mask_png for r in want for c in r.concepts)  # the masks' path ran
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_cuda_engine_matches_the_cpu_engine(tiny_loaded) -> None:
