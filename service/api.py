@@ -63,11 +63,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from http import HTTPStatus
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from models.errors import ConfigError
-from service import metrics
+from service import bentoml_patches, metrics
 from service.audit import (
     PREDICT_BACKENDS,
     AuditEngine,
@@ -81,7 +80,7 @@ from service.auth import ANONYMOUS, Principal, Role
 from service.config import Settings, audit_workers
 from service.errors import AuditError, JsonErrorBodies, ServiceOverloadedError, UnknownModelVersionError
 from service.flags.policy import PolicyDecision, evaluate
-from service.inputs import DecodedImage, check_body_size, decode_image
+from service.inputs import DecodedImage, decode_image
 from service.openapi import OpenAPIDocument
 from service.routing import Route
 from service.uploads import UploadNormalizer
@@ -91,7 +90,6 @@ with warnings.catch_warnings():  # bentoml 1.4.40's import-time pathspec depreca
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"GitWildMatchPattern")
     import bentoml
     from bentoml.exceptions import BentoMLException
-    from bentoml.validators import ContentType
 import aiohttp
 import anyio.to_thread
 import numpy as np
@@ -107,7 +105,12 @@ FLAG_SHARE_VAR = "MEDAUDIT_FLAG_SHARE"
 #: The batched services are internal hops: one access-log line per merged job is noise (the entry
 #: service logs every request) and, at hundreds of requests a second, measurable CPU.
 _INTERNAL_LOGGING: Any = {"access": {"enabled": False}}
-ImageBody = Annotated[Path, ContentType("application/octet-stream")]
+#: The raw request body. ``bytes``, not a file type: BentoML spools a file-typed root input to a
+#: temporary file (mkstemp, write, and here stat and read back: ~9 % of the entry service's
+#: samples under /predict load, py-spy) although it has read the whole body into memory first;
+#: a string-typed root is handed over as the bytes it read. The body's size was bounded before
+#: BentoML read it (:class:`~service.uploads.UploadNormalizer`: 413 past MEDAUDIT_MAX_BYTES).
+ImageBody = bytes
 
 
 class ShadowStats:
@@ -272,68 +275,7 @@ async def _dependency(
     raise AssertionError("unreachable")
 
 
-def cancel_request_timers() -> bool:
-    """Patch BentoML 1.4's ``TimeoutMiddleware`` to cancel each request's timeout timer once the
-    response has started; returns whether the patch is in place.
-
-    BentoML schedules ``loop.call_later(traffic.timeout, ...)`` for every request and never cancels
-    it, so each request's timer lives the whole timeout (300 s in the entry service) after the
-    request is answered, and with it everything the timer's context holds: the starlette request,
-    BentoML's request and response contexts, the OpenTelemetry span. At ~100 requests a second
-    that is ~30,000 requests' objects alive: the entry service held 420k tracked objects two
-    minutes into a benchmark and each full garbage collection walked them all, up to 280 ms
-    during which every request in flight waited. /predict's p99 grew with every minute served
-    (198 -> 468 ms over 90 s of load, benchmarks/serve.py), and RSS with it.
-
-    The timer's only effect is answering 504 when nothing was sent within the timeout; once the
-    first message is sent it does nothing (it checks ``waiter.done()``), so cancelling it then
-    changes no behaviour. The body below is BentoML 1.4.40's, plus the ``cancel()``. Best effort:
-    a BentoML without this middleware, or with a different one, is left alone.
-    """
-    try:
-        from bentoml._internal.server.http import traffic
-    except ImportError:
-        return False
-    middleware = getattr(traffic, "TimeoutMiddleware", None)
-    if middleware is None or not hasattr(middleware, "_set_timer_out"):
-        return False
-    if getattr(middleware.__call__, "_medaudit_cancels_timer", False):
-        return True
-
-    async def __call__(self: Any, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
-
-        async def _send(message: Any) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-            await send(message)
-
-        fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
-        try:
-            try:
-                await waiter
-            finally:
-                timer.cancel()  # fired, or the response has started: it can only be a no-op now
-        except TimeoutError:
-            if fut.cancel():
-                resp = JSONResponse(
-                    {"error": f"Not able to process the request in {self.timeout} seconds"},
-                    status_code=504,
-                )
-                await resp(scope, receive, send)
-        else:
-            await fut
-
-    __call__._medaudit_cancels_timer = True  # type: ignore[attr-defined]
-    middleware.__call__ = __call__
-    return True
-
-
-cancel_request_timers()
+bentoml_patches.apply()
 
 
 def _keep_sessions(dependency: Any) -> None:
@@ -530,13 +472,11 @@ class MedAudit:
             metrics.AB_ASSIGNMENTS.labels(route.version, route.via).inc()
         return route
 
-    def _decode(self, headers: Mapping[str, str], image: Path) -> DecodedImage:
+    def _decode(self, headers: Mapping[str, str], image: bytes) -> DecodedImage:
         # BentoML hands an empty body to a root input as "{}": the declared length tells them apart.
         if headers.get("content-length") == "0":
             return decode_image(b"", headers.get("content-type"), self.settings.limits)
-        # BentoML spooled the body to a file; an oversized one is refused before it is read into memory.
-        check_body_size(Path(image).stat().st_size, self.settings.limits)
-        return decode_image(Path(image).read_bytes(), headers.get("content-type"), self.settings.limits)
+        return decode_image(bytes(image), headers.get("content-type"), self.settings.limits)
 
     @staticmethod
     def _error(ctx: bentoml.Context, e: AuditError, rid: str) -> JSONResponse:
@@ -548,7 +488,7 @@ class MedAudit:
     async def _serve(
         self,
         ctx: bentoml.Context,
-        image: Path,
+        image: bytes,
         work: Callable[[DecodedImage, str], Awaitable[dict[str, Any]]],
     ) -> Any:
         """Request id, auth, decoding and error translation around one POST endpoint.

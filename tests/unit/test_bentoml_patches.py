@@ -1,5 +1,7 @@
-"""service.api.cancel_request_timers: BentoML's per-request timeout timer is cancelled once the
-response has started, and the timeout still answers 504 when nothing is sent in time.
+"""service.bentoml_patches (applied on import of ``service.api``).
+
+cancel_request_timers: BentoML's per-request timeout timer is cancelled once the response has
+started, and the timeout still answers 504 when nothing is sent in time.
 
 Driven through BentoML's own ``TimeoutMiddleware`` (patched on import of ``service.api``) with a
 minimal ASGI app; the served effect (the entry service's heap no longer grows with every request
@@ -20,7 +22,7 @@ def middleware(delay_s: float, timeout_s: float) -> Any:
 
     import service.api
 
-    assert service.api.cancel_request_timers()  # in place (and idempotent)
+    assert service.api.bentoml_patches.cancel_request_timers()  # in place (and idempotent)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await asyncio.sleep(delay_s)
@@ -61,3 +63,55 @@ def test_timeout_still_answers_504() -> None:
     assert sent[0]["status"] == 504
     assert b"0.05 seconds" in sent[1]["body"]
     assert live == []
+
+
+class _Root:
+    """Stand-ins for the root types of the endpoints (each its own class: its own cache entry)."""
+
+
+def test_root_schemas_are_built_once_per_class_and_handed_out_as_copies() -> None:
+    """BentoML's per-request ``IORootModel.model_json_schema``: built once per class and
+    arguments, equal to what BentoML builds, and a copy each time (mutating one changes no other)."""
+    from pathlib import Path
+    from typing import Annotated
+
+    from _bentoml_sdk.io_models import IORootModel
+    from bentoml.validators import ContentType
+    from pydantic import TypeAdapter
+
+    import service.api  # noqa: F401  (applies the patches)
+    from service import bentoml_patches
+
+    assert bentoml_patches.cache_root_schemas()  # in place (and idempotent)
+    typ = Annotated[Path, ContentType("application/octet-stream")]
+
+    class Image(IORootModel[typ]):  # type: ignore[valid-type]
+        __root_input__ = True
+
+    class Count(IORootModel[int]):
+        pass
+
+    unpatched = IORootModel.__dict__["model_json_schema"].__func__.__wrapped__
+    want = unpatched(Image)
+    assert want["type"] == "file" and want["root_input"] is True
+    built: list[type] = []
+    original = TypeAdapter.__init__
+
+    def counting(self: Any, *a: Any, **kw: Any) -> None:
+        built.append(a[0] if a else None)
+        original(self, *a, **kw)
+
+    TypeAdapter.__init__ = counting  # type: ignore[method-assign]
+    try:
+        first = Image.model_json_schema()
+        first["mutated"] = True
+        again = Image.model_json_schema()
+        count = Count.model_json_schema()
+        Count.model_json_schema()
+    finally:
+        TypeAdapter.__init__ = original  # type: ignore[method-assign]
+    assert again == want and "mutated" not in again
+    assert count == unpatched(Count) == {"type": "integer"}
+    assert len(built) == 2  # one per class, none for the repeats
+    # bodies still parse through the cached schema (JSON for a non-file root)
+    assert Count.model_validate_json(b"3").root == 3
