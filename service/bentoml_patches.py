@@ -120,5 +120,5 @@ def cache_root_schemas() -> bool:
         return copy.deepcopy(schema)
 
     model_json_schema._medaudit_cached = True  # type: ignore[attr-defined]
-    IORootModel.model_json_schema = classmethod(model_json_schema)  # type: ignore[method-assign, assignment]
+    IORootModel.model_json_schema = classmethod(model_json_schema)
     return True
