@@ -76,9 +76,8 @@ from service.audit import (
     comparison_json,
     version_tag,
 )
-from service.audit_pool import AuditPool, audit_jobs, by_version
 from service.auth import ANONYMOUS, Principal, Role
-from service.config import Settings
+from service.config import Settings, audit_workers
 from service.errors import AuditError, JsonErrorBodies, ServiceOverloadedError, UnknownModelVersionError
 from service.flags.policy import PolicyDecision, evaluate
 from service.inputs import DecodedImage, decode_image
@@ -189,7 +188,7 @@ class Predictor:
     def predict_batch(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``[{"version", "pixels": (H, W, 3) uint8}]`` -> one prediction JSON per job, in order."""
         out: list[dict[str, Any]] = [{} for _ in jobs]
-        for version, idx in by_version(jobs).items():
+        for version, idx in _by_version(jobs).items():
             metrics.BATCH_IMAGES.labels("predictor", version).observe(len(idx))
             rgb = np.stack([np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx])
             for i, pred in zip(idx, self.predictors[version].predict_pixels(rgb), strict=True):
@@ -201,22 +200,19 @@ class Predictor:
     name="medaudit-auditor",
     traffic={"timeout": 300},
     logging=_INTERNAL_LOGGING,
-    # One BentoML worker whatever MEDAUDIT_AUDIT_WORKERS says: several would share one listening
-    # socket and the entry's connections pile onto one of them (service.audit_pool); the worker
-    # spreads each batch over its helper processes instead.
-    workers=1,
+    # Read here, at import, because BentoML takes a service's process count from its decorator.
+    workers=audit_workers(os.environ),
 )
 class Auditor:
     """Audits (prediction + LRP heatmap + concept scores + flag) behind one batched API.
 
     Concurrent ``/audit`` and ``/compare`` requests of a version share one LRP call (one forward,
     one batched backward): the per-layer work of the backward is paid once per batch, which is
-    what lets ``/audit`` keep up with ``/predict`` (benchmarks/serve.py). Each batch is cut into
-    one chunk per LRP process (:class:`~service.audit_pool.AuditPool`): this one and, by default,
-    a helper for every further usable core, each with one torch thread (``MEDAUDIT_AUDIT_WORKERS``;
-    see :func:`service.config.audit_workers` for why). Where torch sees a GPU, LRP runs there, in
-    this process alone (``MEDAUDIT_AUDIT_DEVICE``); the entry service's own engines, for direct
-    calls, stay on the CPU.
+    what lets ``/audit`` keep up with ``/predict`` (benchmarks/serve.py). By default one process
+    per core, each with one torch thread (``MEDAUDIT_AUDIT_WORKERS``; see
+    :func:`service.config.audit_workers` for why): each batches the requests that reach it. Where
+    torch sees a GPU, LRP runs there, in one process (``MEDAUDIT_AUDIT_DEVICE``); the entry
+    service's own engines, for direct calls, stay on the CPU.
     """
 
     def __init__(self) -> None:
@@ -229,24 +225,15 @@ class Auditor:
             v: AuditEngine.from_store(v, thresholds=thresholds, device=settings.audit_device)
             for v in settings.versions
         }
+        log.info("auditor: LRP on %s, %s torch thread(s)", settings.audit_device, torch.get_num_threads())
         for e in self.engines.values():
             e.warmup()
-        self.pool = AuditPool(
-            self.engines, settings.audit_workers - 1, thresholds=thresholds, threads=threads or 1
-        )
-        log.info(
-            "auditor: LRP on %s in %d process(es) (helpers %s), %s torch thread(s) each",
-            settings.audit_device,
-            self.pool.processes,
-            self.pool.helper_pids(),
-            torch.get_num_threads(),
-        )
         freeze_startup_heap()
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=16, max_latency_ms=20000)
     def audit_batch(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``[{"version", "pixels", "raw_heatmap"}]`` -> ``{"result": audit JSON, "features"}`` each."""
-        return self.pool.audit(jobs)
+        return audit_jobs(self.engines, jobs)
 
 
 #: How long one batched call may take before it is abandoned and sent again. BentoML's dispatcher
@@ -316,6 +303,32 @@ def _stage(endpoint: str, stage: str) -> Iterator[None]:
         yield
     finally:
         metrics.STAGE_SECONDS.labels(endpoint, stage).observe(time.perf_counter() - t0)
+
+
+def _by_version(jobs: list[dict[str, Any]]) -> dict[str, list[int]]:
+    by_version: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_version.setdefault(str(job["version"]), []).append(i)
+    return by_version
+
+
+def audit_jobs(engines: Mapping[str, AuditEngine], jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One :meth:`AuditEngine.audit` call per version over a batch of jobs, results in job order.
+
+    ``features`` (the pooled activations the flags store) travels beside the JSON, not in it.
+    """
+    out: list[dict[str, Any]] = [{} for _ in jobs]
+    for version, idx in _by_version(jobs).items():
+        metrics.BATCH_IMAGES.labels("auditor", version).observe(len(idx))
+        rgb = [np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx]
+        raw = any(bool(jobs[i].get("raw_heatmap")) for i in idx)
+        results = engines[version].audit(rgb, raw_heatmap=raw)
+        for i, r in zip(idx, results, strict=True):
+            body = r.to_json()
+            if not jobs[i].get("raw_heatmap"):
+                body["heatmap"] = None
+            out[i] = {"result": body, "features": r.features}
+    return out
 
 
 def _models_index(request: Request) -> JSONResponse:

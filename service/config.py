@@ -231,11 +231,10 @@ def audit_workers(environ: Mapping[str, str]) -> int:
     on 2 cores: 23.3 ms per image with 2 threads against 31.2 with 1, so the second core adds only
     34 %), while single-threaded processes each use a whole core. Served on 2 cores (AMD EPYC,
     benchmarks/serve.py), one two-threaded auditor answered 33.4-35.1 /audit req/s (2 runs) and
-    two single-threaded ones 35.9-41.0, median 38.4 (7 runs; issue #6's notes). The processes are
-    the auditor's one BentoML worker and its LRP helpers (:mod:`service.audit_pool`: several
-    BentoML workers would share one socket, and traffic piles onto one of them); a start-time
-    setting. Set it here, not through ``BENTOML_CONFIG_OPTIONS``: the thread split
-    (:meth:`Settings.auditor_threads`) reads it from here.
+    two single-threaded ones 35.9-41.0, median 38.4 (7 runs; issue #6's notes). BentoML reads this
+    when ``service.api`` is imported (the ``workers`` of the auditor's service): a start-time
+    setting. Set the worker count here, not through ``BENTOML_CONFIG_OPTIONS``: the auditors' thread
+    split (:meth:`Settings.auditor_threads`) reads it from here.
 
     With the auditor on a GPU (:func:`audit_device`), ``auto`` is one process: the batch, not the
     process count, fills a GPU, and each process would hold its own CUDA context and models.

@@ -85,31 +85,20 @@ def process_cpu_seconds(pid: int) -> list[tuple[str, int, float]]:
     """``(role, pid, CPU seconds)`` of process ``pid`` and each descendant.
 
     The role of a ``bentoml serve`` worker is its ``--service-name`` (``medaudit`` for the entry
-    service, ``medaudit-predictor``, ``medaudit-auditor``); a process a worker started (the
-    auditor's LRP helpers) has its worker's role; other processes (the arbiter) count as
-    ``other``. A service with several processes has one row per process. Processes that exit
-    meanwhile are skipped; ``[]`` when ``pid`` is gone.
+    service, ``medaudit-predictor``, ``medaudit-auditor``); other processes (the arbiter) count
+    as ``other``. A service with several workers has one row per worker process. Processes that
+    exit meanwhile are skipped; ``[]`` when ``pid`` is gone.
     """
     import psutil
 
-    rows: list[tuple[str | None, int, int, float]] = []
+    out: list[tuple[str, int, float]] = []
     for p in _tree(pid):
         with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             cmd = p.cmdline()
-            role = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd[:-1] else None
+            role = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd[:-1] else "other"
             t = p.cpu_times()
-            rows.append((role, p.pid, p.ppid(), t.user + t.system))
-    own = {pid_: role for role, pid_, _, _ in rows if role is not None}
-    parent = {pid_: ppid for _, pid_, ppid, _ in rows}
-
-    def role_of(p: int) -> str:
-        seen = set()
-        while p not in own and p in parent and p not in seen:
-            seen.add(p)
-            p = parent[p]
-        return own.get(p, "other")
-
-    return [(role_of(pid_), pid_, seconds) for _, pid_, _, seconds in rows]
+            out.append((role, p.pid, t.user + t.system))
+    return out
 
 
 def tree_cpu_seconds(pid: int) -> dict[str, float]:

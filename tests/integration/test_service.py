@@ -382,10 +382,8 @@ def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_two_auditor_workers_both_take_audits(tiny_store: Path, tmp_path: Path) -> None:
-    """MEDAUDIT_AUDIT_WORKERS=2 starts two LRP processes (the auditor's BentoML worker and one
-    helper, service.audit_pool), and concurrent audits reach both: each burns CPU on them, and
-    every one is 200. (Their thread split: the tier-1 test above.) Python's resource tracker, a
-    child of the worker, is the third process of the role and does no work."""
+    """MEDAUDIT_AUDIT_WORKERS=2 starts two auditor processes, and concurrent audits reach both:
+    each burns CPU on them, and every one is 200. (Their thread split: the tier-1 test above.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -395,7 +393,7 @@ def test_two_auditor_workers_both_take_audits(tiny_store: Path, tmp_path: Path) 
     env = {**_env(tiny_store, auth=False), "MEDAUDIT_AUDIT_WORKERS": "2"}
     with serving(env, tmp_path / "serve.log") as server:
         before = server.worker_cpu_seconds("medaudit-auditor")
-        assert len(before) >= 2, before
+        assert len(before) == 2, before
 
         def audit(i: int) -> int:
             headers = {"Content-Type": "image/png", "X-Model-Version": "vanilla"}
@@ -406,9 +404,8 @@ def test_two_auditor_workers_both_take_audits(tiny_store: Path, tmp_path: Path) 
             assert set(pool.map(audit, range(32))) == {200}
         after = server.worker_cpu_seconds("medaudit-auditor")
     spent = {pid: after[pid] - before[pid] for pid in before}
-    print(f"auditor CPU seconds by process over 32 audits: {spent}")
-    busy = sorted(spent.values(), reverse=True)[:2]
-    assert len(busy) == 2 and busy[1] > 0.25 * busy[0], spent  # both LRP processes share the work
+    print(f"auditor CPU seconds by worker over 32 audits: {spent}")
+    assert all(s > 0.05 for s in spent.values()), spent
 
 
 @pytest.mark.e2e
