@@ -67,6 +67,24 @@ def write_version_files(d: Path, version: str, seed: int, img_size: int = 32) ->
     return d
 
 
+def register_version_files(
+    d: Path, version: str, home: Path | None, name: str = SERVED_NAME
+) -> tuple[str, bool]:
+    """Registers :func:`write_version_files`' output as ``<name>:<version>`` in the store at ``home``
+    (see :func:`service.store.register_version`: the tag, and whether it was new)."""
+    from service.store import register_version
+
+    return register_version(
+        name,
+        version,
+        weights=d / "model.pt",
+        onnx=d / "model.onnx",
+        card_dir=d,
+        bank_dir=d / "bank",
+        home=home,
+    )
+
+
 def load_version_files(d: Path, version: str) -> LoadedVersion:
     """The :class:`service.store.LoadedVersion` of :func:`write_version_files`' output, read
     without the BentoML store (whose checks ``tiny_store`` covers): for machines without BentoML."""

@@ -9,24 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from service.fixtures import SERVED_NAME
-
 
 def build_tiny_version(root: Path, home: Path, version: str, seed: int) -> str:
     """Registers a randomly initialised 32 px resnet18 as ``resnet18-synthderm:<version>``."""
-    from service.fixtures import write_version_files
-    from service.store import register_version
+    from service.fixtures import register_version_files, write_version_files
 
-    d = write_version_files(root / version, version, seed)
-    tag, _ = register_version(
-        SERVED_NAME,
-        version,
-        weights=d / "model.pt",
-        onnx=d / "model.onnx",
-        card_dir=d,
-        bank_dir=d / "bank",
-        home=home,
-    )
+    tag, _ = register_version_files(write_version_files(root / version, version, seed), version, home)
     return tag
 
 

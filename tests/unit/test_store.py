@@ -15,12 +15,12 @@ from models.corrections.io import save_version
 from models.export import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
 from models.registry import create_model
 from models.xai.concepts import ConceptBank
+from service.fixtures import register_version_files
 from service.store import (
     IntegrityError,
     StoreError,
     list_versions,
     load_version,
-    register_version,
 )
 
 NAME = "resnet18-synthderm"
@@ -76,15 +76,7 @@ def _version(tmp_path: Path, version: str, seed: int = 0) -> tuple[Path, torch.n
 
 
 def _register(d: Path, version: str, home: Path) -> tuple[str, bool]:
-    return register_version(
-        NAME,
-        version,
-        weights=d / "model.pt",
-        onnx=d / "model.onnx",
-        card_dir=d,
-        bank_dir=d / "bank",
-        home=home,
-    )
+    return register_version_files(d, version, home, name=NAME)
 
 
 @pytest.mark.parametrize("version", ["vanilla", "pclarc-band_aid"])
