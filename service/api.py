@@ -476,7 +476,7 @@ class MedAudit:
         # BentoML hands an empty body to a root input as "{}": the declared length tells them apart.
         if headers.get("content-length") == "0":
             return decode_image(b"", headers.get("content-type"), self.settings.limits)
-        return decode_image(bytes(image), headers.get("content-type"), self.settings.limits)
+        return decode_image(image, headers.get("content-type"), self.settings.limits)
 
     @staticmethod
     def _error(ctx: bentoml.Context, e: AuditError, rid: str) -> JSONResponse:

@@ -139,6 +139,7 @@ class Settings:
         """
         env = {k: v for k, v in environ.items() if v.strip() != ""}  # empty = unset
         versions = tuple(_split(env.get(PREFIX + "VERSIONS", "vanilla")))
+        device = audit_device(env)
         weights_s = env.get(PREFIX + "AB_WEIGHTS")
         weights = _parse_weights(weights_s) if weights_s else ((versions[0], 1.0),) if versions else ()
         keys: tuple[KeyEntry, ...] = ()
@@ -160,8 +161,8 @@ class Settings:
             predict_backend=env.get(PREFIX + "PREDICT_BACKEND", "onnx").strip().lower(),
             predict_threads=_optional_positive_int(env, PREFIX + "PREDICT_THREADS"),
             audit_threads=_optional_positive_int(env, PREFIX + "AUDIT_THREADS"),
-            audit_workers=audit_workers(env),
-            audit_device=audit_device(env),
+            audit_workers=audit_workers(env, device),
+            audit_device=device,
             limits=Limits(
                 max_bytes=positive_int(env, PREFIX + "MAX_BYTES", Limits.max_bytes),
                 max_pixels=positive_int(env, PREFIX + "MAX_PIXELS", Limits.max_pixels),
@@ -223,7 +224,7 @@ def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
     return n
 
 
-def audit_workers(environ: Mapping[str, str]) -> int:
+def audit_workers(environ: Mapping[str, str], device: str | None = None) -> int:
     """Auditor processes from ``MEDAUDIT_AUDIT_WORKERS``: a positive number, or ``auto`` / unset
     for one per usable core, at most :data:`MAX_AUTO_AUDIT_WORKERS`.
 
@@ -238,11 +239,12 @@ def audit_workers(environ: Mapping[str, str]) -> int:
 
     With the auditor on a GPU (:func:`audit_device`), ``auto`` is one process: the batch, not the
     process count, fills a GPU, and each process would hold its own CUDA context and models.
+    ``device``: the auditor's device when the caller has already resolved it (else read here).
     """
     name = PREFIX + "AUDIT_WORKERS"
     raw = environ.get(name, "").strip().lower().replace("_", "")
     if raw in ("", "auto"):
-        if audit_device(environ) != "cpu":
+        if (device or audit_device(environ)) != "cpu":
             return 1
         return min(usable_cpus(), MAX_AUTO_AUDIT_WORKERS)
     if raw.isdigit() and int(raw) >= 1:
