@@ -6,15 +6,17 @@ the same run:
 
 * ``predict_onnx``: ``/predict`` as served (ONNX Runtime, adaptively batched);
 * ``predict_torch``: the same server started with ``MEDAUDIT_PREDICT_BACKEND=torch`` (eager);
-* ``audit``: ``/audit`` (LRP heatmap + concept scores + masks + flag), adaptively batched.
+* ``audit``: ``/audit`` (LRP heatmap + concept scores + masks + flag), continuously batched in
+  the auditor's own queue over its LRP processes (:mod:`service.audit_pool`).
 
 Every contender runs at each concurrency of ``--users`` (closed loop: each user sends its next
 request when the last is answered), because the comparison depends on it: ONNX Runtime's cost per
 image hardly changes with the batch size, eager torch's falls as batches grow, and the adaptive
 batches grow with the number of requests in flight. Phases are interleaved round-robin over
 ``--rounds`` so background load on the shared machine hits each alike; the table reports the
-median over rounds of throughput and of p50/p99 latency, and the adaptive batch sizes the
-server's own ``bentoml_service_adaptive_batch_size`` histogram saw. The load generator shares the
+median over rounds of throughput and of p50/p99 latency, and the batch sizes the server's own
+histograms saw (``bentoml_service_adaptive_batch_size`` for /predict, ``medaudit_batch_images``
+of the auditor for /audit). The load generator shares the
 machine's cores with the server: on 2 cores every figure is a lower bound for a dedicated host,
 and ratios (same run, same generator) are what to compare.
 
@@ -49,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_name  # noqa: E402
-from clients.load import batch_histogram  # noqa: E402
+from clients.load import ADAPTIVE, BATCH_IMAGES, batch_histogram  # noqa: E402
 from service.config import audit_workers  # noqa: E402
 from service.process import Server, serving  # noqa: E402
 
@@ -71,6 +73,16 @@ class Phase:
     #: CPU milliseconds per answered request, by process role (entry ``medaudit``, the
     #: ``medaudit-predictor``/``medaudit-auditor`` workers, ``load generator``).
     cpu_ms: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds each of the auditor's LRP processes spent in the phase, busiest first: whether
+    #: the queue kept every process working (BentoML #5426 left one idle with several workers).
+    lrp_cpu_s: list[float] = field(default_factory=list)
+
+    @property
+    def lrp_balance(self) -> float | None:
+        """Least busy LRP process's CPU over the busiest's (1.0: even), when there are several."""
+        if len(self.lrp_cpu_s) < 2 or self.lrp_cpu_s[0] <= 0:
+            return None
+        return self.lrp_cpu_s[-1] / self.lrp_cpu_s[0]
 
 
 def parse_args() -> argparse.Namespace:
@@ -166,20 +178,22 @@ def run_phase(
     name: str,
     server: Server,
     endpoint: str,
-    method: str,
+    batches: str,
     images: list[bytes],
     users: int,
     args: argparse.Namespace,
 ) -> Phase:
+    """One contender at one concurrency; ``batches`` names the batch-size histogram to read
+    (:func:`clients.load.batch_histogram`)."""
     base = server.base
     asyncio.run(drive(base, endpoint, images, users, 3.0))  # warm-up at this concurrency
-    before = batch_histogram(base, method)
-    cpu0, own0 = server.cpu_seconds(), _own_cpu_s()
+    before = batch_histogram(base, batches)
+    cpu0, own0, lrp0 = server.cpu_seconds(), _own_cpu_s(), server.spawned_cpu_seconds("medaudit-auditor")
     t0 = time.perf_counter()
     lat, errors = asyncio.run(drive(base, endpoint, images, users, args.seconds))
     wall = time.perf_counter() - t0
-    cpu1, own1 = server.cpu_seconds(), _own_cpu_s()
-    after = batch_histogram(base, method)
+    cpu1, own1, lrp1 = server.cpu_seconds(), _own_cpu_s(), server.spawned_cpu_seconds("medaudit-auditor")
+    after = batch_histogram(base, batches)
     n = max(len(lat), 1)
     cpu_ms = {role: 1e3 * (t - cpu0.get(role, 0.0)) / n for role, t in cpu1.items()}
     cpu_ms["load generator"] = 1e3 * (own1 - own0) / n
@@ -198,6 +212,7 @@ def run_phase(
         batch_mean=hist["sum"] / count if count else None,
         batch_hist={k: v for k, v in hist.items() if k.startswith("le=")},
         cpu_ms={k: v for k, v in cpu_ms.items() if v >= 0.05},
+        lrp_cpu_s=sorted((lrp1[pid] - t for pid, t in lrp0.items() if pid in lrp1), reverse=True),
     )
 
 
@@ -207,6 +222,7 @@ def summarize(phases: list[Phase]) -> dict[int, dict[str, dict[str, Any]]]:
     for users, name in dict.fromkeys((p.users, p.name) for p in phases):
         ps = [p for p in phases if p.name == name and p.users == users]
         means = [p.batch_mean for p in ps if p.batch_mean is not None]
+        balances = [b for p in ps if (b := p.lrp_balance) is not None]
         out.setdefault(users, {})[name] = {
             "rps_median": statistics.median(p.rps for p in ps),
             "p50_ms_median": statistics.median(p.p50_ms for p in ps),
@@ -214,6 +230,7 @@ def summarize(phases: list[Phase]) -> dict[int, dict[str, dict[str, Any]]]:
             "requests": sum(p.requests for p in ps),
             "errors": sum(p.errors for p in ps),
             "batch_mean_median": statistics.median(means) if means else None,
+            "lrp_balance_min": min(balances) if balances else None,
             "rounds": len(ps),
             "cpu_ms_median": {
                 role: statistics.median(p.cpu_ms.get(role, 0.0) for p in ps)
@@ -280,7 +297,7 @@ def markdown(
     lines = [
         f"# Served app under load ({meta['date']}, {meta['cpu_count']} CPUs, {meta['cpu']}, "
         f"{', '.join(map(str, users))} users, {args.rounds}×{args.seconds:.0f} s per contender and "
-        f"concurrency, {meta['audit_workers']} auditor worker(s))",
+        f"concurrency, {meta['audit_workers']} LRP process(es))",
         "",
         "Issue 6's ratios at each concurrency (closed loop: `users` requests always in flight):",
         "",
@@ -296,16 +313,25 @@ def markdown(
         )
     lines += [
         "",
-        "| users | contender | req/s (median) | p50 ms | p99 ms | mean adaptive batch | requests | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| users | contender | req/s (median) | p50 ms | p99 ms | mean batch | LRP balance "
+        "| requests | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for u in users:
         for name, st in summary[u].items():
             b = f"{st['batch_mean_median']:.1f}" if st["batch_mean_median"] else "-"
+            bal = st.get("lrp_balance_min")
             lines.append(
                 f"| {u} | {name} | {st['rps_median']:.1f} | {st['p50_ms_median']:.0f} "
-                f"| {st['p99_ms_median']:.0f} | {b} | {st['requests']} | {st['errors']} |"
+                f"| {st['p99_ms_median']:.0f} | {b} | {'-' if bal is None else f'{bal:.2f}'} "
+                f"| {st['requests']} | {st['errors']} |"
             )
+    lines += [
+        "",
+        "Mean batch: requests per batch of BentoML's dispatcher for /predict, images per LRP call "
+        "of the auditor's queue for /audit. LRP balance: the least busy LRP process's CPU over the "
+        "busiest's, the worst round (1.00 even; 0 is one process doing everything).",
+    ]
     roles = list(
         dict.fromkeys(r for per in summary.values() for st in per.values() for r in st["cpu_ms_median"])
     )
@@ -352,16 +378,18 @@ def main() -> None:
     for r in range(args.rounds):
         with served_version(args.home, args.version, "onnx", log_dir / "serve_onnx.log") as server:
             for users in args.users:
-                for name, endpoint, method in (
-                    ("predict_onnx", "/predict", "predict_batch"),
-                    ("audit", "/audit", "audit_batch"),
+                for name, endpoint, batches in (
+                    ("predict_onnx", "/predict", f"{ADAPTIVE}|predict_batch"),
+                    ("audit", "/audit", f"{BATCH_IMAGES}|auditor/{args.version}"),
                 ):
-                    phases.append(run_phase(name, server, endpoint, method, images, users, args))
+                    phases.append(run_phase(name, server, endpoint, batches, images, users, args))
                     print(f"round {r + 1}: {phases[-1]}", flush=True)
         with served_version(args.home, args.version, "torch", log_dir / "serve_torch.log") as server:
             for users in args.users:
                 phases.append(
-                    run_phase("predict_torch", server, "/predict", "predict_batch", images, users, args)
+                    run_phase(
+                        "predict_torch", server, "/predict", f"{ADAPTIVE}|predict_batch", images, users, args
+                    )
                 )
                 print(f"round {r + 1}: {phases[-1]}", flush=True)
     engine_ips = in_process(args.home, args.version, images, batches=[1, 4, 8], repeats=7)

@@ -16,8 +16,9 @@ Design:
   Locust's own CSV and HTML reports go to the work folder too, for a human to look at.
 * **Batch sizes from the server.** ``/metrics`` is scraped before and after the run and the
   difference kept: BentoML's ``bentoml_service_adaptive_batch_size`` per batched method (how many
-  requests the dispatcher merged) and medaudit's ``medaudit_batch_images`` per service and version
-  (images per model call, after a mixed batch is split by version). Both are histograms, so the
+  requests the predictor's dispatcher merged) and medaudit's ``medaudit_batch_images`` per service
+  and version (images per model call, after a mixed batch is split by version; the only batch
+  figure of the auditor, whose own queue batches: :mod:`service.audit_pool`). Both are histograms, so the
   report has counts, means and the bucket distribution; other traffic during the run is counted too.
 * **Memory of the whole server.** ``bentoml serve`` runs every service in worker processes under
   one arbiter; :class:`RssSampler` sums the RSS of that process and all its descendants every few
@@ -137,7 +138,7 @@ class LoadReport:
         return self.total.failures if self.total else 0
 
     def batch_mean(self, key: str) -> float | None:
-        """Mean adaptive batch size of one batched method (``predict_batch``, ``audit_batch``)."""
+        """Mean adaptive batch size of one method BentoML batches (``predict_batch``)."""
         return next((b.mean for b in self.adaptive_batches if b.key == key), None)
 
     def to_json(self) -> dict[str, Any]:
@@ -228,9 +229,11 @@ def scrape_histograms(base: str, names: Iterable[str], timeout: float = 10.0) ->
     return out
 
 
-def batch_histogram(base: str, method: str) -> dict[str, float]:
-    """Cumulative ``le`` buckets plus ``sum``/``count`` of the adaptive batch size of ``method``."""
-    return scrape_histograms(base, [ADAPTIVE]).get(f"{ADAPTIVE}|{method}", {})
+def batch_histogram(base: str, key: str) -> dict[str, float]:
+    """Cumulative ``le`` buckets plus ``sum``/``count`` of one batch-size histogram, ``key`` named
+    as :func:`scrape_histograms` names it: ``bentoml_service_adaptive_batch_size|predict_batch``
+    (the predictor's dispatcher), ``medaudit_batch_images|auditor/vanilla`` (the auditor's queue)."""
+    return scrape_histograms(base, [key.split("|", 1)[0]]).get(key, {})
 
 
 def batch_rows(
@@ -540,7 +543,8 @@ def render_markdown(report: LoadReport, title: str) -> str:
         "",
         "## Batching",
         "",
-        "Adaptive batches the server's dispatchers formed (`bentoml_service_adaptive_batch_size`):",
+        "Adaptive batches BentoML's dispatcher formed (`bentoml_service_adaptive_batch_size`; the "
+        "auditor batches in its own queue and shows only below):",
         "",
         *_batch_table(report.adaptive_batches, "batched method"),
         "",

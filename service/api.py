@@ -76,8 +76,9 @@ from service.audit import (
     comparison_json,
     version_tag,
 )
+from service.audit_pool import AuditPool, LaneSpec, PoolOverloadedError, audit_jobs, by_version
 from service.auth import ANONYMOUS, Principal, Role
-from service.config import Settings, audit_workers
+from service.config import Settings
 from service.errors import AuditError, JsonErrorBodies, ServiceOverloadedError, UnknownModelVersionError
 from service.flags.policy import PolicyDecision, evaluate
 from service.inputs import DecodedImage, decode_image
@@ -88,8 +89,9 @@ from service.uploads import UploadNormalizer
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 with warnings.catch_warnings():  # bentoml 1.4.40's import-time pathspec deprecation (see service.store)
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"GitWildMatchPattern")
+    import _bentoml_sdk  # noqa: F401  (what bentoml.service loads lazily, warning included)
     import bentoml
-    from bentoml.exceptions import BentoMLException
+    from bentoml.exceptions import BentoMLException, ServiceUnavailable
 import aiohttp
 import anyio.to_thread
 import numpy as np
@@ -188,7 +190,7 @@ class Predictor:
     def predict_batch(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``[{"version", "pixels": (H, W, 3) uint8}]`` -> one prediction JSON per job, in order."""
         out: list[dict[str, Any]] = [{} for _ in jobs]
-        for version, idx in _by_version(jobs).items():
+        for version, idx in by_version(jobs).items():
             metrics.BATCH_IMAGES.labels("predictor", version).observe(len(idx))
             rgb = np.stack([np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx])
             for i, pred in zip(idx, self.predictors[version].predict_pixels(rgb), strict=True):
@@ -200,54 +202,88 @@ class Predictor:
     name="medaudit-auditor",
     traffic={"timeout": 300},
     logging=_INTERNAL_LOGGING,
-    # Read here, at import, because BentoML takes a service's process count from its decorator.
-    workers=audit_workers(os.environ),
+    # One BentoML worker, whatever MEDAUDIT_AUDIT_WORKERS says: several would share one listening
+    # socket and the entry's keep-alive connections pile onto one of them (BentoML #5426). The
+    # worker queues every audit for its LRP processes instead (service.audit_pool).
+    workers=1,
 )
 class Auditor:
-    """Audits (prediction + LRP heatmap + concept scores + flag) behind one batched API.
+    """Audits (prediction + LRP heatmap + concept scores + flag), continuously batched.
 
-    Concurrent ``/audit`` and ``/compare`` requests of a version share one LRP call (one forward,
-    one batched backward): the per-layer work of the backward is paid once per batch, which is
-    what lets ``/audit`` keep up with ``/predict`` (benchmarks/serve.py). By default one process
-    per core, each with one torch thread (``MEDAUDIT_AUDIT_WORKERS``; see
-    :func:`service.config.audit_workers` for why): each batches the requests that reach it. Where
-    torch sees a GPU, LRP runs there, in one process (``MEDAUDIT_AUDIT_DEVICE``); the entry
-    service's own engines, for direct calls, stay on the CPU.
+    Every ``/audit`` and ``/compare`` job lands in one queue (:class:`~service.audit_pool.AuditPool`)
+    served by LRP processes, by default one per usable core with one torch thread each
+    (``MEDAUDIT_AUDIT_WORKERS``; :func:`service.config.audit_workers` says why processes). Each
+    process, whenever it is free, takes everything queued (up to 16) and audits it in one LRP call
+    per version (one forward, one batched backward): the per-layer work of the backward is paid
+    once per batch, which is what lets ``/audit`` keep up with ``/predict`` (benchmarks/serve.py).
+    With one process (a GPU: ``MEDAUDIT_AUDIT_DEVICE``; or one core) LRP runs in this worker. The
+    entry service's own engines, for direct calls, stay on the CPU.
     """
 
     def __init__(self) -> None:
         settings = Settings.from_env(os.environ)
         threads = settings.auditor_threads()
-        if threads:
-            torch.set_num_threads(threads)
         thresholds = flag_thresholds(os.environ, settings.flag_fpr)
-        self.engines = {
-            v: AuditEngine.from_store(v, thresholds=thresholds, device=settings.audit_device)
-            for v in settings.versions
-        }
-        log.info("auditor: LRP on %s, %s torch thread(s)", settings.audit_device, torch.get_num_threads())
-        for e in self.engines.values():
-            e.warmup()
+        engines = None
+        if settings.audit_workers == 1:  # audits run in this process
+            if threads:
+                torch.set_num_threads(threads)
+            engines = {
+                v: AuditEngine.from_store(v, thresholds=thresholds, device=settings.audit_device)
+                for v in settings.versions
+            }
+            for e in engines.values():
+                e.warmup()
+        spec = LaneSpec(
+            tuple(settings.versions),
+            thresholds=thresholds,
+            threads=threads or 1,
+            device=settings.audit_device,
+        )
+        self.pool = AuditPool.start(
+            spec,
+            settings.audit_workers,
+            engines=engines,
+            max_batch=AUDIT_MAX_BATCH,
+            max_wait_s=AUDIT_MAX_WAIT_S,
+        )
+        log.info(
+            "auditor: LRP on %s in %s, %s torch thread(s) each",
+            settings.audit_device,
+            ", ".join(lane.name for lane in self.pool.lanes),
+            threads or torch.get_num_threads(),
+        )
         freeze_startup_heap()
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=16, max_latency_ms=20000)
-    def audit_batch(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``[{"version", "pixels", "raw_heatmap"}]`` -> ``{"result": audit JSON, "features"}`` each."""
-        return audit_jobs(self.engines, jobs)
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.pool.close()
+
+    @bentoml.api
+    async def audit(self, job: dict[str, Any]) -> dict[str, Any]:
+        """``{"version", "pixels", "raw_heatmap"}`` -> ``{"result": audit JSON, "features"}``."""
+        try:
+            return await self.pool.audit_async(job)
+        except PoolOverloadedError as e:
+            raise ServiceUnavailable(str(e)) from e
 
 
-#: How long one batched call may take before it is abandoned and sent again. BentoML's dispatcher
-#: sheds what would queue past ``max_latency_ms`` (a fast 503), so a call still unanswered after
-#: this long was lost on the way (seen about once in a few thousand requests under load: the
-#: internal client's pooled connection; BentoML issue #4971), not slow.
+#: How long one dependency call may take before it is abandoned and sent again. The predictor's
+#: dispatcher sheds what would queue past ``max_latency_ms`` and the auditor's queue what would
+#: wait past AUDIT_MAX_WAIT_S (fast 503s), so a call still unanswered after this long was lost on
+#: the way (seen about once in a few thousand requests under load: the internal client's pooled
+#: connection; BentoML issue #4971), not slow.
 PREDICT_DEADLINE_S = 15.0
 AUDIT_DEADLINE_S = 120.0
+#: The auditor's queue (service.audit_pool): most audits one LRP process takes at once, and the
+#: estimated wait past which a new audit is refused with a 503 rather than queued.
+AUDIT_MAX_BATCH = 16
+AUDIT_MAX_WAIT_S = 20.0
 
 
-async def _dependency(
-    call: Callable[[list[dict[str, Any]]], Awaitable[Any]], job: dict[str, Any], deadline_s: float
-) -> Any:
-    """One job to a batched dependency, with the failures of BentoML's internal hop handled.
+async def _dependency(call: Callable[[Any], Awaitable[Any]], payload: Any, deadline_s: float) -> Any:
+    """One call of a dependency (``[job]`` to the predictor's batched API, ``job`` to the
+    auditor's), with the failures of BentoML's internal hop handled.
 
     * A pooled keep-alive connection the other side closed (aiohttp's ServerDisconnectedError,
       seen under load) and a call unanswered after ``deadline_s``: sent again, 3 tries in all.
@@ -257,7 +293,7 @@ async def _dependency(
     """
     for attempt in range(3):
         try:
-            return await asyncio.wait_for(call([job]), deadline_s)
+            return await asyncio.wait_for(call(payload), deadline_s)
         except BentoMLException as e:
             if e.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
                 raise ServiceOverloadedError(
@@ -303,32 +339,6 @@ def _stage(endpoint: str, stage: str) -> Iterator[None]:
         yield
     finally:
         metrics.STAGE_SECONDS.labels(endpoint, stage).observe(time.perf_counter() - t0)
-
-
-def _by_version(jobs: list[dict[str, Any]]) -> dict[str, list[int]]:
-    by_version: dict[str, list[int]] = {}
-    for i, job in enumerate(jobs):
-        by_version.setdefault(str(job["version"]), []).append(i)
-    return by_version
-
-
-def audit_jobs(engines: Mapping[str, AuditEngine], jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One :meth:`AuditEngine.audit` call per version over a batch of jobs, results in job order.
-
-    ``features`` (the pooled activations the flags store) travels beside the JSON, not in it.
-    """
-    out: list[dict[str, Any]] = [{} for _ in jobs]
-    for version, idx in _by_version(jobs).items():
-        metrics.BATCH_IMAGES.labels("auditor", version).observe(len(idx))
-        rgb = [np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx]
-        raw = any(bool(jobs[i].get("raw_heatmap")) for i in idx)
-        results = engines[version].audit(rgb, raw_heatmap=raw)
-        for i, r in zip(idx, results, strict=True):
-            body = r.to_json()
-            if not jobs[i].get("raw_heatmap"):
-                body["heatmap"] = None
-            out[i] = {"result": body, "features": r.features}
-    return out
 
 
 def _models_index(request: Request) -> JSONResponse:
@@ -632,7 +642,7 @@ class MedAudit:
         jobs = [job] if shadow is None else [job, shadow]
         with _stage("/predict", "predict"):
             answers = await asyncio.gather(
-                *(_dependency(self.batcher.to_async.predict_batch, j, PREDICT_DEADLINE_S) for j in jobs)
+                *(_dependency(self.batcher.to_async.predict_batch, [j], PREDICT_DEADLINE_S) for j in jobs)
             )
         pred = answers[0][0]
         return self._answer(route, {"prediction": pred}, pred["label"], answers[1][0] if shadow else None)
@@ -643,16 +653,14 @@ class MedAudit:
         route = self.route(headers)
         job, shadow = await anyio.to_thread.run_sync(lambda: self._jobs(image, route))
         calls = [
-            _dependency(
-                self.auditor.to_async.audit_batch, {**job, "raw_heatmap": raw_heatmap}, AUDIT_DEADLINE_S
-            )
+            _dependency(self.auditor.to_async.audit, {**job, "raw_heatmap": raw_heatmap}, AUDIT_DEADLINE_S)
         ]
         if shadow is not None:
-            calls.append(_dependency(self.batcher.to_async.predict_batch, shadow, PREDICT_DEADLINE_S))
+            calls.append(_dependency(self.batcher.to_async.predict_batch, [shadow], PREDICT_DEADLINE_S))
         with _stage("/audit", "explain"):
             answers = await asyncio.gather(*calls)
         shadow_pred = answers[1][0] if shadow else None
-        res = self._flag(route, answers[0][0], headers, request_id, shadow_pred)
+        res = self._flag(route, answers[0], headers, request_id, shadow_pred)
         return self._answer(route, res, res["prediction"]["label"], shadow_pred)
 
     async def compare_async(self, image: DecodedImage, versions: list[str]) -> dict[str, Any]:
@@ -667,7 +675,7 @@ class MedAudit:
             answers = await asyncio.gather(
                 *(
                     _dependency(
-                        self.auditor.to_async.audit_batch,
+                        self.auditor.to_async.audit,
                         {"version": v, "pixels": pixels[v]},
                         AUDIT_DEADLINE_S,
                     )
@@ -676,8 +684,8 @@ class MedAudit:
             )
         results = {}
         for v, a in zip(versions, answers, strict=True):
-            decision = evaluate(AuditResult.from_json(a[0]["result"]), self.policy)
-            results[v] = {**a[0]["result"], "flag": flag_json(decision)}
+            decision = evaluate(AuditResult.from_json(a["result"]), self.policy)
+            results[v] = {**a["result"], "flag": flag_json(decision)}
         return comparison_json(results)
 
     def compare_json(self, image: DecodedImage, versions: list[str]) -> dict[str, Any]:

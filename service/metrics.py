@@ -48,6 +48,16 @@ BATCH_IMAGES = Histogram(
     ["service", "version"],
     buckets=(1, 2, 4, 8, 16, 32),
 )
+AUDIT_QUEUE_SECONDS = Histogram(
+    "medaudit_audit_queue_seconds",
+    "Time an audit waited in the auditor's queue for a free LRP process (service.audit_pool): "
+    "near zero while the processes keep up, growing as they saturate.",
+    buckets=LATENCY_BUCKETS,
+)
+AUDIT_LANE_RESTARTS = Counter(
+    "medaudit_audit_lane_restarts",
+    "LRP processes of the auditor that died holding a batch and were replaced.",
+)
 CONCEPT_PERCENTILE = Histogram(
     "medaudit_concept_percentile",
     "Audited images' concept score as a percentile among clean validation images.",

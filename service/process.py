@@ -85,20 +85,31 @@ def process_cpu_seconds(pid: int) -> list[tuple[str, int, float]]:
     """``(role, pid, CPU seconds)`` of process ``pid`` and each descendant.
 
     The role of a ``bentoml serve`` worker is its ``--service-name`` (``medaudit`` for the entry
-    service, ``medaudit-predictor``, ``medaudit-auditor``); other processes (the arbiter) count
-    as ``other``. A service with several workers has one row per worker process. Processes that
-    exit meanwhile are skipped; ``[]`` when ``pid`` is gone.
+    service, ``medaudit-predictor``, ``medaudit-auditor``); a process a worker started (the
+    auditor's LRP processes, :mod:`service.audit_pool`) takes its worker's role; other processes
+    (the arbiter) count as ``other``. A role with several processes has one row per process.
+    Processes that exit meanwhile are skipped; ``[]`` when ``pid`` is gone.
     """
     import psutil
 
-    out: list[tuple[str, int, float]] = []
+    own: dict[int, str] = {}  # workers' roles, from their command lines
+    parent: dict[int, int] = {}
+    rows: list[tuple[int, float]] = []
     for p in _tree(pid):
         with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             cmd = p.cmdline()
-            role = cmd[cmd.index("--service-name") + 1] if "--service-name" in cmd[:-1] else "other"
+            if "--service-name" in cmd[:-1]:
+                own[p.pid] = cmd[cmd.index("--service-name") + 1]
+            parent[p.pid] = p.ppid()
             t = p.cpu_times()
-            out.append((role, p.pid, t.user + t.system))
-    return out
+            rows.append((p.pid, t.user + t.system))
+
+    def role(q: int) -> str:
+        while q not in own and q in parent:  # up to the nearest worker, if any
+            q = parent[q]
+        return own.get(q, "other")
+
+    return [(role(q), q, seconds) for q, seconds in rows]
 
 
 def tree_cpu_seconds(pid: int) -> dict[str, float]:
@@ -131,6 +142,18 @@ class Server:
     def worker_cpu_seconds(self, role: str) -> dict[int, float]:
         """CPU seconds so far of each process of one role (e.g. each auditor worker), by pid."""
         return {pid: s for r, pid, s in process_cpu_seconds(self.proc.pid) if r == role}
+
+    def spawned_cpu_seconds(self, role: str) -> dict[int, float]:
+        """CPU seconds so far of each process that a worker of ``role`` started through
+        multiprocessing's spawn (the auditor's LRP processes, :mod:`service.audit_pool`), by pid."""
+        import psutil
+
+        out = {}
+        for pid, seconds in self.worker_cpu_seconds(role).items():
+            with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                if "spawn_main" in " ".join(psutil.Process(pid).cmdline()):
+                    out[pid] = seconds
+        return out
 
     def log_tail(self, n: int = 3000) -> str:
         return _tail(self.log_path, n)

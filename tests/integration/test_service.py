@@ -17,7 +17,7 @@ from PIL import Image
 
 from service.auth import hash_key
 from service.config import usable_cpus
-from service.errors import AuthError, UnknownModelVersionError
+from service.errors import AuthError, ServiceOverloadedError, UnknownModelVersionError
 from service.inputs import decode_image
 from service.process import served
 
@@ -381,19 +381,26 @@ def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_two_auditor_workers_both_take_audits(tiny_store: Path, tmp_path: Path) -> None:
-    """MEDAUDIT_AUDIT_WORKERS=2 starts two auditor processes, and concurrent audits reach both:
-    each burns CPU on them, and every one is 200. (Their thread split: the tier-1 test above.)"""
+def test_two_lrp_processes_both_take_audits(tiny_store: Path, tmp_path: Path) -> None:
+    """MEDAUDIT_AUDIT_WORKERS=2 starts one auditor worker and two LRP processes under it, and
+    concurrent audits reach both processes (each burns CPU on them; BentoML #5426 is why they are
+    not two BentoML workers), every one a 200; the queue's own metrics count them all."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
+    import psutil
+    from prometheus_client.parser import text_string_to_metric_families
 
     from service.process import serving
 
     env = {**_env(tiny_store, auth=False), "MEDAUDIT_AUDIT_WORKERS": "2"}
+    n = 32
     with serving(env, tmp_path / "serve.log") as server:
-        before = server.worker_cpu_seconds("medaudit-auditor")
-        assert len(before) == 2, before
+        workers = server.worker_cpu_seconds("medaudit-auditor")
+        before = server.spawned_cpu_seconds("medaudit-auditor")
+        # the BentoML worker, its two LRP processes and multiprocessing's resource tracker
+        assert len(before) == 2 and len(workers) == 4, workers
+        assert all(psutil.Process(pid).ppid() in workers for pid in before)
 
         def audit(i: int) -> int:
             headers = {"Content-Type": "image/png", "X-Model-Version": "vanilla"}
@@ -401,11 +408,28 @@ def test_two_auditor_workers_both_take_audits(tiny_store: Path, tmp_path: Path) 
             return r.status_code
 
         with ThreadPoolExecutor(8) as pool:
-            assert set(pool.map(audit, range(32))) == {200}
-        after = server.worker_cpu_seconds("medaudit-auditor")
+            assert set(pool.map(audit, range(n))) == {200}
+        after = server.spawned_cpu_seconds("medaudit-auditor")
+        text = httpx.get(f"{server.base}/metrics").text
     spent = {pid: after[pid] - before[pid] for pid in before}
-    print(f"auditor CPU seconds by worker over 32 audits: {spent}")
+    print(f"CPU seconds by LRP process over {n} audits: {spent}")
     assert all(s > 0.05 for s in spent.values()), spent
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def count(family: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in families[family].samples
+            if s.name == family + "_count" and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+
+    assert count("medaudit_audit_queue_seconds") == n
+    batched = sum(
+        s.value
+        for s in families["medaudit_batch_images"].samples
+        if s.name.endswith("_sum") and s.labels["service"] == "auditor"
+    )
+    assert batched == n
 
 
 @pytest.mark.e2e
@@ -464,11 +488,12 @@ def test_custom_metrics_add_up_across_two_workers(tiny_store: Path, tmp_path: Pa
 
 def test_tier1_thread_settings_reach_the_model_runtimes(svc, monkeypatch) -> None:
     """MEDAUDIT_PREDICT_THREADS sets ONNX Runtime's intra-op threads of every /predict session;
-    MEDAUDIT_AUDIT_THREADS sets the auditor process's torch threads, and without it several
-    auditor workers (MEDAUDIT_AUDIT_WORKERS) share the usable cores out."""
+    MEDAUDIT_AUDIT_THREADS sets the torch threads of the auditor's one LRP process (its own), and
+    without it several LRP processes (MEDAUDIT_AUDIT_WORKERS) share the usable cores out."""
     import torch
 
     from service.api import Auditor, Predictor
+    from service.audit_pool import LocalLane, ProcessLane
 
     monkeypatch.setenv("MEDAUDIT_PREDICT_THREADS", "1")
     batcher = Predictor()
@@ -476,20 +501,54 @@ def test_tier1_thread_settings_reach_the_model_runtimes(svc, monkeypatch) -> Non
         assert p.session.get_session_options().intra_op_num_threads == 1
     before = torch.get_num_threads()
     monkeypatch.setenv("MEDAUDIT_AUDIT_THREADS", "1")
+    monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "1")
     try:
-        Auditor()
+        auditor = Auditor()
+        auditor.close()
+        assert [type(lane) for lane in auditor.pool.lanes] == [LocalLane]
         assert torch.get_num_threads() == 1
-        # Several auditor workers and no thread count: the usable cores shared out among them.
+        # Several LRP processes and no thread count: the usable cores shared out among them.
         monkeypatch.delenv("MEDAUDIT_AUDIT_THREADS")
         monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "2")
         torch.set_num_threads(7)
-        Auditor()
-        assert torch.get_num_threads() == max(1, usable_cpus() // 2)
+        auditor = Auditor()
+        auditor.close()
+        lanes = auditor.pool.lanes
+        assert [type(lane) for lane in lanes] == [ProcessLane, ProcessLane]
+        assert [lane.torch_threads for lane in lanes] == [max(1, usable_cpus() // 2)] * 2  # type: ignore[attr-defined]
+        assert torch.get_num_threads() == 7  # this process runs no LRP: left alone
     finally:
         torch.set_num_threads(before)
 
 
-def test_tier1_services_freeze_their_startup_heap(svc) -> None:
+def test_tier1_auditor_sheds_a_full_queue_as_a_503(svc, monkeypatch) -> None:
+    """An audit whose wait in the auditor's queue would pass the limit is refused as BentoML's
+    ServiceUnavailable (a 503 on the internal hop), which the entry turns into its own 503 with
+    Retry-After at once; an admitted audit answers as the engines do."""
+    import asyncio
+
+    from bentoml.exceptions import ServiceUnavailable
+
+    from service.api import Auditor, _dependency
+
+    monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "1")
+    auditor = Auditor()
+    try:
+        pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+        job = {"version": "vanilla", "pixels": pixels, "raw_heatmap": False}
+        answer = asyncio.run(auditor.audit(job))
+        assert answer["result"]["prediction"]["version"] == "vanilla" and answer["result"]["heatmap"] is None
+        auditor.pool.max_wait_s = -1.0  # any wait is too long
+        with pytest.raises(ServiceUnavailable, match="audits queued"):
+            asyncio.run(auditor.audit(job))
+        with pytest.raises(ServiceOverloadedError) as ei:
+            asyncio.run(_dependency(auditor.audit, job, 5.0))
+        assert ei.value.status == 503 and ei.value.headers() == {"Retry-After": "1"}
+    finally:
+        auditor.close()
+
+
+def test_tier1_services_freeze_their_startup_heap(svc, monkeypatch) -> None:
     """A service, once loaded and warmed, takes its startup objects out of the garbage collector's
     full passes (gc.freeze): one full pass over them stalled every request in flight for ~285 ms
     in the entry service, the /predict p99."""
@@ -497,11 +556,14 @@ def test_tier1_services_freeze_their_startup_heap(svc) -> None:
 
     from service.api import Auditor, Predictor
 
+    monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "1")  # the auditor's models load in this process
     for service in (Predictor, Auditor):
         gc.unfreeze()
         assert gc.get_freeze_count() == 0
-        service()
+        instance = service()
         assert gc.get_freeze_count() > 10_000, service
+        if hasattr(instance, "pool"):  # the auditor's lane thread
+            instance.close()
     assert len(gc.get_objects()) < gc.get_freeze_count()
 
 

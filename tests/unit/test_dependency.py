@@ -1,4 +1,4 @@
-"""service.api._dependency: how the entry service handles its batched dependencies failing.
+"""service.api._dependency: how the entry service handles its dependencies failing.
 
 The calls here are plain coroutines that fail the ways BentoML's internal client does (its
 exceptions, aiohttp's, a call that never returns); the real hop runs in tests/integration and
@@ -26,14 +26,14 @@ class Flaky:
         self.errors = list(errors)
         self.calls = 0
 
-    async def __call__(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         self.calls += 1
         if self.errors:
             e = self.errors.pop(0)
             if e == "hang":
                 await asyncio.sleep(3600)
             raise e
-        return [{"answer": jobs[0]["x"]}]
+        return {"answer": job["x"]}
 
 
 def run(call: Flaky, deadline: float = 5.0) -> Any:
@@ -44,7 +44,7 @@ def run(call: Flaky, deadline: float = 5.0) -> Any:
 
 def test_dropped_connections_and_lost_calls_are_sent_again() -> None:
     call = Flaky(aiohttp.ServerDisconnectedError(), "hang")
-    assert run(call, deadline=0.2) == [{"answer": 7}] and call.calls == 3
+    assert run(call, deadline=0.2) == {"answer": 7} and call.calls == 3
 
 
 def test_three_failures_are_a_503_with_retry_after() -> None:

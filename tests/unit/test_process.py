@@ -28,3 +28,33 @@ def test_tree_cpu_seconds_groups_processes_by_service_name() -> None:
         child.kill()
         child.wait()
     assert tree_cpu_seconds(child.pid) == {}
+
+
+def test_a_workers_children_take_its_role() -> None:
+    """A process a worker started (the auditor's LRP processes) is charged to the worker's role,
+    each with its own row; the worker's own row stays beside it."""
+    from service.process import process_cpu_seconds
+
+    spawn_busy_child = (
+        f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {BUSY!r}])\ntime.sleep(30)"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", spawn_busy_child, "--service-name", "demo"])
+    try:
+        deadline = time.monotonic() + 20
+        rows = process_cpu_seconds(os.getpid())
+        while time.monotonic() < deadline:
+            demo = [r for r in rows if r[0] == "demo"]
+            if len(demo) == 2 and sum(s for _, _, s in demo) >= 0.35:
+                break
+            time.sleep(0.1)
+            rows = process_cpu_seconds(os.getpid())
+        demo = [r for r in rows if r[0] == "demo"]
+        assert {pid for _, pid, _ in demo} >= {worker.pid} and len(demo) == 2, rows
+        assert sum(s for _, _, s in demo) >= 0.35
+        assert all(role == "other" for role, pid, _ in rows if pid == os.getpid())
+    finally:
+        for _role, pid, _ in process_cpu_seconds(worker.pid):
+            if pid != worker.pid:
+                os.kill(pid, 9)
+        worker.kill()
+        worker.wait()
