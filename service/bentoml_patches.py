@@ -2,7 +2,8 @@
 :mod:`service.api` (each is best effort: a BentoML without the patched code is left alone).
 
 * :func:`cancel_request_timers`: the per-request timeout timer kept every answered request alive
-  for 300 s (GC pauses, p99 growth);
+  for 300 s (GC pauses, p99 growth), and a request that ended without an answer held the
+  server's shutdown as long;
 * :func:`cache_root_schemas`: every request and every response rebuilt a pydantic JSON schema
   of the endpoint's root type.
 """
@@ -37,7 +38,8 @@ def cancel_request_timers() -> bool:
 
     The timer's only effect is answering 504 when nothing was sent within the timeout; once the
     first message is sent it does nothing (it checks ``waiter.done()``), so cancelling it then
-    changes no behaviour. The body below is BentoML 1.4.40's, plus the ``cancel()``. Best effort:
+    changes no behaviour. The body below is BentoML 1.4.40's, plus the ``cancel()`` and the end of
+    the wait when the app finishes without sending (see the comment there). Best effort:
     a BentoML without this middleware, or with a different one, is left alone.
     """
     try:
@@ -63,6 +65,17 @@ def cancel_request_timers() -> bool:
             await send(message)
 
         fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+
+        # An app that ends without sending anything (a request whose client went away, one that
+        # raised before answering) also ends the wait: BentoML's own waits for the timer, and each
+        # such request held the server's shutdown for the whole timeout (seen: /readyz polls that
+        # timed out on the client while the auditor was starting kept the entry service alive for
+        # ~300 s after SIGTERM, and circus killed the arbiter first, orphaning it).
+        def _ended(_: Any) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        fut.add_done_callback(_ended)
         try:
             try:
                 await waiter

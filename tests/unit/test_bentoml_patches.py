@@ -17,7 +17,9 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
 
 
-def middleware(delay_s: float, timeout_s: float) -> Any:
+def middleware(delay_s: float, timeout_s: float, ends: str = "answered") -> Any:
+    """BentoML's patched TimeoutMiddleware around an app that, after ``delay_s``, answers 200,
+    returns without sending (``ends="silent"``: its client went away) or raises (``"raises"``)."""
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
     import service.api
@@ -26,6 +28,10 @@ def middleware(delay_s: float, timeout_s: float) -> Any:
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await asyncio.sleep(delay_s)
+        if ends == "silent":
+            return
+        if ends == "raises":
+            raise ConnectionResetError("dependency went away")
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -63,6 +69,23 @@ def test_timeout_still_answers_504() -> None:
     assert sent[0]["status"] == 504
     assert b"0.05 seconds" in sent[1]["body"]
     assert live == []
+
+
+def test_an_app_that_ends_without_answering_ends_the_request_at_once() -> None:
+    """A request whose app returns without sending (its client went away) or raises is over when
+    the app is, not when the 300 s timer fires: BentoML's own middleware waited for the timer,
+    and such requests held a served process's shutdown that long (uvicorn waits for its tasks)."""
+
+    async def timed(ends: str) -> tuple[float, list[dict[str, Any]], list[asyncio.TimerHandle]]:
+        mw = middleware(0.01, 300.0, ends)
+        t0 = asyncio.get_running_loop().time()
+        sent, live = await serve_one(mw)  # unpatched: 300 s
+        return asyncio.get_running_loop().time() - t0, sent, live
+
+    took, sent, live = asyncio.run(timed("silent"))
+    assert took < 5 and sent == [] and live == []
+    with pytest.raises(ConnectionResetError, match="went away"):
+        asyncio.run(timed("raises"))
 
 
 class _Root:
