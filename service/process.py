@@ -43,13 +43,19 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
-    """SIGTERM (a server drains and runs its shutdown hooks), then SIGKILL after ``grace_s``."""
+    """SIGTERM (a server drains and runs its shutdown hooks), then SIGKILL after ``grace_s``; then
+    SIGKILL to any of its descendants still running, so that no worker outlives its arbiter (one
+    whose shutdown hung was orphaned and kept serving, and burning CPU, in later benchmark phases)."""
+    descendants = _tree(proc.pid)[1:]
     proc.terminate()
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+    for p in descendants:
+        with suppress(Exception):  # gone meanwhile (psutil checks the pid was not reused)
+            p.kill()
 
 
 def _tree(pid: int) -> list[Any]:

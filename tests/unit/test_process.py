@@ -58,3 +58,26 @@ def test_a_workers_children_take_its_role() -> None:
                 os.kill(pid, 9)
         worker.kill()
         worker.wait()
+
+
+def test_stop_leaves_no_descendant_behind() -> None:
+    """A child that ignores SIGTERM (a worker whose shutdown hangs) dies with its parent's stop."""
+    import psutil
+
+    from service.process import stop
+
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"
+    parent_code = (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {stubborn!r}])\n"
+        "time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    deadline = time.monotonic() + 20
+    while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (child,) = psutil.Process(parent.pid).children()
+    time.sleep(0.5)  # the child has set its handler
+    stop(parent, grace_s=5)
+    child.wait(10)
+    assert not child.is_running()
