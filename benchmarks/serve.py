@@ -212,7 +212,9 @@ def run_phase(
         batch_mean=hist["sum"] / count if count else None,
         batch_hist={k: v for k, v in hist.items() if k.startswith("le=")},
         cpu_ms={k: v for k, v in cpu_ms.items() if v >= 0.05},
-        lrp_cpu_s=sorted((lrp1[pid] - t for pid, t in lrp0.items() if pid in lrp1), reverse=True),
+        lrp_cpu_s=sorted((lrp1[pid] - t for pid, t in lrp0.items() if pid in lrp1), reverse=True)
+        if endpoint in ("/audit", "/compare")
+        else [],
     )
 
 
