@@ -75,7 +75,7 @@ class Settings:
     #: entry service, so on a small machine fewer threads than cores can serve more.
     predict_threads: int | None = None
     audit_threads: int | None = None
-    #: Auditor processes (BentoML workers of ``medaudit-auditor``); see :func:`audit_workers`.
+    #: LRP processes of the auditor (service.audit_pool); see :func:`audit_workers`.
     audit_workers: int = 1
     #: Torch device of the auditor's LRP engine (``cpu``, ``cuda:N``); see :func:`audit_device`.
     audit_device: str = "cpu"
@@ -225,17 +225,19 @@ def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
 
 
 def audit_workers(environ: Mapping[str, str], device: str | None = None) -> int:
-    """Auditor processes from ``MEDAUDIT_AUDIT_WORKERS``: a positive number, or ``auto`` / unset
-    for one per usable core, at most :data:`MAX_AUTO_AUDIT_WORKERS`.
+    """LRP processes of the auditor from ``MEDAUDIT_AUDIT_WORKERS``: a positive number, or
+    ``auto`` / unset for one per usable core, at most :data:`MAX_AUTO_AUDIT_WORKERS`.
 
     Why processes and not threads: torch's LRP backward scales poorly over threads on CPU (batch 8
     on 2 cores: 23.3 ms per image with 2 threads against 31.2 with 1, so the second core adds only
     34 %), while single-threaded processes each use a whole core. Served on 2 cores (AMD EPYC,
     benchmarks/serve.py), one two-threaded auditor answered 33.4-35.1 /audit req/s (2 runs) and
-    two single-threaded ones 35.9-41.0, median 38.4 (7 runs; issue #6's notes). BentoML reads this
-    when ``service.api`` is imported (the ``workers`` of the auditor's service): a start-time
-    setting. Set the worker count here, not through ``BENTOML_CONFIG_OPTIONS``: the auditors' thread
-    split (:meth:`Settings.auditor_threads`) reads it from here.
+    two single-threaded ones 35.9-41.0, median 38.4 (7 runs; issue #6's notes). They are
+    processes the auditor's one BentoML worker starts and feeds from its queue
+    (:mod:`service.audit_pool`; with one, LRP runs in the worker itself), not BentoML workers:
+    those share one socket and traffic piled onto one of them. Read when the auditor starts: a
+    start-time setting. Set it here, not through ``BENTOML_CONFIG_OPTIONS``: the thread split
+    (:meth:`Settings.auditor_threads`) reads it from here.
 
     With the auditor on a GPU (:func:`audit_device`), ``auto`` is one process: the batch, not the
     process count, fills a GPU, and each process would hold its own CUDA context and models.
