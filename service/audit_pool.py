@@ -185,13 +185,17 @@ class ProcessLane:
         RuntimeError: The process failed to load its versions or was not ready in time.
     """
 
-    def __init__(self, spec: LaneSpec, *, start_timeout_s: float = LANE_START_TIMEOUT_S) -> None:
+    def __init__(
+        self, spec: LaneSpec, *, start_timeout_s: float = LANE_START_TIMEOUT_S, wait: bool = True
+    ) -> None:
         self.spec = spec
         self.start_timeout_s = start_timeout_s
         self._ctx = mp.get_context("spawn")  # never fork a process that holds torch's threads
-        self._start()
+        self._launch()
+        if wait:
+            self.wait_ready()
 
-    def _start(self) -> None:
+    def _launch(self) -> None:
         self.conn, child = self._ctx.Pipe()
         self.process = self._ctx.Process(
             target=_lane_main, args=(child, self.spec), daemon=True, name="medaudit-lrp"
@@ -199,6 +203,14 @@ class ProcessLane:
         self.process.start()
         child.close()
         self.name = f"lrp:{self.process.pid}"
+
+    def wait_ready(self) -> None:
+        """Block until the process has loaded and warmed its versions (``wait=False`` lanes:
+        several launched first load side by side, one core each).
+
+        Raises:
+            RuntimeError: It failed to load, exited, or was not ready within the timeout.
+        """
         try:
             if not self.conn.poll(self.start_timeout_s):
                 raise RuntimeError(
@@ -233,7 +245,8 @@ class ProcessLane:
 
     def restart(self) -> None:
         self._stop()
-        self._start()
+        self._launch()
+        self.wait_ready()
 
     def _stop(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -314,10 +327,10 @@ class AuditPool:
         """
         if processes == 1 and engines is not None:
             return cls([LocalLane(engines)], max_batch=max_batch, max_wait_s=max_wait_s)
-        lanes: list[ProcessLane] = []
+        lanes = [ProcessLane(spec, wait=False) for _ in range(processes)]  # loading side by side
         try:
-            for _ in range(processes):
-                lanes.append(ProcessLane(spec))
+            for lane in lanes:
+                lane.wait_ready()
         except Exception:
             for lane in lanes:
                 lane.close()
