@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -303,6 +304,10 @@ def review_app(
         async def endpoint(request: Request) -> JSONResponse:
             import anyio.to_thread
 
+            # Every answer carries X-Request-ID (the caller's, else a new one), as the service's
+            # other routes do; an error body carries it too. A success body does not: a flag's own
+            # ``request_id`` there is the audited request's, which reviewers look up by.
+            rid = request.headers.get("x-request-id") or uuid.uuid4().hex
             try:
                 reviewer = auth(request)
                 body = None
@@ -314,8 +319,12 @@ def review_app(
                 request.state.body = body
                 result = await anyio.to_thread.run_sync(fn, request, reviewer)
             except AuditError as e:
-                return JSONResponse(e.to_json(), status_code=e.status, headers=e.headers())
-            return JSONResponse(result)
+                return JSONResponse(
+                    {**e.to_json(), "request_id": rid},
+                    status_code=e.status,
+                    headers={"X-Request-ID": rid, **e.headers()},
+                )
+            return JSONResponse(result, headers={"X-Request-ID": rid})
 
         return endpoint
 

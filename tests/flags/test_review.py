@@ -117,8 +117,11 @@ def test_http_endpoints(client, queued: FlagKeys) -> None:
         r = http.get("/reviews/req-0:band_aid", headers=h)
         assert r.status_code == 200 and r.json()["heatmap_png"] and r.json()["reasons"]
         assert http.get("/reviews/req-0:band_aid?images=0", headers=h).json().get("heatmap_png") is None
-        assert http.get("/reviews/nope:band_aid", headers=h).json()["error"] == "unknown_flag"
-        assert http.get("/reviews/nope:band_aid", headers=h).status_code == 404
+        r = http.get("/reviews/nope:band_aid", headers={**h, "X-Request-ID": "rv-1"})
+        assert r.status_code == 404 and r.json()["error"] == "unknown_flag"
+        assert r.json()["request_id"] == "rv-1" and r.headers["x-request-id"] == "rv-1"
+        r = http.get("/reviews?status=open", headers=h)  # a success: the id in the header only
+        assert len(r.headers["x-request-id"]) == 32 and "request_id" not in r.json()
         r = http.post("/reviews/req-0:band_aid/resolve", headers=h, json={"verdict": "maybe"})
         assert r.status_code == 422 and r.json()["valid"] == ["artifact_confirmed", "false_alarm", "other"]
         assert http.post("/reviews/req-0:band_aid/resolve", headers=h, content=b"{").status_code == 422
