@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -112,6 +113,29 @@ def client(service_env, new_medaudit_app):
     with TestClient(new_medaudit_app()) as c:
         c.headers["Authorization"] = f"Bearer {CLIENT_KEY}"
         yield c
+
+
+def test_an_in_process_app_stops_its_lrp_processes_when_it_stops(
+    service_env, new_medaudit_app, monkeypatch
+) -> None:
+    """MedAudit.to_asgi() creates the auditor in this process, with its LRP processes; stopping
+    the app (BentoML's dependency cleanup) stops them. Before the auditor's close was async,
+    BentoML never called it and every in-process start left two processes behind."""
+    import psutil
+    from starlette.testclient import TestClient
+
+    def lrp() -> set[int]:
+        kids = psutil.Process().children(recursive=True)
+        return {p.pid for p in kids if "spawn_main" in " ".join(p.cmdline())}
+
+    monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "2")
+    before = lrp()
+    with TestClient(new_medaudit_app()) as c:
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "image/png"}
+        assert c.post("/audit", content=_png(), headers=headers).status_code == 200
+        started = lrp() - before
+        assert len(started) == 2
+    assert not (lrp() & started)
 
 
 def test_ready_and_models(client) -> None:
@@ -504,7 +528,7 @@ def test_tier1_thread_settings_reach_the_model_runtimes(svc, monkeypatch) -> Non
     monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "1")
     try:
         auditor = Auditor()
-        auditor.close()
+        asyncio.run(auditor.close())
         assert [type(lane) for lane in auditor.pool.lanes] == [LocalLane]
         assert torch.get_num_threads() == 1
         # Several LRP processes and no thread count: the usable cores shared out among them.
@@ -512,7 +536,7 @@ def test_tier1_thread_settings_reach_the_model_runtimes(svc, monkeypatch) -> Non
         monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "2")
         torch.set_num_threads(7)
         auditor = Auditor()
-        auditor.close()
+        asyncio.run(auditor.close())
         lanes = auditor.pool.lanes
         assert [type(lane) for lane in lanes] == [ProcessLane, ProcessLane]
         assert [lane.torch_threads for lane in lanes] == [max(1, usable_cpus() // 2)] * 2  # type: ignore[attr-defined]
@@ -525,8 +549,6 @@ def test_tier1_auditor_sheds_a_full_queue_as_a_503(svc, monkeypatch) -> None:
     """An audit whose wait in the auditor's queue would pass the limit is refused as BentoML's
     ServiceUnavailable (a 503 on the internal hop), which the entry turns into its own 503 with
     Retry-After at once; an admitted audit answers as the engines do."""
-    import asyncio
-
     from bentoml.exceptions import ServiceUnavailable
 
     from service.api import Auditor, _dependency
@@ -545,7 +567,7 @@ def test_tier1_auditor_sheds_a_full_queue_as_a_503(svc, monkeypatch) -> None:
             asyncio.run(_dependency(auditor.audit, job, 5.0))
         assert ei.value.status == 503 and ei.value.headers() == {"Retry-After": "1"}
     finally:
-        auditor.close()
+        asyncio.run(auditor.close())
 
 
 def test_tier1_services_freeze_their_startup_heap(svc, monkeypatch) -> None:
@@ -563,7 +585,7 @@ def test_tier1_services_freeze_their_startup_heap(svc, monkeypatch) -> None:
         instance = service()
         assert gc.get_freeze_count() > 10_000, service
         if hasattr(instance, "pool"):  # the auditor's lane thread
-            instance.close()
+            asyncio.run(instance.close())
     assert len(gc.get_objects()) < gc.get_freeze_count()
 
 
