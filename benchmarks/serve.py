@@ -188,11 +188,16 @@ def run_phase(
     base = server.base
     asyncio.run(drive(base, endpoint, images, users, 3.0))  # warm-up at this concurrency
     before = batch_histogram(base, batches)
-    cpu0, own0, lrp0 = server.cpu_seconds(), _own_cpu_s(), server.spawned_cpu_seconds("medaudit-auditor")
+    audits = endpoint in ("/audit", "/compare")
+
+    def lrp_cpu() -> dict[int, float]:
+        return server.spawned_cpu_seconds("medaudit-auditor") if audits else {}
+
+    cpu0, own0, lrp0 = server.cpu_seconds(), _own_cpu_s(), lrp_cpu()
     t0 = time.perf_counter()
     lat, errors = asyncio.run(drive(base, endpoint, images, users, args.seconds))
     wall = time.perf_counter() - t0
-    cpu1, own1, lrp1 = server.cpu_seconds(), _own_cpu_s(), server.spawned_cpu_seconds("medaudit-auditor")
+    cpu1, own1, lrp1 = server.cpu_seconds(), _own_cpu_s(), lrp_cpu()
     after = batch_histogram(base, batches)
     n = max(len(lat), 1)
     cpu_ms = {role: 1e3 * (t - cpu0.get(role, 0.0)) / n for role, t in cpu1.items()}
@@ -212,9 +217,7 @@ def run_phase(
         batch_mean=hist["sum"] / count if count else None,
         batch_hist={k: v for k, v in hist.items() if k.startswith("le=")},
         cpu_ms={k: v for k, v in cpu_ms.items() if v >= 0.05},
-        lrp_cpu_s=sorted((lrp1[pid] - t for pid, t in lrp0.items() if pid in lrp1), reverse=True)
-        if endpoint in ("/audit", "/compare")
-        else [],
+        lrp_cpu_s=sorted((lrp1[pid] - t for pid, t in lrp0.items() if pid in lrp1), reverse=True),
     )
 
 

@@ -118,6 +118,19 @@ def process_cpu_seconds(pid: int) -> list[tuple[str, int, float]]:
     return [(role(q), q, seconds) for q, seconds in rows]
 
 
+def spawned_pids(pid: int) -> set[int]:
+    """Descendants of ``pid`` that multiprocessing's spawn started (the auditor's LRP processes;
+    its resource tracker is not one)."""
+    import psutil
+
+    out = set()
+    for p in _tree(pid)[1:]:
+        with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if "spawn_main" in " ".join(p.cmdline()):
+                out.add(p.pid)
+    return out
+
+
 def tree_cpu_seconds(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of process ``pid`` and its descendants, by role (see
     :func:`process_cpu_seconds`). Two readings around a load phase give each role's CPU per
@@ -152,14 +165,8 @@ class Server:
     def spawned_cpu_seconds(self, role: str) -> dict[int, float]:
         """CPU seconds so far of each process that a worker of ``role`` started through
         multiprocessing's spawn (the auditor's LRP processes, :mod:`service.audit_pool`), by pid."""
-        import psutil
-
-        out = {}
-        for pid, seconds in self.worker_cpu_seconds(role).items():
-            with suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                if "spawn_main" in " ".join(psutil.Process(pid).cmdline()):
-                    out[pid] = seconds
-        return out
+        spawned = spawned_pids(self.proc.pid)
+        return {pid: s for pid, s in self.worker_cpu_seconds(role).items() if pid in spawned}
 
     def log_tail(self, n: int = 3000) -> str:
         return _tail(self.log_path, n)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,6 +44,18 @@ def _env(home: Path, auth: bool) -> dict[str, str]:
         )
         env["MEDAUDIT_API_KEY_SALT"] = SALT
     return env
+
+
+def _metric_sum(families: dict[str, Any], family: str, suffix: str, **labels: str) -> float:
+    """Sum of the ``family + suffix`` samples (``_total``, ``_count``, ``_sum``) whose labels
+    include ``labels``, over every process /metrics aggregated."""
+    return float(
+        sum(
+            s.value
+            for s in families[family].samples
+            if s.name == family + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+        )
+    )
 
 
 def _png(size: int = 40, seed: int = 0) -> bytes:
@@ -121,12 +134,14 @@ def test_an_in_process_app_stops_its_lrp_processes_when_it_stops(
     """MedAudit.to_asgi() creates the auditor in this process, with its LRP processes; stopping
     the app (BentoML's dependency cleanup) stops them. Before the auditor's close was async,
     BentoML never called it and every in-process start left two processes behind."""
-    import psutil
+    import os
+
     from starlette.testclient import TestClient
 
+    from service.process import spawned_pids
+
     def lrp() -> set[int]:
-        kids = psutil.Process().children(recursive=True)
-        return {p.pid for p in kids if "spawn_main" in " ".join(p.cmdline())}
+        return spawned_pids(os.getpid())
 
     monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "2")
     before = lrp()
@@ -439,21 +454,8 @@ def test_two_lrp_processes_both_take_audits(tiny_store: Path, tmp_path: Path) ->
     print(f"CPU seconds by LRP process over {n} audits: {spent}")
     assert all(s > 0.05 for s in spent.values()), spent
     families = {f.name: f for f in text_string_to_metric_families(text)}
-
-    def count(family: str, **labels: str) -> float:
-        return sum(
-            s.value
-            for s in families[family].samples
-            if s.name == family + "_count" and all(s.labels.get(k) == v for k, v in labels.items())
-        )
-
-    assert count("medaudit_audit_queue_seconds") == n
-    batched = sum(
-        s.value
-        for s in families["medaudit_batch_images"].samples
-        if s.name.endswith("_sum") and s.labels["service"] == "auditor"
-    )
-    assert batched == n
+    assert _metric_sum(families, "medaudit_audit_queue_seconds", "_count") == n
+    assert _metric_sum(families, "medaudit_batch_images", "_sum", service="auditor") == n
 
 
 @pytest.mark.e2e
@@ -487,11 +489,7 @@ def test_custom_metrics_add_up_across_two_workers(tiny_store: Path, tmp_path: Pa
     families = {f.name: f for f in text_string_to_metric_families(text)}
 
     def total(name: str, **labels: str) -> float:
-        return sum(
-            s.value
-            for s in families[name].samples
-            if s.name == name + "_total" and all(s.labels.get(k) == v for k, v in labels.items())
-        )
+        return _metric_sum(families, name, "_total", **labels)
 
     print(f"2 workers: {total('medaudit_requests', outcome='ok'):.0f} requests counted of {n}")
     assert total("medaudit_requests", outcome="ok") == n
@@ -499,9 +497,8 @@ def test_custom_metrics_add_up_across_two_workers(tiny_store: Path, tmp_path: Pa
     assert total("medaudit_predictions") == n
     # pclarc-band_aid shadows every request it does not answer itself
     assert total("medaudit_shadow_comparisons") == total("medaudit_ab_assignments", version="vanilla") > 0
-    stage = [s for s in families["medaudit_stage_seconds"].samples if s.name.endswith("_count")]
-    assert sum(s.value for s in stage if s.labels["stage"] == "total") == n
-    assert sum(s.value for s in families["medaudit_batch_images"].samples if s.name.endswith("_sum")) >= n
+    assert _metric_sum(families, "medaudit_stage_seconds", "_count", stage="total") == n
+    assert _metric_sum(families, "medaudit_batch_images", "_sum") >= n
     info = [s for s in families["medaudit_model_info"].samples]
     assert {s.labels["version"] for s in info} == {"vanilla", "pclarc-band_aid"}
     assert all(len(s.labels["weights_sha256"]) == 64 for s in info)

@@ -78,6 +78,10 @@ class GateLane:
         self.release(100)
 
 
+def _job(n: int) -> dict[str, Any]:
+    return {"version": "v", "n": n}
+
+
 def _taken(lane: GateLane, batches: int = 1) -> None:
     for _ in range(batches):
         assert lane.taken.acquire(timeout=20), f"{lane.name} took no batch"
@@ -89,9 +93,9 @@ def test_a_free_lane_takes_everything_queued_up_to_max_batch() -> None:
     lane = GateLane("a")
     pool = AuditPool([lane], max_batch=4)
     try:
-        first = pool.submit({"version": "v", "n": 0})
+        first = pool.submit(_job(0))
         _taken(lane)
-        rest = [pool.submit({"version": "v", "n": n}) for n in range(1, 7)]
+        rest = [pool.submit(_job(n)) for n in range(1, 7)]
         assert pool.queued == 6
         lane.release()
         assert first.result(5) == {"n2": 0}
@@ -109,9 +113,9 @@ def test_every_lane_works_while_jobs_are_queued() -> None:
     lanes = [GateLane("a"), GateLane("b")]
     pool = AuditPool(lanes, max_batch=16)
     try:
-        futures = [pool.submit({"version": "v", "n": 0})]
+        futures = [pool.submit(_job(0))]
         taker = next(lane for lane in lanes if lane.taken.acquire(timeout=20))
-        futures.append(pool.submit({"version": "v", "n": 1}))
+        futures.append(pool.submit(_job(1)))
         other = lanes[1] if taker is lanes[0] else lanes[0]
         _taken(other)  # taken while the first lane still holds its batch
         assert taker.batches == [[0]] and other.batches == [[1]]
@@ -128,22 +132,20 @@ def test_a_job_that_would_wait_too_long_is_refused_not_queued() -> None:
     lane = GateLane("a")
     pool = AuditPool([lane], max_batch=1, max_wait_s=2.5)
     try:
-        pool.submit({"version": "v", "n": 0})
+        pool.submit(_job(0))
         _taken(lane)
         lane.release()
         deadline = time.monotonic() + 5
         while pool.seconds_per_image is None and time.monotonic() < deadline:
             time.sleep(0.01)
         pool.seconds_per_image = 1.0  # as if each image took a second
-        held = pool.submit({"version": "v", "n": 1})
+        held = pool.submit(_job(1))
         _taken(lane)
-        queued = [
-            pool.submit({"version": "v", "n": n}) for n in (2, 3)
-        ]  # 2 s of work queued: still under 2.5 s
+        queued = [pool.submit(_job(n)) for n in (2, 3)]  # 2 s of work queued: still under 2.5 s
         assert pool.estimated_wait_s() == pytest.approx(2.0)
-        pool.submit({"version": "v", "n": 4})  # 2 s before it: admitted, now 3 s queued
+        pool.submit(_job(4))  # 2 s before it: admitted, now 3 s queued
         with pytest.raises(PoolOverloadedError, match=r"3 audits queued, about 3 s .* 1 LRP process"):
-            pool.submit({"version": "v", "n": 5})
+            pool.submit(_job(5))
         assert pool.queued == 3
         lane.release(4)
         assert held.result(5) == {"n2": 2} and [f.result(5)["n2"] for f in queued] == [4, 6]
@@ -155,9 +157,9 @@ def test_a_job_cancelled_while_queued_never_runs() -> None:
     lane = GateLane("a")
     pool = AuditPool([lane])
     try:
-        first = pool.submit({"version": "v", "n": 0})
+        first = pool.submit(_job(0))
         _taken(lane)
-        dropped, kept = pool.submit({"version": "v", "n": 1}), pool.submit({"version": "v", "n": 2})
+        dropped, kept = pool.submit(_job(1)), pool.submit(_job(2))
         assert dropped.cancel()
         lane.release(2)
         assert first.result(5) == {"n2": 0} and kept.result(5) == {"n2": 4}
@@ -172,9 +174,9 @@ def test_a_crashed_lanes_batch_is_retried_job_by_job_once() -> None:
     lane = GateLane("a", crash_once={0}, crash_on={2})
     pool = AuditPool([lane], max_batch=16)
     try:
-        first = pool.submit({"version": "v", "n": 9})
+        first = pool.submit(_job(9))
         _taken(lane)
-        futures = [pool.submit({"version": "v", "n": n}) for n in (0, 1, 2)]
+        futures = [pool.submit(_job(n)) for n in (0, 1, 2)]
         lane.release(5)
         assert first.result(5) == {"n2": 18}
         assert [f.result(5)["n2"] for f in futures[:2]] == [0, 2]
@@ -182,7 +184,7 @@ def test_a_crashed_lanes_batch_is_retried_job_by_job_once() -> None:
             futures[2].result(5)
         assert lane.batches == [[9], [0, 1, 2], [0], [1], [2]]
         assert lane.restarts == 2 and pool.live_lanes == 1
-        later = pool.submit({"version": "v", "n": 3})
+        later = pool.submit(_job(3))
         lane.release()
         assert later.result(5) == {"n2": 6}
     finally:
@@ -193,16 +195,16 @@ def test_an_error_fails_its_batch_and_the_lane_goes_on() -> None:
     lane = GateLane("a", fail_on={1})
     pool = AuditPool([lane], max_batch=16)
     try:
-        futures = [pool.submit({"version": "v", "n": 0})]
+        futures = [pool.submit(_job(0))]
         _taken(lane)
-        futures += [pool.submit({"version": "v", "n": n}) for n in (1, 2)]
+        futures += [pool.submit(_job(n)) for n in (1, 2)]
         lane.release(2)
         assert futures[0].result(5) == {"n2": 0}
         with pytest.raises(ValueError, match=r"bad job in \[1, 2\]"):
             futures[1].result(5)
         with pytest.raises(ValueError):
             futures[2].result(5)
-        later = pool.submit({"version": "v", "n": 3})
+        later = pool.submit(_job(3))
         lane.release()
         assert later.result(5) == {"n2": 6}
     finally:
@@ -212,9 +214,9 @@ def test_an_error_fails_its_batch_and_the_lane_goes_on() -> None:
 def test_close_fails_what_is_queued_and_refuses_more() -> None:
     lane = GateLane("a")
     pool = AuditPool([lane])
-    first = pool.submit({"version": "v", "n": 0})
+    first = pool.submit(_job(0))
     _taken(lane)
-    queued = pool.submit({"version": "v", "n": 1})
+    queued = pool.submit(_job(1))
     closer = threading.Thread(target=pool.close)  # while the lane still holds the first job
     closer.start()
     with pytest.raises(RuntimeError, match="closed before this audit ran"):
@@ -224,7 +226,7 @@ def test_close_fails_what_is_queued_and_refuses_more() -> None:
     assert not closer.is_alive()
     assert first.result(5) == {"n2": 0}
     with pytest.raises(RuntimeError, match="closed"):
-        pool.submit({"version": "v", "n": 2})
+        pool.submit(_job(2))
 
 
 def test_audit_async_awaits_the_lane() -> None:
@@ -233,7 +235,7 @@ def test_audit_async_awaits_the_lane() -> None:
     pool = AuditPool([lane])
 
     async def main() -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(pool.audit_async({"version": "v", "n": n}) for n in range(5))))
+        return list(await asyncio.gather(*(pool.audit_async(_job(n)) for n in range(5))))
 
     try:
         assert [r["n2"] for r in asyncio.run(main())] == [0, 2, 4, 6, 8]
