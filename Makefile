@@ -2,17 +2,18 @@
 PY      ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml clients/pyproject.toml | sha256sum | cut -c1-12)
 OUT     ?= artifacts
 PYTEST_ARGS ?=
 LOAD_ARGS ?=
 
-.PHONY: help install demo test test-fast lint format bench load soak train clean
+.PHONY: help install system wheels bento demo test test-fast lint format bench load soak train clean
 
 help:
 	@echo "make demo   train, correct and register the demo versions on synthderm, then serve them on :3000"
 	@echo "make test   run the whole test suite (what CI runs)"
 	@echo "make lint   ruff format --check, ruff check, mypy"
+	@echo "make wheels medaudit-client and medaudit wheels + sdists into dist/ (make bento: a Bento of them)"
 	@echo "make bench  benchmarks into benchmarks/results/"
 	@echo "make load   locust mix against the served demo store -> benchmarks/results/load_cpu.md (LOAD_ARGS=...)"
 	@echo "make soak   10 minutes of that mix, RSS growth after warm-up <= 10% -> benchmarks/results/soak_cpu.md"
@@ -23,8 +24,11 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # Re-install whenever pyproject.toml changes (the stamp carries its hash).
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(STAMP): $(BIN)/python pyproject.toml clients/pyproject.toml
+	$(BIN)/pip install --quiet -e ./clients -e '.[dev]'
+	# The `medaudit` script is medaudit-client's; an older install of this project owned it, and
+	# uninstalling that one during the upgrade removes it: put it back.
+	test -x $(BIN)/medaudit || $(BIN)/pip install --quiet --no-deps --force-reinstall -e ./clients
 	# zennit-crp is the reference for concept-conditioned heatmaps in the tests. Its metadata pins
 	# zennit<=0.4.6, but the CondAttribution we compare against runs on 0.5.1 (method.md §11.2
 	# pins 0.5.1), so it goes in without its dependency resolution.
@@ -34,22 +38,41 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# Wheels and sdists of both distributions (medaudit-client from clients/, medaudit) into dist/.
+wheels: install
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist clients
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+# A Bento of the service (bentofile.yaml), with the two wheels in its environment.
+bento: wheels
+	$(BIN)/bentoml build
+
+# System packages the tests need (Redis, Chromium, Prometheus): one script, skipped when present.
+system:
+	bash scripts/setup-system.sh
+
 demo: install
 	$(BIN)/medaudit demo --out $(OUT)
 
 train: install
 	$(BIN)/medaudit train --out $(OUT)/resnet18-synthderm
 
-test: install
+test: install system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install system
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy
+	# mypy cannot follow setuptools' editable import hook, so it reads the packages through a tree of
+	# links laid out as installed (medaudit/models -> models/, ...).
+	rm -rf .cache/mypy-src && mkdir -p .cache/mypy-src/medaudit
+	for d in models service cli clients; do ln -s ../../../$$d .cache/mypy-src/medaudit/$$d; done
+	MYPYPATH=.cache/mypy-src $(BIN)/mypy -p medaudit.models -p medaudit.service -p medaudit.cli -p medaudit.clients
 
 format: install
 	$(BIN)/ruff format .
