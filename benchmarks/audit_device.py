@@ -4,7 +4,7 @@
 and at each image's first present concept) followed by host work: concept scoring, relevance
 shares, float16 maps, and PNG encoding of the overlay and masks. On the CPU the LRP call is nearly
 all of it; on a GPU it is not, which decides how far ``MEDAUDIT_AUDIT_DEVICE=cuda`` can take the
-auditor. This runs one random-weight version (:mod:`service.fixtures`: the shapes and code paths
+auditor. This runs one random-weight version (:mod:`medaudit.service.fixtures`: the shapes and code paths
 of a served ResNet-18, no training and no BentoML store needed) on each device and times, per
 batch size, the whole audit and its LRP call alone, round-robin over repeats (medians).
 
@@ -112,9 +112,9 @@ def main() -> None:
     import torch
 
     from benchmarks.machine import cpu_name
-    from service.audit import AuditEngine, version_tag
-    from service.fixtures import load_version_files, synthderm_images, write_version_files
-    from service.store import load_version
+    from medaudit.service.audit import AuditEngine, version_tag
+    from medaudit.service.fixtures import load_version_files, synthderm_images, write_version_files
+    from medaudit.service.store import load_version
 
     if args.threads:
         torch.set_num_threads(args.threads)

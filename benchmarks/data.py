@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from models.data.synthetic import SynthDerm, SynthDermConfig
+from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 
 
 def main() -> None:

@@ -74,8 +74,8 @@ def make_inputs(args: argparse.Namespace, torch: Any) -> tuple[Any, Any, Any]:
     import numpy as np
     from torch import nn
 
-    from models.corrections import CorrectionData
-    from models.registry import create_model, hook_module
+    from medaudit.models.corrections import CorrectionData
+    from medaudit.models.registry import create_model, hook_module
 
     torch.manual_seed(0)
     model, cfg = create_model(args.arch, img_size=args.size)
@@ -139,7 +139,7 @@ def main() -> None:
     args = parse_args()
     import torch
 
-    from models.corrections import RRR, FinetuneConfig, RRClarc, Vanilla
+    from medaudit.models.corrections import RRR, FinetuneConfig, RRClarc, Vanilla
 
     if args.threads:
         torch.set_num_threads(args.threads)

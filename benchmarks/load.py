@@ -2,10 +2,10 @@
 
 Serves a store with ``bentoml serve`` (default ``artifacts/bentoml``, which ``make demo`` or
 ``medaudit demo --no-serve`` builds): the vanilla and a corrected version split A/B, the corrected
-one also shadowing, flags off. Then runs ``clients/locustfile.py`` headless against it (predict-
+one also shadowing, flags off. Then runs ``cli/locustfile.py`` headless against it (predict-
 heavy, audit, compare, PNG/JPEG 64–1024 px and DICOM, A/B subject keys) and writes a report: req/s,
 p50/p95/p99 per endpoint and per payload, errors, the adaptive batch sizes the server formed and
-the server's summed RSS (see :mod:`clients.load`).
+the server's summed RSS (see :mod:`medaudit.cli.load`).
 
     python benchmarks/load.py                       # 16 users, 120 s -> benchmarks/results/load_cpu.md
     python benchmarks/load.py --soak                # 10 min, RSS growth after a 2 min warm-up ≤ 10%
@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clients.load import LoadReport, run_load, write_report  # noqa: E402
-from service.process import serving  # noqa: E402
+from medaudit.cli.load import LoadReport, run_load, write_report  # noqa: E402
+from medaudit.service.process import serving  # noqa: E402
 
 SOAK_SECONDS, SOAK_WARMUP, SOAK_LIMIT_PCT = 600.0, 120.0, 10.0
 

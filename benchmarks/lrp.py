@@ -134,7 +134,7 @@ def timed(
 
 def aten_convs(fn: Callable[[], Any]) -> Any:
     """``fn()`` with the engine's prepacked CPU kernels turned off (``MEDAUDIT_LRP_PACKED=0``)."""
-    from models.xai.rules import PACKED_ENV
+    from medaudit.models.xai.rules import PACKED_ENV
 
     before = os.environ.get(PACKED_ENV)
     os.environ[PACKED_ENV] = "0"
@@ -160,8 +160,8 @@ def cosine(a: Any, b: Any) -> float:
 def run_case(args: argparse.Namespace, name: str, size: int, batch: int, torch: Any) -> list[Case]:
     from torch import nn
 
-    from models.registry import create_model
-    from models.xai import Explainer
+    from medaudit.models.registry import create_model
+    from medaudit.models.xai import Explainer
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -220,7 +220,7 @@ def run_case(args: argparse.Namespace, name: str, size: int, batch: int, torch: 
 
     zennit_ok = True
     try:
-        from models.xai.zennit_reference import zennit_lrp
+        from medaudit.models.xai.zennit_reference import zennit_lrp
     except ImportError as e:  # pragma: no cover - depends on the machine
         zennit_ok, notes["zennit LRP"] = False, f"skipped: {e}"
     try:
@@ -304,7 +304,7 @@ def bf16_case(
     grad_x_input: Callable[..., Any], sync: Callable[[], None], torch: Any,
 ) -> Case:  # fmt: skip
     """The engine and gradient×input in bfloat16; the engine's heatmaps compared with fp32's."""
-    from models.xai import Explainer
+    from medaudit.models.xai import Explainer
 
     name, (size, batch), device = cfg.arch, (x.shape[-1], x.shape[0]), x.device
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format

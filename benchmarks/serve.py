@@ -7,7 +7,7 @@ the same run:
 * ``predict_onnx``: ``/predict`` as served (ONNX Runtime, adaptively batched);
 * ``predict_torch``: the same server started with ``MEDAUDIT_PREDICT_BACKEND=torch`` (eager);
 * ``audit``: ``/audit`` (LRP heatmap + concept scores + masks + flag), continuously batched in
-  the auditor's own queue over its LRP processes (:mod:`service.audit_pool`).
+  the auditor's own queue over its LRP processes (:mod:`medaudit.service.audit_pool`).
 
 Every contender runs at each concurrency of ``--users`` (closed loop: each user sends its next
 request when the last is answered), because the comparison depends on it: ONNX Runtime's cost per
@@ -51,9 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_name  # noqa: E402
-from clients.load import ADAPTIVE, BATCH_IMAGES, batch_histogram  # noqa: E402
-from service.config import audit_workers  # noqa: E402
-from service.process import Server, serving  # noqa: E402
+from medaudit.cli.load import ADAPTIVE, BATCH_IMAGES, batch_histogram  # noqa: E402
+from medaudit.service.config import audit_workers  # noqa: E402
+from medaudit.service.process import Server, serving  # noqa: E402
 
 
 @dataclass
@@ -107,7 +107,7 @@ def parse_args() -> argparse.Namespace:
 
 def test_images(n: int) -> list[bytes]:
     """PNG bytes of synthderm test images, half of them attacked with the band-aid."""
-    from service.fixtures import synthderm_images
+    from medaudit.service.fixtures import synthderm_images
 
     out = []
     for image in synthderm_images(n):
@@ -184,7 +184,7 @@ def run_phase(
     args: argparse.Namespace,
 ) -> Phase:
     """One contender at one concurrency; ``batches`` names the batch-size histogram to read
-    (:func:`clients.load.batch_histogram`)."""
+    (:func:`medaudit.cli.load.batch_histogram`)."""
     base = server.base
     asyncio.run(drive(base, endpoint, images, users, 3.0))  # warm-up at this concurrency
     before = batch_histogram(base, batches)
@@ -254,9 +254,9 @@ def in_process(
     Separates what the model costs from what serving adds: if ONNX Runtime is not faster here,
     no server setting will make ``/predict`` faster than the torch path.
     """
-    from service.audit import AuditEngine, TorchPredictor
-    from service.inputs import decode_image
-    from service.store import load_version
+    from medaudit.service.audit import AuditEngine, TorchPredictor
+    from medaudit.service.inputs import decode_image
+    from medaudit.service.store import load_version
 
     engine = AuditEngine.from_store(version, home=home)
     torch_pred = TorchPredictor(load_version(engine.tag, home=home))

@@ -1,2 +1,2 @@
-"""What talks to the service or drives the pipeline: the CLI, the HTTP client (:mod:`clients.client`),
-(later) the locust file."""
+"""medaudit-client: the typed HTTP client of the medaudit service (:mod:`medaudit.clients.client`)
+and the ``medaudit predict|audit|compare`` commands. Needs httpx, typer and rich alone."""

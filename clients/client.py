@@ -11,10 +11,10 @@ Usage::
 Design:
 
 * **Responses are frozen dataclasses** parsed from the JSON of ``service/api.py`` (shapes in
-  :mod:`service.audit`): base64 PNGs arrive as bytes, the raw float16 heatmap as a read-only array.
+  :mod:`medaudit.service.audit`): base64 PNGs arrive as bytes, the raw float16 heatmap as a read-only array.
   A 200 whose body is not that JSON (a proxy page, another service on the port) raises
   :class:`ResponseFormatError` rather than a ``KeyError`` deep inside a caller.
-* **Errors are one tree** (:class:`MedauditClientError`, a :class:`models.errors.MedauditError`):
+* **Errors are one tree** (:class:`MedauditClientError`, a :class:`medaudit.models.errors.MedauditError`):
   :class:`MedauditHTTPError` carries the service's ``{"error", "detail", ..., "request_id"}`` body,
   with a subclass per status callers branch on (:class:`Unauthorized`, :class:`UnknownVersion`
   with ``valid_versions``, :class:`InvalidInput`, ...); an unreachable service is a
@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import io
+import json
 import os
 import random
 import sys
@@ -47,14 +48,18 @@ from urllib.parse import quote
 
 import anyio
 import httpx
-import numpy as np
-
-from models.errors import MedauditError
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL.Image import Image as PILImage
 
 __all__ = [
+    "API_VERSION",
+    "Conflict",
+    "IncompatibleServer",
+    "Review",
+    "ReviewPage",
+    "check_api_version",
     "DEFAULT_TIMEOUT",
     "DEFAULT_URL",
     "AsyncMedauditClient",
@@ -91,6 +96,10 @@ __all__ = [
 ]
 
 DEFAULT_URL = "http://127.0.0.1:3000"
+#: The API this client speaks. The service names its own in the ``X-Medaudit-API`` header of every
+#: answer; a different major version is refused (:class:`IncompatibleServer`), a newer minor is fine.
+API_VERSION = "1.0"
+API_HEADER = "x-medaudit-api"
 #: Seconds per attempt: an audit on a CPU takes seconds, a cold one more.
 DEFAULT_TIMEOUT = 60.0
 
@@ -101,7 +110,7 @@ ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview
 # ============================================================================================ errors
 
 
-class MedauditClientError(MedauditError):
+class MedauditClientError(Exception):
     """Base of every error the client raises on purpose."""
 
 
@@ -130,6 +139,35 @@ class MedauditTimeoutError(MedauditClientError):
         super().__init__(f"no answer from {url} {within}")
         self.url = url
         self.timeout = timeout
+
+
+class IncompatibleServer(MedauditClientError):
+    """The service speaks another major version of the API than this client.
+
+    Attributes:
+        url: The service's base URL.
+        server_version: What its ``X-Medaudit-API`` header said.
+    """
+
+    def __init__(self, url: str, server_version: str) -> None:
+        super().__init__(
+            f"the medaudit service at {url} speaks API {server_version}, this client speaks {API_VERSION}: "
+            f"install a medaudit-client {server_version.split('.')[0]}.x (pip install "
+            f"'medaudit-client=={server_version.split('.')[0]}.*')"
+        )
+        self.url = url
+        self.server_version = server_version
+
+
+def check_api_version(url: str, server_version: str | None) -> None:
+    """Raises :class:`IncompatibleServer` when ``server_version``'s major differs from ours.
+
+    No header (a proxy's own answer, an older service) is not a refusal.
+    """
+    if server_version is None:
+        return
+    if server_version.strip().split(".")[0] != API_VERSION.split(".")[0]:
+        raise IncompatibleServer(url, server_version.strip())
 
 
 class ResponseFormatError(MedauditClientError):
@@ -193,6 +231,10 @@ class UnknownVersion(NotFound):
         self.valid_versions = tuple(str(v) for v in body.get("valid_versions") or ())
 
 
+class Conflict(MedauditHTTPError):
+    """409, e.g. ``already_resolved``: the flag has a verdict already (the body names it)."""
+
+
 class RateLimited(MedauditHTTPError):
     """429 after every retry."""
 
@@ -209,6 +251,7 @@ _BY_STATUS: dict[int, type[MedauditHTTPError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    409: Conflict,
     429: RateLimited,
 }
 
@@ -375,8 +418,11 @@ def encode_image(image: ImageInput) -> tuple[bytes, str]:
         path = Path(image)
         data = path.read_bytes()
         return data, sniff_content_type(data, path.suffix)
+    # numpy and Pillow are optional (medaudit-client[arrays]): an array or PIL image can only have
+    # been passed in if its module is already imported.
+    numpy = sys.modules.get("numpy")
     pil = sys.modules.get("PIL.Image")
-    if isinstance(image, np.ndarray):
+    if numpy is not None and isinstance(image, numpy.ndarray):
         return _array_png(image), "image/png"
     if pil is not None and isinstance(image, pil.Image):
         return _pil_png(image), "image/png"
@@ -384,7 +430,9 @@ def encode_image(image: ImageInput) -> tuple[bytes, str]:
 
 
 def _array_png(arr: np.ndarray) -> bytes:
-    from PIL import Image
+    import numpy as np
+
+    Image = _pillow()
 
     ok_shape = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))
     ok_dtype = arr.dtype == np.uint8 or (arr.dtype == np.uint16 and arr.ndim == 2)
@@ -611,6 +659,39 @@ class RouteInfo:
     via: str
 
 
+@dataclass(frozen=True, eq=False)
+class Review:
+    """One flag of the review queue (``GET /reviews/{flag_id}``, or an item of a page).
+
+    The typed fields are the ones every record has; ``record`` is the whole JSON record (scores,
+    reasons, thresholds, the corrected version's answer...). ``heatmap_png``/``mask_png`` are set
+    when the flag was fetched with its images and they have not expired.
+    """
+
+    flag_id: str
+    request_id: str
+    model_version: str
+    concept: str
+    status: str
+    verdict: str | None
+    reviewer: str | None
+    record: Mapping[str, Any] = field(repr=False)
+    heatmap_png: bytes | None = field(default=None, repr=False)
+    mask_png: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class ReviewPage:
+    """``GET /reviews/``: one page of flags (``open`` oldest first, ``resolved`` newest first)."""
+
+    request_id: str
+    status: str
+    total: int
+    offset: int
+    limit: int
+    items: tuple[Review, ...]
+
+
 def _b64(s: str | None) -> bytes | None:
     return None if s is None else base64.b64decode(s)
 
@@ -628,9 +709,25 @@ def _shadow(d: Mapping[str, Any] | None) -> ShadowInfo | None:
     return None if d is None else ShadowInfo(str(d["version"]), str(d["label"]), bool(d["agree"]))
 
 
+def _pillow() -> Any:
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "encoding an array as PNG needs Pillow: pip install 'medaudit-client[arrays]'"
+        ) from e
+    return Image
+
+
 def _raw_heatmap(d: Mapping[str, Any] | None) -> np.ndarray | None:
     if d is None:
         return None
+    try:
+        import numpy as np
+    except ImportError as e:
+        raise ImportError(
+            "the raw float16 heatmap is returned as a numpy array: pip install 'medaudit-client[arrays]'"
+        ) from e
     if d.get("dtype") != "float16":
         raise ValueError(f"raw heatmap dtype {d.get('dtype')!r}, expected float16")
     return np.frombuffer(base64.b64decode(d["data"]), dtype="<f2").reshape([int(n) for n in d["shape"]])
@@ -749,6 +846,32 @@ def parse_route(d: Mapping[str, Any]) -> RouteInfo:
     shadow = d.get("shadow")
     return RouteInfo(
         str(d["request_id"]), str(d["version"]), None if shadow is None else str(shadow), str(d["via"])
+    )
+
+
+def parse_review(d: Mapping[str, Any]) -> Review:
+    return Review(
+        flag_id=str(d["flag_id"]),
+        request_id=str(d.get("request_id", "")),
+        model_version=str(d.get("model_version", "")),
+        concept=str(d.get("concept", "")),
+        status=str(d["status"]),
+        verdict=str(d["verdict"]) if d.get("verdict") else None,
+        reviewer=str(d["reviewer"]) if d.get("reviewer") else None,
+        record=dict(d),
+        heatmap_png=_b64(d.get("heatmap_png")),
+        mask_png=_b64(d.get("mask_png")),
+    )
+
+
+def parse_reviews(d: Mapping[str, Any]) -> ReviewPage:
+    return ReviewPage(
+        request_id=str(d.get("request_id", "")),
+        status=str(d["status"]),
+        total=int(d["total"]),
+        offset=int(d["offset"]),
+        limit=int(d["limit"]),
+        items=tuple(parse_review(x) for x in d["items"]),
     )
 
 
@@ -883,6 +1006,27 @@ class _ClientBase:
             headers["X-Subject-Key"] = subject_key
         return _Call("GET", "/models/_route", parse_route, headers=headers)
 
+    @staticmethod
+    def _reviews_call(status: str, limit: int, offset: int) -> _Call:
+        params = {"status": status, "limit": str(limit), "offset": str(offset)}
+        return _Call("GET", "/reviews/", parse_reviews, params=params)
+
+    @staticmethod
+    def _review_call(flag_id: str, images: bool) -> _Call:
+        params = {"images": "1" if images else "0"}
+        return _Call("GET", "/reviews/" + quote(flag_id, safe=""), parse_review, params=params)
+
+    @staticmethod
+    def _resolve_call(flag_id: str, verdict: str, note: str) -> _Call:
+        body = json.dumps({"verdict": verdict, "note": note}).encode()
+        return _Call(
+            "POST",
+            "/reviews/" + quote(flag_id, safe="") + "/resolve",
+            parse_review,
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+
     def _url(self, call: _Call) -> str:
         return self.base_url + call.path
 
@@ -900,6 +1044,7 @@ class _ClientBase:
         return status in self.retry.statuses and attempt < self.retry.retries
 
     def _result(self, call: _Call, r: _Response) -> Any:
+        check_api_version(self.base_url, r.headers.get(API_HEADER))
         if r.status_code >= 400:
             raise _http_error(r)
         try:
@@ -1059,6 +1204,23 @@ class MedauditClient(_ClientBase):
         """
         return self._call(self._route_call(version, subject_key))
 
+    def reviews(self, status: str = "open", *, limit: int = 50, offset: int = 0) -> ReviewPage:
+        """One page of the review queue: ``open`` flags oldest first, or ``resolved`` newest first."""
+        return self._call(self._reviews_call(status, limit, offset))
+
+    def review(self, flag_id: str, *, images: bool = True) -> Review:
+        """One flag's whole record, with its heatmap and mask PNGs unless ``images=False``."""
+        return self._call(self._review_call(flag_id, images))
+
+    def resolve(self, flag_id: str, verdict: str, note: str = "") -> Review:
+        """Records a reviewer's verdict (``artifact_confirmed``, ``false_alarm`` or ``other``).
+
+        Raises:
+            Conflict: The flag was resolved before (a retried request that did land, too).
+            InvalidInput: An unknown verdict or an over-long note.
+        """
+        return self._call(self._resolve_call(flag_id, verdict, note))
+
     def ready(self) -> bool:
         """Whether every version is loaded and warm (``/readyz``). One attempt, no retries.
 
@@ -1199,6 +1361,18 @@ class AsyncMedauditClient(_ClientBase):
     async def route(self, *, version: str | None = None, subject_key: str | None = None) -> RouteInfo:
         """See :meth:`MedauditClient.route`."""
         return await self._call(self._route_call(version, subject_key))
+
+    async def reviews(self, status: str = "open", *, limit: int = 50, offset: int = 0) -> ReviewPage:
+        """See :meth:`MedauditClient.reviews`."""
+        return await self._call(self._reviews_call(status, limit, offset))
+
+    async def review(self, flag_id: str, *, images: bool = True) -> Review:
+        """See :meth:`MedauditClient.review`."""
+        return await self._call(self._review_call(flag_id, images))
+
+    async def resolve(self, flag_id: str, verdict: str, note: str = "") -> Review:
+        """See :meth:`MedauditClient.resolve`."""
+        return await self._call(self._resolve_call(flag_id, verdict, note))
 
     async def ready(self) -> bool:
         """See :meth:`MedauditClient.ready`."""

@@ -1,7 +1,7 @@
 """``medaudit predict FILE``, ``medaudit compare FILE`` and ``medaudit audit FILE``: one image sent
 to a running service, its answer printed as tables and its heatmaps saved as PNGs.
 
-``medaudit audit`` without FILE is the offline dataset audit (:mod:`clients.audit_cmd`), which hands
+``medaudit audit`` without FILE is the offline dataset audit (:mod:`medaudit.cli.audit_cmd`), which hands
 over to :func:`audit_image` when FILE is given. Every failure the user can fix (service down, no or
 wrong key, unknown version, an image the service refuses) is one line on stderr and a non-zero exit
 code, never a traceback:
@@ -24,7 +24,7 @@ from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
-from clients.client import (
+from medaudit.clients.client import (
     DEFAULT_URL,
     AuditResponse,
     CompareResponse,
@@ -292,6 +292,21 @@ def audit_image(
         res = mc.audit(file, version=version, subject_key=subject_key)
     print_audit(res, file)
     _print_saved(save_audit_pngs(res, file, out))
+
+
+def audit(
+    file: Path = FILE_ARG,
+    url: str = URL_OPT,
+    api_key: str | None = KEY_OPT,
+    version: str | None = typer.Option(None, help="Ask for this version (default: A/B routing)."),
+    subject_key: str | None = typer.Option(None, help="Stable key (patient, study) for A/B routing."),
+    out: Path = typer.Option(Path("."), help="Folder for the heatmap and concept mask PNGs."),
+    timeout: float = TIMEOUT_OPT,
+) -> None:
+    """Audit one image with a running service: prediction, concept scores, flag, heatmap PNGs."""
+    audit_image(
+        file, url=url, api_key=api_key, version=version, subject_key=subject_key, out=out, timeout=timeout
+    )
 
 
 def compare(

@@ -1,7 +1,7 @@
 """Model cards: one JSON + Markdown file per model version, and a comparison table across versions.
 
 A card records what a version *is* (architecture, data config, correction and its parameters,
-CAV layer and type), how it scores (every metric of :mod:`models.evaluate`) and which bytes it
+CAV layer and type), how it scores (every metric of :mod:`medaudit.models.evaluate`) and which bytes it
 is (sha256 of the weights file and of the ONNX file, plus the ONNX parity result).
 
 The comparison table follows the paper's layout: one row per version; columns clean accuracy,
@@ -10,7 +10,7 @@ quotient and retrieval AUROC of the original CAV. **Gap recovered** is the share
 attack-induced accuracy drop of the baseline (the original model) that a version wins back:
 100 · (acc_att(version) − acc_att(base)) / (acc_clean(base) − acc_att(base)); undefined (null)
 when the baseline loses nothing on the attacked set. Over all classes here (the column says so);
-the build's issue-5 table (``models.pipeline``) reports it on the attacked class's images alone,
+the build's issue-5 table (``medaudit.models.pipeline``) reports it on the attacked class's images alone,
 which is a different number (P-ClArC on the demo: 90.9 % here, 98.6 % there).
 """
 
@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from models.errors import ConfigError
-from models.train import sha256_file
-from models.xai.concepts import library_versions
+from medaudit.models.errors import ConfigError
+from medaudit.models.train import sha256_file
+from medaudit.models.xai.concepts import library_versions
 
 CARD_FORMAT = "medaudit.model_card"
 CARD_FORMAT_VERSION = 1

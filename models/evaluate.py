@@ -2,10 +2,10 @@
 
 * **Classification** on the training-distribution ("ch"), clean and attacked test sets (§5.4):
   accuracy and its binomial standard error, macro F1, per-class one-vs-rest ROC-AUC on raw logits
-  and per-class accuracy (accuracy among the samples of that class, as in ``models.train``).
+  and per-class accuracy (accuracy among the samples of that class, as in ``medaudit.models.train``).
 * **Artifact relevance** (§7 ``compute_artifact_relevance.py``): input LRP heatmaps of the
   version (its projection, if any, active) seeded at the **true** class with ``init_rel=1``,
-  scored by :func:`models.xai.localize.artifact_relevance_eval` (|H|, refined mask M′); mean and SEM
+  scored by :func:`medaudit.models.xai.localize.artifact_relevance_eval` (|H|, refined mask M′); mean and SEM
   over artifact samples.
 * **TCAV** (§7 ``measure_tcav.py``): d_{h,w} = Σ_c ∂f_{c*}/∂a_{c,h,w} · v_c at a fixed layer, with
   v the CAV fitted on the **original** model's activations and c* the class the artifact is
@@ -36,12 +36,12 @@ from scipy.stats import ConstantInputWarning
 from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
-from models.corrections.base import capture, max_pool, pooled_activations
-from models.errors import ConfigError
-from models.registry import ModelCfg, hook_module
-from models.train import normalize, predict, shared_rows
-from models.xai.localize import artifact_relevance_eval
-from models.xai.metrics import retrieval_metrics
+from medaudit.models.corrections.base import capture, max_pool, pooled_activations
+from medaudit.models.errors import ConfigError
+from medaudit.models.registry import ModelCfg, hook_module
+from medaudit.models.train import normalize, predict, shared_rows
+from medaudit.models.xai.localize import artifact_relevance_eval
+from medaudit.models.xai.metrics import retrieval_metrics
 
 VARIANTS = ("ch", "clean", "attacked")
 
@@ -84,7 +84,7 @@ def input_heatmaps(
     model: nn.Module, cfg: ModelCfg, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 16
 ) -> np.ndarray:
     """LRP input heatmaps (N, H, W) seeded at the true class with ``init_rel=1`` (method.md §7)."""
-    from models.xai.lrp import ClassTarget, Explainer
+    from medaudit.models.xai.lrp import ClassTarget, Explainer
 
     explainer = Explainer(model, cfg)
     out = []
@@ -277,7 +277,7 @@ def retrieval(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 def logits_and_pooled(
     model: nn.Module, cfg: ModelCfg, images: torch.Tensor, layer: str, batch_size: int = 128
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """Logits (as :func:`models.train.predict`) and φ at ``layer`` (as
+    """Logits (as :func:`medaudit.models.train.predict`) and φ at ``layer`` (as
     :func:`~models.corrections.base.pooled_activations`) from **one** forward per batch."""
     model.eval()
     dev = next(model.parameters()).device
@@ -303,8 +303,8 @@ def prefix_fingerprint(model: nn.Module, cfg: ModelCfg, layer: str) -> str:
     """sha256 of every parameter and buffer of the modules up to and including ``layer``, ClArC
     projections excluded: two models with equal fingerprints compute the same activation at ℓ
     before any projection (same architecture class assumed: versions of one build)."""
-    from models.corrections.base import frozen_module_names
-    from models.corrections.pclarc import ClarcProjection
+    from medaudit.models.corrections.base import frozen_module_names
+    from medaudit.models.corrections.pclarc import ClarcProjection
 
     h = hashlib.sha256(type(model).__name__.encode())
     modules = dict(model.named_modules())
@@ -349,7 +349,7 @@ def _resume_at(model: nn.Module, cfg: ModelCfg, layer: str, store: dict[str, tor
     :func:`~models.corrections.base.capture` with ``before_correction``) is replaced by
     ``store["a"]``: a forward on an **empty** batch then costs nothing before ℓ and runs the layers
     after ℓ on the stored maps."""
-    from models.corrections.pclarc import ClarcProjection
+    from medaudit.models.corrections.pclarc import ClarcProjection
 
     module = hook_module(model, cfg, layer)
     last = list(module.children())[-1] if isinstance(module, nn.Sequential) and len(module) else None
@@ -468,7 +468,8 @@ def evaluate_version(model: nn.Module, cfg: ModelCfg, data: EvalData) -> EvalRep
     Classification forwards (:class:`_Forwards`): the first version evaluated records every test
     row's activation at ℓ in ``data.prefix``; a later version whose layers up to ℓ are the same
     (:class:`PrefixCache`) runs only the layers after ℓ. Rows a later variant shares byte for byte
-    with an earlier one are not forwarded again (:func:`models.train.shared_rows`). When the retrieval images
+    with an earlier one are not forwarded again (:func:`medaudit.models.train.shared_rows`). When the
+    retrieval images
     are one of the test variants (synthderm: the "ch" split), their activations at ℓ come from
     that variant's classification forward instead of a second pass over the same images.
     """
@@ -515,12 +516,12 @@ def synthderm_eval_data(
 ) -> EvalData:
     """:class:`EvalData` for a :class:`~models.data.synthetic.SynthDerm` split.
 
-    Test variants via :func:`models.train.render_split` (attacked: ``artifact`` on every image);
+    Test variants via :func:`medaudit.models.train.render_split` (attacked: ``artifact`` on every image);
     artifact samples are the split's training-distribution images carrying ``artifact`` (at most
     ``max_artifact_samples``, in index order) with their exact pixel masks; retrieval runs on the
     whole "ch" split. ``tcav_class`` defaults to the class with the higher artifact rate in the spec.
     """
-    from models.train import render_split
+    from medaudit.models.train import render_split
 
     sets = {v: EvalSet(*render_split(ds, split, v, artifact, cache_dir=cache_dir)) for v in VARIANTS}
     idx = ds.indices(split)

@@ -2,7 +2,7 @@
 
 Predictions are served by ONNX Runtime (architecture.md, "Two engines"), so whatever a version
 does at inference must be in the graph: P-ClArC's projection is a module inside the network
-(:mod:`models.corrections.pclarc`), not a Python hook, and exports with it.
+(:mod:`medaudit.models.corrections.pclarc`), not a Python hook, and exports with it.
 
 The exporter is torch's TorchScript-based one (``dynamo=False``): the dynamo exporter needs
 ``onnxscript``, which is not a dependency of this project.
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.errors import MedauditError
-from models.registry import ModelCfg
-from models.train import normalize
+from medaudit.models.errors import MedauditError
+from medaudit.models.registry import ModelCfg
+from medaudit.models.train import normalize
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :func:`build` runs the whole demo pipeline for one artifact:
 
-1. **data + train**: :func:`models.train.train` on the synthderm config (resumable; a finished run
+1. **data + train**: :func:`medaudit.models.train.train` on the synthderm config (resumable; a finished run
    only re-reads its card). The checkpoint is ``<out>/<arch>-synthderm/model.pt``, the same place
    ``medaudit train`` writes by default.
 2. **concept banks** at the correction layer ℓ, from the **original** model's max-pooled
@@ -11,10 +11,10 @@
    reactive P-ClArC fitted on the same samples (§4.3), and an ``svm`` bank of every artifact drawn
    in the training split, calibrated on clean validation images, for detection (§1.3).
 3. **corrections**: every name in ``BuildConfig.corrections`` through
-   :func:`models.corrections.build.correct_and_evaluate` (correct → save → ONNX export → parity →
+   :func:`medaudit.models.corrections.build.correct_and_evaluate` (correct → save → ONNX export → parity →
    §7 evaluation → card). Fine-tuning corrections train on a seeded subset of the training split.
 4. **register** (optional callback, so that ``models`` never imports the store; the CLI passes
-   :func:`service.store.register_version`) and the **comparison table** (Markdown + JSON), with the
+   :func:`medaudit.service.store.register_version`) and the **comparison table** (Markdown + JSON), with the
    issue-5 acceptance columns.
 
 Every stage is keyed by a hash of its inputs (base weights sha256, configs, stage format) and its
@@ -36,14 +36,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.cards import CARD_JSON, ModelCard, comparison_markdown, comparison_rows
-from models.corrections import CORRECTIONS, Correction, CorrectionData, FinetuneConfig
-from models.corrections.base import pooled_activations
-from models.data.synthetic import SynthDerm
-from models.errors import ConfigError
-from models.evaluate import EvalData, EvalSet
-from models.train import Progress, TrainConfig, render_split, render_splits, reusing, sha256_file, train
-from models.xai.concepts import ConceptBank, fit_cav
+from medaudit.models.cards import CARD_JSON, ModelCard, comparison_markdown, comparison_rows
+from medaudit.models.corrections import CORRECTIONS, Correction, CorrectionData, FinetuneConfig
+from medaudit.models.corrections.base import pooled_activations
+from medaudit.models.data.synthetic import SynthDerm
+from medaudit.models.errors import ConfigError
+from medaudit.models.evaluate import EvalData, EvalSet
+from medaudit.models.train import (
+    Progress,
+    TrainConfig,
+    render_split,
+    render_splits,
+    reusing,
+    sha256_file,
+    train,
+)
+from medaudit.models.xai.concepts import ConceptBank, fit_cav
 
 #: Bump when a stage's outputs change meaning, so old outputs are not reused.
 PIPELINE_VERSION = 2  # 2: fine-tunes resume the base run's optimiser state, not the previous one's
@@ -65,7 +73,7 @@ class BuildConfig:
         cav_scope: ``"artifact_class"``: fit the correction CAV and μ0 on the samples of the class
             the artifact is correlated with (the paper's controlled setting, method.md §1.1);
             ``"all"``: on every training sample.
-        corrections: Versions to build, by correction name (``models.corrections.CORRECTIONS``).
+        corrections: Versions to build, by correction name (``medaudit.models.corrections.CORRECTIONS``).
         finetune: Schedule for the fine-tuning corrections; None = each correction's default.
         n_correction_images: Size of the seeded training subset the fine-tuning corrections see;
             0 = the whole training split.
@@ -226,7 +234,7 @@ def build(
     stages.append(StageRun("train", weights_sha[:16], reused, _since(t0)))
     log(f"train: {'reused' if reused else 'trained'} {ckpt} (sha256 {weights_sha[:12]}…)")
 
-    from models.corrections.io import load_version
+    from medaudit.models.corrections.io import load_version
 
     model, mcfg, _ = load_version(ckpt)
     layer = cfg.layer or mcfg.default_cav_layer
@@ -280,7 +288,7 @@ def build(
     dirs: dict[str, Path] = {}
     registered: dict[str, tuple[str, bool]] = {}
     bar = progress("versions", len(cfg.corrections)) if progress else None
-    from models.corrections.build import correct_and_evaluate, version_name
+    from medaudit.models.corrections.build import correct_and_evaluate, version_name
 
     for name in cfg.corrections:
         t0 = time.perf_counter()
@@ -294,7 +302,7 @@ def build(
         card = _valid_version(vdir, vkey)
         if card is None:
             if eval_data is None:
-                from models.evaluate import synthderm_eval_data
+                from medaudit.models.evaluate import synthderm_eval_data
 
                 eval_data = synthderm_eval_data(
                     ds,
@@ -361,7 +369,7 @@ MIN_GAP_RECOVERED, MAX_CLEAN_LOSS_PTS, MIN_RELEVANCE_CUT = 50.0, 3.0, 50.0
 def acceptance(
     cards: Sequence[ModelCard], spec: Mapping[str, tuple[float, float]], artifact: str
 ) -> list[dict[str, Any]]:
-    """:func:`models.cards.comparison_rows` plus the issue-5 columns, against the ``vanilla`` card.
+    """:func:`medaudit.models.cards.comparison_rows` plus the issue-5 columns, against the ``vanilla`` card.
 
     The "victim" class is the one the artifact is *not* correlated with (malignant for band-aids):
     adding the artifact pushes its images to the other class. Columns: its gap recovered
@@ -405,7 +413,7 @@ def acceptance(
 
 
 def comparison_report(cards: Sequence[ModelCard], rows: Sequence[Mapping[str, Any]]) -> str:
-    """The paper-style table (:func:`models.cards.comparison_markdown`) plus the acceptance table."""
+    """The paper-style table (:func:`medaudit.models.cards.comparison_markdown`) plus the acceptance table."""
     extra = [k for k in rows[0] if k not in comparison_rows(cards)[0]] if rows else []
     out = ["# Model versions", "", comparison_markdown(cards), "## Issue 5 acceptance", ""]
     out.append(
@@ -502,7 +510,7 @@ def _pooled_reusing(
     images: torch.Tensor,
     done: list[tuple[torch.Tensor, np.ndarray]],
 ) -> np.ndarray:
-    """φ of ``images`` through :func:`models.train.reusing`: the counterfactual pairs are the
+    """φ of ``images`` through :func:`medaudit.models.train.reusing`: the counterfactual pairs are the
     training split rendered "clean" and "attacked", and their rows equal to a "ch" row (on the
     default build 903 + 484 of the 3600 pair rows) reuse its φ."""
     return reusing(images, done, lambda x: pooled_activations(model, mcfg, layer, x))

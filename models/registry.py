@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.errors import UnknownModelError, WeightsError
+from medaudit.models.errors import UnknownModelError, WeightsError
 
 #: The paper normalises every image dataset with mean = std = 0.5 (method.md §8, §11.12).
 HALF = (0.5, 0.5, 0.5)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.data.synthetic import SynthDerm, SynthDermConfig
-from models.registry import ModelCfg, create_model
+from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+from medaudit.models.registry import ModelCfg, create_model
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
@@ -330,7 +330,7 @@ def evaluate_base(
     """Accuracy on the three test variants (method.md §5.4) and the shortcut's size.
 
     Rows a variant shares byte for byte with an earlier one are not forwarded again
-    (:func:`predict_reusing`, as ``models.evaluate.evaluate_version`` does: 464 of synthderm's
+    (:func:`predict_reusing`, as ``medaudit.models.evaluate.evaluate_version`` does: 464 of synthderm's
     1200 clean + attacked test rows).
     """
     res: dict[str, Any] = {}

@@ -1,13 +1,13 @@
-"""``python -m service``: serve the store with ``bentoml serve service.api:MedAudit``.
+"""``python -m medaudit.service``: serve the store with ``bentoml serve service.api:MedAudit``.
 
 Usage::
 
     BENTOML_HOME=artifacts/bentoml MEDAUDIT_AUTH=off \\
     MEDAUDIT_VERSIONS=vanilla,pclarc-band_aid MEDAUDIT_AB_WEIGHTS=vanilla=1 \\
-    python -m service --port 3000
+    python -m medaudit.service --port 3000
 
 Every other argument is passed to ``bentoml serve`` unchanged (``--host``, ``--port``,
-``--development``, …). Settings come from the environment (:mod:`service.config`), read once when
+``--development``, …). Settings come from the environment (:mod:`medaudit.service.config`), read once when
 the service starts.
 """
 
@@ -18,14 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
-SERVICE = "service.api:MedAudit"
+SERVICE = "medaudit.service.api:MedAudit"
 
 
 def main(argv: list[str]) -> None:
     exe = Path(sys.executable).parent / "bentoml"
     bentoml = str(exe) if exe.exists() else shutil.which("bentoml") or "bentoml"
-    root = Path(__file__).resolve().parents[1]
-    os.chdir(root)  # bentoml resolves "service.api" from the working directory
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     os.execv(bentoml, [bentoml, "serve", SERVICE, *argv])
 

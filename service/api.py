@@ -1,4 +1,4 @@
-"""The BentoML service: HTTP <-> :mod:`service.audit` translation, nothing else.
+"""The BentoML service: HTTP <-> :mod:`medaudit.service.audit` translation, nothing else.
 
 Endpoints (every response carries ``X-Request-ID`` and, when a model answered, ``X-Model-Version``):
 
@@ -13,13 +13,13 @@ Endpoints (every response carries ``X-Request-ID`` and, when a model answered, `
 ``GET /models/_route``   which version would answer these headers (``X-Subject-Key``,
                          ``X-Model-Version``), without running a model: A/B debugging
 ``/readyz``              200 only after every version is loaded and warmed (BentoML's own)
-``GET /openapi.json``    the OpenAPI 3.1 contract of all of the above (:mod:`service.openapi`);
+``GET /openapi.json``    the OpenAPI 3.1 contract of all of the above (:mod:`medaudit.service.openapi`);
                          BentoML's own ``/docs.json`` stays for its UI and clients
 =======================  ====================================================================
 
 The image is the whole request body (BentoML 1.4 *root input*), e.g.
 ``curl --data-binary @x.png -H 'Content-Type: image/png' localhost:3000/audit``; a multipart form
-upload (``curl -F image=@x.png …``) works too (:mod:`service.uploads`). Version choice:
+upload (``curl -F image=@x.png …``) works too (:mod:`medaudit.service.uploads`). Version choice:
 ``X-Model-Version`` wins, else the :class:`~service.routing.Router` hashes ``X-Subject-Key``
 (random with the A/B weights when there is none). A shadow version, if configured, also predicts
 every request and its agreement with the answering version is counted.
@@ -37,7 +37,7 @@ split is there: everything that needs the request stays in :class:`MedAudit`.
 
 The GET routes live in a small Starlette app mounted at ``/models`` because BentoML 1.4 API
 routes are POST-only. Settings are read from the environment once, in ``__init__`` (see
-:mod:`service.config`; ``MEDAUDIT_AUTH=off`` for demos), plus ``MEDAUDIT_FLAG_SHARE``, the relevance
+:mod:`medaudit.service.config`; ``MEDAUDIT_AUTH=off`` for demos), plus ``MEDAUDIT_FLAG_SHARE``, the relevance
 share above which a present concept flags (default 0.2).
 """
 
@@ -65,9 +65,9 @@ from contextlib import contextmanager
 from http import HTTPStatus
 from typing import Any
 
-from models.errors import ConfigError
-from service import bentoml_patches, metrics
-from service.audit import (
+from medaudit.models.errors import ConfigError
+from medaudit.service import bentoml_patches, metrics
+from medaudit.service.audit import (
     PREDICT_BACKENDS,
     AuditEngine,
     AuditResult,
@@ -76,15 +76,21 @@ from service.audit import (
     comparison_json,
     version_tag,
 )
-from service.audit_pool import AuditPool, LaneSpec, PoolOverloadedError, audit_jobs, by_version
-from service.auth import ANONYMOUS, Principal, Role
-from service.config import Settings
-from service.errors import AuditError, JsonErrorBodies, ServiceOverloadedError, UnknownModelVersionError
-from service.flags.policy import PolicyDecision, evaluate
-from service.inputs import DecodedImage, decode_image
-from service.openapi import OpenAPIDocument
-from service.routing import Route
-from service.uploads import UploadNormalizer
+from medaudit.service.audit_pool import AuditPool, LaneSpec, PoolOverloadedError, audit_jobs, by_version
+from medaudit.service.auth import ANONYMOUS, Principal, Role
+from medaudit.service.config import Settings
+from medaudit.service.errors import (
+    AuditError,
+    JsonErrorBodies,
+    ServiceOverloadedError,
+    UnknownModelVersionError,
+)
+from medaudit.service.flags.policy import PolicyDecision, evaluate
+from medaudit.service.inputs import DecodedImage, decode_image
+from medaudit.service.middleware import ApiVersionHeader
+from medaudit.service.openapi import OpenAPIDocument
+from medaudit.service.routing import Route
+from medaudit.service.uploads import UploadNormalizer
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 with warnings.catch_warnings():  # bentoml 1.4.40's import-time pathspec deprecation (see service.store)
@@ -212,7 +218,7 @@ class Auditor:
 
     Every ``/audit`` and ``/compare`` job lands in one queue (:class:`~service.audit_pool.AuditPool`)
     served by LRP processes, by default one per usable core with one torch thread each
-    (``MEDAUDIT_AUDIT_WORKERS``; :func:`service.config.audit_workers` says why processes). Each
+    (``MEDAUDIT_AUDIT_WORKERS``; :func:`medaudit.service.config.audit_workers` says why processes). Each
     process, whenever it is free, takes everything queued (up to 16) and audits it in one LRP call
     per version (one forward, one batched backward): the per-layer work of the backward is paid
     once per batch, which is what lets ``/audit`` keep up with ``/predict`` (benchmarks/serve.py).
@@ -373,7 +379,7 @@ models_app = Starlette(
 def _review_client() -> Any:
     svc: MedAudit = models_app.state.service
     if svc.review_client is None:
-        from service.flags.review import ReviewStoreUnavailableError
+        from medaudit.service.flags.review import ReviewStoreUnavailableError
 
         raise ReviewStoreUnavailableError("flags are off on this service (MEDAUDIT_FLAGS=off)")
     return svc.review_client
@@ -390,7 +396,7 @@ def _reviewer(request: Request) -> str:
 
 
 def _review_app() -> Starlette:
-    from service.flags.review import review_app
+    from medaudit.service.flags.review import review_app
 
     return review_app(_review_client, _review_keys, authorize=_reviewer)
 
@@ -444,7 +450,7 @@ class MedAudit:
         self.publisher: Any = None
         self.review_client: Any = None
         if self.settings.flags_enabled:
-            from service.flags.producer import FlagPublisher
+            from medaudit.service.flags.producer import FlagPublisher
 
             self.publisher = FlagPublisher.from_settings(
                 self.settings, default_share=self.thresholds.relevance_share, observer=self._on_publish
@@ -752,3 +758,4 @@ class MedAudit:
 MedAudit.add_asgi_middleware(UploadNormalizer)  # type: ignore[attr-defined]
 MedAudit.add_asgi_middleware(OpenAPIDocument)  # type: ignore[attr-defined]
 MedAudit.add_asgi_middleware(JsonErrorBodies)  # type: ignore[attr-defined]
+MedAudit.add_asgi_middleware(ApiVersionHeader)  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ Per request:
 
 The audit's prediction comes from the torch forward pass the heatmap explains, not from ONNX
 Runtime: the explanation must be of the logits it reports (the two agree to float tolerance,
-which ``models.export.check_parity`` tests at export).
+which ``medaudit.models.export.check_parity`` tests at export).
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.export import INPUT_NAME, OUTPUT_NAME, ort_session
-from models.train import normalize
-from models.xai.concepts import relevance_share
-from models.xai.localize import binarize
-from models.xai.lrp import ConceptTarget, Explainer
-from service.config import usable_cpus
-from service.errors import UnknownModelVersionError
-from service.inputs import DecodedImage, to_model_input
-from service.store import LoadedVersion, load_version
+from medaudit.models.export import INPUT_NAME, OUTPUT_NAME, ort_session
+from medaudit.models.train import normalize
+from medaudit.models.xai.concepts import relevance_share
+from medaudit.models.xai.localize import binarize
+from medaudit.models.xai.lrp import ConceptTarget, Explainer
+from medaudit.service.config import usable_cpus
+from medaudit.service.errors import UnknownModelVersionError
+from medaudit.service.inputs import DecodedImage, to_model_input
+from medaudit.service.store import LoadedVersion, load_version
 
 #: Model name used when a served version is given without one (``vanilla`` -> this ``:vanilla``).
 DEFAULT_MODEL_NAME = "resnet18-synthderm"
@@ -162,7 +162,7 @@ class AuditResult:
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], features: np.ndarray | None = None) -> AuditResult:
-        """The inverse of :meth:`to_json` (what the batched :class:`service.api.Auditor` returns)."""
+        """The inverse of :meth:`to_json` (what the batched :class:`medaudit.service.api.Auditor` returns)."""
         p = body["prediction"]
         heat = body.get("heatmap")
         return cls(
@@ -331,7 +331,7 @@ class VersionPredictor:
 
 
 class OnnxPredictor(VersionPredictor):
-    """Through ONNX Runtime (what ``/predict`` serves; providers chosen by ``models.export``)."""
+    """Through ONNX Runtime (what ``/predict`` serves; providers chosen by ``medaudit.models.export``)."""
 
     def __init__(self, loaded: LoadedVersion, ort_threads: int = 0) -> None:
         super().__init__(loaded, ort_threads)
@@ -342,7 +342,7 @@ class OnnxPredictor(VersionPredictor):
     def normalized(self, rgb: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> the model's (B, 3, H, W) float32 input, in numpy.
 
-        The same float32 operations, in the same order, as :func:`models.train.normalize`
+        The same float32 operations, in the same order, as :func:`medaudit.models.train.normalize`
         (``/255``, ``-mean``, ``/std``), so the input is bit-identical to the torch path's. Not torch
         on purpose: a torch op here wakes torch's OpenMP pool, whose threads then spin on the cores
         ONNX Runtime is about to use; that doubled the time of a batch-1 run (15 ms against 7 ms).
@@ -385,7 +385,7 @@ class AuditEngine:
         thresholds: Flag thresholds.
         ort_threads: ONNX Runtime intra-op threads (0: its default).
         device: Where the LRP engine runs (``"cpu"``, ``"cuda:0"``; see
-            :func:`service.config.audit_device`). Inputs are prepared and results returned on the
+            :func:`medaudit.service.config.audit_device`). Inputs are prepared and results returned on the
             CPU either way; predictions stay on ONNX Runtime, whose providers pick the GPU apart.
     """
 

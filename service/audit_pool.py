@@ -47,8 +47,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service import metrics
-from service.audit import AuditEngine, FlagThresholds
+from medaudit.service import metrics
+from medaudit.service.audit import AuditEngine, FlagThresholds
 
 log = logging.getLogger(__name__)
 

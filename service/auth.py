@@ -25,8 +25,8 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from models.errors import ConfigError
-from service.errors import AuthError, ForbiddenError
+from medaudit.models.errors import ConfigError
+from medaudit.service.errors import AuthError, ForbiddenError
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Fixes for BentoML 1.4.40 behaviour that costs the served app, applied on import of
-:mod:`service.api` (each is best effort: a BentoML without the patched code is left alone).
+:mod:`medaudit.service.api` (each is best effort: a BentoML without the patched code is left alone).
 
 * :func:`cancel_request_timers`: the per-request timeout timer kept every answered request alive
   for 300 s (GC pauses, p99 growth), and a request that ended without an answer held the

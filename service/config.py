@@ -1,7 +1,7 @@
 """Typed service settings, built once at start from the environment and passed down.
 
 Nothing here reads the environment at import: :meth:`Settings.from_env` takes a mapping (pass
-``os.environ`` at start, a dict in tests). Every bad value is a :class:`models.errors.ConfigError`
+``os.environ`` at start, a dict in tests). Every bad value is a :class:`medaudit.models.errors.ConfigError`
 that names the variable, the value (never a secret) and what is valid.
 
 Variables (all optional except where auth is on):
@@ -27,12 +27,12 @@ Variables (all optional except where auth is on):
 ``MEDAUDIT_REDIS_URL``/``REDIS_URL``  redis://, rediss:// or unix:// URL (default: none = embedded)
 ``MEDAUDIT_FLAGS``                 on/off: publish flagged audits to Redis (default on)
 ``MEDAUDIT_AUTH``                  on/off (default on; on with no keys is an error)
-``MEDAUDIT_API_KEYS``              ``role:sha256hex,…`` (see :mod:`service.auth`)
+``MEDAUDIT_API_KEYS``              ``role:sha256hex,…`` (see :mod:`medaudit.service.auth`)
 ``MEDAUDIT_API_KEYS_FILE``         a file of such entries, one per line
 ``MEDAUDIT_API_KEY_SALT``          the per-deployment salt the digests were made with
 ``MEDAUDIT_OPEN_HEALTH``           health endpoints without a key (default on)
 ``MEDAUDIT_OPEN_METRICS``          ``/metrics`` without a key (default on: scraped in-cluster)
-``MEDAUDIT_FLAG_*``                the flag pipeline (:mod:`service.flags.settings`), in
+``MEDAUDIT_FLAG_*``                the flag pipeline (:mod:`medaudit.service.flags.settings`), in
                                    ``Settings.flags``
 =================================  ==========================================================
 """
@@ -46,13 +46,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.errors import ConfigError
-from service.auth import KeyEntry, KeyStore, parse_key_spec
-from service.envvars import positive_int
-from service.flags.settings import NAMES as FLAG_NAMES
-from service.flags.settings import FlagSettings
-from service.inputs import Limits
-from service.routing import Router
+from medaudit.models.errors import ConfigError
+from medaudit.service.auth import KeyEntry, KeyStore, parse_key_spec
+from medaudit.service.envvars import positive_int
+from medaudit.service.flags.settings import NAMES as FLAG_NAMES
+from medaudit.service.flags.settings import FlagSettings
+from medaudit.service.inputs import Limits
+from medaudit.service.routing import Router
 
 PREFIX = "MEDAUDIT_"
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
@@ -234,7 +234,7 @@ def audit_workers(environ: Mapping[str, str], device: str | None = None) -> int:
     benchmarks/serve.py), one two-threaded auditor answered 33.4-35.1 /audit req/s (2 runs) and
     two single-threaded ones 35.9-41.0, median 38.4 (7 runs; issue #6's notes). They are
     processes the auditor's one BentoML worker starts and feeds from its queue
-    (:mod:`service.audit_pool`; with one, LRP runs in the worker itself), not BentoML workers:
+    (:mod:`medaudit.service.audit_pool`; with one, LRP runs in the worker itself), not BentoML workers:
     those share one socket and traffic piled onto one of them. Read when the auditor starts: a
     start-time setting. Set it here, not through ``BENTOML_CONFIG_OPTIONS``: the thread split
     (:meth:`Settings.auditor_threads`) reads it from here.

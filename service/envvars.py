@@ -1,6 +1,6 @@
 """Parsing helpers shared by every settings class that reads ``MEDAUDIT_*`` variables.
 
-Errors are :class:`models.errors.ConfigError` naming the variable and the value, so a bad
+Errors are :class:`medaudit.models.errors.ConfigError` naming the variable and the value, so a bad
 deployment setting fails at start with a message the operator can act on.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from models.errors import ConfigError
+from medaudit.models.errors import ConfigError
 
 
 def positive_int(env: Mapping[str, str], name: str, default: int) -> int:

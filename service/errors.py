@@ -2,9 +2,9 @@
 
 ``service/api.py`` translates with one rule: an :class:`AuditError` becomes ``exc.status`` with body
 ``exc.to_json()`` (and ``exc.headers()``); anything else is a 500. Messages name the bad value and
-the valid choices, never a secret (API keys are never echoed: see :mod:`service.auth`).
+the valid choices, never a secret (API keys are never echoed: see :mod:`medaudit.service.auth`).
 
-Configuration errors are start-up errors, not HTTP ones: they are :class:`models.errors.ConfigError`.
+Configuration errors are start-up errors, not HTTP ones: they are :class:`medaudit.models.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from models.errors import MedauditError
+from medaudit.models.errors import MedauditError
 
 
 class AuditError(MedauditError):

@@ -14,18 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.store import LoadedVersion
+from medaudit.service.store import LoadedVersion
 
 SERVED_NAME = "resnet18-synthderm"
 
 
 def write_version_files(d: Path, version: str, seed: int, img_size: int = 32) -> Path:
     """A randomly initialised resnet18's served files in ``d``: weights, ONNX, card, concept bank."""
-    from models.cards import build_card
-    from models.corrections.io import save_version
-    from models.export import export_onnx
-    from models.registry import create_model
-    from models.xai.concepts import ConceptBank
+    from medaudit.models.cards import build_card
+    from medaudit.models.corrections.io import save_version
+    from medaudit.models.export import export_onnx
+    from medaudit.models.registry import create_model
+    from medaudit.models.xai.concepts import ConceptBank
 
     torch.manual_seed(seed)
     model, cfg = create_model("resnet18", img_size=img_size)
@@ -53,7 +53,7 @@ def write_version_files(d: Path, version: str, seed: int, img_size: int = 32) ->
     ).save(d)
     rng = np.random.default_rng(seed)
     with torch.no_grad():
-        from models.xai.lrp import Explainer
+        from medaudit.models.xai.lrp import Explainer
 
         x = torch.randn(24, 3, img_size, img_size)
         acts = (
@@ -71,8 +71,8 @@ def register_version_files(
     d: Path, version: str, home: Path | None, name: str = SERVED_NAME
 ) -> tuple[str, bool]:
     """Registers :func:`write_version_files`' output as ``<name>:<version>`` in the store at ``home``
-    (see :func:`service.store.register_version`: the tag, and whether it was new)."""
-    from service.store import register_version
+    (see :func:`medaudit.service.store.register_version`: the tag, and whether it was new)."""
+    from medaudit.service.store import register_version
 
     return register_version(
         name,
@@ -86,11 +86,11 @@ def register_version_files(
 
 
 def load_version_files(d: Path, version: str) -> LoadedVersion:
-    """The :class:`service.store.LoadedVersion` of :func:`write_version_files`' output, read
+    """The :class:`medaudit.service.store.LoadedVersion` of :func:`write_version_files`' output, read
     without the BentoML store (whose checks ``tiny_store`` covers): for machines without BentoML."""
-    from models.cards import ModelCard
-    from models.corrections.io import load_version as load_checkpoint
-    from models.xai.concepts import ConceptBank
+    from medaudit.models.cards import ModelCard
+    from medaudit.models.corrections.io import load_version as load_checkpoint
+    from medaudit.models.xai.concepts import ConceptBank
 
     model, cfg, record = load_checkpoint(d / "model.pt")
     tag = f"{SERVED_NAME}:{version}"
@@ -103,7 +103,7 @@ def synthderm_images(n: int) -> list[np.ndarray]:
     """``n`` synthderm test images (RGB arrays), every other one with the band-aid artifact: what a
     served model sees (benchmarks send these; PNG encoding and concept masks behave as in service,
     unlike noise)."""
-    from models.data.synthetic import SynthDerm, SynthDermConfig
+    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 
     ds = SynthDerm(SynthDermConfig())
     idx = [int(i) for i in ds.indices("test")[:n]]

@@ -23,7 +23,7 @@ Decisions (see also the ``notes`` every :class:`DecodedImage` carries back to th
   dermatoscope vignettes, which the models have seen, are black.
 * **Bit depths are scaled, never clipped.** 16-bit grey → ``/257`` (65535 → 255), and 32-bit int or
   float grey are read as 8-bit when none exceeds 255, else as 16-bit: exactly what the training
-  loader does (``models.data.folder.read_rgb``), so served inputs match trained ones.
+  loader does (``medaudit.models.data.folder.read_rgb``), so served inputs match trained ones.
 * **DICOM**: modality LUT (rescale slope/intercept), then the first VOI LUT or window
   (LINEAR, LINEAR_EXACT, SIGMOID; PS3.3 C.11.2), else min–max of the modality values; MONOCHROME1
   is inverted; YBR is converted to RGB by pydicom; PALETTE COLOR goes through its LUT. A compressed
@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.errors import ConfigError
-from service.errors import (
+from medaudit.models.errors import ConfigError
+from medaudit.service.errors import (
     EmptyImageError,
     ImageTooLargeError,
     ImageTooSmallError,
@@ -224,9 +224,9 @@ def check_body_size(size: int, limits: Limits) -> None:
 def to_model_input(img: DecodedImage | np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize to the model's input size with bicubic, no crop (method.md §9, §12).
 
-    This is exactly what the training loader does (``models.data.folder.read_rgb(path, size)``):
+    This is exactly what the training loader does (``medaudit.models.data.folder.read_rgb(path, size)``):
     a square (or ``(height, width)``) PIL bicubic resize of uint8 RGB. Normalisation (mean/std of
-    :class:`models.registry.ModelCfg`) is the predictor's step, not this one.
+    :class:`medaudit.models.registry.ModelCfg`) is the predictor's step, not this one.
 
     Args:
         img: A :class:`DecodedImage` or an H×W×3 uint8 array.

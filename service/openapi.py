@@ -22,8 +22,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from service.flags.review import MAX_LIMIT, STATUSES, VERDICTS
-from service.inputs import FORMATS
+from medaudit.service.flags.review import MAX_LIMIT, STATUSES, VERDICTS
+from medaudit.service.inputs import FORMATS
+from medaudit.service.middleware import API_VERSION
 
 PATH = "/openapi.json"
 JSON = "application/json"
@@ -393,7 +394,8 @@ def build(versions: list[str], *, auth: bool, reviews: bool, title: str = "medau
         "openapi": "3.1.0",
         "info": {
             "title": title,
-            "version": release,
+            "version": API_VERSION,
+            "x-medaudit-release": release,
             "description": "Audit service for medical image classifiers: predictions, LRP heatmaps, "
             "artifact-concept scores and flags for review. Served versions: " + ", ".join(versions) + ".",
         },
@@ -418,7 +420,7 @@ def _probe(summary: str) -> dict[str, Any]:
 
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     """The document of the deployment that ``environ`` configures (what the service reads)."""
-    from service.config import Settings
+    from medaudit.service.config import Settings
 
     settings = Settings.from_env(environ)
     return build(

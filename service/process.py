@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 class ServeError(RuntimeError):
     """The server exited or did not become ready; the message ends with its log's tail."""
@@ -92,7 +90,7 @@ def process_cpu_seconds(pid: int) -> list[tuple[str, int, float]]:
 
     The role of a ``bentoml serve`` worker is its ``--service-name`` (``medaudit`` for the entry
     service, ``medaudit-predictor``, ``medaudit-auditor``); a process a worker started (the
-    auditor's LRP processes, :mod:`service.audit_pool`) takes its worker's role; other processes
+    auditor's LRP processes, :mod:`medaudit.service.audit_pool`) takes its worker's role; other processes
     (the arbiter) count as ``other``. A role with several processes has one row per process.
     Processes that exit meanwhile are skipped; ``[]`` when ``pid`` is gone.
     """
@@ -164,7 +162,7 @@ class Server:
 
     def spawned_cpu_seconds(self, role: str) -> dict[int, float]:
         """CPU seconds so far of each process that a worker of ``role`` started through
-        multiprocessing's spawn (the auditor's LRP processes, :mod:`service.audit_pool`), by pid."""
+        multiprocessing's spawn (the auditor's LRP processes, :mod:`medaudit.service.audit_pool`), by pid."""
         spawned = spawned_pids(self.proc.pid)
         return {pid: s for pid, s in self.worker_cpu_seconds(role).items() if pid in spawned}
 
@@ -178,7 +176,7 @@ def serving(
     log_path: Path,
     *,
     port: int | None = None,
-    target: str = "service.api:MedAudit",
+    target: str = "medaudit.service.api:MedAudit",
     ready_timeout: float = 180.0,
 ) -> Iterator[Server]:
     """A ``bentoml serve`` process with ``env`` added to this one's, ready; stopped on exit.
@@ -193,7 +191,7 @@ def serving(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [bentoml, "serve", target, "--port", str(port), "--host", "127.0.0.1"],
-            cwd=ROOT,
+            cwd=log_path.parent,  # a neutral folder: the installed package is what serves
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -217,7 +215,7 @@ def served(
     log_path: Path,
     *,
     port: int | None = None,
-    target: str = "service.api:MedAudit",
+    target: str = "medaudit.service.api:MedAudit",
     ready_timeout: float = 180.0,
 ) -> Iterator[str]:
     """:func:`serving`, yielding only the base URL ``http://127.0.0.1:PORT``."""

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from models.errors import ConfigError
-from service.errors import UnknownModelVersionError
+from medaudit.models.errors import ConfigError
+from medaudit.service.errors import UnknownModelVersionError
 
 Via = Literal["explicit", "hash", "random"]
 

@@ -3,7 +3,7 @@
 architecture.md ("Model versions are BentoML models"): ``resnet18-synthderm:vanilla``,
 ``…:pclarc-band_aid``, ``…:rrclarc-band_aid``, each holding
 
-* ``model.pt``: the version checkpoint of :func:`models.corrections.io.save_version` (torch, for
+* ``model.pt``: the version checkpoint of :func:`medaudit.models.corrections.io.save_version` (torch, for
   explanations),
 * ``model.onnx``: the exported graph (ONNX Runtime, for predictions),
 * ``bank/``: the version's :class:`~models.xai.concepts.ConceptBank` (detection CAVs),
@@ -35,14 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.errors import MedauditError
+from medaudit.models.errors import MedauditError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from models.cards import ModelCard
-    from models.registry import ModelCfg
-    from models.xai.concepts import ConceptBank
+    from medaudit.models.cards import ModelCard
+    from medaudit.models.registry import ModelCfg
+    from medaudit.models.xai.concepts import ConceptBank
 
 WEIGHTS_FILE, ONNX_FILE, BANK_DIR = "model.pt", "model.onnx", "bank"
 CARD_FILES = ("card.json", "card.md")
@@ -153,7 +153,7 @@ def check_tag_part(value: str, what: str) -> str:
 
 
 def sha256_file(path: str | Path) -> str:
-    from models.train import sha256_file as _sha
+    from medaudit.models.train import sha256_file as _sha
 
     return _sha(path)
 
@@ -186,15 +186,15 @@ def register_version(
     Args:
         name: ``<arch>-<dataset>``.
         version: ``vanilla``, ``pclarc-band_aid``, …
-        weights: The version checkpoint (``models.corrections.io.save_version``).
+        weights: The version checkpoint (``medaudit.models.corrections.io.save_version``).
         onnx: Its ONNX export.
         card_dir: Folder holding ``card.json`` and ``card.md``.
         bank_dir: The version's saved :class:`~models.xai.concepts.ConceptBank`.
         labels: Extra BentoML labels (strings).
         home: BentoML home; default ``$BENTOML_HOME``.
     """
-    from models.cards import ModelCard
-    from models.xai.concepts import ConceptBank
+    from medaudit.models.cards import ModelCard
+    from medaudit.models.xai.concepts import ConceptBank
 
     bentoml = _bentoml()
     tag = f"{check_tag_part(name, 'model name')}:{check_tag_part(version, 'model version')}"
@@ -288,9 +288,9 @@ def load_version(tag: str, home: str | Path | None = None) -> LoadedVersion:
         StoreError: unknown tag or missing file (the message lists the stored versions).
         IntegrityError: a weights, ONNX or bank file whose sha256 differs from the recorded one.
     """
-    from models.cards import ModelCard
-    from models.corrections.io import load_version as load_checkpoint
-    from models.xai.concepts import ConceptBank
+    from medaudit.models.cards import ModelCard
+    from medaudit.models.corrections.io import load_version as load_checkpoint
+    from medaudit.models.xai.concepts import ConceptBank
 
     path = verify_version(tag, home)
     full = str(_get(tag, home).tag)

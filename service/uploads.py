@@ -8,7 +8,7 @@ parser by content type, so two common uploads would otherwise never reach our de
   ``image``/``file``) becomes the body and its own content type the request's.
 * ``application/x-www-form-urlencoded`` (``curl --data-binary @x.png`` without ``-H``): BentoML
   would parse the image as a form. It is relabelled ``application/octet-stream``; the decoder goes
-  by magic bytes anyway (:mod:`service.inputs`).
+  by magic bytes anyway (:mod:`medaudit.service.inputs`).
 
 A multipart body without a file part becomes an empty body (400 ``empty_body``); a malformed one
 is a 400 ``invalid_upload``. Any image upload declaring more than ``MEDAUDIT_MAX_BYTES`` (plus
@@ -29,9 +29,9 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from service.envvars import positive_int
-from service.errors import AuditError
-from service.inputs import Limits, check_body_size
+from medaudit.service.envvars import positive_int
+from medaudit.service.errors import AuditError
+from medaudit.service.inputs import Limits, check_body_size
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -16,7 +16,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 
-from service.errors import (
+from medaudit.service.errors import (
     AuditError,
     EmptyImageError,
     ImageTooLargeError,
@@ -25,7 +25,7 @@ from service.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from service.inputs import Limits
+from medaudit.service.inputs import Limits
 
 RNG_SEED = 0
 

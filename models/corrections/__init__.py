@@ -1,7 +1,7 @@
 """Model corrections behind one :class:`Correction` interface (method.md §4).
 
-``models.corrections.build.correct_and_evaluate`` (correct, save, export, evaluate, card) and
-``models.corrections.io`` (version checkpoints) are imported from their modules, not from here,
+``medaudit.models.corrections.build.correct_and_evaluate`` (correct, save, export, evaluate, card) and
+``medaudit.models.corrections.io`` (version checkpoints) are imported from their modules, not from here,
 so that importing the corrections does not pull in ONNX export and evaluation.
 
 P-ClArC and reactive P-ClArC insert a projection module at layer ℓ (training-free); RR-ClArC,
@@ -11,7 +11,7 @@ class, for configuration by name.
 
 from __future__ import annotations
 
-from models.corrections.base import (
+from medaudit.models.corrections.base import (
     Correction,
     CorrectionData,
     FinetuneConfig,
@@ -19,16 +19,16 @@ from models.corrections.base import (
     freeze_up_to,
     pooled_activations,
 )
-from models.corrections.pclarc import (
+from medaudit.models.corrections.pclarc import (
     ClarcProjection,
     PClarc,
     ReactivePClarc,
     find_projection,
     insert_projection,
 )
-from models.corrections.rrclarc import RRClarc, rrclarc_penalty
-from models.corrections.rrr import RRR, rrr_penalty
-from models.corrections.vanilla import Original, Vanilla
+from medaudit.models.corrections.rrclarc import RRClarc, rrclarc_penalty
+from medaudit.models.corrections.rrr import RRR, rrr_penalty
+from medaudit.models.corrections.vanilla import Original, Vanilla
 
 CORRECTIONS: dict[str, type] = {c.name: c for c in (Original, Vanilla, PClarc, ReactivePClarc, RRClarc, RRR)}
 

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.corrections.fast_prefix import fast_view
-from models.errors import ConfigError
-from models.registry import ModelCfg, get_module, hook_module
-from models.train import class_weights, normalize
-from models.xai.concepts import fit_cav
+from medaudit.models.corrections.fast_prefix import fast_view
+from medaudit.models.errors import ConfigError
+from medaudit.models.registry import ModelCfg, get_module, hook_module
+from medaudit.models.train import class_weights, normalize
+from medaudit.models.xai.concepts import fit_cav
 
 #: ``gradient_clip_val`` of the authors' Trainer (method.md §4.1).
 GRAD_CLIP = 100.0
@@ -136,7 +136,7 @@ def capture(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Records the activation of hook point ``layer`` during forwards inside the block.
 
-    If a ClArC projection sits at the hook point (see :mod:`models.corrections.pclarc`) and
+    If a ClArC projection sits at the hook point (see :mod:`medaudit.models.corrections.pclarc`) and
     ``before_correction`` is set, the activation recorded is the projection's **input**, the
     original layer's output; otherwise the hook point's output. With ``ensure_grad``, an output
     that does not require grad (everything before it frozen) is replaced by a leaf that does, so
@@ -145,7 +145,7 @@ def capture(
     forward there (the caller catches it; for no-grad callers that need nothing after ``layer``).
     The hook is removed in ``finally``.
     """
-    from models.corrections.pclarc import ClarcProjection  # circular at import time
+    from medaudit.models.corrections.pclarc import ClarcProjection  # circular at import time
 
     module = hook_module(model, cfg, layer)
     store: dict[str, torch.Tensor] = {}
@@ -369,7 +369,7 @@ def augment_pair(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flips, transposes and mild brightness/contrast jitter of [0, 1] images; masks follow the geometry.
 
-    The same family as :func:`models.train.augment`. Unlike the authors' Kvasir-attacked ``hm``
+    The same family as :func:`medaudit.models.train.augment`. Unlike the authors' Kvasir-attacked ``hm``
     loader, which augments the image but not the mask (method.md §8, §11.15), the mask here gets
     the same flips and transposes as its image.
     """

@@ -3,7 +3,7 @@
 :func:`correct_and_evaluate` runs once per correction; the pipeline supplies the original model,
 the :class:`CorrectionData` (CAVs and μ0 from the original model's activations) and the
 :class:`~models.evaluate.EvalData` shared by all versions, and compares the returned cards with
-:func:`models.cards.comparison_markdown` / :func:`models.cards.comparison_table`.
+:func:`medaudit.models.cards.comparison_markdown` / :func:`medaudit.models.cards.comparison_table`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.cards import ModelCard, build_card
-from models.corrections.base import Correction, CorrectionData
-from models.corrections.io import save_version
-from models.evaluate import EvalData, evaluate_version
-from models.export import check_parity, export_onnx
-from models.registry import ModelCfg
+from medaudit.models.cards import ModelCard, build_card
+from medaudit.models.corrections.base import Correction, CorrectionData
+from medaudit.models.corrections.io import save_version
+from medaudit.models.evaluate import EvalData, evaluate_version
+from medaudit.models.export import check_parity, export_onnx
+from medaudit.models.registry import ModelCfg
 
 WEIGHTS_FILE, ONNX_FILE = "model.pt", "model.onnx"
 

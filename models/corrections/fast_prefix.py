@@ -10,7 +10,7 @@ returns, saves and exports is still the standard one; its prefix is never touche
 Two things make the view faster; neither changes what is computed beyond float round-off:
 
 * **Eval-mode BatchNorm folded into the conv before it** (exactly the canonizers' merge,
-  :func:`models.xai.canonizers.merge_batchnorm`, in float64). On RRR's step (resnet18 at 128 px,
+  :func:`medaudit.models.xai.canonizers.merge_batchnorm`, in float64). On RRR's step (resnet18 at 128 px,
   batch 16, 2 CPU threads) the frozen BatchNorms cost ~12 % of the step: the forward, the
   input-gradient and the double backward through each. Folding them gave 860 → 756 ms per step,
   logits equal within 4e-8.
@@ -43,7 +43,7 @@ from timm.models import resnet as timm_resnet
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from models.xai.canonizers import merge_batchnorm
+from medaudit.models.xai.canonizers import merge_batchnorm
 
 #: exact block class -> its (conv, BN) attribute pairs; each conv feeds its BN directly.
 _BLOCK_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {

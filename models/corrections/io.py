@@ -2,7 +2,7 @@
 
 A version checkpoint is the registry's checkpoint format (``state_dict`` + ``cfg``) plus a
 ``correction`` record ``{"name", "layer", "params", "reactive"}``. Fine-tuned versions (RR-ClArC,
-RRR, Vanilla) load with plain :func:`models.registry.create_model`; P-ClArC versions carry the
+RRR, Vanilla) load with plain :func:`medaudit.models.registry.create_model`; P-ClArC versions carry the
 projection's buffers in the state dict and load with :func:`load_version`, which re-inserts the
 projection before loading the weights.
 """
@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.corrections.pclarc import ClarcProjection, find_projection, insert_projection
-from models.errors import WeightsError
-from models.registry import ModelCfg, create_model, load_checkpoint_file
+from medaudit.models.corrections.pclarc import ClarcProjection, find_projection, insert_projection
+from medaudit.models.errors import WeightsError
+from medaudit.models.registry import ModelCfg, create_model, load_checkpoint_file
 
 
 def save_version(

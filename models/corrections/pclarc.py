@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.corrections.base import CorrectionData
-from models.errors import ConfigError
-from models.registry import ModelCfg, hook_module
+from medaudit.models.corrections.base import CorrectionData
+from medaudit.models.errors import ConfigError
+from medaudit.models.registry import ModelCfg, hook_module
 
 
 class ClarcProjection(nn.Module):

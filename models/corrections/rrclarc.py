@@ -25,9 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.corrections.base import Batch, CorrectionData, FinetuneConfig, FinetuneLog, capture, finetune
-from models.errors import ConfigError
-from models.registry import ModelCfg
+from medaudit.models.corrections.base import (
+    Batch,
+    CorrectionData,
+    FinetuneConfig,
+    FinetuneLog,
+    capture,
+    finetune,
+)
+from medaudit.models.errors import ConfigError
+from medaudit.models.registry import ModelCfg
 
 
 def random_signs(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

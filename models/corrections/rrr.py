@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models.corrections.base import Batch, CorrectionData, FinetuneConfig, FinetuneLog, finetune
-from models.errors import ConfigError
-from models.registry import ModelCfg
+from medaudit.models.corrections.base import Batch, CorrectionData, FinetuneConfig, FinetuneLog, finetune
+from medaudit.models.errors import ConfigError
+from medaudit.models.registry import ModelCfg
 
 #: Guard of the cosine's denominator; a zero mask or zero gradient gives cosine 0.
 COS_EPS = 1e-12

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from models.corrections.base import CorrectionData, FinetuneConfig, FinetuneLog, finetune
-from models.registry import ModelCfg
+from medaudit.models.corrections.base import CorrectionData, FinetuneConfig, FinetuneLog, finetune
+from medaudit.models.registry import ModelCfg
 
 
 @dataclass(frozen=True)

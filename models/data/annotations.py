@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.errors import DatasetError
+from medaudit.models.errors import DatasetError
 
 #: How many unknown ids an error message lists before it only counts them.
 _SHOW = 5

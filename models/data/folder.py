@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from models.data.annotations import load_artifact_ids
-from models.errors import ConfigError, DatasetError
+from medaudit.models.data.annotations import load_artifact_ids
+from medaudit.models.errors import ConfigError, DatasetError
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")

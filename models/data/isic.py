@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.data.folder import ImageDataset, LabelTable, cell, column, read_csv, require_root
-from models.errors import DatasetError
+from medaudit.models.data.folder import ImageDataset, LabelTable, cell, column, read_csv, require_root
+from medaudit.models.errors import DatasetError
 
 #: The ground-truth CSV's one-hot columns, in the paper's class order (UNK is empty).
 ISIC_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")

@@ -6,10 +6,10 @@ read real data from disk.
 
 from __future__ import annotations
 
-from models.data.folder import FolderDataset
-from models.data.isic import ISIC2019
-from models.data.synthetic import SynthDerm
-from models.errors import DatasetError
+from medaudit.models.data.folder import FolderDataset
+from medaudit.models.data.isic import ISIC2019
+from medaudit.models.data.synthetic import SynthDerm
+from medaudit.models.errors import DatasetError
 
 SCHEMES = ("synthderm", "isic2019:<path>", "folder:<path>")
 

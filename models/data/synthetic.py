@@ -5,7 +5,7 @@ round/oval, uniform brown, smooth-bordered; malignant ones irregular, asymmetric
 (dark and blue-grey regions). Both are driven by one latent *severity* t ∈ [0, 1] whose class
 distributions overlap, so a clean model tops out around 90–97%, not 100%.
 
-Artifacts (``models.data.artifacts``) are then drawn per a spurious-correlation spec: for each
+Artifacts (``medaudit.models.data.artifacts``) are then drawn per a spurious-correlation spec: for each
 artifact and class, the fraction of images that carry it. Membership is an exact stratified draw
 (``round(p · n_class)`` samples per class and split, chosen by a seeded permutation) rather than the
 paper's per-sample Bernoulli (method.md §5.1), so realised rates equal the spec up to rounding.
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from models.data import artifacts as _artifacts
-from models.errors import ConfigError
+from medaudit.models.data import artifacts as _artifacts
+from medaudit.models.errors import ConfigError
 
 LABELS = ("benign", "malignant")
 ARTIFACT_ORDER = ("band_aid", "ruler", "skin_marker", "timestamp", "microscope")
@@ -374,7 +374,7 @@ class SynthDerm:
     ) -> Path:
         """Write PNG images, per-artifact mask PNGs, ``labels.csv`` and ``artifacts.json``.
 
-        The layout is the generic folder dataset's (``models.data.folder``), so an exported
+        The layout is the generic folder dataset's (``medaudit.models.data.folder``), so an exported
         synthderm reads back like real data.
         """
         root = Path(root)

@@ -1,7 +1,7 @@
 """LRP core: canonizers, rules and the :class:`Explainer` (method.md §2.1, §3)."""
 
-from models.xai.canonizers import CanonizerError, canonize
-from models.xai.lrp import (
+from medaudit.models.xai.canonizers import CanonizerError, canonize
+from medaudit.models.xai.lrp import (
     CapturedExplain,
     ClassTarget,
     ConceptTarget,

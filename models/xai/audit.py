@@ -21,7 +21,7 @@ annotations. It chains the XAI core:
    among the top-ranked outliers: that is how a planted, undeclared shortcut is shown to be found.
 
 The result is an :class:`AuditReport` (frozen), whose :meth:`AuditReport.to_json` is the
-``metrics.json`` of the report folder; ``clients.report`` renders the rest.
+``metrics.json`` of the report folder; ``medaudit.cli.report`` renders the rest.
 """
 
 from __future__ import annotations
@@ -39,17 +39,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.data.folder import ImageDataset
-from models.data.synthetic import LABELS as SYNTH_LABELS
-from models.data.synthetic import SynthDerm, SynthDermConfig
-from models.errors import ConfigError, InvalidArrayError
-from models.registry import ModelCfg
-from models.train import TrainConfig, normalize
-from models.xai.concepts import CAV_KINDS, ConceptBank, cav_score
-from models.xai.localize import artifact_relevance_rho, binarize, iou
-from models.xai.lrp import ConceptTarget, Explainer
-from models.xai.metrics import RetrievalMetrics, retrieval_metrics
-from models.xai.reveal import (
+from medaudit.models.data.folder import ImageDataset
+from medaudit.models.data.synthetic import LABELS as SYNTH_LABELS
+from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+from medaudit.models.errors import ConfigError, InvalidArrayError
+from medaudit.models.registry import ModelCfg
+from medaudit.models.train import TrainConfig, normalize
+from medaudit.models.xai.concepts import CAV_KINDS, ConceptBank, cav_score
+from medaudit.models.xai.localize import artifact_relevance_rho, binarize, iou
+from medaudit.models.xai.lrp import ConceptTarget, Explainer
+from medaudit.models.xai.metrics import RetrievalMetrics, retrieval_metrics
+from medaudit.models.xai.reveal import (
     OUTLIER_Z,
     ChannelRanking,
     OutlierRanking,
@@ -951,8 +951,8 @@ def train_with_hidden_artifact(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Trains (or resumes) the acceptance experiment's model: ``base`` (default: the demo config)
-    with ``artifact`` planted at ``rates``; returns its card (see :func:`models.train.train`)."""
-    from models.train import train
+    with ``artifact`` planted at ``rates``; returns its card (see :func:`medaudit.models.train.train`)."""
+    from medaudit.models.train import train
 
     tcfg = hidden_artifact_config(base or TrainConfig(), artifact, rates)
     return train(tcfg, out_dir, cache_dir=cache_dir, progress=progress, log=log)

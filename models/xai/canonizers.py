@@ -31,8 +31,8 @@ import torch
 import torchvision.models.resnet as tv_resnet
 from torch import nn
 
-from models.errors import MedauditError, UnknownModelError
-from models.xai.layers import PassThrough, ResidualSum
+from medaudit.models.errors import MedauditError, UnknownModelError
+from medaudit.models.xai.layers import PassThrough, ResidualSum
 
 
 class CanonizerError(MedauditError):

@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 
-from models.errors import ConceptBankError, InvalidArrayError
+from medaudit.models.errors import ConceptBankError, InvalidArrayError
 
 CavKind = Literal["signal", "svm", "ridge", "logistic"]
 CAV_KINDS: tuple[str, ...] = get_args(CavKind)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from models.errors import InvalidArrayError
+from medaudit.models.errors import InvalidArrayError
 
 #: Binarisation blur of §2.2 (torchvision GaussianBlur(7, sigma=8)).
 BINARIZE_KERNEL, BINARIZE_SIGMA = 7, 8.0

@@ -5,7 +5,7 @@ Construction (once per served model, method.md §3):
 1. :func:`~models.xai.canonizers.canonize` makes a canonized deep copy (the original model is
    never modified);
 2. :func:`build_lrp_model` swaps every layer of that copy for its rule module from
-   :mod:`models.xai.rules` — zennit 0.5.1's ``EpsilonPlusFlat`` (method.md §3.1).
+   :mod:`medaudit.models.xai.rules` — zennit 0.5.1's ``EpsilonPlusFlat`` (method.md §3.1).
 
 A call (:meth:`Explainer.explain`) runs the rule model forward once, recording the outputs of the
 requested hook points, and then runs **one** backward for all relevance seeds of all images:
@@ -34,11 +34,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from models.errors import ConfigError, UnknownModelError
-from models.registry import ModelCfg
-from models.xai import rules
-from models.xai.canonizers import canonize
-from models.xai.layers import PassThrough, ResidualSum
+from medaudit.models.errors import ConfigError, UnknownModelError
+from medaudit.models.registry import ModelCfg
+from medaudit.models.xai import rules
+from medaudit.models.xai.canonizers import canonize
+from medaudit.models.xai.layers import PassThrough, ResidualSum
 
 # --------------------------------------------------------------------------- composite
 

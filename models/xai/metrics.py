@@ -9,7 +9,7 @@ import numpy as np
 from scipy.stats import kendalltau
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from models.errors import InvalidArrayError
+from medaudit.models.errors import InvalidArrayError
 
 
 @dataclass(frozen=True)

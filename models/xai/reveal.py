@@ -24,7 +24,7 @@ from sklearn.cluster import AgglomerativeClustering
 from sklearn.manifold import SpectralEmbedding
 from sklearn.neighbors import LocalOutlierFactor
 
-from models.errors import InvalidArrayError
+from medaudit.models.errors import InvalidArrayError
 
 
 @dataclass(frozen=True, eq=False)

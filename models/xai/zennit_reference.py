@@ -4,7 +4,7 @@ zennit ships canonizers for torchvision ResNet and VGG only. For timm ResNets an
 module supplies canonizers written the paper's way — re-binding block ``forward`` methods so the
 residual sums go through ``zennit.layer.Sum`` on a stacked tensor (method.md §3.2), merging
 BatchNorm with zennit's own ``SequentialMergeBatchNorm`` (which leaves BN ε in place) — so that
-they are independent of :mod:`models.xai.canonizers`, which they are used to check.
+they are independent of :mod:`medaudit.models.xai.canonizers`, which they are used to check.
 
 zennit is imported inside the functions: the service never needs it.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.errors import UnknownModelError
+from medaudit.models.errors import UnknownModelError
 
 
 def _timm_basic_forward(self: Any, x: torch.Tensor) -> torch.Tensor:

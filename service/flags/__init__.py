@@ -11,8 +11,8 @@ records, reviewers resolve them, and resolved flags refine the concept banks.
                                                               └──▶ <prefix>:flags:dlq (poison)
     reviewer ──▶ review.resolve() / GET,POST /reviews ──▶ refine.refine_bank() (medaudit refine-cav)
 
-Modules (import the one you need; this package imports nothing, so :mod:`service.config` can read
-:mod:`service.flags.settings` without pulling in redis):
+Modules (import the one you need; this package imports nothing, so :mod:`medaudit.service.config` can read
+:mod:`medaudit.service.flags.settings` without pulling in redis):
 
 * :mod:`~service.flags.policy`: when an audit result becomes a flag (pure).
 * :mod:`~service.flags.events`: the versioned stream entry and the Redis key layout.

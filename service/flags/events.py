@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from models.errors import ConfigError, MedauditError
+from medaudit.models.errors import ConfigError, MedauditError
 
 SCHEMA_VERSION = 1
 #: Request ids become part of Redis keys and URLs: no whitespace, no slash, bounded length.
@@ -119,7 +119,7 @@ class FlagEvent:
         layer: The concept bank's CAV layer (where ``features`` were taken).
         concept: The flagging concept.
         score, threshold, percentile, relevance_share: From the concept score.
-        severity: ``low``, ``medium`` or ``high`` (:mod:`service.flags.policy`).
+        severity: ``low``, ``medium`` or ``high`` (:mod:`medaudit.service.flags.policy`).
         reasons: Human-readable reasons.
         label, probability: The answering version's prediction.
         subject_hash: sha256 of ``X-Subject-Key``; "" when the request had none.

@@ -6,7 +6,7 @@ A concept flags when the artifact is **there** and the prediction **uses** it:
   set at the configured false-positive rate), and its calibrated percentile is at least
   ``min_percentile`` (0 by default: the bank's threshold alone decides);
 * *relied on*: the concept carries more than ``share`` of the class relevance at the CAV layer
-  (strictly more, as in :func:`service.audit.decide_flag`), **or** the caller says that the
+  (strictly more, as in :func:`medaudit.service.audit.decide_flag`), **or** the caller says that the
   corrected version (e.g. a ClArC shadow) disagrees with the answering one, which is direct
   behavioural evidence that the artifact changed the answer.
 
@@ -19,7 +19,7 @@ Every threshold is configurable per concept (:class:`PolicyConfig`), e.g.
 ``MEDAUDIT_FLAG_POLICY="share=0.2,band_aid:share=0.15,ruler:enabled=0"``.
 
 The module is transport-free and imports no torch: the scores are duck-typed (:class:`ScoreLike`),
-so :class:`service.audit.ConceptScore` and test doubles both work.
+so :class:`medaudit.service.audit.ConceptScore` and test doubles both work.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, cast
 
-from models.errors import ConfigError
+from medaudit.models.errors import ConfigError
 
 #: The variable a policy spec usually comes from (named in parse errors).
 POLICY_VAR = "MEDAUDIT_FLAG_POLICY"
@@ -41,7 +41,7 @@ _FALSE = {"0", "false", "no", "off"}
 
 
 class ScoreLike(Protocol):
-    """What the policy reads from one concept's score (:class:`service.audit.ConceptScore`)."""
+    """What the policy reads from one concept's score (:class:`medaudit.service.audit.ConceptScore`)."""
 
     @property
     def concept(self) -> str: ...
@@ -58,7 +58,7 @@ class ScoreLike(Protocol):
 
 
 class HasConcepts(Protocol):
-    """An audit result (:class:`service.audit.AuditResult`): anything with ``concepts``."""
+    """An audit result (:class:`medaudit.service.audit.AuditResult`): anything with ``concepts``."""
 
     @property
     def concepts(self) -> Iterable[ScoreLike]: ...
@@ -311,7 +311,7 @@ def evaluate(
     """Decides which concepts flag an audit result (see the module docstring). Pure.
 
     Args:
-        result: An :class:`service.audit.AuditResult`, or its concept scores.
+        result: An :class:`medaudit.service.audit.AuditResult`, or its concept scores.
         policy: Thresholds; the defaults of :class:`ConceptPolicy` when None.
         corrected_disagrees: Whether a corrected version's label differs from the answering
             version's for this input; None when no corrected version was asked.

@@ -11,7 +11,7 @@ retried or replayed publish of a request never adds its flags twice, even when t
 reached Redis but its reply was lost.
 
 When Redis does not answer (connection refused, timeout) or the queue is full, records go to the
-local durable spool (:mod:`service.flags.spool`). While the spool holds anything, new records are
+local durable spool (:mod:`medaudit.service.flags.spool`). While the spool holds anything, new records are
 appended behind it rather than published, and the spool is replayed, sorted by sequence number,
 as soon as Redis answers again (exponential backoff between attempts): so the stream receives one
 producer's flags in submit order. The spool is rewritten (shrunk) only after its records were
@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import redis
 
-from service.flags.events import FlagEvent, FlagKeys, check_request_id, subject_hash
-from service.flags.policy import PolicyConfig, PolicyDecision, evaluate
-from service.flags.redis_conn import (
+from medaudit.service.flags.events import FlagEvent, FlagKeys, check_request_id, subject_hash
+from medaudit.service.flags.policy import PolicyConfig, PolicyDecision, evaluate
+from medaudit.service.flags.redis_conn import (
     LOCALHOST_URL,
     RedisUnavailableError,
     check_bytes_client,
@@ -55,12 +55,12 @@ from service.flags.redis_conn import (
     ensure_redis,
     redact,
 )
-from service.flags.settings import DEFAULT_TTL_S, FlagSettings, default_spool_dir
-from service.flags.spool import Record, Spool
+from medaudit.service.flags.settings import DEFAULT_TTL_S, FlagSettings, default_spool_dir
+from medaudit.service.flags.spool import Record, Spool
 
 if TYPE_CHECKING:
-    from service.audit import AuditResult
-    from service.config import Settings
+    from medaudit.service.audit import AuditResult
+    from medaudit.service.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +128,14 @@ class FlagPublisher:
         url: Redis URL; ignored when ``client`` is given.
         policy: Flag policy (default thresholds when None).
         keys: Key layout (prefix).
-        spool_dir: Spool directory (default :func:`service.flags.settings.default_spool_dir`).
+        spool_dir: Spool directory (default :func:`medaudit.service.flags.settings.default_spool_dir`).
         queue_size: Records the in-memory queue holds before submits go to the spool directly.
         maxlen: Approximate stream length cap (``XADD MAXLEN ~``).
         ttl_s: Lifetime of blobs and of the idempotency marker, seconds.
         timeout: Socket timeout of each publish, s: how long an unresponsive Redis holds up the
             background thread (never the caller).
         backoff: (first, longest) wait between attempts while Redis is down, s.
-        client: A bytes client (:func:`service.flags.redis_conn.connect`) to use instead of ``url``.
+        client: A bytes client (:func:`medaudit.service.flags.redis_conn.connect`) to use instead of ``url``.
         observer: Called as ``observer(outcome, n)`` whenever a counter moves, with ``outcome`` one
             of ``published``, ``replayed``, ``spooled``, ``duplicate``, ``dropped`` (the labels of
             ``medaudit_flag_publish_total``); read ``publisher.spool.pending`` there for the

@@ -1,7 +1,7 @@
 """Redis clients for the flag pipeline, and a Redis that answers for demos (:func:`ensure_redis`).
 
 Clients return **bytes** (``decode_responses=False``): the same client reads event fields (decoded
-by :mod:`service.flags.events`) and PNG/feature blobs, which are not UTF-8. Create one client per
+by :mod:`medaudit.service.flags.events`) and PNG/feature blobs, which are not UTF-8. Create one client per
 process (BentoML workers are processes): in ``__init__`` or a startup hook, never at import.
 """
 
@@ -18,7 +18,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from models.errors import ConfigError, MedauditError
+from medaudit.models.errors import ConfigError, MedauditError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def redact(url: str) -> str:
 
 
 def redis_url_from_env(environ: Mapping[str, str]) -> str | None:
-    """``MEDAUDIT_REDIS_URL``, else ``REDIS_URL``, else None (what :class:`service.config.Settings` reads).
+    """``MEDAUDIT_REDIS_URL``, else ``REDIS_URL``, else None (what
+    :class:`medaudit.service.config.Settings` reads).
 
     Raises:
         ConfigError: A URL that is not redis://, rediss:// or unix://.

@@ -13,7 +13,7 @@ fits saw, for three banks: the stored one, a refit on the original data alone (t
 same procedure, so the difference is the reviewed samples' alone) and the refined one. The new
 bank's provenance records how many samples were added per concept and which flags they came from.
 
-:func:`synthderm_fit_data` re-extracts the original fit data the way ``models.pipeline`` does:
+:func:`synthderm_fit_data` re-extracts the original fit data the way ``medaudit.models.pipeline`` does:
 synthderm's training split (training distribution) for the fit, clean validation images for the
 calibration, and the test split for the held-out evaluation, through the served version's own
 model, whose activations the flags' features are.
@@ -30,17 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.errors import ConceptBankError, InvalidArrayError
-from models.xai.concepts import ConceptBank, ConceptEntry
-from models.xai.metrics import retrieval_metrics
-from service.flags.events import FlagKeys
+from medaudit.models.errors import ConceptBankError, InvalidArrayError
+from medaudit.models.xai.concepts import ConceptBank, ConceptEntry
+from medaudit.models.xai.metrics import retrieval_metrics
+from medaudit.service.flags.events import FlagKeys
 
 if TYPE_CHECKING:
     import redis
     from torch import nn
 
-    from models.data.synthetic import SynthDermConfig
-    from models.registry import ModelCfg
+    from medaudit.models.data.synthetic import SynthDermConfig
+    from medaudit.models.registry import ModelCfg
 
 #: Verdict -> label of the flagged concept; verdicts not listed add no sample.
 VERDICT_LABELS = {"artifact_confirmed": 1, "false_alarm": 0}
@@ -320,15 +320,15 @@ def synthderm_fit_data(
     """Re-extracts a synthderm bank's fit data through ``model`` (see the module docstring).
 
     Training split, training distribution (``ch``) with membership labels for the fit; clean
-    validation images (the bank's calibration, as in ``models.pipeline``); the test split
+    validation images (the bank's calibration, as in ``medaudit.models.pipeline``); the test split
     (``ch``) with membership labels as the held-out evaluation.
 
     Raises:
         ConceptBankError: A concept synthderm does not draw.
     """
-    from models.corrections.base import pooled_activations
-    from models.data.synthetic import SynthDerm
-    from models.train import render_split
+    from medaudit.models.corrections.base import pooled_activations
+    from medaudit.models.data.synthetic import SynthDerm
+    from medaudit.models.train import render_split
 
     ds = SynthDerm(data_cfg)
     unknown = [c for c in concepts if c not in ds.membership]

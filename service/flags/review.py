@@ -1,7 +1,7 @@
 """Reviewing flags: list the open ones, show one with its heatmap, resolve it with a verdict.
 
-Plain functions on a Redis client (bytes client, :func:`service.flags.redis_conn.connect`) that
-return JSON-ready dicts and raise :class:`service.errors.AuditError` subclasses carrying their HTTP
+Plain functions on a Redis client (bytes client, :func:`medaudit.service.flags.redis_conn.connect`) that
+return JSON-ready dicts and raise :class:`medaudit.service.errors.AuditError` subclasses carrying their HTTP
 status, plus :func:`review_app`, a small Starlette app the HTTP service mounts behind the reviewer
 role::
 
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from service.errors import AuditError
-from service.flags.events import FlagKeys
+from medaudit.service.errors import AuditError
+from medaudit.service.flags.events import FlagKeys
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette

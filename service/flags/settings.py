@@ -1,11 +1,12 @@
-"""``MEDAUDIT_FLAG_*`` settings of the flag pipeline, parsed once like :class:`service.config.Settings`.
+"""``MEDAUDIT_FLAG_*`` settings of the flag pipeline, parsed once like
+:class:`medaudit.service.config.Settings`.
 
-Light on purpose (no redis import): :class:`service.config.Settings` holds a :class:`FlagSettings`
+Light on purpose (no redis import): :class:`medaudit.service.config.Settings` holds a :class:`FlagSettings`
 as ``settings.flags``.
 
 =================================  ==========================================================
 ``MEDAUDIT_FLAG_POLICY``           per-concept flag policy, e.g. ``share=0.2,ruler:enabled=0``
-                                   (see :mod:`service.flags.policy`; default: every concept,
+                                   (see :mod:`medaudit.service.flags.policy`; default: every concept,
                                    share 0.2)
 ``MEDAUDIT_FLAG_PREFIX``           Redis key prefix (default ``medaudit``)
 ``MEDAUDIT_FLAG_MAXLEN``           approximate stream length cap, entries (default 100 000)
@@ -29,13 +30,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import ConfigError
-from service.envvars import positive_int
-from service.flags.events import FlagKeys
-from service.flags.policy import POLICY_VAR, ConceptPolicy, PolicyConfig
+from medaudit.models.errors import ConfigError
+from medaudit.service.envvars import positive_int
+from medaudit.service.flags.events import FlagKeys
+from medaudit.service.flags.policy import POLICY_VAR, ConceptPolicy, PolicyConfig
 
 PREFIX = "MEDAUDIT_FLAG_"
-#: Variable names (after ``MEDAUDIT_``) these settings read: for ``service.config.unknown_variables``.
+#: Variable names (after ``MEDAUDIT_``) these settings read: for
+#: ``medaudit.service.config.unknown_variables``.
 NAMES = (
     "FLAG_POLICY",
     "FLAG_PREFIX",

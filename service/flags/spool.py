@@ -15,7 +15,7 @@ crash mid-append) is skipped with a warning when the file is read.
 
 Records carry a sequence number ``seq``; readers sort by it, which restores submit order even
 though a full in-memory queue lets a newer record reach the file before older ones (see
-:mod:`service.flags.producer`).
+:mod:`medaudit.service.flags.producer`).
 
 Thread safety: :attr:`Spool.lock` guards the file; methods ending in ``_locked`` expect the
 caller to hold it. The lock is only held for file operations, never across network calls.

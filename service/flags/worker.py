@@ -44,7 +44,7 @@ from typing import Any
 
 import redis
 
-from service.flags.events import FlagEvent, FlagKeys
+from medaudit.service.flags.events import FlagEvent, FlagKeys
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Worker:
     """Moves flag events from the stream into review records; see the module docstring.
 
     Args:
-        client: A bytes client (:func:`service.flags.redis_conn.connect`) whose socket timeout
+        client: A bytes client (:func:`medaudit.service.flags.redis_conn.connect`) whose socket timeout
             exceeds ``config.block_ms``.
         keys: Key layout.
         config: Reading and retry settings.

@@ -59,7 +59,7 @@ def declared_series() -> dict[str, str]:
     """Every series name ``service/metrics.py`` exposes -> the collector's declared name."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from service import metrics
+    from medaudit.service import metrics
 
     out: dict[str, str] = {}
     for value in vars(metrics).values():
@@ -173,7 +173,7 @@ def cli_options(command: str) -> set[str]:
     """The options a ``medaudit <command>`` accepts (from the typer app itself)."""
     import typer.main
 
-    from clients.cli import app
+    from medaudit.cli.commands import app
 
     group = typer.main.get_command(app)
     cmd = group.commands[command]  # type: ignore[attr-defined]
@@ -190,7 +190,7 @@ def check_medaudit_args(args: list[str]) -> None:
 
 def check_settings(env: dict[str, str]) -> None:
     """Every MEDAUDIT_* variable is one the service reads, and together they parse (auth aside)."""
-    from service.config import Settings, unknown_variables
+    from medaudit.service.config import Settings, unknown_variables
 
     assert unknown_variables(env) == []
     Settings.from_env({**env, "MEDAUDIT_AUTH": "off", "MEDAUDIT_API_KEYS": "", "MEDAUDIT_API_KEY_SALT": ""})

@@ -138,7 +138,7 @@ def test_every_resource_is_namespaced_and_labelled() -> None:
 def test_service_deployment_probes_resources_and_scraping() -> None:
     dep = _get(BASE, "Deployment", "medaudit")
     (c,) = dep["spec"]["template"]["spec"]["containers"]
-    assert c["args"][:3] == ["bentoml", "serve", "service.api:MedAudit"]
+    assert c["args"][:3] == ["bentoml", "serve", "medaudit.service.api:MedAudit"]
     assert load_yaml(DEPLOY.parent / "bentofile.yaml")["service"] == c["args"][2]
     port = {p["name"]: p["containerPort"] for p in c["ports"]}["http"]
     assert port == 3000 and "--port" in c["args"] and c["args"][c["args"].index("--port") + 1] == "3000"
@@ -216,8 +216,8 @@ def test_configmap_and_secret_hold_settings_the_service_reads() -> None:
 
 def test_placeholder_keys_are_refused_at_start() -> None:
     """Applying the example Secret unchanged must not serve with a guessable key."""
-    from models.errors import ConfigError
-    from service.config import Settings
+    from medaudit.models.errors import ConfigError
+    from medaudit.service.config import Settings
 
     cm = _get(BASE, "ConfigMap", "medaudit-config")["data"]
     secret = _get(BASE, "Secret", "medaudit-api-keys")["stringData"]

@@ -45,7 +45,7 @@ from deploytools import (
 )
 from PIL import Image
 
-from service.process import free_port, served, stop
+from medaudit.service.process import free_port, served, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -329,7 +329,7 @@ def _uninstrumented() -> set[str]:
     """Exposed names of the collectors of service/metrics.py that no other module records."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from service import metrics
+    from medaudit.service import metrics
 
     code = "\n".join(
         p.read_text()

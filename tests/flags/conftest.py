@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from flagtools import RedisServer
 
-from service.process import free_port
+from medaudit.service.process import free_port
 
 REDIS_URL = os.environ.get("REDIS_URL") or os.environ.get("MEDAUDIT_REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    from service.flags.redis_conn import answers
+    from medaudit.service.flags.redis_conn import answers
 
     if not answers(REDIS_URL, timeout=2.0):
         pytest.skip(f"no Redis answers at {REDIS_URL}; set REDIS_URL to run the flag pipeline tests")
@@ -32,8 +32,8 @@ def redis_url() -> str:
 @pytest.fixture
 def keys(redis_url: str) -> Iterator[object]:
     """A unique key prefix for this test; every key under it is deleted afterwards."""
-    from service.flags.events import FlagKeys
-    from service.flags.redis_conn import connect
+    from medaudit.service.flags.events import FlagKeys
+    from medaudit.service.flags.redis_conn import connect
 
     k = FlagKeys(f"test-{uuid.uuid4().hex[:12]}")
     yield k
@@ -48,7 +48,7 @@ def keys(redis_url: str) -> Iterator[object]:
 
 @pytest.fixture
 def client(redis_url: str) -> Iterator[object]:
-    from service.flags.redis_conn import connect
+    from medaudit.service.flags.redis_conn import connect
 
     c = connect(redis_url, timeout=10.0)
     yield c

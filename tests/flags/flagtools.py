@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.audit import AuditResult, ConceptScore, FlagDecision, Prediction
+from medaudit.service.audit import AuditResult, ConceptScore, FlagDecision, Prediction
 
 
 def png_b64(value: int, size: int = 8) -> str:
@@ -100,7 +100,7 @@ class RedisServer:
              "--appendfsync", "always", "--dir", str(self.dir), "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        from service.flags.redis_conn import answers
+        from medaudit.service.flags.redis_conn import answers
 
         deadline = time.monotonic() + 10
         while not answers(self.url, timeout=0.2):

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from flagtools import result, score
 
-from models.errors import ConfigError
-from service.config import Settings, unknown_variables
-from service.flags.events import SCHEMA_VERSION, EventFormatError, FlagEvent, FlagKeys, subject_hash
-from service.flags.policy import evaluate
-from service.flags.settings import FlagSettings
+from medaudit.models.errors import ConfigError
+from medaudit.service.config import Settings, unknown_variables
+from medaudit.service.flags.events import SCHEMA_VERSION, EventFormatError, FlagEvent, FlagKeys, subject_hash
+from medaudit.service.flags.policy import evaluate
+from medaudit.service.flags.settings import FlagSettings
 
 
 def _event(**kw: object) -> FlagEvent:
@@ -75,7 +75,7 @@ def test_subject_key_is_only_ever_hashed() -> None:
 
 def test_publisher_record_holds_no_image_and_no_raw_subject_key(tmp_path: Path) -> None:
     """What would go on the stream: ids, numbers and object keys only."""
-    from service.flags.producer import FlagPublisher
+    from medaudit.service.flags.producer import FlagPublisher
 
     pub = FlagPublisher("redis://127.0.0.1:1/0", spool_dir=tmp_path, keys=FlagKeys("t"))
     try:

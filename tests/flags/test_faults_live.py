@@ -1,6 +1,6 @@
 """Issue #9, faults: the flag pipeline under injected failures, with real processes only.
 
-Every test runs ``bentoml serve service.api:MedAudit`` (:func:`service.process.served`) on the tiny
+Every test runs ``bentoml serve service.api:MedAudit`` (:func:`medaudit.service.process.served`) on the tiny
 store with the flag policy opened wide (every audit flags), against a ``redis-server`` of its own
 (:class:`flagtools.RedisServer`: appendonly, fsync always) that it kills, restarts or slows down,
 while client threads post ``/audit`` requests over HTTP. Nothing is mocked: not Redis, not the
@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.process import served
+from medaudit.service.process import served
 
 pytestmark = [
     pytest.mark.redis,
@@ -181,8 +181,8 @@ def _audit(base: str, rid: str, seed: int) -> list[str]:
 
 def _stream(url: str, prefix: str) -> list[str]:
     """``request_id:concept`` of every stream entry, in stream order."""
-    from service.flags.events import FlagKeys
-    from service.flags.redis_conn import connect
+    from medaudit.service.flags.events import FlagKeys
+    from medaudit.service.flags.redis_conn import connect
 
     r = connect(url, timeout=10)
     try:
@@ -245,7 +245,7 @@ def _spool_lines(spool: Path) -> int:
 
 
 def _review_records(client: Any, prefix: str) -> list[str]:
-    from service.flags.events import FlagKeys
+    from medaudit.service.flags.events import FlagKeys
 
     keys = FlagKeys(prefix)
     pat = re.compile(re.escape(keys.review("")) + "(.*)")
@@ -258,7 +258,7 @@ def _review_records(client: Any, prefix: str) -> list[str]:
 
 
 def _pending(client: Any, prefix: str, consumer: str | None = None) -> int:
-    from service.flags.events import FlagKeys
+    from medaudit.service.flags.events import FlagKeys
 
     summary = client.xpending(FlagKeys(prefix).stream, GROUP)
     if consumer is None:
@@ -267,7 +267,7 @@ def _pending(client: Any, prefix: str, consumer: str | None = None) -> int:
 
 
 def _worker_cmd(*args: str) -> list[str]:
-    cmd = [str(MEDAUDIT)] if MEDAUDIT.exists() else [sys.executable, "-m", "clients.cli"]
+    cmd = [str(MEDAUDIT)] if MEDAUDIT.exists() else [sys.executable, "-m", "medaudit.cli.commands"]
     return [*cmd, "worker", *args]
 
 
@@ -427,7 +427,7 @@ def test_redis_killed_and_restarted_under_concurrent_load(
 def test_service_restarted_with_flags_in_the_spool_and_then_in_the_stream(
     tiny_store: Path, tmp_path: Path, redis_server: Callable[[], Any]
 ) -> None:
-    from service.flags.redis_conn import connect
+    from medaudit.service.flags.redis_conn import connect
 
     server = redis_server()  # not started: Redis is down when the first service answers
     prefix, spool = _prefix(), tmp_path / "spool"
@@ -486,9 +486,9 @@ def test_service_restarted_with_flags_in_the_spool_and_then_in_the_stream(
 def test_worker_killed_mid_batch_while_the_service_publishes(
     tiny_store: Path, tmp_path: Path, redis_server: Callable[[], Any]
 ) -> None:
-    from service.flags.events import FlagKeys
-    from service.flags.redis_conn import connect
-    from service.flags.worker import queue_stats
+    from medaudit.service.flags.events import FlagKeys
+    from medaudit.service.flags.redis_conn import connect
+    from medaudit.service.flags.worker import queue_stats
 
     server = redis_server()
     server.start()
@@ -502,9 +502,9 @@ def test_worker_killed_mid_batch_while_the_service_publishes(
     doomed = textwrap.dedent(
         f"""
         import time
-        from service.flags.events import FlagKeys
-        from service.flags.redis_conn import connect
-        from service.flags.worker import Worker, WorkerConfig
+        from medaudit.service.flags.events import FlagKeys
+        from medaudit.service.flags.redis_conn import connect
+        from medaudit.service.flags.worker import Worker, WorkerConfig
 
         def slow(stage, event):
             if stage == "after_write":

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flagtools import result, score
 
-from models.errors import ConfigError
-from service.audit import FlagThresholds, decide_flag
-from service.flags.policy import ConceptPolicy, PolicyConfig, Severity, evaluate
+from medaudit.models.errors import ConfigError
+from medaudit.service.audit import FlagThresholds, decide_flag
+from medaudit.service.flags.policy import ConceptPolicy, PolicyConfig, Severity, evaluate
 
 D = PolicyConfig()  # share 0.2, high_share 0.5, high_pct 99
 P = PolicyConfig.parse

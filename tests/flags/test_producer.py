@@ -16,9 +16,9 @@ import pytest
 from flagtools import RedisServer, result, score, stream_request_ids
 from PIL import Image
 
-from service.flags.events import FlagEvent, FlagKeys
-from service.flags.producer import FlagPublisher
-from service.process import free_port
+from medaudit.service.flags.events import FlagEvent, FlagKeys
+from medaudit.service.flags.producer import FlagPublisher
+from medaudit.service.process import free_port
 
 pytestmark = pytest.mark.redis
 
@@ -64,7 +64,7 @@ def test_outage_keeps_every_flag_exactly_once_in_submit_order(
     keys: FlagKeys, redis_server: Callable[[], RedisServer], tmp_path: Path
 ) -> None:
     """Redis hangs (SIGSTOP), dies (SIGKILL) and comes back while requests keep flagging."""
-    from service.flags.redis_conn import connect
+    from medaudit.service.flags.redis_conn import connect
 
     srv = redis_server()
     srv.start()
@@ -131,7 +131,7 @@ def test_submit_latency_with_redis_down_is_like_up(redis_url: str, keys: FlagKey
 def test_full_queue_overflows_to_the_spool_and_order_holds(
     keys: FlagKeys, redis_server: Callable[[], RedisServer], tmp_path: Path
 ) -> None:
-    from service.flags.redis_conn import connect
+    from medaudit.service.flags.redis_conn import connect
 
     srv = redis_server()  # not started yet: nothing answers on its port
     pub = FlagPublisher(
@@ -174,7 +174,7 @@ def test_the_next_publisher_replays_what_a_previous_one_spooled(
 def test_a_record_redis_refuses_for_good_does_not_block_the_rest(
     redis_url: str, keys: FlagKeys, client, tmp_path: Path
 ) -> None:
-    from service.flags.policy import evaluate
+    from medaudit.service.flags.policy import evaluate
 
     client.set(f"{keys.prefix}:not-a-stream", "x")
     pub = FlagPublisher(redis_url, keys=keys, spool_dir=tmp_path)
@@ -191,7 +191,7 @@ def test_a_record_redis_refuses_for_good_does_not_block_the_rest(
 
 
 def test_publisher_from_the_service_settings(redis_url: str, keys: FlagKeys, client, tmp_path: Path) -> None:
-    from service.config import Settings
+    from medaudit.service.config import Settings
 
     env = {
         "MEDAUDIT_AUTH": "off",
@@ -212,7 +212,7 @@ def test_publisher_from_the_service_settings(redis_url: str, keys: FlagKeys, cli
 
 
 def test_ensure_redis_prefers_the_given_one_then_an_embedded_one(redis_url: str, tmp_path: Path) -> None:
-    from service.flags.redis_conn import RedisUnavailableError, answers, ensure_redis
+    from medaudit.service.flags.redis_conn import RedisUnavailableError, answers, ensure_redis
 
     assert ensure_redis(redis_url) == redis_url
     nobody = f"redis://127.0.0.1:{free_port()}/0"

@@ -24,13 +24,13 @@ import pytest
 from flagtools import result, score
 from typer.testing import CliRunner
 
-from models.xai.concepts import ConceptBank
-from service.flags.events import FlagKeys
-from service.flags.producer import FlagPublisher
-from service.flags.redis_conn import connect
-from service.flags.refine import FitData, refine_bank, reviewed_samples
-from service.flags.review import resolve_review
-from service.flags.worker import Worker, WorkerConfig
+from medaudit.models.xai.concepts import ConceptBank
+from medaudit.service.flags.events import FlagKeys
+from medaudit.service.flags.producer import FlagPublisher
+from medaudit.service.flags.redis_conn import connect
+from medaudit.service.flags.refine import FitData, refine_bank, reviewed_samples
+from medaudit.service.flags.review import resolve_review
+from medaudit.service.flags.worker import Worker, WorkerConfig
 
 pytestmark = pytest.mark.redis
 TAG, LAYER, C = "resnet18-synthderm:vanilla", "identity_2", 32
@@ -124,10 +124,10 @@ def test_refine_cav_command_on_the_tiny_store(
 ) -> None:
     import torch
 
-    from clients.cli import app
-    from models.data.synthetic import SynthDerm, SynthDermConfig
-    from service.audit import AuditEngine, FlagThresholds
-    from service.store import load_version
+    from medaudit.cli.commands import app
+    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+    from medaudit.service.audit import AuditEngine, FlagThresholds
+    from medaudit.service.store import load_version
 
     torch.set_num_threads(1)
     spec = {"band_aid": (0.5, 0.5), "ruler": (0.5, 0.5)}

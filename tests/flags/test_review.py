@@ -17,11 +17,11 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
-from service.errors import AuthError
-from service.flags.events import FlagKeys
-from service.flags.producer import FlagPublisher
-from service.flags.redis_conn import connect
-from service.flags.review import (
+from medaudit.service.errors import AuthError
+from medaudit.service.flags.events import FlagKeys
+from medaudit.service.flags.producer import FlagPublisher
+from medaudit.service.flags.redis_conn import connect
+from medaudit.service.flags.review import (
     AlreadyResolvedError,
     InvalidReviewError,
     UnknownFlagError,
@@ -30,7 +30,7 @@ from service.flags.review import (
     resolve_review,
     review_app,
 )
-from service.flags.worker import Worker, WorkerConfig
+from medaudit.service.flags.worker import Worker, WorkerConfig
 
 pytestmark = pytest.mark.redis
 
@@ -139,7 +139,7 @@ def test_http_endpoints(client, queued: FlagKeys) -> None:
 
 
 def test_http_503_when_redis_is_down() -> None:
-    from service.process import free_port
+    from medaudit.service.process import free_port
 
     dead = connect(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2, connect_timeout=0.2, retries=0)
     with TestClient(Starlette(routes=[Mount("/reviews", review_app(dead))])) as http:
@@ -150,7 +150,7 @@ def test_http_503_when_redis_is_down() -> None:
 def test_cli_review_commands(
     redis_url: str, queued: FlagKeys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from clients.cli import app
+    from medaudit.cli.commands import app
 
     monkeypatch.setenv("MEDAUDIT_REDIS_URL", redis_url)
     monkeypatch.setenv("MEDAUDIT_FLAG_PREFIX", queued.prefix)

@@ -40,8 +40,8 @@ def test_service_keeps_answering_through_a_redis_outage_and_delivers_each_flag_o
 ) -> None:
     from starlette.testclient import TestClient
 
-    from service.flags.events import FlagKeys
-    from service.flags.redis_conn import connect
+    from medaudit.service.flags.events import FlagKeys
+    from medaudit.service.flags.redis_conn import connect
 
     server = redis_server()
     server.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from service.flags.spool import Spool
+from medaudit.service.flags.spool import Spool
 
 
 def _recs(*seqs: int) -> list[dict[str, object]]:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from flagtools import result
 
-from service.flags.events import FlagEvent, FlagKeys
-from service.flags.producer import FlagPublisher
-from service.flags.redis_conn import connect
-from service.flags.worker import Worker, WorkerConfig, ensure_group, queue_stats
-from service.process import free_port
+from medaudit.service.flags.events import FlagEvent, FlagKeys
+from medaudit.service.flags.producer import FlagPublisher
+from medaudit.service.flags.redis_conn import connect
+from medaudit.service.flags.worker import Worker, WorkerConfig, ensure_group, queue_stats
+from medaudit.service.process import free_port
 
 pytestmark = pytest.mark.redis
 GROUP = "medaudit-review"
@@ -73,9 +73,9 @@ def test_a_killed_workers_entries_are_reclaimed_and_every_flag_gets_one_record(
     doomed = textwrap.dedent(
         f"""
         import time
-        from service.flags.events import FlagKeys
-        from service.flags.redis_conn import connect
-        from service.flags.worker import Worker, WorkerConfig
+        from medaudit.service.flags.events import FlagKeys
+        from medaudit.service.flags.redis_conn import connect
+        from medaudit.service.flags.worker import Worker, WorkerConfig
 
         def slow(stage, event):
             if stage == "after_write":
@@ -130,7 +130,7 @@ def test_a_killed_workers_entries_are_reclaimed_and_every_flag_gets_one_record(
 def test_poison_entries_go_to_the_dead_letter_stream_and_nothing_else_is_lost(
     redis_url: str, keys: FlagKeys, client, tmp_path: Path
 ) -> None:
-    from service.flags.policy import evaluate
+    from medaudit.service.flags.policy import evaluate
 
     # An entry whose consumers keep dying: delivered 5 times to "ghost", never acknowledged.
     ensure_group(client, keys, GROUP)
@@ -225,7 +225,7 @@ def test_stop_finishes_the_current_entry_and_leaves_the_rest_pending(
 def test_cli_worker_stops_cleanly_on_sigterm(redis_url: str, keys: FlagKeys, client, tmp_path: Path) -> None:
     _produce(redis_url, keys, tmp_path, [f"req-{i}" for i in range(8)])
     exe = Path(sys.executable).parent / "medaudit"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "clients.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "medaudit.cli.commands"]
     env = {**os.environ, "MEDAUDIT_REDIS_URL": redis_url, "MEDAUDIT_FLAG_PREFIX": keys.prefix}
     port = free_port()
     proc = subprocess.Popen(

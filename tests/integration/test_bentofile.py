@@ -43,7 +43,7 @@ def test_bentoml_build_packages_the_service(tmp_path: Path) -> None:
         assert (src / f).is_file(), f"{f} missing from the Bento"
     assert not (src / "tests").exists() and not (src / "artifacts").exists()
     meta = yaml.safe_load((bento / "bento.yaml").read_text())
-    assert meta["service"] == "service.api:MedAudit"
+    assert meta["service"] == "medaudit.service.api:MedAudit"
     assert {a["name"] for a in meta["schema"]["routes"]} >= {"predict", "audit", "compare"}
     reqs = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime-gpu==1.31.1" in reqs and "torch==2.14.1" in reqs

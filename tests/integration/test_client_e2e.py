@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients.client import AsyncMedauditClient, MedauditClient, Unauthorized, UnknownVersion
-from service.auth import hash_key
-from service.process import free_port, served
+from medaudit.clients.client import AsyncMedauditClient, MedauditClient, Unauthorized, UnknownVersion
+from medaudit.service.auth import hash_key
+from medaudit.service.process import free_port, served
 
 pytestmark = [
     pytest.mark.e2e,

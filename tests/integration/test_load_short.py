@@ -1,4 +1,4 @@
-"""Short load test (issue #9, "Load"): the locust mix of ``clients/locustfile.py`` against a real
+"""Short load test (issue #9, "Load"): the locust mix of ``cli/locustfile.py`` against a real
 ``bentoml serve`` of the tiny two-version store, A/B split with a shadow, for ~30 s.
 
 Asserts zero failed requests (non-2xx or a wrong body), that every endpoint and payload kind of the
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.load import render_markdown, run_load
-from service.process import serving
+from medaudit.cli.load import render_markdown, run_load
+from medaudit.service.process import serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

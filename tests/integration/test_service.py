@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.auth import hash_key
-from service.config import usable_cpus
-from service.errors import AuthError, ServiceOverloadedError, UnknownModelVersionError
-from service.inputs import decode_image
-from service.process import served
+from medaudit.service.auth import hash_key
+from medaudit.service.config import usable_cpus
+from medaudit.service.errors import AuthError, ServiceOverloadedError, UnknownModelVersionError
+from medaudit.service.inputs import decode_image
+from medaudit.service.process import served
 
 # bentoml 1.4.40 builds its IO schemas through a pydantic hook deprecated in pydantic 2.11: theirs to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
@@ -79,7 +79,7 @@ def service_env(tiny_store: Path) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def svc(service_env):
-    from service.api import MedAudit
+    from medaudit.service.api import MedAudit
 
     return MedAudit()
 
@@ -100,7 +100,7 @@ def test_tier1_service_class_called_directly(svc) -> None:
 
 
 def test_tier1_batcher_groups_mixed_versions_and_keeps_order(svc) -> None:
-    from service.api import Predictor
+    from medaudit.service.api import Predictor
 
     batcher = Predictor()
     images = [decode_image(_png(seed=s), "image/png") for s in range(4)]
@@ -138,7 +138,7 @@ def test_an_in_process_app_stops_its_lrp_processes_when_it_stops(
 
     from starlette.testclient import TestClient
 
-    from service.process import spawned_pids
+    from medaudit.service.process import spawned_pids
 
     def lrp() -> set[int]:
         return spawned_pids(os.getpid())
@@ -406,7 +406,7 @@ def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path
         body, code = out.stdout.rsplit("\n", 1)
         assert code == "200" and '"heatmap_png"' in body, body[:500]
         # The curl examples `make demo` prints, run through a shell exactly as printed.
-        from clients.cli import try_commands
+        from medaudit.cli.commands import try_commands
 
         example = tmp_path / "demo example.png"
         example.write_bytes(_png())
@@ -430,7 +430,7 @@ def test_two_lrp_processes_both_take_audits(tiny_store: Path, tmp_path: Path) ->
     import psutil
     from prometheus_client.parser import text_string_to_metric_families
 
-    from service.process import serving
+    from medaudit.service.process import serving
 
     env = {**_env(tiny_store, auth=False), "MEDAUDIT_AUDIT_WORKERS": "2"}
     n = 32
@@ -513,8 +513,8 @@ def test_tier1_thread_settings_reach_the_model_runtimes(svc, monkeypatch) -> Non
     without it several LRP processes (MEDAUDIT_AUDIT_WORKERS) share the usable cores out."""
     import torch
 
-    from service.api import Auditor, Predictor
-    from service.audit_pool import LocalLane, ProcessLane
+    from medaudit.service.api import Auditor, Predictor
+    from medaudit.service.audit_pool import LocalLane, ProcessLane
 
     monkeypatch.setenv("MEDAUDIT_PREDICT_THREADS", "1")
     batcher = Predictor()
@@ -548,7 +548,7 @@ def test_tier1_auditor_sheds_a_full_queue_as_a_503(svc, monkeypatch) -> None:
     Retry-After at once; an admitted audit answers as the engines do."""
     from bentoml.exceptions import ServiceUnavailable
 
-    from service.api import Auditor, _dependency
+    from medaudit.service.api import Auditor, _dependency
 
     monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "1")
     auditor = Auditor()
@@ -573,7 +573,7 @@ def test_tier1_services_freeze_their_startup_heap(svc, monkeypatch) -> None:
     in the entry service, the /predict p99."""
     import gc
 
-    from service.api import Auditor, Predictor
+    from medaudit.service.api import Auditor, Predictor
 
     monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "1")  # the auditor's models load in this process
     for service in (Predictor, Auditor):
@@ -590,7 +590,7 @@ def test_chunked_uploads_over_the_byte_limit_are_413_and_small_ones_pass(client)
     """A body without Content-Length (chunked transfer) gets the same limit as a declared one.
     (The test client assembles the whole body before the app runs; that the service stops reading
     at the limit is tested on the middleware in tests/unit/test_uploads.py.)"""
-    from service.inputs import Limits
+    from medaudit.service.inputs import Limits
 
     limit = Limits().max_bytes
     chunk = b"\x89PNG\r\n\x1a\n" + b"\x00" * (2**20 - 8)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.auth import hash_key
+from medaudit.service.auth import hash_key
 
 pytestmark = [
     pytest.mark.redis,
@@ -38,7 +38,7 @@ def _png(seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def prefix() -> Iterator[str]:
-    from service.flags.redis_conn import answers, connect
+    from medaudit.service.flags.redis_conn import answers, connect
 
     assert answers(REDIS_URL, timeout=2.0), f"no Redis at {REDIS_URL} (.ci/run starts one)"
     p = f"test-svc-{uuid.uuid4().hex[:10]}"
@@ -75,8 +75,8 @@ def client(tiny_store: Path, prefix: str, tmp_path_factory: pytest.TempPathFacto
 
 
 def _stream_request_ids(prefix: str) -> list[str]:
-    from service.flags.events import FlagKeys
-    from service.flags.redis_conn import connect
+    from medaudit.service.flags.events import FlagKeys
+    from medaudit.service.flags.redis_conn import connect
 
     r = connect(REDIS_URL)
     out = []
@@ -86,9 +86,9 @@ def _stream_request_ids(prefix: str) -> list[str]:
 
 
 def test_audit_flags_are_published_once_reviewed_and_resolved(client, prefix: str) -> None:
-    from service.flags.events import FlagKeys
-    from service.flags.redis_conn import connect
-    from service.flags.worker import Worker, WorkerConfig
+    from medaudit.service.flags.events import FlagKeys
+    from medaudit.service.flags.redis_conn import connect
+    from medaudit.service.flags.worker import Worker, WorkerConfig
 
     rids = [f"req-{uuid.uuid4().hex[:8]}" for _ in range(3)]
     for i, rid in enumerate(rids):

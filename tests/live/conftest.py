@@ -17,15 +17,15 @@ from collections.abc import Iterator
 import pytest
 from live_support import MAX_BYTES, MAX_PIXELS, SALT, Live
 
-from service.auth import hash_key
-from service.process import serving
+from medaudit.service.auth import hash_key
+from medaudit.service.process import serving
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture(scope="session")
 def live(tiny_deployment: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    from service.flags.redis_conn import answers, connect
+    from medaudit.service.flags.redis_conn import answers, connect
 
     assert answers(REDIS_URL, timeout=2.0), f"no Redis at {REDIS_URL} (.ci/run starts one)"
     # Fresh random keys per run: the log check greps for them, so they must not be guessable

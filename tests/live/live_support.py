@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import jsonschema
 
-from service.process import Server
+from medaudit.service.process import Server
 
 SALT = "live-salt"
 MAX_BYTES = 8 * 2**20

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the live service against its own OpenAPI document (issue #9).
 
-schemathesis reads ``/openapi.json`` (:mod:`service.openapi`) from the running service and, for
+schemathesis reads ``/openapi.json`` (:mod:`medaudit.service.openapi`) from the running service and, for
 every documented operation, generates requests: valid ones (positive mode) and ones that break the
 schema on purpose (negative mode: wrong types, missing parts, out-of-range numbers, odd headers).
 Every response must
@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.openapi import build
+from medaudit.service.openapi import build
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.redis]
 

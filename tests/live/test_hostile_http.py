@@ -27,8 +27,8 @@ from hostile_inputs import HOSTILE, MUTANTS, gradient, png_header, save
 from live_support import MAX_BYTES, MAX_PIXELS, Live, response_validator
 from PIL import Image
 
-from clients.load import RssSampler
-from service.inputs import Limits
+from medaudit.cli.load import RssSampler
+from medaudit.service.inputs import Limits
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.redis]
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from service.auth import hash_key
-from service.process import free_port
+from medaudit.service.auth import hash_key
+from medaudit.service.process import free_port
 
 SALT, CLIENT_KEY = "test-salt", "client-key-0123456789abcdef"
 

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.data.folder import FolderDataset
-from models.data.synthetic import SynthDerm, SynthDermConfig
-from models.errors import ConfigError
-from models.registry import create_model
-from models.train import TrainConfig
-from models.xai.audit import (
+from medaudit.models.data.folder import FolderDataset
+from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+from medaudit.models.errors import ConfigError
+from medaudit.models.registry import create_model
+from medaudit.models.train import TrainConfig
+from medaudit.models.xai.audit import (
     AuditOptions,
     AuditReport,
     default_concept_layers,
@@ -31,7 +31,7 @@ from models.xai.audit import (
     train_with_hidden_artifact,
     write_metrics,
 )
-from models.xai.localize import iou
+from medaudit.models.xai.localize import iou
 
 DECLARED = ("band_aid", "ruler")
 HIDDEN = "timestamp"
@@ -221,7 +221,7 @@ def test_default_concept_layers_apply_to_declared_concepts_and_known_layers() ->
 def test_cli_writes_report_metrics_and_banks(trained: tuple, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from clients.cli import app
+    from medaudit.cli.commands import app
 
     _, _, ckpt_dir = trained
     weights = ckpt_dir / "model.pt"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.audit import (
+from medaudit.service.audit import (
     AuditEngine,
     AuditResult,
     ConceptScore,
@@ -18,7 +18,7 @@ from service.audit import (
     decide_flag,
     version_tag,
 )
-from service.errors import UnknownModelVersionError
+from medaudit.service.errors import UnknownModelVersionError
 
 
 def _score(concept: str, present: bool, share: float) -> ConceptScore:
@@ -125,9 +125,9 @@ def test_two_phase_audit_matches_one_joint_lrp_call(engines) -> None:
     """Masks come from a second LRP call on the present (image, concept) pairs only, each seeded at
     its own concept: the same heatmaps (and so masks) as seeding class and every concept for every
     image in one call, and the same class heatmap."""
-    from models.xai.localize import binarize
-    from models.xai.lrp import ConceptTarget
-    from service.audit import png_base64
+    from medaudit.models.xai.localize import binarize
+    from medaudit.models.xai.lrp import ConceptTarget
+    from medaudit.service.audit import png_base64
 
     eng = engines["vanilla"]
     wide = AuditEngine.__new__(AuditEngine)
@@ -166,7 +166,7 @@ def test_compare_side_by_side_and_unknown_version(engines) -> None:
 def test_onnx_input_is_the_torch_input_bit_for_bit(engines, tiny_store) -> None:
     """The ONNX path normalises in numpy (no torch thread pool next to ONNX Runtime's): the same
     float32 bits as models.train.normalize, so both backends see one input and agree."""
-    from service.audit import TorchPredictor
+    from medaudit.service.audit import TorchPredictor
 
     onnx = engines["vanilla"].predictor
     torch_path = TorchPredictor.from_store("vanilla", home=tiny_store)
@@ -210,7 +210,7 @@ def test_engine_device_is_where_lrp_runs(tiny_loaded) -> None:
 def test_host_work_on_the_pool_gives_the_serial_results(tiny_loaded) -> None:
     """The per-image host work (overlays, masks, PNG encoding) runs on a thread pool when LRP is
     on a GPU; the audit must not change by it: same PNGs, same masks, in image order."""
-    from service.fixtures import synthderm_images
+    from medaudit.service.fixtures import synthderm_images
 
     images = synthderm_images(6)
     serial = AuditEngine(tiny_loaded, ort_threads=1)

@@ -1,4 +1,4 @@
-"""service.audit_pool: the auditor's queue and its LRP processes.
+"""medaudit.service.audit_pool: the auditor's queue and its LRP processes.
 
 The queue's scheduling (what a free lane takes, shedding, cancellation, crashes) is tested on
 ``GateLane``, a lane whose batches the test releases one at a time, so each step is deterministic.
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.audit import AuditEngine, FlagThresholds
-from service.audit_pool import (
+from medaudit.service.audit import AuditEngine, FlagThresholds
+from medaudit.service.audit_pool import (
     AuditPool,
     LaneCrashedError,
     LaneSpec,

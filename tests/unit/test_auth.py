@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from models.errors import ConfigError
-from service.auth import (
+from medaudit.models.errors import ConfigError
+from medaudit.service.auth import (
     ANONYMOUS,
     KeyEntry,
     KeyStore,
@@ -17,7 +17,7 @@ from service.auth import (
     hash_key,
     parse_key_spec,
 )
-from service.errors import AuthError, ForbiddenError
+from medaudit.service.errors import AuthError, ForbiddenError
 
 SALT = "deployment-salt"
 CLIENT_KEY = "mda_client-secret-key-0123456789abcdefghijklmnop"

@@ -1,9 +1,9 @@
-"""service.bentoml_patches (applied on import of ``service.api``).
+"""medaudit.service.bentoml_patches (applied on import of ``medaudit.service.api``).
 
 cancel_request_timers: BentoML's per-request timeout timer is cancelled once the response has
 started, and the timeout still answers 504 when nothing is sent in time.
 
-Driven through BentoML's own ``TimeoutMiddleware`` (patched on import of ``service.api``) with a
+Driven through BentoML's own ``TimeoutMiddleware`` (patched on import of ``medaudit.service.api``) with a
 minimal ASGI app; the served effect (the entry service's heap no longer grows with every request
 of the last 300 s) is measured in benchmarks/serve.py."""
 
@@ -22,9 +22,9 @@ def middleware(delay_s: float, timeout_s: float, ends: str = "answered") -> Any:
     returns without sending (``ends="silent"``: its client went away) or raises (``"raises"``)."""
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    import service.api
+    import medaudit.service.api
 
-    assert service.api.bentoml_patches.cancel_request_timers()  # in place (and idempotent)
+    assert medaudit.service.api.bentoml_patches.cancel_request_timers()  # in place (and idempotent)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await asyncio.sleep(delay_s)
@@ -102,8 +102,8 @@ def test_root_schemas_are_built_once_per_class_and_handed_out_as_copies() -> Non
     from bentoml.validators import ContentType
     from pydantic import TypeAdapter
 
-    import service.api  # noqa: F401  (applies the patches)
-    from service import bentoml_patches
+    import medaudit.service.api  # noqa: F401  (applies the patches)
+    from medaudit.service import bentoml_patches
 
     assert bentoml_patches.cache_root_schemas()  # in place (and idempotent)
     typ = Annotated[Path, ContentType("application/octet-stream")]

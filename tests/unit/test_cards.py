@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.cards import ModelCard, build_card, comparison_markdown, comparison_rows, comparison_table
-from models.errors import ConfigError
-from models.train import sha256_file
+from medaudit.models.cards import (
+    ModelCard,
+    build_card,
+    comparison_markdown,
+    comparison_rows,
+    comparison_table,
+)
+from medaudit.models.errors import ConfigError
+from medaudit.models.train import sha256_file
 
 
 def _metrics(clean: float, att: float, att_mal: float, rel: float, q: float, auroc: float) -> dict:
@@ -111,13 +117,13 @@ def test_card_rejects_nan_and_foreign_documents(tmp_path) -> None:
 
 
 def test_correct_and_evaluate_writes_a_complete_version(tmp_path) -> None:
-    from models.corrections import PClarc, fit_correction_data
-    from models.corrections.build import correct_and_evaluate
-    from models.corrections.io import load_version
-    from models.data.synthetic import SynthDerm, SynthDermConfig
-    from models.evaluate import synthderm_eval_data
-    from models.registry import create_model
-    from models.train import render_split
+    from medaudit.models.corrections import PClarc, fit_correction_data
+    from medaudit.models.corrections.build import correct_and_evaluate
+    from medaudit.models.corrections.io import load_version
+    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+    from medaudit.models.evaluate import synthderm_eval_data
+    from medaudit.models.registry import create_model
+    from medaudit.models.train import render_split
 
     torch.manual_seed(0)
     ds = SynthDerm(SynthDermConfig(n_train=24, n_val=2, n_test=12, size=32, seed=3))

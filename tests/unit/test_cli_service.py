@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clients.cli import app
+from medaudit.cli.commands import app
 
 # bentoml 1.4.40 builds its IO schemas through a pydantic hook deprecated in pydantic 2.11: theirs to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
@@ -172,7 +172,7 @@ def test_audit_modes_refuse_each_others_options(run, image: Path, tmp_path: Path
 
 def test_saved_heatmap_is_the_clients_png(run, image: Path, tmp_path: Path, live_service) -> None:
     """The file on disk is byte for byte the PNG the client decoded (no re-encoding on the way)."""
-    from clients.client import MedauditClient
+    from medaudit.clients.client import MedauditClient
 
     res = run("audit", str(image), "--version", "vanilla", "--out", str(tmp_path))
     assert res.exit_code == 0, res.output
@@ -189,7 +189,7 @@ def test_demo_try_commands_print_one_per_line_on_a_narrow_console(tmp_path: Path
 
     from rich.console import Console
 
-    from clients.cli import print_try_commands, try_commands
+    from medaudit.cli.commands import print_try_commands, try_commands
 
     example = tmp_path / "a folder" / "example malignant band_aid.png"
     buf = io.StringIO()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients.client import (
+from medaudit.clients.client import (
     AsyncMedauditClient,
     AuditResponse,
     InvalidInput,
@@ -35,7 +35,7 @@ from clients.client import (
     parse_retry_after,
     sniff_content_type,
 )
-from service.process import free_port
+from medaudit.service.process import free_port
 
 # bentoml 1.4.40 builds its IO schemas through a pydantic hook deprecated in pydantic 2.11: theirs to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from models.errors import ConceptBankError, InvalidArrayError
-from models.xai.concepts import (
+from medaudit.models.errors import ConceptBankError, InvalidArrayError
+from medaudit.models.xai.concepts import (
     DEFAULT_REG,
     REG_GRID,
     ConceptBank,
@@ -19,7 +19,7 @@ from models.xai.concepts import (
     fit_cav,
     relevance_share,
 )
-from models.xai.metrics import retrieval_metrics, retrieval_report
+from medaudit.models.xai.metrics import retrieval_metrics, retrieval_report
 
 C = 32
 
@@ -99,7 +99,7 @@ def test_cav_separates_a_linear_concept_on_held_out_data(kind: str) -> None:
 
 
 def test_ridge_matches_sklearn_weighted_ridge() -> None:
-    from models.xai.concepts import _fit_ridge
+    from medaudit.models.xai.concepts import _fit_ridge
 
     x, t = _concept_data(120, seed=7)
     x64, w = x.astype(np.float64), balanced_weights(t)

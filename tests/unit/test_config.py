@@ -7,11 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import ConfigError
-from service import config
-from service.auth import Role, hash_key
-from service.config import MAX_AUTO_AUDIT_WORKERS, Settings, audit_workers, unknown_variables, usable_cpus
-from service.inputs import Limits
+from medaudit.models.errors import ConfigError
+from medaudit.service import config
+from medaudit.service.auth import Role, hash_key
+from medaudit.service.config import (
+    MAX_AUTO_AUDIT_WORKERS,
+    Settings,
+    audit_workers,
+    unknown_variables,
+    usable_cpus,
+)
+from medaudit.service.inputs import Limits
 
 SALT = "s3"
 DIGEST = hash_key("the-key", SALT)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.corrections import (
+from medaudit.models.corrections import (
     RRR,
     ClarcProjection,
     CorrectionData,
@@ -23,12 +23,12 @@ from models.corrections import (
     rrclarc_penalty,
     rrr_penalty,
 )
-from models.corrections.base import capture, frozen_module_names
-from models.corrections.io import load_version, save_version
-from models.corrections.rrclarc import random_signs
-from models.corrections.rrr import DEFAULT_LAMB, PAPER_LAMBS
-from models.errors import ConfigError
-from models.registry import ModelCfg, create_model
+from medaudit.models.corrections.base import capture, frozen_module_names
+from medaudit.models.corrections.io import load_version, save_version
+from medaudit.models.corrections.rrclarc import random_signs
+from medaudit.models.corrections.rrr import DEFAULT_LAMB, PAPER_LAMBS
+from medaudit.models.errors import ConfigError
+from medaudit.models.registry import ModelCfg, create_model
 
 C = 6
 
@@ -141,7 +141,7 @@ def _full_forward_phi(
     model: nn.Module, cfg: ModelCfg, layer: str, X: torch.Tensor, before: bool
 ) -> np.ndarray:
     """φ as pooled_activations computed it before the early exit: a whole forward per batch of 2."""
-    from models.train import normalize
+    from medaudit.models.train import normalize
 
     model.eval()
     out = []
@@ -347,7 +347,7 @@ def test_freeze_up_to_freezes_exactly_layers_through_l() -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith(("layer4.", "fc."))}
     model.train()
-    from models.corrections.base import keep_frozen_eval
+    from medaudit.models.corrections.base import keep_frozen_eval
 
     keep_frozen_eval(frozen)
     bn_modes = {n: m.training for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
@@ -393,7 +393,7 @@ def test_correction_data_validation() -> None:
 
 def test_augment_pair_moves_mask_with_image() -> None:
     # Departure from the authors' Kvasir-attacked hm loader (image augmented, mask not; §8, §11.15)
-    from models.corrections.base import augment_pair
+    from medaudit.models.corrections.base import augment_pair
 
     x = torch.zeros(16, 3, 8, 8)
     x[:, :, 0, 1] = 1.0  # one bright pixel, off the diagonal so transposes show

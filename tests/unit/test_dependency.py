@@ -1,4 +1,4 @@
-"""service.api._dependency: how the entry service handles its dependencies failing.
+"""medaudit.service.api._dependency: how the entry service handles its dependencies failing.
 
 The calls here are plain coroutines that fail the ways BentoML's internal client does (its
 exceptions, aiohttp's, a call that never returns); the real hop runs in tests/integration and
@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.errors import ServiceOverloadedError
+from medaudit.service.errors import ServiceOverloadedError
 
 # bentoml 1.4.40 builds its IO schemas through a pydantic hook deprecated in pydantic 2.11: theirs to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
@@ -37,7 +37,7 @@ class Flaky:
 
 
 def run(call: Flaky, deadline: float = 5.0) -> Any:
-    from service.api import _dependency
+    from medaudit.service.api import _dependency
 
     return asyncio.run(_dependency(call, {"x": 7}, deadline))
 

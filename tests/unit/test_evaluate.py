@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.corrections import CorrectionData, PClarc
-from models.errors import ConfigError
-from models.evaluate import artifact_relevance, classification_metrics, mean_sem, retrieval, tcav
-from models.registry import ModelCfg, create_model
+from medaudit.models.corrections import CorrectionData, PClarc
+from medaudit.models.errors import ConfigError
+from medaudit.models.evaluate import artifact_relevance, classification_metrics, mean_sem, retrieval, tcav
+from medaudit.models.registry import ModelCfg, create_model
 
 LABELS = ("benign", "malignant")
 
@@ -96,7 +96,7 @@ def test_tcav_and_retrieval_after_pclarc() -> None:
     )
     # measured through the projection: the spatial sum of d vanishes (Σ_c v_c² = 1), so every
     # per-sample spatial mean is ~0 while single positions still move
-    from models.evaluate import directional_derivatives
+    from medaudit.models.evaluate import directional_derivatives
 
     d = directional_derivatives(net, cfg, "identity_2", v, images, target_class=1)
     d0 = directional_derivatives(model, cfg, "identity_2", v, images, target_class=1)
@@ -104,7 +104,7 @@ def test_tcav_and_retrieval_after_pclarc() -> None:
 
 
 def test_artifact_relevance_counts_heatmap_inside_refined_mask(monkeypatch) -> None:
-    import models.evaluate as ev
+    import medaudit.models.evaluate as ev
 
     hm = np.zeros((2, 32, 32))
     hm[0, :8, :8] = 1.0  # all relevance on the artifact
@@ -119,9 +119,9 @@ def test_artifact_relevance_counts_heatmap_inside_refined_mask(monkeypatch) -> N
 
 
 def test_evaluate_version_reads_retrieval_activations_from_the_ch_forward(monkeypatch) -> None:
-    import models.evaluate as ev
-    from models.corrections.base import pooled_activations
-    from models.train import predict
+    import medaudit.models.evaluate as ev
+    from medaudit.models.corrections.base import pooled_activations
+    from medaudit.models.train import predict
 
     torch.manual_seed(0)
     model, cfg = create_model("resnet18", img_size=32)
@@ -168,8 +168,8 @@ def test_evaluate_version_reads_retrieval_activations_from_the_ch_forward(monkey
 
 
 def test_evaluate_version_forwards_rows_shared_between_variants_once() -> None:
-    import models.evaluate as ev
-    from models.train import predict
+    import medaudit.models.evaluate as ev
+    from medaudit.models.train import predict
 
     torch.manual_seed(0)
     model, cfg = create_model("resnet18", img_size=32)
@@ -203,7 +203,7 @@ def test_evaluate_version_forwards_rows_shared_between_variants_once() -> None:
 
 
 def _shared_prefix_data(seed: int = 2):
-    import models.evaluate as ev
+    import medaudit.models.evaluate as ev
 
     g = torch.Generator().manual_seed(seed)
     ch = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -239,7 +239,7 @@ def _forwarded_rows(model: nn.Module, fn):
 def test_later_versions_sharing_the_prefix_run_only_the_layers_after_it() -> None:
     import copy
 
-    import models.evaluate as ev
+    import medaudit.models.evaluate as ev
 
     torch.manual_seed(0)
     base, cfg = create_model("resnet18", img_size=32)
@@ -279,13 +279,13 @@ def test_later_versions_sharing_the_prefix_run_only_the_layers_after_it() -> Non
 
 
 def predict_logits(model: nn.Module, cfg: ModelCfg, images: torch.Tensor) -> torch.Tensor:
-    from models.train import predict
+    from medaudit.models.train import predict
 
     return predict(model, images, cfg)
 
 
 def test_a_replay_that_disagrees_with_a_full_forward_falls_back(monkeypatch) -> None:
-    import models.evaluate as ev
+    import medaudit.models.evaluate as ev
 
     torch.manual_seed(0)
     model, cfg = create_model("resnet18", img_size=32)
@@ -300,7 +300,7 @@ def test_a_replay_that_disagrees_with_a_full_forward_falls_back(monkeypatch) -> 
 
 
 def test_prefix_fingerprint_ignores_the_clarc_projection_and_sees_every_earlier_weight() -> None:
-    import models.evaluate as ev
+    import medaudit.models.evaluate as ev
 
     torch.manual_seed(0)
     model, cfg = create_model("resnet18", img_size=32)

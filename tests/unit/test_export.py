@@ -7,9 +7,9 @@ import onnx
 import pytest
 import torch
 
-from models.corrections import CorrectionData, PClarc, ReactivePClarc
-from models.export import ExportError, check_parity, export_onnx, ort_session, providers
-from models.registry import create_model
+from medaudit.models.corrections import CorrectionData, PClarc, ReactivePClarc
+from medaudit.models.export import ExportError, check_parity, export_onnx, ort_session, providers
+from medaudit.models.registry import create_model
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.corrections import RRR, CorrectionData, FinetuneConfig, RRClarc, Vanilla
-from models.corrections.base import freeze_up_to, frozen_module_names, keep_frozen_eval
-from models.corrections.fast_prefix import FrozenConv2d, _FrozenConvFn, fast_view
-from models.corrections.rrr import rrr_penalty
-from models.registry import ModelCfg, create_model
+from medaudit.models.corrections import RRR, CorrectionData, FinetuneConfig, RRClarc, Vanilla
+from medaudit.models.corrections.base import freeze_up_to, frozen_module_names, keep_frozen_eval
+from medaudit.models.corrections.fast_prefix import FrozenConv2d, _FrozenConvFn, fast_view
+from medaudit.models.corrections.rrr import rrr_penalty
+from medaudit.models.registry import ModelCfg, create_model
 
 
 def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -26,13 +26,13 @@ from hostile_inputs import (
 from PIL import Image
 from pydicom.pixels import apply_windowing, get_decoder
 
-from service.errors import (
+from medaudit.service.errors import (
     AuditError,
     ImageTooLargeError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from service.inputs import DecodedImage, Limits, decode_image, detect_format, to_model_input
+from medaudit.service.inputs import DecodedImage, Limits, decode_image, detect_format, to_model_input
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_unsupported_media_type_lists_formats() -> None:
 
 
 def test_limits_validate() -> None:
-    from models.errors import ConfigError
+    from medaudit.models.errors import ConfigError
 
     with pytest.raises(ConfigError, match="max_pixels"):
         Limits(max_pixels=0)
@@ -183,7 +183,7 @@ def test_single_frame_gif_and_tiff_decode() -> None:
 
 def test_modes_match_the_training_loader(tmp_path: Path) -> None:
     """Served pixels equal trained pixels (models.data.folder.read_rgb) for every non-alpha mode."""
-    from models.data.folder import read_rgb
+    from medaudit.models.data.folder import read_rgb
 
     rng = np.random.default_rng(3)
     images = {

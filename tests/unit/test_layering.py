@@ -1,4 +1,17 @@
-"""The ML side never imports a transport (architecture.md: one direction of dependency)."""
+"""One direction of dependency (architecture.md), read from the source with ``ast``.
+
+Each top-level folder installs as a subpackage of ``medaudit`` (pyproject.toml's package-dir):
+``models/`` -> ``medaudit.models`` and so on. The arrows allowed:
+
+* ``medaudit.models`` (the ML side) imports no transport and no other medaudit package;
+* ``medaudit.service`` imports the ML side, never the command line;
+* ``medaudit.clients`` (the medaudit-client distribution) imports none of the others, and no
+  heavy library: a hospital system installs it with httpx alone;
+* ``medaudit.cli`` may import everything.
+
+And no import cycles among modules, counting the imports a module runs when it is imported (its
+top level, not those inside functions or under ``TYPE_CHECKING``).
+"""
 
 from __future__ import annotations
 
@@ -8,23 +21,163 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FORBIDDEN = {"bentoml", "redis", "prometheus_client", "starlette", "service", "clients"}
+PACKAGES = {
+    "models": "medaudit.models",
+    "service": "medaudit.service",
+    "cli": "medaudit.cli",
+    "clients": "medaudit.clients",
+}
+TRANSPORT = {"bentoml", "redis", "prometheus_client", "starlette"}
+HEAVY = {"torch", "torchvision", "timm", "bentoml", "onnxruntime", "onnx", "zennit", "sklearn", "scipy"}
+#: Optional in medaudit-client (its ``arrays`` extra): imported inside the functions that need them.
+OPTIONAL = {"numpy", "PIL"}
+
+FORBIDDEN: dict[str, set[str]] = {
+    "models": TRANSPORT | {"medaudit.service", "medaudit.cli", "medaudit.clients"},
+    "service": {"medaudit.cli"},
+    "clients": HEAVY | TRANSPORT | {"medaudit.models", "medaudit.service", "medaudit.cli"},
+}
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    parts[0] = PACKAGES[parts[0]]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _files(folder: str) -> list[Path]:
+    return sorted(p for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _imported(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        # `from medaudit.x import y`: y may be a module of package medaudit.x; count both.
+        return [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return []
+
+
+def _top_level_imports(tree: ast.Module) -> list[str]:
+    """Imports executed on import of the module: the top level and its if/try blocks, skipping
+    ``if TYPE_CHECKING:`` bodies and everything inside functions and classes."""
+    out: list[str] = []
+
+    def visit(stmts: list[ast.stmt]) -> None:
+        for st in stmts:
+            out.extend(_imported(st))
+            if isinstance(st, ast.If):
+                test = ast.unparse(st.test)
+                if test not in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                    visit(st.body)
+                visit(st.orelse)
+            elif isinstance(st, ast.Try):
+                visit(st.body)
+                for h in st.handlers:
+                    visit(h.body)
+                visit(st.orelse)
+                visit(st.finalbody)
+
+    visit(tree.body)
+    return out
+
+
+def _names(imports: list[str]) -> set[str]:
+    """Top-level libraries and medaudit subpackages named by ``imports``."""
+    out: set[str] = set()
+    for name in imports:
+        parts = name.split(".")
+        out.add(".".join(parts[:2]) if parts[0] == "medaudit" and len(parts) > 1 else parts[0])
+    return out
 
 
 @pytest.mark.parametrize(
-    "path", sorted((ROOT / "models").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT))
+    "path",
+    [p for folder in FORBIDDEN for p in _files(folder)],
+    ids=lambda p: str(p.relative_to(ROOT)),
 )
-def test_models_imports_no_transport(path: Path) -> None:
-    bad = _imports(path) & FORBIDDEN
+def test_imports_follow_the_layers(path: Path) -> None:
+    folder = path.relative_to(ROOT).parts[0]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    every = _names([n for node in ast.walk(tree) for n in _imported(node)])
+    bad = every & FORBIDDEN[folder]
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+    if folder == "clients":
+        eager = _names(_top_level_imports(tree)) & OPTIONAL
+        assert not eager, f"{path.relative_to(ROOT)} imports {sorted(eager)} at module level (optional)"
+
+
+def test_no_bare_top_level_imports() -> None:
+    """Every import of this project's code is namespaced: `import models` would pick up whatever
+    package of that name a hospital's environment holds."""
+    bare = {"models", "service", "clients", "cli"}
+    offenders = []
+    for folder in (*PACKAGES, "tests", "benchmarks"):
+        for path in _files(folder):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            names = {n.split(".")[0] for node in ast.walk(tree) for n in _imported(node)}
+            if names & bare:
+                offenders.append(f"{path.relative_to(ROOT)}: {sorted(names & bare)}")
+    assert not offenders, "\n".join(offenders)
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for folder in PACKAGES for p in _files(folder)}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        graph[name] = {m for m in _top_level_imports(tree) if m in modules and m != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph()
+    # Package __init__ modules are imported by their submodules implicitly; an __init__ that
+    # imports its own submodules is a re-export, not a cycle.
+    for name in graph:
+        graph[name] = {m for m in graph[name] if not name.startswith(m + ".")}
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.errors import InvalidArrayError
-from models.xai.localize import (
+from medaudit.models.errors import InvalidArrayError
+from medaudit.models.xai.localize import (
     artifact_relevance_eval,
     artifact_relevance_rho,
     binarize,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.errors import ConfigError, MedauditError, UnknownModelError
-from models.registry import create_model
-from models.xai import ClassTarget, ConceptTarget, Explainer, Explanation, rules
-from models.xai import lrp as lrp_module
+from medaudit.models.errors import ConfigError, MedauditError, UnknownModelError
+from medaudit.models.registry import create_model
+from medaudit.models.xai import ClassTarget, ConceptTarget, Explainer, Explanation, rules
+from medaudit.models.xai import lrp as lrp_module
 
 SIZE, BATCH = 32, 3
 
@@ -244,8 +244,8 @@ class _SignedTiny(nn.Module):
 
 def test_deferred_sign_check_reruns_when_an_assumption_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     """On accelerators z⁺ layers reuse the last input sign and verify once; a wrong guess reruns."""
-    from models.registry import ModelCfg
-    from models.xai import rules
+    from medaudit.models.registry import ModelCfg
+    from medaudit.models.xai import rules
 
     torch.manual_seed(0)
     model = _SignedTiny().eval()

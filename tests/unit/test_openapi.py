@@ -11,8 +11,8 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from service.errors import JsonErrorBodies
-from service.openapi import OpenAPIDocument, build
+from medaudit.service.errors import JsonErrorBodies
+from medaudit.service.openapi import OpenAPIDocument, build
 
 
 def test_document_lists_every_route_and_its_errors() -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from models.cards import build_card
-from models.corrections import FinetuneConfig
-from models.data.synthetic import SynthDermConfig
-from models.errors import ConfigError
-from models.pipeline import DEFAULT_CORRECTIONS, BuildConfig, acceptance, build, stage_key
-from models.train import TrainConfig
+from medaudit.models.cards import build_card
+from medaudit.models.corrections import FinetuneConfig
+from medaudit.models.data.synthetic import SynthDermConfig
+from medaudit.models.errors import ConfigError
+from medaudit.models.pipeline import DEFAULT_CORRECTIONS, BuildConfig, acceptance, build, stage_key
+from medaudit.models.train import TrainConfig
 
 NAME = "resnet18-synthderm"
 
@@ -35,7 +35,7 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def two_builds(tmp_path_factory):
-    from service.store import list_versions, register_version
+    from medaudit.service.store import list_versions, register_version
 
     out = tmp_path_factory.mktemp("build")
     home = out / "bento"
@@ -50,7 +50,7 @@ def two_builds(tmp_path_factory):
 
 @pytest.mark.slow
 def test_first_build_makes_registers_and_tabulates_every_version(two_builds) -> None:
-    from service.store import load_version
+    from medaudit.service.store import load_version
 
     out, home, first, _, logs1, _, _, store1 = two_builds
     versions = ["vanilla"] + [f"{c}-band_aid" for c in DEFAULT_CORRECTIONS[1:]]
@@ -76,7 +76,7 @@ def test_first_build_makes_registers_and_tabulates_every_version(two_builds) -> 
 
 @pytest.mark.slow
 def test_second_build_reuses_everything_and_registers_the_same_versions(two_builds) -> None:
-    from service.store import list_versions
+    from medaudit.service.store import list_versions
 
     out, home, first, second, _, logs2, files1, store1 = two_builds
     assert all(s.reused for s in second.stages), [s for s in second.stages if not s.reused]
@@ -94,7 +94,7 @@ def test_second_build_reuses_everything_and_registers_the_same_versions(two_buil
 @pytest.mark.slow
 def test_a_damaged_version_is_rebuilt_alone(two_builds) -> None:
     out, home, *_ = two_builds
-    from service.store import register_version
+    from medaudit.service.store import register_version
 
     onnx = out / NAME / "versions" / "pclarc-band_aid" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[:-1])
@@ -167,10 +167,10 @@ def test_fit_banks_forwards_rows_shared_with_the_ch_render_once(tmp_path, monkey
     import numpy as np
     import torch
 
-    import models.pipeline as pipeline
-    from models.data.synthetic import SynthDerm
-    from models.registry import create_model
-    from models.train import render_split
+    import medaudit.models.pipeline as pipeline
+    from medaudit.models.data.synthetic import SynthDerm
+    from medaudit.models.registry import create_model
+    from medaudit.models.train import render_split
 
     cfg = tiny_config()
     ds = SynthDerm(cfg.train.data)

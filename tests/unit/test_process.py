@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from service.process import tree_cpu_seconds
+from medaudit.service.process import tree_cpu_seconds
 
 BUSY = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\ntime.sleep(30)"
 
@@ -33,7 +33,7 @@ def test_tree_cpu_seconds_groups_processes_by_service_name() -> None:
 def test_a_workers_children_take_its_role() -> None:
     """A process a worker started (the auditor's LRP processes) is charged to the worker's role,
     each with its own row; the worker's own row stays beside it."""
-    from service.process import process_cpu_seconds
+    from medaudit.service.process import process_cpu_seconds
 
     spawn_busy_child = (
         f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {BUSY!r}])\ntime.sleep(30)"
@@ -64,7 +64,7 @@ def test_stop_leaves_no_descendant_behind() -> None:
     """A child that ignores SIGTERM (a worker whose shutdown hangs) dies with its parent's stop."""
     import psutil
 
-    from service.process import stop
+    from medaudit.service.process import stop
 
     stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"
     parent_code = (

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data.annotations import load_artifact_ids
-from models.data.folder import FolderDataset, paper_split
-from models.data.isic import ISIC2019, ISIC_CLASSES
-from models.data.registry import open_dataset
-from models.data.synthetic import LABELS, SynthDerm, SynthDermConfig
-from models.errors import ConfigError, DatasetError
+from medaudit.models.data.annotations import load_artifact_ids
+from medaudit.models.data.folder import FolderDataset, paper_split
+from medaudit.models.data.isic import ISIC2019, ISIC_CLASSES
+from medaudit.models.data.registry import open_dataset
+from medaudit.models.data.synthetic import LABELS, SynthDerm, SynthDermConfig
+from medaudit.models.errors import ConfigError, DatasetError
 
 IDS = [f"img{i:02d}" for i in range(10)]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.errors import UnknownModelError, WeightsError
-from models.registry import ModelCfg, create_model, get_cfg, hook_module, list_models
+from medaudit.models.errors import UnknownModelError, WeightsError
+from medaudit.models.registry import ModelCfg, create_model, get_cfg, hook_module, list_models
 
 
 def _size(cfg: ModelCfg) -> int:

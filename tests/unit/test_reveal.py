@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.errors import InvalidArrayError
-from models.xai.reveal import channel_outliers, downsample, spray_outliers
+from medaudit.models.errors import InvalidArrayError
+from medaudit.models.xai.reveal import channel_outliers, downsample, spray_outliers
 
 
 def _blob(size: int, cy: float, cx: float, sigma: float) -> np.ndarray:
@@ -104,7 +104,7 @@ def test_tail_concentration_finds_a_channel_a_few_samples_drive_among_correlated
 
 
 def test_robust_z_uses_median_and_mad() -> None:
-    from models.xai.reveal import robust_z
+    from medaudit.models.xai.reveal import robust_z
 
     x = np.array([[1.0, 2.0, 5.0], [2.0, 2.0, 5.0], [3.0, 2.0, 5.0], [10.0, 2.0, 6.0]])
     z = robust_z(x)

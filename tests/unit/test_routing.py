@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from models.errors import ConfigError
-from service.errors import UnknownModelVersionError
-from service.routing import Route, Router
+from medaudit.models.errors import ConfigError
+from medaudit.service.errors import UnknownModelVersionError
+from medaudit.service.routing import Route, Router
 
 KEYS = [f"subject-{i}" for i in range(10_000)]
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.cards import build_card
-from models.corrections import CorrectionData, PClarc
-from models.corrections.io import save_version
-from models.export import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
-from models.registry import create_model
-from models.xai.concepts import ConceptBank
-from service.fixtures import register_version_files
-from service.store import (
+from medaudit.models.cards import build_card
+from medaudit.models.corrections import CorrectionData, PClarc
+from medaudit.models.corrections.io import save_version
+from medaudit.models.export import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
+from medaudit.models.registry import create_model
+from medaudit.models.xai.concepts import ConceptBank
+from medaudit.service.fixtures import register_version_files
+from medaudit.service.store import (
     IntegrityError,
     StoreError,
     list_versions,
@@ -148,7 +148,7 @@ def test_unknown_tags_bad_names_and_foreign_banks_are_refused(tmp_path) -> None:
         load_version(f"{NAME}:rrr", home=home)
     with pytest.raises(StoreError, match="not a valid BentoML tag part"):
         _register(d, "P-ClArC band aid", home)
-    from models.errors import ConceptBankError
+    from medaudit.models.errors import ConceptBankError
 
     with pytest.raises(ConceptBankError, match="refit the bank"):
         _register(d, "pclarc-band_aid", home)  # the bank belongs to :vanilla

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from models.data import artifacts
-from models.data.synthetic import ARTIFACT_ORDER, DEFAULT_SPEC, SynthDerm, SynthDermConfig
-from models.errors import ConfigError
+from medaudit.models.data import artifacts
+from medaudit.models.data.synthetic import ARTIFACT_ORDER, DEFAULT_SPEC, SynthDerm, SynthDermConfig
+from medaudit.models.errors import ConfigError
 
 SMALL = SynthDermConfig(n_train=60, n_val=10, n_test=20, size=64, seed=3)
 

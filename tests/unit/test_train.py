@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.data.synthetic import SynthDermConfig
-from models.registry import create_model
-from models.train import TrainConfig, augment, class_weights, normalize, train
+from medaudit.models.data.synthetic import SynthDermConfig
+from medaudit.models.registry import create_model
+from medaudit.models.train import TrainConfig, augment, class_weights, normalize, train
 
 TINY = TrainConfig(
     arch="resnet18",
@@ -100,8 +100,8 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path) -> None:
 
 
 def test_evaluate_base_forwards_test_rows_shared_between_variants_once(tmp_path) -> None:
-    from models.data.synthetic import SynthDerm
-    from models.train import accuracy_report, evaluate_base, predict, render_split
+    from medaudit.models.data.synthetic import SynthDerm
+    from medaudit.models.train import accuracy_report, evaluate_base, predict, render_split
 
     torch.manual_seed(0)
     model, cfg = create_model("resnet18", img_size=32)
@@ -126,8 +126,8 @@ def test_evaluate_base_forwards_test_rows_shared_between_variants_once(tmp_path)
 
 
 def test_render_splits_renders_missing_variants_in_one_pass_into_render_splits_cache(tmp_path) -> None:
-    from models.data.synthetic import SynthDerm
-    from models.train import render_split, render_splits
+    from medaudit.models.data.synthetic import SynthDerm
+    from medaudit.models.train import render_split, render_splits
 
     ds = SynthDerm(TINY.data)
     ref = {v: render_split(ds, "test", v, cache_dir=tmp_path / "ref") for v in ("ch", "clean", "attacked")}

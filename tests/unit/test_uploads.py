@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from service.uploads import MULTIPART_OVERHEAD, UploadNormalizer
+from medaudit.service.uploads import MULTIPART_OVERHEAD, UploadNormalizer
 
 MIB = 2**20
 

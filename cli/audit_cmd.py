@@ -1,11 +1,9 @@
 """``medaudit audit``: the offline audit of a checkpoint, written as report.html + metrics.json.
 
 ``medaudit audit FILE`` instead audits one image with a running service
-(:func:`clients.service_cmd.audit_image`); the two modes share ``--out`` and refuse each other's
+(:func:`medaudit.clients.service_cmd.audit_image`); the two modes share ``--out`` and refuse each other's
 options, so a half-remembered command fails loudly instead of silently doing the other audit.
-
-Registered in ``clients.cli`` as ``app.command("audit")(audit)``. Heavy imports happen inside the
-command, and ``clients.cli`` is imported there too (it imports this module to register it).
+Heavy imports (torch, the models) happen inside the command.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from typing import Any
 
 import typer
 
-from clients.service_cmd import KEY_OPT, SERVICE_PANEL, TIMEOUT_OPT, URL_OPT
+from medaudit.clients.service_cmd import KEY_OPT, SERVICE_PANEL, TIMEOUT_OPT, URL_OPT
 
 #: What the demo model is audited for: the synthderm artifacts with a spurious correlation.
 DEFAULT_ARTIFACTS = "band_aid,ruler,skin_marker"
@@ -24,7 +22,8 @@ DEFAULT_ARTIFACTS = "band_aid,ruler,skin_marker"
 #: timestamp planted in 10% of malignant images, the model barely used the timestamp (ρ ≈ its area
 #: share), so relevance-based views found 1–3 of 24 at identity_1/identity_2, while activations at
 #: identity_0, where text strokes are still resolved, found 10 of 24 (base rate 5%) with channels
-#: ranked by LOF and 24 of 24 ranked by tail concentration (:func:`models.xai.reveal.channel_outliers`;
+#: ranked by LOF and 24 of 24 ranked by tail concentration
+#: (:func:`medaudit.models.xai.reveal.channel_outliers`;
 #: `medaudit audit --weights W --plant timestamp:0.0,0.1`, 2026-11-27). Synthderm generator 5 (the
 #: light beige band-aid), same command, another machine: 21 of 24 (SpRAy 0 of 24; base rate 0.044).
 DISCOVERY_LAYER = "identity_0"
@@ -139,7 +138,7 @@ def audit(
                 f"{_flags(offline)} belong to the offline audit, which takes no FILE; drop FILE "
                 "to audit a checkpoint, or drop these options to audit the image with the service"
             )
-        from clients.service_cmd import audit_image
+        from medaudit.clients.service_cmd import audit_image
 
         audit_image(
             file,
@@ -161,14 +160,14 @@ def audit(
 
     import torch
 
-    from clients.cli import console, progress_bars
-    from clients.report import write_report
-    from models.data.registry import open_dataset
-    from models.data.synthetic import SynthDerm
-    from models.errors import MedauditError
-    from models.registry import create_model, load_checkpoint_file
-    from models.train import TrainConfig
-    from models.xai.audit import (
+    from medaudit.cli.console import console, progress_bars
+    from medaudit.cli.report import write_report
+    from medaudit.models.data.registry import open_dataset
+    from medaudit.models.data.synthetic import SynthDerm
+    from medaudit.models.errors import MedauditError
+    from medaudit.models.registry import create_model, load_checkpoint_file
+    from medaudit.models.train import TrainConfig
+    from medaudit.models.xai.audit import (
         AuditOptions,
         default_concept_layers,
         run_audit,
@@ -270,7 +269,7 @@ def _card_version(weights: Path) -> str:
 
 def _check_planted_target(weights: Path, name: str, rates: tuple[float, float]) -> None:
     """Refuse to overwrite a checkpoint trained without the planted artifact (e.g. the demo's)."""
-    from models.registry import load_checkpoint_file
+    from medaudit.models.registry import load_checkpoint_file
 
     if not weights.exists():
         return

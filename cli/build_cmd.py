@@ -32,9 +32,9 @@ def build(
     from dataclasses import replace
     from functools import partial
 
-    from clients.cli import console, progress_bars
-    from models.pipeline import BuildConfig
-    from models.pipeline import build as run_build
+    from medaudit.cli.console import console, progress_bars
+    from medaudit.models.pipeline import BuildConfig
+    from medaudit.models.pipeline import build as run_build
 
     cfg = BuildConfig(
         artifact=artifact, layer=layer, corrections=tuple(c for c in corrections.split(",") if c)
@@ -47,7 +47,7 @@ def build(
         cfg = replace(cfg, n_eval_images=n_eval_images)
     reg = None
     if register:
-        from service.store import register_version
+        from medaudit.service.store import register_version
 
         reg = partial(register_version, home=bentoml_home)
     with progress_bars() as bars:

@@ -1,6 +1,6 @@
 """Load and soak runs of a served medaudit: locust headless, batch sizes, server memory, a report.
 
-:func:`run_load` drives a running server (its base URL) with the mix of ``clients/locustfile.py``
+:func:`run_load` drives a running server (its base URL) with the mix of ``cli/locustfile.py``
 and returns a :class:`LoadReport`; :func:`render_markdown` and :func:`write_report` turn that
 into ``benchmarks/results/<name>.md`` and ``.json``. ``benchmarks/load.py`` (``make load``,
 ``make soak``) and ``tests/integration/test_load_short.py`` are the callers.
@@ -9,7 +9,7 @@ Design:
 
 * **Locust in a subprocess.** Locust monkey-patches the standard library with gevent at import;
   this module (and pytest, and ``bentoml serve``'s parent) must not be patched, so locust runs as
-  ``locust -f clients/locustfile.py --headless`` and this module never imports it. At quit the
+  ``locust -f cli/locustfile.py --headless`` and this module never imports it. At quit the
   locustfile writes its raw stats (per request name, with locust's response-time histogram) and
   errors to a JSON file named by ``MEDAUDIT_LOAD_SUMMARY``; the per-endpoint rows here merge those
   histograms, so an endpoint's p95 is over all its payload kinds, computed the way locust does.
@@ -18,8 +18,9 @@ Design:
   difference kept: BentoML's ``bentoml_service_adaptive_batch_size`` per batched method (how many
   requests the predictor's dispatcher merged) and medaudit's ``medaudit_batch_images`` per service
   and version (images per model call, after a mixed batch is split by version; the only batch
-  figure of the auditor, whose own queue batches: :mod:`service.audit_pool`). Both are histograms, so the
-  report has counts, means and the bucket distribution; other traffic during the run is counted too.
+  figure of the auditor, whose own queue batches: :mod:`medaudit.service.audit_pool`). Both are
+  histograms, so the report has counts, means and the bucket distribution; other traffic during
+  the run is counted too.
 * **Memory of the whole server.** ``bentoml serve`` runs every service in worker processes under
   one arbiter; :class:`RssSampler` sums the RSS of that process and all its descendants every few
   seconds from a thread. Summed RSS counts shared pages once per process, so the absolute figure
@@ -46,10 +47,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.process import tree_rss
+from medaudit.service.process import tree_rss
 
-ROOT = Path(__file__).resolve().parents[1]
-LOCUSTFILE = ROOT / "clients" / "locustfile.py"
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 ADAPTIVE = "bentoml_service_adaptive_batch_size"
 BATCH_IMAGES = "medaudit_batch_images"
 #: Window (s) whose median RSS stands for "at the end of warm-up" and "at the end of the run".
@@ -397,7 +397,7 @@ def run_load(
         try:
             proc = subprocess.run(
                 cmd,
-                cwd=ROOT,
+                cwd=workdir,
                 env=full_env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -511,7 +511,7 @@ def render_markdown(report: LoadReport, title: str) -> str:
     if m.get("served"):
         lines.append(f"Served: {m['served']}.")
     lines += [
-        f"Mix: `clients/locustfile.py` (locust {m['locust']}): ~70% /predict, ~20% /audit, ~7% /compare, "
+        f"Mix: `cli/locustfile.py` (locust {m['locust']}): ~70% /predict, ~20% /audit, ~7% /compare, "
         f"~3% GET /models/; PNG/JPEG 64–1024 px and DICOM (RGB 8-bit, MONOCHROME2 16-bit); "
         f"{m.get('subjects')} subject keys for A/B routing; think time 0–{m.get('wait_max_s')} s.",
         "",

@@ -1,9 +1,9 @@
 """Locust load mix for medaudit: what a hospital integration's traffic looks like, for ``make load``.
 
-Run it through :mod:`clients.load` (``benchmarks/load.py``, ``make load``, the short test in
+Run it through :mod:`medaudit.cli.load` (``benchmarks/load.py``, ``make load``, the short test in
 ``tests/integration/test_load_short.py``), or by hand against any server::
 
-    locust -f clients/locustfile.py --headless -u 24 -r 8 -t 60s --host http://127.0.0.1:3000
+    locust -f cli/locustfile.py --headless -u 24 -r 8 -t 60s --host http://127.0.0.1:3000
 
 The mix (task weights of :class:`ClinicUser`): ~70% ``POST /predict``, ~20% ``POST /audit``, ~7%
 ``POST /compare``, ~3% ``GET /models/``. Every POST body is one image drawn from a weighted pool
@@ -13,7 +13,7 @@ Most requests carry ``X-Subject-Key`` from a pool of patient ids, so A/B routing
 tenth of the predictions name ``X-Model-Version`` explicitly.
 
 Requests are named ``ENDPOINT [PAYLOAD]`` (``/predict [jpeg-1024]``): locust's stats are then per
-endpoint and format, and :mod:`clients.load` merges them per endpoint. A response counts as a
+endpoint and format, and :mod:`medaudit.cli.load` merges them per endpoint. A response counts as a
 failure when it is not 2xx (locust's default) or when its body or headers are wrong: missing
 fields, an ``X-Request-ID`` that is not the one sent, an ``X-Model-Version`` that is not the body's
 version or not the one asked for, or a subject key answered by two versions (hash routing is
@@ -23,7 +23,7 @@ Environment: ``MEDAUDIT_API_KEY`` (sent as ``Authorization: Bearer``, when auth 
 ``MEDAUDIT_LOAD_WAIT`` (most think time between a user's requests, s; default 0.5),
 ``MEDAUDIT_LOAD_SUBJECTS`` (patient-id pool size, default 500), ``MEDAUDIT_LOAD_IMAGES``
 (distinct lesions per payload kind, default 4), ``MEDAUDIT_LOAD_SUMMARY`` (a path: at quit, the
-raw stats, errors and payload list are written there as JSON for :mod:`clients.load`).
+raw stats, errors and payload list are written there as JSON for :mod:`medaudit.cli.load`).
 
 No torch here: locust runs on gevent and monkey-patches the standard library at import, so the
 file only needs numpy, Pillow, pydicom and synthderm (which is numpy + Pillow).
@@ -35,21 +35,15 @@ import io
 import json
 import os
 import random
-import sys
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from locust import HttpUser, between, events, task
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # locust puts only this file's folder on sys.path
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image
 
 #: ``(payload name, weight)``: mostly camera-sized PNG/JPEG, some large photos and DICOM files.
 PAYLOAD_WEIGHTS: dict[str, int] = {
@@ -81,7 +75,7 @@ def _env_int(name: str, default: int) -> int:
 
 def _lesions(n: int, size: int = 256) -> list[np.ndarray]:
     """``n`` synthderm test lesions (RGB uint8), every other one with a band-aid."""
-    from models.data.synthetic import SynthDerm, SynthDermConfig
+    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 
     ds = SynthDerm(SynthDermConfig(size=size))
     out = []

