@@ -178,19 +178,27 @@ def serving(
     port: int | None = None,
     target: str = "medaudit.service.api:MedAudit",
     ready_timeout: float = 180.0,
+    python: Path | None = None,
 ) -> Iterator[Server]:
     """A ``bentoml serve`` process with ``env`` added to this one's, ready; stopped on exit.
+
+    Args:
+        python: The interpreter whose installation serves (``python -m bentoml``); default this
+            process's environment.
 
     Raises:
         ServeError: The process exited before it was ready, or ``ready_timeout`` passed.
     """
     port = port or free_port()
-    bentoml = str(Path(sys.executable).parent / "bentoml")
+    if python is None:
+        command = [str(Path(sys.executable).parent / "bentoml")]
+    else:
+        command = [str(python), "-m", "bentoml"]
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
     base = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [bentoml, "serve", target, "--port", str(port), "--host", "127.0.0.1"],
+            [*command, "serve", target, "--port", str(port), "--host", "127.0.0.1"],
             cwd=log_path.parent,  # a neutral folder: the installed package is what serves
             env=full_env,
             stdout=log,
@@ -217,9 +225,12 @@ def served(
     port: int | None = None,
     target: str = "medaudit.service.api:MedAudit",
     ready_timeout: float = 180.0,
+    python: Path | None = None,
 ) -> Iterator[str]:
     """:func:`serving`, yielding only the base URL ``http://127.0.0.1:PORT``."""
-    with serving(env, log_path, port=port, target=target, ready_timeout=ready_timeout) as server:
+    with serving(
+        env, log_path, port=port, target=target, ready_timeout=ready_timeout, python=python
+    ) as server:
         yield server.base
 
 
