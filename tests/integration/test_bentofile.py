@@ -20,8 +20,10 @@ def _requirements() -> list[str]:
 
 
 def test_bento_requirements_are_the_projects_dependencies() -> None:
+    """The index-installed dependencies; medaudit-client travels as a wheel beside medaudit's."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert sorted(_requirements()) == sorted(deps), (
+    third_party = [d for d in deps if not d.startswith("medaudit-client")]
+    assert sorted(_requirements()) == sorted(third_party), (
         "deploy/requirements.txt drifted from pyproject.toml [project.dependencies]; regenerate it"
     )
 
@@ -29,7 +31,17 @@ def test_bento_requirements_are_the_projects_dependencies() -> None:
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_bentoml_build_packages_the_service(tmp_path: Path) -> None:
+    """`make bento`: the two wheels (built into dist/ as `make wheels` does), then `bentoml build`."""
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+    dist = ROOT / "dist"
+    for src in (ROOT / "clients", ROOT):
+        built = subprocess.run(
+            [sys.executable, "-m", "build", "--no-isolation", "--wheel", "--outdir", str(dist), str(src)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     bentoml = str(Path(sys.executable).parent / "bentoml")
     out = subprocess.run(
         [bentoml, "build", "--output", "tag"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
@@ -38,10 +50,12 @@ def test_bentoml_build_packages_the_service(tmp_path: Path) -> None:
     tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
     bento = tmp_path / "home" / "bentos" / name / version
+    wheels = {p.name for p in (bento / "env" / "python" / "wheels").iterdir()}
+    assert wheels == {"medaudit_client-0.1.0-py3-none-any.whl", "medaudit-0.1.0-py3-none-any.whl"}
     src = bento / "src"
-    for f in ("service/api.py", "service/inputs.py", "models/registry.py", "clients/cli.py"):
-        assert (src / f).is_file(), f"{f} missing from the Bento"
-    assert not (src / "tests").exists() and not (src / "artifacts").exists()
+    # The code travels as the wheels only: no source folder that could shadow the installed package.
+    for folder in ("service", "models", "clients", "cli", "tests", "artifacts"):
+        assert not (src / folder).exists(), f"{folder}/ copied into the Bento"
     meta = yaml.safe_load((bento / "bento.yaml").read_text())
     assert meta["service"] == "medaudit.service.api:MedAudit"
     assert {a["name"] for a in meta["schema"]["routes"]} >= {"predict", "audit", "compare"}
