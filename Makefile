@@ -71,8 +71,8 @@ lint: install
 	# mypy cannot follow setuptools' editable import hook, so it reads the packages through a tree of
 	# links laid out as installed (medaudit/models -> models/, ...).
 	rm -rf .cache/mypy-src && mkdir -p .cache/mypy-src/medaudit
-	for d in models service cli clients; do ln -s ../../../$$d .cache/mypy-src/medaudit/$$d; done
-	MYPYPATH=.cache/mypy-src $(BIN)/mypy -p medaudit.models -p medaudit.service -p medaudit.cli -p medaudit.clients
+	for d in models service cli clients testing; do ln -s ../../../$$d .cache/mypy-src/medaudit/$$d; done
+	MYPYPATH=.cache/mypy-src $(BIN)/mypy -p medaudit.models -p medaudit.service -p medaudit.cli -p medaudit.clients -p medaudit.testing
 
 format: install
 	$(BIN)/ruff format .

@@ -4,7 +4,7 @@
 and at each image's first present concept) followed by host work: concept scoring, relevance
 shares, float16 maps, and PNG encoding of the overlay and masks. On the CPU the LRP call is nearly
 all of it; on a GPU it is not, which decides how far ``MEDAUDIT_AUDIT_DEVICE=cuda`` can take the
-auditor. This runs one random-weight version (:mod:`medaudit.service.fixtures`: the shapes and code paths
+auditor. This runs one random-weight version (:mod:`medaudit.testing.versions`: the shapes and code paths
 of a served ResNet-18, no training and no BentoML store needed) on each device and times, per
 batch size, the whole audit and its LRP call alone, round-robin over repeats (medians).
 
@@ -113,8 +113,8 @@ def main() -> None:
 
     from benchmarks.machine import cpu_name
     from medaudit.service.audit import AuditEngine, version_tag
-    from medaudit.service.fixtures import load_version_files, synthderm_images, write_version_files
     from medaudit.service.store import load_version
+    from medaudit.testing.versions import load_version_files, synthderm_images, write_version_files
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,7 +140,7 @@ def main() -> None:
             info["weights"] = f"trained: {loaded.tag} from {args.home}"
         else:
             loaded = load_version_files(write_version_files(Path(tmp) / "v", "bench", 0, args.size), "bench")
-            info["weights"] = "random (service.fixtures)"
+            info["weights"] = "random (medaudit.testing.versions)"
         info["size"] = int(loaded.cfg.input_size[1])
         print(f"version loaded in {time.perf_counter() - t0:.1f} s", flush=True)
         images = synthderm_images(max(args.batches))

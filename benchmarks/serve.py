@@ -74,7 +74,8 @@ class Phase:
     #: ``medaudit-predictor``/``medaudit-auditor`` workers, ``load generator``).
     cpu_ms: dict[str, float] = field(default_factory=dict)
     #: CPU seconds each of the auditor's LRP processes spent in the phase, busiest first: whether
-    #: the queue kept every process working (BentoML #5426 left one idle with several workers).
+    #: the queue kept every process working (several BentoML workers sharing one socket leave all
+    #: but one idle: BentoML issue #5426).
     lrp_cpu_s: list[float] = field(default_factory=list)
 
     @property
@@ -107,7 +108,7 @@ def parse_args() -> argparse.Namespace:
 
 def test_images(n: int) -> list[bytes]:
     """PNG bytes of synthderm test images, half of them attacked with the band-aid."""
-    from medaudit.service.fixtures import synthderm_images
+    from medaudit.testing.versions import synthderm_images
 
     out = []
     for image in synthderm_images(n):
@@ -284,7 +285,7 @@ GOALS = {"audit_over_predict_onnx": 0.25, "predict_onnx_over_torch": 1.3}
 
 
 def ratios_of(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The two acceptance ratios (issue 6) at one concurrency."""
+    """The two acceptance ratios (:data:`GOALS`) at one concurrency."""
     onnx = summary["predict_onnx"]["rps_median"]
     return {
         "audit_over_predict_onnx": summary["audit"]["rps_median"] / onnx,

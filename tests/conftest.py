@@ -12,7 +12,7 @@ import torch
 
 def build_tiny_version(root: Path, home: Path, version: str, seed: int) -> str:
     """Registers a randomly initialised 32 px resnet18 as ``resnet18-synthderm:<version>``."""
-    from medaudit.service.fixtures import register_version_files, write_version_files
+    from medaudit.testing.versions import register_version_files, write_version_files
 
     tag, _ = register_version_files(write_version_files(root / version, version, seed), version, home)
     return tag
@@ -32,7 +32,7 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loaded(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A ``vanilla`` like :func:`tiny_store`'s, loaded without BentoML (machines without it)."""
-    from medaudit.service.fixtures import load_version_files, write_version_files
+    from medaudit.testing.versions import load_version_files, write_version_files
 
     d = write_version_files(tmp_path_factory.mktemp("tiny_files") / "vanilla", "vanilla", 0)
     return load_version_files(d, "vanilla")

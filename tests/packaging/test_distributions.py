@@ -113,7 +113,7 @@ def test_the_full_wheel_installs_only_under_medaudit_and_reuses_the_client(dist:
     assert tops == {"medaudit", f"medaudit-{VERSION}.dist-info"}, tops
     subpackages = {n.split("/")[1] for n in names if n.startswith("medaudit/")}
     # medaudit is a namespace package both wheels share; the client's code is not duplicated.
-    assert subpackages == {"models", "service", "cli"}, subpackages
+    assert subpackages == {"models", "service", "cli", "testing"}, subpackages
     assert {"medaudit/models/py.typed", "medaudit/service/py.typed", "medaudit/cli/py.typed"} <= set(names)
     assert f"medaudit-client=={VERSION}" in _requires(dist["full"])
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

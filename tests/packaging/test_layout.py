@@ -6,14 +6,20 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-FULL = {"models": "medaudit.models", "service": "medaudit.service", "cli": "medaudit.cli"}
+FULL = {
+    "models": "medaudit.models",
+    "service": "medaudit.service",
+    "cli": "medaudit.cli",
+    "testing": "medaudit.testing",
+}
 
 
 def _packages_on_disk(folder: Path, name: str) -> set[str]:
     return {
         ".".join([name, *p.parent.relative_to(folder).parts])
         for p in folder.rglob("__init__.py")
-        if "__pycache__" not in p.parts
+        # build/ is setuptools' scratch folder when a distribution is built in place.
+        if not {"__pycache__", "build"} & set(p.relative_to(folder).parts)
     }
 
 

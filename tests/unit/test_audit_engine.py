@@ -210,7 +210,7 @@ def test_engine_device_is_where_lrp_runs(tiny_loaded) -> None:
 def test_host_work_on_the_pool_gives_the_serial_results(tiny_loaded) -> None:
     """The per-image host work (overlays, masks, PNG encoding) runs on a thread pool when LRP is
     on a GPU; the audit must not change by it: same PNGs, same masks, in image order."""
-    from medaudit.service.fixtures import synthderm_images
+    from medaudit.testing.versions import synthderm_images
 
     images = synthderm_images(6)
     serial = AuditEngine(tiny_loaded, ort_threads=1)

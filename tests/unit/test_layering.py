@@ -7,7 +7,7 @@ Each top-level folder installs as a subpackage of ``medaudit`` (pyproject.toml's
 * ``medaudit.service`` imports the ML side, never the command line;
 * ``medaudit.clients`` (the medaudit-client distribution) imports none of the others, and no
   heavy library: a hospital system installs it with httpx alone;
-* ``medaudit.cli`` may import everything.
+* ``medaudit.cli`` and ``medaudit.testing`` (support for tests and benchmarks) may import the rest.
 
 And no import cycles among modules, counting the imports a module runs when it is imported (its
 top level, not those inside functions or under ``TYPE_CHECKING``).
@@ -26,6 +26,7 @@ PACKAGES = {
     "service": "medaudit.service",
     "cli": "medaudit.cli",
     "clients": "medaudit.clients",
+    "testing": "medaudit.testing",
 }
 TRANSPORT = {"bentoml", "redis", "prometheus_client", "starlette"}
 HEAVY = {"torch", "torchvision", "timm", "bentoml", "onnxruntime", "onnx", "zennit", "sklearn", "scipy"}
@@ -33,8 +34,8 @@ HEAVY = {"torch", "torchvision", "timm", "bentoml", "onnxruntime", "onnx", "zenn
 OPTIONAL = {"numpy", "PIL"}
 
 FORBIDDEN: dict[str, set[str]] = {
-    "models": TRANSPORT | {"medaudit.service", "medaudit.cli", "medaudit.clients"},
-    "service": {"medaudit.cli"},
+    "models": TRANSPORT | {"medaudit.service", "medaudit.cli", "medaudit.clients", "medaudit.testing"},
+    "service": {"medaudit.cli", "medaudit.testing"},
     "clients": HEAVY | TRANSPORT | {"medaudit.models", "medaudit.service", "medaudit.cli"},
 }
 
@@ -110,10 +111,34 @@ def test_imports_follow_the_layers(path: Path) -> None:
         assert not eager, f"{path.relative_to(ROOT)} imports {sorted(eager)} at module level (optional)"
 
 
+#: Inside the ML side, what each lower level never imports: the offline audit (``models/audit/``),
+#: one version's build and the pipeline sit above the XAI core, the datasets and the corrections;
+#: the XAI core also stays free of datasets and training.
+ABOVE = {"medaudit.models.audit", "medaudit.models.build", "medaudit.models.pipeline"}
+BELOW: dict[str, set[str]] = {
+    "models/xai": ABOVE | {"medaudit.models.data", "medaudit.models.train"},
+    "models/data": ABOVE,
+    "models/corrections": ABOVE,
+}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for folder in BELOW for p in _files(folder)],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_models_levels_import_downward(path: Path) -> None:
+    banned = BELOW["/".join(path.relative_to(ROOT).parts[:2])]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    every = {n for node in ast.walk(tree) for n in _imported(node)}
+    bad = sorted(n for n in every if any(n == b or n.startswith(b + ".") for b in banned))
+    assert not bad, f"{path.relative_to(ROOT)} imports {bad}: its level must not"
+
+
 def test_no_bare_top_level_imports() -> None:
     """Every import of this project's code is namespaced: `import models` would pick up whatever
     package of that name a hospital's environment holds."""
-    bare = {"models", "service", "clients", "cli"}
+    bare = {"models", "service", "clients", "cli", "testing"}
     offenders = []
     for folder in (*PACKAGES, "tests", "benchmarks"):
         for path in _files(folder):
