@@ -10,15 +10,8 @@ import pytest
 from sklearn.linear_model import Ridge
 
 from medaudit.models.errors import ConceptBankError, InvalidArrayError
-from medaudit.models.xai.concepts import (
-    DEFAULT_REG,
-    REG_GRID,
-    ConceptBank,
-    balanced_weights,
-    cav_score,
-    fit_cav,
-    relevance_share,
-)
+from medaudit.models.xai.cav import DEFAULT_REG, REG_GRID, balanced_weights, fit_cav
+from medaudit.models.xai.concepts import ConceptBank, cav_score, relevance_share
 from medaudit.models.xai.metrics import retrieval_metrics, retrieval_report
 
 C = 32
@@ -99,7 +92,7 @@ def test_cav_separates_a_linear_concept_on_held_out_data(kind: str) -> None:
 
 
 def test_ridge_matches_sklearn_weighted_ridge() -> None:
-    from medaudit.models.xai.concepts import _fit_ridge
+    from medaudit.models.xai.cav import _fit_ridge
 
     x, t = _concept_data(120, seed=7)
     x64, w = x.astype(np.float64), balanced_weights(t)
