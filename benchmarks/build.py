@@ -1,9 +1,10 @@
-"""The from-scratch demo build, timed by stage (a benchmark, not a test; issue 5 asks ≤ 8 min on 2 cores).
+"""The from-scratch demo build, timed by stage (a benchmark, not a test; the goal is ≤ 8 min on 2 cores).
 
 Runs ``medaudit build`` (the default synthderm build: train, concept banks, every correction,
 evaluation, ONNX export and parity, registration) in a fresh folder as a subprocess, so that
 nothing cached in this process or a previous output is reused, then reads the stage times the build
-itself records in ``comparison.json`` and writes a table with the issue-5 acceptance rows.
+itself records in ``comparison.json`` and writes a table with the correction acceptance rows
+(:func:`medaudit.models.pipeline.acceptance`).
 
     .venv/bin/python benchmarks/build.py                 # fresh temp folder, removed afterwards
     .venv/bin/python benchmarks/build.py --keep /tmp/b   # keep the build (a store to serve)

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/data.py [--size 128] [--n 400]
 
-Writes benchmarks/results/synthderm_render.json. The foundation issue asks for >= 200 images/s
-per core at 128 px; rendering is single-threaded numpy + PIL, so one process = one core.
+Writes benchmarks/results/synthderm_render.json. The goal is >= 200 images/s per core at 128 px,
+so that data generation never limits training; rendering is single-threaded numpy + PIL, so one
+process = one core.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ quotient and retrieval AUROC of the original CAV. **Gap recovered** is the share
 attack-induced accuracy drop of the baseline (the original model) that a version wins back:
 100 · (acc_att(version) − acc_att(base)) / (acc_clean(base) − acc_att(base)); undefined (null)
 when the baseline loses nothing on the attacked set. Over all classes here (the column says so);
-the build's issue-5 table (``medaudit.models.pipeline``) reports it on the attacked class's images alone,
-which is a different number (P-ClArC on the demo: 90.9 % here, 98.6 % there).
+the build's acceptance table (:func:`medaudit.models.pipeline.acceptance`) reports it on the
+attacked class's images alone, which is a different number (P-ClArC on the demo: 90.9 % here,
+98.6 % there).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@
    §7 evaluation → card). Fine-tuning corrections train on a seeded subset of the training split.
 4. **register** (optional callback, so that ``models`` never imports the store; the CLI passes
    :func:`medaudit.service.store.register_version`) and the **comparison table** (Markdown + JSON), with the
-   issue-5 acceptance columns.
+   acceptance columns (:func:`acceptance`).
 
 Every stage is keyed by a hash of its inputs (base weights sha256, configs, stage format) and its
 outputs are reused while the key matches and the files are intact (sha256 of weights and ONNX
@@ -186,7 +186,7 @@ class BuildResult:
 
     @property
     def accepted(self) -> list[str]:
-        """Versions meeting issue 5's acceptance (see :func:`acceptance`)."""
+        """Versions meeting the correction acceptance criteria (see :func:`acceptance`)."""
         return [r["version"] for r in self.comparison if r.get("meets issue 5")]
 
 
@@ -360,7 +360,7 @@ def build(
 # --------------------------------------------------------------------------------- acceptance
 
 
-#: Issue 5: a correction must win back ≥ 50 % of the original's clean→attacked accuracy gap on the
+#: Acceptance of a correction: it must win back ≥ 50 % of the original's clean→attacked accuracy gap on the
 #: images of the class the artifact pushes away from, lose ≤ 3 points of clean accuracy and cut
 #: artifact relevance by ≥ 50 %.
 MIN_GAP_RECOVERED, MAX_CLEAN_LOSS_PTS, MIN_RELEVANCE_CUT = 50.0, 3.0, 50.0
@@ -369,7 +369,7 @@ MIN_GAP_RECOVERED, MAX_CLEAN_LOSS_PTS, MIN_RELEVANCE_CUT = 50.0, 3.0, 50.0
 def acceptance(
     cards: Sequence[ModelCard], spec: Mapping[str, tuple[float, float]], artifact: str
 ) -> list[dict[str, Any]]:
-    """:func:`medaudit.models.cards.comparison_rows` plus the issue-5 columns, against the ``vanilla`` card.
+    """:func:`medaudit.models.cards.comparison_rows` plus the acceptance columns, against ``vanilla``.
 
     The "victim" class is the one the artifact is *not* correlated with (malignant for band-aids):
     adding the artifact pushes its images to the other class. Columns: its gap recovered

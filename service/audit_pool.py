@@ -7,18 +7,17 @@ light a lane takes one job the moment it arrives; when lanes are busy jobs pile 
 free lane takes them together, so the batch grows with the load (what an adaptive batcher is
 for), and every lane keeps working as long as anything is queued.
 
-Why not BentoML's adaptive batching, which the predictor uses:
+Why a queue of its own rather than BentoML's adaptive batching, which the predictor uses:
 
-* **Several BentoML auditor workers** (this service's design until issue #6's last rounds) share
-  one listening socket, and the worker that wakes first accepts every pending connection (asyncio
-  accepts a whole backlog per wake-up; BentoML #5426). The entry service holds a few keep-alive
-  connections, so they piled onto one worker: measured at 4 clients of /audit, one worker burned
-  10.7 CPU-s per 10 s, the other none, and /audit fell to 14 req/s from ~26, in about one server
-  start in three. Here one BentoML worker accepts every request, and the lanes share its queue.
-* **One BentoML worker cutting each batch across helper processes** (tried in 0f55719, reverted
-  in 4dd4cfd): BentoML's dispatcher hands a worker one batch at a time, so every batch waited for
-  its slowest chunk before the next began, and chunks of one image ran at batch 1. It lost
-  (/audit at 4 clients 16.6 req/s against 24.2). Here a lane never waits for another.
+* **Not several BentoML auditor workers.** They share one listening socket, and the worker that
+  wakes first accepts every pending connection (asyncio accepts a whole backlog per wake-up;
+  BentoML issue #5426). The entry service holds a few keep-alive connections, so they pile onto
+  one worker, which then does every audit while the others idle (/audit at 14 req/s instead of
+  ~26 on 2 cores). Here one BentoML worker accepts every request, and the lanes share its queue.
+* **Not one BentoML worker cutting each batch across helper processes.** BentoML's dispatcher
+  hands a worker one batch at a time, so every batch would wait for its slowest chunk before the
+  next began, and chunks of one image would run at batch 1 (/audit at 4 clients 16.6 req/s
+  against 24.2 with this queue). Here a lane never waits for another.
 
 Jobs are pure functions of their pixels, so a batch whose process died is queued again, each job
 once (:data:`CRASH_RETRIES`) and alone, for the next free lane while the dead lane starts a

@@ -1,4 +1,4 @@
-"""Every Prometheus series medaudit exports, declared once (issue #8).
+"""Every Prometheus series medaudit exports, declared once, so dashboards, alerts and code agree.
 
 Dashboards (``deploy/grafana/``) and alert rules (``deploy/prometheus/``) are written against the
 names here; renaming one is a breaking change for them (``tests/deploy`` checks that every name a

@@ -11,7 +11,8 @@ truth (``source_maks: gt``).
 λ, a departure from the paper's {10, 50} (§4.6): the paper pairs those with 10 epochs at Adam 1e-3
 (ResNet50d, §4.5); the demo's schedule (:class:`~models.corrections.base.FinetuneConfig`) is 2
 epochs at Adam 1e-4 on 800 images, 100 steps. With so few, small steps λ = 10 barely moves the term
-(batch-mean cosine 0.033 → 0.026) and misses issue 5 on the default synthderm build (band_aid,
+(batch-mean cosine 0.033 → 0.026) and misses the build's acceptance criteria
+(:func:`~models.pipeline.acceptance`) on the default synthderm build (band_aid,
 ℓ = identity_2): malignant gap recovered 37.8 %, artifact relevance (§7) cut 11.8 %. Measured on
 that build (gap recovered / clean Δ / relevance cut): λ 100: 93.2 % / −1.5 pts / 48.5 % (a third
 epoch: 95.9 % / −1.0 / 48.4 %); λ 300: 95.9 % / −1.8 / 55.9 %; λ 1000: 95.9 % / −2.2 / 59.0 %.

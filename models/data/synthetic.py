@@ -36,7 +36,8 @@ LABELS = ("benign", "malignant")
 ARTIFACT_ORDER = ("band_aid", "ruler", "skin_marker", "timestamp", "microscope")
 _ARTIFACT_ID = {a: i for i, a in enumerate(ARTIFACT_ORDER)}
 
-#: (p in benign, p in malignant); method-independent demo defaults from the foundation issue.
+#: (p in benign, p in malignant); method-independent demo defaults: band-aids lean benign, rulers
+#: and skin markers malignant; timestamp and microscope are off unless an experiment plants them.
 DEFAULT_SPEC: dict[str, tuple[float, float]] = {
     "band_aid": (0.50, 0.03),
     "ruler": (0.05, 0.30),
