@@ -36,8 +36,9 @@ from scipy.stats import ConstantInputWarning
 from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 
-from medaudit.models.corrections.base import capture, max_pool, pooled_activations
+from medaudit.models.corrections.base import capture, pooled_activations
 from medaudit.models.errors import ConfigError
+from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg, hook_module
 from medaudit.models.train import normalize, predict, shared_rows
 from medaudit.models.xai.localize import artifact_relevance_eval
@@ -285,7 +286,7 @@ def logits_and_pooled(
     with capture(model, cfg, layer, before_correction=False) as store:
         for i in range(0, len(images), batch_size):
             logits.append(model(normalize(images[i : i + batch_size].to(dev), cfg)).cpu())
-            acts.append(max_pool(store["a"]).double().cpu())
+            acts.append(max_pool_spatial(store["a"]).double().cpu())
     return torch.cat(logits), torch.cat(acts).numpy()
 
 
@@ -393,7 +394,7 @@ class _Forwards:
                 store["a"] = maps[i : i + self.bs]
                 logits.append(self.model(empty))
                 if pooled:
-                    acts.append(max_pool(cap["a"]).double())
+                    acts.append(max_pool_spatial(cap["a"]).double())
         return torch.cat(logits), torch.cat(acts).numpy() if pooled else None
 
     def _probe(self) -> bool:
@@ -420,7 +421,7 @@ class _Forwards:
                 if record:
                     maps.append(pre["a"].clone())
                 if pooled:
-                    acts.append(max_pool(post["a"]).double())
+                    acts.append(max_pool_spatial(post["a"]).double())
         return (
             torch.cat(logits),
             torch.cat(maps) if record else None,

@@ -31,6 +31,7 @@ from torch import nn
 
 from medaudit.models.corrections.fast_prefix import fast_view
 from medaudit.models.errors import ConfigError
+from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg, get_module, hook_module
 from medaudit.models.train import class_weights, normalize
 from medaudit.models.xai.concepts import fit_cav
@@ -119,11 +120,6 @@ class _ForwardStopped(Exception):
     """Raised by a :func:`capture` hook with ``stop=True`` once the activation is recorded."""
 
 
-def max_pool(a: torch.Tensor) -> torch.Tensor:
-    """φ: spatial max-pooling ``(B, C, *S) -> (B, C)``; ``(B, C)`` unchanged (method.md §11.4)."""
-    return a if a.ndim == 2 else a.flatten(2).amax(-1)
-
-
 @contextlib.contextmanager
 def capture(
     model: nn.Module,
@@ -198,7 +194,7 @@ def pooled_activations(
         for i in range(0, len(images), batch_size):
             with contextlib.suppress(_ForwardStopped):
                 model(normalize(images[i : i + batch_size], cfg))
-            out.append(max_pool(store.pop("a")).double())
+            out.append(max_pool_spatial(store.pop("a")).double())
     return torch.cat(out).numpy()
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from medaudit.models.corrections.base import CorrectionData
 from medaudit.models.errors import ConfigError
+from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg, hook_module
 
 
@@ -75,7 +76,7 @@ class ClarcProjection(nn.Module):
             raise ConfigError(
                 f"ClarcProjection expects (B, {self.v.numel()}, ...) activations; got {tuple(a.shape)}"
             )
-        phi = a if a.ndim == 2 else a.flatten(2).amax(-1)
+        phi = max_pool_spatial(a)
         v = self.v.to(a.dtype)
         shift = (self.mu0.to(a.dtype) - phi @ v) / (v @ v)
         if self.reactive:

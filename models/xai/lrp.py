@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from medaudit.models.errors import ConfigError, UnknownModelError
+from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg
 from medaudit.models.xai import rules
 from medaudit.models.xai.canonizers import canonize
@@ -218,11 +219,6 @@ def add_taps(model: nn.Module, hook_points: dict[str, str]) -> None:
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, attr, Tap(getattr(parent, attr), name))
-
-
-def max_pool_spatial(a: torch.Tensor) -> torch.Tensor:
-    """``(B, C, *spatial) -> (B, C)`` by max over space; ``(B, C)`` unchanged (method.md §11.4)."""
-    return a if a.ndim == 2 else a.flatten(2).amax(-1)
 
 
 # --------------------------------------------------------------------------- explainer
