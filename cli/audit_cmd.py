@@ -161,19 +161,15 @@ def audit(
     import torch
 
     from medaudit.cli.console import console, progress_bars
-    from medaudit.cli.report import write_report
+    from medaudit.models.audit import AuditOptions, default_concept_layers, run_audit
+    from medaudit.models.audit.report import write_report
+    from medaudit.models.data.protocol import AnnotatedDataset
     from medaudit.models.data.registry import open_dataset
-    from medaudit.models.data.synthetic import SynthDerm
+    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
     from medaudit.models.errors import MedauditError
+    from medaudit.models.pipeline import train_with_hidden_artifact
     from medaudit.models.registry import create_model, load_checkpoint_file
     from medaudit.models.train import TrainConfig
-    from medaudit.models.xai.audit import (
-        AuditOptions,
-        default_concept_layers,
-        run_audit,
-        synthderm_config_from_dict,
-        train_with_hidden_artifact,
-    )
 
     if threads:
         torch.set_num_threads(threads)
@@ -203,8 +199,9 @@ def audit(
             model, cfg = create_model(arch, weights=weights)
             train_cfg = ckpt.get("train_cfg") or {}
             notes: list[str] = []
+            ds: AnnotatedDataset
             if dataset == "synthderm" and "data" in train_cfg:
-                ds: Any = SynthDerm(synthderm_config_from_dict(train_cfg["data"]))
+                ds = SynthDerm(SynthDermConfig.from_dict(train_cfg["data"]))
                 notes.append("synthderm rendered with the checkpoint's own data config")
             else:
                 ds = open_dataset(dataset)

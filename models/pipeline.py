@@ -11,7 +11,7 @@
    reactive P-ClArC fitted on the same samples (§4.3), and an ``svm`` bank of every artifact drawn
    in the training split, calibrated on clean validation images, for detection (§1.3).
 3. **corrections**: every name in ``BuildConfig.corrections`` through
-   :func:`medaudit.models.corrections.build.correct_and_evaluate` (correct → save → ONNX export → parity →
+   :func:`medaudit.models.build.correct_and_evaluate` (correct → save → ONNX export → parity →
    §7 evaluation → card). Fine-tuning corrections train on a seeded subset of the training split.
 4. **register** (optional callback, so that ``models`` never imports the store; the CLI passes
    :func:`medaudit.service.store.register_version`) and the **comparison table** (Markdown + JSON), with the
@@ -288,7 +288,7 @@ def build(
     dirs: dict[str, Path] = {}
     registered: dict[str, tuple[str, bool]] = {}
     bar = progress("versions", len(cfg.corrections)) if progress else None
-    from medaudit.models.corrections.build import correct_and_evaluate, version_name
+    from medaudit.models.build import correct_and_evaluate, version_name
 
     for name in cfg.corrections:
         t0 = time.perf_counter()
@@ -433,6 +433,37 @@ def _cell(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+# --------------------------------------------------------------------------------- planted artifact
+
+
+def hidden_artifact_config(
+    base: TrainConfig, artifact: str = "timestamp", rates: tuple[float, float] = (0.1, 0.0)
+) -> TrainConfig:
+    """``base`` with ``artifact`` planted at ``rates`` (fraction of benign, malignant) in its data.
+
+    The discovery acceptance experiment: train on this, audit without declaring ``artifact`` and
+    count how many top-ranked outliers carry it
+    (:attr:`medaudit.models.audit.results.Discovery.hits`).
+    """
+    return replace(base, data=base.data.with_spec(**{artifact: rates}))
+
+
+def train_with_hidden_artifact(
+    out_dir: str | Path,
+    artifact: str = "timestamp",
+    rates: tuple[float, float] = (0.0, 0.1),
+    base: TrainConfig | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains (or resumes) the acceptance experiment's model: ``base`` (default: the demo config)
+    with ``artifact`` planted at ``rates``; returns its card (see :func:`medaudit.models.train.train`)."""
+    tcfg = hidden_artifact_config(base or TrainConfig(), artifact, rates)
+    return train(tcfg, out_dir, cache_dir=cache_dir, progress=progress, log=log)
 
 
 # --------------------------------------------------------------------------------- stages

@@ -1,8 +1,8 @@
 """Model corrections behind one :class:`Correction` interface (method.md §4).
 
-``medaudit.models.corrections.build.correct_and_evaluate`` (correct, save, export, evaluate, card) and
-``medaudit.models.corrections.io`` (version checkpoints) are imported from their modules, not from here,
-so that importing the corrections does not pull in ONNX export and evaluation.
+``medaudit.models.corrections.io`` (version checkpoints) is imported from its module, not from here.
+One version's whole build (correct, save, export, evaluate, card) is
+``medaudit.models.build.correct_and_evaluate``, above the corrections.
 
 P-ClArC and reactive P-ClArC insert a projection module at layer ℓ (training-free); RR-ClArC,
 RRR and the Vanilla fine-tune train the layers after ℓ. ``CORRECTIONS`` maps each name to its

@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -218,6 +219,8 @@ def _read_mask(path: Path, size: int | None) -> np.ndarray:
 class ImageDataset:
     """Labelled images on disk: the behaviour :class:`FolderDataset` and ``ISIC2019`` share.
 
+    Satisfies :class:`~medaudit.models.data.protocol.AnnotatedDataset`.
+
     Attributes:
         root: The dataset folder.
         labels: Class index per sample (int64).
@@ -278,6 +281,15 @@ class ImageDataset:
     def load_image(self, i: int, size: int | None = None) -> np.ndarray:
         """Image ``i`` as H×W×3 uint8 RGB, resized to ``size``² (bicubic) when given."""
         return read_rgb(self.paths[i], size)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether ``root/masks/`` exists, so :meth:`mask` can answer."""
+        return (self.root / MASKS_DIR).is_dir()
+
+    def config(self) -> dict[str, Any] | None:
+        """None: the data is read from disk, there is no generator config to record."""
+        return None
 
     def artifact_ids(self, split: str = "all") -> dict[str, list[int]]:
         """``{artifact: [indices]}`` from the annotation file, restricted to ``split``."""

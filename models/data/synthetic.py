@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from medaudit.models.data import artifacts as _artifacts
-from medaudit.models.errors import ConfigError
+from medaudit.models.errors import ConfigError, DatasetError
 
 LABELS = ("benign", "malignant")
 ARTIFACT_ORDER = ("band_aid", "ruler", "skin_marker", "timestamp", "microscope")
@@ -141,7 +141,14 @@ class Sample:
 
 
 class SynthDerm:
-    """A deterministic synthderm dataset; ``sample(i)`` renders image ``i`` on the fly."""
+    """A deterministic synthderm dataset; ``sample(i)`` renders image ``i`` on the fly.
+
+    It satisfies :class:`~medaudit.models.data.protocol.AnnotatedDataset` with the training
+    distribution (variant ``"ch"``): every image has exact artifact masks.
+    """
+
+    label_names: tuple[str, ...] = LABELS
+    has_masks: bool = True
 
     def __init__(self, cfg: SynthDermConfig | None = None) -> None:
         self.cfg = cfg or SynthDermConfig()
@@ -183,7 +190,7 @@ class SynthDerm:
             out[art] = member
         return out
 
-    def indices(self, split: str) -> np.ndarray:
+    def indices(self, split: str = "all") -> np.ndarray:
         if split == "all":
             return np.arange(len(self))
         if split not in SPLITS:
@@ -207,6 +214,29 @@ class SynthDerm:
         return {
             a: [int(i) for i in np.flatnonzero(m) if i in keep] for a, m in self.membership.items() if m.any()
         }
+
+    def load_image(self, i: int, size: int | None = None) -> np.ndarray:
+        """Image ``i`` as rendered, resized to ``size``² with bicubic when given."""
+        return _resize(self.sample(i).image, size)
+
+    def mask(self, i: int, artifact: str, size: int | None = None) -> np.ndarray:
+        """H×W bool mask of exactly the pixels ``artifact`` drew in image ``i`` (nearest resize to
+        ``size``² when given); all False when the image does not carry it.
+
+        Raises:
+            DatasetError: An artifact synthderm does not draw.
+        """
+        if artifact not in _ARTIFACT_ID:
+            raise DatasetError(f"unknown artifact {artifact!r}; valid: {', '.join(ARTIFACT_ORDER)}")
+        m = self.sample(i).masks.get(artifact)
+        if m is None:
+            side = size or self.cfg.size
+            return np.zeros((side, side), dtype=bool)
+        return m if size is None or m.shape[0] == size else _resize(m.astype(np.uint8) * 255, size) > 127
+
+    def config(self) -> dict[str, Any]:
+        """The generator config (:meth:`SynthDermConfig.to_dict`), which renders these bytes again."""
+        return self.cfg.to_dict()
 
     # ------------------------------------------------------------------ rendering
 
@@ -400,6 +430,14 @@ class SynthDerm:
         (root / "artifacts.json").write_text(json.dumps(art_ids, indent=1))
         (root / "synthderm.json").write_text(json.dumps({"variant": variant, **self.cfg.to_dict()}, indent=1))
         return root
+
+
+def _resize(img: np.ndarray, size: int | None) -> np.ndarray:
+    """``img`` resized to ``size``²: bicubic for RGB, nearest for a single-channel mask."""
+    if size is None or (img.shape[0] == size and img.shape[1] == size):
+        return img
+    resample = Image.Resampling.NEAREST if img.ndim == 2 else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(img).resize((size, size), resample))
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:

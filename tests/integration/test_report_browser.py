@@ -20,10 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from medaudit.cli.report import write_report
+from medaudit.models.audit import AuditOptions, run_audit
+from medaudit.models.audit.report import write_report
 from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 from medaudit.models.registry import create_model
-from medaudit.models.xai.audit import AuditOptions, run_audit
 
 INSTALL_HINT = "install it with: apt-get update && apt-get install -y chromium"
 CHROMIUM_FLAGS = (

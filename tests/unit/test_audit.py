@@ -16,21 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from medaudit.models.data.folder import FolderDataset
-from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
-from medaudit.models.errors import ConfigError
-from medaudit.models.registry import create_model
-from medaudit.models.train import TrainConfig
-from medaudit.models.xai.audit import (
+from medaudit.models.audit import (
     AuditOptions,
     AuditReport,
     default_concept_layers,
-    hidden_artifact_config,
     run_audit,
-    synthderm_config_from_dict,
-    train_with_hidden_artifact,
     write_metrics,
 )
+from medaudit.models.data.folder import FolderDataset
+from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+from medaudit.models.errors import ConfigError
+from medaudit.models.pipeline import hidden_artifact_config, train_with_hidden_artifact
+from medaudit.models.registry import create_model
+from medaudit.models.train import TrainConfig
 from medaudit.models.xai.localize import iou
 
 DECLARED = ("band_aid", "ruler")
@@ -205,7 +203,7 @@ def test_bad_requests_name_the_valid_choices(trained: tuple, ds: SynthDerm) -> N
 
 def test_configs_round_trip_and_plant() -> None:
     cfg = DATA
-    assert synthderm_config_from_dict(cfg.to_dict()) == cfg
+    assert SynthDermConfig.from_dict(cfg.to_dict()) == cfg
     planted = hidden_artifact_config(TrainConfig(), "timestamp", (0.1, 0.0))
     assert planted.data.spec["timestamp"] == (0.1, 0.0)
     assert planted.data.spec["band_aid"] == TrainConfig().data.spec["band_aid"]

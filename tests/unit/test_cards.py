@@ -117,8 +117,8 @@ def test_card_rejects_nan_and_foreign_documents(tmp_path) -> None:
 
 
 def test_correct_and_evaluate_writes_a_complete_version(tmp_path) -> None:
+    from medaudit.models.build import correct_and_evaluate
     from medaudit.models.corrections import PClarc, fit_correction_data
-    from medaudit.models.corrections.build import correct_and_evaluate
     from medaudit.models.corrections.io import load_version
     from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
     from medaudit.models.evaluate import synthderm_eval_data

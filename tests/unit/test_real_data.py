@@ -18,6 +18,7 @@ from PIL import Image
 from medaudit.models.data.annotations import load_artifact_ids
 from medaudit.models.data.folder import FolderDataset, paper_split
 from medaudit.models.data.isic import ISIC2019, ISIC_CLASSES
+from medaudit.models.data.protocol import AnnotatedDataset
 from medaudit.models.data.registry import open_dataset
 from medaudit.models.data.synthetic import LABELS, SynthDerm, SynthDermConfig
 from medaudit.models.errors import ConfigError, DatasetError
@@ -299,6 +300,26 @@ def test_reads_synthderm_export_back(tmp_path: Path) -> None:
     sample = synth.sample(idx)
     np.testing.assert_array_equal(ds.load_image(idx), sample.image)
     np.testing.assert_array_equal(ds.mask(idx, art), sample.masks[art])
+
+
+def test_every_dataset_satisfies_the_protocol_alike(tmp_path: Path) -> None:
+    """Synthderm and its export read back answer the dataset protocol with the same values."""
+    synth = SynthDerm(SynthDermConfig(n_train=8, n_val=2, n_test=2, size=48))
+    folder = FolderDataset(synth.export(tmp_path / "export"), labels=LABELS)
+    isic = ISIC2019(_isic(tmp_path / "isic"))
+    for ds in (synth, folder, isic):
+        assert isinstance(ds, AnnotatedDataset)
+    assert synth.has_masks and folder.has_masks and not isic.has_masks
+    assert synth.config() == synth.cfg.to_dict() and folder.config() is None and isic.config() is None
+    assert tuple(synth.label_names) == tuple(folder.label_names) == LABELS
+    art, idx = next((a, ids[0]) for a, ids in synth.artifact_ids().items() if ids)
+    for size in (None, 48, 32):
+        np.testing.assert_array_equal(synth.load_image(idx, size), folder.load_image(idx, size))
+        np.testing.assert_array_equal(synth.mask(idx, art, size), folder.mask(idx, art, size))
+    clean = int(np.flatnonzero(~synth.membership[art])[0])
+    assert synth.mask(clean, art, 32).shape == (32, 32) and not synth.mask(clean, art, 32).any()
+    with pytest.raises(DatasetError, match="unknown artifact 'pacemaker'; valid: band_aid"):
+        synth.mask(idx, "pacemaker")
 
 
 # -------------------------------------------------------------------------------------- ISIC2019

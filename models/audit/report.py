@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medaudit.models.xai.audit import AuditReport, ConceptAudit, LocalizedSample, Outlier, write_metrics
+from medaudit.models.audit.results import AuditReport, ConceptAudit, LocalizedSample, Outlier, write_metrics
 
 #: Targets from the issue; shown next to the measured values, never used to alter anything.
 TARGET_AUROC, TARGET_IOU, TARGET_DISCOVERY = 0.95, 0.5, 0.5

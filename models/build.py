@@ -1,8 +1,9 @@
-"""One building block for the offline pipeline: correct → save → export → check → evaluate → card.
+"""One model version of the offline build: correct → save → export → check → evaluate → card.
 
-:func:`correct_and_evaluate` runs once per correction; the pipeline supplies the original model,
-the :class:`CorrectionData` (CAVs and μ0 from the original model's activations) and the
-:class:`~models.evaluate.EvalData` shared by all versions, and compares the returned cards with
+:func:`correct_and_evaluate` runs once per correction; the pipeline
+(:func:`medaudit.models.pipeline.build`) supplies the original model, the :class:`CorrectionData`
+(CAVs and μ0 from the original model's activations) and the
+:class:`~medaudit.models.evaluate.EvalData` shared by all versions, and compares the returned cards with
 :func:`medaudit.models.cards.comparison_markdown` / :func:`medaudit.models.cards.comparison_table`.
 """
 
