@@ -19,6 +19,7 @@ from medaudit.cli.console import console, progress_bars
 from medaudit.cli.flags_cmd import refine_cav as _refine_cav_cmd
 from medaudit.cli.flags_cmd import review_app as _review_app
 from medaudit.cli.flags_cmd import worker as _worker_cmd
+from medaudit.cli.model_cmd import model_app as _model_app
 from medaudit.clients.service_cmd import compare as _compare_cmd
 from medaudit.clients.service_cmd import predict as _predict_cmd
 
@@ -210,6 +211,7 @@ def data_stats(size: int = typer.Option(128), seed: int = typer.Option(0)) -> No
 app.command("build")(_build_cmd)
 app.command("worker")(_worker_cmd)
 app.add_typer(_review_app, name="review")
+app.add_typer(_model_app, name="model")
 app.command("refine-cav")(_refine_cav_cmd)
 
 if __name__ == "__main__":

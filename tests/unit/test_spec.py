@@ -1,0 +1,242 @@
+"""Model specs (models/spec.py) and ``medaudit model inspect|check``: a classifier medaudit did not
+train, loaded offline from a spec file, and every user mistake refused with the fix named."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from medaudit.models.errors import ConfigError, UnknownModelError, WeightsError
+from medaudit.models.spec import SpecError, build, check, file_sha256, inspect_layers, load_spec
+
+IMAGENET = "mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]"
+LABELS3 = '["nevus", "melanoma", "bcc"]'
+
+
+def _trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BatchNorm statistics and affine parameters, as a trained network has."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+def _spec(tmp_path: Path, body: str, name: str = "spec.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+@pytest.fixture(scope="module")
+def resnet_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = _trained_like(timm.create_model("resnet18", pretrained=False, num_classes=3))
+    torch.save(model.state_dict(), d / "model.pt")
+    return d / "model.pt"
+
+
+def _resnet_spec(tmp_path: Path, ckpt: Path, extra: str = "", labels: str = LABELS3) -> Path:
+    return _spec(
+        tmp_path,
+        f"""
+        name = "derm-resnet18"
+        source = "timm"
+        arch = "resnet18"
+        checkpoint = "{ckpt}"
+        labels = {labels}
+        input_size = 64
+        {IMAGENET}
+        {extra}
+        """,
+    )
+
+
+def test_a_spec_loads_relative_paths_and_defaults(tmp_path: Path, resnet_ckpt: Path) -> None:
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model.pt").write_bytes(resnet_ckpt.read_bytes())
+    s = load_spec(_resnet_spec(tmp_path, Path("w/model.pt")))
+    assert s.checkpoint == (tmp_path / "w" / "model.pt").resolve()
+    assert s.labels == ("nevus", "melanoma", "bcc") and s.input_size == (3, 64, 64)
+    assert (s.resize, s.canonizer, s.allow_pickle, dict(s.hook_points)) == ("resize", "auto", False, {})
+
+
+def test_build_gives_the_trained_model_and_the_family_defaults(tmp_path: Path, resnet_ckpt: Path) -> None:
+    model, cfg, digest = build(load_spec(_resnet_spec(tmp_path, resnet_ckpt)))
+    ref = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    ref.load_state_dict(torch.load(resnet_ckpt, weights_only=True))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref.eval()(x))
+    assert digest == file_sha256(resnet_ckpt)
+    assert cfg.canonizer == "resnet" and cfg.labels == ("nevus", "melanoma", "bcc")
+    assert cfg.hook_points == {f"layer{i}": f"layer{i}" for i in range(1, 5)}
+    assert cfg.default_cav_layer == "layer3" and cfg.mean == (0.485, 0.456, 0.406)
+
+
+def test_check_runs_forward_canonizer_and_lrp_with_conservation(tmp_path: Path, resnet_ckpt: Path) -> None:
+    report = check(load_spec(_resnet_spec(tmp_path, resnet_ckpt)))
+    assert report.canonized_max_diff < 1e-3
+    rules = {r.rule for r in report.rules}
+    assert len(rules) >= 3 and all(r.rule for r in report.rules)
+    # EpsilonPlusFlat: biases absorb some relevance, never a sign flip or an explosion.
+    for z, r in zip(report.logits, report.relevance_sums, strict=True):
+        assert abs(r) <= 2 * abs(z) + 1e-3
+    assert report.conservation_error < 1.0
+
+
+def test_inspect_lists_stages_with_shapes(tmp_path: Path, resnet_ckpt: Path) -> None:
+    model, cfg, _ = build(load_spec(_resnet_spec(tmp_path, resnet_ckpt)))
+    layers = {la.path: la for la in inspect_layers(model, cfg)}
+    assert layers["layer3"].shape == (256, 4, 4) and layers["layer3"].hook_point == "layer3"
+    assert layers["layer1"].shape == (64, 16, 16)
+
+
+def test_torchvision_vgg_bn_gets_block_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _trained_like(torchvision.models.vgg11_bn(weights=None, num_classes=2))
+    torch.save(model.state_dict(), tmp_path / "vgg.pt")
+    spec = _spec(
+        tmp_path,
+        f"""
+        name = "cxr-vgg11bn"
+        source = "torchvision"
+        arch = "vgg11_bn"
+        checkpoint = "vgg.pt"
+        labels = ["normal", "cardiomegaly"]
+        input_size = 64
+        {IMAGENET}
+        """,
+    )
+    _model, cfg, _ = build(load_spec(spec))
+    assert cfg.canonizer == "vgg" and len(cfg.hook_points) == 5
+    assert cfg.default_cav_layer == list(cfg.hook_points)[-2]
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def test_wrong_label_count_names_the_heads_width(tmp_path: Path, resnet_ckpt: Path) -> None:
+    with pytest.raises(SpecError, match=r"head \(fc.weight\) has 3 outputs but the spec lists 2 labels"):
+        build(load_spec(_resnet_spec(tmp_path, resnet_ckpt, labels='["benign", "malignant"]')))
+
+
+def test_missing_checkpoint_is_named(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="checkpoint not found: .*nope.pt.*relative to the spec file"):
+        build(load_spec(_resnet_spec(tmp_path, Path("nope.pt"))))
+
+
+def test_unknown_architecture_suggests_names(tmp_path: Path, resnet_ckpt: Path) -> None:
+    spec = _resnet_spec(tmp_path, resnet_ckpt).read_text().replace('"resnet18"', '"resnet1_8"')
+    with pytest.raises(UnknownModelError, match=r"timm has no model 'resnet1_8'; did you mean resnet18"):
+        build(load_spec(_spec(tmp_path, spec, "unknown.toml")))
+
+
+def test_checkpoint_of_another_architecture(tmp_path: Path) -> None:
+    torch.save(torchvision.models.vgg11(weights=None, num_classes=3).state_dict(), tmp_path / "vgg.pt")
+    with pytest.raises(WeightsError, match="another architecture"):
+        build(load_spec(_resnet_spec(tmp_path, tmp_path / "vgg.pt")))
+
+
+def test_a_layer_without_a_rule_is_refused_by_name(tmp_path: Path) -> None:
+    from spec_toys import lstm_net
+
+    torch.save(lstm_net(2).state_dict(), tmp_path / "lstm.pt")
+    spec = _spec(
+        tmp_path,
+        f"""
+        name = "toy-lstm"
+        source = "entrypoint"
+        arch = "spec_toys:lstm_net"
+        checkpoint = "lstm.pt"
+        labels = ["a", "b"]
+        input_size = 16
+        canonizer = "vgg"
+        {IMAGENET}
+        [hook_points]
+        stem = "stem"
+        """,
+    )
+    with pytest.raises(ConfigError, match=r"rnn.*LSTM"):
+        check(load_spec(spec))
+
+
+def test_a_pickled_module_needs_allow_pickle(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _trained_like(timm.create_model("resnet18", pretrained=False, num_classes=3))
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(WeightsError, match="allow_pickle = true"):
+        build(load_spec(_resnet_spec(tmp_path, tmp_path / "whole.pt")))
+    loaded, _cfg, _ = build(load_spec(_resnet_spec(tmp_path, tmp_path / "whole.pt", "allow_pickle = true")))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_sha256_that_differs_is_refused(tmp_path: Path, resnet_ckpt: Path) -> None:
+    with pytest.raises(WeightsError, match="sha256 .* is not the spec's 0000"):
+        build(load_spec(_resnet_spec(tmp_path, resnet_ckpt, f'sha256 = "{"0" * 64}"')))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("name = [", "not valid TOML"),
+        ('name = "x"\nlables = []', r"unknown key 'lables' \(did you mean 'labels'\?\)"),
+        ('name = "x"', "missing source, arch, checkpoint, labels, input_size, mean, std"),
+    ],
+)
+def test_malformed_specs(tmp_path: Path, body: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        load_spec(_spec(tmp_path, body))
+
+
+@pytest.mark.parametrize(
+    ("extra_or_replace", "message"),
+    [
+        (('"timm"', '"keras"'), "source: unknown source 'keras'"),
+        ((LABELS3, '["only-one"]'), "need at least 2 distinct labels"),
+        ((LABELS3, '["a", "a"]'), "need at least 2 distinct labels"),
+        (("input_size = 64", "input_size = [1, 64, 64]"), "expected 3 channels"),
+        (("std = [0.229, 0.224, 0.225]", "std = [0.2, 0.0, 0.2]"), "every value must be > 0"),
+        (("mean = [0.485, 0.456, 0.406]", "mean = [124, 116, 104]"), "divide 0-255 values by 255"),
+        (('"derm-resnet18"', '"Derm Model"'), "not a valid model name"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, resnet_ckpt: Path, extra_or_replace, message: str) -> None:
+    old, new = extra_or_replace
+    text = _resnet_spec(tmp_path, resnet_ckpt).read_text().replace(old, new, 1)
+    with pytest.raises(SpecError, match=message):
+        load_spec(_spec(tmp_path, text, "bad.toml"))
+
+
+def test_the_cli_checks_inspects_and_refuses_without_writing(
+    tmp_path: Path, resnet_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medaudit.cli.commands import app
+
+    home = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    runner = CliRunner()
+    spec = _resnet_spec(tmp_path, resnet_ckpt)
+    out = runner.invoke(app, ["model", "check", str(spec), "--rules"])
+    assert out.exit_code == 0, out.output
+    assert "conservation" in out.output and "ok" in out.output and "layer4.1.conv2" in out.output
+    out = runner.invoke(app, ["model", "inspect", str(spec)])
+    assert out.exit_code == 0 and "default CAV layer" in out.output, out.output
+    bad = _resnet_spec(tmp_path, resnet_ckpt, labels='["a", "b"]')
+    out = runner.invoke(app, ["model", "check", str(bad)])
+    assert out.exit_code == 2 and "3 outputs but the spec lists 2 labels" in out.output
+    assert "Traceback" not in out.output
+    assert not home.exists() or not any(home.rglob("*"))
