@@ -24,7 +24,7 @@ from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
-from medaudit.clients.client import (
+from medaudit.clients import (
     DEFAULT_URL,
     AuditResponse,
     CompareResponse,
@@ -50,7 +50,7 @@ SERVICE_PANEL = "Service"
 console = Console()
 err_console = Console(stderr=True)
 
-# Options shared by the service commands (and by `medaudit audit FILE`, see clients.audit_cmd).
+# Options shared by the service commands (and by `medaudit audit FILE`, see medaudit.cli.audit_cmd).
 FILE_ARG = typer.Argument(
     ..., exists=True, dir_okay=False, readable=True, help="PNG, JPEG, TIFF, GIF or DICOM image."
 )

@@ -1,5 +1,11 @@
 """The client and the CLI against a real ``bentoml serve service.api:MedAudit`` (every dependency in
-its own process, auth on) on the tiny two-version store: what a user of the package gets."""
+its own process, auth on) on the tiny two-version store: what a user of the package gets, and every
+Python example of clients/README.md run as written.
+
+Flags go to the real Redis at ``REDIS_URL`` under a per-run key prefix, deleted afterwards; the
+policy is opened wide (``MEDAUDIT_FLAG_FPR=0.99``, share 0) so that the random models flag every
+audit and the README's review example finds a flag to resolve.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,11 @@ import asyncio
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medaudit.clients.client import AsyncMedauditClient, MedauditClient, Unauthorized, UnknownVersion
+from medaudit.clients import AsyncMedauditClient, MedauditClient, Unauthorized, UnknownVersion
 from medaudit.service.auth import hash_key
 from medaudit.service.process import free_port, served
 
@@ -28,8 +37,11 @@ pytestmark = [
 ]
 
 SALT, CLIENT_KEY = "e2e-salt", "e2e-client-key-0123456789abcdef"
+REVIEWER_KEY = "e2e-reviewer-key-0123456789abcdef"
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+README = ROOT / "clients" / "README.md"
 
 
 def _png(size: int = 40, seed: int = 0) -> bytes:
@@ -40,13 +52,38 @@ def _png(size: int = 40, seed: int = 0) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def url(tiny_deployment: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def flag_prefix() -> Iterator[str]:
+    """The Redis key prefix of this module's flags; every key under it is deleted afterwards."""
+    from medaudit.service.flags.events import FlagKeys
+    from medaudit.service.flags.redis_conn import answers, connect
+
+    prefix = f"test-e2e-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    if answers(REDIS_URL, timeout=2.0):
+        r = connect(REDIS_URL)
+        try:
+            for k in r.scan_iter(match=FlagKeys(prefix).scan_pattern()):
+                r.delete(k)
+        finally:
+            r.close()
+
+
+@pytest.fixture(scope="module")
+def url(
+    tiny_deployment: dict[str, str], flag_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """``bentoml serve`` (service.process.served) on a free port, ready before the first test."""
     env = {
         **tiny_deployment,
         "MEDAUDIT_AUTH": "on",
-        "MEDAUDIT_API_KEYS": f"client:{hash_key(CLIENT_KEY, SALT)}",
+        "MEDAUDIT_API_KEYS": f"client:{hash_key(CLIENT_KEY, SALT)},reviewer:{hash_key(REVIEWER_KEY, SALT)}",
         "MEDAUDIT_API_KEY_SALT": SALT,
+        "MEDAUDIT_FLAGS": "on",
+        "MEDAUDIT_FLAG_FPR": "0.99",
+        "MEDAUDIT_FLAG_SHARE": "0",
+        "MEDAUDIT_FLAG_PREFIX": flag_prefix,
+        "MEDAUDIT_FLAG_SPOOL_DIR": str(tmp_path_factory.mktemp("spool")),
+        "REDIS_URL": REDIS_URL,
         "OMP_NUM_THREADS": "1",
     }
     with served(env, tmp_path_factory.mktemp("e2e") / "serve.log") as base:
@@ -140,3 +177,65 @@ def test_cli_against_the_served_app(url: str, tmp_path: Path) -> None:
         out.stderr
     )
     assert "Traceback" not in out.stderr
+
+
+def _python_blocks(text: str) -> list[tuple[int, str]]:
+    """The ```python blocks of a Markdown text, each with the line its code starts on."""
+    return [
+        (text.count("\n", 0, m.start(1)) + 1, m.group(1))
+        for m in re.finditer(r"^```python\n(.*?)^```$", text, flags=re.M | re.S)
+    ]
+
+
+@pytest.mark.redis
+def test_readme_examples_run(
+    url: str, flag_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every Python example of clients/README.md, as written, against the served store: they read
+    the URL and key from the environment and the images ``lesion.png`` and ``scan.dcm`` from the
+    working directory. The key is a reviewer's, which may call every endpoint."""
+    from pydicom.data import get_testdata_file
+
+    from medaudit.service.flags.events import FlagKeys
+    from medaudit.service.flags.redis_conn import answers, connect
+    from medaudit.service.flags.worker import Worker, WorkerConfig
+
+    if not answers(REDIS_URL, timeout=2.0):
+        pytest.skip(f"no Redis answers at {REDIS_URL}; the review examples need a flag in the queue")
+    # One flag in the review queue for the review example: every audit flags under this module's
+    # policy, and the worker turns the published events into review records.
+    keys, rid = FlagKeys(flag_prefix), f"readme-{uuid.uuid4().hex[:8]}"
+    with MedauditClient(url, api_key=CLIENT_KEY) as mc:
+        assert mc.audit(_png(seed=7), version="vanilla", request_id=rid).flag.flagged
+    r = connect(REDIS_URL, timeout=5.0)
+    try:
+        deadline = time.monotonic() + 10
+        while rid.encode() not in {f[b"request_id"] for _, f in r.xrange(keys.stream)}:
+            assert time.monotonic() < deadline, f"the flag of {rid} never reached the stream"
+            time.sleep(0.1)
+        Worker(r, keys, WorkerConfig(consumer="readme", block_ms=200)).run(drain=True)
+    finally:
+        r.close()
+
+    dicom = get_testdata_file("MR_small.dcm", download=False)
+    assert isinstance(dicom, str)
+    (tmp_path / "lesion.png").write_bytes(_png(size=48))
+    shutil.copy(dicom, tmp_path / "scan.dcm")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEDAUDIT_URL", url)
+    monkeypatch.setenv("MEDAUDIT_API_KEY", REVIEWER_KEY)
+    blocks = _python_blocks(README.read_text())
+    assert len(blocks) == 10, [line for line, _ in blocks]
+    for line, code in blocks:
+        # Padded so that a traceback names the README's own line.
+        exec(compile("\n" * (line - 1) + code, str(README), "exec"), {"__name__": "__main__"})
+
+    with Image.open(tmp_path / "lesion_heatmap.png") as im:
+        assert im.size == (32, 32)
+    assert {p.name for p in tmp_path.glob("lesion_*_heatmap.png")} >= {
+        "lesion_vanilla_heatmap.png",
+        "lesion_pclarc-band_aid_heatmap.png",
+    }
+    with MedauditClient(url, api_key=REVIEWER_KEY) as mc:
+        resolved = mc.reviews("resolved")
+    assert resolved.total == 1 and resolved.items[0].verdict == "artifact_confirmed", resolved

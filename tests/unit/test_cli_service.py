@@ -172,7 +172,7 @@ def test_audit_modes_refuse_each_others_options(run, image: Path, tmp_path: Path
 
 def test_saved_heatmap_is_the_clients_png(run, image: Path, tmp_path: Path, live_service) -> None:
     """The file on disk is byte for byte the PNG the client decoded (no re-encoding on the way)."""
-    from medaudit.clients.client import MedauditClient
+    from medaudit.clients import MedauditClient
 
     res = run("audit", str(image), "--version", "vanilla", "--out", str(tmp_path))
     assert res.exit_code == 0, res.output

@@ -1,4 +1,4 @@
-"""The HTTP client (clients/client.py): parsing and error mapping against the in-process service
+"""The HTTP client (medaudit.clients): parsing and error mapping against the in-process service
 (starlette's TestClient injected), retries against a tiny real HTTP server that fails on purpose,
 and the async client against the service over a real socket (uvicorn in a thread)."""
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medaudit.clients.client import (
+from medaudit.clients import (
     AsyncMedauditClient,
     AuditResponse,
     InvalidInput,
@@ -32,9 +32,9 @@ from medaudit.clients.client import (
     Unauthorized,
     UnknownVersion,
     encode_image,
-    parse_retry_after,
     sniff_content_type,
 )
+from medaudit.clients.retry import parse_retry_after
 from medaudit.service.process import free_port
 
 # bentoml 1.4.40 builds its IO schemas through a pydantic hook deprecated in pydantic 2.11: theirs to fix.
