@@ -1,6 +1,6 @@
 """Benchmark: the served app under concurrent load — /predict (ONNX Runtime vs eager torch) and /audit.
 
-Starts real ``bentoml serve service.api:MedAudit`` processes on a built store (``make demo`` builds
+Starts real ``bentoml serve medaudit.service.api:MedAudit`` processes on a built store (``make demo`` builds
 one under ``artifacts/bentoml``) and drives them with concurrent HTTP clients, every contender in
 the same run:
 

@@ -1,4 +1,4 @@
-"""``python -m medaudit.service``: serve the store with ``bentoml serve service.api:MedAudit``.
+"""``python -m medaudit.service``: serve the store with ``bentoml serve medaudit.service.api:MedAudit``.
 
 Usage::
 

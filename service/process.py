@@ -1,4 +1,4 @@
-"""Run ``bentoml serve service.api:MedAudit`` as a child process and wait until it is ready.
+"""Run ``bentoml serve medaudit.service.api:MedAudit`` as a child process and wait until it is ready.
 
 What the tier-3 tests, the live Prometheus check and ``benchmarks/serve.py`` share: start a real
 server on a free port, poll ``/readyz``, hand back its base URL, and always stop it (SIGTERM, then

@@ -1,5 +1,5 @@
-"""The client and the CLI against a real ``bentoml serve service.api:MedAudit`` (every dependency in
-its own process, auth on) on the tiny two-version store: what a user of the package gets, and every
+"""The client and the CLI against a real ``bentoml serve medaudit.service.api:MedAudit`` (every
+dependency in its own process, auth on) on the tiny two-version store: what a user of the package gets, and every
 Python example of clients/README.md run as written.
 
 Flags go to the real Redis at ``REDIS_URL`` under a per-run key prefix, deleted afterwards; the
