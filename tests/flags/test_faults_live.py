@@ -1,8 +1,9 @@
 """Issue #9, faults: the flag pipeline under injected failures, with real processes only.
 
 Every test runs ``bentoml serve medaudit.service.api:MedAudit``
-(:func:`medaudit.service.process.served`) on the tiny store with the flag policy opened wide (every audit flags), against a ``redis-server`` of its own
-(:class:`flagtools.RedisServer`: appendonly, fsync always) that it kills, restarts or slows down,
+(:func:`medaudit.service.process.served`) on the tiny store with the flag policy opened wide
+(every audit flags), against a ``redis-server`` of its own (:class:`flagtools.RedisServer`:
+appendonly, fsync always) that it kills, restarts or slows down,
 while client threads post ``/audit`` requests over HTTP. Nothing is mocked: not Redis, not the
 model, not the worker.
 

@@ -1,6 +1,6 @@
 """The client and the CLI against a real ``bentoml serve medaudit.service.api:MedAudit`` (every
-dependency in its own process, auth on) on the tiny two-version store: what a user of the package gets, and every
-Python example of clients/README.md run as written.
+dependency in its own process, auth on) on the tiny two-version store: what a user of the package
+gets, and every Python example of clients/README.md run as written.
 
 Flags go to the real Redis at ``REDIS_URL`` under a per-run key prefix, deleted afterwards; the
 policy is opened wide (``MEDAUDIT_FLAG_FPR=0.99``, share 0) so that the random models flag every
