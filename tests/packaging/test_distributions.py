@@ -269,7 +269,7 @@ def test_the_client_wheel_alone_runs_every_call_against_a_served_store(
         # The answers equal what this environment's client gets for the same image and version.
         with MedauditClient(url, api_key=CLIENT_KEY) as mc:
             ref = mc.predict(png, version="vanilla").prediction
-            labels = set(mc.model_card("vanilla").card["model_config"]["labels"])
+            labels = mc.models()["vanilla"].labels
         assert got["predict"]["label"] == ref.label and got["predict"]["label"] in labels
         for k, p in ref.probabilities.items():
             assert abs(got["predict"]["probabilities"][k] - p) <= 1e-6
@@ -289,7 +289,8 @@ def test_the_client_wheel_alone_runs_every_call_against_a_served_store(
         assert stats.written >= 2 and stats.failed == 0
         rev = json.loads(_run([*py, "reviews"], cwd=tmp_path, env=run_env).stdout)
     assert rev["total"] == stats.written and rev["status"] == "open" and rev["heatmap"] == png_magic
-    assert (rev["verdict"], rev["reviewer"], rev["again"]) == ("false_alarm", "reviewer", "already_resolved")
+    assert (rev["verdict"], rev["again"]) == ("false_alarm", "already_resolved"), rev
+    assert rev["reviewer"], rev  # the reviewer key's id
     assert rev["resolved_total"] == 1
 
 

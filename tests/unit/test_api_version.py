@@ -14,6 +14,9 @@ import pytest
 import medaudit.clients as mc_client
 from medaudit.service.middleware import API_VERSION
 
+# bentoml 1.4.40 builds its IO schemas through a pydantic hook deprecated in pydantic 2.11.
+pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
+
 
 def test_client_and_service_speak_the_same_api() -> None:
     assert mc_client.API_VERSION == API_VERSION

@@ -50,7 +50,11 @@ def _module_name(path: Path) -> str:
 
 
 def _files(folder: str) -> list[Path]:
-    return sorted(p for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts)
+    """The folder's sources; not build/ (setuptools' scratch copy when a distribution is built in place)."""
+    root = ROOT / folder
+    return sorted(
+        p for p in root.rglob("*.py") if not {"__pycache__", "build"} & set(p.relative_to(root).parts)
+    )
 
 
 def _imported(node: ast.AST) -> list[str]:
