@@ -305,7 +305,7 @@ def prefix_fingerprint(model: nn.Module, cfg: ModelCfg, layer: str) -> str:
     projections excluded: two models with equal fingerprints compute the same activation at ℓ
     before any projection (same architecture class assumed: versions of one build)."""
     from medaudit.models.corrections.base import frozen_module_names
-    from medaudit.models.corrections.pclarc import ClarcProjection
+    from medaudit.models.corrections.projection import ClarcProjection
 
     h = hashlib.sha256(type(model).__name__.encode())
     modules = dict(model.named_modules())
@@ -350,7 +350,7 @@ def _resume_at(model: nn.Module, cfg: ModelCfg, layer: str, store: dict[str, tor
     :func:`~models.corrections.base.capture` with ``before_correction``) is replaced by
     ``store["a"]``: a forward on an **empty** batch then costs nothing before ℓ and runs the layers
     after ℓ on the stored maps."""
-    from medaudit.models.corrections.pclarc import ClarcProjection
+    from medaudit.models.corrections.projection import ClarcProjection
 
     module = hook_module(model, cfg, layer)
     last = list(module.children())[-1] if isinstance(module, nn.Sequential) and len(module) else None

@@ -19,13 +19,8 @@ from medaudit.models.corrections.base import (
     freeze_up_to,
     pooled_activations,
 )
-from medaudit.models.corrections.pclarc import (
-    ClarcProjection,
-    PClarc,
-    ReactivePClarc,
-    find_projection,
-    insert_projection,
-)
+from medaudit.models.corrections.pclarc import PClarc, ReactivePClarc
+from medaudit.models.corrections.projection import ClarcProjection, find_projection, insert_projection
 from medaudit.models.corrections.rrclarc import RRClarc, rrclarc_penalty
 from medaudit.models.corrections.rrr import RRR, rrr_penalty
 from medaudit.models.corrections.vanilla import Original, Vanilla

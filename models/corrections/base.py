@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medaudit.models.corrections.fast_prefix import fast_view
+from medaudit.models.corrections.projection import ClarcProjection
 from medaudit.models.errors import ConfigError
 from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg, get_module, hook_module
@@ -141,8 +142,6 @@ def capture(
     forward there (the caller catches it; for no-grad callers that need nothing after ``layer``).
     The hook is removed in ``finally``.
     """
-    from medaudit.models.corrections.pclarc import ClarcProjection  # circular at import time
-
     module = hook_module(model, cfg, layer)
     store: dict[str, torch.Tensor] = {}
     last = list(module.children())[-1] if isinstance(module, nn.Sequential) and len(module) else None

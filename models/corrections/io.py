@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medaudit.models.corrections.pclarc import ClarcProjection, find_projection, insert_projection
+from medaudit.models.corrections.projection import ClarcProjection, find_projection, insert_projection
 from medaudit.models.errors import WeightsError
 from medaudit.models.registry import ModelCfg, create_model, load_checkpoint_file
 
