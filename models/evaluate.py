@@ -40,7 +40,7 @@ from medaudit.models.corrections.base import capture, pooled_activations
 from medaudit.models.errors import ConfigError
 from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg, hook_module
-from medaudit.models.train import normalize, predict, shared_rows
+from medaudit.models.train import predict, shared_rows
 from medaudit.models.xai.localize import artifact_relevance_eval
 from medaudit.models.xai.metrics import retrieval_metrics
 
@@ -90,7 +90,7 @@ def input_heatmaps(
     explainer = Explainer(model, cfg)
     out = []
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i : i + batch_size], cfg).float()
+        x = cfg.normalize(images[i : i + batch_size]).float()
         y = tuple(int(k) for k in labels[i : i + batch_size])
         exp = explainer.explain(x, [ClassTarget(y)], init_rel=1.0)
         out.append(exp.heatmaps[0].double().numpy())
@@ -159,7 +159,7 @@ def directional_derivatives(
     out = []
     with capture(model, cfg, layer, before_correction=True) as store:
         for i in range(0, len(images), batch_size):
-            x = normalize(images[i : i + batch_size], cfg).float().requires_grad_(True)
+            x = cfg.normalize(images[i : i + batch_size]).float().requires_grad_(True)
             with torch.enable_grad():
                 logits = model(x)
                 (grad,) = torch.autograd.grad(logits[:, target_class].sum(), store["a"])
@@ -285,7 +285,7 @@ def logits_and_pooled(
     logits, acts = [], []
     with capture(model, cfg, layer, before_correction=False) as store:
         for i in range(0, len(images), batch_size):
-            logits.append(model(normalize(images[i : i + batch_size].to(dev), cfg)).cpu())
+            logits.append(model(cfg.normalize(images[i : i + batch_size].to(dev))).cpu())
             acts.append(max_pool_spatial(store["a"]).double().cpu())
     return torch.cat(logits), torch.cat(acts).numpy()
 
@@ -417,7 +417,7 @@ class _Forwards:
             capture(self.model, self.cfg, self.layer, before_correction=False) as post,
         ):
             for i in range(0, len(images), self.bs):
-                logits.append(self.model(normalize(images[i : i + self.bs], self.cfg)))
+                logits.append(self.model(self.cfg.normalize(images[i : i + self.bs])))
                 if record:
                     maps.append(pre["a"].clone())
                 if pooled:

@@ -22,7 +22,6 @@ from torch import nn
 
 from medaudit.models.errors import MedauditError
 from medaudit.models.registry import ModelCfg
-from medaudit.models.train import normalize
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ def check_parity(
     model.eval()
     worst = 0.0
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i : i + batch_size], cfg).float()
+        x = cfg.normalize(images[i : i + batch_size]).float()
         with torch.no_grad():
             ref = model(x).numpy()
         got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]

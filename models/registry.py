@@ -47,6 +47,18 @@ class ModelCfg:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW or float [0, 1] NCHW images -> this model's input: ``(x - mean) / std``.
+
+        The one definition of input normalisation: training, evaluation, corrections, the audit
+        and the service all call it, so a model's own mean/std (a model spec's) reach every path.
+        """
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
     def with_labels(self, labels: tuple[str, ...]) -> ModelCfg:
         return replace(self, labels=tuple(labels))
 

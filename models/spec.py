@@ -457,10 +457,9 @@ class LayerInfo:
 
 def probe_batch(cfg: ModelCfg, n: int = 2, seed: int = 0) -> torch.Tensor:
     """``n`` seeded random images at the model's input size, normalised as the model expects."""
-    from medaudit.models.train import normalize
 
     g = torch.Generator().manual_seed(seed)
-    return normalize(torch.rand(n, *cfg.input_size, generator=g), cfg)
+    return cfg.normalize(torch.rand(n, *cfg.input_size, generator=g))
 
 
 def inspect_layers(model: nn.Module, cfg: ModelCfg, max_depth: int = 3) -> list[LayerInfo]:

@@ -58,15 +58,6 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def normalize(x: torch.Tensor, cfg: ModelCfg) -> torch.Tensor:
-    """uint8 NCHW or float [0, 1] NCHW -> the model's normalised input."""
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255)
-    mean = torch.tensor(cfg.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
-
-
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Flips, 90° rotations and mild brightness/contrast jitter, on [0, 1] images."""
     B, dev = x.shape[0], x.device
@@ -139,7 +130,7 @@ def predict(model: nn.Module, X: torch.Tensor, cfg: ModelCfg, batch_size: int = 
     """Logits for uint8 images, in batches."""
     model.eval()
     dev = next(model.parameters()).device
-    out = [model(normalize(X[i : i + batch_size].to(dev), cfg)).cpu() for i in range(0, len(X), batch_size)]
+    out = [model(cfg.normalize(X[i : i + batch_size].to(dev))).cpu() for i in range(0, len(X), batch_size)]
     return torch.cat(out)
 
 
@@ -278,7 +269,7 @@ def train(
             x = Xtr[idx].to(device).float().div_(255)
             if tcfg.augment:
                 x = augment(x, g)
-            x = normalize(x, mcfg).contiguous(memory_format=torch.channels_last)
+            x = mcfg.normalize(x).contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(x), ytr[idx].to(device), weight=weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -16,7 +16,6 @@ from medaudit.models.audit.options import SPLITS, AuditOptions, Progress
 from medaudit.models.audit.sources import AuditSource
 from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg
-from medaudit.models.train import normalize
 from medaudit.models.xai.lrp import Explainer
 from medaudit.models.xai.reveal import downsample
 
@@ -67,7 +66,7 @@ def collect(
         for s in range(0, len(idx), opts.batch_size):
             b = idx[s : s + opts.batch_size]
             e = explainer.explain(
-                normalize(src.images(b), cfg), ["pred"], cav_layers=layers, relevance_layers=[layer]
+                cfg.normalize(src.images(b)), ["pred"], cav_layers=layers, relevance_layers=[layer]
             )
             for ln in layers:
                 acts[ln].append(e.activations[ln].float().numpy())

@@ -22,7 +22,6 @@ from medaudit.models.audit.results import ConceptAudit, LocalizedSample
 from medaudit.models.audit.sources import AuditSource
 from medaudit.models.errors import ConfigError
 from medaudit.models.registry import ModelCfg
-from medaudit.models.train import normalize
 from medaudit.models.xai.concepts import ConceptBank, cav_score
 from medaudit.models.xai.localize import artifact_relevance_rho, binarize, iou
 from medaudit.models.xai.lrp import ConceptTarget, Explainer
@@ -135,7 +134,7 @@ def audit_concept(
     for b0 in range(0, len(todo), opts.batch_size):
         b = todo[b0 : b0 + opts.batch_size]
         X = src.images(b)
-        hm = explainer.explain(normalize(X, cfg), [target], logits=False).heatmaps[0].double().numpy()
+        hm = explainer.explain(cfg.normalize(X), [target], logits=False).heatmaps[0].double().numpy()
         for j, i in enumerate(b):
             h = hm[j]
             mask = binarize(h)

@@ -18,7 +18,6 @@ from medaudit.models.audit.results import Discovery, Outlier
 from medaudit.models.audit.sources import AuditSource
 from medaudit.models.errors import InvalidArrayError
 from medaudit.models.registry import ModelCfg
-from medaudit.models.train import normalize
 from medaudit.models.xai.lrp import Explainer
 from medaudit.models.xai.reveal import (
     OUTLIER_Z,
@@ -161,7 +160,7 @@ def _heatmaps(
     for b0 in range(0, len(idx), opts.batch_size):
         b = list(idx[b0 : b0 + opts.batch_size])
         X = src.images(b)
-        hm = explainer.explain(normalize(X, cfg), ["pred"]).heatmaps[0].float().numpy()
+        hm = explainer.explain(cfg.normalize(X), ["pred"]).heatmaps[0].float().numpy()
         for j, i in enumerate(b):
             images[i] = X[j].permute(1, 2, 0).numpy().copy()
             heatmaps[i] = hm[j]

@@ -34,7 +34,7 @@ from medaudit.models.corrections.projection import ClarcProjection
 from medaudit.models.errors import ConfigError
 from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg, get_module, hook_module
-from medaudit.models.train import class_weights, normalize
+from medaudit.models.train import class_weights
 from medaudit.models.xai.concepts import fit_cav
 
 #: ``gradient_clip_val`` of the authors' Trainer (method.md §4.1).
@@ -192,7 +192,7 @@ def pooled_activations(
     with capture(model, cfg, layer, before_correction=before_correction, stop=True) as store:
         for i in range(0, len(images), batch_size):
             with contextlib.suppress(_ForwardStopped):
-                model(normalize(images[i : i + batch_size], cfg))
+                model(cfg.normalize(images[i : i + batch_size]))
             out.append(max_pool_spatial(store.pop("a")).double())
     return torch.cat(out).numpy()
 
@@ -468,7 +468,7 @@ def finetune(
             m = data.masks[idx].float() if data.masks is not None else None
             if ft.augment:
                 x, m = augment_pair(x, m, g)
-            batch = Batch(normalize(x, cfg), labels[idx], m, flog.steps, g)
+            batch = Batch(cfg.normalize(x), labels[idx], m, flog.steps, g)
             if penalty is None:
                 logits, pen = run(batch.x), torch.zeros(())
             else:

@@ -1,4 +1,6 @@
-"""AuditEngine (tier 1: no transport): predictions, audits, comparison, and the flag rule as a table."""
+"""AuditEngine (tier 1: no transport): predictions, audits (scores, no flag decision), comparison.
+
+The flag rule itself is the policy's, tested as a table in tests/flags/test_policy.py."""
 
 from __future__ import annotations
 
@@ -9,48 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medaudit.service.audit import (
-    AuditEngine,
-    AuditResult,
-    ConceptScore,
-    FlagThresholds,
-    compare,
-    decide_flag,
-    version_tag,
-)
+from medaudit.service.audit import AuditEngine, AuditResult, compare, version_tag
 from medaudit.service.errors import UnknownModelVersionError
+from medaudit.service.flags.policy import ConceptPolicy, PolicyConfig, evaluate
 
 
-def _score(concept: str, present: bool, share: float) -> ConceptScore:
-    return ConceptScore(concept, 1.0, 97.0, present, 0.5, share)
-
-
-@pytest.mark.parametrize(
-    ("concepts", "threshold", "flagged", "names"),
-    [
-        ([], 0.2, False, ()),
-        ([_score("band_aid", False, 0.9)], 0.2, False, ()),  # absent: high share alone never flags
-        ([_score("band_aid", True, 0.1)], 0.2, False, ()),  # present but not used
-        ([_score("band_aid", True, 0.2)], 0.2, False, ()),  # equal to the threshold: no flag
-        ([_score("band_aid", True, 0.21)], 0.2, True, ("band_aid",)),
-        ([_score("band_aid", True, 0.5), _score("ruler", True, 0.9)], 0.2, True, ("band_aid", "ruler")),
-        ([_score("band_aid", True, 0.5), _score("ruler", False, 0.9)], 0.2, True, ("band_aid",)),
-        ([_score("band_aid", True, 0.0)], 0.0, False, ()),
-        ([_score("band_aid", True, 1.0)], 1.0, False, ()),
-    ],
-)
-def test_decide_flag_table(concepts, threshold, flagged, names) -> None:
-    d = decide_flag(concepts, FlagThresholds(relevance_share=threshold))
-    assert d.flagged is flagged and d.concepts == names and len(d.reasons) == len(names)
-    for n, r in zip(names, d.reasons, strict=True):
-        assert r.startswith(n) and "present" in r
-
-
-def test_flag_thresholds_refuse_out_of_range_values() -> None:
-    with pytest.raises(ValueError, match="relevance_share"):
-        FlagThresholds(relevance_share=1.5)
-    with pytest.raises(ValueError, match="fpr"):
-        FlagThresholds(fpr=0.0)
+def test_presence_fpr_refuses_out_of_range_values(tiny_store) -> None:
+    for fpr in (0.0, 1.0):
+        with pytest.raises(ValueError, match="fpr"):
+            AuditEngine.from_store("vanilla", home=tiny_store, fpr=fpr)
 
 
 def test_version_tag() -> None:
@@ -97,8 +66,8 @@ def test_audit_result_structure(engines) -> None:
         assert (c.mask_png is not None) == c.present
         if c.mask_png:
             assert set(np.unique(_png(c.mask_png))) <= {0, 255}
-    assert r.flag == decide_flag(r.concepts, eng.thresholds)
     body = r.to_json()
+    assert "flag" not in body  # the engine scores; the flag policy decides
     raw = np.frombuffer(base64.b64decode(body["heatmap"]["data"]), dtype="<f2").reshape(
         body["heatmap"]["shape"]
     )
@@ -113,12 +82,13 @@ def test_present_concepts_get_masks_and_flags_follow_thresholds(engines) -> None
     eng = engines["vanilla"]
     img = np.random.default_rng(2).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     always = AuditEngine.__new__(AuditEngine)
-    always.__dict__.update(eng.__dict__, thresholds=FlagThresholds(relevance_share=0.0, fpr=0.999))
+    always.__dict__.update(eng.__dict__, fpr=0.999)
     (r,) = always.audit([img])
     present = [c for c in r.concepts if c.present]
     assert present, "at FPR 0.999 the threshold is the lowest clean score"
     assert all(c.mask_png for c in present)
-    assert r.flag.flagged == any(c.relevance_share > 0 for c in present)
+    share_zero = PolicyConfig(ConceptPolicy(share=0.0))
+    assert evaluate(r, share_zero).flagged == any(c.relevance_share > 0 for c in present)
 
 
 def test_two_phase_audit_matches_one_joint_lrp_call(engines) -> None:
@@ -131,7 +101,7 @@ def test_two_phase_audit_matches_one_joint_lrp_call(engines) -> None:
 
     eng = engines["vanilla"]
     wide = AuditEngine.__new__(AuditEngine)
-    wide.__dict__.update(eng.__dict__, thresholds=FlagThresholds(relevance_share=0.0, fpr=0.5))
+    wide.__dict__.update(eng.__dict__, fpr=0.5)
     noise = [
         np.random.default_rng(10 + i).integers(0, 256, size=(32, 32, 3), dtype=np.uint8) for i in range(4)
     ]
@@ -158,6 +128,9 @@ def test_compare_side_by_side_and_unknown_version(engines) -> None:
     labels = {r.prediction.label for r in cmp.results.values()}
     assert cmp.labels_agree == (len(labels) == 1)
     assert cmp.to_json()["agreement"] == {"label": cmp.labels_agree, "flag": cmp.flags_agree}
+    flags = {evaluate(r).flagged for r in cmp.results.values()}  # the default policy's decisions
+    assert cmp.flags_agree == (len(flags) == 1)
+    assert all(cmp.to_json()["results"][v]["flag"] == evaluate(r).to_json() for v, r in cmp.results.items())
     with pytest.raises(UnknownModelVersionError) as e:
         compare(engines, img, ["vanilla", "nope"])
     assert e.value.status == 404 and e.value.to_json()["valid_versions"] == ["pclarc-band_aid", "vanilla"]
@@ -165,7 +138,7 @@ def test_compare_side_by_side_and_unknown_version(engines) -> None:
 
 def test_onnx_input_is_the_torch_input_bit_for_bit(engines, tiny_store) -> None:
     """The ONNX path normalises in numpy (no torch thread pool next to ONNX Runtime's): the same
-    float32 bits as models.train.normalize, so both backends see one input and agree."""
+    float32 bits as ModelCfg.normalize, so both backends see one input and agree."""
     from medaudit.service.audit import TorchPredictor
 
     onnx = engines["vanilla"].predictor

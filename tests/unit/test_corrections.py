@@ -141,13 +141,12 @@ def _full_forward_phi(
     model: nn.Module, cfg: ModelCfg, layer: str, X: torch.Tensor, before: bool
 ) -> np.ndarray:
     """φ as pooled_activations computed it before the early exit: a whole forward per batch of 2."""
-    from medaudit.models.train import normalize
 
     model.eval()
     out = []
     with torch.no_grad(), capture(model, cfg, layer, before_correction=before) as store:
         for i in range(0, len(X), 2):
-            model(normalize(X[i : i + 2], cfg))
+            model(cfg.normalize(X[i : i + 2]))
             out.append(store["a"].flatten(2).amax(-1).double().numpy())
     return np.concatenate(out)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from medaudit.models.data.synthetic import SynthDermConfig
 from medaudit.models.registry import create_model
-from medaudit.models.train import TrainConfig, augment, class_weights, normalize, train
+from medaudit.models.train import TrainConfig, augment, class_weights, train
 
 TINY = TrainConfig(
     arch="resnet18",
@@ -38,7 +38,7 @@ def test_augment_keeps_range_shape_and_is_seeded() -> None:
 def test_normalize_uses_half_mean_std() -> None:
     _, cfg = create_model("resnet18")
     x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
-    assert torch.equal(normalize(x, cfg), torch.tensor([-1.0, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2))
+    assert torch.equal(cfg.normalize(x), torch.tensor([-1.0, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2))
 
 
 def test_smoke_train_writes_checkpoint_and_card_and_resumes(tmp_path) -> None:
