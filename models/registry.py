@@ -12,7 +12,7 @@ modules of ``features``; the ViT's ``inspection_layer`` is the CLS token after t
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,12 @@ class ModelCfg:
     canonizer: str = ""  # id understood by models.xai.canonizers
     #: whether the input size is fixed by the architecture (ViT position embeddings).
     fixed_size: bool = False
+    #: extra keyword arguments of the constructor (a model spec's ``factory_kwargs``).
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: how an image becomes ``input_size``: "resize" (stretch) or "center_crop" (resize the short
+    #: side to side / crop_pct, then crop the centre: torchvision's and timm's eval transform).
+    resize: str = "resize"
+    crop_pct: float = 0.875
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +83,9 @@ class ModelCfg:
             "default_cav_layer": self.default_cav_layer,
             "canonizer": self.canonizer,
             "fixed_size": self.fixed_size,
+            "factory_kwargs": dict(self.factory_kwargs),
+            "resize": self.resize,
+            "crop_pct": self.crop_pct,
         }
 
     @classmethod
@@ -92,6 +101,9 @@ class ModelCfg:
             default_cav_layer=d["default_cav_layer"],
             canonizer=d["canonizer"],
             fixed_size=bool(d.get("fixed_size", False)),
+            factory_kwargs=dict(d.get("factory_kwargs") or {}),
+            resize=str(d.get("resize", "resize")),
+            crop_pct=float(d.get("crop_pct", 0.875)),
         )
 
 
@@ -184,6 +196,65 @@ def create_model(
         except RuntimeError as e:
             raise WeightsError(f"checkpoint {weights} does not fit {cfg.arch}: {e}") from e
     return model.eval(), cfg
+
+
+def build_architecture(cfg: ModelCfg) -> nn.Module:
+    """An untrained network for ``cfg``, in eval mode: the registered builder when ``cfg`` names a
+    registered architecture from the same source, else the architecture built from its source by
+    name (:func:`construct`) — how a model spec's versions are rebuilt when loaded."""
+    registered = _REGISTRY.get(cfg.arch)
+    if registered is not None and registered[0].source == cfg.source and not cfg.factory_kwargs:
+        return registered[1](cfg).eval()
+    return construct(cfg.source, cfg.arch, cfg.num_classes, cfg.factory_kwargs).eval()
+
+
+def construct(source: str, arch: str, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Module:
+    """A network by name, offline (never pretrained weights): ``timm`` and ``torchvision`` get
+    ``num_classes``; an ``entrypoint`` (``package.module:factory``) is called with ``kwargs`` only.
+
+    Raises:
+        UnknownModelError: An unknown source or name (with the closest names), a module that does
+            not import, or a factory that returns something else than an ``nn.Module``.
+    """
+    import difflib
+    import importlib
+
+    if source in ("timm", "torchvision"):
+        if source == "timm":
+            import timm
+
+            names, make = (
+                timm.list_models(),
+                lambda: timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs),
+            )
+        else:
+            import torchvision
+
+            names, make = (
+                torchvision.models.list_models(),
+                lambda: torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs),
+            )
+        if arch not in names:
+            near = difflib.get_close_matches(arch, names, n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise UnknownModelError(f"{source} has no model {arch!r}{hint}")
+        return make()
+    if source != "entrypoint":
+        raise UnknownModelError(f"unknown model source {source!r}; valid: timm, torchvision, entrypoint")
+    module_name, _, factory_name = arch.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UnknownModelError(
+            f"cannot import {module_name!r} ({e}); install the package that provides it here"
+        ) from e
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UnknownModelError(f"{module_name} has no callable {factory_name!r}")
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise UnknownModelError(f"{arch}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:

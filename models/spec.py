@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
 import pickle
 import tomllib
 from collections.abc import Mapping
@@ -44,7 +43,7 @@ import torch
 from torch import nn
 
 from medaudit.models.errors import ConfigError, UnknownModelError, WeightsError
-from medaudit.models.registry import ModelCfg
+from medaudit.models.registry import ModelCfg, construct
 
 SOURCES = ("timm", "torchvision", "entrypoint")
 RESIZE_POLICIES = ("resize", "center_crop")
@@ -293,6 +292,9 @@ def build(spec: ModelSpec) -> tuple[nn.Module, ModelCfg, str]:
         hook_points=hooks,
         default_cav_layer=default,
         canonizer=family,
+        factory_kwargs=dict(spec.factory_kwargs),
+        resize=spec.resize,
+        crop_pct=spec.crop_pct,
     )
     return model, cfg, digest
 
@@ -327,41 +329,10 @@ def _read_checkpoint(spec: ModelSpec) -> Any:
 
 
 def _construct(spec: ModelSpec) -> nn.Module:
-    kwargs = dict(spec.factory_kwargs)
-    if spec.source == "timm":
-        import timm
-
-        if spec.arch not in timm.list_models():
-            raise _unknown(spec, timm.list_models())
-        return timm.create_model(spec.arch, pretrained=False, num_classes=len(spec.labels), **kwargs)
-    if spec.source == "torchvision":
-        import torchvision
-
-        names = torchvision.models.list_models()
-        if spec.arch not in names:
-            raise _unknown(spec, names)
-        return torchvision.models.get_model(spec.arch, weights=None, num_classes=len(spec.labels), **kwargs)
-    module_name, _, factory_name = spec.arch.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UnknownModelError(
-            f"{spec.path}: arch: cannot import {module_name!r} ({e}); install the package that provides "
-            "it in this environment"
-        ) from e
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise UnknownModelError(f"{spec.path}: arch: {module_name} has no callable {factory_name!r}")
-    model = factory(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise UnknownModelError(f"{spec.path}: arch: {spec.arch}() returned a {type(model).__name__}")
-    return model
-
-
-def _unknown(spec: ModelSpec, names: list[str]) -> UnknownModelError:
-    near = difflib.get_close_matches(spec.arch, names, n=3)
-    hint = f"; did you mean {', '.join(near)}?" if near else ""
-    return UnknownModelError(f"{spec.path}: arch: {spec.source} has no model {spec.arch!r}{hint}")
+        return construct(spec.source, spec.arch, len(spec.labels), spec.factory_kwargs)
+    except UnknownModelError as e:
+        raise UnknownModelError(f"{spec.path}: arch: {e}") from e
 
 
 def _state_dict(obj: Any, spec: ModelSpec) -> dict[str, torch.Tensor]:

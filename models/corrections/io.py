@@ -2,7 +2,7 @@
 
 A version checkpoint is the registry's checkpoint format (``state_dict`` + ``cfg``) plus a
 ``correction`` record ``{"name", "layer", "params", "reactive"}``. Fine-tuned versions (RR-ClArC,
-RRR, Vanilla) load with plain :func:`medaudit.models.registry.create_model`; P-ClArC versions carry the
+RRR, Vanilla) load with plain :func:`medaudit.models.registry.build_architecture`; P-ClArC versions carry the
 projection's buffers in the state dict and load with :func:`load_version`, which re-inserts the
 projection before loading the weights.
 """
@@ -18,7 +18,7 @@ from torch import nn
 
 from medaudit.models.corrections.projection import ClarcProjection, find_projection, insert_projection
 from medaudit.models.errors import WeightsError
-from medaudit.models.registry import ModelCfg, create_model, load_checkpoint_file
+from medaudit.models.registry import ModelCfg, build_architecture, load_checkpoint_file
 
 
 def save_version(
@@ -53,7 +53,7 @@ def load_version(path: str | Path) -> tuple[nn.Module, ModelCfg, dict[str, Any]]
         state = ckpt["state_dict"]
     except (KeyError, TypeError) as e:
         raise WeightsError(f"{path} is not a medaudit version checkpoint: missing {e}") from e
-    model, cfg = create_model(cfg.arch, labels=cfg.labels, img_size=cfg.input_size[-1])
+    model = build_architecture(cfg)
     if record.get("projection"):
         layer = record["layer"]
         key = next(

@@ -240,3 +240,37 @@ def test_the_cli_checks_inspects_and_refuses_without_writing(
     assert out.exit_code == 2 and "3 outputs but the spec lists 2 labels" in out.output
     assert "Traceback" not in out.output
     assert not home.exists() or not any(home.rglob("*"))
+
+
+def test_a_spec_models_versions_round_trip_without_the_registry(tmp_path: Path) -> None:
+    """save_version / load_version rebuild a spec's architecture from its source and name (timm's
+    resnet10t is not registered; an entrypoint is not either), factory kwargs included."""
+    from medaudit.models.corrections.io import load_version, save_version
+
+    torch.manual_seed(0)
+    model = _trained_like(timm.create_model("resnet10t", pretrained=False, num_classes=2, drop_rate=0.1))
+    torch.save(model.state_dict(), tmp_path / "r10t.pt")
+    spec = _spec(
+        tmp_path,
+        f"""
+        name = "r10t"
+        source = "timm"
+        arch = "resnet10t"
+        checkpoint = "r10t.pt"
+        labels = ["benign", "malignant"]
+        input_size = 48
+        resize = "center_crop"
+        canonizer = "resnet"
+        {IMAGENET}
+        [factory_kwargs]
+        drop_rate = 0.1
+        """,
+    )
+    built, cfg, _ = build(load_spec(spec))
+    save_version(built, cfg, tmp_path / "v" / "model.pt", correction="vanilla", layer="", params={})
+    loaded, cfg2, record = load_version(tmp_path / "v" / "model.pt")
+    assert cfg2 == cfg and cfg2.resize == "center_crop" and cfg2.factory_kwargs == {"drop_rate": 0.1}
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), built(x))
+    assert record["name"] == "vanilla"
