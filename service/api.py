@@ -1,6 +1,7 @@
 """The BentoML service: HTTP <-> :mod:`medaudit.service.audit` translation, nothing else.
 
-Endpoints (every response carries ``X-Request-ID`` and, when a model answered, ``X-Model-Version``):
+Endpoints (listed once, in :mod:`medaudit.service.endpoints`; every response carries
+``X-Request-ID`` and, when a model answered, ``X-Model-Version``):
 
 =======================  ====================================================================
 ``POST /predict``        raw image body (PNG, JPEG, TIFF, GIF, DICOM) -> prediction
@@ -12,6 +13,7 @@ Endpoints (every response carries ``X-Request-ID`` and, when a model answered, `
 ``GET /models/{v}``      one version's model card
 ``GET /models/_route``   which version would answer these headers (``X-Subject-Key``,
                          ``X-Model-Version``), without running a model: A/B debugging
+``/reviews``             the review queue (:mod:`medaudit.service.flags.review`)
 ``/readyz``              200 only after every version is loaded and warmed (BentoML's own)
 ``GET /openapi.json``    the OpenAPI 3.1 contract of all of the above (:mod:`medaudit.service.openapi`);
                          BentoML's own ``/docs.json`` stays for its UI and clients
@@ -19,14 +21,18 @@ Endpoints (every response carries ``X-Request-ID`` and, when a model answered, `
 
 The image is the whole request body (BentoML 1.4 *root input*), e.g.
 ``curl --data-binary @x.png -H 'Content-Type: image/png' localhost:3000/audit``; a multipart form
-upload (``curl -F image=@x.png …``) works too (:mod:`medaudit.service.uploads`). Version choice:
-``X-Model-Version`` wins, else the :class:`~service.routing.Router` hashes ``X-Subject-Key``
-(random with the A/B weights when there is none). A shadow version, if configured, also predicts
-every request and its agreement with the answering version is counted.
+upload (``curl -F image=@x.png …``) works too (:class:`~service.middleware.UploadNormalizer`).
+Version choice: ``X-Model-Version`` wins, else the :class:`~service.routing.Router` hashes
+``X-Subject-Key`` (random with the A/B weights when there is none). A shadow version, if
+configured, also predicts every request and its agreement with the answering version is counted.
+
+Flags: the audit engine scores; the flag policy (:mod:`medaudit.service.flags.policy`, built once
+from :class:`~service.config.Settings`) decides, once per answered audit.
 
 Errors: an :class:`~service.errors.AuditError` becomes its status with body
-``{"error", "detail", ..., "request_id"}``; what the frameworks answer themselves (no such route,
-wrong method, BentoML's 500) is given the same body by :class:`~service.errors.JsonErrorBodies`.
+``{"error", "detail", ..., "request_id"}`` (:func:`~service.errors.error_response`); what the
+frameworks answer themselves (no such route, wrong method, BentoML's 500) is given the same body
+by :class:`~service.middleware.JsonErrorBodies`.
 
 Work is adaptively batched in two dependent BentoML services (each its own process under
 ``bentoml serve``): :class:`MedAudit` authenticates, decodes, routes and resizes, then awaits
@@ -35,81 +41,82 @@ batch) or :class:`Auditor` (``/audit`` and ``/compare``: one LRP call per versio
 BentoML's batchable APIs take one list argument and lose per-request headers, which is why the
 split is there: everything that needs the request stays in :class:`MedAudit`.
 
-The GET routes live in a small Starlette app mounted at ``/models`` because BentoML 1.4 API
-routes are POST-only. Settings are read from the environment once, in ``__init__`` (see
-:mod:`medaudit.service.config`; ``MEDAUDIT_AUTH=off`` for demos), plus ``MEDAUDIT_FLAG_SHARE``, the relevance
-share above which a present concept flags (default 0.2).
+The GET routes live in small Starlette apps mounted at ``/models`` and ``/reviews`` because
+BentoML 1.4 API routes are POST-only; they reach the service instance through
+``request.state.service``, which :class:`~service.middleware.ServiceState` takes from BentoML
+once the service has started. Settings are read
+from the environment once, in ``__init__`` (see :mod:`medaudit.service.config`;
+``MEDAUDIT_AUTH=off`` for demos).
 """
 
 from __future__ import annotations
 
-import os
-
-# Before torch is imported (the project imports below load it): torch's OpenMP threads sleep
-# between parallel regions instead of spinning. The three served processes share the cores, and
-# spinning LRP threads in the auditor took the CPU the entry service needs to decode and answer:
-# served /audit throughput +13-16% on 2 CPUs (2 interleaved rounds each; see the closing note of
-# issue #9). An operator's own OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# First: the process environment and the BentoML patches, before torch and BentoML load.
+from medaudit.service import bootstrap  # noqa: F401  # isort: skip
 
 import asyncio
 import gc
 import logging
+import os
 import threading
 import time
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from http import HTTPStatus
 from typing import Any
 
-from medaudit.models.errors import ConfigError
-from medaudit.service import bentoml_patches, metrics
-from medaudit.service.audit import (
-    PREDICT_BACKENDS,
-    AuditEngine,
-    AuditResult,
-    FlagThresholds,
-    compare,
-    comparison_json,
-    version_tag,
-)
-from medaudit.service.audit_pool import AuditPool, LaneSpec, PoolOverloadedError, audit_jobs, by_version
-from medaudit.service.auth import ANONYMOUS, Principal, Role
-from medaudit.service.config import Settings
-from medaudit.service.errors import (
-    AuditError,
-    JsonErrorBodies,
-    ServiceOverloadedError,
-    UnknownModelVersionError,
-)
-from medaudit.service.flags.policy import PolicyDecision, evaluate
-from medaudit.service.inputs import DecodedImage, decode_image
-from medaudit.service.middleware import ApiVersionHeader
-from medaudit.service.openapi import OpenAPIDocument
-from medaudit.service.routing import Route
-from medaudit.service.uploads import UploadNormalizer
-
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
-with warnings.catch_warnings():  # bentoml 1.4.40's import-time pathspec deprecation (see service.store)
-    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"GitWildMatchPattern")
-    import _bentoml_sdk  # noqa: F401  (what bentoml.service loads lazily, warning included)
-    import bentoml
-    from bentoml.exceptions import BentoMLException, ServiceUnavailable
-import aiohttp
 import anyio.to_thread
+import bentoml
 import numpy as np
 import torch
+from bentoml.exceptions import ServiceUnavailable
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
 
+from medaudit.service import metrics
+from medaudit.service.audit import (
+    PREDICT_BACKENDS,
+    AuditEngine,
+    AuditResult,
+    Comparison,
+    compare,
+    version_tag,
+)
+from medaudit.service.audit_pool import AuditPool, LaneSpec, PoolOverloadedError, audit_jobs, by_version
+from medaudit.service.auth import ANONYMOUS, Principal, Role
+from medaudit.service.config import Settings
+from medaudit.service.dependencies import AUDIT_DEADLINE_S, PREDICT_DEADLINE_S, call_dependency, keep_sessions
+from medaudit.service.endpoints import (
+    AUDIT,
+    COMPARE,
+    MODEL_CARD,
+    MODELS,
+    MODELS_MOUNT,
+    PREDICT,
+    REVIEWS_MOUNT,
+    ROUTE,
+)
+from medaudit.service.errors import (
+    AuditError,
+    UnknownModelVersionError,
+    error_response,
+)
+from medaudit.service.flags.policy import evaluate
+from medaudit.service.inputs import DecodedImage, decode_image
+from medaudit.service.middleware import (
+    ApiVersionHeader,
+    JsonErrorBodies,
+    OpenAPIDocument,
+    ServiceState,
+    UploadNormalizer,
+)
+from medaudit.service.routing import Route
+
 log = logging.getLogger(__name__)
 
-FLAG_SHARE_VAR = "MEDAUDIT_FLAG_SHARE"
 #: The batched services are internal hops: one access-log line per merged job is noise (the entry
 #: service logs every request) and, at hundreds of requests a second, measurable CPU.
 _INTERNAL_LOGGING: Any = {"access": {"enabled": False}}
@@ -117,7 +124,7 @@ _INTERNAL_LOGGING: Any = {"access": {"enabled": False}}
 #: temporary file (mkstemp, write, and here stat and read back: ~9 % of the entry service's
 #: samples under /predict load, py-spy) although it has read the whole body into memory first;
 #: a string-typed root is handed over as the bytes it read. The body's size was bounded before
-#: BentoML read it (:class:`~service.uploads.UploadNormalizer`: 413 past MEDAUDIT_MAX_BYTES).
+#: BentoML read it (:class:`~service.middleware.UploadNormalizer`: 413 past MEDAUDIT_MAX_BYTES).
 ImageBody = bytes
 
 
@@ -159,16 +166,6 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def flag_thresholds(environ: Mapping[str, str], fpr: float | None) -> FlagThresholds:
-    """Flag thresholds from ``MEDAUDIT_FLAG_SHARE`` (default 0.2) and the settings' FPR."""
-    raw = environ.get(FLAG_SHARE_VAR, "").strip()
-    try:
-        share = float(raw) if raw else FlagThresholds.relevance_share
-        return FlagThresholds(relevance_share=share, fpr=fpr)
-    except ValueError:
-        raise ConfigError(f"{FLAG_SHARE_VAR} must be a number in [0, 1], got {raw!r}") from None
 
 
 @bentoml.service(name="medaudit-predictor", traffic={"timeout": 60}, logging=_INTERNAL_LOGGING)
@@ -229,20 +226,19 @@ class Auditor:
     def __init__(self) -> None:
         settings = Settings.from_env(os.environ)
         threads = settings.auditor_threads()
-        thresholds = flag_thresholds(os.environ, settings.flag_fpr)
         engines = None
         if settings.audit_workers == 1:  # audits run in this process
             if threads:
                 torch.set_num_threads(threads)
             engines = {
-                v: AuditEngine.from_store(v, thresholds=thresholds, device=settings.audit_device)
+                v: AuditEngine.from_store(v, fpr=settings.flag_fpr, device=settings.audit_device)
                 for v in settings.versions
             }
             for e in engines.values():
                 e.warmup()
         spec = LaneSpec(
             tuple(settings.versions),
-            thresholds=thresholds,
+            fpr=settings.flag_fpr,
             threads=threads or 1,
             device=settings.audit_device,
         )
@@ -278,67 +274,10 @@ class Auditor:
             raise ServiceUnavailable(str(e)) from e
 
 
-#: How long one dependency call may take before it is abandoned and sent again. The predictor's
-#: dispatcher sheds what would queue past ``max_latency_ms`` and the auditor's queue what would
-#: wait past AUDIT_MAX_WAIT_S (fast 503s), so a call still unanswered after this long was lost on
-#: the way (seen about once in a few thousand requests under load: the internal client's pooled
-#: connection; BentoML issue #4971), not slow.
-PREDICT_DEADLINE_S = 15.0
-AUDIT_DEADLINE_S = 120.0
 #: The auditor's queue (service.audit_pool): most audits one LRP process takes at once, and the
 #: estimated wait past which a new audit is refused with a 503 rather than queued.
 AUDIT_MAX_BATCH = 16
 AUDIT_MAX_WAIT_S = 20.0
-
-
-async def _dependency(call: Callable[[Any], Awaitable[Any]], payload: Any, deadline_s: float) -> Any:
-    """One call of a dependency (``[job]`` to the predictor's batched API, ``job`` to the
-    auditor's), with the failures of BentoML's internal hop handled.
-
-    * A pooled keep-alive connection the other side closed (aiohttp's ServerDisconnectedError,
-      seen under load) and a call unanswered after ``deadline_s``: sent again, 3 tries in all.
-      Safe: predictions and audits are pure functions of the job.
-    * The dependency shedding load (its 503): :class:`ServiceOverloadedError`, a 503 with
-      ``Retry-After`` for the client, at once; retrying inside would only add to the queue.
-    """
-    for attempt in range(3):
-        try:
-            return await asyncio.wait_for(call(payload), deadline_s)
-        except BentoMLException as e:
-            if e.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-                raise ServiceOverloadedError(
-                    "the model service is at capacity and refused this request; retry after 1 s"
-                ) from e
-            raise
-        except (aiohttp.ClientConnectionError, TimeoutError) as e:
-            why = "unanswered" if isinstance(e, TimeoutError) else "connection dropped"
-            if attempt == 2:
-                raise ServiceOverloadedError(
-                    f"the model service did not answer ({why}, 3 tries); retry after 1 s"
-                ) from e
-            log.warning("dependency call %s; retrying (attempt %d)", why, attempt + 2)
-            await asyncio.sleep(0.01 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-bentoml_patches.apply()
-
-
-def _keep_sessions(dependency: Any) -> None:
-    """Stop BentoML 1.4.40's internal client from recycling its aiohttp session mid-traffic.
-
-    Its ``SessionManager`` closes the session every 100 requests (and every 300 s) while other
-    requests are still in flight on it; each of those fails with a connection error and is sent
-    again by :func:`_dependency` (the predictor may already have computed it). Under the locust mix
-    that was ~2 retries a second (1166 in the 10-minute soak). The dependencies here are local
-    sockets with nothing to re-resolve, so the session lives as long as the process. Best effort:
-    a BentoML without these attributes is left as it is.
-    """
-    for client in (getattr(dependency, "_async", None), getattr(dependency, "_sync", None)):
-        manager = getattr(client, "_session_manager", None)
-        if manager is not None and hasattr(manager, "max_requests") and hasattr(manager, "max_age"):
-            manager.max_requests = 2**62
-            manager.max_age = float("inf")
 
 
 @contextmanager
@@ -351,33 +290,38 @@ def _stage(endpoint: str, stage: str) -> Iterator[None]:
         metrics.STAGE_SECONDS.labels(endpoint, stage).observe(time.perf_counter() - t0)
 
 
+def _service(request: Request) -> MedAudit:
+    """The service instance answering ``request`` (:class:`~service.middleware.ServiceState`)."""
+    svc: MedAudit = request.state.service
+    return svc
+
+
 def _models_index(request: Request) -> JSONResponse:
-    svc: MedAudit = request.app.state.service
-    return svc.http_get(request, lambda: svc.models_json())
+    svc = _service(request)
+    return svc.http_get(request, svc.models_json)
 
 
 def _route(request: Request) -> JSONResponse:
-    svc: MedAudit = request.app.state.service
+    svc = _service(request)
     return svc.http_get(request, lambda: svc.route(request.headers, count=False).to_json())
 
 
 def _model_card(request: Request) -> JSONResponse:
-    svc: MedAudit = request.app.state.service
+    svc = _service(request)
     return svc.http_get(request, lambda: svc.card_json(request.path_params["version"]))
 
 
 models_app = Starlette(
     routes=[
-        HttpRoute("/", _models_index, methods=["GET"]),
-        # Version names start with a letter or digit (service.config), so "_route" is never one.
-        HttpRoute("/_route", _route, methods=["GET"]),
-        HttpRoute("/{version}", _model_card, methods=["GET"]),
+        HttpRoute(MODELS.route, _models_index, methods=[MODELS.method]),
+        HttpRoute(ROUTE.route, _route, methods=[ROUTE.method]),
+        HttpRoute(MODEL_CARD.route, _model_card, methods=[MODEL_CARD.method]),
     ],
 )
 
 
-def _review_client() -> Any:
-    svc: MedAudit = models_app.state.service
+def _review_client(request: Request) -> Any:
+    svc = _service(request)
     if svc.review_client is None:
         from medaudit.service.flags.review import ReviewStoreUnavailableError
 
@@ -385,14 +329,12 @@ def _review_client() -> Any:
     return svc.review_client
 
 
-def _review_keys() -> Any:
-    svc: MedAudit = models_app.state.service
-    return svc.settings.flags.keys
+def _review_keys(request: Request) -> Any:
+    return _service(request).settings.flags.keys
 
 
 def _reviewer(request: Request) -> str:
-    svc: MedAudit = models_app.state.service
-    return svc.authenticate(request.headers, Role.REVIEWER).key_id
+    return _service(request).authenticate(request.headers, Role.REVIEWER).key_id
 
 
 def _review_app() -> Starlette:
@@ -404,18 +346,8 @@ def _review_app() -> Starlette:
 reviews_app = _review_app()
 
 
-def flag_json(decision: PolicyDecision) -> dict[str, Any]:
-    """The response's ``flag``: the policy decision, plus the flat ``reasons``/``concepts`` lists."""
-    body = decision.to_json()
-    return {
-        **body,
-        "concepts": list(decision.concepts),
-        "reasons": [f"{f.concept}: {r}" for f in decision.flags for r in f.reasons],
-    }
-
-
-@bentoml.asgi_app(reviews_app, path="/reviews")
-@bentoml.asgi_app(models_app, path="/models")
+@bentoml.asgi_app(reviews_app, path=REVIEWS_MOUNT)
+@bentoml.asgi_app(models_app, path=MODELS_MOUNT)
 @bentoml.service(name="medaudit", traffic={"timeout": 300})
 class MedAudit:
     """Serves every configured version: predictions, audits and comparisons."""
@@ -427,12 +359,11 @@ class MedAudit:
         self.settings = Settings.from_env(os.environ)
         self.router = self.settings.router()
         self.keys = self.settings.key_store()
-        self.thresholds = flag_thresholds(os.environ, self.settings.flag_fpr)
         self.shadow_stats = ShadowStats()
         self._ready = False
         self.engines: dict[str, AuditEngine] = {}
         for v in self.settings.versions:
-            eng = AuditEngine.from_store(v, thresholds=self.thresholds)
+            eng = AuditEngine.from_store(v, fpr=self.settings.flag_fpr)
             # Served, this process resizes and routes; audits run in Auditor. Its own LRP engine
             # serves only direct calls (audit_json, compare_json), which set it up on first use.
             eng.warmup(audit=False)
@@ -445,7 +376,7 @@ class MedAudit:
                 files.get("onnx", {}).get("sha256", ""),
             ).set(1)
             log.info("serving %s (concepts: %s)", eng.tag, ", ".join(eng.bank.concepts))
-        self.policy = self.settings.flags.policy(self.thresholds.relevance_share)
+        self.policy = self.settings.policy()
         self.policy.check_concepts(sorted({c for e in self.engines.values() for c in e.bank.concepts}))
         self.publisher: Any = None
         self.review_client: Any = None
@@ -453,11 +384,10 @@ class MedAudit:
             from medaudit.service.flags.producer import FlagPublisher
 
             self.publisher = FlagPublisher.from_settings(
-                self.settings, default_share=self.thresholds.relevance_share, observer=self._on_publish
+                self.settings, policy=self.policy, observer=self._on_publish
             )
             self.review_client = self.publisher.client
         self._sessions_kept = False
-        models_app.state.service = self
         freeze_startup_heap()
         self._ready = True
 
@@ -500,10 +430,11 @@ class MedAudit:
 
     @staticmethod
     def _error(ctx: bentoml.Context, e: AuditError, rid: str) -> JSONResponse:
+        # BentoML answers with the context's status and headers over those of a returned response.
         ctx.response.status_code = e.status
         for k, v in e.headers().items():
             ctx.response.headers[k] = v
-        return JSONResponse({**e.to_json(), "request_id": rid}, status_code=e.status)
+        return error_response(e, rid)
 
     async def _serve(
         self,
@@ -527,7 +458,7 @@ class MedAudit:
         endpoint = ctx.request.url.path
         if not self._sessions_kept:  # here, not in __init__: resolving a dependency there builds it
             for dependency in (self.batcher, self.auditor):
-                _keep_sessions(dependency)
+                keep_sessions(dependency)
             self._sessions_kept = True
         t0 = time.perf_counter()
         try:
@@ -554,11 +485,7 @@ class MedAudit:
             self.authenticate(request.headers)
             return JSONResponse({"request_id": rid, **work()}, headers={"X-Request-ID": rid})
         except AuditError as e:
-            return JSONResponse(
-                {**e.to_json(), "request_id": rid},
-                status_code=e.status,
-                headers={"X-Request-ID": rid, **e.headers()},
-            )
+            return error_response(e, rid)
 
     # ----------------------------------------------------------------------------- core calls
     # Each endpoint's work in two forms: synchronous on this process's engines (``*_json``: the
@@ -630,7 +557,7 @@ class MedAudit:
         for f in decision.flags:
             metrics.FLAGS.labels(route.version, f.concept, str(f.severity)).inc()
         metrics.STAGE_SECONDS.labels("/audit", "flag_publish").observe(time.perf_counter() - t0)
-        return {**answer["result"], "flag": flag_json(decision)}
+        return {**answer["result"], "flag": decision.to_json()}
 
     def audit_json(
         self,
@@ -652,7 +579,7 @@ class MedAudit:
         jobs = [job] if shadow is None else [job, shadow]
         with _stage("/predict", "predict"):
             answers = await asyncio.gather(
-                *(_dependency(self.batcher.to_async.predict_batch, [j], PREDICT_DEADLINE_S) for j in jobs)
+                *(call_dependency(self.batcher.to_async.predict_batch, [j], PREDICT_DEADLINE_S) for j in jobs)
             )
         pred = answers[0][0]
         return self._answer(route, {"prediction": pred}, pred["label"], answers[1][0] if shadow else None)
@@ -663,10 +590,12 @@ class MedAudit:
         route = self.route(headers)
         job, shadow = await anyio.to_thread.run_sync(lambda: self._jobs(image, route))
         calls = [
-            _dependency(self.auditor.to_async.audit, {**job, "raw_heatmap": raw_heatmap}, AUDIT_DEADLINE_S)
+            call_dependency(
+                self.auditor.to_async.audit, {**job, "raw_heatmap": raw_heatmap}, AUDIT_DEADLINE_S
+            )
         ]
         if shadow is not None:
-            calls.append(_dependency(self.batcher.to_async.predict_batch, [shadow], PREDICT_DEADLINE_S))
+            calls.append(call_dependency(self.batcher.to_async.predict_batch, [shadow], PREDICT_DEADLINE_S))
         with _stage("/audit", "explain"):
             answers = await asyncio.gather(*calls)
         shadow_pred = answers[1][0] if shadow else None
@@ -684,7 +613,7 @@ class MedAudit:
         with _stage("/compare", "explain"):
             answers = await asyncio.gather(
                 *(
-                    _dependency(
+                    call_dependency(
                         self.auditor.to_async.audit,
                         {"version": v, "pixels": pixels[v]},
                         AUDIT_DEADLINE_S,
@@ -692,14 +621,11 @@ class MedAudit:
                     for v in versions
                 )
             )
-        results = {}
-        for v, a in zip(versions, answers, strict=True):
-            decision = evaluate(AuditResult.from_json(a["result"]), self.policy)
-            results[v] = {**a["result"], "flag": flag_json(decision)}
-        return comparison_json(results)
+        results = {v: AuditResult.from_json(a["result"]) for v, a in zip(versions, answers, strict=True)}
+        return Comparison.decide(results, self.policy).to_json()
 
     def compare_json(self, image: DecodedImage, versions: list[str]) -> dict[str, Any]:
-        return compare(self.engines, image, versions).to_json()
+        return compare(self.engines, image, versions, self.policy).to_json()
 
     def models_json(self) -> dict[str, Any]:
         weights = self.router.weights
@@ -719,8 +645,8 @@ class MedAudit:
             "shadow": self.router.shadow,
             "shadow_agreement": self.shadow_stats.to_json(),
             "flag_thresholds": {
-                "relevance_share": self.thresholds.relevance_share,
-                "fpr": self.thresholds.fpr,
+                "relevance_share": self.policy.default.share,
+                "fpr": self.settings.flag_fpr,
             },
         }
 
@@ -734,12 +660,12 @@ class MedAudit:
 
     # ----------------------------------------------------------------------------- HTTP
 
-    @bentoml.api(route="/predict")
+    @bentoml.api(route=PREDICT.path)
     async def predict(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Prediction for the image in the request body, adaptively batched in :class:`Predictor`."""
         return await self._serve(ctx, image, lambda d, _rid: self.predict_async(d, ctx.request.headers))
 
-    @bentoml.api(route="/audit")
+    @bentoml.api(route=AUDIT.path)
     async def audit(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Prediction, LRP heatmap, concept scores, localization masks and flag decision."""
         raw = ctx.request.query_params.get("raw_heatmap", "").lower() in ("1", "true", "yes")
@@ -747,7 +673,7 @@ class MedAudit:
             ctx, image, lambda d, rid: self.audit_async(d, ctx.request.headers, raw, rid)
         )
 
-    @bentoml.api(route="/compare")
+    @bentoml.api(route=COMPARE.path)
     async def compare(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Audits by several versions (``?versions=a,b``, default all) side by side."""
         q = ctx.request.query_params.get("versions", "")
@@ -755,7 +681,10 @@ class MedAudit:
         return await self._serve(ctx, image, lambda d, _rid: self.compare_async(d, versions))
 
 
+# The first added is the outermost: every answer, the OpenAPI document's and the upload
+# middleware's refusals included, passes through ApiVersionHeader.
+MedAudit.add_asgi_middleware(ApiVersionHeader)  # type: ignore[attr-defined]
+MedAudit.add_asgi_middleware(ServiceState, current=bentoml.get_current_service)  # type: ignore[attr-defined]
 MedAudit.add_asgi_middleware(UploadNormalizer)  # type: ignore[attr-defined]
 MedAudit.add_asgi_middleware(OpenAPIDocument)  # type: ignore[attr-defined]
 MedAudit.add_asgi_middleware(JsonErrorBodies)  # type: ignore[attr-defined]
-MedAudit.add_asgi_middleware(ApiVersionHeader)  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""One request's audit, transport-free: predict (ONNX Runtime), explain (LRP), score concepts, flag.
+"""One request's audit, transport-free: predict (ONNX Runtime), explain (LRP), score concepts.
 
 An :class:`AuditEngine` is built once per served version at service start (:meth:`AuditEngine.
 from_store`): the verified torch model becomes an :class:`~models.xai.lrp.Explainer` (canonized
@@ -11,10 +11,11 @@ Per request:
   the class heatmap, the max-pooled activations for concept scores (§1.4), the class relevance
   at the CAV layer for each concept's relevance share, and the concept-conditioned heatmap whose
   binarisation (§2.2) is the localization mask of a concept judged present.
-* :func:`decide_flag`: flag when a concept is present **and** its share of the class relevance at
-  the CAV layer exceeds a threshold: presence alone says the artifact is in the image, the share
-  says the prediction rests on it.
 * :func:`compare`: one image through several versions, side by side, with their agreement.
+
+The engine scores; it does not decide. Whether a result is flagged for review is the flag
+policy's call (:func:`medaudit.service.flags.policy.evaluate`), made once per result by whoever
+answers the request.
 
 The audit's prediction comes from the torch forward pass the heatmap explains, not from ONNX
 Runtime: the explanation must be of the logits it reports (the two agree to float tolerance,
@@ -37,12 +38,12 @@ import torch
 from PIL import Image
 
 from medaudit.models.export import INPUT_NAME, OUTPUT_NAME, ort_session
-from medaudit.models.train import normalize
 from medaudit.models.xai.concepts import relevance_share
 from medaudit.models.xai.localize import binarize
 from medaudit.models.xai.lrp import ConceptTarget, Explainer
 from medaudit.service.config import usable_cpus
 from medaudit.service.errors import UnknownModelVersionError
+from medaudit.service.flags.policy import PolicyConfig, PolicyDecision, evaluate
 from medaudit.service.inputs import DecodedImage, to_model_input
 from medaudit.service.store import LoadedVersion, load_version
 
@@ -50,25 +51,6 @@ from medaudit.service.store import LoadedVersion, load_version
 DEFAULT_MODEL_NAME = "resnet18-synthderm"
 
 Image_ = DecodedImage | np.ndarray
-
-
-@dataclass(frozen=True)
-class FlagThresholds:
-    """When a prediction is flagged for review.
-
-    Attributes:
-        relevance_share: A present concept flags when its relevance share is above this.
-        fpr: Presence threshold's false-positive rate; ``None`` uses each bank's target FPR.
-    """
-
-    relevance_share: float = 0.2
-    fpr: float | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.relevance_share <= 1.0:
-            raise ValueError(f"relevance_share must lie in [0, 1], got {self.relevance_share!r}")
-        if self.fpr is not None and not 0.0 < self.fpr < 1.0:
-            raise ValueError(f"fpr must lie in (0, 1), got {self.fpr!r}")
 
 
 @dataclass(frozen=True)
@@ -123,18 +105,6 @@ class ConceptScore:
         }
 
 
-@dataclass(frozen=True)
-class FlagDecision:
-    """Whether a result goes to review, and why (one reason per flagging concept)."""
-
-    flagged: bool
-    reasons: tuple[str, ...] = ()
-    concepts: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"flagged": self.flagged, "reasons": list(self.reasons), "concepts": list(self.concepts)}
-
-
 @dataclass(frozen=True, eq=False)
 class AuditResult:
     """One image's audit by one version.
@@ -144,8 +114,7 @@ class AuditResult:
         heatmap_png: Base64 PNG: the model-size input with the class heatmap overlaid
             (red positive, blue negative relevance).
         heatmap: The raw class heatmap (H, W) as float16, if asked for.
-        concepts: One score per concept of the version's bank.
-        flag: The decision of :func:`decide_flag`.
+        concepts: One score per concept of the version's bank (what the flag policy reads).
         layer: The bank's CAV layer.
         features: The spatially max-pooled activations φ(x) at ``layer`` (float32, (C,)): what
             the concept scores are dot products of. Not in the JSON; flags store it so that
@@ -155,23 +124,20 @@ class AuditResult:
     prediction: Prediction
     heatmap_png: str
     concepts: tuple[ConceptScore, ...]
-    flag: FlagDecision
     layer: str
     heatmap: np.ndarray | None = field(default=None, repr=False)
     features: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], features: np.ndarray | None = None) -> AuditResult:
-        """The inverse of :meth:`to_json` (what the batched :class:`medaudit.service.api.Auditor` returns)."""
+        """The inverse of :meth:`to_json` (what the batched :class:`medaudit.service.api.Auditor`
+        returns); a ``flag`` the body may carry is the policy's, not the result's, and is ignored."""
         p = body["prediction"]
         heat = body.get("heatmap")
         return cls(
             prediction=Prediction(p["version"], p["label"], int(p["class_index"]), dict(p["probabilities"])),
             heatmap_png=body["heatmap_png"],
             concepts=tuple(ConceptScore(**c) for c in body["concepts"]),
-            flag=FlagDecision(
-                bool(body["flag"]["flagged"]), tuple(body["flag"]["reasons"]), tuple(body["flag"]["concepts"])
-            ),
             layer=body["layer"],
             heatmap=None
             if heat is None
@@ -190,49 +156,37 @@ class AuditResult:
             "heatmap": raw,
             "layer": self.layer,
             "concepts": [c.to_json() for c in self.concepts],
-            "flag": self.flag.to_json(),
         }
 
 
 @dataclass(frozen=True, eq=False)
 class Comparison:
-    """One image audited by several versions: side by side, with agreement."""
+    """One image audited by several versions, side by side, each with the flag policy's decision."""
 
     results: Mapping[str, AuditResult]
-    labels_agree: bool
-    flags_agree: bool
+    decisions: Mapping[str, PolicyDecision]
+
+    @classmethod
+    def decide(cls, results: Mapping[str, AuditResult], policy: PolicyConfig | None = None) -> Comparison:
+        """The results with the policy's decision on each (no corrected version is asked here)."""
+        return cls(results, {v: evaluate(r, policy) for v, r in results.items()})
+
+    @property
+    def labels_agree(self) -> bool:
+        return len({r.prediction.label for r in self.results.values()}) == 1
+
+    @property
+    def flags_agree(self) -> bool:
+        return len({d.flagged for d in self.decisions.values()}) == 1
 
     def to_json(self) -> dict[str, Any]:
-        return comparison_json({v: r.to_json() for v, r in self.results.items()})
-
-
-def comparison_json(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Audit JSONs of several versions side by side, with label and flag agreement."""
-    labels = {r["prediction"]["label"] for r in results.values()}
-    flags = {r["flag"]["flagged"] for r in results.values()}
-    return {
-        "versions": list(results),
-        "results": dict(results),
-        "agreement": {"label": len(labels) == 1, "flag": len(flags) == 1},
-    }
-
-
-def decide_flag(concepts: Iterable[ConceptScore], thresholds: FlagThresholds) -> FlagDecision:
-    """Flag when some concept is present and its relevance share is above the threshold.
-
-    Pure: the same scores and thresholds always give the same decision. A share equal to the
-    threshold does not flag.
-    """
-    reasons, names = [], []
-    for c in concepts:
-        if c.present and c.relevance_share > thresholds.relevance_share:
-            names.append(c.concept)
-            reasons.append(
-                f"{c.concept} present (score {c.score:.3g} > threshold {c.threshold:.3g}, "
-                f"percentile {c.percentile:.1f}) and carries {c.relevance_share:.0%} of the "
-                f"class relevance (> {thresholds.relevance_share:.0%})"
-            )
-    return FlagDecision(bool(names), tuple(reasons), tuple(names))
+        return {
+            "versions": list(self.results),
+            "results": {
+                v: {**r.to_json(), "flag": self.decisions[v].to_json()} for v, r in self.results.items()
+            },
+            "agreement": {"label": self.labels_agree, "flag": self.flags_agree},
+        }
 
 
 def version_tag(version: str) -> str:
@@ -316,7 +270,7 @@ class VersionPredictor:
         return np.stack([to_model_input(im, self.size) for im in images])
 
     def _inputs(self, rgb: np.ndarray) -> torch.Tensor:
-        return normalize(torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2), self.cfg)
+        return self.cfg.normalize(torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2))
 
     def logits(self, rgb: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -342,7 +296,7 @@ class OnnxPredictor(VersionPredictor):
     def normalized(self, rgb: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> the model's (B, 3, H, W) float32 input, in numpy.
 
-        The same float32 operations, in the same order, as :func:`medaudit.models.train.normalize`
+        The same float32 operations, in the same order, as :meth:`medaudit.models.registry.ModelCfg.normalize`
         (``/255``, ``-mean``, ``/std``), so the input is bit-identical to the torch path's. Not torch
         on purpose: a torch op here wakes torch's OpenMP pool, whose threads then spin on the cores
         ONNX Runtime is about to use; that doubled the time of a batch-1 run (15 ms against 7 ms).
@@ -378,11 +332,12 @@ PREDICT_BACKENDS: dict[str, type[VersionPredictor]] = {"onnx": OnnxPredictor, "t
 
 
 class AuditEngine:
-    """Predict, explain, score and flag for one served version. Build once, call often.
+    """Predict, explain and score for one served version. Build once, call often.
 
     Args:
         loaded: A verified version from the store.
-        thresholds: Flag thresholds.
+        fpr: False-positive rate of the concepts' presence thresholds, in (0, 1); ``None`` uses
+            each bank's own target FPR.
         ort_threads: ONNX Runtime intra-op threads (0: its default).
         device: Where the LRP engine runs (``"cpu"``, ``"cuda:0"``; see
             :func:`medaudit.service.config.audit_device`). Inputs are prepared and results returned on the
@@ -392,17 +347,19 @@ class AuditEngine:
     def __init__(
         self,
         loaded: LoadedVersion,
-        thresholds: FlagThresholds | None = None,
+        fpr: float | None = None,
         ort_threads: int = 0,
         device: str | torch.device = "cpu",
     ):
+        if fpr is not None and not 0.0 < fpr < 1.0:
+            raise ValueError(f"fpr must lie in (0, 1), got {fpr!r}")
         self.device = torch.device(device)
         self.tag = loaded.tag
         self.version = loaded.tag.split(":", 1)[1]
         self.cfg = loaded.cfg
         self.card = loaded.card
         self.bank = loaded.bank
-        self.thresholds = thresholds or FlagThresholds()
+        self.fpr = fpr
         self.explainer = Explainer(loaded.model, loaded.cfg).to(self.device)
         #: Per-image host work on a thread pool (see :meth:`_map`): on by default with a GPU.
         self.parallel_host = self.device.type != "cpu"
@@ -423,12 +380,12 @@ class AuditEngine:
         cls,
         version: str,
         home: str | Path | None = None,
-        thresholds: FlagThresholds | None = None,
+        fpr: float | None = None,
         ort_threads: int = 0,
         device: str | torch.device = "cpu",
     ) -> AuditEngine:
         """Loads (sha256-verified) ``version`` from the BentoML store and builds its engine."""
-        return cls(load_version(version_tag(version), home=home), thresholds, ort_threads, device)
+        return cls(load_version(version_tag(version), home=home), fpr, ort_threads, device)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -436,7 +393,7 @@ class AuditEngine:
 
     def _inputs(self, images: Sequence[Image_]) -> tuple[np.ndarray, torch.Tensor]:
         rgb = self.predictor.pixels(images)  # (B, H, W, 3) uint8
-        return rgb, normalize(torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous(), self.cfg)
+        return rgb, self.cfg.normalize(torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous())
 
     def predict(self, images: Sequence[Image_]) -> list[Prediction]:
         """Predictions for a batch of images, one ONNX Runtime run."""
@@ -459,7 +416,7 @@ class AuditEngine:
         chosen: dict[str, Any] = {}
 
         def first_present(pooled: torch.Tensor) -> torch.Tensor:
-            scores = self.bank.score(pooled.double().cpu().numpy(), self.thresholds.fpr)
+            scores = self.bank.score(pooled.double().cpu().numpy(), self.fpr)
             present = np.stack([np.asarray(scores[c].present, dtype=bool) for c in names])  # (K, B)
             pick = np.where(present.any(0), present.argmax(0), -1)
             chosen.update(scores=scores, pick=pick)
@@ -500,7 +457,6 @@ class AuditEngine:
                     prediction=pred,
                     heatmap_png=overlays[b],
                     concepts=concepts,
-                    flag=decide_flag(concepts, self.thresholds),
                     layer=layer,
                     heatmap=heat[b].astype(np.float16) if raw_heatmap else None,
                     features=pooled[b].astype(np.float32),
@@ -577,8 +533,14 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
-def compare(engines: Mapping[str, AuditEngine], image: Image_, versions: Sequence[str]) -> Comparison:
-    """One image audited by each of ``versions`` (served engines), with label and flag agreement.
+def compare(
+    engines: Mapping[str, AuditEngine],
+    image: Image_,
+    versions: Sequence[str],
+    policy: PolicyConfig | None = None,
+) -> Comparison:
+    """One image audited by each of ``versions`` (served engines), with the flag ``policy``'s
+    decision on each and the versions' label and flag agreement.
 
     Raises:
         UnknownModelVersionError: a version that is not served (404, lists the served ones).
@@ -589,6 +551,4 @@ def compare(engines: Mapping[str, AuditEngine], image: Image_, versions: Sequenc
         if v not in engines:
             raise UnknownModelVersionError(v, engines)
     results = {v: engines[v].audit([image])[0] for v in dict.fromkeys(versions)}
-    labels = {r.prediction.label for r in results.values()}
-    flags = {r.flag.flagged for r in results.values()}
-    return Comparison(results, len(labels) == 1, len(flags) == 1)
+    return Comparison.decide(results, policy)

@@ -40,14 +40,14 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 import numpy as np
 
 from medaudit.service import metrics
-from medaudit.service.audit import AuditEngine, FlagThresholds
+from medaudit.service.audit import AuditEngine
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,11 @@ class LocalLane:
 
 @dataclass(frozen=True)
 class LaneSpec:
-    """What an LRP process loads: the versions, where from, how it flags, its threads, device."""
+    """What an LRP process loads: the versions, where from, the presence FPR, its threads, device."""
 
     versions: tuple[str, ...]
     home: str | None = None
-    thresholds: FlagThresholds = field(default_factory=FlagThresholds)
+    fpr: float | None = None
     threads: int = 1
     device: str = "cpu"
 
@@ -150,7 +150,7 @@ def _lane_main(conn: Connection, spec: LaneSpec) -> None:
     torch.set_num_threads(spec.threads)
     try:
         engines = {
-            v: AuditEngine.from_store(v, home=spec.home, thresholds=spec.thresholds, device=spec.device)
+            v: AuditEngine.from_store(v, home=spec.home, fpr=spec.fpr, device=spec.device)
             for v in spec.versions
         }
         for e in engines.values():

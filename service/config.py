@@ -21,6 +21,9 @@ Variables (all optional except where auth is on):
                                    torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``
 ``MEDAUDIT_FLAG_FPR``              presence threshold's false-positive rate, in (0, 1)
                                    (default: each concept bank's own target FPR)
+``MEDAUDIT_FLAG_SHARE``            relevance share above which a present concept flags, in [0, 1]
+                                   (default 0.2): the flag policy's default ``share`` unless
+                                   ``MEDAUDIT_FLAG_POLICY`` sets one
 ``MEDAUDIT_MAX_BYTES``             largest accepted body, bytes (default 32 MiB)
 ``MEDAUDIT_MAX_PIXELS``            largest accepted width×height (default 40 000 000)
 ``MEDAUDIT_MIN_IMAGE_SIDE``        smallest accepted side, px (default 1: tiny images are upscaled)
@@ -45,10 +48,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 from medaudit.models.errors import ConfigError
 from medaudit.service.auth import KeyEntry, KeyStore, parse_key_spec
 from medaudit.service.envvars import positive_int
+from medaudit.service.flags.policy import PolicyConfig
 from medaudit.service.flags.settings import NAMES as FLAG_NAMES
 from medaudit.service.flags.settings import FlagSettings
 from medaudit.service.inputs import Limits
@@ -69,6 +74,7 @@ class Settings:
     shadow_version: str | None = None
     ab_salt: str = ""
     flag_fpr: float | None = None
+    flag_share: float = 0.2
     predict_backend: str = "onnx"
     #: Intra-op threads of the /predict model (ONNX Runtime or torch) and of the auditor's torch;
     #: ``None``: the library's default (one per core). Each runs in its own process, beside the
@@ -115,6 +121,8 @@ class Settings:
             )
         if self.flag_fpr is not None and not 0.0 < self.flag_fpr < 1.0:
             raise ConfigError(f"{PREFIX}FLAG_FPR must be in (0, 1), got {self.flag_fpr!r}")
+        if not 0.0 <= self.flag_share <= 1.0:
+            raise ConfigError(f"{PREFIX}FLAG_SHARE must be in [0, 1], got {self.flag_share!r}")
         if self.redis_url is not None and not re.match(r"^(redis|rediss|unix)://", self.redis_url):
             raise ConfigError(
                 f"{PREFIX}REDIS_URL must start with redis://, rediss:// or unix://, got "
@@ -158,6 +166,7 @@ class Settings:
             shadow_version=env.get(PREFIX + "SHADOW_VERSION"),
             ab_salt=env.get(PREFIX + "AB_SALT", ""),
             flag_fpr=_float(env, PREFIX + "FLAG_FPR"),
+            flag_share=_float(env, PREFIX + "FLAG_SHARE", cls.flag_share),
             predict_backend=env.get(PREFIX + "PREDICT_BACKEND", "onnx").strip().lower(),
             predict_threads=_optional_positive_int(env, PREFIX + "PREDICT_THREADS"),
             audit_threads=_optional_positive_int(env, PREFIX + "AUDIT_THREADS"),
@@ -191,6 +200,10 @@ class Settings:
         """The A/B router these settings describe (served versions absent from the weights get 0)."""
         weights = {v: 0.0 for v in self.versions} | dict(self.ab_weights)
         return Router(weights, self.shadow_version, salt=self.ab_salt)
+
+    def policy(self) -> PolicyConfig:
+        """The flag policy: ``MEDAUDIT_FLAG_POLICY`` over a default share of ``flag_share``."""
+        return self.flags.policy(self.flag_share)
 
     def key_store(self) -> KeyStore | None:
         """The key store, or ``None`` when auth is off (callers then use ``auth.ANONYMOUS``)."""
@@ -302,6 +315,7 @@ _NAMES = (
     "SHADOW_VERSION",
     "AB_SALT",
     "FLAG_FPR",
+    "FLAG_SHARE",
     "PREDICT_BACKEND",
     "PREDICT_THREADS",
     "AUDIT_THREADS",
@@ -351,9 +365,13 @@ def _parse_weights(s: str) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def _float(env: Mapping[str, str], name: str) -> float | None:
+@overload
+def _float(env: Mapping[str, str], name: str) -> float | None: ...
+@overload
+def _float(env: Mapping[str, str], name: str, default: float) -> float: ...
+def _float(env: Mapping[str, str], name: str, default: float | None = None) -> float | None:
     if name not in env:
-        return None
+        return default
     try:
         return float(env[name])
     except ValueError:

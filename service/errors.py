@@ -1,8 +1,10 @@
 """The online side's error tree: every error the service raises on purpose carries its HTTP status.
 
-``service/api.py`` translates with one rule: an :class:`AuditError` becomes ``exc.status`` with body
-``exc.to_json()`` (and ``exc.headers()``); anything else is a 500. Messages name the bad value and
-the valid choices, never a secret (API keys are never echoed: see :mod:`medaudit.service.auth`).
+One rule translates them, :func:`error_response`, wherever the service answers (its endpoints,
+the mounted apps, the upload middleware): an :class:`AuditError` becomes ``exc.status`` with body
+``{**exc.to_json(), "request_id"}`` and ``exc.headers()``; anything else is a 500 (given the same
+body shape by :class:`~service.middleware.JsonErrorBodies`). Messages name the bad value and the
+valid choices, never a secret (API keys are never echoed: see :mod:`medaudit.service.auth`).
 
 Configuration errors are start-up errors, not HTTP ones: they are :class:`medaudit.models.errors.ConfigError`.
 """
@@ -10,9 +12,12 @@ Configuration errors are start-up errors, not HTTP ones: they are :class:`medaud
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from medaudit.models.errors import MedauditError
+
+if TYPE_CHECKING:
+    from starlette.responses import JSONResponse
 
 
 class AuditError(MedauditError):
@@ -43,6 +48,19 @@ class AuditError(MedauditError):
     def headers(self) -> dict[str, str]:
         """Extra response headers this error needs (``WWW-Authenticate`` for 401)."""
         return {}
+
+
+def error_response(error: AuditError, request_id: str) -> JSONResponse:
+    """The HTTP answer to ``error``: its status, ``{"error", "detail", ..., "request_id"}``, its
+    headers and ``X-Request-ID``. (A JSONResponse is also an ASGI app: middleware sends it.)"""
+    # Imported here: this module sits under the service's transport-free groundwork (config, auth).
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(
+        {**error.to_json(), "request_id": request_id},
+        status_code=error.status,
+        headers={"X-Request-ID": request_id, **error.headers()},
+    )
 
 
 def _jsonable(v: Any) -> Any:
@@ -160,74 +178,3 @@ class ServiceOverloadedError(AuditError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
-
-
-class JsonErrorBodies:
-    """ASGI middleware giving the frameworks' own error responses the service's error body.
-
-    Starlette and BentoML answer some requests before our code runs (a path no route matches,
-    e.g. one with a newline; a wrong method; an unhandled exception's 500) with plain text. Clients
-    parse one error shape, so any >= 400 response that is not JSON is rewritten to
-    ``{"error", "detail", "request_id"}`` with its status and other headers kept. A 5xx says no
-    more than that (no traceback text reaches the client); the request id finds it in the log.
-    """
-
-    CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        held: dict[str, Any] = {}
-
-        async def send_json_errors(message: Any) -> None:
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                # Successful answers (nearly all traffic) pass without looking at their headers.
-                headers = {k.lower(): v for k, v in message.get("headers", [])}
-                if not headers.get(b"content-type", b"").startswith(b"application/json"):
-                    held["start"], held["body"] = message, b""
-                    return
-            elif message["type"] == "http.response.body" and "start" in held:
-                held["body"] += message.get("body", b"")
-                if not message.get("more_body"):
-                    for m in self._rewrite(scope, held["start"], held["body"]):
-                        await send(m)
-                return
-            await send(message)
-
-        await self.app(scope, receive, send_json_errors)
-
-    def _rewrite(self, scope: Any, start: Any, text: bytes) -> list[dict[str, Any]]:
-        import json
-        import uuid
-
-        status = int(start["status"])
-        request_headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        response_headers = {k.lower(): v for k, v in start.get("headers", [])}
-        rid = (response_headers.get(b"x-request-id") or request_headers.get(b"x-request-id") or b"").decode(
-            "latin-1"
-        ) or uuid.uuid4().hex
-        if status >= 500:
-            code, detail = "internal_error", "the service failed on this request; quote its request id"
-        else:
-            code = self.CODES.get(status, "http_error")
-            said = text.decode("utf-8", "replace").strip()[:300]
-            detail = f"{scope.get('method', '')} {scope.get('path', '')}: {said or code}"
-        body = json.dumps({"error": code, "detail": detail, "request_id": rid}).encode()
-        kept = [
-            (k, v)
-            for k, v in start.get("headers", [])
-            if k.lower() not in (b"content-type", b"content-length", b"x-request-id")
-        ]
-        kept += [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", rid.encode("latin-1")),
-        ]
-        return [
-            {"type": "http.response.start", "status": status, "headers": kept},
-            {"type": "http.response.body", "body": body},
-        ]

@@ -11,21 +11,24 @@ unnoticed.
 
 The document depends on the deployment: the served versions (an enum for ``X-Model-Version`` and
 ``/models/{version}``), whether keys are required (``security``), and whether the review queue is
-on (``/reviews`` only when ``MEDAUDIT_FLAGS`` is on). :class:`OpenAPIDocument` builds it once, on
-the first request, from the same :class:`~service.config.Settings` the service reads.
+on (``/reviews`` only when ``MEDAUDIT_FLAGS`` is on). The middleware
+:class:`~service.middleware.OpenAPIDocument` serves it, built once on the first request from the
+same :class:`~service.config.Settings` the service reads.
+
+Its paths are the routes of :mod:`medaudit.service.endpoints`, each with the operation
+:func:`_operations` writes for it under the endpoint's name; a route without one is an error here.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
+from medaudit.service.endpoints import API_VERSION, documented
 from medaudit.service.flags.review import MAX_LIMIT, STATUSES, VERDICTS
 from medaudit.service.inputs import FORMATS
-from medaudit.service.middleware import API_VERSION
 
+#: Where the document is served (not itself an operation of the contract).
 PATH = "/openapi.json"
 JSON = "application/json"
 
@@ -252,14 +255,8 @@ def _image_body() -> dict[str, Any]:
     }
 
 
-def build(versions: list[str], *, auth: bool, reviews: bool, title: str = "medaudit") -> dict[str, Any]:
-    """The OpenAPI 3.1 document of a deployment serving ``versions``."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        release = version("medaudit")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        release = "0"
+def _operations(versions: list[str], *, auth: bool) -> dict[str, dict[str, Any]]:
+    """The OpenAPI operation of every endpoint, by endpoint name (its ``operationId``)."""
     version_enum: Schema = {"type": "string", "enum": list(versions)}
     routing = [
         _header("X-Request-ID", "Echoed in the response and its logs; generated when absent."),
@@ -269,127 +266,120 @@ def build(versions: list[str], *, auth: bool, reviews: bool, title: str = "medau
     rid = [routing[0]]
     image_errors = (400, 401, 404, 413, 415, 422, 503) if auth else (400, 404, 413, 415, 422, 503)
     get_errors = (401,) if auth else ()
-    paths: dict[str, Any] = {
-        "/predict": {
-            "post": {
-                "operationId": "predict",
-                "summary": "Prediction for one image (adaptively batched; ONNX Runtime)",
-                "parameters": routing,
-                "requestBody": _image_body(),
-                "responses": _responses("PredictResponse", image_errors),
-            }
+    review_errors = (401, 403, 503)
+    flag_id = {"name": "flag_id", "in": "path", "required": True, "schema": STR}
+    return {
+        "predict": {
+            "summary": "Prediction for one image (adaptively batched; ONNX Runtime)",
+            "parameters": routing,
+            "requestBody": _image_body(),
+            "responses": _responses("PredictResponse", image_errors),
         },
-        "/audit": {
-            "post": {
-                "operationId": "audit",
-                "summary": "Prediction, LRP heatmap, artifact-concept scores, masks and flag decision",
-                "parameters": [
-                    *routing,
-                    {
-                        "name": "raw_heatmap",
-                        "in": "query",
-                        "required": False,
-                        "description": "1/true/yes adds the raw float16 heatmap; anything else does not.",
-                        "schema": STR,
-                    },
-                ],
-                "requestBody": _image_body(),
-                "responses": _responses("AuditResponse", image_errors),
-            }
+        "audit": {
+            "summary": "Prediction, LRP heatmap, artifact-concept scores, masks and flag decision",
+            "parameters": [
+                *routing,
+                {
+                    "name": "raw_heatmap",
+                    "in": "query",
+                    "required": False,
+                    "description": "1/true/yes adds the raw float16 heatmap; anything else does not.",
+                    "schema": STR,
+                },
+            ],
+            "requestBody": _image_body(),
+            "responses": _responses("AuditResponse", image_errors),
         },
-        "/compare": {
-            "post": {
-                "operationId": "compare",
-                "summary": "Audits of one image by several versions, side by side",
-                "parameters": [
-                    *rid,
-                    {
-                        "name": "versions",
-                        "in": "query",
-                        "required": False,
-                        "description": "Comma-separated versions; default: every served one.",
-                        "schema": STR,
-                    },
-                ],
-                "requestBody": _image_body(),
-                "responses": _responses("CompareResponse", image_errors),
-            }
+        "compare": {
+            "summary": "Audits of one image by several versions, side by side",
+            "parameters": [
+                *rid,
+                {
+                    "name": "versions",
+                    "in": "query",
+                    "required": False,
+                    "description": "Comma-separated versions; default: every served one.",
+                    "schema": STR,
+                },
+            ],
+            "requestBody": _image_body(),
+            "responses": _responses("CompareResponse", image_errors),
         },
-        "/models/": {
-            "get": {
-                "operationId": "models",
-                "summary": "Served versions, A/B weights, shadow agreement, flag thresholds",
-                "parameters": rid,
-                "responses": _responses("ModelsIndex", get_errors),
-            }
+        "models": {
+            "summary": "Served versions, A/B weights, shadow agreement, flag thresholds",
+            "parameters": rid,
+            "responses": _responses("ModelsIndex", get_errors),
         },
-        "/models/_route": {
-            "get": {
-                "operationId": "route",
-                "summary": "Which version these headers would get (no model runs)",
-                "parameters": routing,
-                "responses": _responses("Route", (*get_errors, 404)),
-            }
+        "route": {
+            "summary": "Which version these headers would get (no model runs)",
+            "parameters": routing,
+            "responses": _responses("Route", (*get_errors, 404)),
         },
-        "/models/{version}": {
-            "get": {
-                "operationId": "model_card",
-                "summary": "One served version's model card",
-                "parameters": [
-                    *rid,
-                    {"name": "version", "in": "path", "required": True, "schema": version_enum},
-                ],
-                "responses": _responses("ModelCard", (*get_errors, 404)),
-            }
+        "model_card": {
+            "summary": "One served version's model card",
+            "parameters": [
+                *rid,
+                {"name": "version", "in": "path", "required": True, "schema": version_enum},
+            ],
+            "responses": _responses("ModelCard", (*get_errors, 404)),
         },
-        "/readyz": {"get": _probe("200 once every version is loaded and warmed")},
-        "/livez": {"get": _probe("200 while the process serves")},
-        "/healthz": {"get": _probe("200 while the process serves")},
-        "/metrics": {
-            "get": {
-                "operationId": "metrics",
-                "summary": "Prometheus exposition (medaudit_* and bentoml_* series)",
-                "security": [],
-                "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": STR}}}},
-            }
+        "readyz": _probe("200 once every version is loaded and warmed"),
+        "livez": _probe("200 while the process serves"),
+        "healthz": _probe("200 while the process serves"),
+        "metrics": {
+            "summary": "Prometheus exposition (medaudit_* and bentoml_* series)",
+            "security": [],
+            "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": STR}}}},
+        },
+        "reviews": {
+            "summary": "One page of the review queue (reviewer role)",
+            "parameters": [
+                {"name": "status", "in": "query", "schema": {"enum": list(STATUSES)}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+                },
+                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+            ],
+            "responses": _responses("ReviewPage", (*review_errors, 422), request_id=False),
+        },
+        "review": {
+            "summary": "One flag's record, with its heatmap and mask (reviewer role)",
+            "parameters": [flag_id, {"name": "images", "in": "query", "schema": STR}],
+            "responses": _responses("Review", (*review_errors, 404), request_id=False),
+        },
+        "resolve": {
+            "summary": "Record a reviewer's verdict on a flag, once (reviewer role)",
+            "parameters": [flag_id],
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Verdict")}}},
+            "responses": _responses("Review", (*review_errors, 404, 409, 422), request_id=False),
         },
     }
-    if reviews:
-        review_errors = (401, 403, 503)
-        flag_id = {"name": "flag_id", "in": "path", "required": True, "schema": STR}
-        paths["/reviews/"] = {
-            "get": {
-                "operationId": "reviews",
-                "summary": "One page of the review queue (reviewer role)",
-                "parameters": [
-                    {"name": "status", "in": "query", "schema": {"enum": list(STATUSES)}},
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-                    },
-                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                ],
-                "responses": _responses("ReviewPage", (*review_errors, 422), request_id=False),
-            }
-        }
-        paths["/reviews/{flag_id}"] = {
-            "get": {
-                "operationId": "review",
-                "summary": "One flag's record, with its heatmap and mask (reviewer role)",
-                "parameters": [flag_id, {"name": "images", "in": "query", "schema": STR}],
-                "responses": _responses("Review", (*review_errors, 404), request_id=False),
-            }
-        }
-        paths["/reviews/{flag_id}/resolve"] = {
-            "post": {
-                "operationId": "resolve",
-                "summary": "Record a reviewer's verdict on a flag, once (reviewer role)",
-                "parameters": [flag_id],
-                "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Verdict")}}},
-                "responses": _responses("Review", (*review_errors, 404, 409, 422), request_id=False),
-            }
-        }
+
+
+def build(versions: list[str], *, auth: bool, reviews: bool, title: str = "medaudit") -> dict[str, Any]:
+    """The OpenAPI 3.1 document of a deployment serving ``versions``: one operation per endpoint
+    of :func:`medaudit.service.endpoints.documented`.
+
+    Raises:
+        KeyError: An endpoint without an operation in :func:`_operations` (a route added without
+            its contract).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("medaudit")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        release = "0"
+    operations = _operations(versions, auth=auth)
+    paths: dict[str, Any] = {}
+    for e in documented(reviews=reviews):
+        try:
+            operation = operations[e.name]
+        except KeyError:
+            raise KeyError(f"endpoint {e.name!r} ({e.method} {e.path}) has no OpenAPI operation") from None
+        paths.setdefault(e.path, {})[e.method.lower()] = {"operationId": e.name, **operation}
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -426,33 +416,3 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return build(
         list(settings.versions), auth=settings.key_store() is not None, reviews=settings.flags_enabled
     )
-
-
-class OpenAPIDocument:
-    """ASGI middleware answering ``GET /openapi.json`` with :func:`from_env`'s document.
-
-    A middleware rather than a mounted app: a Starlette mount at ``/openapi.json`` would redirect
-    the exact path to ``/openapi.json/``.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self._body: bytes | None = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] not in ("GET", "HEAD"):
-            await self.app(scope, receive, send)
-            return
-        if self._body is None:
-            self._body = json.dumps(from_env(os.environ)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", JSON.encode()),
-                    (b"content-length", str(len(self._body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": self._body if scope["method"] == "GET" else b""})

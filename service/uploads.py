@@ -1,4 +1,6 @@
-"""ASGI middleware that turns every way of uploading an image into the raw body BentoML expects.
+"""How an uploaded image becomes the raw body BentoML expects: the body handling of the upload
+middleware (:class:`~service.middleware.UploadNormalizer`), which applies it to the image
+endpoints of :mod:`medaudit.service.endpoints`.
 
 The image endpoints take the whole body as a BentoML 1.4 *root input*. BentoML picks its body
 parser by content type, so two common uploads would otherwise never reach our decoder:
@@ -20,8 +22,6 @@ length, and other paths, pass through untouched.
 
 from __future__ import annotations
 
-import json
-import os
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -29,8 +29,7 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from medaudit.service.envvars import positive_int
-from medaudit.service.errors import AuditError
+from medaudit.service.errors import AuditError, error_response
 from medaudit.service.inputs import Limits, check_body_size
 
 Scope = MutableMapping[str, Any]
@@ -53,74 +52,17 @@ class InvalidUploadError(AuditError):
     code = "invalid_upload"
 
 
-class UploadNormalizer:
-    """Rewrites form uploads on ``paths`` into a raw body with the file's content type."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        paths: tuple[str, ...] = ("/predict", "/audit", "/compare"),
-        max_bytes: int | None = None,
-    ) -> None:
-        self.app = app
-        self.paths = paths
-        # The same limit as the decoder's (MEDAUDIT_MAX_BYTES), read once like service.config does.
-        self.max_bytes = max_bytes or positive_int(os.environ, "MEDAUDIT_MAX_BYTES", Limits.max_bytes)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.lower(): v for k, v in scope["headers"]}
-        ctype = headers.get(b"content-type", b"").decode("latin-1")
-        base = ctype.split(";", 1)[0].strip().lower()
-        limit = self.max_bytes + (MULTIPART_OVERHEAD if base == MULTIPART else 0)
-        declared = headers.get(b"content-length", b"").decode("latin-1").strip()
-        if declared.isdigit() and int(declared) > limit:
-            # Refused before anything buffers it (the decoder would say the same after reading).
-            await _refuse(send, headers, _too_large(int(declared), limit))
-            return
-        if base == MULTIPART:
-            try:
-                body, file_ctype = await _first_file(Request(scope, _limited(receive, limit)))
-            except _BodyTooLarge as e:
-                await _refuse(send, headers, _too_large(e.seen, limit))
-                return
-            except _Disconnected:
-                return
-            except Exception as e:  # a malformed multipart body is the client's 4xx
-                detail = f"cannot parse the multipart/form-data body: {str(e)[:200]}"
-                await _refuse(send, headers, InvalidUploadError(detail))
-                return
-            await self.app(_with_headers(scope, file_ctype, len(body)), _replay(body), send)
-            return
-        relabel = "application/octet-stream" if base == FORM else None
-        if declared.isdigit():
-            await self.app(scope if relabel is None else _with_headers(scope, relabel, None), receive, send)
-            return
-        # No Content-Length (chunked transfer): read it here, counting, so that an endless body
-        # is cut off at the limit with a 413 instead of being buffered whole by BentoML first.
-        try:
-            body = await _read(_limited(receive, limit))
-        except _BodyTooLarge as e:
-            await _refuse(send, headers, _too_large(e.seen, limit))
-            return
-        except _Disconnected:
-            return
-        await self.app(_with_headers(scope, relabel or ctype or None, len(body)), _replay(body), send)
-
-
-class _BodyTooLarge(Exception):
+class BodyTooLargeError(Exception):
     def __init__(self, seen: int) -> None:
         super().__init__(f"{seen} bytes received")
         self.seen = seen
 
 
-class _Disconnected(Exception):
+class DisconnectedError(Exception):
     pass
 
 
-def _too_large(size: int, limit: int) -> AuditError:
+def too_large(size: int, limit: int) -> AuditError:
     try:
         check_body_size(size, Limits(max_bytes=limit))
     except AuditError as e:
@@ -128,7 +70,7 @@ def _too_large(size: int, limit: int) -> AuditError:
     raise AssertionError(f"{size} bytes is not over the limit {limit}")  # pragma: no cover
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
+def limited(receive: Receive, limit: int) -> Receive:
     """``receive`` that raises once the request body has grown past ``limit`` bytes."""
     seen = 0
 
@@ -138,15 +80,15 @@ def _limited(receive: Receive, limit: int) -> Receive:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _BodyTooLarge(seen)
+                raise BodyTooLargeError(seen)
         elif message["type"] == "http.disconnect":
-            raise _Disconnected()
+            raise DisconnectedError()
         return message
 
     return counted
 
 
-async def _read(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     chunks = []
     while True:
         message = await receive()
@@ -155,7 +97,7 @@ async def _read(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def _first_file(request: Request) -> tuple[bytes, str]:
+async def first_file(request: Request) -> tuple[bytes, str]:
     async with request.form() as form:
         files = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
@@ -165,7 +107,7 @@ async def _first_file(request: Request) -> tuple[bytes, str]:
         return await upload.read(), upload.content_type or "application/octet-stream"
 
 
-def _with_headers(scope: Scope, content_type: str | None, length: int | None) -> Scope:
+def with_headers(scope: Scope, content_type: str | None, length: int | None) -> Scope:
     """``scope`` with its content type replaced (None: kept) and, given ``length``, a fixed length."""
     drop = ({b"content-type"} if content_type is not None else set()) | (
         {b"content-length", b"transfer-encoding"} if length is not None else set()
@@ -178,7 +120,7 @@ def _with_headers(scope: Scope, content_type: str | None, length: int | None) ->
     return {**scope, "headers": hdrs}
 
 
-def _replay(body: bytes) -> Receive:
+def replay(body: bytes) -> Receive:
     sent = False
 
     async def receive() -> Message:
@@ -191,19 +133,9 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-async def _refuse(send: Send, headers: dict[bytes, bytes], error: AuditError) -> None:
-    """The error as the service's JSON error body, with the request id (given or generated)."""
+async def refuse(scope: Scope, receive: Receive, send: Send, error: AuditError) -> None:
+    """Answers with ``error`` (:func:`~service.errors.error_response`), with the request id given
+    in ``X-Request-ID`` or a new one."""
+    headers = {k.lower(): v for k, v in scope.get("headers", [])}
     rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
-    body = json.dumps({**error.to_json(), "request_id": rid}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": error.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", rid.encode("latin-1")),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await error_response(error, rid)(scope, receive, send)

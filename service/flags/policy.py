@@ -6,7 +6,7 @@ A concept flags when the artifact is **there** and the prediction **uses** it:
   set at the configured false-positive rate), and its calibrated percentile is at least
   ``min_percentile`` (0 by default: the bank's threshold alone decides);
 * *relied on*: the concept carries more than ``share`` of the class relevance at the CAV layer
-  (strictly more, as in :func:`medaudit.service.audit.decide_flag`), **or** the caller says that the
+  (strictly more: a share equal to the threshold does not flag), **or** the caller says that the
   corrected version (e.g. a ClArC shadow) disagrees with the answering one, which is direct
   behavioural evidence that the artifact changed the answer.
 
@@ -18,7 +18,8 @@ disagreeing corrected version. None: ``low``; one: ``medium``; two or more: ``hi
 Every threshold is configurable per concept (:class:`PolicyConfig`), e.g.
 ``MEDAUDIT_FLAG_POLICY="share=0.2,band_aid:share=0.15,ruler:enabled=0"``.
 
-The module is transport-free and imports no torch: the scores are duck-typed (:class:`ScoreLike`),
+This is the one place a flag is decided: the audit engine only scores. The module is
+transport-free and imports no torch: the scores are duck-typed (:class:`ScoreLike`),
 so :class:`medaudit.service.audit.ConceptScore` and test doubles both work.
 """
 
@@ -288,6 +289,8 @@ class PolicyDecision:
         return tuple(f.concept for f in self.flags)
 
     def to_json(self) -> dict[str, Any]:
+        """The response's ``flag``: each flag, plus flat ``concepts`` and ``reasons`` lists
+        (``"concept: reason"``) for clients that only list them."""
         return {
             "flagged": self.flagged,
             "severity": None if self.severity is None else str(self.severity),
@@ -300,6 +303,8 @@ class PolicyDecision:
                 }
                 for f in self.flags
             ],
+            "concepts": list(self.concepts),
+            "reasons": [f"{f.concept}: {r}" for f in self.flags for r in f.reasons],
         }
 
 

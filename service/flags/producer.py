@@ -201,8 +201,8 @@ class FlagPublisher:
 
         Args:
             settings: The service settings.
-            default_share: The service's flag share (``MEDAUDIT_FLAG_SHARE``), the policy's
-                default ``share`` unless ``MEDAUDIT_FLAG_POLICY`` sets one.
+            default_share: The policy's default ``share`` unless ``MEDAUDIT_FLAG_POLICY`` sets
+                one; None: ``settings.flag_share`` (``MEDAUDIT_FLAG_SHARE``).
             **kwargs: Overrides of the constructor's arguments.
         """
         f: FlagSettings = settings.flags
@@ -214,7 +214,7 @@ class FlagPublisher:
                 log.warning("flags: %s; spooling until %s answers", e, LOCALHOST_URL)
                 url = LOCALHOST_URL
         args: dict[str, Any] = {
-            "policy": f.policy(default_share),
+            "policy": settings.policy() if default_share is None else f.policy(default_share),
             "keys": f.keys,
             "spool_dir": f.spool_dir,
             "queue_size": f.queue_size,

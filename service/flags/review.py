@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from medaudit.service.errors import AuditError
+from medaudit.service.endpoints import RESOLVE, REVIEW, REVIEWS
+from medaudit.service.errors import AuditError, error_response
 from medaudit.service.flags.events import FlagKeys
 
 if TYPE_CHECKING:
@@ -271,18 +272,20 @@ def resolve_review(
 
 
 def review_app(
-    client: redis.Redis | Callable[[], redis.Redis],
-    keys: FlagKeys | Callable[[], FlagKeys] | None = None,
+    client: redis.Redis | Callable[[Request], redis.Redis],
+    keys: FlagKeys | Callable[[Request], FlagKeys] | None = None,
     *,
     authorize: Callable[[Request], str] | None = None,
 ) -> Starlette:
-    """The reviewer endpoints as a Starlette app, to mount at ``/reviews``.
+    """The reviewer endpoints (:mod:`medaudit.service.endpoints`) as a Starlette app, to mount at
+    ``/reviews``.
 
     Args:
-        client: A bytes Redis client shared by the app's requests, or a zero-argument callable
-            returning it, called per request: so the app can be built at import (BentoML mounts
-            ASGI apps at class definition) and the client in the service's ``__init__``.
-        keys: Key layout, or a callable returning it (same reason).
+        client: A bytes Redis client shared by the app's requests, or a callable taking the
+            request and returning it, called per request: so the app can be built at import
+            (BentoML mounts ASGI apps at class definition) and the client in the service's
+            ``__init__`` (the service reaches it through ``request.app.state``).
+        keys: Key layout, or a callable taking the request and returning it (same reason).
         authorize: ``authorize(request) -> reviewer name``; raises an :class:`AuditError` (401/403)
             for a request without the reviewer role. The service passes one built on its
             :class:`~service.auth.KeyStore` (e.g. ``principal.require(Role.REVIEWER)`` and
@@ -294,11 +297,11 @@ def review_app(
 
     auth = authorize or (lambda _req: "anonymous")
 
-    def r() -> redis.Redis:
-        return client() if callable(client) else client
+    def r(request: Request) -> redis.Redis:
+        return client(request) if callable(client) else client
 
-    def k() -> FlagKeys:
-        return (keys() if callable(keys) else keys) or FlagKeys()
+    def k(request: Request) -> FlagKeys:
+        return (keys(request) if callable(keys) else keys) or FlagKeys()
 
     def guarded(fn: Callable[[Request, str], Any]) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> JSONResponse:
@@ -319,11 +322,7 @@ def review_app(
                 request.state.body = body
                 result = await anyio.to_thread.run_sync(fn, request, reviewer)
             except AuditError as e:
-                return JSONResponse(
-                    {**e.to_json(), "request_id": rid},
-                    status_code=e.status,
-                    headers={"X-Request-ID": rid, **e.headers()},
-                )
+                return error_response(e, rid)
             return JSONResponse(result, headers={"X-Request-ID": rid})
 
         return endpoint
@@ -334,30 +333,30 @@ def review_app(
             limit, offset = int(q.get("limit", 50)), int(q.get("offset", 0))
         except ValueError:
             raise InvalidReviewError("limit and offset must be integers") from None
-        return list_reviews(r(), k(), q.get("status", "open"), limit, offset)
+        return list_reviews(r(request), k(request), q.get("status", "open"), limit, offset)
 
     def show(request: Request, _reviewer: str) -> dict[str, Any]:
         images = request.query_params.get("images", "1").lower() not in ("0", "false", "no", "off")
-        return get_review(r(), request.path_params["flag_id"], k(), images=images)
+        return get_review(r(request), request.path_params["flag_id"], k(request), images=images)
 
     def resolve(request: Request, reviewer: str) -> dict[str, Any]:
         body = request.state.body
         if not isinstance(body, dict) or not isinstance(body.get("verdict"), str):
             raise InvalidReviewError('the body must be a JSON object with a "verdict" string', valid=VERDICTS)
         return resolve_review(
-            r(),
+            r(request),
             request.path_params["flag_id"],
             body["verdict"],
             body.get("note") or "",
             reviewer=reviewer,
-            keys=k(),
+            keys=k(request),
         )
 
     return Starlette(
         routes=[
-            Route("/", guarded(list_), methods=["GET"]),
-            Route("/{flag_id}", guarded(show), methods=["GET"]),
-            Route("/{flag_id}/resolve", guarded(resolve), methods=["POST"]),
+            Route(REVIEWS.route, guarded(list_), methods=[REVIEWS.method]),
+            Route(REVIEW.route, guarded(show), methods=[REVIEW.method]),
+            Route(RESOLVE.route, guarded(resolve), methods=[RESOLVE.method]),
         ]
     )
 

@@ -88,7 +88,7 @@ class FlagSettings:
         return FlagKeys(self.prefix)
 
     def policy(self, default_share: float | None = None) -> PolicyConfig:
-        """The flag policy; ``default_share`` (e.g. ``MEDAUDIT_FLAG_SHARE``) seeds the default share."""
+        """The flag policy; ``default_share`` (``Settings.flag_share``) seeds the default share."""
         base = ConceptPolicy() if default_share is None else ConceptPolicy(share=default_share)
         return PolicyConfig.parse(self.policy_spec, base, source=POLICY_VAR)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medaudit.service.audit import AuditResult, ConceptScore, FlagDecision, Prediction
+from medaudit.service.audit import AuditResult, ConceptScore, Prediction
 
 
 def png_b64(value: int, size: int = 8) -> str:
@@ -64,7 +64,6 @@ def result(
         ),
         heatmap_png=png_b64(seed),
         concepts=tuple(cs),
-        flag=FlagDecision(False),
         layer="identity_2",
         features=feats,
     )

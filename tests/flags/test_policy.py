@@ -7,7 +7,6 @@ import pytest
 from flagtools import result, score
 
 from medaudit.models.errors import ConfigError
-from medaudit.service.audit import FlagThresholds, decide_flag
 from medaudit.service.flags.policy import ConceptPolicy, PolicyConfig, Severity, evaluate
 
 D = PolicyConfig()  # share 0.2, high_share 0.5, high_pct 99
@@ -70,15 +69,43 @@ def test_worst_severity_and_order_over_concepts() -> None:
     assert d.to_json()["severity"] == "high" and d.to_json()["flags"][0]["concept"] == "band_aid"
 
 
-def test_default_policy_agrees_with_decide_flag() -> None:
-    """Without a corrected version, the default policy flags exactly what the service's decide_flag does."""
+def test_default_policy_is_presence_and_share_above_the_threshold() -> None:
+    """Without a corrected version, the default policy flags exactly the present concepts whose
+    share is strictly above 0.2 (the rule written out here as a reference), in score order."""
     rng = np.random.default_rng(0)
     for _ in range(200):
         cs = [
             score(c, present=bool(rng.random() < 0.6), share=float(rng.choice([0.2, rng.random()])))
             for c in ("band_aid", "ruler", "skin_marker")
         ]
-        assert evaluate(cs).concepts == decide_flag(cs, FlagThresholds()).concepts
+        assert evaluate(cs).concepts == tuple(c.concept for c in cs if c.present and c.relevance_share > 0.2)
+
+
+@pytest.mark.parametrize(
+    ("concepts", "threshold", "flagged", "names"),
+    [
+        ([], 0.2, False, ()),
+        ([("band_aid", False, 0.9)], 0.2, False, ()),  # absent: high share alone never flags
+        ([("band_aid", True, 0.1)], 0.2, False, ()),  # present but not used
+        ([("band_aid", True, 0.2)], 0.2, False, ()),  # equal to the threshold: no flag
+        ([("band_aid", True, 0.21)], 0.2, True, ("band_aid",)),
+        ([("band_aid", True, 0.5), ("ruler", True, 0.9)], 0.2, True, ("band_aid", "ruler")),
+        ([("band_aid", True, 0.5), ("ruler", False, 0.9)], 0.2, True, ("band_aid",)),
+        ([("band_aid", True, 0.0)], 0.0, False, ()),
+        ([("band_aid", True, 1.0)], 1.0, False, ()),
+    ],
+)
+def test_share_threshold_table(concepts, threshold, flagged, names) -> None:
+    """The default share (``MEDAUDIT_FLAG_SHARE``) over several concepts; the flat ``reasons``
+    of the response name each flagging concept and its presence first."""
+    cs = [score(c, present=p, share=s, percentile=97.0) for c, p, s in concepts]
+    d = evaluate(cs, PolicyConfig(ConceptPolicy(share=threshold)))
+    assert d.flagged is flagged and d.concepts == names and len(d.flags) == len(names)
+    body = d.to_json()
+    assert body["flagged"] is flagged and body["concepts"] == list(names)
+    for n, f in zip(names, d.flags, strict=True):
+        assert f.reasons[0].startswith(n) and "present" in f.reasons[0]
+        assert f"{n}: {f.reasons[0]}" in body["reasons"]
 
 
 def test_parse_defaults_then_overrides_in_any_order() -> None:

@@ -126,13 +126,13 @@ def test_refine_cav_command_on_the_tiny_store(
 
     from medaudit.cli.commands import app
     from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
-    from medaudit.service.audit import AuditEngine, FlagThresholds
+    from medaudit.service.audit import AuditEngine
     from medaudit.service.store import load_version
 
     torch.set_num_threads(1)
     spec = {"band_aid": (0.5, 0.5), "ruler": (0.5, 0.5)}
-    # Thresholds that make every concept "present" and a disagreeing corrected version: every image flags.
-    engine = AuditEngine.from_store("vanilla", home=tiny_store, thresholds=FlagThresholds(0.0, fpr=0.99))
+    # A presence FPR that makes every concept "present", and a disagreeing corrected version: every image flags.
+    engine = AuditEngine.from_store("vanilla", home=tiny_store, fpr=0.99)
     prod = SynthDerm(SynthDermConfig(seed=1, size=32, n_train=24, n_val=0, n_test=0, spec=spec))
     results = engine.audit([prod.sample(i).image for i in range(24)])
     pub = FlagPublisher(redis_url, keys=keys, spool_dir=tmp_path / "spool")

@@ -548,7 +548,8 @@ def test_tier1_auditor_sheds_a_full_queue_as_a_503(svc, monkeypatch) -> None:
     Retry-After at once; an admitted audit answers as the engines do."""
     from bentoml.exceptions import ServiceUnavailable
 
-    from medaudit.service.api import Auditor, _dependency
+    from medaudit.service.api import Auditor
+    from medaudit.service.dependencies import call_dependency
 
     monkeypatch.setenv("MEDAUDIT_AUDIT_WORKERS", "1")
     auditor = Auditor()
@@ -561,7 +562,7 @@ def test_tier1_auditor_sheds_a_full_queue_as_a_503(svc, monkeypatch) -> None:
         with pytest.raises(ServiceUnavailable, match="audits queued"):
             asyncio.run(auditor.audit(job))
         with pytest.raises(ServiceOverloadedError) as ei:
-            asyncio.run(_dependency(auditor.audit, job, 5.0))
+            asyncio.run(call_dependency(auditor.audit, job, 5.0))
         assert ei.value.status == 503 and ei.value.headers() == {"Retry-After": "1"}
     finally:
         asyncio.run(auditor.close())

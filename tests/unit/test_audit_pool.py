@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medaudit.service.audit import AuditEngine, FlagThresholds
+from medaudit.service.audit import AuditEngine
 from medaudit.service.audit_pool import (
     AuditPool,
     LaneCrashedError,
@@ -284,7 +284,7 @@ def _same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
 @pytest.fixture(scope="module")
 def local_engines(tiny_store) -> dict[str, AuditEngine]:
     return {
-        v: AuditEngine.from_store(v, home=tiny_store, thresholds=FlagThresholds(), ort_threads=1)
+        v: AuditEngine.from_store(v, home=tiny_store, ort_threads=1)
         for v in VERSIONS
     }
 
@@ -295,7 +295,7 @@ def test_lrp_processes_answer_like_this_process_through_a_kill(tiny_store, local
     killed (SIGKILL) mid-life loses no job, and a replacement with a new pid takes work again."""
     jobs = _jobs(12)
     want = audit_jobs(local_engines, jobs)
-    spec = LaneSpec(VERSIONS, home=str(tiny_store), thresholds=FlagThresholds(), threads=1)
+    spec = LaneSpec(VERSIONS, home=str(tiny_store), threads=1)
     pool = AuditPool.start(spec, 2, max_batch=4)
     try:
         lanes = [lane for lane in pool.lanes if isinstance(lane, ProcessLane)]

@@ -1,4 +1,5 @@
-"""medaudit.service.bentoml_patches (applied on import of ``medaudit.service.api``).
+"""medaudit.service.bentoml_patches (applied by ``medaudit.service.bootstrap``, which
+``medaudit.service.api`` imports first).
 
 cancel_request_timers: BentoML's per-request timeout timer is cancelled once the response has
 started, and the timeout still answers 504 when nothing is sent in time.
@@ -22,9 +23,10 @@ def middleware(delay_s: float, timeout_s: float, ends: str = "answered") -> Any:
     returns without sending (``ends="silent"``: its client went away) or raises (``"raises"``)."""
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    import medaudit.service.api
+    import medaudit.service.api  # noqa: F401  (applies the patches)
+    from medaudit.service import bentoml_patches
 
-    assert medaudit.service.api.bentoml_patches.cancel_request_timers()  # in place (and idempotent)
+    assert bentoml_patches.cancel_request_timers()  # in place (and idempotent)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await asyncio.sleep(delay_s)

@@ -105,6 +105,9 @@ def test_repr_hides_keys_and_salt() -> None:
         ({"MEDAUDIT_AUTH": "maybe"}, "MEDAUDIT_AUTH must be one of on/off"),
         ({"MEDAUDIT_FLAG_FPR": "1.5"}, r"MEDAUDIT_FLAG_FPR must be in \(0, 1\)"),
         ({"MEDAUDIT_FLAG_FPR": "low"}, "MEDAUDIT_FLAG_FPR must be a number"),
+        ({"MEDAUDIT_FLAG_SHARE": "1.5"}, r"MEDAUDIT_FLAG_SHARE must be in \[0, 1\], got 1.5"),
+        ({"MEDAUDIT_FLAG_SHARE": "nan"}, r"MEDAUDIT_FLAG_SHARE must be in \[0, 1\]"),
+        ({"MEDAUDIT_FLAG_SHARE": "most"}, "MEDAUDIT_FLAG_SHARE must be a number, got 'most'"),
         ({"MEDAUDIT_VERSIONS": "a,a"}, "lists a version twice"),
         ({"MEDAUDIT_VERSIONS": "a b"}, "'a b' is not a valid version name"),
         ({"MEDAUDIT_AB_WEIGHTS": "nope=1"}, "AB_WEIGHTS names 'nope', which is not served; served: vanilla"),
@@ -124,6 +127,17 @@ def test_bad_values_name_the_variable(env: dict[str, str], match: str) -> None:
 def test_auth_on_needs_salt() -> None:
     with pytest.raises(ConfigError, match="MEDAUDIT_API_KEY_SALT is empty"):
         Settings.from_env({"MEDAUDIT_API_KEYS": f"client:{DIGEST}"})
+
+
+def test_flag_share_seeds_the_flag_policy() -> None:
+    """MEDAUDIT_FLAG_SHARE is the policy's default share (0.2 unset); MEDAUDIT_FLAG_POLICY wins."""
+    assert Settings.from_env({"MEDAUDIT_AUTH": "off"}).policy().default.share == 0.2
+    s = Settings.from_env({"MEDAUDIT_AUTH": "off", "MEDAUDIT_FLAG_SHARE": "0.35"})
+    assert s.flag_share == 0.35 and s.policy().default.share == 0.35
+    both = {"MEDAUDIT_AUTH": "off", "MEDAUDIT_FLAG_SHARE": "0.35", "MEDAUDIT_FLAG_POLICY": "ruler:share=0.1"}
+    p = Settings.from_env(both).policy()
+    assert p.default.share == 0.35 and p.for_concept("ruler").share == 0.1
+    assert "MEDAUDIT_FLAG_SHARE" not in unknown_variables({"MEDAUDIT_FLAG_SHARE": "0.3"})
 
 
 def test_unknown_variables_catch_typos() -> None:

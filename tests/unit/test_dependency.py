@@ -1,4 +1,4 @@
-"""medaudit.service.api._dependency: how the entry service handles its dependencies failing.
+"""medaudit.service.dependencies.call_dependency: how the entry service handles its dependencies failing.
 
 The calls here are plain coroutines that fail the ways BentoML's internal client does (its
 exceptions, aiohttp's, a call that never returns); the real hop runs in tests/integration and
@@ -37,9 +37,9 @@ class Flaky:
 
 
 def run(call: Flaky, deadline: float = 5.0) -> Any:
-    from medaudit.service.api import _dependency
+    from medaudit.service.dependencies import call_dependency
 
-    return asyncio.run(_dependency(call, {"x": 7}, deadline))
+    return asyncio.run(call_dependency(call, {"x": 7}, deadline))
 
 
 def test_dropped_connections_and_lost_calls_are_sent_again() -> None:
