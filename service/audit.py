@@ -267,7 +267,8 @@ class VersionPredictor:
         """Images resized to the model input: (B, H, W, 3) uint8 (small enough to ship to a batcher)."""
         if not images:
             raise ValueError("no images")
-        return np.stack([to_model_input(im, self.size) for im in images])
+        policy, crop = self.cfg.resize, self.cfg.crop_pct
+        return np.stack([to_model_input(im, self.size, policy, crop) for im in images])
 
     def _inputs(self, rgb: np.ndarray) -> torch.Tensor:
         return self.cfg.normalize(torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2))

@@ -38,6 +38,7 @@ request's notes. Errors are unaffected: every limit is checked from the header f
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -221,19 +222,29 @@ def check_body_size(size: int, limits: Limits) -> None:
         )
 
 
-def to_model_input(img: DecodedImage | np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize to the model's input size with bicubic, no crop (method.md §9, §12).
+def to_model_input(
+    img: DecodedImage | np.ndarray,
+    size: int | tuple[int, int],
+    policy: str = "resize",
+    crop_pct: float = 0.875,
+) -> np.ndarray:
+    """Resize to the model's input size with bicubic (method.md §9, §12).
 
-    This is exactly what the training loader does (``medaudit.models.data.folder.read_rgb(path, size)``):
-    a square (or ``(height, width)``) PIL bicubic resize of uint8 RGB. Normalisation (mean/std of
-    :class:`medaudit.models.registry.ModelCfg`) is the predictor's step, not this one.
+    ``policy="resize"`` (medaudit's own models) stretches to the size with no crop: exactly what
+    the training loader does (``medaudit.models.data.folder.read_rgb(path, size)``).
+    ``policy="center_crop"`` (a model spec's, for models trained with torchvision's or timm's eval
+    transform) resizes the short side to ``side / crop_pct``, keeping the aspect ratio, and cuts
+    the centre. Normalisation (mean/std of :class:`medaudit.models.registry.ModelCfg`) is the
+    predictor's step, not this one.
 
     Args:
         img: A :class:`DecodedImage` or an H×W×3 uint8 array.
         size: Side of the square model input, or (height, width).
+        policy: ``"resize"`` or ``"center_crop"`` (``ModelCfg.resize``).
+        crop_pct: The crop's share of the resized image (``ModelCfg.crop_pct``).
 
     Returns:
-        A new, writable size×size×3 uint8 array.
+        A new, writable height×width×3 uint8 array.
     """
     rgb = img.rgb if isinstance(img, DecodedImage) else img
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -241,6 +252,21 @@ def to_model_input(img: DecodedImage | np.ndarray, size: int | tuple[int, int]) 
     h, w = (size, size) if isinstance(size, int) else size
     if h < 1 or w < 1:
         raise ValueError(f"model input size must be positive, got {size!r}")
+    if policy not in ("resize", "center_crop"):
+        raise ValueError(f"resize policy {policy!r}; valid: resize, center_crop")
+    if policy == "center_crop":
+        # torchvision's Resize(floor(side / crop_pct)) on the short side, then CenterCrop(h, w),
+        # with its rounding, so a model trained with that eval transform sees the same pixels.
+        short = math.floor(max(h, w) / crop_pct)
+        ih, iw = rgb.shape[:2]
+        rh, rw = (int(short * ih / iw), short) if iw <= ih else (short, int(short * iw / ih))
+        if (rh, rw) != (ih, iw):
+            resized = Image.fromarray(np.ascontiguousarray(rgb)).resize((rw, rh), Image.Resampling.BICUBIC)
+            rgb = np.asarray(resized, dtype=np.uint8)
+        if rh < h or rw < w:
+            raise ValueError(f"crop_pct={crop_pct} leaves {rh}×{rw}, smaller than the input {h}×{w}")
+        top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))
+        return np.array(rgb[top : top + h, left : left + w], dtype=np.uint8, copy=True)
     if rgb.shape[:2] == (h, w):
         return np.array(rgb, dtype=np.uint8, copy=True)
     out = Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.Resampling.BICUBIC)

@@ -302,3 +302,32 @@ def test_dicom_jpeg_ls_without_handler_names_the_syntax() -> None:
     with pytest.raises(UnsupportedMediaTypeError, match="JPEG-LS") as ei:
         decode_image(dcm("MR_small_jpeg_ls_lossless.dcm"))
     assert ei.value.status == 415
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300), (97, 97), (64, 500)])
+@pytest.mark.parametrize(("side", "crop_pct"), [(96, 0.875), (224, 0.95), (64, 1.0)])
+def test_center_crop_equals_torchvisions_eval_transform(
+    shape: tuple[int, int], side: int, crop_pct: float
+) -> None:
+    """A model spec's ``resize = "center_crop"``: the pixels torchvision's Resize + CenterCrop give."""
+    import math
+
+    from torchvision import transforms
+
+    rgb = np.random.default_rng(sum(shape)).integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    ref = transforms.Compose(
+        [
+            transforms.Resize(
+                math.floor(side / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.CenterCrop(side),
+        ]
+    )(Image.fromarray(rgb))
+    got = to_model_input(rgb, side, "center_crop", crop_pct)
+    assert got.shape == (side, side, 3)
+    np.testing.assert_array_equal(got, np.asarray(ref))
+
+
+def test_an_unknown_resize_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="resize policy 'letterbox'"):
+        to_model_input(np.zeros((8, 8, 3), np.uint8), 4, "letterbox")
