@@ -36,7 +36,8 @@ def _spec_errors() -> Iterator[None]:
 
 @model_app.command("inspect")
 def inspect(
-    spec: Path = SPEC_ARG, depth: int = typer.Option(3, help="How deep into the module tree.")
+    spec: Path = SPEC_ARG,
+    depth: int = typer.Option(2, help="How deep into the module tree (2: stages and their blocks)."),
 ) -> None:
     """The model's candidate hook points (stages and blocks) with their output shapes."""
     from medaudit.models.spec import build, inspect_layers, load_spec
@@ -93,6 +94,6 @@ def check(
         for col in ("module", "type", "rule"):
             t.add_column(col)
         for row in report.rules:
-            t.add_row(escape(row.path), row.type, row.rule)
+            t.add_row(escape(row.path), row.module, row.rule)
         console.print(t)
     console.print("[green]ok[/]: this model can be audited, corrected and served")

@@ -270,9 +270,7 @@ def build(spec: ModelSpec) -> tuple[nn.Module, ModelCfg, str]:
         model = _construct(spec)
         _load_state(model, _state_dict(obj, spec), spec)
     model.eval()
-    from medaudit.models.xai.canonizers import detect_canonizer
-
-    family = detect_canonizer(model) if spec.canonizer == "auto" else spec.canonizer
+    family = _family(model, spec)
     hooks = dict(spec.hook_points) or default_hook_points(model, family)
     default = spec.default_cav_layer or _default_layer(family, hooks)
     if default not in hooks:
@@ -297,6 +295,31 @@ def build(spec: ModelSpec) -> tuple[nn.Module, ModelCfg, str]:
         crop_pct=spec.crop_pct,
     )
     return model, cfg, digest
+
+
+def _family(model: nn.Module, spec: ModelSpec) -> str:
+    """The canonizer family: the spec's, else detected. A model of no known family that also has
+    layers without an LRP rule is refused naming those layers (the more useful news)."""
+    from medaudit.models.xai.canonizers import CANONIZERS, CanonizerError, detect_canonizer
+    from medaudit.models.xai.lrp import rule_for
+
+    if spec.canonizer != "auto":
+        if spec.canonizer not in CANONIZERS:
+            raise spec.fail("canonizer", f"unknown {spec.canonizer!r}; valid: auto, {', '.join(CANONIZERS)}")
+        return spec.canonizer
+    try:
+        return detect_canonizer(model)
+    except CanonizerError as e:
+        refusals = []
+        for path, module in model.named_modules():
+            if path and next(module.children(), None) is None:
+                try:
+                    rule_for(module, first=False, path=path)
+                except ConfigError as no_rule:
+                    refusals.append(str(no_rule))
+        if refusals:
+            raise ConfigError(f"{spec.path}: " + "; ".join(refusals)) from e
+        raise CanonizerError(f"{spec.path}: {e}; or name one with canonizer = ... in the spec") from e
 
 
 def file_sha256(path: Path) -> str:
@@ -433,7 +456,7 @@ def probe_batch(cfg: ModelCfg, n: int = 2, seed: int = 0) -> torch.Tensor:
     return cfg.normalize(torch.rand(n, *cfg.input_size, generator=g))
 
 
-def inspect_layers(model: nn.Module, cfg: ModelCfg, max_depth: int = 3) -> list[LayerInfo]:
+def inspect_layers(model: nn.Module, cfg: ModelCfg, max_depth: int = 2) -> list[LayerInfo]:
     """Modules down to ``max_depth`` whose output is a feature map (or token sequence), in forward
     order, with their output shapes: where a CAV or a correction can sit."""
     by_path = {v: k for k, v in cfg.hook_points.items()}

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from medaudit.models.errors import ConfigError, UnknownModelError, WeightsError
 from medaudit.models.spec import SpecError, build, check, file_sha256, inspect_layers, load_spec
+from medaudit.models.xai.canonizers import CanonizerError
 
 IMAGENET = "mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]"
 LABELS3 = '["nevus", "melanoma", "bcc"]'
@@ -162,14 +163,17 @@ def test_a_layer_without_a_rule_is_refused_by_name(tmp_path: Path) -> None:
         checkpoint = "lstm.pt"
         labels = ["a", "b"]
         input_size = 16
-        canonizer = "vgg"
         {IMAGENET}
         [hook_points]
         stem = "stem"
         """,
     )
-    with pytest.raises(ConfigError, match=r"rnn.*LSTM"):
+    with pytest.raises(ConfigError, match=r"no LRP rule for layer 'rnn' \(torch.nn.modules.rnn.LSTM\)"):
         check(load_spec(spec))
+    # Named explicitly, the family's canonizer refuses the model instead.
+    named = spec.read_text().replace("input_size = 16", 'input_size = 16\ncanonizer = "vgg"')
+    with pytest.raises(CanonizerError, match="expects a torchvision VGG"):
+        check(load_spec(_spec(tmp_path, named, "named.toml")))
 
 
 def test_a_pickled_module_needs_allow_pickle(tmp_path: Path) -> None:
@@ -234,7 +238,7 @@ def test_the_cli_checks_inspects_and_refuses_without_writing(
     assert out.exit_code == 0, out.output
     assert "conservation" in out.output and "ok" in out.output and "layer4.1.conv2" in out.output
     out = runner.invoke(app, ["model", "inspect", str(spec)])
-    assert out.exit_code == 0 and "default CAV layer" in out.output, out.output
+    assert out.exit_code == 0 and "default CAV" in " ".join(out.output.split()), out.output
     bad = _resnet_spec(tmp_path, resnet_ckpt, labels='["a", "b"]')
     out = runner.invoke(app, ["model", "check", str(bad)])
     assert out.exit_code == 2 and "3 outputs but the spec lists 2 labels" in out.output
