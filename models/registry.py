@@ -405,3 +405,48 @@ def vit_tiny_patch16_224(cfg: ModelCfg) -> nn.Module:
 )
 def vit_base_patch16_224(cfg: ModelCfg) -> nn.Module:
     return _timm("vit_base_patch16_224", cfg, global_pool="token")
+
+
+# DenseNet (torchvision, method.md §3.2 "extras"): hook points are the dense blocks' outputs (the
+# concatenations) and the transitions' outputs (after their average pool); ``features`` ends
+# with ``norm5``, whose ReLU is applied in ``forward``.
+_DENSENET_HOOKS = {
+    **{f"denseblock{k}": f"features.denseblock{k}" for k in range(1, 5)},
+    **{f"transition{k}": f"features.transition{k}" for k in range(1, 4)},
+}
+
+
+@register_model(
+    ModelCfg(
+        arch="densenet121",
+        source="torchvision",
+        hook_points=_DENSENET_HOOKS,
+        default_cav_layer="transition3",
+        canonizer="densenet",
+    )
+)
+def densenet121(cfg: ModelCfg) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.densenet121(weights=None, num_classes=cfg.num_classes)
+    for m in model.modules():  # in-place ReLUs: see vgg16
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return model
+
+
+# EfficientNet-B0 (timm): one hook point per stage (``blocks.k``, a stage's last block output).
+_EFFICIENTNET_HOOKS = {f"stage_{k}": f"blocks.{k}" for k in range(7)}
+
+
+@register_model(
+    ModelCfg(
+        arch="efficientnet_b0",
+        source="timm",
+        hook_points=_EFFICIENTNET_HOOKS,
+        default_cav_layer="stage_5",
+        canonizer="efficientnet",
+    )
+)
+def efficientnet_b0(cfg: ModelCfg) -> nn.Module:
+    return _timm("efficientnet_b0", cfg)

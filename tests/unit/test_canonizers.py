@@ -143,8 +143,8 @@ def test_merge_creates_a_bias_for_bias_free_convs() -> None:
 
 def test_unknown_canonizer_names_the_choices() -> None:
     model, _ = create_model("resnet18", img_size=32)
-    with pytest.raises(UnknownModelError, match="'densenet'.*resnet, vgg, vit"):
-        canonize(model, "densenet")
+    with pytest.raises(UnknownModelError, match="'inception'.*densenet, efficientnet, resnet, vgg, vit"):
+        canonize(model, "inception")
 
 
 def test_wrong_architecture_is_a_domain_error() -> None:
