@@ -39,12 +39,8 @@ def _settings() -> FlagSettings:
 
 def _client(redis_url: str | None, timeout: float = 5.0) -> redis.Redis:
     from medaudit.models.errors import ConfigError
-    from medaudit.service.flags.redis_conn import (
-        RedisUnavailableError,
-        connect,
-        ensure_redis,
-        redis_url_from_env,
-    )
+    from medaudit.service.errors import RedisUnavailableError
+    from medaudit.service.flags.redis_conn import connect, ensure_redis, redis_url_from_env
 
     try:
         url = redis_url or redis_url_from_env(os.environ)

@@ -32,3 +32,11 @@ class InvalidArrayError(MedauditError, ValueError):
 
 class ConceptBankError(MedauditError):
     """A concept bank that is unreadable, incomplete or used with a model or layer it was not fitted for."""
+
+
+class ExportError(MedauditError):
+    """An ONNX export that failed or whose outputs do not match torch."""
+
+
+class SpecError(ConfigError):
+    """A model spec that cannot be used: the message names the file, the key and the fix."""

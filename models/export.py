@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medaudit.models.errors import MedauditError
+from medaudit.models.errors import ExportError
 from medaudit.models.registry import ModelCfg
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 #: Largest |torch − ORT| logit difference a version may show (fp32, CPU).
 PARITY_ATOL = 1e-4
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-class ExportError(MedauditError):
-    """An ONNX export that failed or whose outputs do not match torch."""
 
 
 def export_onnx(model: nn.Module, cfg: ModelCfg, path: str | Path, opset: int = 17) -> Path:

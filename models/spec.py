@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medaudit.models.errors import ConfigError, UnknownModelError, WeightsError
+from medaudit.models.errors import ConfigError, SpecError, UnknownModelError, WeightsError
 from medaudit.models.registry import ModelCfg, construct
 
 SOURCES = ("timm", "torchvision", "entrypoint")
@@ -66,10 +66,6 @@ SCHEMA: dict[str, tuple[bool, str]] = {
     "default_cav_layer": (False, "the hook point concepts use by default (default: the family's)"),
     "factory_kwargs": (False, "a table of extra keyword arguments for the model constructor"),
 }
-
-
-class SpecError(ConfigError):
-    """A model spec that cannot be used: the message names the file, the key and the fix."""
 
 
 @dataclass(frozen=True)

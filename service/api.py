@@ -85,7 +85,7 @@ from medaudit.service.audit import (
     compare,
     version_tag,
 )
-from medaudit.service.audit_pool import AuditPool, LaneSpec, PoolOverloadedError, audit_jobs, by_version
+from medaudit.service.audit_pool import AuditPool, LaneSpec, audit_jobs, by_version
 from medaudit.service.auth import ANONYMOUS, Principal, Role
 from medaudit.service.config import Settings
 from medaudit.service.dependencies import AUDIT_DEADLINE_S, PREDICT_DEADLINE_S, call_dependency, keep_sessions
@@ -101,6 +101,7 @@ from medaudit.service.endpoints import (
 )
 from medaudit.service.errors import (
     AuditError,
+    PoolOverloadedError,
     UnknownModelVersionError,
     error_response,
 )
@@ -323,7 +324,7 @@ models_app = Starlette(
 def _review_client(request: Request) -> Any:
     svc = _service(request)
     if svc.review_client is None:
-        from medaudit.service.flags.review import ReviewStoreUnavailableError
+        from medaudit.service.errors import ReviewStoreUnavailableError
 
         raise ReviewStoreUnavailableError("flags are off on this service (MEDAUDIT_FLAGS=off)")
     return svc.review_client

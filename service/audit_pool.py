@@ -48,6 +48,7 @@ import numpy as np
 
 from medaudit.service import metrics
 from medaudit.service.audit import AuditEngine
+from medaudit.service.errors import LaneCrashedError, PoolOverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,6 @@ LANE_START_TIMEOUT_S = 600.0
 CRASH_RETRIES = 1
 #: Weight of the newest batch in the running seconds-per-image estimate that load shedding uses.
 EWMA_WEIGHT = 0.2
-
-
-class PoolOverloadedError(RuntimeError):
-    """The queue is so long that a new job would wait past ``max_wait_s``: refused, not queued."""
-
-
-class LaneCrashedError(RuntimeError):
-    """The LRP process died while it held a batch (killed, out of memory, a native crash)."""
 
 
 def by_version(jobs: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:

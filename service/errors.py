@@ -1,12 +1,18 @@
-"""The online side's error tree: every error the service raises on purpose carries its HTTP status.
+"""The online side's error tree: every public error the service raises on purpose is defined here.
 
-One rule translates them, :func:`error_response`, wherever the service answers (its endpoints,
-the mounted apps, the upload middleware): an :class:`AuditError` becomes ``exc.status`` with body
+Those a caller sees are :class:`AuditError` subclasses carrying their HTTP status. One rule
+translates them, :func:`error_response`, wherever the service answers (its endpoints, the mounted
+apps, the upload middleware): an :class:`AuditError` becomes ``exc.status`` with body
 ``{**exc.to_json(), "request_id"}`` and ``exc.headers()``; anything else is a 500 (given the same
 body shape by :class:`~service.middleware.JsonErrorBodies`). Messages name the bad value and the
 valid choices, never a secret (API keys are never echoed: see :mod:`medaudit.service.auth`).
 
-Configuration errors are start-up errors, not HTTP ones: they are :class:`medaudit.models.errors.ConfigError`.
+The errors at the end (model store, Redis, flag stream and spool, the auditor's queue) are not
+HTTP errors: they are raised and caught inside the service or the CLI, which translates or logs
+them where it catches them. Configuration errors are start-up errors, not HTTP ones: they are
+:class:`medaudit.models.errors.ConfigError`.
+
+Everything imports this module: it imports nothing heavy at module level.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from medaudit.models.errors import MedauditError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from starlette.responses import JSONResponse
 
 
@@ -122,6 +130,13 @@ class ImageTooSmallError(InvalidImageError):
     code = "image_too_small"
 
 
+class InvalidUploadError(AuditError):
+    """A multipart/form-data body that cannot be parsed (no boundary, truncated, …)."""
+
+    status = 400
+    code = "invalid_upload"
+
+
 # -- routing ---------------------------------------------------------------------------------------
 
 
@@ -178,3 +193,88 @@ class ServiceOverloadedError(AuditError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+# -- flag review (service.flags.review) -------------------------------------------------------------
+
+
+class UnknownFlagError(AuditError):
+    """No review record with this flag id (never flagged, or not yet handled by a worker)."""
+
+    status = 404
+    code = "unknown_flag"
+
+    def __init__(self, flag_id: str) -> None:
+        super().__init__(f"no flag {flag_id!r} in the review queue", flag_id=flag_id)
+
+
+class InvalidReviewError(AuditError):
+    """A verdict, status, note or paging value outside its valid set."""
+
+    status = 422
+    code = "invalid_review"
+
+
+class AlreadyResolvedError(AuditError):
+    """The flag was resolved before; a verdict is final."""
+
+    status = 409
+    code = "already_resolved"
+
+    def __init__(self, flag_id: str, verdict: str, reviewer: str, resolved_at: str) -> None:
+        super().__init__(
+            f"flag {flag_id!r} was already resolved as {verdict!r} by {reviewer!r} at {resolved_at}; "
+            "a verdict is final",
+            flag_id=flag_id,
+            verdict=verdict,
+            reviewer=reviewer,
+            resolved_at=resolved_at,
+        )
+
+
+class ReviewStoreUnavailableError(AuditError):
+    """Redis does not answer: the review queue is temporarily unavailable."""
+
+    status = 503
+    code = "review_store_unavailable"
+
+
+# -- not HTTP errors: caught inside the service or the CLI -------------------------------------------
+
+
+class StoreError(MedauditError):
+    """A model version that cannot be stored or loaded: unknown tag, missing file, bad name."""
+
+
+class IntegrityError(StoreError):
+    """A stored file whose sha256 differs from the one recorded when the version was registered."""
+
+    def __init__(self, tag: str, file: str | Path, expected: str, actual: str) -> None:
+        super().__init__(
+            f"model version {tag}: {file} has been modified since it was registered "
+            f"(sha256 recorded {expected}, found {actual}); refusing to load it"
+        )
+        self.tag, self.file, self.expected, self.actual = tag, str(file), expected, actual
+
+
+class RedisUnavailableError(MedauditError):
+    """No Redis answers at the configured URL (and, for
+    :func:`medaudit.service.flags.redis_conn.ensure_redis`, no fallback either)."""
+
+
+class EventFormatError(MedauditError, ValueError):
+    """A stream entry that is not a flag event of this schema version (a poison entry)."""
+
+
+class SpoolError(OSError):
+    """The spool directory cannot be used (not writable, every slot taken)."""
+
+
+class PoolOverloadedError(RuntimeError):
+    """The auditor's queue is so long that a new job would wait past ``max_wait_s``: refused, not
+    queued (the auditor answers it with a 503)."""
+
+
+class LaneCrashedError(RuntimeError):
+    """An LRP process of the auditor's queue died while it held a batch (killed, out of memory, a
+    native crash)."""

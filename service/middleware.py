@@ -24,6 +24,7 @@ from starlette.requests import Request
 from medaudit.service import openapi
 from medaudit.service.endpoints import API_VERSION, IMAGE_PATHS
 from medaudit.service.envvars import positive_int
+from medaudit.service.errors import InvalidUploadError
 from medaudit.service.inputs import Limits
 from medaudit.service.uploads import (
     FORM,
@@ -32,7 +33,6 @@ from medaudit.service.uploads import (
     ASGIApp,
     BodyTooLargeError,
     DisconnectedError,
-    InvalidUploadError,
     Receive,
     Scope,
     Send,

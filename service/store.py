@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medaudit.models.errors import MedauditError
+from medaudit.service.errors import IntegrityError, StoreError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,21 +49,6 @@ CARD_FILES = ("card.json", "card.md")
 #: Format tag written into every stored version's metadata.
 STORE_FORMAT = "medaudit.version/1"
 _TAG_PART = re.compile(r"^[a-z0-9]([-._a-z0-9]*[a-z0-9])?$")
-
-
-class StoreError(MedauditError):
-    """A model version that cannot be stored or loaded: unknown tag, missing file, bad name."""
-
-
-class IntegrityError(StoreError):
-    """A stored file whose sha256 differs from the one recorded when the version was registered."""
-
-    def __init__(self, tag: str, file: str | Path, expected: str, actual: str) -> None:
-        super().__init__(
-            f"model version {tag}: {file} has been modified since it was registered "
-            f"(sha256 recorded {expected}, found {actual}); refusing to load it"
-        )
-        self.tag, self.file, self.expected, self.actual = tag, str(file), expected, actual
 
 
 @dataclass(frozen=True)

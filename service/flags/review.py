@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 
 from medaudit.service.endpoints import RESOLVE, REVIEW, REVIEWS
-from medaudit.service.errors import AuditError, error_response
+from medaudit.service.errors import (
+    AlreadyResolvedError,
+    AuditError,
+    InvalidReviewError,
+    ReviewStoreUnavailableError,
+    UnknownFlagError,
+    error_response,
+)
 from medaudit.service.flags.events import FlagKeys
 
 if TYPE_CHECKING:
@@ -60,50 +67,6 @@ end
 redis.call('HSET', KEYS[1], 'features_kept', tostring(kept))
 return {'ok', tostring(kept)}
 """
-
-
-# --------------------------------------------------------------------------------- errors
-
-
-class UnknownFlagError(AuditError):
-    """No review record with this flag id (never flagged, or not yet handled by a worker)."""
-
-    status = 404
-    code = "unknown_flag"
-
-    def __init__(self, flag_id: str) -> None:
-        super().__init__(f"no flag {flag_id!r} in the review queue", flag_id=flag_id)
-
-
-class InvalidReviewError(AuditError):
-    """A verdict, status, note or paging value outside its valid set."""
-
-    status = 422
-    code = "invalid_review"
-
-
-class AlreadyResolvedError(AuditError):
-    """The flag was resolved before; a verdict is final."""
-
-    status = 409
-    code = "already_resolved"
-
-    def __init__(self, flag_id: str, verdict: str, reviewer: str, resolved_at: str) -> None:
-        super().__init__(
-            f"flag {flag_id!r} was already resolved as {verdict!r} by {reviewer!r} at {resolved_at}; "
-            "a verdict is final",
-            flag_id=flag_id,
-            verdict=verdict,
-            reviewer=reviewer,
-            resolved_at=resolved_at,
-        )
-
-
-class ReviewStoreUnavailableError(AuditError):
-    """Redis does not answer: the review queue is temporarily unavailable."""
-
-    status = 503
-    code = "review_store_unavailable"
 
 
 # --------------------------------------------------------------------------------- functions

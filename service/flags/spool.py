@@ -33,16 +33,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from medaudit.service.errors import SpoolError
+
 log = logging.getLogger(__name__)
 
 #: Most slots (concurrent producer processes) one directory supports.
 MAX_SLOTS = 256
 
 Record = dict[str, Any]
-
-
-class SpoolError(OSError):
-    """The spool directory cannot be used (not writable, every slot taken)."""
 
 
 class Spool:

@@ -12,7 +12,8 @@ from flagtools import result, score
 
 from medaudit.models.errors import ConfigError
 from medaudit.service.config import Settings, unknown_variables
-from medaudit.service.flags.events import SCHEMA_VERSION, EventFormatError, FlagEvent, FlagKeys, subject_hash
+from medaudit.service.errors import EventFormatError
+from medaudit.service.flags.events import SCHEMA_VERSION, FlagEvent, FlagKeys, subject_hash
 from medaudit.service.flags.policy import evaluate
 from medaudit.service.flags.settings import FlagSettings
 

@@ -212,7 +212,8 @@ def test_publisher_from_the_service_settings(redis_url: str, keys: FlagKeys, cli
 
 
 def test_ensure_redis_prefers_the_given_one_then_an_embedded_one(redis_url: str, tmp_path: Path) -> None:
-    from medaudit.service.flags.redis_conn import RedisUnavailableError, answers, ensure_redis
+    from medaudit.service.errors import RedisUnavailableError
+    from medaudit.service.flags.redis_conn import answers, ensure_redis
 
     assert ensure_redis(redis_url) == redis_url
     nobody = f"redis://127.0.0.1:{free_port()}/0"

@@ -17,19 +17,11 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
-from medaudit.service.errors import AuthError
+from medaudit.service.errors import AlreadyResolvedError, AuthError, InvalidReviewError, UnknownFlagError
 from medaudit.service.flags.events import FlagKeys
 from medaudit.service.flags.producer import FlagPublisher
 from medaudit.service.flags.redis_conn import connect
-from medaudit.service.flags.review import (
-    AlreadyResolvedError,
-    InvalidReviewError,
-    UnknownFlagError,
-    get_review,
-    list_reviews,
-    resolve_review,
-    review_app,
-)
+from medaudit.service.flags.review import get_review, list_reviews, resolve_review, review_app
 from medaudit.service.flags.worker import Worker, WorkerConfig
 
 pytestmark = pytest.mark.redis

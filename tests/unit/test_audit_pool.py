@@ -20,15 +20,8 @@ import numpy as np
 import pytest
 
 from medaudit.service.audit import AuditEngine
-from medaudit.service.audit_pool import (
-    AuditPool,
-    LaneCrashedError,
-    LaneSpec,
-    LocalLane,
-    PoolOverloadedError,
-    ProcessLane,
-    audit_jobs,
-)
+from medaudit.service.audit_pool import AuditPool, LaneSpec, LocalLane, ProcessLane, audit_jobs
+from medaudit.service.errors import LaneCrashedError, PoolOverloadedError
 
 
 class GateLane:

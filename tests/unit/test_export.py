@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from medaudit.models.corrections import CorrectionData, PClarc, ReactivePClarc
-from medaudit.models.export import ExportError, check_parity, export_onnx, ort_session, providers
+from medaudit.models.errors import ExportError
+from medaudit.models.export import check_parity, export_onnx, ort_session, providers
 from medaudit.models.registry import create_model
 
 

@@ -15,12 +15,8 @@ from medaudit.models.corrections.io import save_version
 from medaudit.models.export import INPUT_NAME, OUTPUT_NAME, export_onnx, ort_session
 from medaudit.models.registry import create_model
 from medaudit.models.xai.concepts import ConceptBank
-from medaudit.service.store import (
-    IntegrityError,
-    StoreError,
-    list_versions,
-    load_version,
-)
+from medaudit.service.errors import IntegrityError, StoreError
+from medaudit.service.store import list_versions, load_version
 from medaudit.testing.versions import register_version_files
 
 NAME = "resnet18-synthderm"
