@@ -4,7 +4,8 @@ One table per run, every contender in the same process on the same model and bat
 over repeats, with the contenders interleaved round-robin so that background load (the CPU
 machine is shared) hits them alike. Writes ``benchmarks/results/lrp_<device>.md`` and ``.json``.
 
-    python benchmarks/lrp.py                       # CPU: resnet18@128 b16, resnet50d@224 b8
+    python benchmarks/lrp.py                       # CPU: resnet18@128 b16, resnet50d@224 b8,
+                                                   #      densenet121@224 b4, efficientnet_b0@224 b4
     python benchmarks/lrp.py --device cuda         # resnet50/resnet50d @224, batch 64 and 1, fp32(TF32)+bf16
     python benchmarks/lrp.py --vendor /path/wheels # add pure-python packages (zennit, captum) to sys.path
 
@@ -233,6 +234,15 @@ def run_case(args: argparse.Namespace, name: str, size: int, batch: int, torch: 
         seed = torch.zeros_like(logits)
         seed[:, target] = logits[:, target]
         fns["zennit LRP"] = lambda: zennit_lrp(model, cfg.canonizer, x, seed)[1].sum(1)
+        if cfg.canonizer in ("densenet", "efficientnet"):
+            # zennit 0.5.1 has no canonizers for these; the parity tests configure zennit's own
+            # canonizer classes for them (EfficientNet: on a copy with BatchNormAct2d split).
+            sys.path.insert(0, str(ROOT / "tests" / "unit"))
+            from test_lrp_families import no_inplace, zennit_heatmaps
+
+            no_inplace(model)
+            fns["zennit LRP"] = lambda: zennit_heatmaps(model, x, target)
+            notes["zennit LRP"] = "canonizers from tests/unit/test_lrp_families.py"
         repeats["zennit LRP"] = max(1, min(args.repeats, 2 if device.type == "cpu" else args.repeats))
 
     if not args.no_ig:
@@ -415,7 +425,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     default = {
-        "cpu": ["resnet18@128:16", "resnet50d@224:8"],
+        "cpu": ["resnet18@128:16", "resnet50d@224:8", "densenet121@224:4", "efficientnet_b0@224:4"],
         "cuda": ["resnet50@224:64", "resnet50d@224:64", "resnet50@224:1", "resnet50d@224:1"],
     }
     info = machine(torch, args.device)
