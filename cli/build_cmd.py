@@ -9,7 +9,13 @@ import typer
 
 def build(
     out: Path = typer.Option(
-        Path("artifacts"), help="Root folder; the model family goes to <out>/<arch>-synthderm."
+        Path("artifacts"), help="Root folder; the model family goes to <out>/<model name>."
+    ),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        help="A model spec (TOML) of a classifier medaudit did not train: build its corrected "
+        "versions (named <spec name>:<version>) instead of training one. See `medaudit model check`.",
     ),
     artifact: str = typer.Option("band_aid", help="Artifact to correct for."),
     corrections: str = typer.Option(
@@ -28,17 +34,36 @@ def build(
     ),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
 ) -> None:
-    """Train (or reuse), fit concept banks, build every corrected version, evaluate, export, register."""
+    """Train (or reuse) or load (--model), fit concept banks, build every corrected version, evaluate,
+    export, register."""
     from dataclasses import replace
     from functools import partial
 
     from medaudit.cli.console import console, progress_bars
+    from medaudit.models.data.synthetic import SynthDermConfig
+    from medaudit.models.errors import MedauditError
     from medaudit.models.pipeline import BuildConfig
     from medaudit.models.pipeline import build as run_build
+    from medaudit.models.spec import load_spec
+    from medaudit.models.train import TrainConfig
 
-    cfg = BuildConfig(
-        artifact=artifact, layer=layer, corrections=tuple(c for c in corrections.split(",") if c)
-    )
+    spec = None
+    train = TrainConfig()
+    try:
+        if model is not None:
+            spec = load_spec(model)
+            # The data is rendered at the model's input size.
+            train = replace(train, data=replace(SynthDermConfig(), size=spec.input_size[-1]))
+        cfg = BuildConfig(
+            train=train,
+            artifact=artifact,
+            layer=layer,
+            corrections=tuple(c for c in corrections.split(",") if c),
+            model=spec,
+        )
+    except MedauditError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     if threads:
         cfg = replace(cfg, threads=threads)  # not train.threads: that is part of the checkpoint's key
     if n_correction_images is not None:

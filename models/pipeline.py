@@ -4,7 +4,10 @@
 
 1. **data + train**: :func:`medaudit.models.train.train` on the synthderm config (resumable; a finished run
    only re-reads its card). The checkpoint is ``<out>/<arch>-synthderm/model.pt``, the same place
-   ``medaudit train`` writes by default.
+   ``medaudit train`` writes by default. With a **model spec** (``BuildConfig.model``: a
+   classifier medaudit did not train, :mod:`medaudit.models.spec`) nothing is trained: the spec's
+   checkpoint is the original, the data is rendered at its input size, and everything lands in
+   ``<out>/<spec name>``, registered as ``<spec name>:<version>``.
 2. **concept banks** at the correction layer ℓ, from the **original** model's max-pooled
    activations on the training split (method.md §1.1, §11.7): a ``signal`` bank for the correction
    artifact within ``cav_scope`` (the correction CAV v and μ0, §1.3) plus the SVM gate of
@@ -42,6 +45,7 @@ from medaudit.models.corrections.base import pooled_activations
 from medaudit.models.data.synthetic import SynthDerm
 from medaudit.models.errors import ConfigError
 from medaudit.models.evaluate import EvalData, EvalSet
+from medaudit.models.spec import ModelSpec
 from medaudit.models.train import (
     Progress,
     TrainConfig,
@@ -111,8 +115,22 @@ class BuildConfig:
     seed: int = 0
     target_fpr: float = 0.05
     threads: int = 0
+    #: A classifier medaudit did not train (its spec); None: train ``train.arch`` on the data.
+    model: ModelSpec | None = None
 
     def __post_init__(self) -> None:
+        if self.model is not None:
+            if len(self.model.labels) != 2:
+                raise ConfigError(
+                    f"{self.model.path}: the model has {len(self.model.labels)} classes but the synthderm "
+                    "data has 2 (benign, malignant, in that order)"
+                )
+            side = self.model.input_size[-1]
+            if self.model.input_size[1] != side or self.train.data.size != side:
+                raise ConfigError(
+                    f"the data is rendered at {self.train.data.size} px but {self.model.path} takes "
+                    f"{list(self.model.input_size)}: build with data of size {side} (square inputs only)"
+                )
         unknown = [c for c in self.corrections if c not in CORRECTIONS]
         if unknown:
             raise ConfigError(f"unknown corrections {unknown}; valid: {', '.join(CORRECTIONS)}")
@@ -134,7 +152,9 @@ class BuildConfig:
 
     @property
     def model_name(self) -> str:
-        return f"{self.train.arch}-synthderm"
+        """Versions are registered as ``<model_name>:<version>``: the spec's name, else
+        ``<arch>-synthderm`` for the model medaudit trains."""
+        return self.model.name if self.model is not None else f"{self.train.arch}-synthderm"
 
     def correction(self, name: str) -> Correction:
         cls = CORRECTIONS[name]
@@ -146,6 +166,7 @@ class BuildConfig:
         d = asdict(self)
         d["train"] = self.train.to_dict()
         d["finetune"] = None if self.finetune is None else self.finetune.to_dict()
+        d["model"] = None if self.model is None else str(self.model.path)
         return d
 
 
@@ -224,19 +245,27 @@ def build(
     model_dir = Path(out_dir) / cfg.model_name
     cache = model_dir / "cache"
 
-    # 1. data + train (models.train.train is itself resumable and idempotent)
+    # 1. data + train (models.train.train is itself resumable and idempotent), or the spec's model
     t0 = time.perf_counter()
-    ckpt = model_dir / "model.pt"
-    before = _file_state(ckpt)
-    train(cfg.train, model_dir, cache_dir=cache, progress=progress, log=log)
-    weights_sha = sha256_file(ckpt)
-    reused = before is not None and before == _file_state(ckpt)
-    stages.append(StageRun("train", weights_sha[:16], reused, _since(t0)))
-    log(f"train: {'reused' if reused else 'trained'} {ckpt} (sha256 {weights_sha[:12]}…)")
+    if cfg.model is not None:
+        from medaudit.models.spec import build as build_spec
 
-    from medaudit.models.corrections.io import load_version
+        model, mcfg, weights_sha = build_spec(cfg.model)
+        stages.append(StageRun("model", weights_sha[:16], True, _since(t0)))
+        spec = cfg.model
+        log(f"model: {spec.source} {spec.arch} from {spec.checkpoint} (sha256 {weights_sha[:12]}…)")
+    else:
+        ckpt = model_dir / "model.pt"
+        before = _file_state(ckpt)
+        train(cfg.train, model_dir, cache_dir=cache, progress=progress, log=log)
+        weights_sha = sha256_file(ckpt)
+        reused = before is not None and before == _file_state(ckpt)
+        stages.append(StageRun("train", weights_sha[:16], reused, _since(t0)))
+        log(f"train: {'reused' if reused else 'trained'} {ckpt} (sha256 {weights_sha[:12]}…)")
 
-    model, mcfg, _ = load_version(ckpt)
+        from medaudit.models.corrections.io import load_version
+
+        model, mcfg, _ = load_version(ckpt)
     layer = cfg.layer or mcfg.default_cav_layer
     ds = SynthDerm(cfg.train.data)
     Xtr, ytr = render_split(ds, "train", cache_dir=cache, progress=progress)
