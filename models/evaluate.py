@@ -53,9 +53,14 @@ VARIANTS = ("ch", "clean", "attacked")
 def classification_metrics(
     logits: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, labels: tuple[str, ...]
 ) -> dict[str, float]:
-    """Accuracy (+ standard error), macro F1, per-class AUC and per-class accuracy (method.md §7).
+    """Accuracy (+ standard error), macro F1 and, per class, AUC, accuracy, one-vs-rest accuracy
+    and FPR (method.md §7).
 
-    AUC is one-vs-rest on the raw logit of each class; NaN when a class is absent or the only one.
+    Per class k: ``auc_k`` is one-vs-rest ROC-AUC on the raw logit of k (NaN when k is absent or
+    the only class); ``accuracy_k`` is the accuracy on the images of class k (its recall, what the
+    shortcut gap is measured on); ``acc_ovr_k`` is the paper's binary one-vs-rest accuracy, the
+    share of all images where "predicted k" equals "is k"; ``fpr_k`` is the share of the other
+    classes' images predicted as k (one-hot predictions; NaN when every image is of class k).
     """
     z = np.asarray(logits, dtype=np.float64)
     t = np.asarray(y).astype(np.int64)
@@ -75,6 +80,8 @@ def classification_metrics(
         sel = t == k
         out[f"accuracy_{name}"] = float(np.mean(pred[sel] == k)) if sel.any() else float("nan")
         out[f"auc_{name}"] = float(roc_auc_score(sel, z[:, k])) if 0 < sel.sum() < len(t) else float("nan")
+        out[f"acc_ovr_{name}"] = float(np.mean((pred == k) == sel))
+        out[f"fpr_{name}"] = float(np.mean(pred[~sel] == k)) if (~sel).any() else float("nan")
     return out
 
 

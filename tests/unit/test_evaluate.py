@@ -31,6 +31,26 @@ def test_classification_metrics_on_known_logits() -> None:
     # AUC benign on raw logit 0: pos {2, 1, 0} vs neg {0.2, 0, 1}: 2 beats all three (3),
     # 1 beats 0.2 and 0 and ties 1 (2.5), 0 ties 0 (0.5) -> 6 / 9
     assert m["auc_benign"] == pytest.approx(6 / 9)
+    # Two classes: one-vs-rest accuracy is the accuracy, and FPR of one class is 1 - the other's accuracy.
+    assert m["acc_ovr_benign"] == m["acc_ovr_malignant"] == pytest.approx(4 / 6)
+    assert m["fpr_benign"] == pytest.approx(1 / 3) and m["fpr_malignant"] == pytest.approx(1 / 3)
+
+
+def test_classification_metrics_three_classes_one_vs_rest() -> None:
+    """The paper's per-class one-vs-rest accuracy and FPR (method.md §7) on three classes."""
+    labels = ("nevus", "melanoma", "bcc")
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    pred = np.array([0, 1, 0, 1, 2, 2, 2, 0])
+    logits = np.eye(3)[pred] + 0.01 * np.arange(8)[:, None]  # argmax = pred
+    m = classification_metrics(logits, y, labels)
+    # nevus: predicted-nevus == is-nevus on 0,2 (TP), 3,4,5,6 (TN); wrong on 1 (FN) and 7 (FP): 6/8
+    assert m["acc_ovr_nevus"] == pytest.approx(6 / 8) and m["fpr_nevus"] == pytest.approx(1 / 5)
+    # melanoma: TP 3; FN 4; FP 1; TN 0,2,5,6,7: 6/8; FPR 1 of 6 others
+    assert m["acc_ovr_melanoma"] == pytest.approx(6 / 8) and m["fpr_melanoma"] == pytest.approx(1 / 6)
+    # bcc: TP 5,6; FN 7; FP 4; TN 0,1,2,3: 6/8; FPR 1 of 5 others
+    assert m["acc_ovr_bcc"] == pytest.approx(6 / 8) and m["fpr_bcc"] == pytest.approx(1 / 5)
+    assert m["accuracy"] == pytest.approx(5 / 8) and m["accuracy_bcc"] == pytest.approx(2 / 3)
+    assert m["f1_macro"] == pytest.approx(np.mean([2 / 3, 1 / 2, 2 / 3]))
 
 
 def test_classification_metrics_single_class_auc_is_nan_and_shape_errors() -> None:
