@@ -20,6 +20,7 @@ from torch import nn
 from medaudit.models.errors import ConfigError
 from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg, hook_module
+from medaudit.models.xai.lrp import GRADIENT_TYPES
 
 
 class ClarcProjection(nn.Module):
@@ -96,3 +97,9 @@ def find_projection(model: nn.Module, cfg: ModelCfg, layer: str) -> ClarcProject
     if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], ClarcProjection):
         return module[-1]
     return None
+
+
+# LRP through a corrected model: the projection keeps its plain gradient, as the authors' hooks
+# (a forward hook at ℓ, method.md §4.2) leave autograd's backward through the shift in place. The
+# engine refuses layers it has no rule for, so the projection is declared here, where it lives.
+GRADIENT_TYPES[ClarcProjection] = "Gradient (ClArC projection)"
