@@ -40,3 +40,7 @@ class ExportError(MedauditError):
 
 class SpecError(ConfigError):
     """A model spec that cannot be used: the message names the file, the key and the fix."""
+
+
+class CanonizerError(MedauditError):
+    """A model that the requested canonizer cannot rewrite (an unsupported variant)."""

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medaudit.models.errors import ConfigError, SpecError, UnknownModelError, WeightsError
+from medaudit.models.errors import CanonizerError, ConfigError, SpecError, UnknownModelError, WeightsError
 from medaudit.models.registry import ModelCfg, construct
 
 SOURCES = ("timm", "torchvision", "entrypoint")
@@ -296,7 +296,7 @@ def build(spec: ModelSpec) -> tuple[nn.Module, ModelCfg, str]:
 def _family(model: nn.Module, spec: ModelSpec) -> str:
     """The canonizer family: the spec's, else detected. A model of no known family that also has
     layers without an LRP rule is refused naming those layers (the more useful news)."""
-    from medaudit.models.xai.canonizers import CANONIZERS, CanonizerError, detect_canonizer
+    from medaudit.models.xai.canonizers import CANONIZERS, detect_canonizer
     from medaudit.models.xai.lrp import rule_for
 
     if spec.canonizer != "auto":

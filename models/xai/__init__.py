@@ -1,6 +1,7 @@
 """LRP core: canonizers, rules and the :class:`Explainer` (method.md §2.1, §3)."""
 
-from medaudit.models.xai.canonizers import CanonizerError, canonize
+from medaudit.models.errors import CanonizerError
+from medaudit.models.xai.canonizers import canonize
 from medaudit.models.xai.lrp import (
     CapturedExplain,
     ClassTarget,

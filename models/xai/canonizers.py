@@ -43,13 +43,8 @@ import torchvision.models.resnet as tv_resnet
 import torchvision.models.vgg as tv_vgg
 from torch import nn
 
-from medaudit.models.errors import MedauditError, UnknownModelError
+from medaudit.models.errors import CanonizerError, UnknownModelError
 from medaudit.models.xai.layers import Concat, PassThrough, ResidualSum
-
-
-class CanonizerError(MedauditError):
-    """A model that the requested canonizer cannot rewrite (an unsupported variant)."""
-
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _MERGEABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

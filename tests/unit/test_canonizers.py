@@ -9,9 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
-from medaudit.models.errors import MedauditError, UnknownModelError
+from medaudit.models.errors import CanonizerError, MedauditError, UnknownModelError
 from medaudit.models.registry import create_model, list_models
-from medaudit.models.xai.canonizers import CanonizerError, canonize, merge_batchnorm
+from medaudit.models.xai.canonizers import canonize, merge_batchnorm
 from medaudit.models.xai.layers import PassThrough, ResidualSum
 
 SIZE = {"vit_tiny_patch16_224": 32, "vit_base_patch16_224": 32}

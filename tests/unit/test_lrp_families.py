@@ -23,10 +23,10 @@ import torch
 import torchvision
 from torch import nn
 
-from medaudit.models.errors import ConfigError
+from medaudit.models.errors import CanonizerError, ConfigError
 from medaudit.models.registry import ModelCfg
 from medaudit.models.xai import rules
-from medaudit.models.xai.canonizers import CanonizerError, canonize, detect_canonizer
+from medaudit.models.xai.canonizers import canonize, detect_canonizer
 from medaudit.models.xai.layers import Concat, PassThrough
 from medaudit.models.xai.lrp import Explainer, LayerRule, build_lrp_model, rule_report
 from medaudit.models.xai.zennit_reference import zennit_canonizers

@@ -12,9 +12,8 @@ import torch
 import torchvision
 from typer.testing import CliRunner
 
-from medaudit.models.errors import ConfigError, SpecError, UnknownModelError, WeightsError
+from medaudit.models.errors import CanonizerError, ConfigError, SpecError, UnknownModelError, WeightsError
 from medaudit.models.spec import build, check, file_sha256, inspect_layers, load_spec
-from medaudit.models.xai.canonizers import CanonizerError
 
 IMAGENET = "mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]"
 LABELS3 = '["nevus", "melanoma", "bcc"]'
