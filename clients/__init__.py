@@ -10,8 +10,11 @@ Usage::
 
 One module per concern, like redis-py's client:
 
+* :mod:`~medaudit.clients.endpoints`: one method per endpoint of the service, written once for
+  both clients (a mixin, like redis-py's command classes);
 * :mod:`~medaudit.clients.sync` and :mod:`~medaudit.clients.aio`: :class:`MedauditClient` and
-  :class:`AsyncMedauditClient`, which send what :mod:`~medaudit.clients._base` builds for both;
+  :class:`AsyncMedauditClient`, which inherit those methods and differ in how they send
+  (:mod:`~medaudit.clients._base` holds what they share);
 * :mod:`~medaudit.clients.responses`: the answers as frozen dataclasses, and their parsers;
 * :mod:`~medaudit.clients.errors`: one error tree under :class:`MedauditClientError`;
 * :mod:`~medaudit.clients.retry`: :class:`RetryPolicy`, backoff with jitter and ``Retry-After``;

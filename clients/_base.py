@@ -1,9 +1,9 @@
-"""What the sync and async clients share: configuration, request building and response handling.
+"""What the sync and async clients share: configuration, the request type and response handling.
 
-An endpoint call is built once as a :class:`_Call` (method, path, body, headers, parser) by
-:class:`_ClientBase`; :class:`~medaudit.clients.sync.MedauditClient` and
-:class:`~medaudit.clients.aio.AsyncMedauditClient` differ only in how they send it and wait between
-retries.
+An endpoint call is built once as a :class:`_Call` (method, path, body, headers, parser) by the
+endpoint methods both clients inherit (:class:`~medaudit.clients.endpoints.Endpoints`);
+:class:`~medaudit.clients.sync.MedauditClient` and :class:`~medaudit.clients.aio.AsyncMedauditClient`
+differ only in how they send it (their ``_call``) and wait between retries.
 
 The HTTP client can be injected: anything with httpx's ``request``/``close`` shape (:class:`SyncHTTP`,
 :class:`AsyncHTTP`), e.g. an ``httpx.Client`` with custom TLS, or starlette's ``TestClient`` for
@@ -13,11 +13,9 @@ protocol, not a type). A client object closes only the HTTP client it created it
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
-from urllib.parse import quote
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from medaudit.clients.api_version import API_HEADER
 from medaudit.clients.errors import (
@@ -29,17 +27,6 @@ from medaudit.clients.errors import (
     check_api_version,
     error_class,
 )
-from medaudit.clients.images import ImageInput, encode_image
-from medaudit.clients.responses import (
-    parse_audit,
-    parse_card,
-    parse_compare,
-    parse_models,
-    parse_predict,
-    parse_review,
-    parse_reviews,
-    parse_route,
-)
 from medaudit.clients.retry import RETRY_TRANSPORT, RetryPolicy, transport_errors
 
 __all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "AsyncHTTP", "SyncHTTP"]
@@ -47,6 +34,8 @@ __all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "AsyncHTTP", "SyncHTTP"]
 DEFAULT_URL = "http://127.0.0.1:3000"
 #: Seconds per attempt: an audit on a CPU takes seconds, a cold one more.
 DEFAULT_TIMEOUT = 60.0
+
+T = TypeVar("T")
 
 
 class _Response(Protocol):
@@ -112,19 +101,20 @@ class AsyncHTTP(Protocol):
 
 
 @dataclass(frozen=True)
-class _Call:
-    """One endpoint call, built once and sent (and resent) by either client."""
+class _Call(Generic[T]):
+    """One endpoint call, built once and sent (and resent) by either client; ``parse`` turns the
+    answer's JSON into a ``T``."""
 
     method: str
     path: str
-    parse: Callable[[Mapping[str, Any]], Any]
+    parse: Callable[[Mapping[str, Any]], T]
     content: bytes | None = None
     params: dict[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
 
 class _ClientBase:
-    """Configuration, request building and response handling shared by both clients."""
+    """Configuration, sending and response handling shared by both clients."""
 
     user_agent: ClassVar[str] = "medaudit-client/0.1"
 
@@ -162,107 +152,14 @@ class _ClientBase:
         return {**h, **extra}
 
     @staticmethod
-    def _image_call(
-        path: str,
-        image: ImageInput,
-        parse: Callable[[Mapping[str, Any]], Any],
-        *,
-        version: str | None = None,
-        subject_key: str | None = None,
-        request_id: str | None = None,
-        params: dict[str, str] | None = None,
-    ) -> _Call:
-        content, ctype = encode_image(image)
-        headers = {"Content-Type": ctype}
-        for name, value in (
-            ("X-Model-Version", version),
-            ("X-Subject-Key", subject_key),
-            ("X-Request-ID", request_id),
-        ):
-            if value is not None:
-                headers[name] = value
-        return _Call("POST", path, parse, content=content, params=params, headers=headers)
-
-    @staticmethod
-    def _predict_call(
-        image: ImageInput, version: str | None, subject_key: str | None, request_id: str | None
-    ) -> _Call:
-        return _ClientBase._image_call(
-            "/predict", image, parse_predict, version=version, subject_key=subject_key, request_id=request_id
-        )
-
-    @staticmethod
-    def _audit_call(
-        image: ImageInput,
-        version: str | None,
-        subject_key: str | None,
-        raw_heatmap: bool,
-        request_id: str | None,
-    ) -> _Call:
-        return _ClientBase._image_call(
-            "/audit",
-            image,
-            parse_audit,
-            version=version,
-            subject_key=subject_key,
-            request_id=request_id,
-            params={"raw_heatmap": "1"} if raw_heatmap else None,
-        )
-
-    @staticmethod
-    def _compare_call(image: ImageInput, versions: Sequence[str] | None, request_id: str | None) -> _Call:
-        if isinstance(versions, str):  # "a,b" would otherwise be iterated letter by letter
-            versions = [v for v in versions.split(",") if v.strip()]
-        params = {"versions": ",".join(v.strip() for v in versions)} if versions else None
-        return _ClientBase._image_call("/compare", image, parse_compare, request_id=request_id, params=params)
-
-    @staticmethod
-    def _models_call() -> _Call:
-        return _Call("GET", "/models/", parse_models)
-
-    @staticmethod
-    def _card_call(version: str) -> _Call:
-        return _Call("GET", "/models/" + quote(version, safe=""), parse_card)
-
-    @staticmethod
-    def _route_call(version: str | None, subject_key: str | None) -> _Call:
-        headers = {}
-        if version is not None:
-            headers["X-Model-Version"] = version
-        if subject_key is not None:
-            headers["X-Subject-Key"] = subject_key
-        return _Call("GET", "/models/_route", parse_route, headers=headers)
-
-    @staticmethod
-    def _reviews_call(status: str, limit: int, offset: int) -> _Call:
-        params = {"status": status, "limit": str(limit), "offset": str(offset)}
-        return _Call("GET", "/reviews/", parse_reviews, params=params)
-
-    @staticmethod
-    def _review_call(flag_id: str, images: bool) -> _Call:
-        params = {"images": "1" if images else "0"}
-        return _Call("GET", "/reviews/" + quote(flag_id, safe=""), parse_review, params=params)
-
-    @staticmethod
-    def _resolve_call(flag_id: str, verdict: str, note: str) -> _Call:
-        body = json.dumps({"verdict": verdict, "note": note}).encode()
-        return _Call(
-            "POST",
-            "/reviews/" + quote(flag_id, safe="") + "/resolve",
-            parse_review,
-            content=body,
-            headers={"Content-Type": "application/json"},
-        )
-
-    @staticmethod
-    def _ready_call() -> _Call:
+    def _ready_call() -> _Call[dict[str, Any]]:
         # Only the status is read; the body is whatever /readyz says.
         return _Call("GET", "/readyz", dict)
 
-    def _url(self, call: _Call) -> str:
+    def _url(self, call: _Call[Any]) -> str:
         return self.base_url + call.path
 
-    def _request_kwargs(self, call: _Call) -> dict[str, Any]:
+    def _request_kwargs(self, call: _Call[Any]) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "content": call.content,
             "params": call.params,
@@ -275,7 +172,7 @@ class _ClientBase:
     def _should_retry(self, attempt: int, status: int) -> bool:
         return status in self.retry.statuses and attempt < self.retry.retries
 
-    def _result(self, call: _Call, r: _Response) -> Any:
+    def _result(self, call: _Call[T], r: _Response) -> T:
         check_api_version(self.base_url, r.headers.get(API_HEADER))
         if r.status_code >= 400:
             raise _http_error(r)
@@ -291,7 +188,7 @@ class _ClientBase:
             ) from e
 
     def _transport_error(
-        self, call: _Call, attempt: int, e: BaseException, retry: bool
+        self, call: _Call[Any], attempt: int, e: BaseException, retry: bool
     ) -> MedauditClientError | None:
         """The error to raise for a transport exception, or ``None`` to retry it."""
         if isinstance(e, transport_errors(RETRY_TRANSPORT)):

@@ -1,37 +1,30 @@
-"""The asynchronous client, :class:`AsyncMedauditClient`: the same calls as
-:class:`~medaudit.clients.sync.MedauditClient`, sent with an ``httpx.AsyncClient`` and awaited, so
+"""The asynchronous client, :class:`AsyncMedauditClient`: the same endpoint methods as
+:class:`~medaudit.clients.sync.MedauditClient` (both inherit
+:class:`~medaudit.clients.endpoints.Endpoints`), sent with an ``httpx.AsyncClient`` and awaited, so
 many audits run concurrently under ``asyncio.gather``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
 
 from medaudit.clients._base import AsyncHTTP, _Call, _ClientBase, _Response
+from medaudit.clients.endpoints import Endpoints
 from medaudit.clients.errors import MedauditConnectionError, MedauditTimeoutError
-from medaudit.clients.images import ImageInput
-from medaudit.clients.responses import (
-    AuditResponse,
-    CompareResponse,
-    ModelCard,
-    ModelsResponse,
-    PredictResponse,
-    Review,
-    ReviewPage,
-    RouteInfo,
-)
 from medaudit.clients.retry import RetryPolicy, transport_errors
 
 __all__ = ["AsyncMedauditClient"]
 
+T = TypeVar("T")
 
-class AsyncMedauditClient(_ClientBase):
+
+class AsyncMedauditClient(Endpoints, _ClientBase):
     """Asynchronous client of one medaudit service: the same methods as :class:`MedauditClient`,
     awaited. Run many audits concurrently with ``asyncio.gather``.
 
@@ -69,7 +62,7 @@ class AsyncMedauditClient(_ClientBase):
         if self._owns_http:
             await self._http.aclose()
 
-    async def _send(self, call: _Call, retry: bool = True) -> _Response:
+    async def _send(self, call: _Call[Any], retry: bool = True) -> _Response:
         attempt = 0
         while True:
             try:
@@ -89,61 +82,11 @@ class AsyncMedauditClient(_ClientBase):
                 continue
             return r
 
-    async def _call(self, call: _Call) -> Any:
+    async def _call(self, build: Callable[[], _Call[T]]) -> T:
+        """Builds an endpoint's request (when awaited, as an ``async def`` would), sends it and
+        returns its parsed answer."""
+        call = build()
         return self._result(call, await self._send(call))
-
-    async def predict(
-        self,
-        image: ImageInput,
-        *,
-        version: str | None = None,
-        subject_key: str | None = None,
-        request_id: str | None = None,
-    ) -> PredictResponse:
-        """See :meth:`MedauditClient.predict`."""
-        return await self._call(self._predict_call(image, version, subject_key, request_id))
-
-    async def audit(
-        self,
-        image: ImageInput,
-        *,
-        version: str | None = None,
-        subject_key: str | None = None,
-        raw_heatmap: bool = False,
-        request_id: str | None = None,
-    ) -> AuditResponse:
-        """See :meth:`MedauditClient.audit`."""
-        return await self._call(self._audit_call(image, version, subject_key, raw_heatmap, request_id))
-
-    async def compare(
-        self, image: ImageInput, *, versions: Sequence[str] | None = None, request_id: str | None = None
-    ) -> CompareResponse:
-        """See :meth:`MedauditClient.compare`."""
-        return await self._call(self._compare_call(image, versions, request_id))
-
-    async def models(self) -> ModelsResponse:
-        """See :meth:`MedauditClient.models`."""
-        return await self._call(self._models_call())
-
-    async def model_card(self, version: str) -> ModelCard:
-        """See :meth:`MedauditClient.model_card`."""
-        return await self._call(self._card_call(version))
-
-    async def route(self, *, version: str | None = None, subject_key: str | None = None) -> RouteInfo:
-        """See :meth:`MedauditClient.route`."""
-        return await self._call(self._route_call(version, subject_key))
-
-    async def reviews(self, status: str = "open", *, limit: int = 50, offset: int = 0) -> ReviewPage:
-        """See :meth:`MedauditClient.reviews`."""
-        return await self._call(self._reviews_call(status, limit, offset))
-
-    async def review(self, flag_id: str, *, images: bool = True) -> Review:
-        """See :meth:`MedauditClient.review`."""
-        return await self._call(self._review_call(flag_id, images))
-
-    async def resolve(self, flag_id: str, verdict: str, note: str = "") -> Review:
-        """See :meth:`MedauditClient.resolve`."""
-        return await self._call(self._resolve_call(flag_id, verdict, note))
 
     async def ready(self) -> bool:
         """See :meth:`MedauditClient.ready`."""

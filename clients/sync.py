@@ -1,5 +1,6 @@
-"""The synchronous client, :class:`MedauditClient`: sends the calls :class:`_ClientBase` builds
-with an ``httpx.Client`` (or an injected one) and sleeps between retries.
+"""The synchronous client, :class:`MedauditClient`: the endpoint methods of
+:class:`~medaudit.clients.endpoints.Endpoints`, sent with an ``httpx.Client`` (or an injected one),
+sleeping between retries.
 
 Usage::
 
@@ -12,32 +13,25 @@ Usage::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from medaudit.clients._base import SyncHTTP, _Call, _ClientBase, _Response
+from medaudit.clients.endpoints import Endpoints
 from medaudit.clients.errors import MedauditConnectionError, MedauditTimeoutError
-from medaudit.clients.images import ImageInput
-from medaudit.clients.responses import (
-    AuditResponse,
-    CompareResponse,
-    ModelCard,
-    ModelsResponse,
-    PredictResponse,
-    Review,
-    ReviewPage,
-    RouteInfo,
-)
 from medaudit.clients.retry import RetryPolicy, transport_errors
 
 __all__ = ["MedauditClient"]
 
+T = TypeVar("T")
 
-class MedauditClient(_ClientBase):
-    """Synchronous client of one medaudit service.
+
+class MedauditClient(Endpoints, _ClientBase):
+    """Synchronous client of one medaudit service: one method per endpoint (:class:`Endpoints`:
+    :meth:`predict`, :meth:`audit`, :meth:`compare`, :meth:`models`, ...), returning its answer.
 
     Args:
         base_url: The service, e.g. ``http://127.0.0.1:3000``; default: the injected client's
@@ -75,7 +69,7 @@ class MedauditClient(_ClientBase):
         if self._owns_http:
             self._http.close()
 
-    def _send(self, call: _Call, retry: bool = True) -> _Response:
+    def _send(self, call: _Call[Any], retry: bool = True) -> _Response:
         attempt = 0
         while True:
             try:
@@ -93,85 +87,10 @@ class MedauditClient(_ClientBase):
                 continue
             return r
 
-    def _call(self, call: _Call) -> Any:
+    def _call(self, build: Callable[[], _Call[T]]) -> T:
+        """Builds an endpoint's request, sends it and returns its parsed answer."""
+        call = build()
         return self._result(call, self._send(call))
-
-    def predict(
-        self,
-        image: ImageInput,
-        *,
-        version: str | None = None,
-        subject_key: str | None = None,
-        request_id: str | None = None,
-    ) -> PredictResponse:
-        """Prediction for one image (adaptively batched on the service).
-
-        Args:
-            image: A path, encoded bytes, a PIL image or a uint8 array (see :func:`encode_image`).
-            version: Ask for this version (wins over A/B routing); 404 :class:`UnknownVersion` if
-                it is not served.
-            subject_key: A stable key (patient, study): the same key always gets the same version.
-            request_id: Your id for the request (echoed, and in the service logs).
-        """
-        return self._call(self._predict_call(image, version, subject_key, request_id))
-
-    def audit(
-        self,
-        image: ImageInput,
-        *,
-        version: str | None = None,
-        subject_key: str | None = None,
-        raw_heatmap: bool = False,
-        request_id: str | None = None,
-    ) -> AuditResponse:
-        """Prediction, LRP heatmap, concept scores with masks, and the flag decision.
-
-        Args:
-            image: As for :meth:`predict`.
-            version: As for :meth:`predict`.
-            subject_key: As for :meth:`predict`.
-            raw_heatmap: Also fetch the (H, W) float16 heatmap (``AuditResponse.heatmap``).
-            request_id: As for :meth:`predict`.
-        """
-        return self._call(self._audit_call(image, version, subject_key, raw_heatmap, request_id))
-
-    def compare(
-        self, image: ImageInput, *, versions: Sequence[str] | None = None, request_id: str | None = None
-    ) -> CompareResponse:
-        """The image audited by several versions (default: every served one), side by side."""
-        return self._call(self._compare_call(image, versions, request_id))
-
-    def models(self) -> ModelsResponse:
-        """Served versions, A/B weights, the shadow and its agreement counters."""
-        return self._call(self._models_call())
-
-    def model_card(self, version: str) -> ModelCard:
-        """One version's model card (``vanilla`` or its full tag ``resnet18-synthderm:vanilla``)."""
-        return self._call(self._card_call(version))
-
-    def route(self, *, version: str | None = None, subject_key: str | None = None) -> RouteInfo:
-        """Which version would answer a request with these headers, without running a model.
-
-        Without either, the answer is a random draw with the A/B weights, like a key-less request.
-        """
-        return self._call(self._route_call(version, subject_key))
-
-    def reviews(self, status: str = "open", *, limit: int = 50, offset: int = 0) -> ReviewPage:
-        """One page of the review queue: ``open`` flags oldest first, or ``resolved`` newest first."""
-        return self._call(self._reviews_call(status, limit, offset))
-
-    def review(self, flag_id: str, *, images: bool = True) -> Review:
-        """One flag's whole record, with its heatmap and mask PNGs unless ``images=False``."""
-        return self._call(self._review_call(flag_id, images))
-
-    def resolve(self, flag_id: str, verdict: str, note: str = "") -> Review:
-        """Records a reviewer's verdict (``artifact_confirmed``, ``false_alarm`` or ``other``).
-
-        Raises:
-            Conflict: The flag was resolved before (a retried request that did land, too).
-            InvalidInput: An unknown verdict or an over-long note.
-        """
-        return self._call(self._resolve_call(flag_id, verdict, note))
 
     def ready(self) -> bool:
         """Whether every version is loaded and warm (``/readyz``). One attempt, no retries.
