@@ -297,7 +297,7 @@ def _family(model: nn.Module, spec: ModelSpec) -> str:
     """The canonizer family: the spec's, else detected. A model of no known family that also has
     layers without an LRP rule is refused naming those layers (the more useful news)."""
     from medaudit.models.xai.canonizers import CANONIZERS, detect_canonizer
-    from medaudit.models.xai.lrp import rule_for
+    from medaudit.models.xai.composite import rule_for
 
     if spec.canonizer != "auto":
         if spec.canonizer not in CANONIZERS:
@@ -485,7 +485,7 @@ class CheckReport:
     sha256: str
     n_parameters: int
     canonized_max_diff: float  # max |canonized logits - original logits|, probe batch
-    rules: list[Any]  # medaudit.models.xai.lrp.LayerRule rows: path, module type, rule
+    rules: list[Any]  # medaudit.models.xai.composite.LayerRule rows: path, module type, rule
     logits: list[float]  # the target (predicted) logit per probe image
     relevance_sums: list[float]  # the input relevance's sum per probe image
 
@@ -506,7 +506,8 @@ def check(spec: ModelSpec, *, n_probe: int = 2) -> CheckReport:
         ConfigError: A layer without an LRP rule (named), or a canonizer that changes the function.
     """
     from medaudit.models.xai.canonizers import canonize
-    from medaudit.models.xai.lrp import Explainer, rule_report
+    from medaudit.models.xai.composite import rule_report
+    from medaudit.models.xai.lrp import Explainer
 
     model, cfg, digest = build(spec)
     x = probe_batch(cfg, n=n_probe)

@@ -20,7 +20,7 @@ from torch import nn
 from medaudit.models.errors import ConfigError
 from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg, hook_module
-from medaudit.models.xai.lrp import GRADIENT_TYPES
+from medaudit.models.xai.composite import GRADIENT_TYPES
 
 
 class ClarcProjection(nn.Module):

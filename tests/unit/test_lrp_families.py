@@ -27,8 +27,9 @@ from medaudit.models.errors import CanonizerError, ConfigError
 from medaudit.models.registry import ModelCfg
 from medaudit.models.xai import rules
 from medaudit.models.xai.canonizers import canonize, detect_canonizer
+from medaudit.models.xai.composite import LayerRule, build_lrp_model, rule_report
 from medaudit.models.xai.layers import Concat, PassThrough
-from medaudit.models.xai.lrp import Explainer, LayerRule, build_lrp_model, rule_report
+from medaudit.models.xai.lrp import Explainer
 from medaudit.models.xai.zennit_reference import zennit_canonizers
 
 BATCH = 2

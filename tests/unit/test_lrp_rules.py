@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medaudit.models.xai import rules
-from medaudit.models.xai.lrp import build_lrp_model
+from medaudit.models.xai.composite import build_lrp_model
 
 EPS = 1e-6
 TOL = 1e-6

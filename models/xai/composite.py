@@ -1,0 +1,191 @@
+"""The composite of the LRP engine: which rule each layer gets (method.md §3.1).
+
+zennit 0.5.1's ``EpsilonPlusFlat``, as rule modules of :mod:`medaudit.models.xai.rules`: the first
+conv/linear Flat, other convs z⁺, linears ε, residual sums and average pools Norm, activations
+and BatchNorms with no conv before them Pass. :data:`GRADIENT_TYPES` lists the layers that keep
+their plain gradient (max-pools, identities, ...); any other leaf is refused by name, never passed
+silently. :func:`build_lrp_model` applies the composite to a canonized model,
+:func:`rule_report` says what each layer got.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from medaudit.models.errors import ConfigError
+from medaudit.models.xai import rules
+from medaudit.models.xai.canonizers import canonize
+from medaudit.models.xai.layers import Concat, PassThrough, ResidualSum
+
+#: Modules that get the Pass rule. zennit 0.5.1's ``types.Activation`` (minus
+#: ``MultiheadAttention``, which canonizers wrap in PassThrough) plus BatchNorm, which zennit
+#: also passes (``layer_map_base``); canonizers merge every BatchNorm that follows a conv, so
+#: this is the rule of a BatchNorm with no conv before it (DenseNet, method.md §3.1).
+PASS_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ELU, nn.Hardshrink, nn.Hardsigmoid, nn.Hardtanh, nn.Hardswish, nn.LeakyReLU, nn.LogSigmoid,
+    nn.PReLU, nn.ReLU, nn.ReLU6, nn.RReLU, nn.SELU, nn.CELU, nn.GELU, nn.Sigmoid, nn.SiLU,
+    nn.Softplus, nn.Softshrink, nn.Softsign, nn.Tanh, nn.Tanhshrink, nn.Threshold,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, PassThrough,
+)  # fmt: skip
+#: Leaf modules that keep plain autograd gradient, with the rule name :func:`rule_report` shows.
+#: zennit 0.5.1's ``EpsilonPlusFlat`` maps none of them to a rule (method.md §3.1, §11.2):
+#: max-pooling's gradient is winner-take-all; dropout (at inference), identity, flatten and
+#: unflatten are the identity on relevance; LayerNorm keeps gradient as in zennit (ViT);
+#: a concatenation's gradient splits relevance by part (:class:`~models.xai.layers.Concat`).
+#: Any other leaf module is refused by :func:`build_lrp_model`: no layer is explained by a
+#: gradient nobody chose.
+_MAX_POOLS = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+_IDENTITIES = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.Identity, nn.Flatten, nn.Unflatten,
+)  # fmt: skip
+GRADIENT_TYPES: dict[type[nn.Module], str] = {
+    **dict.fromkeys(_MAX_POOLS, "Gradient (winner-take-all)"),
+    **dict.fromkeys(_IDENTITIES, "Gradient (identity)"),
+    nn.LayerNorm: "Gradient",
+    Concat: "Split",
+}
+#: Modules that only hold other modules; without children they compute nothing.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+#: Layer types with a rule in zennit's EpsilonPlusFlat that this engine does not implement.
+_UNSUPPORTED = (
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.AvgPool1d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool3d, nn.MultiheadAttention,
+)  # fmt: skip
+#: Rule module class -> the rule's name in :func:`rule_report` (method.md §3.1).
+_RULE_NAMES: dict[type[nn.Module], str] = {
+    rules.FlatConv: "Flat", rules.FlatLinear: "Flat", rules.ZPlusConv: "ZPlus",
+    rules.EpsilonLinear: "Epsilon", rules.NormSum: "Norm", rules.NormAvgPool: "Norm", rules.PassRule: "Pass",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Which LRP rule one layer of the canonized model gets (see :func:`rule_report`).
+
+    Attributes:
+        path: dotted module path in the canonized model (mostly the original model's path;
+            merged BatchNorms are ``Identity`` there, canonizers add ``residual_sum``/``concat``).
+        module: the layer's class name.
+        rule: ``"Flat"``, ``"ZPlus"``, ``"Epsilon"``, ``"Norm"``, ``"Pass"`` (a Pass owns its
+            whole subtree: nothing inside gets relevance of its own), ``"Split"`` or
+            ``"Gradient …"`` (:data:`GRADIENT_TYPES`).
+    """
+
+    path: str
+    module: str
+    rule: str
+
+
+def _overridden_base(module: nn.Module, bases: tuple[type[nn.Module], ...]) -> type[nn.Module] | None:
+    """The base class whose ``forward`` the rule assumes, if ``module``'s class replaces it."""
+    base = next((b for b in bases if isinstance(module, b)), None)
+    return base if base is not None and type(module).forward is not base.forward else None
+
+
+def _gradient_name(module: nn.Module) -> str | None:
+    """The :data:`GRADIENT_TYPES` name of ``module`` (subclasses too, e.g. timm's LayerNorm)."""
+    return next((GRADIENT_TYPES[c] for c in type(module).__mro__ if c in GRADIENT_TYPES), None)
+
+
+def rule_for(module: nn.Module, first: bool, path: str = "") -> nn.Module | None:
+    """The rule module replacing ``module`` (``None``: keep it), method.md §3.1.
+
+    ``first`` marks the first conv/linear in module order, which gets Flat. ``None`` is returned
+    for containers (their children get rules) and :data:`GRADIENT_TYPES` (plain gradient).
+
+    Raises:
+        ConfigError: a leaf module with no rule and no reason to keep its gradient, or a
+            conv/linear/pool subclass with its own ``forward`` (the rule would compute another
+            function), naming ``path`` and the type.
+    """
+    where = f"layer {path!r} ({type(module).__module__}.{type(module).__name__})"
+    if isinstance(module, _UNSUPPORTED):
+        raise ConfigError(f"no LRP rule implemented for {where}")
+    base = _overridden_base(module, (*_CONVS, nn.Linear, *_AVG_POOLS))
+    if base is not None:
+        raise ConfigError(
+            f"{where} overrides forward() of {base.__name__}; a rule would compute the base "
+            "class's function. Have the canonizer replace it (models/xai/canonizers.py)"
+        )
+    if isinstance(module, _CONVS):
+        return rules.FlatConv(module) if first else rules.ZPlusConv(module)
+    if isinstance(module, nn.Linear):
+        return rules.FlatLinear(module) if first else rules.EpsilonLinear(module)
+    if isinstance(module, ResidualSum):
+        return rules.NormSum()
+    if isinstance(module, _AVG_POOLS):
+        return rules.NormAvgPool(module)
+    if isinstance(module, PASS_TYPES):
+        return rules.PassRule(module)
+    if _gradient_name(module) is not None or isinstance(module, _CONTAINERS):
+        return None
+    if next(module.children(), None) is not None:
+        return None  # a container: its children get rules, its own functional ops keep gradient
+    raise ConfigError(
+        f"no LRP rule for {where}. Either the canonizer of this family should rewrite it into "
+        "supported layers (models/xai/canonizers.py), it needs a rule (models/xai/rules.py and "
+        "rule_for), or, if it is the identity at inference, its type belongs in GRADIENT_TYPES"
+    )
+
+
+def _rule_plan(canonical: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None]]:
+    """``(path, module, rule module or None)`` for every module that gets a rule or keeps gradient.
+
+    Mirrors zennit's ``SpecialFirstLayerMapComposite``: the first ``Conv``/``Linear`` in
+    ``named_modules()`` order (descending into every module) is the "first layer". A rule owns
+    its whole subtree (e.g. Pass over attention): nothing below it is visited.
+    """
+    first_path = next(
+        (name for name, m in canonical.named_modules() if isinstance(m, _CONVS + (nn.Linear,))), None
+    )
+    plan: list[tuple[str, nn.Module, nn.Module | None]] = []
+    skip_below: list[str] = []
+    for name, module in canonical.named_modules():
+        if not name or any(name.startswith(p + ".") for p in skip_below):
+            continue
+        rule = rule_for(module, first=name == first_path, path=name)
+        if rule is not None:
+            plan.append((name, module, rule))
+            skip_below.append(name)
+        elif next(module.children(), None) is None and not isinstance(module, _CONTAINERS):
+            plan.append((name, module, None))  # a GRADIENT_TYPES leaf
+    return plan
+
+
+def build_lrp_model(canonical: nn.Module) -> nn.Module:
+    """Replace, in place, every layer of a canonized model by its rule module; return the model.
+
+    Raises:
+        ConfigError: a leaf layer with no rule (see :func:`rule_for`); nothing is replaced then.
+    """
+    for name, _, rule in _rule_plan(canonical):
+        if rule is None:
+            continue
+        parent_path, _, attr = name.rpartition(".")
+        setattr(canonical.get_submodule(parent_path) if parent_path else canonical, attr, rule)
+    return canonical
+
+
+def rule_report(model: nn.Module, kind: str) -> list[LayerRule]:
+    """Which rule each layer of ``model`` gets under canonizer ``kind``, in module order.
+
+    ``model`` is not modified (it is canonized as a copy, as :class:`Explainer` does).
+
+    Raises:
+        UnknownModelError: ``kind`` is not a canonizer id.
+        CanonizerError: the model is a variant the canonizer does not support.
+        ConfigError: a layer has no rule (the same refusal :class:`Explainer` would give).
+    """
+    report = []
+    for path, module, rule in _rule_plan(canonize(model, kind)):
+        name = (_gradient_name(module) or "Gradient") if rule is None else _RULE_NAMES[type(rule)]
+        report.append(LayerRule(path=path, module=type(module).__name__, rule=name))
+    return report
