@@ -131,7 +131,8 @@ def test_refine_cav_command_on_the_tiny_store(
 
     torch.set_num_threads(1)
     spec = {"band_aid": (0.5, 0.5), "ruler": (0.5, 0.5)}
-    # A presence FPR that makes every concept "present", and a disagreeing corrected version: every image flags.
+    # A presence FPR that makes every concept "present", and a disagreeing corrected version:
+    # every image flags.
     engine = AuditEngine.from_store("vanilla", home=tiny_store, fpr=0.99)
     prod = SynthDerm(SynthDermConfig(seed=1, size=32, n_train=24, n_val=0, n_test=0, spec=spec))
     results = engine.audit([prod.sample(i).image for i in range(24)])

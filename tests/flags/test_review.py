@@ -97,7 +97,9 @@ def test_http_endpoints(client, queued: FlagKeys) -> None:
     # Built before the client exists (as at import in service/api.py): both are looked up per request.
     late: dict[str, object] = {}
     app = Starlette(
-        routes=[Mount("/reviews", review_app(lambda _req: late["r"], lambda _req: late["k"], authorize=authorize))]
+        routes=[
+            Mount("/reviews", review_app(lambda _req: late["r"], lambda _req: late["k"], authorize=authorize))
+        ]
     )
     late.update(r=client, k=queued)
     h = {"Authorization": "Bearer reviewer-key"}

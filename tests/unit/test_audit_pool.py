@@ -276,10 +276,7 @@ def _same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
 
 @pytest.fixture(scope="module")
 def local_engines(tiny_store) -> dict[str, AuditEngine]:
-    return {
-        v: AuditEngine.from_store(v, home=tiny_store, ort_threads=1)
-        for v in VERSIONS
-    }
+    return {v: AuditEngine.from_store(v, home=tiny_store, ort_threads=1) for v in VERSIONS}
 
 
 @pytest.mark.slow
