@@ -90,7 +90,7 @@ def report(res: dict) -> str:
     lines += [
         f"| **sum of stages** | **{sum(s['seconds'] for s in res['stages']):.1f}** |",
         "",
-        "| version | malignant gap recovered % | clean Δ pts | relevance cut % | meets issue 5 |",
+        "| version | malignant gap recovered % | clean Δ pts | relevance cut % | meets criteria |",
         "|---|---:|---:|---:|---|",
     ]
     for r in res["acceptance"]:
@@ -98,7 +98,7 @@ def report(res: dict) -> str:
         cells = [gap, r.get("clean Δ pts"), r.get("relevance cut %")]
         txt = ["–" if c is None else f"{c:.1f}" for c in cells]
         lines.append(
-            f"| {r['version']} | " + " | ".join(txt) + f" | {'yes' if r['meets issue 5'] else 'no'} |"
+            f"| {r['version']} | " + " | ".join(txt) + f" | {'yes' if r['meets criteria'] else 'no'} |"
         )
     la, lb = res["machine"]["load_average_before"], res["machine"]["load_average_after"]
     lines += [

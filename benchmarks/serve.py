@@ -305,7 +305,7 @@ def markdown(
         f"{', '.join(map(str, users))} users, {args.rounds}×{args.seconds:.0f} s per contender and "
         f"concurrency, {meta['audit_workers']} LRP process(es))",
         "",
-        "Issue 6's ratios at each concurrency (closed loop: `users` requests always in flight):",
+        "The acceptance ratios at each concurrency (closed loop: `users` requests always in flight):",
         "",
         "| users | /audit ÷ /predict (goal ≥ 0.25) | ONNX Runtime ÷ eager torch /predict (goal ≥ 1.3) |",
         "|---:|---:|---:|",

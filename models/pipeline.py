@@ -208,7 +208,7 @@ class BuildResult:
     @property
     def accepted(self) -> list[str]:
         """Versions meeting the correction acceptance criteria (see :func:`acceptance`)."""
-        return [r["version"] for r in self.comparison if r.get("meets issue 5")]
+        return [r["version"] for r in self.comparison if r.get("meets criteria")]
 
 
 def stage_key(*parts: Any) -> str:
@@ -412,7 +412,7 @@ def acceptance(
     victim = labels[int(np.argmin(rates))] if labels else ""
     for row, card in zip(rows, cards, strict=True):
         row.update({f"{victim} gap recovered %": None, "clean Δ pts": None, "relevance cut %": None})
-        row["meets issue 5"] = False
+        row["meets criteria"] = False
         if base is None:
             continue
         b, m = base.metrics, card.metrics
@@ -430,7 +430,7 @@ def acceptance(
         row["clean Δ pts"] = d_clean
         row["relevance cut %"] = cut
         tol = 1e-9  # a value on a threshold passes despite float round-off
-        row["meets issue 5"] = bool(
+        row["meets criteria"] = bool(
             card is not base
             and rec is not None
             and rec >= MIN_GAP_RECOVERED - tol
@@ -444,7 +444,7 @@ def acceptance(
 def comparison_report(cards: Sequence[ModelCard], rows: Sequence[Mapping[str, Any]]) -> str:
     """The paper-style table (:func:`medaudit.models.cards.comparison_markdown`) plus the acceptance table."""
     extra = [k for k in rows[0] if k not in comparison_rows(cards)[0]] if rows else []
-    out = ["# Model versions", "", comparison_markdown(cards), "## Issue 5 acceptance", ""]
+    out = ["# Model versions", "", comparison_markdown(cards), "## Correction criteria", ""]
     out.append(
         f"Thresholds: gap recovered ≥ {MIN_GAP_RECOVERED:g} %, clean accuracy loss ≤ "
         f"{MAX_CLEAN_LOSS_PTS:g} points, artifact relevance cut ≥ {MIN_RELEVANCE_CUT:g} % (vs `vanilla`)."

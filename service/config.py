@@ -245,7 +245,7 @@ def audit_workers(environ: Mapping[str, str], device: str | None = None) -> int:
     on 2 cores: 23.3 ms per image with 2 threads against 31.2 with 1, so the second core adds only
     34 %), while single-threaded processes each use a whole core. Served on 2 cores (AMD EPYC,
     benchmarks/serve.py), one two-threaded auditor answered 33.4-35.1 /audit req/s (2 runs) and
-    two single-threaded ones 35.9-41.0, median 38.4 (7 runs; issue #6's notes). They are
+    two single-threaded ones 35.9-41.0, median 38.4 (7 runs). They are
     processes the auditor's one BentoML worker starts and feeds from its queue
     (:mod:`medaudit.service.audit_pool`; with one, LRP runs in the worker itself), not BentoML workers:
     those share one socket and traffic piled onto one of them. Read when the auditor starts: a

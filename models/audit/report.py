@@ -1,4 +1,4 @@
-"""The audit report: one self-contained HTML file plus ``metrics.json`` (issue 4).
+"""The audit report: one self-contained HTML file plus ``metrics.json``.
 
 Everything the page shows is inside it: images are base64 PNG ``data:`` URIs, the CSS is inline,
 and the only script is a few inline lines that count the images that decoded (a check for tests
@@ -26,7 +26,8 @@ from PIL import Image
 
 from medaudit.models.audit.results import AuditReport, ConceptAudit, LocalizedSample, Outlier, write_metrics
 
-#: Targets from the issue; shown next to the measured values, never used to alter anything.
+#: Quality targets of an audit (retrieval AUROC, localization IoU, discovery hit rate); shown next
+#: to the measured values, never used to alter anything.
 TARGET_AUROC, TARGET_IOU, TARGET_DISCOVERY = 0.95, 0.5, 0.5
 PRED_COLOUR = (255, 215, 0)  # predicted mask contour
 GT_COLOUR = (0, 230, 64)  # ground-truth contour

@@ -1,4 +1,4 @@
-"""The flag pipeline (issue 7): flagged audits go to a Redis stream, workers turn them into review
+"""The flag pipeline: flagged audits go to a Redis stream, workers turn them into review
 records, reviewers resolve them, and resolved flags refine the concept banks.
 
 ::

@@ -158,7 +158,7 @@ def test_acceptance_columns_and_thresholds(tmp_path) -> None:
     assert rows["good"]["malignant gap recovered %"] == pytest.approx(50.0)
     assert rows["good"]["clean Δ pts"] == pytest.approx(-2.5)
     assert rows["good"]["relevance cut %"] == pytest.approx(50.0)
-    assert [v for v, r in rows.items() if r["meets issue 5"]] == ["good"]
+    assert [v for v, r in rows.items() if r["meets criteria"]] == ["good"]
 
 
 def test_fit_banks_forwards_rows_shared_with_the_ch_render_once(tmp_path, monkeypatch) -> None:
