@@ -84,4 +84,4 @@ def build(
     if res.registered:
         console.print("registered: " + ", ".join(tag for tag, _ in res.registered.values()))
     if not res.accepted:
-        console.print("[yellow]no correction meets the criteria (gap recovered, clean cost, relevance cut)[/]")
+        console.print("[yellow]no correction meets the criteria: gap recovered, clean cost, relevance cut[/]")
