@@ -69,6 +69,12 @@ def audit(
     weights: Path = typer.Option(
         Path("artifacts/resnet18-synthderm/model.pt"), help="Checkpoint written by medaudit train."
     ),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        help="A model spec (TOML) of a classifier medaudit did not train, instead of --weights "
+        "(docs/models.md); synthderm is then rendered at its input size.",
+    ),
     dataset: str = typer.Option(
         "synthderm",
         help="synthderm (the checkpoint's own data config when it has one), folder:<path> or "
@@ -169,6 +175,8 @@ def audit(
     from medaudit.models.errors import MedauditError
     from medaudit.models.pipeline import train_with_hidden_artifact
     from medaudit.models.registry import create_model, load_checkpoint_file
+    from medaudit.models.spec import build as build_spec
+    from medaudit.models.spec import load_spec
     from medaudit.models.train import TrainConfig
 
     if threads:
@@ -194,18 +202,30 @@ def audit(
                 train_with_hidden_artifact(
                     weights.parent, name, rates, base, progress=bars, log=console.print
                 )
-            ckpt = load_checkpoint_file(weights)
-            arch = (ckpt.get("cfg") or {}).get("arch", "resnet18")
-            model, cfg = create_model(arch, weights=weights)
-            train_cfg = ckpt.get("train_cfg") or {}
             notes: list[str] = []
             ds: AnnotatedDataset
-            if dataset == "synthderm" and "data" in train_cfg:
-                ds = SynthDerm(SynthDermConfig.from_dict(train_cfg["data"]))
-                notes.append("synthderm rendered with the checkpoint's own data config")
+            if model is not None:
+                if _on_command_line(ctx, "weights") or plant is not None:
+                    raise typer.BadParameter("--model replaces --weights (and --plant, which trains one)")
+                spec = load_spec(model)
+                net, cfg, _digest = build_spec(spec)
+                if dataset == "synthderm":
+                    ds = SynthDerm(SynthDermConfig(size=cfg.input_size[-1]))
+                    notes.append(f"synthderm rendered at the model's input size, {cfg.input_size[-1]} px")
+                else:
+                    ds = open_dataset(dataset)
+                version = model_version or f"{spec.name}:original"
             else:
-                ds = open_dataset(dataset)
-            version = model_version or f"{weights.parent.name}:{_card_version(weights)}"
+                ckpt = load_checkpoint_file(weights)
+                arch = (ckpt.get("cfg") or {}).get("arch", "resnet18")
+                net, cfg = create_model(arch, weights=weights)
+                train_cfg = ckpt.get("train_cfg") or {}
+                if dataset == "synthderm" and "data" in train_cfg:
+                    ds = SynthDerm(SynthDermConfig.from_dict(train_cfg["data"]))
+                    notes.append("synthderm rendered with the checkpoint's own data config")
+                else:
+                    ds = open_dataset(dataset)
+                version = model_version or f"{weights.parent.name}:{_card_version(weights)}"
             layers = {
                 **default_concept_layers(cfg, declared),
                 **_parse_pairs(concept_layer, "--concept-layer"),
@@ -223,7 +243,7 @@ def audit(
                 exclude_declared=not include_declared,
             )
             report = run_audit(
-                model,
+                net,
                 cfg,
                 version,
                 ds,

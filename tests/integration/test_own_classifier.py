@@ -175,3 +175,25 @@ def test_every_version_is_served_with_the_models_labels_and_probabilities(
             assert audit.prediction.label in ("benign", "malignant") and audit.heatmap_png
         cmp = mc.compare(_png(rgbs[0]), versions=tags)
         assert list(cmp.versions) == tags
+
+
+def test_the_offline_audit_takes_the_spec(hospital: dict[str, Path]) -> None:
+    """``medaudit audit --model SPEC``: the HTML report and concept banks of the hospital's model."""
+    out = hospital["root"] / "audit"
+    cmd = [
+        str(BIN / "medaudit"), "audit", "--model", str(hospital["spec"]), "--out", str(out),
+        "--artifacts", "band_aid,ruler", "--max-train", "160", "--max-val", "60", "--max-test", "60",
+        "--max-localize", "8", "--top-k", "4", "--threads", "1",
+    ]  # fmt: skip
+    _run(cmd, timeout=900)
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["concepts"]) == {"band_aid", "ruler"}
+    assert "synthderm rendered at the model's input size, 96 px" in " ".join(m["notes"])
+    assert (out / "report.html").stat().st_size > 10_000
+    refused = subprocess.run(
+        [str(BIN / "medaudit"), "audit", "--model", str(hospital["spec"]), "--weights", "x.pt"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode == 2 and "--model replaces --weights" in " ".join(refused.stderr.split())
