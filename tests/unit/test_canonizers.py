@@ -13,21 +13,9 @@ from medaudit.models.errors import CanonizerError, MedauditError, UnknownModelEr
 from medaudit.models.registry import create_model, list_models
 from medaudit.models.xai.canonizers import canonize, merge_batchnorm
 from medaudit.models.xai.layers import PassThrough, ResidualSum
+from medaudit.testing.models import trained_like
 
 SIZE = {"vit_tiny_patch16_224": 32, "vit_base_patch16_224": 32}
-
-
-def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics and affine parameters, so that merging BN changes the weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def small(name: str) -> tuple[nn.Module, torch.Tensor]:

@@ -31,20 +31,9 @@ from medaudit.models.xai.composite import LayerRule, build_lrp_model, rule_repor
 from medaudit.models.xai.layers import Concat, PassThrough
 from medaudit.models.xai.lrp import Explainer
 from medaudit.models.xai.zennit_reference import zennit_canonizers
+from medaudit.testing.models import trained_like
 
 BATCH = 2
-
-
-def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def no_inplace(model: nn.Module) -> nn.Module:

@@ -16,20 +16,9 @@ from torch import nn
 from medaudit.models.registry import create_model
 from medaudit.models.xai import ClassTarget, ConceptTarget, Explainer
 from medaudit.models.xai.zennit_reference import zennit_composite, zennit_lrp
+from medaudit.testing.models import trained_like
 
 SIZE, BATCH = 64, 2
-
-
-def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
 
 
 def assert_heatmaps_agree(ours: torch.Tensor, theirs: torch.Tensor) -> None:

@@ -14,22 +14,14 @@ from typer.testing import CliRunner
 
 from medaudit.models.errors import CanonizerError, ConfigError, SpecError, UnknownModelError, WeightsError
 from medaudit.models.spec import build, check, file_sha256, inspect_layers, load_spec
+from medaudit.testing.models import trained_like
 
 IMAGENET = "mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]"
 LABELS3 = '["nevus", "melanoma", "bcc"]'
 
 
 def _trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random BatchNorm statistics and affine parameters, as a trained network has."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
+    return trained_like(model, seed).eval()
 
 
 def _spec(tmp_path: Path, body: str, name: str = "spec.toml") -> Path:
