@@ -36,6 +36,35 @@ def build(
 ) -> None:
     """Train (or reuse) or load (--model), fit concept banks, build every corrected version, evaluate,
     export, register."""
+    build_versions(
+        out,
+        model=model,
+        artifact=artifact,
+        corrections=corrections,
+        layer=layer,
+        n_correction_images=n_correction_images,
+        n_eval_images=n_eval_images,
+        register=register,
+        bentoml_home=bentoml_home,
+        threads=threads,
+    )
+
+
+def build_versions(
+    out: Path,
+    *,
+    model: Path | None = None,
+    artifact: str = "band_aid",
+    corrections: str = "vanilla,vanilla-ft,pclarc,rpclarc,rrclarc,rrr",
+    layer: str = "",
+    n_correction_images: int | None = None,
+    n_eval_images: int | None = None,
+    register: bool = True,
+    bentoml_home: Path | None = None,
+    threads: int = 0,
+) -> None:
+    """:func:`build` with plain defaults, for callers in Python (``medaudit demo``): a typer
+    command's own defaults are option objects, not values."""
     from dataclasses import replace
     from functools import partial
 

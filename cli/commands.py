@@ -124,21 +124,11 @@ def demo(
 
     from PIL import Image
 
-    from medaudit.cli.build_cmd import build as run_build
+    from medaudit.cli.build_cmd import build_versions
     from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 
     home = (out / "bentoml").resolve()
-    run_build(
-        out=out,
-        artifact="band_aid",
-        corrections="vanilla,vanilla-ft,pclarc,rpclarc,rrclarc,rrr",
-        layer="",
-        n_correction_images=None,
-        n_eval_images=None,
-        register=True,
-        bentoml_home=home,
-        threads=threads,
-    )
+    build_versions(out, bentoml_home=home, threads=threads)
     card = json.loads((out / "resnet18-synthderm" / "card.json").read_text())
     _print_card(card)
 

@@ -198,3 +198,14 @@ def test_demo_try_commands_print_one_per_line_on_a_narrow_console(tmp_path: Path
     assert buf.getvalue().splitlines() == ["  " + c for c in commands]
     assert all(len(c) > 40 for c in commands[:3])  # the console really was narrower
     assert shlex.split(commands[0])[3] == f"@{example}"
+
+
+def test_build_versions_takes_every_option_of_the_build_command() -> None:
+    """``medaudit demo`` calls build_versions; a new ``medaudit build`` option must reach it too."""
+    import inspect
+
+    from medaudit.cli.build_cmd import build, build_versions
+
+    assert list(inspect.signature(build).parameters) == list(inspect.signature(build_versions).parameters)
+    for name, p in inspect.signature(build_versions).parameters.items():
+        assert p.default is inspect.Parameter.empty or not type(p.default).__name__.endswith("Info"), name
