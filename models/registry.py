@@ -407,13 +407,11 @@ def vit_base_patch16_224(cfg: ModelCfg) -> nn.Module:
     return _timm("vit_base_patch16_224", cfg, global_pool="token")
 
 
-# DenseNet (torchvision, method.md §3.2 "extras"): hook points are the dense blocks' outputs (the
-# concatenations) and the transitions' outputs (after their average pool); ``features`` ends
-# with ``norm5``, whose ReLU is applied in ``forward``.
-_DENSENET_HOOKS = {
-    **{f"denseblock{k}": f"features.denseblock{k}" for k in range(1, 5)},
-    **{f"transition{k}": f"features.transition{k}" for k in range(1, 4)},
-}
+# DenseNet (torchvision, method.md §3.2 "extras"): CAV layers are post-ReLU (method.md §11.3), and
+# in a DenseNet the rectified output of dense block k is its transition's BN-ReLU (the block's own
+# output is a concatenation of un-rectified convs). ``features`` ends with ``norm5``, whose ReLU
+# is applied in ``forward``, so block 4 has no such module.
+_DENSENET_HOOKS = {f"denseblock{k}": f"features.transition{k}.relu" for k in range(1, 4)}
 
 
 @register_model(
@@ -421,7 +419,7 @@ _DENSENET_HOOKS = {
         arch="densenet121",
         source="torchvision",
         hook_points=_DENSENET_HOOKS,
-        default_cav_layer="transition3",
+        default_cav_layer="denseblock3",
         canonizer="densenet",
     )
 )
@@ -436,6 +434,8 @@ def densenet121(cfg: ModelCfg) -> nn.Module:
 
 
 # EfficientNet-B0 (timm): one hook point per stage (``blocks.k``, a stage's last block output).
+# EfficientNet has no ReLU: a stage ends in a linear bottleneck (method.md §11.3's post-ReLU layers
+# do not exist here); concept seeds rectify the activation themselves (R = ReLU(A) ⊙ v, §2.1).
 _EFFICIENTNET_HOOKS = {f"stage_{k}": f"blocks.{k}" for k in range(7)}
 
 

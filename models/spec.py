@@ -411,8 +411,18 @@ def default_hook_points(model: nn.Module, family: str) -> dict[str, str]:
             if isinstance(m, nn.ReLU) and isinstance(nxt, nn.MaxPool2d)
         }
     if family == "densenet":
+        # The rectified output of dense block k is its transition's BN-ReLU (torchvision: ``relu``;
+        # timm: ``norm``, a BatchNormAct2d); the blocks' own outputs are un-rectified concatenations.
         feats = dict(model.get_submodule("features").named_children())
-        return {k: f"features.{k}" for k in feats if k.startswith(("denseblock", "transition"))}
+        return {
+            "denseblock" + k.removeprefix("transition"): (
+                f"features.{k}.relu"
+                if isinstance(getattr(t, "relu", None), nn.ReLU)
+                else f"features.{k}.norm"
+            )
+            for k, t in feats.items()
+            if k.startswith("transition")
+        }
     if family == "efficientnet":
         blocks = model.get_submodule("blocks")
         return {f"blocks.{i}": f"blocks.{i}" for i in range(len(blocks))}  # type: ignore[arg-type]

@@ -255,7 +255,9 @@ def test_canonized_model_computes_the_same_function(name: str) -> None:
     if name not in DENSENETS:  # DenseNet keeps the BatchNorms that follow a concatenation (Pass)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in canonical.modules())
     with torch.no_grad():
-        assert (canonical(x) - model(x)).abs().max().item() <= 1e-9
+        ref = model(x)
+        # float64: the merged weights differ from BN(conv(x)) by rounding only, relative to the logits
+        assert (canonical(x) - ref).abs().max().item() <= 1e-9 * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.parametrize("name", RESNETS + VGGS + DENSENETS + EFFICIENTNETS)
