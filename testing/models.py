@@ -17,6 +17,8 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
+                if m.running_mean is None or m.running_var is None:
+                    raise ValueError(f"{m} tracks no running statistics; trained_like needs them")
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
