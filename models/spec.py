@@ -31,7 +31,6 @@ its conservation, and the rule each layer got.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import pickle
 import tomllib
 from collections.abc import Mapping
@@ -44,6 +43,7 @@ from torch import nn
 
 from medaudit.models.errors import CanonizerError, ConfigError, SpecError, UnknownModelError, WeightsError
 from medaudit.models.registry import ModelCfg, construct
+from medaudit.models.train import sha256_file
 
 SOURCES = ("timm", "torchvision", "entrypoint")
 RESIZE_POLICIES = ("resize", "center_crop")
@@ -251,7 +251,7 @@ def build(spec: ModelSpec) -> tuple[nn.Module, ModelCfg, str]:
         WeightsError: A missing, unreadable or mismatched checkpoint (the message names the fix).
         SpecError: A head whose width is not the number of labels.
     """
-    digest = file_sha256(spec.checkpoint) if spec.checkpoint.is_file() else None
+    digest = sha256_file(spec.checkpoint) if spec.checkpoint.is_file() else None
     if digest is None:
         raise WeightsError(
             f"{spec.path}: checkpoint not found: {spec.checkpoint} (paths are relative to the spec file; "
@@ -316,14 +316,6 @@ def _family(model: nn.Module, spec: ModelSpec) -> str:
         if refusals:
             raise ConfigError(f"{spec.path}: " + "; ".join(refusals)) from e
         raise CanonizerError(f"{spec.path}: {e}; or name one with canonizer = ... in the spec") from e
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_checkpoint(spec: ModelSpec) -> Any:

@@ -13,7 +13,8 @@ import torchvision
 from typer.testing import CliRunner
 
 from medaudit.models.errors import CanonizerError, ConfigError, SpecError, UnknownModelError, WeightsError
-from medaudit.models.spec import build, check, file_sha256, inspect_layers, load_spec
+from medaudit.models.spec import build, check, inspect_layers, load_spec
+from medaudit.models.train import sha256_file
 from medaudit.testing.models import trained_like
 
 IMAGENET = "mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]"
@@ -71,7 +72,7 @@ def test_build_gives_the_trained_model_and_the_family_defaults(tmp_path: Path, r
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), ref.eval()(x))
-    assert digest == file_sha256(resnet_ckpt)
+    assert digest == sha256_file(resnet_ckpt)
     assert cfg.canonizer == "resnet" and cfg.labels == ("nevus", "melanoma", "bcc")
     assert cfg.hook_points == {f"layer{i}": f"layer{i}" for i in range(1, 5)}
     assert cfg.default_cav_layer == "layer3" and cfg.mean == (0.485, 0.456, 0.406)
