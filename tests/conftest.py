@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+#: The real Redis of the tests (.ci/run starts one when none answers).
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
 def build_tiny_version(root: Path, home: Path, version: str, seed: int) -> str:
@@ -76,3 +81,20 @@ def new_medaudit_app() -> Iterator[Callable[[], Any]]:
 
     yield make
     _forget_bentoml_metrics()
+
+
+@pytest.fixture(scope="module")
+def redis_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A Redis key prefix of this test module's own at :data:`REDIS_URL` (give it to the service as
+    ``MEDAUDIT_FLAG_PREFIX``); every key under it is deleted afterwards."""
+    from medaudit.service.flags.redis_conn import answers, connect
+
+    assert answers(REDIS_URL, timeout=2.0), f"no Redis at {REDIS_URL} (.ci/run starts one)"
+    prefix = f"test-{request.module.__name__.rsplit('.', 1)[-1]}-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    r = connect(REDIS_URL)
+    try:
+        for k in r.scan_iter(match=f"{prefix}:*"):
+            r.delete(k)
+    finally:
+        r.close()

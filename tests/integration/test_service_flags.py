@@ -11,7 +11,6 @@ import io
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,19 +36,7 @@ def _png(seed: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def prefix() -> Iterator[str]:
-    from medaudit.service.flags.redis_conn import answers, connect
-
-    assert answers(REDIS_URL, timeout=2.0), f"no Redis at {REDIS_URL} (.ci/run starts one)"
-    p = f"test-svc-{uuid.uuid4().hex[:10]}"
-    yield p
-    r = connect(REDIS_URL)
-    for k in r.scan_iter(match=f"{p}:*"):
-        r.delete(k)
-
-
-@pytest.fixture(scope="module")
-def client(tiny_store: Path, prefix: str, tmp_path_factory: pytest.TempPathFactory, new_medaudit_app):
+def client(tiny_store: Path, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory, new_medaudit_app):
     from starlette.testclient import TestClient
 
     env = {
@@ -62,7 +49,7 @@ def client(tiny_store: Path, prefix: str, tmp_path_factory: pytest.TempPathFacto
         "MEDAUDIT_FLAGS": "on",
         "MEDAUDIT_FLAG_FPR": "0.99",
         "MEDAUDIT_FLAG_SHARE": "0",
-        "MEDAUDIT_FLAG_PREFIX": prefix,
+        "MEDAUDIT_FLAG_PREFIX": redis_prefix,
         "MEDAUDIT_FLAG_SPOOL_DIR": str(tmp_path_factory.mktemp("spool")),
         "REDIS_URL": REDIS_URL,
     }
@@ -74,18 +61,18 @@ def client(tiny_store: Path, prefix: str, tmp_path_factory: pytest.TempPathFacto
             yield c
 
 
-def _stream_request_ids(prefix: str) -> list[str]:
+def _stream_request_ids(redis_prefix: str) -> list[str]:
     from medaudit.service.flags.events import FlagKeys
     from medaudit.service.flags.redis_conn import connect
 
     r = connect(REDIS_URL)
     out = []
-    for _id, fields in r.xrange(FlagKeys(prefix).stream):
+    for _id, fields in r.xrange(FlagKeys(redis_prefix).stream):
         out.append(fields[b"request_id"].decode())
     return out
 
 
-def test_audit_flags_are_published_once_reviewed_and_resolved(client, prefix: str) -> None:
+def test_audit_flags_are_published_once_reviewed_and_resolved(client, redis_prefix: str) -> None:
     from medaudit.service.flags.events import FlagKeys
     from medaudit.service.flags.redis_conn import connect
     from medaudit.service.flags.worker import Worker, WorkerConfig
@@ -101,17 +88,17 @@ def test_audit_flags_are_published_once_reviewed_and_resolved(client, prefix: st
     # The same request id again (a client retry) must not publish twice.
     client.post("/audit", content=_png(0), headers={"Content-Type": "image/png", "X-Request-ID": rids[0]})
     deadline = time.monotonic() + 10
-    while set(_stream_request_ids(prefix)) != set(rids) and time.monotonic() < deadline:
+    while set(_stream_request_ids(redis_prefix)) != set(rids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    published = _stream_request_ids(prefix)
+    published = _stream_request_ids(redis_prefix)
     print(f"flags: {len(rids)} flagged requests, {len(published)} stream entries")
     assert set(published) == set(rids)
-    stream = connect(REDIS_URL).xrange(FlagKeys(prefix).stream)
+    stream = connect(REDIS_URL).xrange(FlagKeys(redis_prefix).stream)
     for _id, fields in stream:
         assert b"image" not in fields and b"patient-0" not in b"".join(fields.values())
 
     worker = Worker(
-        connect(REDIS_URL, timeout=5.0), FlagKeys(prefix), WorkerConfig(consumer="t", block_ms=200)
+        connect(REDIS_URL, timeout=5.0), FlagKeys(redis_prefix), WorkerConfig(consumer="t", block_ms=200)
     )
     stats = worker.run(drain=True)
     assert stats.written == len(stream) and stats.failed == 0

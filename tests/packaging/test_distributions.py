@@ -23,9 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-import uuid
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -212,22 +210,10 @@ def test_the_client_environment_has_no_heavy_packages(client_python: Path) -> No
     assert "predict" in out.stdout and "compare" in out.stdout and "demo" not in out.stdout
 
 
-@pytest.fixture(scope="module")
-def flags_prefix() -> Iterator[str]:
-    from medaudit.service.flags.redis_conn import answers, connect
-
-    assert answers(REDIS_URL, timeout=2.0), f"no Redis at {REDIS_URL} (.ci/run starts one)"
-    prefix = f"test-pkg-{uuid.uuid4().hex[:10]}"
-    yield prefix
-    r = connect(REDIS_URL)
-    for k in r.scan_iter(match=f"{prefix}:*"):
-        r.delete(k)
-
-
 def test_the_client_wheel_alone_runs_every_call_against_a_served_store(
     client_python: Path,
     tiny_deployment: dict[str, str],
-    flags_prefix: str,
+    redis_prefix: str,
     tmp_path: Path,
 ) -> None:
     from pydicom.data import get_testdata_file
@@ -249,7 +235,7 @@ def test_the_client_wheel_alone_runs_every_call_against_a_served_store(
         "MEDAUDIT_FLAGS": "on",
         "MEDAUDIT_FLAG_FPR": "0.99",
         "MEDAUDIT_FLAG_SHARE": "0",
-        "MEDAUDIT_FLAG_PREFIX": flags_prefix,
+        "MEDAUDIT_FLAG_PREFIX": redis_prefix,
         "MEDAUDIT_FLAG_SPOOL_DIR": str(tmp_path / "spool"),
         "REDIS_URL": REDIS_URL,
         "OMP_NUM_THREADS": "1",
@@ -280,7 +266,7 @@ def test_the_client_wheel_alone_runs_every_call_against_a_served_store(
         assert got["dicom"]["png"] == png_magic and got["dicom"]["label"] in labels
 
         # A worker turns the published flags into review records; the reviewer works them.
-        keys = FlagKeys(flags_prefix)
+        keys = FlagKeys(redis_prefix)
         redis = connect(REDIS_URL, timeout=5.0)
         deadline = time.monotonic() + 20
         while redis.xlen(keys.stream) < 2 and time.monotonic() < deadline:
