@@ -14,9 +14,11 @@ Decisions (see also the ``notes`` every :class:`DecodedImage` carries back to th
   for DICOM, frames) from the header are checked against ``max_pixels`` before any pixel is decoded.
   PIL's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, error *and* warning) maps to the
   same 413, so the effective limit is the smaller of the two.
-* **One frame or none.** Animated GIF/PNG, multi-page TIFF and multi-frame DICOM are refused
-  (422): which frame a medical audit should look at is the caller's decision, not ours. The one
-  exception is MPO (camera JPEGs that bundle a preview): its primary image is used, with a note.
+* **One frame or none.** Animated GIF/PNG and multi-page TIFF are refused (422): which frame a
+  medical audit should look at is the caller's decision, not ours. MPO (camera JPEGs that bundle a
+  preview) gives its primary image, with a note. A multi-frame DICOM gives the frame asked for
+  (``frame``, default the first, with a note that names the frame count); :func:`decode_dicom`
+  decodes several (``frames``), up to a limit (the DICOM endpoints' ``frames=all``).
 * **Tiny images are accepted** (down to ``min_side``, default 1 px) and upscaled to the model size
   by :func:`to_model_input`, with a note when they are smaller than :data:`SMALL_SIDE`.
 * **Alpha is composited on black** (premultiplied: ``rgb·α``). Transparent means "no signal", and
@@ -26,8 +28,10 @@ Decisions (see also the ``notes`` every :class:`DecodedImage` carries back to th
   loader does (``medaudit.models.data.folder.read_rgb``), so served inputs match trained ones.
 * **DICOM**: modality LUT (rescale slope/intercept), then the first VOI LUT or window
   (LINEAR, LINEAR_EXACT, SIGMOID; PS3.3 C.11.2), else min–max of the modality values; MONOCHROME1
-  is inverted; YBR is converted to RGB by pydicom; PALETTE COLOR goes through its LUT. A compressed
-  transfer syntax with no installed decoder is a 415 naming the missing plugins.
+  is inverted; YBR is converted to RGB by pydicom; PALETTE COLOR goes through its LUT. Compressed
+  transfer syntaxes decode through pydicom's plugins (pylibjpeg: JPEG, JPEG 2000, HTJ2K, RLE;
+  pyjpegls: JPEG-LS); one with no decoder (MPEG/HEVC video, JPEG 2000 Part 2, JPIP, an unknown
+  UID) is a 415 that names it.
 * **EXIF orientation** is applied (the image is what a viewer shows).
 
 Thread-safety: decoder warnings are collected with :func:`warnings.catch_warnings`, which is
@@ -152,13 +156,16 @@ def detect_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, content_type: str | None = None, limits: Limits | None = None) -> DecodedImage:
+def decode_image(
+    data: bytes, content_type: str | None = None, limits: Limits | None = None, frame: int = 1
+) -> DecodedImage:
     """Decode and validate one uploaded image.
 
     Args:
         data: The request body.
         content_type: The declared ``Content-Type`` (parameters allowed), or ``None``.
         limits: Byte, pixel and side limits; defaults to :class:`Limits()`.
+        frame: Of a multi-frame DICOM, which frame (1-based).
 
     Returns:
         The image as RGB uint8 with what was done in ``notes``.
@@ -169,10 +176,36 @@ def decode_image(data: bytes, content_type: str | None = None, limits: Limits | 
         ImageTooLargeError: The header declares more than ``max_pixels`` (413).
         UnsupportedMediaTypeError: Not a supported format, or a DICOM transfer syntax / colour model
             with no decoder (415).
-        InvalidImageError: Truncated or corrupt, animated or multi-frame, no pixel data (422).
+        InvalidImageError: Truncated or corrupt, animated, no pixel data, no such frame (422).
         ImageTooSmallError: A side below ``min_side`` (422).
     """
-    limits = limits or Limits()
+    return _decode(data, content_type, limits or Limits(), [frame])[1][0]
+
+
+def decode_dicom(
+    data: bytes, limits: Limits | None = None, frames: list[int] | None = None, max_frames: int = 1
+) -> tuple[Any, list[DecodedImage]]:
+    """Decode frames of a DICOM Part-10 file: its parsed dataset and one image per frame asked for.
+
+    Args:
+        data: The file.
+        limits: As for :func:`decode_image`.
+        frames: 1-based frame numbers; ``None`` for every frame.
+        max_frames: The most frames one call decodes (``frames=None`` on a longer file is a 422).
+
+    Raises:
+        As :func:`decode_image`; bytes that are not DICOM are a 415.
+    """
+    if detect_format(bytes(data[:132])) != "dicom":
+        raise UnsupportedMediaTypeError(
+            "the body is not a DICOM Part-10 file (no DICM preamble)", declared=FORMATS["dicom"]
+        )
+    return _decode(data, FORMATS["dicom"], limits or Limits(), frames, max_frames)
+
+
+def _decode(
+    data: bytes, content_type: str | None, limits: Limits, frames: list[int] | None, max_frames: int = 1
+) -> tuple[Any, list[DecodedImage]]:
     if not data:
         raise EmptyImageError("the request body is empty; send the image bytes")
     check_body_size(len(data), limits)
@@ -188,17 +221,19 @@ def decode_image(data: bytes, content_type: str | None = None, limits: Limits | 
         )
     if declared is not None and declared != fmt:
         notes.append(f"declared content type {content_type!r} but the bytes are {fmt}; decoded as {fmt}")
+    ds = None
     try:
         with _collect_warnings(notes):
             if fmt == "dicom":
-                rgb, original, mode = _decode_dicom(bytes(data), limits, notes)
+                ds, rgbs, original, mode = _decode_dicom(bytes(data), limits, notes, frames, max_frames)
             else:
                 rgb, original, mode = _decode_pil(bytes(data), fmt, limits, notes)
+                rgbs = [rgb]
     except InvalidImageError:
         raise
     except Exception as e:  # a decoder's own failure on hostile bytes is the client's 4xx
         raise InvalidImageError(f"cannot decode the {fmt} image: {_short(e)}", format=fmt) from e
-    h, w = rgb.shape[:2]
+    h, w = rgbs[0].shape[:2]
     if min(h, w) < limits.min_side:
         raise ImageTooSmallError(
             f"the image is {w}×{h} px; each side must be at least {limits.min_side} px",
@@ -208,7 +243,7 @@ def decode_image(data: bytes, content_type: str | None = None, limits: Limits | 
         )
     if min(h, w) < SMALL_SIDE:
         notes.append(f"small image ({w}×{h} px): it is upscaled to the model's input size")
-    return DecodedImage(np.ascontiguousarray(rgb), fmt, original, mode, tuple(notes))
+    return ds, [DecodedImage(np.ascontiguousarray(rgb), fmt, original, mode, tuple(notes)) for rgb in rgbs]
 
 
 def check_body_size(size: int, limits: Limits) -> None:
@@ -406,7 +441,9 @@ _RGB_LIKE = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
 _PHOTOMETRIC = (*_MONO, *_RGB_LIKE, "PALETTE COLOR")
 
 
-def _decode_dicom(data: bytes, limits: Limits, notes: list[str]) -> tuple[np.ndarray, Any, str]:
+def _decode_dicom(
+    data: bytes, limits: Limits, notes: list[str], frames: list[int] | None, max_frames: int
+) -> tuple[Any, list[np.ndarray], Any, str]:
     import pydicom  # deferred: only DICOM requests pay for it
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import get_decoder
@@ -426,17 +463,14 @@ def _decode_dicom(data: bytes, limits: Limits, notes: list[str]) -> tuple[np.nda
             "the DICOM file has no PixelData element (is it an image object?)", format="dicom"
         )
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, ValueError, TypeError) as e:
         raise InvalidImageError(
             f"the DICOM file has invalid Rows/Columns/NumberOfFrames: {_short(e)}", format="dicom"
         ) from e
-    _check_pixels(rows, cols, limits, frames)
-    if frames > 1:
-        raise InvalidImageError(
-            f"multi-frame DICOM with {frames} frames; send a single frame", format="dicom", frames=frames
-        )
+    _check_pixels(rows, cols, limits, n_frames)
+    wanted = _frames_wanted(frames, n_frames, max_frames, notes)
     pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if pi not in _PHOTOMETRIC:
         raise UnsupportedMediaTypeError(
@@ -447,12 +481,22 @@ def _decode_dicom(data: bytes, limits: Limits, notes: list[str]) -> tuple[np.nda
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts is None:
         raise InvalidImageError("the DICOM file meta has no TransferSyntaxUID", format="dicom")
+    if not ts.is_transfer_syntax:
+        raise UnsupportedMediaTypeError(
+            f"DICOM transfer syntax {ts} is not one pydicom knows; send it uncompressed or as "
+            "JPEG, JPEG-LS, JPEG 2000 or RLE",
+            format="dicom",
+            transfer_syntax=str(ts),
+        )
     if ts.is_compressed:
         try:
             decoder = get_decoder(ts)
         except NotImplementedError as e:
             raise UnsupportedMediaTypeError(
-                f"DICOM transfer syntax {ts.name} ({ts}) has no pixel decoder", format="dicom"
+                f"DICOM transfer syntax {ts.name} ({ts}) has no pixel decoder here; send it "
+                "uncompressed or as JPEG, JPEG-LS, JPEG 2000 or RLE",
+                format="dicom",
+                transfer_syntax=str(ts),
             ) from e
         if not decoder.is_available:
             missing = "; ".join(decoder.missing_dependencies) or "none listed"
@@ -471,13 +515,46 @@ def _decode_dicom(data: bytes, limits: Limits, notes: list[str]) -> tuple[np.nda
         raise InvalidImageError(f"cannot decode DICOM pixel data: {_short(e, 300)}", format="dicom") from e
     bits = int(ds.get("BitsAllocated", arr.dtype.itemsize * 8))
     mode = f"{pi}/{bits}"
-    if pi in _MONO:
-        rgb = _dicom_mono(arr, ds, pi, notes)
-    elif pi == "PALETTE COLOR":
-        rgb = _dicom_palette(arr, ds, notes)
-    else:
-        rgb = _dicom_rgb(arr, ds, notes)
-    return rgb, (rows, cols), mode
+    out = []
+    for k in wanted:
+        a = arr[k - 1] if n_frames > 1 else arr
+        if pi in _MONO:
+            out.append(_dicom_mono(a, ds, pi, notes))
+        elif pi == "PALETTE COLOR":
+            out.append(_dicom_palette(a, ds, notes))
+        else:
+            out.append(_dicom_rgb(a, ds, notes))
+    del ds.PixelData  # the caller keeps the header (DICOM out), not a second copy of the pixels
+    return ds, out, (rows, cols), mode
+
+
+def _frames_wanted(frames: list[int] | None, n: int, max_frames: int, notes: list[str]) -> list[int]:
+    """The 1-based frame numbers to decode (``None``: all), checked against the file and the limit."""
+    if frames is None:
+        if n > max_frames:
+            raise InvalidImageError(
+                f"multi-frame DICOM with {n} frames, more than the {max_frames} audited per instance "
+                "(MEDAUDIT_DICOM_MAX_FRAMES); ask for frames=first or a list such as frames=1,2",
+                format="dicom",
+                frames=n,
+                max_frames=max_frames,
+            )
+        frames = list(range(1, n + 1))
+    bad = [f for f in frames if not 1 <= f <= n]
+    if bad:
+        raise InvalidImageError(
+            f"frame {bad[0]} asked for, but the DICOM file has frames 1 to {n}", format="dicom", frames=n
+        )
+    if len(frames) > max(max_frames, 1):
+        raise InvalidImageError(
+            f"{len(frames)} frames asked for, more than the limit of {max_frames} per instance",
+            format="dicom",
+            max_frames=max_frames,
+        )
+    if n > 1:
+        which = "frame " + ", ".join(map(str, frames)) if len(frames) < n else "every frame"
+        notes.append(f"multi-frame DICOM with {n} frames: {which} decoded")
+    return list(frames)
 
 
 def _dicom_mono(arr: np.ndarray, ds: Any, pi: str, notes: list[str]) -> np.ndarray:
@@ -505,7 +582,7 @@ def _voi_to_unit(values: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
             from pydicom.pixels.processing import apply_voi
 
             out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float64)
-            lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+            lut = _lut_data(ds.VOILUTSequence[0])
             lo, hi = float(lut.min()), float(lut.max())
             notes.append("DICOM VOI LUT applied")
             return np.clip((out - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(out)
@@ -518,6 +595,17 @@ def _voi_to_unit(values: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
     lo, hi = float(values.min()), float(values.max())
     notes.append("no DICOM VOI LUT or window: scaled by min–max")
     return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+
+
+def _lut_data(item: Any) -> np.ndarray:
+    """A LUT's entries: LUT Data is US (a list) or OW (bytes of 8- or 16-bit entries)."""
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):
+        bits = int(item.LUTDescriptor[2])
+        return np.frombuffer(data, dtype="<u2" if bits > 8 else "u1").astype(np.float64)
+    return np.asarray(
+        data if isinstance(data, list | tuple) or hasattr(data, "__len__") else [data], np.float64
+    )
 
 
 def _first(v: Any) -> float:

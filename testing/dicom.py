@@ -48,8 +48,8 @@ def source(
     """A Part-10 file (explicit VR little endian) of ``kind`` (one of :data:`KINDS`)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import (
-        CTImageStorage,
         ComputedRadiographyImageStorage,
+        CTImageStorage,
         ExplicitVRLittleEndian,
         MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
         SecondaryCaptureImageStorage,
@@ -145,7 +145,17 @@ def with_transfer_syntax(data: bytes, uid: str) -> bytes:
     ds = pydicom.dcmread(io.BytesIO(data))
     ds.PixelData = encapsulate([bytes(ds.PixelData)])
     ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = uid
+    known = pydicom.uid.UID(uid).is_transfer_syntax
+    # pydicom writes no transfer syntax it does not know: an unknown one replaces, in the bytes, a
+    # known one of the same padded length
+    stand_in = pydicom.uid.MPEG4HP41
+    ds.file_meta.TransferSyntaxUID = uid if known else stand_in
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    if known:
+        return buf.getvalue()
+    padded = (uid + "\0" * (len(uid) % 2)).encode()
+    old = (stand_in + "\0" * (len(stand_in) % 2)).encode()
+    if len(padded) != len(old):
+        raise ValueError(f"an unknown transfer syntax UID must be {len(old)} bytes padded, got {uid!r}")
+    return buf.getvalue().replace(old, padded, 1)

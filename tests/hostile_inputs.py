@@ -26,6 +26,7 @@ from medaudit.service.errors import (
     UnsupportedMediaTypeError,
 )
 from medaudit.service.inputs import Limits
+from medaudit.testing.dicom import with_transfer_syntax
 
 RNG_SEED = 0
 
@@ -154,8 +155,21 @@ def hostile() -> list[tuple[str, bytes, str | None, Limits, type[AuditError]]]:
         ("dicom-huge-declared", ds_bytes(huge), None, Limits(), ImageTooLargeError),
         ("dicom-hsv", ds_bytes(hsv), None, Limits(), UnsupportedMediaTypeError),
         ("dicom-truncated", dcm("MR_truncated.dcm"), None, Limits(), InvalidImageError),
-        ("dicom-multiframe-rle", dcm("SC_rgb_rle_2frame.dcm"), None, Limits(), InvalidImageError),
-        ("dicom-multiframe-15", dcm("rtdose.dcm"), None, Limits(), InvalidImageError),
+        # multi-frame files decode their first frame (tests/unit/test_dicom_io.py); video does not
+        (
+            "dicom-mpeg4-video",
+            with_transfer_syntax(dcm("MR_small.dcm"), pydicom.uid.MPEG4HP41),
+            None,
+            Limits(),
+            UnsupportedMediaTypeError,
+        ),
+        (
+            "dicom-unknown-syntax",
+            with_transfer_syntax(dcm("MR_small.dcm"), "1.2.840.10008.1.2.4.110"),
+            None,
+            Limits(),
+            UnsupportedMediaTypeError,
+        ),
         (
             "dicom-preamble-garbage",
             b"\x00" * 128 + b"DICM" + rng.bytes(256),
