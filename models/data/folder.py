@@ -1,225 +1,127 @@
-"""Real image datasets read from disk: a generic "folder + labels CSV" layout and its shared base.
+"""Real image datasets read from disk: the shared base and the "folder + labels CSV" layout.
 
 Layout read by :class:`FolderDataset` (and written by ``SynthDerm.export``)::
 
-    root/labels.csv                  image,label[,split]
+    root/labels.csv                      image,label[,split][,group]
     root/images/<id>[.png|.jpg|...]
-    root/artifacts.json              optional, {artifact: [ids]} (models.data.annotations)
-    root/masks/<id>_<artifact>.png   optional, non-zero = artifact pixel
+    root/artifacts.csv | artifacts.json  optional annotations (models.data.annotations)
+    root/masks/<artifact>/<id>.png       optional masks, non-zero = artifact (models.data.masks)
 
-Conventions follow method.md §8: when the CSV has no split column, samples are split with
-``default_rng(0)``: 10% val, then 10% test from the rest (sorted random choices), train the rest.
-Images are converted to RGB and, when a size is asked for, resized square with bicubic as the
-paper's ISIC loader does.
+Splits (:mod:`medaudit.models.data.splits`): a split file given with ``splits=``, else the CSV's
+``split`` column, else a seeded group-aware split when the samples have groups (a ``group``
+column: patient, lesion), else the paper's seeded split (method.md §8). A given split that puts
+one group in two splits is refused. Images are converted to RGB and, when a size is asked for,
+resized square with bicubic as the paper's ISIC loader does.
 """
 
 from __future__ import annotations
 
-import csv
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from medaudit.models.data.annotations import load_artifact_ids
+from medaudit.models.data.annotations import Annotations, default_annotation_file, read_annotations
+from medaudit.models.data.files import (
+    IMAGE_EXTENSIONS,
+    cell,
+    check_image,
+    check_unique,
+    column,
+    image_size,
+    line,
+    read_csv,
+    read_mask,
+    read_rgb,
+    refuse_extra_columns,
+    require_root,
+    resolve_images,
+    sorted_names,
+)
+from medaudit.models.data.masks import MASKS_DIR, NO_MASKS, MaskFolder, overall_source
+from medaudit.models.data.splits import (
+    SPLITS,
+    check_groups,
+    group_split,
+    paper_split,
+    paper_split_names,
+    read_split_file,
+    split_report,
+)
 from medaudit.models.errors import ConfigError, DatasetError
 
-SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-ARTIFACTS_FILE = "artifacts.json"
-MASKS_DIR = "masks"
-#: How many missing/bad entries an error message lists before it only counts them.
-_SHOW = 5
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MASKS_DIR",
+    "SPLITS",
+    "FolderDataset",
+    "ImageDataset",
+    "LabelTable",
+    "cell",
+    "column",
+    "paper_split",
+    "read_csv",
+    "read_mask",
+    "read_rgb",
+    "require_root",
+    "resolve_images",
+]
+
+#: ``progress(description, total) -> advance(n)``.
+Progress = Callable[[str, int], Callable[[int], None]]
 
 
 @dataclass(frozen=True)
 class LabelTable:
-    """One row per sample, as a dataset adapter read it from its CSV."""
+    """One row per sample, as a dataset adapter read it from its CSV or folders."""
 
     ids: tuple[str, ...]
     labels: tuple[int, ...]
     label_names: tuple[str, ...]
-    #: ``"train"``/``"val"``/``"test"`` per sample, or None for the paper's seeded split.
+    #: ``"train"``/``"val"``/``"test"`` per sample, or None for a computed split.
     splits: tuple[str, ...] | None = None
-
-
-# ---------------------------------------------------------------------------------------- splits
-
-
-def paper_split(n: int, val: float = 0.1, test: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The paper's split of ``n`` samples into sorted (train, val, test) indices (method.md §8).
-
-    Mirrors ``base_dataset.do_train_val_test_split`` call for call, including drawing the test
-    set from the *unsorted* set difference, so that the same ``n`` gives the paper's indices.
-    """
-    rng = np.random.default_rng(0)
-    idxs_all = np.arange(n)
-    idxs_val = np.array(sorted(rng.choice(idxs_all, size=int(np.round(n * val)), replace=False)), np.int64)
-    idxs_left = np.array(list(set(idxs_all) - set(idxs_val)), np.int64)
-    idxs_test = np.array(sorted(rng.choice(idxs_left, size=int(np.round(n * test)), replace=False)), np.int64)
-    idxs_train = np.array(sorted(set(idxs_left) - set(idxs_test)), np.int64)
-    return idxs_train, idxs_val, idxs_test
-
-
-def _split_names(n: int) -> np.ndarray:
-    out = np.empty(n, dtype="<U5")
-    for name, idx in zip(SPLITS, paper_split(n), strict=True):
-        out[idx] = name
-    return out
-
-
-# ------------------------------------------------------------------------------------------- CSV
-
-
-def require_root(root: str | Path) -> Path:
-    """``root`` as a Path, or a DatasetError when it is not a folder."""
-    path = Path(root)
-    if not path.is_dir():
-        raise DatasetError(f"dataset root {path} does not exist or is not a folder")
-    return path
-
-
-def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
-    """Header and non-blank rows of a CSV, values stripped.
-
-    Raises:
-        DatasetError: The file is missing or unreadable, empty, or has a header but no rows.
-    """
-    if not path.is_file():
-        raise DatasetError(f"labels CSV {path} does not exist")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: CSVs saved by Excel
-            table = [[v.strip() for v in row] for row in csv.reader(f) if any(v.strip() for v in row)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DatasetError(f"cannot read labels CSV {path}: {e}") from e
-    if not table:
-        raise DatasetError(f"labels CSV {path} is empty: no header row")
-    if len(table) == 1:
-        raise DatasetError(f"labels CSV {path} has a header ({', '.join(table[0])}) but no rows")
-    return table[0], table[1:]
-
-
-def column(path: Path, header: Sequence[str], name: str) -> int:
-    """Position of column ``name``; a DatasetError naming the columns that exist otherwise."""
-    if name not in header:
-        raise DatasetError(f"column {name!r} not in {path}; columns: {', '.join(header)}")
-    return list(header).index(name)
-
-
-def cell(path: Path, rows: Sequence[Sequence[str]], r: int, c: int, name: str) -> str:
-    """Non-empty value of row ``r``, column ``c``; errors give the CSV line number."""
-    value = rows[r][c] if c < len(rows[r]) else ""
-    if not value:
-        raise DatasetError(f"{path} line {r + 2}: empty value in column {name!r}")
-    return value
-
-
-def _sorted_names(values: set[str]) -> tuple[str, ...]:
-    """Sorted label names; numerically when every name is an integer ("2" before "10")."""
-    if all(v.lstrip("-").isdigit() for v in values):
-        return tuple(sorted(values, key=int))
-    return tuple(sorted(values))
-
-
-# ---------------------------------------------------------------------------------------- images
-
-
-def resolve_images(image_dir: Path, ids: Sequence[str], extensions: Sequence[str]) -> tuple[Path, ...]:
-    """The file of each id: ``<id>`` if it carries an allowed extension, else ``<id><ext>``.
-
-    The folder is listed once rather than probed per id, so large datasets resolve quickly.
-
-    Raises:
-        DatasetError: The folder is missing, or some ids have no file (up to five are listed).
-    """
-    if not image_dir.is_dir():
-        raise DatasetError(f"image folder {image_dir} does not exist")
-    with os.scandir(image_dir) as it:
-        present = {e.name for e in it}
-    paths: list[Path] = []
-    missing: list[str] = []
-    for sid in ids:
-        name = _find_name(image_dir, sid, present, extensions)
-        if name is None:
-            missing.append(sid)
-        else:
-            paths.append(image_dir / name)
-    if missing:
-        shown = ", ".join(missing[:_SHOW])
-        raise DatasetError(
-            f"{len(missing)} images missing from {image_dir} (first {min(len(missing), _SHOW)}: {shown}); "
-            f"looked for <id> and <id> + one of {', '.join(extensions)}"
-        )
-    return tuple(paths)
-
-
-def _find_name(image_dir: Path, sid: str, present: set[str], extensions: Sequence[str]) -> str | None:
-    exts = [e.lower() for e in extensions]
-    candidates = [sid] if Path(sid).suffix.lower() in exts else []
-    candidates += [sid + e for e in extensions] + [sid + e.upper() for e in extensions]
-    for name in candidates:
-        # ids with a sub-folder ("a/b.png") are not in the top-level listing: probe those.
-        if name in present or ("/" in name and (image_dir / name).is_file()):
-            return name
-    return None
-
-
-def read_rgb(path: Path, size: int | None = None) -> np.ndarray:
-    """An image file as H×W×3 uint8 RGB, optionally resized to ``size``² with bicubic.
-
-    16-bit grey images are scaled to 8 bit (PIL's own conversion would clip them at 255); 32-bit
-    int/float grey images are taken as 8-bit values when none exceeds 255, else as 16-bit ones.
-
-    Raises:
-        DatasetError: The file is missing, unreadable or not a valid image.
-    """
-    try:
-        with Image.open(path) as im:
-            rgb = _to_rgb(im)
-    except FileNotFoundError as e:
-        raise DatasetError(f"image file {path} does not exist") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}") from e
-    if size is not None and rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8).copy()
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in _SIXTEEN_BIT or im.mode == "I" or im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        if im.mode in _SIXTEEN_BIT or a.max(initial=0) > 255:
-            a = a / 257.0  # 65535 -> 255
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
-    return im.convert("RGB")
-
-
-def _read_mask(path: Path, size: int | None) -> np.ndarray:
-    """A mask PNG as H×W bool (non-zero = artifact), resized with nearest so it stays binary."""
-    try:
-        with Image.open(path) as im:
-            grey = _to_rgb(im).convert("L")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot read mask {path}: {e}") from e
-    if size is not None and grey.size != (size, size):
-        grey = grey.resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(grey) > 0
+    #: Patient / lesion per sample, or None (every sample its own group).
+    groups: tuple[str, ...] | None = None
+    #: Where each sample was listed (``"labels.csv line 7"``), for error messages.
+    origins: tuple[str, ...] = ()
+    #: File name of each sample's masks (``masks/<artifact>/<key>.png``); default: id sans extension.
+    keys: tuple[str, ...] = ()
+    #: Image file of each sample relative to the image folder, where it is not the id.
+    files: tuple[str, ...] = ()
+    #: What a given split is called in errors (``"labels.csv column 'split'"``).
+    split_source: str = ""
+    #: What a group is: ``"patient"``, ``"lesion"`` or ``"group"``.
+    group_kind: str = "group"
+    #: Classes that may have no samples (ISIC 2019's UNK); any other empty class is refused.
+    allow_empty: tuple[str, ...] = ()
+    #: The file the labels came from, named when a class is empty.
+    source: str = ""
 
 
 # ------------------------------------------------------------------------------------- datasets
 
 
 class ImageDataset:
-    """Labelled images on disk: the behaviour :class:`FolderDataset` and ``ISIC2019`` share.
+    """Labelled images on disk: the behaviour every adapter shares.
 
     Satisfies :class:`~medaudit.models.data.protocol.AnnotatedDataset`.
+
+    Args:
+        root: The dataset folder.
+        table: The adapter's rows.
+        image_dir: Folder the ids are relative to.
+        extensions: Extensions tried when an id has none.
+        annotations: Annotation file (CSV or JSON); default ``root/artifacts.csv`` or
+            ``root/artifacts.json`` when present.
+        artifacts: The dataset's artifact names; annotations naming others are refused. None:
+            any well-formed name.
+        masks: Mask folder; default ``root/masks``.
+        splits: Split file ``image,split``, overriding the adapter's split.
+        seed: Seed of the group-aware split.
 
     Attributes:
         root: The dataset folder.
@@ -227,6 +129,9 @@ class ImageDataset:
         label_names: Class names; ``labels`` index into them.
         paths: Image file per sample.
         split_of: ``"train"``/``"val"``/``"test"`` per sample.
+        groups: Patient / lesion per sample (its own id where the layout has none).
+        masks: The :class:`~medaudit.models.data.masks.MaskFolder`.
+        annotations: The :class:`~medaudit.models.data.annotations.Annotations` read.
     """
 
     def __init__(
@@ -235,26 +140,52 @@ class ImageDataset:
         table: LabelTable,
         image_dir: Path,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
-        artifacts_file: str | Path | None = None,
+        annotations: str | Path | None = None,
+        *,
+        artifacts: Sequence[str] | None = None,
+        masks: str | Path | None = None,
+        splits: str | Path | None = None,
+        seed: int = 0,
     ) -> None:
         self.root = root
         self._ids = table.ids
+        n = len(table.ids)
+        self.origins = table.origins or tuple(f"{table.source or root} row {k + 1}" for k in range(n))
         self.labels = np.asarray(table.labels, dtype=np.int64)
         self.label_names = table.label_names
-        self.paths = resolve_images(image_dir, table.ids, extensions)
-        n = len(table.ids)
-        self.split_of = np.asarray(table.splits) if table.splits is not None else _split_names(n)
-        self._stems = tuple(_stem(sid, extensions) for sid in table.ids)
-        self._artifacts = self._load_annotations(artifacts_file)
+        _refuse_empty_classes(table, self.labels)
+        self.paths = resolve_images(image_dir, table.files or table.ids, extensions, self.origins)
+        self.keys = table.keys or tuple(_stem(sid, extensions) for sid in table.ids)
+        self._has_groups = table.groups is not None
+        self.groups = table.groups if table.groups is not None else table.ids
+        self.group_kind = table.group_kind
+        self._aliases = {k: i for i, k in enumerate(self.keys)}
+        self.split_of = self._split(table, splits, seed)
+        self.vocabulary = tuple(artifacts) if artifacts is not None else None
+        self.masks = MaskFolder(Path(masks) if masks is not None else root / MASKS_DIR)
+        self.annotations = self._load_annotations(annotations)
+        self._artifacts = self.annotations.by_artifact
 
-    def _load_annotations(self, artifacts_file: str | Path | None) -> dict[str, list[int]]:
-        """Explicit file (must exist), else ``root/artifacts.json`` when present, else none."""
-        if artifacts_file is None:
-            default = self.root / ARTIFACTS_FILE
-            if not default.is_file():
-                return {}
-            artifacts_file = default
-        return load_artifact_ids(artifacts_file, self._ids, self._stems)
+    def _split(self, table: LabelTable, split_file: str | Path | None, seed: int) -> np.ndarray:
+        if split_file is not None:
+            out = read_split_file(Path(split_file), self._ids, self._aliases)
+            source = f"split file {split_file}"
+        elif table.splits is not None:
+            out, source = np.asarray(table.splits), table.split_source or "the split column"
+        elif self._has_groups:
+            return group_split(self.labels, self.groups, seed)
+        else:
+            return paper_split_names(len(self._ids))
+        check_groups(out, self.groups, self._ids, source, self.group_kind)
+        return out
+
+    def _load_annotations(self, path: str | Path | None) -> Annotations:
+        """The given file (must exist), else ``root/artifacts.{csv,json}`` when present, else none."""
+        if path is None:
+            path = default_annotation_file(self.root)
+            if path is None:
+                return Annotations()
+        return read_annotations(path, self._ids, self._aliases, self.vocabulary)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -280,62 +211,145 @@ class ImageDataset:
 
     def load_image(self, i: int, size: int | None = None) -> np.ndarray:
         """Image ``i`` as H×W×3 uint8 RGB, resized to ``size``² (bicubic) when given."""
-        return read_rgb(self.paths[i], size)
-
-    @property
-    def has_masks(self) -> bool:
-        """Whether ``root/masks/`` exists, so :meth:`mask` can answer."""
-        return (self.root / MASKS_DIR).is_dir()
+        return read_rgb(self.paths[i], size, self.origins[i])
 
     def config(self) -> dict[str, Any] | None:
         """None: the data is read from disk, there is no generator config to record."""
         return None
+
+    def split_report(self) -> dict[str, Any]:
+        """Images and groups per split and class, and how many groups lie in several splits (0)."""
+        rep = split_report(self.labels, self.label_names, self.split_of, self.groups)
+        rep["group_kind"] = self.group_kind if self._has_groups else "image"
+        return rep
+
+    # ------------------------------------------------------------------ annotations and masks
 
     def artifact_ids(self, split: str = "all") -> dict[str, list[int]]:
         """``{artifact: [indices]}`` from the annotation file, restricted to ``split``."""
         keep = set(self.indices(split).tolist())
         return {a: [i for i in idx if i in keep] for a, idx in self._artifacts.items()}
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether the mask folder exists, so :meth:`mask` can answer."""
+        return self.masks.exists
+
+    @property
+    def mask_source(self) -> str:
+        """``"ground_truth"``, ``"derived"`` (if any artifact's are) or ``"none"``.
+
+        Per artifact: :meth:`mask_source_of`.
+        """
+        names = set(self._artifacts) | set(self.masks.artifacts())
+        return overall_source({a: self.mask_source_of(a) for a in names})
+
+    def mask_source_of(self, artifact: str) -> str:
+        """Where ``artifact``'s masks came from: ``"ground_truth"``, ``"derived"`` or ``"none"``."""
+        return self.masks.source(artifact) if self.masks.exists else NO_MASKS
+
     def mask(self, i: int, artifact: str, size: int | None = None) -> np.ndarray:
-        """H×W bool mask of ``artifact`` in image ``i`` from ``masks/<id>_<artifact>.png``.
+        """H×W bool mask of ``artifact`` in image ``i`` (``masks/<artifact>/<key>.png``).
 
         All False when the sample is not annotated with the artifact and has no mask file
         (method.md §5.4: the mask is zeros where there is no artifact).
 
         Raises:
-            DatasetError: No masks folder, an artifact neither annotated nor on disk, or an
-                annotated sample whose mask file is missing or unreadable.
+            DatasetError: No masks folder, an artifact neither annotated nor on disk, an
+                annotated sample whose mask file is missing, or a mask unreadable or of another
+                size than its image.
         """
-        masks = self.root / MASKS_DIR
-        if not masks.is_dir():
-            raise DatasetError(f"no mask folder {masks}")
-        path = masks / f"{self._stems[i]}_{artifact}.png"
-        if path.is_file():
-            return _read_mask(path, size)
-        if artifact in self._artifacts and i in self._artifacts[artifact]:
+        if not self.masks.exists:
+            raise DatasetError(f"no mask folder {self.masks.root}")
+        path = self.masks.path(self.keys[i], artifact)
+        if path is not None:
+            return read_mask(path, size, image_size(self.paths[i], self.origins[i]), str(self.paths[i]))
+        want = self.masks.root / artifact / f"{self.keys[i]}.png"
+        if not self.masks.has(artifact):
+            if artifact not in self._artifacts:
+                known = ", ".join(self._artifacts) or "none"
+                raise DatasetError(
+                    f"no mask {want} and {artifact!r} is not an annotated artifact; annotated: {known}"
+                )
             raise DatasetError(
-                f"sample {self._ids[i]!r} is annotated with {artifact!r} but {path} is missing"
+                f"{self.masks.root} has no masks of {artifact!r} (no folder {self.masks.root / artifact}): "
+                "draw them, or derive them from the model with `medaudit localize --export-masks`"
             )
-        if artifact not in self._artifacts:
-            known = ", ".join(self._artifacts) or "none"
+        if i in self._artifacts.get(artifact, ()):
             raise DatasetError(
-                f"no mask {path} and {artifact!r} is not an annotated artifact; annotated: {known}"
+                f"{self.origins[i]}: sample {self._ids[i]!r} is annotated with {artifact!r} "
+                f"but {want} is missing"
             )
         return np.zeros(self._image_size(i, size), dtype=bool)
 
     def _image_size(self, i: int, size: int | None) -> tuple[int, int]:
-        if size is not None:
-            return size, size
-        try:
-            with Image.open(self.paths[i]) as im:
-                w, h = im.size
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DatasetError(f"cannot read image {self.paths[i]}: {e}") from e
-        return h, w
+        return (size, size) if size is not None else image_size(self.paths[i], self.origins[i])
+
+    def validate(self, progress: Progress | None = None) -> dict[str, Any]:
+        """Read every image and mask once: what a build would otherwise trip over halfway.
+
+        Returns:
+            ``{"images": n, "masks": n, "mask_sources": {artifact: source}}``.
+
+        Raises:
+            DatasetError: An unreadable image, a mask folder of an artifact no image is annotated
+                with, an annotated image without its mask, a mask for an image not annotated with
+                its artifact, or a mask of the wrong size; each naming the row and the file.
+        """
+        adv = progress("check images", len(self)) if progress else None
+        sizes = []
+        for i in range(len(self)):
+            sizes.append(check_image(self.paths[i], self.origins[i]))
+            if adv:
+                adv(1)
+        n_masks = 0
+        sources = {}
+        for a in self.masks.artifacts() if self.masks.exists else ():
+            if a not in self._artifacts:
+                known = ", ".join(self._artifacts) or "none"
+                raise DatasetError(
+                    f"mask folder {self.masks.root / a} names artifact {a!r}, which no image is annotated "
+                    f"with; annotated: {known}"
+                )
+        for a, idx in self._artifacts.items():
+            sources[a] = self.mask_source_of(a)
+            if sources[a] == NO_MASKS:
+                continue
+            carriers = set(idx)
+            for key in sorted(self.masks.keys(a) - {self.keys[i] for i in carriers}):
+                j = self._aliases.get(key)
+                what = f"image {self._ids[j]!r} ({self.origins[j]})" if j is not None else "no image"
+                raise DatasetError(
+                    f"mask {self.masks.root / a / (key + '.png')} marks {a!r} on {what}, which the "
+                    f"annotations ({self.annotations.path}) do not list with {a!r}"
+                )
+            for i in idx:
+                p = self.masks.path(self.keys[i], a)
+                if p is None:
+                    raise DatasetError(
+                        f"{self.origins[i]}: image {self._ids[i]!r} is annotated with {a!r}, whose masks "
+                        f"are in {self.masks.root / a}, but its mask {self.keys[i]}.png is missing"
+                    )
+                read_mask(p, None, sizes[i], str(self.paths[i]))
+                n_masks += 1
+        return {"images": len(self), "masks": n_masks, "mask_sources": sources}
 
     def as_torch(self, split: str = "all", size: int | None = None) -> TorchImages:
         """A ``torch.utils.data.Dataset`` of ``(uint8 3×H×W tensor, label)`` over ``split``."""
         return TorchImages(self, self.indices(split), size)
+
+
+def _refuse_empty_classes(table: LabelTable, labels: np.ndarray) -> None:
+    counts = np.bincount(labels, minlength=len(table.label_names))
+    empty = [
+        n for n, c in zip(table.label_names, counts, strict=True) if c == 0 and n not in table.allow_empty
+    ]
+    if empty:
+        raise DatasetError(
+            f"{table.source or 'the dataset'}: class {empty[0]!r} has no images "
+            f"(classes: {', '.join(f'{n} {c}' for n, c in zip(table.label_names, counts, strict=True))}); "
+            "drop it from the class list or add its images"
+        )
 
 
 class FolderDataset(ImageDataset):
@@ -347,17 +361,20 @@ class FolderDataset(ImageDataset):
         image_col: Column with the image id, with or without extension.
         label_col: Column with the class name.
         split_col: Column of ``train``/``val``/``test``. The default ``"split"`` is used when the
-            CSV has it and the paper's seeded split otherwise; any other name must exist. None
-            ignores the column and always uses the seeded split.
+            CSV has it; any other name must exist. None ignores the column.
         image_dir: Image folder relative to ``root``; None for ``root`` itself.
         extensions: Extensions tried when an id has none.
         labels: Class names in index order; default sorted unique values of ``label_col``
             (numerically when all are integers).
-        artifacts_file: Annotation JSON; default ``root/artifacts.json`` when present.
+        artifacts_file: Annotation file (CSV or JSON); default ``root/artifacts.{csv,json}``.
+        group_col: Column of the patient / lesion; the default ``"group"`` is used when present.
+        allow_empty: Classes of ``labels`` that may have no images.
+        **options: ``artifacts``, ``masks``, ``splits``, ``seed`` of :class:`ImageDataset`.
 
     Raises:
-        DatasetError: Missing root/CSV/images, unknown columns, an empty CSV, an empty cell, a
-            label outside ``labels``, an unknown split value or a duplicated id.
+        DatasetError: Missing root/CSV/images, missing or unexpected columns, an empty CSV, an
+            empty cell, a label outside ``labels``, an unknown split value, a duplicated id, an
+            empty class, or a split that puts a group in two splits.
     """
 
     def __init__(
@@ -371,52 +388,75 @@ class FolderDataset(ImageDataset):
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         labels: Sequence[str] | None = None,
         artifacts_file: str | Path | None = None,
+        group_col: str | None = "group",
+        allow_empty: Sequence[str] = (),
+        **options: Any,
     ) -> None:
         path = require_root(root)
-        table = _read_folder_table(path / csv, image_col, label_col, split_col, labels)
+        cols = _Columns(image_col, label_col, split_col, group_col)
+        table = _read_folder_table(path / csv, cols, labels, tuple(allow_empty))
         folder = path / image_dir if image_dir is not None else path
-        super().__init__(path, table, folder, extensions, artifacts_file)
+        super().__init__(path, table, folder, extensions, artifacts_file, **options)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    image: str
+    label: str
+    split: str | None
+    group: str | None
 
 
 def _read_folder_table(
-    path: Path, image_col: str, label_col: str, split_col: str | None, labels: Sequence[str] | None
+    path: Path, cols: _Columns, labels: Sequence[str] | None, allow_empty: tuple[str, ...]
 ) -> LabelTable:
     header, rows = read_csv(path)
-    ci, cl = column(path, header, image_col), column(path, header, label_col)
-    ids = tuple(cell(path, rows, r, ci, image_col) for r in range(len(rows)))
-    _check_unique(path, ids)
-    raw = [cell(path, rows, r, cl, label_col) for r in range(len(rows))]
-    names = tuple(labels) if labels is not None else _sorted_names(set(raw))
+    ci, cl = column(path, header, cols.image), column(path, header, cols.label)
+    for named in (cols.split, cols.group):  # a column asked for by name must exist
+        if named is not None and named not in ("split", "group"):
+            column(path, header, named)
+    split_col = (
+        cols.split if cols.split is not None and (cols.split != "split" or "split" in header) else None
+    )
+    group_col = (
+        cols.group if cols.group is not None and (cols.group != "group" or "group" in header) else None
+    )
+    used = [cols.image, cols.label, *(c for c in (split_col, group_col) if c)]
+    skipped = {"split"} if cols.split is None else set()  # split_col=None: the column is ignored
+    refuse_extra_columns(
+        path, [h for h in header if h not in skipped], used, " (a patient or lesion column: group_col=<name>)"
+    )
+    ids = tuple(cell(path, rows, r, ci, cols.image) for r in range(len(rows)))
+    where = tuple(line(path, r) for r in range(len(rows)))
+    check_unique(path, ids, where)
+    raw = [cell(path, rows, r, cl, cols.label) for r in range(len(rows))]
+    names = tuple(labels) if labels is not None else sorted_names(set(raw))
     index = {name: k for k, name in enumerate(names)}
     for r, value in enumerate(raw):
         if value not in index:
-            raise DatasetError(f"{path} line {r + 2}: label {value!r} not in labels ({', '.join(names)})")
-    splits = _read_splits(path, header, rows, split_col)
-    return LabelTable(ids, tuple(index[v] for v in raw), names, splits)
-
-
-def _read_splits(
-    path: Path, header: Sequence[str], rows: Sequence[Sequence[str]], split_col: str | None
-) -> tuple[str, ...] | None:
-    if split_col is None or (split_col == "split" and split_col not in header):
-        return None
-    cs = column(path, header, split_col)
-    splits = tuple(cell(path, rows, r, cs, split_col) for r in range(len(rows)))
-    for r, value in enumerate(splits):
-        if value not in SPLITS:
-            raise DatasetError(f"{path} line {r + 2}: split {value!r} not one of {', '.join(SPLITS)}")
-    return splits
-
-
-def _check_unique(path: Path, ids: Sequence[str]) -> None:
-    seen: set[str] = set()
-    dupes: list[str] = []
-    for sid in ids:
-        if sid in seen:
-            dupes.append(sid)
-        seen.add(sid)
-    if dupes:
-        raise DatasetError(f"{path}: {len(dupes)} duplicated image ids (first: {', '.join(dupes[:_SHOW])})")
+            raise DatasetError(f"{line(path, r)}: label {value!r} not in labels ({', '.join(names)})")
+    splits = None
+    if split_col is not None:
+        cs = column(path, header, split_col)
+        splits = tuple(cell(path, rows, r, cs, split_col) for r in range(len(rows)))
+        for r, value in enumerate(splits):
+            if value not in SPLITS:
+                raise DatasetError(f"{line(path, r)}: split {value!r} not one of {', '.join(SPLITS)}")
+    groups = None
+    if group_col is not None:
+        cg = column(path, header, group_col)
+        groups = tuple(cell(path, rows, r, cg, group_col) for r in range(len(rows)))
+    return LabelTable(
+        ids,
+        tuple(index[v] for v in raw),
+        names,
+        splits,
+        groups,
+        where,
+        split_source=f"{path} column {split_col!r}",
+        allow_empty=allow_empty,
+        source=str(path),
+    )
 
 
 def _stem(sid: str, extensions: Sequence[str]) -> str:

@@ -1,7 +1,8 @@
 """What the offline audit needs of a dataset, as one :class:`AnnotatedDataset` protocol.
 
 Synthderm (:class:`~medaudit.models.data.synthetic.SynthDerm`) and every reader of real data
-(:class:`~medaudit.models.data.folder.ImageDataset`: the folder + labels CSV layout and ISIC 2019)
+(:class:`~medaudit.models.data.folder.ImageDataset`: the folder + labels CSV layout, ISIC 2019,
+CheXpert and class folders; open any with :func:`~medaudit.models.data.registry.open_dataset`)
 satisfy it, so code that takes an ``AnnotatedDataset`` never asks which dataset it holds
 (architecture.md, "Real data and real models are first-class").
 
@@ -15,6 +16,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+#: The values of :attr:`AnnotatedDataset.mask_source` / :meth:`AnnotatedDataset.mask_source_of`.
+MASK_SOURCES = ("ground_truth", "derived", "none")
 
 
 @runtime_checkable
@@ -32,8 +36,39 @@ class AnnotatedDataset(Protocol):
         ...
 
     @property
+    def ids(self) -> Sequence[str]:
+        """Sample names in index order, as the dataset's files write them (review sheets and
+        annotation files name images by them)."""
+        ...
+
+    @property
+    def groups(self) -> Sequence[str]:
+        """Patient or lesion per sample (the sample's own id where the layout has none). No
+        group lies in two splits: the adapters split by group and refuse a given split that
+        does not (:mod:`~medaudit.models.data.splits`)."""
+        ...
+
+    @property
     def has_masks(self) -> bool:
-        """Whether :meth:`mask` can answer (ground-truth artifact masks exist)."""
+        """Whether :meth:`mask` can answer (artifact masks exist, of any source)."""
+        ...
+
+    @property
+    def mask_source(self) -> str:
+        """Where the dataset's artifact masks came from, for the build and the model cards:
+
+        * ``"ground_truth"``: drawn by a person (or, for synthderm, the exact pixels it drew);
+        * ``"derived"``: binarised CAV-conditioned heatmaps written by ``medaudit localize
+          --export-masks`` (method.md §2), recorded in ``masks/<artifact>/mask_source.json``;
+        * ``"none"``: no masks; RRR and the IoU metrics have nothing to use.
+
+        When artifacts differ (drawn ruler masks, derived band-aid masks) it answers the weaker,
+        ``"derived"``; code about one artifact (a build, a card) asks :meth:`mask_source_of`.
+        """
+        ...
+
+    def mask_source_of(self, artifact: str) -> str:
+        """:attr:`mask_source` of one artifact: ``"ground_truth"``, ``"derived"`` or ``"none"``."""
         ...
 
     def indices(self, split: str = "all") -> np.ndarray:

@@ -14,12 +14,16 @@ Appearance is seeded by ``(seed, index, artifact)`` as in method.md §5.2, so th
 
 Test variants (method.md §5.4): ``"ch"`` (training distribution), ``"clean"`` (no artifacts) and
 ``"attacked"`` (the chosen artifact on 100% of images, same indices, nothing else drawn).
+
+More classes (``SynthDermConfig.preset("isic_like")``): nevus, melanoma and a basal-cell-like
+lesion (pink, pearly rim, branching vessels; :mod:`~medaudit.models.data.synth_lesions`) whose
+cues overlap, several photographs per lesion (same lesion, other skin, hair and artifacts, so a
+split that ignores lesions leaks), and a band-aid shortcut on nevi. The binary default renders
+exactly the bytes it always did: the extra draws happen only in the multi-class, grouped form.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -30,9 +34,20 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from medaudit.models.data import artifacts as _artifacts
+from medaudit.models.data.synth_lesions import BCC_SEVERITY_AB, draw_vascular
 from medaudit.models.errors import ConfigError, DatasetError
 
 LABELS = ("benign", "malignant")
+#: How each class name is drawn: benign (round, uniform), malignant (irregular, dark and
+#: blue-grey regions) or bcc (pink, pearly rim, vessels; see ``synth_lesions``).
+KINDS = {
+    "benign": "benign",
+    "nevus": "benign",
+    "malignant": "malignant",
+    "melanoma": "malignant",
+    "bcc": "bcc",
+}
+ISIC_LIKE_CLASSES = ("nevus", "melanoma", "bcc")
 ARTIFACT_ORDER = ("band_aid", "ruler", "skin_marker", "timestamp", "microscope")
 _ARTIFACT_ID = {a: i for i, a in enumerate(ARTIFACT_ORDER)}
 
@@ -45,6 +60,16 @@ DEFAULT_SPEC: dict[str, tuple[float, float]] = {
     "timestamp": (0.0, 0.0),
     "microscope": (0.0, 0.0),
 }
+#: The isic_like preset's rates per (nevus, melanoma, bcc): band-aids on (biopsied, ambiguous)
+#: nevi, the shortcut a model learns; rulers and skin markers lean to melanoma and bcc.
+ISIC_LIKE_SPEC: dict[str, tuple[float, ...]] = {
+    "band_aid": (0.50, 0.03, 0.03),
+    "ruler": (0.05, 0.30, 0.20),
+    "skin_marker": (0.05, 0.15, 0.10),
+    "timestamp": (0.0, 0.0, 0.0),
+    "microscope": (0.0, 0.0, 0.0),
+}
+PRESETS = ("binary", "isic_like")
 SPLITS = ("train", "val", "test")
 #: Bump whenever rendering changes, so caches keyed by the config are not reused across versions.
 GENERATOR_VERSION = 5
@@ -62,7 +87,8 @@ class SynthDermConfig:
     n_val: int = 400
     n_test: int = 600
     p_malignant: float = 0.4
-    spec: Mapping[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_SPEC))
+    #: Per artifact, the fraction of each class's images that carry it (one rate per class).
+    spec: Mapping[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_SPEC))
     hair_p: float = 0.3
     #: Severity of a *typical* lesion: Beta(a, b) for benign, Beta(b, a) for malignant.
     severity_ab: tuple[float, float] = (2.0, 10.0)
@@ -72,24 +98,72 @@ class SynthDermConfig:
     #: severity too confidently to ever need the band-aid: on a single overlapping Beta severity
     #: the attack drop was 2-9 points at 64 and 128 px, even with band-aids on 0% of malignant
     #: training images (4 points); see the README's "How synthderm was tuned".
-    p_ambiguous: tuple[float, float] = (0.07, 0.65)
+    p_ambiguous: tuple[float, ...] = (0.07, 0.65)
     ambiguous_zone: tuple[float, float] = (0.45, 0.65)
     #: Artifacts that mark a biopsy site: within benign images they go to ambiguous-looking lesions
     #: first (suspicious naevi get biopsied and covered), then to others, at the same overall rate.
     biopsy_artifacts: tuple[str, ...] = ("band_aid",)
     #: Opacity of the malignant colour cues (dark and blue-grey regions, gradient); 1 = full.
     cue_contrast: float = 1.0
+    #: Class names in label order, each one of :data:`KINDS`.
+    classes: tuple[str, ...] = LABELS
+    #: Class frequencies; () for two classes drawn with ``p_malignant``.
+    class_p: tuple[float, ...] = ()
+    #: (min, max) photographs per lesion, drawn uniformly; the photographs of a lesion share its
+    #: look and class and lie in one split. (1, 1): every image its own lesion.
+    images_per_lesion: tuple[int, int] = (1, 1)
 
     def __post_init__(self) -> None:
         if self.size < 32:
             raise ConfigError(f"size={self.size}: synthderm needs at least 32 px")
-        for art, (pb, pm) in self.spec.items():
+        k = len(self.classes)
+        bad = [c for c in self.classes if c not in KINDS]
+        if bad or k < 2 or len(set(self.classes)) != k:
+            raise ConfigError(
+                f"classes={self.classes}: give 2 or more distinct names from {', '.join(KINDS)}"
+            )
+        for art, rates in self.spec.items():
             if art not in _ARTIFACT_ID:
                 raise ConfigError(f"unknown artifact {art!r} in spec; valid: {', '.join(ARTIFACT_ORDER)}")
-            if not (0 <= pb <= 1 and 0 <= pm <= 1):
-                raise ConfigError(f"spec[{art!r}] = {(pb, pm)}: rates must be in [0, 1]")
+            if len(rates) != k or not all(0 <= p <= 1 for p in rates):
+                raise ConfigError(
+                    f"spec[{art!r}] = {tuple(rates)}: rates must be in [0, 1], one per class {self.classes}"
+                )
+        if len(self.p_ambiguous) != k:
+            raise ConfigError(f"p_ambiguous={self.p_ambiguous}: one fraction per class {self.classes}")
+        if self.class_p and (
+            len(self.class_p) != k or abs(sum(self.class_p) - 1) > 1e-6 or min(self.class_p) < 0
+        ):
+            raise ConfigError(f"class_p={self.class_p}: one frequency per class {self.classes}, summing to 1")
+        if not self.class_p and k != 2:
+            raise ConfigError(f"class_p is needed for {k} classes")
+        lo, hi = self.images_per_lesion
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"images_per_lesion={self.images_per_lesion}: need 1 <= min <= max")
 
-    def with_spec(self, **rates: tuple[float, float]) -> SynthDermConfig:
+    @property
+    def plain(self) -> bool:
+        """The original binary form: one image per lesion, labels drawn with ``p_malignant``."""
+        return self.classes == LABELS and not self.class_p and self.images_per_lesion == (1, 1)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> SynthDermConfig:
+        """``"binary"`` (the default config) or ``"isic_like"`` (nevus, melanoma, bcc; 1–4
+        photographs per lesion; band-aids on nevi), with ``overrides`` applied."""
+        if name == "binary":
+            return cls(**overrides)
+        if name == "isic_like":
+            base: dict[str, Any] = {
+                "classes": ISIC_LIKE_CLASSES,
+                "class_p": (0.5, 0.3, 0.2),
+                "spec": dict(ISIC_LIKE_SPEC),
+                "p_ambiguous": (0.07, 0.65, 0.3),
+                "images_per_lesion": (1, 4),
+            }
+            return cls(**{**base, **overrides})
+        raise ConfigError(f"unknown synthderm preset {name!r}; valid: {', '.join(PRESETS)}")
+
+    def with_spec(self, **rates: tuple[float, ...]) -> SynthDermConfig:
         spec = dict(self.spec)
         spec.update(rates)
         return replace(self, spec=spec)
@@ -100,12 +174,15 @@ class SynthDermConfig:
         known = set(cls.__dataclass_fields__)
         kw: dict[str, Any] = {k: v for k, v in d.items() if k in known}
         if "spec" in kw:
-            kw["spec"] = {a: (float(r[0]), float(r[1])) for a, r in kw["spec"].items()}
-        for key in ("severity_ab", "p_ambiguous", "ambiguous_zone"):
+            kw["spec"] = {a: tuple(float(x) for x in r) for a, r in kw["spec"].items()}
+        for key in ("severity_ab", "p_ambiguous", "ambiguous_zone", "class_p"):
             if key in kw:
                 kw[key] = tuple(float(x) for x in kw[key])
-        if "biopsy_artifacts" in kw:
-            kw["biopsy_artifacts"] = tuple(kw["biopsy_artifacts"])
+        for key in ("biopsy_artifacts", "classes"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        if "images_per_lesion" in kw:
+            kw["images_per_lesion"] = tuple(int(x) for x in kw["images_per_lesion"])
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +201,15 @@ class SynthDermConfig:
             "ambiguous_zone": list(self.ambiguous_zone),
             "cue_contrast": self.cue_contrast,
             "biopsy_artifacts": list(self.biopsy_artifacts),
+            # Only where they differ from the binary default, so the default's dict (and every
+            # cache key made from it) stays what it was.
+            **({} if self.classes == LABELS else {"classes": list(self.classes)}),
+            **({"class_p": list(self.class_p)} if self.class_p else {}),
+            **(
+                {}
+                if self.images_per_lesion == (1, 1)
+                else {"images_per_lesion": list(self.images_per_lesion)}
+            ),
         }
 
 
@@ -145,20 +231,30 @@ class SynthDerm:
 
     It satisfies :class:`~medaudit.models.data.protocol.AnnotatedDataset` with the training
     distribution (variant ``"ch"``): every image has exact artifact masks.
+
+    Attributes:
+        lesion_of: Lesion index per image; the photographs of one lesion share it.
     """
 
     label_names: tuple[str, ...] = LABELS
     has_masks: bool = True
+    mask_source: str = "ground_truth"
 
     def __init__(self, cfg: SynthDermConfig | None = None) -> None:
         self.cfg = cfg or SynthDermConfig()
         c = self.cfg
         n = c.n_train + c.n_val + c.n_test
-        rng = np.random.default_rng([c.seed, 0xC1A55])
-        self.labels = (rng.random(n) < c.p_malignant).astype(np.int64)
+        self.label_names = c.classes
+        self._kind = tuple(KINDS[name] for name in c.classes)
         self.split_of = np.array(["train"] * c.n_train + ["val"] * c.n_val + ["test"] * c.n_test)
+        if c.plain:
+            rng = np.random.default_rng([c.seed, 0xC1A55])
+            self.labels = (rng.random(n) < c.p_malignant).astype(np.int64)
+            self.lesion_of = np.arange(n)
+        else:
+            self.labels, self.lesion_of = self._draw_lesions(n)
         self.severity = np.array(
-            [self._severity(np.random.default_rng([c.seed, i]), int(y)) for i, y in enumerate(self.labels)]
+            [self._severity(self._lesion_rng(i), int(y)) for i, y in enumerate(self.labels)]
         )
         self.membership = self._draw_membership()
         yy, xx = np.mgrid[0 : c.size, 0 : c.size].astype(np.float32)
@@ -167,6 +263,46 @@ class SynthDerm:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Sample names, as the exports write them (``synth_000017``)."""
+        return tuple(f"synth_{i:06d}" for i in range(len(self)))
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """Lesion per image (``lesion_000005``): several photographs of one lesion share it."""
+        return tuple(f"lesion_{k:06d}" for k in self.lesion_of)
+
+    def mask_source_of(self, artifact: str) -> str:
+        """``"ground_truth"``: synthderm knows every pixel it drew."""
+        return "ground_truth" if artifact in _ARTIFACT_ID else "none"
+
+    def _draw_lesions(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and lesion index per image: lesions of 1..k photographs, within each split."""
+        c = self.cfg
+        rng = np.random.default_rng([c.seed, 0x1E5])
+        lesion_of = np.empty(n, dtype=np.int64)
+        lo, hi = c.images_per_lesion
+        k, start = 0, 0
+        for size in (c.n_train, c.n_val, c.n_test):
+            i, end = start, start + size
+            while i < end:
+                m = min(int(rng.integers(lo, hi + 1)), end - i)
+                lesion_of[i : i + m] = k
+                k, i = k + 1, i + m
+            start = end
+        p = c.class_p or (1 - c.p_malignant, c.p_malignant)
+        lesion_labels = rng.choice(len(c.classes), size=k, p=np.asarray(p) / np.sum(p))
+        return lesion_labels[lesion_of].astype(np.int64), lesion_of
+
+    def _lesion_rng(self, index: int) -> np.random.Generator:
+        """The generator of image ``index``'s severity and lesion: the image's own in the plain
+        binary form (the bytes it always had), its lesion's when photographs share a lesion."""
+        c = self.cfg
+        if c.plain:
+            return np.random.default_rng([c.seed, index])
+        return np.random.default_rng([c.seed, 0x1E5105, int(self.lesion_of[index])])
+
     # ------------------------------------------------------------------ membership
 
     def _draw_membership(self) -> dict[str, np.ndarray]:
@@ -174,12 +310,12 @@ class SynthDerm:
         c = self.cfg
         out: dict[str, np.ndarray] = {}
         for art in ARTIFACT_ORDER:
-            pb, pm = c.spec.get(art, (0.0, 0.0))
+            rates = c.spec.get(art, (0.0,) * len(c.classes))
             member = np.zeros(len(self.labels), dtype=bool)
             rng = np.random.default_rng([c.seed, 0xA27, _ARTIFACT_ID[art]])
             lo, hi = c.ambiguous_zone
             for split in SPLITS:
-                for cls, p in ((0, pb), (1, pm)):
+                for cls, p in enumerate(rates):
                     idx = rng.permutation(np.flatnonzero((self.split_of == split) & (self.labels == cls)))
                     k = int(round(p * len(idx)))
                     if art in c.biopsy_artifacts and cls == 0:
@@ -252,9 +388,14 @@ class SynthDerm:
         c = self.cfg
         label = int(self.labels[index])
         rng = np.random.default_rng([c.seed, index])
-        t = self._severity(rng, label)  # the first draw: equals self.severity[index]
+        # One generator for everything in the plain form; the lesion's own for its severity, shape
+        # and colour when photographs share a lesion (the image's for skin and hair).
+        lrng = rng if c.plain else self._lesion_rng(index)
+        t = self._severity(lrng, label)  # the first draw: equals self.severity[index]
         img = self._background(rng)
-        lesion = self._lesion(img, rng, t)
+        lesion = self._lesion(img, lrng, t)
+        if "bcc" in self._kind:
+            draw_vascular(img, lesion, lrng, self._kind[label], c.cue_contrast)
         if rng.random() < c.hair_p:
             self._hair(img, rng)
         occupied = _dilate(lesion, max(2, c.size // 40))
@@ -280,7 +421,10 @@ class SynthDerm:
         if rng.random() < c.p_ambiguous[label]:
             return float(rng.uniform(*c.ambiguous_zone))
         a, b = c.severity_ab
-        return float(rng.beta(b, a) if label == 1 else rng.beta(a, b))
+        kind = self._kind[label]
+        if kind == "bcc":
+            return float(rng.beta(*BCC_SEVERITY_AB))
+        return float(rng.beta(b, a) if kind == "malignant" else rng.beta(a, b))
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         S = self.cfg.size
@@ -386,50 +530,41 @@ class SynthDerm:
         return out, self.labels[idx].copy()
 
     @cached_property
-    def realised_rates(self) -> dict[str, dict[str, tuple[float, float]]]:
-        """``{split: {artifact: (rate in benign, rate in malignant)}}`` as drawn."""
-        out: dict[str, dict[str, tuple[float, float]]] = {}
+    def realised_rates(self) -> dict[str, dict[str, tuple[float, ...]]]:
+        """``{split: {artifact: (rate in class 0, rate in class 1, ...)}}`` as drawn."""
+        out: dict[str, dict[str, tuple[float, ...]]] = {}
         for split in SPLITS:
             sel = self.split_of == split
             out[split] = {
                 a: tuple(
                     float(m[sel & (self.labels == k)].mean()) if (sel & (self.labels == k)).any() else 0.0
-                    for k in (0, 1)
-                )  # type: ignore[misc]
+                    for k in range(len(self.label_names))
+                )
                 for a, m in self.membership.items()
             }
         return out
 
     def export(
-        self, root: str | Path, variant: str = "ch", attack: str = "band_aid", progress: Any = None
+        self,
+        root: str | Path,
+        variant: str = "ch",
+        attack: str = "band_aid",
+        progress: Any = None,
+        *,
+        layout: str = "folder",
+        masks: bool = True,
+        mask_dir: str | Path | None = None,
     ) -> Path:
-        """Write PNG images, per-artifact mask PNGs, ``labels.csv`` and ``artifacts.json``.
+        """Write the images, ``artifacts.csv``, masks and the tables of ``layout`` to ``root``.
 
-        The layout is the generic folder dataset's (``medaudit.models.data.folder``), so an exported
-        synthderm reads back like real data.
+        ``"folder"`` is the generic folder dataset's layout (:mod:`~medaudit.models.data.folder`),
+        ``"isic2019"`` and ``"chexpert"`` the published ones (:mod:`~medaudit.models.data.synth_export`),
+        so an exported synthderm reads back like real data. ``masks=False`` writes no masks;
+        ``mask_dir`` holds them back in a folder of their own.
         """
-        root = Path(root)
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        (root / "masks").mkdir(exist_ok=True)
-        rows = []
-        art_ids: dict[str, list[str]] = {}
-        for i in range(len(self)):
-            s = self.sample(i, variant, attack)
-            sid = f"synth_{i:06d}"
-            Image.fromarray(s.image).save(root / "images" / f"{sid}.png", optimize=False, compress_level=1)
-            for art, m in s.masks.items():
-                Image.fromarray(m.astype(np.uint8) * 255).save(root / "masks" / f"{sid}_{art}.png")
-                art_ids.setdefault(art, []).append(sid)
-            rows.append({"image": sid, "label": LABELS[s.label], "split": self.split_of[i]})
-            if progress is not None:
-                progress(1)
-        with open(root / "labels.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["image", "label", "split"])
-            w.writeheader()
-            w.writerows(rows)
-        (root / "artifacts.json").write_text(json.dumps(art_ids, indent=1))
-        (root / "synthderm.json").write_text(json.dumps({"variant": variant, **self.cfg.to_dict()}, indent=1))
-        return root
+        from medaudit.models.data.synth_export import export
+
+        return export(self, root, layout, variant, attack, masks=masks, mask_dir=mask_dir, progress=progress)
 
 
 def _resize(img: np.ndarray, size: int | None) -> np.ndarray:

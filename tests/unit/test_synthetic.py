@@ -183,12 +183,13 @@ def test_export_writes_images_masks_and_annotations(tmp_path) -> None:
     root = ds.export(tmp_path / "sd")
     rows = (root / "labels.csv").read_text().strip().splitlines()
     assert rows[0] == "image,label,split" and len(rows) == 11
-    ann = json.loads((root / "artifacts.json").read_text())
-    assert set(ann) <= set(ARTIFACT_ORDER)
-    first = ann["band_aid"][0]
+    ann = [r.split(",") for r in (root / "artifacts.csv").read_text().strip().splitlines()]
+    assert ann[0] == ["image", "artifacts"] and len(ann) == 11
+    assert {a for r in ann[1:] for a in r[1].split(";") if a} <= set(ARTIFACT_ORDER)
+    first = next(r[0] for r in ann[1:] if "band_aid" in r[1].split(";"))
     i = int(first.split("_")[1])
     assert np.array_equal(np.asarray(Image.open(root / "images" / f"{first}.png")), ds.sample(i).image)
-    mask = np.asarray(Image.open(root / "masks" / f"{first}_band_aid.png")) > 0
+    mask = np.asarray(Image.open(root / "masks" / "band_aid" / f"{first}.png")) > 0
     assert np.array_equal(mask, ds.sample(i).masks["band_aid"])
 
 
