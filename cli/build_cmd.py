@@ -17,7 +17,18 @@ def build(
         help="A model spec (TOML) of a classifier medaudit did not train: build its corrected "
         "versions (named <spec name>:<version>) instead of training one. See `medaudit model check`.",
     ),
-    artifact: str = typer.Option("band_aid", help="Artifact to correct for."),
+    data: str = typer.Option(
+        "synthderm",
+        "--data",
+        help="The dataset: synthderm, or KIND:PATH of annotated data on disk (folder:, isic2019:, …; "
+        "docs/data.md), which needs --model. Its labels must be the spec's.",
+    ),
+    artifact: str = typer.Option("band_aid", help="Artifact to correct for (annotated in --data)."),
+    cav_scope: str = typer.Option(
+        "artifact_class",
+        help="Classes whose training images fit the correction CAV: artifact_class (the class the "
+        "artifact is most frequent in), all, or class names, comma-separated.",
+    ),
     corrections: str = typer.Option(
         "vanilla,vanilla-ft,pclarc,rpclarc,rrclarc,rrr", help="Comma-separated corrections to build."
     ),
@@ -39,7 +50,9 @@ def build(
     build_versions(
         out,
         model=model,
+        data=data,
         artifact=artifact,
+        cav_scope=cav_scope,
         corrections=corrections,
         layer=layer,
         n_correction_images=n_correction_images,
@@ -54,7 +67,9 @@ def build_versions(
     out: Path,
     *,
     model: Path | None = None,
+    data: str = "synthderm",
     artifact: str = "band_aid",
+    cav_scope: str = "artifact_class",
     corrections: str = "vanilla,vanilla-ft,pclarc,rpclarc,rrclarc,rrr",
     layer: str = "",
     n_correction_images: int | None = None,
@@ -87,8 +102,10 @@ def build_versions(
             train=train,
             artifact=artifact,
             layer=layer,
+            cav_scope=parse_cav_scope(cav_scope),
             corrections=tuple(c for c in corrections.split(",") if c),
             model=spec,
+            data="" if data == "synthderm" else data,
         )
     except MedauditError as e:
         typer.echo(f"error: {e}", err=True)
@@ -99,13 +116,17 @@ def build_versions(
         cfg = replace(cfg, n_correction_images=n_correction_images)
     if n_eval_images is not None:
         cfg = replace(cfg, n_eval_images=n_eval_images)
-    reg = None
+    reg = unreg = None
     if register:
-        from medaudit.service.store import register_version
+        from medaudit.service.store import delete_version, register_version
 
-        reg = partial(register_version, home=bentoml_home)
-    with progress_bars() as bars:
-        res = run_build(cfg, out, progress=bars, log=console.print, register=reg)
+        reg, unreg = partial(register_version, home=bentoml_home), partial(delete_version, home=bentoml_home)
+    try:
+        with progress_bars() as bars:
+            res = run_build(cfg, out, progress=bars, log=console.print, register=reg, unregister=unreg)
+    except MedauditError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     console.print(res.comparison_md.read_text())
     for s in res.stages:
         console.print(f"  {s.stage:<20} {'reused' if s.reused else 'built':<7} {s.seconds:8.1f} s")
@@ -114,3 +135,11 @@ def build_versions(
         console.print("registered: " + ", ".join(tag for tag, _ in res.registered.values()))
     if not res.accepted:
         console.print("[yellow]no correction meets the criteria: gap recovered, clean cost, relevance cut[/]")
+
+
+def parse_cav_scope(value: str) -> str | tuple[str, ...]:
+    """``--cav-scope``: ``artifact_class``, ``all``, or class names separated by commas."""
+    v = value.strip()
+    if v in ("artifact_class", "all"):
+        return v
+    return tuple(c.strip() for c in v.split(",") if c.strip())

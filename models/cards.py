@@ -32,13 +32,21 @@ from medaudit.models.xai.concepts import library_versions
 CARD_FORMAT = "medaudit.model_card"
 CARD_FORMAT_VERSION = 1
 CARD_JSON, CARD_MD = "card.json", "card.md"
+#: Per-class metrics of :func:`medaudit.models.evaluate.classification_metrics`: key prefix -> name.
+PER_CLASS = {"accuracy_": "accuracy", "acc_ovr_": "one-vs-rest accuracy", "auc_": "AUC", "fpr_": "FPR"}
+#: How a card names where its artifact masks (RRR, artifact relevance, the attacked set) came from.
+MASK_SOURCE_TEXT = {
+    "ground_truth": "ground truth (drawn or annotated pixel masks)",
+    "derived": "derived from the concept (binarised CAV heatmaps, `medaudit localize --export-masks`)",
+    "none": "none (no RRR, no attacked set, no artifact relevance)",
+}
 
 
 @dataclass(frozen=True)
 class ModelCard:
     """One version's card. ``to_dict`` is the JSON; ``to_markdown`` the human-readable form."""
 
-    name: str  # "<arch>-<dataset>:<version>"
+    name: str  # "<model name>:<version>"
     version: str
     architecture: Mapping[str, Any]
     data: Mapping[str, Any]
@@ -98,7 +106,8 @@ class ModelCard:
         return cls.from_dict(json.loads((Path(directory) / CARD_JSON).read_text()))
 
     def to_markdown(self) -> str:
-        a, c, m = self.architecture, self.correction, self.metrics
+        a, c, m, d = self.architecture, self.correction, self.metrics, self.data
+        scope = d.get("cav_scope")
         lines = [
             f"# Model card: `{self.name}`",
             "",
@@ -109,6 +118,9 @@ class ModelCard:
             f"* **Correction parameters:** `{json.dumps(c.get('params', {}), sort_keys=True)}`",
             f"* **CAV (evaluation):** layer `{m.get('cav_layer')}`, type `{m.get('cav_kind')}`, "
             f"artifact `{m.get('artifact')}`",
+            f"* **Data:** {d.get('dataset', '–')}, {d.get('split', 'test')} split; correction CAV from "
+            f"{d.get('cav_data', '–')} samples of {', '.join(scope) if scope else 'every class'}",
+            f"* **Artifact masks:** {MASK_SOURCE_TEXT.get(d.get('mask_source', ''), '–')}",
             f"* **Created:** {self.created_at}",
             "",
             "## Files",
@@ -128,11 +140,25 @@ class ModelCard:
             ]
         lines += ["", "## Classification (test split)", ""]
         cls = m.get("classification", {})
-        keys = sorted({k for v in cls.values() for k in v if k != "n"}, key=_metric_order)
+        if d.get("subsets"):
+            lines += [f"Test sets (images): {', '.join(f'{k} {n}' for k, n in d['subsets'].items())}.", ""]
+        labels = list(a.get("labels", []))
+        per_class = {f"{p}{lab}" for lab in labels for p in PER_CLASS}
+        keys = sorted(
+            {k for v in cls.values() for k in v if k != "n" and k not in per_class}, key=_metric_order
+        )
         lines.append("| metric | " + " | ".join(cls) + " |")
         lines.append("|---|" + "---|" * len(cls))
         for k in keys:
             lines.append(f"| {k} | " + " | ".join(_fmt(cls[v].get(k)) for v in cls) + " |")
+        if labels:
+            lines += ["", "Per class (accuracy: on the class's images; one-vs-rest accuracy, AUC, FPR as in "
+                      "method.md §7):", "", "| class | metric | " + " | ".join(cls) + " |",
+                      "|---|---|" + "---|" * len(cls)]  # fmt: skip
+            for lab in labels:
+                for prefix, what in PER_CLASS.items():
+                    k = f"{prefix}{lab}"
+                    lines.append(f"| {lab} | {what} | " + " | ".join(_fmt(cls[v].get(k)) for v in cls) + " |")
         rel, tc, ret = m.get("artifact_relevance", {}), m.get("tcav", {}), m.get("retrieval", {})
         lines += [
             "",
@@ -224,20 +250,24 @@ def comparison_rows(
     labels = list(cards[0].architecture.get("labels", []))
     focus = focus_class or (labels[-1] if labels else "")
     b_cls = base.metrics["classification"]
-    b_clean, b_att = b_cls["clean"]["accuracy"], b_cls["attacked"]["accuracy"]
-    gap = b_clean - b_att
+    b_clean, b_att = b_cls.get("clean", {}).get("accuracy"), b_cls.get("attacked", {}).get("accuracy")
+    gap = None if b_clean is None or b_att is None else b_clean - b_att
     rows = []
     for card in cards:
         m = card.metrics
         cls = m["classification"]
-        att = cls["attacked"]["accuracy"]
+        att = cls.get("attacked", {}).get("accuracy")
         rows.append(
             {
                 "version": card.version,
-                "clean acc": cls["clean"]["accuracy"],
+                "clean acc": cls.get("clean", {}).get("accuracy"),
                 "attacked acc": att,
-                f"attacked {focus} acc": cls["attacked"].get(f"accuracy_{focus}"),
-                "gap recovered % (all classes)": 100.0 * (att - b_att) / gap if gap > 0 else None,
+                f"attacked {focus} acc": cls.get("attacked", {}).get(f"accuracy_{focus}"),
+                "gap recovered % (all classes)": (
+                    100.0 * (att - b_att) / gap
+                    if gap and gap > 0 and att is not None and b_att is not None
+                    else None
+                ),
                 "artifact relevance": m["artifact_relevance"]["mean"],
                 "TCAV": m["tcav"]["quotient"],
                 "AUROC": m["retrieval"]["auroc"],

@@ -217,7 +217,8 @@ class EvalData:
         cav_kind: Its kind (§7: ``signal`` for ClArC configs, ``svm`` otherwise), for the card.
         tcav_class: c*, the class the artifact is correlated with.
         artifact_images, artifact_labels, artifact_masks: artifact samples (ch variant) with their
-            ground-truth masks (N, H, W), for artifact relevance and TCAV.
+            masks (N, H, W), for artifact relevance and TCAV; masks None where the dataset has
+            none (artifact relevance is then not measured).
         retrieval_images, retrieval_labels: images and 0/1 artifact labels for retrieval AUROC.
         prefix: Activations at ℓ the first version evaluated recorded, for the later ones
             (:class:`PrefixCache`); filled by :func:`evaluate_version`.
@@ -231,7 +232,7 @@ class EvalData:
     tcav_class: int
     artifact_images: torch.Tensor
     artifact_labels: torch.Tensor
-    artifact_masks: np.ndarray
+    artifact_masks: np.ndarray | None
     retrieval_images: torch.Tensor
     retrieval_labels: np.ndarray
     info: Mapping[str, Any] = field(default_factory=dict)
@@ -485,16 +486,23 @@ def evaluate_version(model: nn.Module, cfg: ModelCfg, data: EvalData) -> EvalRep
     acts: np.ndarray | None = None
     forwards = _Forwards(model, cfg, data)
     for name, s in data.sets.items():
+        if len(s.labels) == 0:
+            continue
         want = acts is None and _same_images(s.images, data.retrieval_images)
         logits, pooled = forwards(name, s.images, want)
         if want:
             acts = pooled
         cls[name] = classification_metrics(logits, s.labels, cfg.labels)
-    rel = artifact_relevance(model, cfg, data.artifact_images, data.artifact_labels, data.artifact_masks)
+    if data.artifact_masks is None:
+        rel = mean_sem(np.zeros(0))
+    else:
+        rel = artifact_relevance(model, cfg, data.artifact_images, data.artifact_labels, data.artifact_masks)
     tc = tcav(model, cfg, data.cav_layer, data.cav, data.artifact_images, data.tcav_class)
-    if acts is None:
-        acts = pooled_activations(model, cfg, data.cav_layer, data.retrieval_images)
-    ret = retrieval(acts @ np.asarray(data.cav, np.float64), data.retrieval_labels)
+    ret: dict[str, float] = {}
+    if len(np.unique(data.retrieval_labels)) == 2:  # retrieval needs images with and without it
+        if acts is None:
+            acts = pooled_activations(model, cfg, data.cav_layer, data.retrieval_images)
+        ret = retrieval(acts @ np.asarray(data.cav, np.float64), data.retrieval_labels)
     return EvalReport(
         classification=cls,
         artifact_relevance=rel,

@@ -2,23 +2,30 @@
 
 :func:`build` runs the whole demo pipeline for one artifact:
 
-1. **data + train**: :func:`medaudit.models.train.train` on the synthderm config (resumable; a finished run
-   only re-reads its card). The checkpoint is ``<out>/<arch>-synthderm/model.pt``, the same place
+1. **data + train**: the data is synthderm (``BuildConfig.data`` empty) or any annotated dataset
+   on disk (``"folder:/path"``, ``"isic2019:/path"``, …; :mod:`medaudit.models.build_data`).
+   :func:`medaudit.models.train.train` trains on the synthderm config (resumable; a finished run
+   only re-reads its card); the checkpoint is ``<out>/<arch>-synthderm/model.pt``, the same place
    ``medaudit train`` writes by default. With a **model spec** (``BuildConfig.model``: a
    classifier medaudit did not train, :mod:`medaudit.models.spec`) nothing is trained: the spec's
-   checkpoint is the original, the data is rendered at its input size, and everything lands in
-   ``<out>/<spec name>``, registered as ``<spec name>:<version>``.
-2. **concept banks** at the correction layer ℓ, from the **original** model's max-pooled
-   activations on the training split (method.md §1.1, §11.7): a ``signal`` bank for the correction
-   artifact within ``cav_scope`` (the correction CAV v and μ0, §1.3) plus the SVM gate of
-   reactive P-ClArC fitted on the same samples (§4.3), and an ``svm`` bank of every artifact drawn
-   in the training split, calibrated on clean validation images, for detection (§1.3).
+   checkpoint is the original, the data is read at its input size, and everything lands in
+   ``<out>/<spec name>``, registered as ``<spec name>:<version>``. Data other than synthderm
+   needs a spec. Every check of the data against the config (labels, artifact, masks, scope) runs
+   before anything is built.
+2. **concept banks** at the correction layer ℓ (:mod:`medaudit.models.banks`), from the
+   **original** model's max-pooled activations on the training split (method.md §1.1, §11.7): a
+   ``signal`` bank for the correction artifact (counterfactual pairs where the data can render
+   them, else membership within ``cav_scope``; the CAV v and μ0, §1.3) plus the SVM gate of
+   reactive P-ClArC fitted on the same samples (§4.3), and an ``svm`` bank of every artifact
+   annotated in the training split, calibrated on clean validation images, for detection (§1.3).
 3. **corrections**: every name in ``BuildConfig.corrections`` through
    :func:`medaudit.models.build.correct_and_evaluate` (correct → save → ONNX export → parity →
    §7 evaluation → card). Fine-tuning corrections train on a seeded subset of the training split.
-4. **register** (optional callback, so that ``models`` never imports the store; the CLI passes
-   :func:`medaudit.service.store.register_version`) and the **comparison table** (Markdown + JSON), with the
-   acceptance columns (:func:`acceptance`).
+4. the **comparison table** (Markdown + JSON), with the acceptance columns (:func:`acceptance`),
+   then **register** (optional callback, so that ``models`` never imports the store; the CLI passes
+   :func:`medaudit.service.store.register_version`): every version once all are built, and the
+   ones this build created are removed again (``unregister``) if one fails, so a failed build
+   leaves no half-registered model.
 
 Every stage is keyed by a hash of its inputs (base weights sha256, configs, stage format) and its
 outputs are reused while the key matches and the files are intact (sha256 of weights and ONNX
@@ -29,9 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,23 +45,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from medaudit.models.cards import CARD_JSON, ModelCard, comparison_markdown, comparison_rows
+from medaudit.models.acceptance import acceptance as acceptance
+from medaudit.models.acceptance import comparison_report, victim_class
+from medaudit.models.banks import fit_banks, load_banks, save_banks
+from medaudit.models.build_data import BuildData, build_data
+from medaudit.models.cards import CARD_JSON, ModelCard
 from medaudit.models.corrections import CORRECTIONS, Correction, CorrectionData, FinetuneConfig
-from medaudit.models.corrections.base import pooled_activations
-from medaudit.models.data.synthetic import SynthDerm
 from medaudit.models.errors import ConfigError
 from medaudit.models.evaluate import EvalData, EvalSet
 from medaudit.models.spec import ModelSpec
-from medaudit.models.train import (
-    Progress,
-    TrainConfig,
-    render_split,
-    render_splits,
-    reusing,
-    sha256_file,
-    train,
-)
-from medaudit.models.xai.concepts import ConceptBank, fit_cav
+from medaudit.models.train import Progress, TrainConfig, sha256_file, train
+from medaudit.models.xai.concepts import ConceptBank
 
 #: Bump when a stage's outputs change meaning, so old outputs are not reused.
 PIPELINE_VERSION = 2  # 2: fine-tunes resume the base run's optimiser state, not the previous one's
@@ -63,6 +63,10 @@ DEFAULT_CORRECTIONS = ("vanilla", "vanilla-ft", "pclarc", "rpclarc", "rrclarc", 
 
 #: ``register(name, version, weights, onnx, card_dir, bank_dir) -> (tag, created)``.
 Register = Callable[..., tuple[str, bool]]
+#: ``unregister(tag)``: removes a version this build registered, when a later one fails.
+Unregister = Callable[[str], Any]
+#: ``BuildConfig.cav_scope`` values besides a list of class names.
+CAV_SCOPES = ("artifact_class", "all")
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,13 @@ class BuildConfig:
         train: Base training (and data) config.
         artifact: The artifact to correct for (a synthderm artifact with a nonzero rate).
         layer: CAV / correction layer ℓ; "" = the architecture's ``default_cav_layer``.
-        cav_scope: ``"artifact_class"``: fit the correction CAV and μ0 on the samples of the class
-            the artifact is correlated with (the paper's controlled setting, method.md §1.1);
-            ``"all"``: on every training sample.
+        data: The dataset: ``""`` = synthderm from ``train.data``; else a dataset spec
+            (``folder:/path``, ``isic2019:/path``, …: ``medaudit.models.data.registry``), which
+            needs ``model``.
+        cav_scope: The classes whose training samples fit the membership correction CAV and μ0
+            (method.md §1.1's ``cav_scope``): ``"artifact_class"``, the class the artifact is
+            correlated with (the paper's controlled setting); ``"all"``, every class; or a tuple
+            of class names.
         corrections: Versions to build, by correction name (``medaudit.models.corrections.CORRECTIONS``).
         finetune: Schedule for the fine-tuning corrections; None = each correction's default.
         n_correction_images: Size of the seeded training subset the fine-tuning corrections see;
@@ -97,14 +105,15 @@ class BuildConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     artifact: str = "band_aid"
     layer: str = ""
-    cav_scope: str = "artifact_class"
+    cav_scope: str | tuple[str, ...] = "artifact_class"
     #: ``"paired"``: fit the correction CAV, μ0 and the rP-ClArC gate on counterfactual pairs, every
     #: training image rendered without and with the artifact (synthderm can draw both), so v is
     #: the artifact's direction alone. ``"membership"``: the paper's recipe, artifact vs
     #: no-artifact samples within ``cav_scope`` (method.md §1.1). Membership CAVs pick up whatever
     #: the artifact co-occurs with: with band-aids on biopsied (ambiguous-looking) benign lesions,
     #: v also points along "malignant-looking", and P-ClArC then moved malignant images toward
-    #: benign (measured: attacked malignant accuracy 0.664 -> 0.320).
+    #: benign (measured: attacked malignant accuracy 0.664 -> 0.320). Data that cannot render
+    #: pairs (everything on disk) uses membership whatever this says.
     cav_data: str = "paired"
     corrections: tuple[str, ...] = DEFAULT_CORRECTIONS
     finetune: FinetuneConfig | None = None
@@ -117,16 +126,22 @@ class BuildConfig:
     threads: int = 0
     #: A classifier medaudit did not train (its spec); None: train ``train.arch`` on the data.
     model: ModelSpec | None = None
+    data: str = ""
 
     def __post_init__(self) -> None:
+        synthderm = self.data in ("", "synthderm")
+        if not synthderm and self.model is None:
+            raise ConfigError(
+                f"data {self.data!r}: medaudit trains only on synthderm; build a classifier of your own "
+                "on your data with --model SPEC (docs/models.md)"
+            )
         if self.model is not None:
-            if len(self.model.labels) != 2:
-                raise ConfigError(
-                    f"{self.model.path}: the model has {len(self.model.labels)} classes but the synthderm "
-                    "data has 2 (benign, malignant, in that order)"
-                )
             side = self.model.input_size[-1]
-            if self.model.input_size[1] != side or self.train.data.size != side:
+            if self.model.input_size[1] != side:
+                raise ConfigError(
+                    f"{self.model.path} takes {list(self.model.input_size)}: square inputs only"
+                )
+            if synthderm and self.train.data.size != side:
                 raise ConfigError(
                     f"the data is rendered at {self.train.data.size} px but {self.model.path} takes "
                     f"{list(self.model.input_size)}: build with data of size {side} (square inputs only)"
@@ -134,12 +149,16 @@ class BuildConfig:
         unknown = [c for c in self.corrections if c not in CORRECTIONS]
         if unknown:
             raise ConfigError(f"unknown corrections {unknown}; valid: {', '.join(CORRECTIONS)}")
-        if self.cav_scope not in ("artifact_class", "all"):
-            raise ConfigError(f"cav_scope={self.cav_scope!r}; valid: 'artifact_class', 'all'")
+        if isinstance(self.cav_scope, str) and self.cav_scope not in CAV_SCOPES:
+            raise ConfigError(
+                f"cav_scope={self.cav_scope!r}; valid: 'artifact_class', 'all' or a list of class names"
+            )
+        if not isinstance(self.cav_scope, str) and not self.cav_scope:
+            raise ConfigError("cav_scope is an empty list of classes; name at least one")
         if self.cav_data not in ("paired", "membership"):
             raise ConfigError(f"cav_data={self.cav_data!r}; valid: 'paired', 'membership'")
         rates = self.train.data.spec.get(self.artifact)
-        if rates is None or max(rates) <= 0:
+        if synthderm and (rates is None or max(rates) <= 0):
             drawn = [a for a, r in self.train.data.spec.items() if max(r) > 0]
             raise ConfigError(
                 f"artifact {self.artifact!r} is not drawn in the data; drawn: {', '.join(drawn)}"
@@ -227,16 +246,25 @@ def build(
     log: Callable[[str], None] = print,
     *,
     register: Register | None = None,
+    unregister: Unregister | None = None,
 ) -> BuildResult:
-    """Builds (or reuses) every stage of the demo for ``cfg``; see the module docstring.
+    """Builds (or reuses) every stage for ``cfg``; see the module docstring.
 
     Args:
         cfg: The build config.
-        out_dir: Root folder; the model family goes to ``<out_dir>/<arch>-synthderm``.
+        out_dir: Root folder; the model family goes to ``<out_dir>/<model name>``.
         progress: ``progress(description, total) -> advance(n)``, one bar per long step.
         log: Line logger.
-        register: Called once per version with ``(name, version, weights=, onnx=, card_dir=,
-            bank_dir=)``; returns ``(tag, created)``. None: nothing is registered.
+        register: Called once per version, after every version is built, with ``(name, version,
+            weights=, onnx=, card_dir=, bank_dir=)``; returns ``(tag, created)``. None: nothing
+            is registered.
+        unregister: Called with the tag of each version this build registered when registering a
+            later one fails (then the error is raised again).
+
+    Raises:
+        ConfigError: The data does not fit the config (its labels are not the model's, the
+            artifact is not annotated, RRR without masks, a class in ``cav_scope`` it lacks),
+            before anything is built.
     """
     t_start = time.perf_counter()
     if cfg.threads:
@@ -244,8 +272,11 @@ def build(
     stages: list[StageRun] = []
     model_dir = Path(out_dir) / cfg.model_name
     cache = model_dir / "cache"
+    side = cfg.model.input_size[-1] if cfg.model is not None else cfg.train.data.size
+    data = build_data(cfg.data, cfg.train.data, side, cache, progress)
+    focus, scope, cav_data = check_data(cfg, data)
 
-    # 1. data + train (models.train.train is itself resumable and idempotent), or the spec's model
+    # 1. train (models.train.train is itself resumable and idempotent), or the spec's model
     t0 = time.perf_counter()
     if cfg.model is not None:
         from medaudit.models.spec import build as build_spec
@@ -267,38 +298,35 @@ def build(
 
         model, mcfg, _ = load_version(ckpt)
     layer = cfg.layer or mcfg.default_cav_layer
-    ds = SynthDerm(cfg.train.data)
-    Xtr, ytr = render_split(ds, "train", cache_dir=cache, progress=progress)
-    tr_idx = ds.indices("train")
+    Xtr, ytr = data.train()
     base_tag = f"{cfg.model_name}:vanilla"
 
     # 2. concept banks on the original model
     t0 = time.perf_counter()
-    concepts = [a for a in ds.membership if ds.membership[a][tr_idx].any()]
-    focus = int(np.argmax(cfg.train.data.spec[cfg.artifact]))
-    scope = (focus,) if cfg.cav_scope == "artifact_class" else None
+    concepts = list(data.train_membership())
     bank_key = stage_key(
-        "banks", weights_sha, cfg.train.data.to_dict(), layer, cfg.artifact, scope, concepts, cfg.seed,
-        cfg.target_fpr, cfg.cav_data,
+        "banks", weights_sha, data.key(), layer, cfg.artifact, scope, concepts, cfg.seed, cfg.target_fpr,
+        cav_data,
     )  # fmt: skip
     bank_dir = model_dir / "banks" / bank_key
-    banks = _load_banks(bank_dir)
+    banks = load_banks(bank_dir)
     if banks is None:
-        banks = _fit_banks(
-            model, mcfg, ds, layer, Xtr, ytr, concepts, cfg, scope, base_tag, cache, progress, log
-        )
-        _save_banks(banks, bank_dir, {"key": bank_key, "layer": layer, "scope": scope, "concepts": concepts})
+        banks = fit_banks(
+            model, mcfg, data, layer, Xtr, ytr, artifact=cfg.artifact, scope=scope, cav_data=cav_data,
+            base_tag=base_tag, seed=cfg.seed, target_fpr=cfg.target_fpr, log=log,
+        )  # fmt: skip
+        save_banks(banks, bank_dir, {"key": bank_key, "layer": layer, "scope": scope, "concepts": concepts})
     stages.append(StageRun("banks", bank_key, banks.reused, _since(t0)))
     log(f"banks: {'reused' if banks.reused else 'fitted'} at {layer} ({bank_dir})")
 
     # 3. correction training data: a seeded subset of the training split with artifact masks
     t0 = time.perf_counter()
-    sub_key = stage_key("subset", cfg.train.data.to_dict(), cfg.artifact, cfg.n_correction_images, cfg.seed)
+    sub_key = stage_key("subset", data.key(), cfg.artifact, cfg.n_correction_images, cfg.seed)
     sub_path = model_dir / "subsets" / f"{cfg.artifact}-{sub_key}.npz"
     sub_reused = sub_path.exists()
-    pos, masks = _correction_subset(ds, cfg, sub_path)
+    pos, masks = _correction_subset(data, cfg, sub_path)
     opt_state = _optimizer_state(model_dir / "train_state.pt")
-    data = CorrectionData(
+    corr_data = CorrectionData(
         layer=layer,
         cav=banks.cav,
         mu0=banks.mu0,
@@ -310,12 +338,17 @@ def build(
         optimizer_state=opt_state,
     )
     stages.append(StageRun("subset", sub_key, sub_reused, _since(t0)))
+    cav_card = {
+        "cav_data": cav_data,
+        "cav_scope": None if scope is None else [data.label_names[k] for k in scope],
+        "dataset": data.name,
+        "mask_source": data.mask_source,
+    }
 
     # 4. versions
     eval_data = None
     cards: list[ModelCard] = []
     dirs: dict[str, Path] = {}
-    registered: dict[str, tuple[str, bool]] = {}
     bar = progress("versions", len(cfg.corrections)) if progress else None
     from medaudit.models.build import correct_and_evaluate, version_name
 
@@ -331,25 +364,16 @@ def build(
         card = _valid_version(vdir, vkey)
         if card is None:
             if eval_data is None:
-                from medaudit.models.evaluate import synthderm_eval_data
-
-                eval_data = synthderm_eval_data(
-                    ds,
-                    mcfg,
-                    artifact=cfg.artifact,
-                    cav=banks.cav,
-                    cav_layer=layer,
-                    cav_kind="signal",
-                    max_artifact_samples=cfg.max_artifact_samples,
-                    tcav_class=focus,
-                    cache_dir=cache,
-                )
+                eval_data = data.eval_data(
+                    mcfg, artifact=cfg.artifact, cav=banks.cav, layer=layer,
+                    max_artifact_samples=cfg.max_artifact_samples, tcav_class=focus, seed=cfg.seed,
+                )  # fmt: skip
                 eval_data = _first_n(eval_data, cfg.n_eval_images)
             log(f"{version}: building")
             (vdir / "build.json").unlink(missing_ok=True)
             res = correct_and_evaluate(
-                model, mcfg, corr, data, eval_data, vdir.parent, model_name=cfg.model_name, opset=cfg.opset,
-                log=log,
+                model, mcfg, corr, corr_data, eval_data, vdir.parent, model_name=cfg.model_name,
+                opset=cfg.opset, log=log, data_info={**eval_data.info, **cav_card},
             )  # fmt: skip
             card = res.card
             _version_bank(banks.detection, f"{cfg.model_name}:{version}").save(vdir / "bank")
@@ -360,25 +384,20 @@ def build(
             log(f"{version}: reused {vdir}")
         cards.append(card)
         dirs[version] = vdir
-        if register is not None:
-            registered[version] = register(
-                cfg.model_name,
-                version,
-                weights=vdir / "model.pt",
-                onnx=vdir / "model.onnx",
-                card_dir=vdir,
-                bank_dir=vdir / "bank",
-            )
-            tag, created = registered[version]
-            log(f"{version}: {'registered' if created else 'already registered'} as {tag}")
         if bar:
             bar(1)
 
     # 5. comparison table
-    rows = tuple(acceptance(cards, cfg.train.data.spec, cfg.artifact))
+    rates = {cfg.artifact: data.rates(cfg.artifact)}
+    rows = tuple(acceptance(cards, rates, cfg.artifact))
     md_path, json_path = model_dir / "comparison.md", model_dir / "comparison.json"
-    md_path.write_text(comparison_report(cards, rows))
+    md_path.write_text(comparison_report(cards, rows, focus_class=victim_class(cards, rates, cfg.artifact)))
     json_path.write_text(json.dumps({"rows": list(rows), "stages": [asdict(s) for s in stages]}, indent=2))
+
+    # 6. register every version, or none
+    registered: dict[str, tuple[str, bool]] = {}
+    if register is not None:
+        registered = _register_all(cfg.model_name, dirs, register, unregister, log)
     total = _since(t_start)
     log(f"build finished in {total:.1f} s; comparison: {md_path}")
     return BuildResult(
@@ -386,82 +405,74 @@ def build(
     )
 
 
-# --------------------------------------------------------------------------------- acceptance
+def check_data(cfg: BuildConfig, data: BuildData) -> tuple[int, tuple[int, ...] | None, str]:
+    """The artifact's class, the correction CAV's class scope and its data (paired or membership)
+    for ``cfg`` on ``data``, after checking that the two fit.
 
-
-#: Acceptance of a correction: it must win back ≥ 50 % of the original's clean→attacked accuracy gap on the
-#: images of the class the artifact pushes away from, lose ≤ 3 points of clean accuracy and cut
-#: artifact relevance by ≥ 50 %.
-MIN_GAP_RECOVERED, MAX_CLEAN_LOSS_PTS, MIN_RELEVANCE_CUT = 50.0, 3.0, 50.0
-
-
-def acceptance(
-    cards: Sequence[ModelCard], spec: Mapping[str, tuple[float, float]], artifact: str
-) -> list[dict[str, Any]]:
-    """:func:`medaudit.models.cards.comparison_rows` plus the acceptance columns, against ``vanilla``.
-
-    The "victim" class is the one the artifact is *not* correlated with (malignant for band-aids):
-    adding the artifact pushes its images to the other class. Columns: its gap recovered
-    100·(att_v − att_0)/(clean_0 − att_0), the clean-accuracy change in points, the artifact
-    relevance cut 100·(1 − rel_v/rel_0), and whether all three thresholds hold.
+    Raises:
+        ConfigError: The model's labels are not the data's classes, the artifact is annotated on
+            no training image, RRR is asked for on data without masks, or ``cav_scope`` names a
+            class the data lacks.
     """
-    rows = comparison_rows(cards)
-    base = next((c for c in cards if c.correction.get("name") == "vanilla"), None)
-    labels = list(cards[0].architecture.get("labels", [])) if cards else []
-    rates = spec.get(artifact, (0.0, 0.0))
-    victim = labels[int(np.argmin(rates))] if labels else ""
-    for row, card in zip(rows, cards, strict=True):
-        row.update({f"{victim} gap recovered %": None, "clean Δ pts": None, "relevance cut %": None})
-        row["meets criteria"] = False
-        if base is None:
-            continue
-        b, m = base.metrics, card.metrics
-        key = f"accuracy_{victim}"
-        b_clean, b_att = b["classification"]["clean"].get(key), b["classification"]["attacked"].get(key)
-        att = m["classification"]["attacked"].get(key)
-        gap = None if b_clean is None or b_att is None else b_clean - b_att
-        rec = 100.0 * (att - b_att) / gap if gap and gap > 0 and att is not None else None
-        d_clean = 100.0 * (
-            m["classification"]["clean"]["accuracy"] - b["classification"]["clean"]["accuracy"]
+    labels = data.label_names
+    if cfg.model is not None and tuple(cfg.model.labels) != tuple(labels):
+        raise ConfigError(
+            f"{cfg.model.path} has labels [{', '.join(cfg.model.labels)}] but {data.name} has classes "
+            f"[{', '.join(labels)}]: the spec's labels must be the data's classes, in index order"
         )
-        r0, r = b["artifact_relevance"]["mean"], m["artifact_relevance"]["mean"]
-        cut = 100.0 * (1 - r / r0) if r0 and r is not None else None
-        row[f"{victim} gap recovered %"] = rec
-        row["clean Δ pts"] = d_clean
-        row["relevance cut %"] = cut
-        tol = 1e-9  # a value on a threshold passes despite float round-off
-        row["meets criteria"] = bool(
-            card is not base
-            and rec is not None
-            and rec >= MIN_GAP_RECOVERED - tol
-            and d_clean >= -MAX_CLEAN_LOSS_PTS - tol
-            and cut is not None
-            and cut >= MIN_RELEVANCE_CUT - tol
+    drawn = data.train_membership()
+    if cfg.artifact not in drawn:
+        raise ConfigError(
+            f"no training image of {data.name} is annotated with {cfg.artifact!r}; annotated: "
+            f"{', '.join(drawn) or 'none'}"
         )
-    return rows
+    if "rrr" in cfg.corrections and data.mask_source == "none":
+        raise ConfigError(
+            f"rrr needs artifact masks and {data.name} has none: derive them from the concept with "
+            f"`medaudit localize --export-masks` on this data and artifact ({cfg.artifact}), then build "
+            "again, or leave rrr out of --corrections"
+        )
+    focus = int(np.argmax(data.rates(cfg.artifact)))
+    if cfg.cav_scope == "artifact_class":
+        scope: tuple[int, ...] | None = (focus,)
+    elif cfg.cav_scope == "all":
+        scope = None
+    else:
+        unknown = [c for c in cfg.cav_scope if c not in labels]
+        if unknown:
+            raise ConfigError(
+                f"cav_scope names classes {unknown} that the data lacks; classes: {', '.join(labels)}"
+            )
+        scope = tuple(sorted({labels.index(c) for c in cfg.cav_scope}))
+    cav_data = cfg.cav_data if data.can_pair else "membership"
+    return focus, scope, cav_data
 
 
-def comparison_report(cards: Sequence[ModelCard], rows: Sequence[Mapping[str, Any]]) -> str:
-    """The paper-style table (:func:`medaudit.models.cards.comparison_markdown`) plus the acceptance table."""
-    extra = [k for k in rows[0] if k not in comparison_rows(cards)[0]] if rows else []
-    out = ["# Model versions", "", comparison_markdown(cards), "## Correction criteria", ""]
-    out.append(
-        f"Thresholds: gap recovered ≥ {MIN_GAP_RECOVERED:g} %, clean accuracy loss ≤ "
-        f"{MAX_CLEAN_LOSS_PTS:g} points, artifact relevance cut ≥ {MIN_RELEVANCE_CUT:g} % (vs `vanilla`)."
-    )
-    out += ["", "| version | " + " | ".join(extra) + " |", "|---|" + "---|" * len(extra)]
-    for r in rows:
-        cells = [_cell(r[k]) for k in extra]
-        out.append(f"| {r['version']} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
-
-
-def _cell(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return f"{v:.1f}" if isinstance(v, float) else str(v)
+def _register_all(
+    name: str,
+    dirs: Mapping[str, Path],
+    register: Register,
+    unregister: Unregister | None,
+    log: Callable[[str], None],
+) -> dict[str, tuple[str, bool]]:
+    """Registers every built version; if one fails, removes those this call created and re-raises."""
+    registered: dict[str, tuple[str, bool]] = {}
+    try:
+        for version, vdir in dirs.items():
+            registered[version] = register(
+                name, version, weights=vdir / "model.pt", onnx=vdir / "model.onnx", card_dir=vdir,
+                bank_dir=vdir / "bank",
+            )  # fmt: skip
+            tag, created = registered[version]
+            log(f"{version}: {'registered' if created else 'already registered'} as {tag}")
+    except Exception:
+        created_now = [tag for tag, created in registered.values() if created]
+        if unregister is not None:
+            for tag in created_now:
+                unregister(tag)
+            log(f"registration failed; removed {', '.join(created_now) or 'nothing'} again")
+        raise
+    return registered
 
 
 # --------------------------------------------------------------------------------- planted artifact
@@ -498,126 +509,15 @@ def train_with_hidden_artifact(
 # --------------------------------------------------------------------------------- stages
 
 
-@dataclass(frozen=True, eq=False)
-class _Banks:
-    detection: ConceptBank  # svm, every drawn artifact, for serving
-    correction: ConceptBank  # signal, the correction artifact within cav_scope
-    cav_svm: np.ndarray  # reactive P-ClArC's gate, fitted on the correction bank's samples
-    reused: bool
-
-    @property
-    def cav(self) -> np.ndarray:
-        return np.asarray(self.correction[self.correction.concepts[0]].cav.v, np.float64)
-
-    @property
-    def mu0(self) -> np.ndarray:
-        return np.asarray(self.correction[self.correction.concepts[0]].mu0, np.float64)
-
-
-def _fit_banks(
-    model: torch.nn.Module,
-    mcfg: Any,
-    ds: SynthDerm,
-    layer: str,
-    Xtr: torch.Tensor,
-    ytr: torch.Tensor,
-    concepts: list[str],
-    cfg: BuildConfig,
-    scope: tuple[int, ...] | None,
-    base_tag: str,
-    cache: Path,
-    progress: Progress | None,
-    log: Callable[[str], None],
-) -> _Banks:
-    log(f"banks: activations of the original model at {layer}")
-    acts = pooled_activations(model, mcfg, layer, Xtr)
-    done = [(Xtr, acts)]  # (images, φ) whose rows later renders of the training split may share
-    Xval, _ = render_split(ds, "val", "clean", cfg.artifact, cache_dir=cache, progress=progress)
-    val = pooled_activations(model, mcfg, layer, Xval)
-    tr_idx = ds.indices("train")
-    member = {a: ds.membership[a][tr_idx].astype(np.int64) for a in concepts}
-    prov = {"fitted_on": base_tag, "pooling": "max", "activations": "original model"}
-    detection = ConceptBank.fit(
-        base_tag, layer, acts, member, val, kind="svm", dataset="synthderm", seed=cfg.seed,
-        target_fpr=cfg.target_fpr, provenance={**prov, "cav_scope": None},
-    )  # fmt: skip
-    if cfg.cav_data == "paired":
-        log(f"banks: counterfactual pairs, the training split without and with {cfg.artifact}")
-        pairs = render_splits(ds, "train", ("clean", "attacked"), cfg.artifact, cache, progress)
-        Xc, Xa = pairs["clean"][0], pairs["attacked"][0]
-        pair_acts = np.concatenate([_pooled_reusing(model, mcfg, layer, X, done) for X in (Xc, Xa)])
-        t_pair = np.repeat(np.array([0, 1], np.int64), len(Xc))
-        correction = ConceptBank.fit(
-            base_tag, layer, pair_acts, {cfg.artifact: t_pair}, val, kind="signal", dataset="synthderm",
-            seed=cfg.seed, target_fpr=cfg.target_fpr, provenance={**prov, "cav_data": "paired"},
-        )  # fmt: skip
-        gate = fit_cav(pair_acts, t_pair, kind="svm", seed=cfg.seed).v
-        return _Banks(detection, correction, np.asarray(gate, np.float64), reused=False)
-    keep = np.ones(len(ytr), bool) if scope is None else np.isin(ytr.numpy(), scope)
-    t = np.where(keep, member[cfg.artifact], -1)
-    correction = ConceptBank.fit(
-        base_tag, layer, acts, {cfg.artifact: t}, val, kind="signal", dataset="synthderm", seed=cfg.seed,
-        target_fpr=cfg.target_fpr, provenance={**prov, "cav_scope": scope},
-    )  # fmt: skip
-    gate = fit_cav(acts[keep], t[keep], kind="svm", seed=cfg.seed).v  # as fit_correction_data does
-    return _Banks(detection, correction, np.asarray(gate, np.float64), reused=False)
-
-
-def _pooled_reusing(
-    model: torch.nn.Module,
-    mcfg: Any,
-    layer: str,
-    images: torch.Tensor,
-    done: list[tuple[torch.Tensor, np.ndarray]],
-) -> np.ndarray:
-    """φ of ``images`` through :func:`medaudit.models.train.reusing`: the counterfactual pairs are the
-    training split rendered "clean" and "attacked", and their rows equal to a "ch" row (on the
-    default build 903 + 484 of the 3600 pair rows) reuse its φ."""
-    return reusing(images, done, lambda x: pooled_activations(model, mcfg, layer, x))
-
-
-def _save_banks(banks: _Banks, directory: Path, meta: Mapping[str, Any]) -> None:
-    tmp = directory.with_name(directory.name + ".tmp")
-    banks.detection.save(tmp / "detection")
-    banks.correction.save(tmp / "correction")
-    np.save(tmp / "gate.npy", banks.cav_svm)
-    (tmp / "meta.json").write_text(json.dumps(dict(meta), indent=2, default=str) + "\n")
-    if directory.exists():
-        import shutil
-
-        shutil.rmtree(directory)
-    tmp.replace(directory)
-
-
-def _load_banks(directory: Path) -> _Banks | None:
-    if not (directory / "meta.json").exists():
-        return None
-    try:
-        return _Banks(
-            ConceptBank.load(directory / "detection"),
-            ConceptBank.load(directory / "correction"),
-            np.load(directory / "gate.npy"),
-            reused=True,
-        )
-    except Exception:  # a damaged stage output is rebuilt, not trusted
-        return None
-
-
-def _correction_subset(ds: SynthDerm, cfg: BuildConfig, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _correction_subset(data: BuildData, cfg: BuildConfig, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions (into the training split) of the fine-tuning subset and their artifact masks."""
     if path.exists():
         with np.load(path) as z:
             return torch.from_numpy(z["pos"]), torch.from_numpy(z["masks"])
-    tr_idx = ds.indices("train")
-    n = len(tr_idx) if cfg.n_correction_images == 0 else min(cfg.n_correction_images, len(tr_idx))
-    pos = np.sort(np.random.default_rng([cfg.seed, 0x5B5E7]).permutation(len(tr_idx))[:n])
-    size = cfg.train.data.size
-    masks = np.zeros((n, size, size), np.float32)
-    member = ds.membership[cfg.artifact]
-    for j, p in enumerate(pos):
-        i = int(tr_idx[p])
-        if member[i]:  # only artifact samples have a mask; the rest stay zero (method.md §4.6)
-            masks[j] = ds.sample(i, "ch", cfg.artifact).masks[cfg.artifact]
+    n_train = len(data.tr_idx)
+    n = n_train if cfg.n_correction_images == 0 else min(cfg.n_correction_images, n_train)
+    pos = np.sort(np.random.default_rng([cfg.seed, 0x5B5E7]).permutation(n_train)[:n])
+    masks = data.train_masks(pos, cfg.artifact)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, pos=pos, masks=masks)

@@ -83,7 +83,6 @@ from medaudit.service.audit import (
     AuditResult,
     Comparison,
     compare,
-    version_tag,
 )
 from medaudit.service.audit_pool import AuditPool, LaneSpec, audit_jobs, by_version
 from medaudit.service.auth import ANONYMOUS, Principal, Role
@@ -185,7 +184,9 @@ class Predictor:
         if settings.predict_threads and settings.predict_backend == "torch":
             torch.set_num_threads(settings.predict_threads)
         threads = settings.predict_threads or 0
-        self.predictors = {v: backend.from_store(v, ort_threads=threads) for v in settings.versions}
+        self.predictors = {
+            v: backend.from_store(settings.tag(v), ort_threads=threads) for v in settings.versions
+        }
         for p in self.predictors.values():
             p.predict([np.zeros((*p.size, 3), dtype=np.uint8)])
         freeze_startup_heap()
@@ -232,13 +233,16 @@ class Auditor:
             if threads:
                 torch.set_num_threads(threads)
             engines = {
-                v: AuditEngine.from_store(v, fpr=settings.flag_fpr, device=settings.audit_device)
+                v: AuditEngine.from_store(
+                    settings.tag(v), fpr=settings.flag_fpr, device=settings.audit_device
+                )
                 for v in settings.versions
             }
             for e in engines.values():
                 e.warmup()
         spec = LaneSpec(
             tuple(settings.versions),
+            model_name=settings.model_name,
             fpr=settings.flag_fpr,
             threads=threads or 1,
             device=settings.audit_device,
@@ -364,7 +368,7 @@ class MedAudit:
         self._ready = False
         self.engines: dict[str, AuditEngine] = {}
         for v in self.settings.versions:
-            eng = AuditEngine.from_store(v, fpr=self.settings.flag_fpr)
+            eng = AuditEngine.from_store(self.settings.tag(v), fpr=self.settings.flag_fpr)
             # Served, this process resizes and routes; audits run in Auditor. Its own LRP engine
             # serves only direct calls (audit_json, compare_json), which set it up on first use.
             eng.warmup(audit=False)
@@ -653,7 +657,7 @@ class MedAudit:
 
     def card_json(self, version: str) -> dict[str, Any]:
         engine = self.engines.get(version) or next(
-            (e for e in self.engines.values() if e.tag == version_tag(version)), None
+            (e for e in self.engines.values() if e.tag == self.settings.tag(version)), None
         )
         if engine is None:
             raise UnknownModelVersionError(version, self.engines)

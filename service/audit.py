@@ -41,14 +41,15 @@ from medaudit.models.export import INPUT_NAME, OUTPUT_NAME, ort_session
 from medaudit.models.xai.concepts import relevance_share
 from medaudit.models.xai.localize import binarize
 from medaudit.models.xai.lrp import ConceptTarget, Explainer
+
+# the served-name rule is service.config's; re-exported where served versions are loaded
+from medaudit.service.config import DEFAULT_MODEL_NAME as DEFAULT_MODEL_NAME
 from medaudit.service.config import usable_cpus
+from medaudit.service.config import version_tag as version_tag
 from medaudit.service.errors import UnknownModelVersionError
 from medaudit.service.flags.policy import PolicyConfig, PolicyDecision, evaluate
 from medaudit.service.inputs import DecodedImage, to_model_input
 from medaudit.service.store import LoadedVersion, load_version
-
-#: Model name used when a served version is given without one (``vanilla`` -> this ``:vanilla``).
-DEFAULT_MODEL_NAME = "resnet18-synthderm"
 
 Image_ = DecodedImage | np.ndarray
 
@@ -187,11 +188,6 @@ class Comparison:
             },
             "agreement": {"label": self.labels_agree, "flag": self.flags_agree},
         }
-
-
-def version_tag(version: str) -> str:
-    """``vanilla`` -> ``resnet18-synthderm:vanilla``; a full ``name:version`` is kept."""
-    return version if ":" in version else f"{DEFAULT_MODEL_NAME}:{version}"
 
 
 # --------------------------------------------------------------------------------- images -> PNG

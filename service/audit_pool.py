@@ -48,6 +48,7 @@ import numpy as np
 
 from medaudit.service import metrics
 from medaudit.service.audit import AuditEngine
+from medaudit.service.config import DEFAULT_MODEL_NAME, version_tag
 from medaudit.service.errors import LaneCrashedError, PoolOverloadedError
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class LaneSpec:
     """What an LRP process loads: the versions, where from, the presence FPR, its threads, device."""
 
     versions: tuple[str, ...]
+    #: Store name of the versions given without one (``Settings.model_name``).
+    model_name: str = DEFAULT_MODEL_NAME
     home: str | None = None
     fpr: float | None = None
     threads: int = 1
@@ -143,7 +146,9 @@ def _lane_main(conn: Connection, spec: LaneSpec) -> None:
     torch.set_num_threads(spec.threads)
     try:
         engines = {
-            v: AuditEngine.from_store(v, home=spec.home, fpr=spec.fpr, device=spec.device)
+            v: AuditEngine.from_store(
+                version_tag(v, spec.model_name), home=spec.home, fpr=spec.fpr, device=spec.device
+            )
             for v in spec.versions
         }
         for e in engines.values():

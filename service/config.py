@@ -8,6 +8,8 @@ Variables (all optional except where auth is on):
 
 =================================  ==========================================================
 ``MEDAUDIT_VERSIONS``              served versions, comma-separated (default ``vanilla``)
+``MEDAUDIT_MODEL_NAME``            store name of versions given without one (default
+                                   ``resnet18-synthderm``): ``vanilla`` is ``<name>:vanilla``
 ``MEDAUDIT_AB_WEIGHTS``            ``version=weight,…`` (default: all weight on the first)
 ``MEDAUDIT_SHADOW_VERSION``        a served version that shadows every request
 ``MEDAUDIT_AB_SALT``               mixed into the A/B hash; change to reshuffle subjects
@@ -61,6 +63,18 @@ from medaudit.service.routing import Router
 
 PREFIX = "MEDAUDIT_"
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
+#: A BentoML tag's name part (service.store.check_tag_part), which a model name must be.
+_MODEL_NAME = re.compile(r"^[a-z0-9]([-._a-z0-9]{0,61}[a-z0-9])?$")
+#: The demo's model name: the store name of a served version given without one.
+DEFAULT_MODEL_NAME = "resnet18-synthderm"
+
+
+def version_tag(version: str, model_name: str = DEFAULT_MODEL_NAME) -> str:
+    """The store tag of a served version: ``vanilla`` -> ``<model_name>:vanilla``; a full
+    ``name:version`` is kept."""
+    return version if ":" in version else f"{model_name}:{version}"
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -70,6 +84,8 @@ class Settings:
     """Everything the service decides at start. Frozen: built once, passed down, never mutated."""
 
     versions: tuple[str, ...] = ("vanilla",)
+    #: Store name of the versions given without one (a model spec's ``name`` for a hospital store).
+    model_name: str = DEFAULT_MODEL_NAME
     ab_weights: tuple[tuple[str, float], ...] = (("vanilla", 1.0),)
     shadow_version: str | None = None
     ab_salt: str = ""
@@ -103,6 +119,11 @@ class Settings:
                 raise ConfigError(
                     f"{PREFIX}VERSIONS: {v!r} is not a valid version name (letters, digits, . _ : + -)"
                 )
+        if not _MODEL_NAME.match(self.model_name):
+            raise ConfigError(
+                f"{PREFIX}MODEL_NAME={self.model_name!r} is not a store model name: lowercase letters, "
+                "digits, '-', '_' or '.', starting and ending with a letter or digit, at most 63 characters"
+            )
         if len(set(self.versions)) != len(self.versions):
             raise ConfigError(f"{PREFIX}VERSIONS lists a version twice: {', '.join(self.versions)}")
         for v, _ in self.ab_weights:
@@ -162,6 +183,7 @@ class Settings:
             keys += parse_key_spec(text, f"{PREFIX}API_KEYS_FILE ({path})")
         return cls(
             versions=versions,
+            model_name=env.get(PREFIX + "MODEL_NAME", DEFAULT_MODEL_NAME).strip(),
             ab_weights=weights,
             shadow_version=env.get(PREFIX + "SHADOW_VERSION"),
             ab_salt=env.get(PREFIX + "AB_SALT", ""),
@@ -186,6 +208,10 @@ class Settings:
             open_metrics=_bool(env, PREFIX + "OPEN_METRICS", True),
             flags=FlagSettings.from_env(env),
         )
+
+    def tag(self, version: str) -> str:
+        """The store tag of served ``version`` (:func:`version_tag` with :attr:`model_name`)."""
+        return version_tag(version, self.model_name)
 
     def auditor_threads(self) -> int | None:
         """Torch threads of one auditor process: ``MEDAUDIT_AUDIT_THREADS`` if set; else, with
@@ -311,6 +337,7 @@ def unknown_variables(environ: Mapping[str, str], known: frozenset[str] | None =
 
 _NAMES = (
     "VERSIONS",
+    "MODEL_NAME",
     "AB_WEIGHTS",
     "SHADOW_VERSION",
     "AB_SALT",

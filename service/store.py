@@ -1,4 +1,4 @@
-"""The model store: every model version is a BentoML model ``<arch>-<dataset>:<version>``.
+"""The model store: every model version is a BentoML model ``<model name>:<version>``.
 
 architecture.md ("Model versions are BentoML models"): ``resnet18-synthderm:vanilla``,
 ``…:pclarc-band_aid``, ``…:rrclarc-band_aid``, each holding
@@ -169,7 +169,7 @@ def register_version(
     is written and ``created`` is False; when its bytes differ the old entry is replaced.
 
     Args:
-        name: ``<arch>-<dataset>``.
+        name: The model's name (a model spec's ``name``; the demo's is ``resnet18-synthderm``).
         version: ``vanilla``, ``pclarc-band_aid``, …
         weights: The version checkpoint (``medaudit.models.corrections.io.save_version``).
         onnx: Its ONNX export.
@@ -226,6 +226,17 @@ def register_version(
     return tag, True
 
 
+def delete_version(tag: str, home: str | Path | None = None) -> bool:
+    """Removes ``tag`` from the store (a build that failed takes back what it registered);
+    returns whether it was there."""
+    bentoml = _bentoml()
+    try:
+        model_store(home).delete(tag)
+    except bentoml.exceptions.NotFound:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------- load
 
 
@@ -237,8 +248,18 @@ def _get(tag: str, home: str | Path | None) -> Any:
     except (bentoml.exceptions.NotFound, ValueError) as e:
         known = sorted(str(m.tag) for m in store.list())
         where = store_home(home) / "models"
+        names = sorted({k.split(":", 1)[0] for k in known})
+        asked = tag.split(":", 1)[0]
+        hint = ""
+        if known and asked not in names:  # a short version resolved under another model's name
+            hint = (
+                f"; the store holds model{'s' if len(names) > 1 else ''} {', '.join(names)}: name the "
+                f"version in full ({names[0]}:<version>) or set MEDAUDIT_MODEL_NAME={names[0]}"
+            )
+        elif not known:
+            hint = "; build versions into it with `medaudit build` (docs/commands.md)"
         raise StoreError(
-            f"no model version {tag!r} in {where}; stored: {', '.join(known) or '(none)'}"
+            f"no model version {tag!r} in {where}; stored: {', '.join(known) or '(none)'}{hint}"
         ) from e
 
 

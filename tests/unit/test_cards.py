@@ -79,7 +79,7 @@ def test_card_json_and_markdown_hold_hashes_and_metrics(tmp_path) -> None:
         "0.9000",  # AUROC
         "0.1000",  # artifact relevance
         "f1_macro",
-        "auc_malignant",
+        "| malignant | AUC | 0.9500 |",  # per class: one row per class and metric
     ):
         assert needle in text
 

@@ -167,7 +167,8 @@ def test_fit_banks_forwards_rows_shared_with_the_ch_render_once(tmp_path, monkey
     import numpy as np
     import torch
 
-    import medaudit.models.pipeline as pipeline
+    import medaudit.models.banks as banks
+    from medaudit.models.build_data import SynthDermData
     from medaudit.models.data.synthetic import SynthDerm
     from medaudit.models.registry import create_model
     from medaudit.models.train import render_split
@@ -180,25 +181,27 @@ def test_fit_banks_forwards_rows_shared_with_the_ch_render_once(tmp_path, monkey
     tr_idx = ds.indices("train")
     concepts = [a for a in ds.membership if ds.membership[a][tr_idx].any()]
     forwarded: list[int] = []
-    real = pipeline.pooled_activations
+    real = banks.pooled_activations
 
     def counting(m, c, layer, images, *a, **k):
         forwarded.append(len(images))
         return real(m, c, layer, images, *a, **k)
 
-    monkeypatch.setattr(pipeline, "pooled_activations", counting)
+    monkeypatch.setattr(banks, "pooled_activations", counting)
+    data = SynthDermData(cfg.train.data, tmp_path)
+    assert list(data.train_membership()) == concepts
 
-    def fit() -> pipeline._Banks:
+    def fit() -> banks.Banks:
         forwarded.clear()
-        return pipeline._fit_banks(
-            model, mcfg, ds, "identity_2", Xtr, ytr, concepts, cfg, (0,), "t:vanilla", tmp_path, None,
-            lambda _s: None,
+        return banks.fit_banks(
+            model, mcfg, data, "identity_2", Xtr, ytr, artifact=cfg.artifact, scope=(0,), cav_data="paired",
+            base_tag="t:vanilla", seed=cfg.seed, target_fpr=cfg.target_fpr, log=lambda _s: None,
         )  # fmt: skip
 
     reused = fit()
     n_reused = list(forwarded)
     monkeypatch.setattr(
-        pipeline, "_pooled_reusing", lambda m, c, layer, images, _done: counting(m, c, layer, images)
+        banks, "pooled_reusing", lambda m, c, layer, images, _done: counting(m, c, layer, images)
     )
     full = fit()
     n = len(tr_idx)

@@ -1,0 +1,122 @@
+"""Whether a correction did its job: the acceptance columns of the build's comparison table.
+
+A correction must win back ≥ 50 % of the original's clean→attacked accuracy gap on the images of
+the class the artifact pushes away from, lose ≤ 3 points of clean accuracy and cut artifact
+relevance (method.md §7) by ≥ 50 %, all against ``vanilla``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from medaudit.models.cards import ModelCard, comparison_markdown, comparison_rows
+
+#: Acceptance of a correction: it must win back ≥ 50 % of the original's clean→attacked accuracy gap on the
+#: images of the class the artifact pushes away from, lose ≤ 3 points of clean accuracy and cut
+#: artifact relevance by ≥ 50 %.
+MIN_GAP_RECOVERED, MAX_CLEAN_LOSS_PTS, MIN_RELEVANCE_CUT = 50.0, 3.0, 50.0
+
+
+def victim_class(cards: Sequence[ModelCard], rates: Mapping[str, Sequence[float]], artifact: str) -> str:
+    """The class the artifact pushes images away from: the one with the lowest artifact rate
+    (malignant for band-aids); among several equally low (more than two classes), the one whose
+    accuracy the attack costs ``vanilla`` most."""
+    labels = list(cards[0].architecture.get("labels", [])) if cards else []
+    if not labels:
+        return ""
+    r = list(rates.get(artifact, ()))[: len(labels)] or [0.0] * len(labels)
+    lowest = [k for k, x in enumerate(r) if x == min(r)]
+    base = next((c for c in cards if c.correction.get("name") == "vanilla"), None)
+    if len(lowest) == 1 or base is None:
+        return labels[lowest[0]]
+    cls = base.metrics["classification"]
+
+    def drop(k: int) -> float:
+        key = f"accuracy_{labels[k]}"
+        clean, att = cls.get("clean", {}).get(key), cls.get("attacked", {}).get(key)
+        return -math.inf if clean is None or att is None else clean - att
+
+    return labels[max(lowest, key=drop)]
+
+
+def acceptance(
+    cards: Sequence[ModelCard], rates: Mapping[str, Sequence[float]], artifact: str
+) -> list[dict[str, Any]]:
+    """:func:`medaudit.models.cards.comparison_rows` plus the acceptance columns, against ``vanilla``.
+
+    ``rates`` gives, per artifact, its rate in each class (synthderm's spec, or the rates a
+    dataset's annotations realise). The "victim" class (:func:`victim_class`) is the one the
+    artifact is *not* correlated with (malignant for band-aids): adding the artifact pushes its
+    images to another class. Columns: its gap recovered 100·(att_v − att_0)/(clean_0 − att_0), the
+    clean-accuracy change in points, the artifact relevance cut 100·(1 − rel_v/rel_0), and whether
+    all three thresholds hold. A build without an attacked set (data without masks) has no gap.
+    """
+    victim = victim_class(cards, rates, artifact)
+    rows = comparison_rows(cards, focus_class=victim or None) if cards else []
+    base = next((c for c in cards if c.correction.get("name") == "vanilla"), None)
+    for row, card in zip(rows, cards, strict=True):
+        row.update({f"{victim} gap recovered %": None, "clean Δ pts": None, "relevance cut %": None})
+        row["meets criteria"] = False
+        if base is None:
+            continue
+        b, m = base.metrics["classification"], card.metrics["classification"]
+        key = f"accuracy_{victim}"
+        b_clean, b_att = b.get("clean", {}).get(key), b.get("attacked", {}).get(key)
+        att = m.get("attacked", {}).get(key)
+        gap = None if b_clean is None or b_att is None else b_clean - b_att
+        rec = 100.0 * (att - b_att) / gap if gap and gap > 0 and att is not None else None
+        d_clean = None
+        if "clean" in m and "clean" in b:
+            d_clean = 100.0 * (m["clean"]["accuracy"] - b["clean"]["accuracy"])
+        r0, r = base.metrics["artifact_relevance"]["mean"], card.metrics["artifact_relevance"]["mean"]
+        cut = 100.0 * (1 - r / r0) if r0 and r is not None else None
+        row[f"{victim} gap recovered %"] = rec
+        row["clean Δ pts"] = d_clean
+        row["relevance cut %"] = cut
+        tol = 1e-9  # a value on a threshold passes despite float round-off
+        row["meets criteria"] = bool(
+            card is not base
+            and rec is not None
+            and rec >= MIN_GAP_RECOVERED - tol
+            and d_clean is not None
+            and d_clean >= -MAX_CLEAN_LOSS_PTS - tol
+            and cut is not None
+            and cut >= MIN_RELEVANCE_CUT - tol
+        )
+    return rows
+
+
+def comparison_report(
+    cards: Sequence[ModelCard], rows: Sequence[Mapping[str, Any]], focus_class: str | None = None
+) -> str:
+    """The paper-style table (:func:`medaudit.models.cards.comparison_markdown`, attacked accuracy of
+    ``focus_class``) plus the acceptance table."""
+    extra = (
+        [k for k in rows[0] if k not in comparison_rows(cards, focus_class=focus_class)[0]] if rows else []
+    )
+    out = [
+        "# Model versions",
+        "",
+        comparison_markdown(cards, focus_class=focus_class),
+        "## Correction criteria",
+        "",
+    ]
+    out.append(
+        f"Thresholds: gap recovered ≥ {MIN_GAP_RECOVERED:g} %, clean accuracy loss ≤ "
+        f"{MAX_CLEAN_LOSS_PTS:g} points, artifact relevance cut ≥ {MIN_RELEVANCE_CUT:g} % (vs `vanilla`)."
+    )
+    out += ["", "| version | " + " | ".join(extra) + " |", "|---|" + "---|" * len(extra)]
+    for r in rows:
+        cells = [_cell(r[k]) for k in extra]
+        out.append(f"| {r['version']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
