@@ -13,12 +13,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medaudit.cli.annotate_cmd import annotate as _annotate_cmd
 from medaudit.cli.audit_cmd import audit as _audit_cmd
 from medaudit.cli.build_cmd import build as _build_cmd
 from medaudit.cli.console import console, progress_bars
+from medaudit.cli.data_cmd import data_check as _data_check_cmd
+from medaudit.cli.data_cmd import data_export as _data_export_cmd
 from medaudit.cli.flags_cmd import refine_cav as _refine_cav_cmd
 from medaudit.cli.flags_cmd import review_app as _review_app
 from medaudit.cli.flags_cmd import worker as _worker_cmd
+from medaudit.cli.localize_cmd import localize as _localize_cmd
 from medaudit.cli.model_cmd import model_app as _model_app
 from medaudit.clients.service_cmd import compare as _compare_cmd
 from medaudit.clients.service_cmd import predict as _predict_cmd
@@ -172,21 +176,8 @@ app.command("predict")(_predict_cmd)
 app.command("compare")(_compare_cmd)
 
 
-@data_app.command("export")
-def data_export(
-    out: Path = typer.Argument(..., help="Folder to write images/, masks/, labels.csv, artifacts.json."),
-    size: int = typer.Option(128),
-    seed: int = typer.Option(0),
-    variant: str = typer.Option("ch", help="ch (training distribution), clean or attacked."),
-    attack: str = typer.Option("band_aid", help="Artifact for the attacked variant."),
-) -> None:
-    """Write synthderm to disk as PNG + CSV + masks, readable as a folder dataset."""
-    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
-
-    ds = SynthDerm(SynthDermConfig(seed=seed, size=size))
-    with progress_bars() as bars:
-        ds.export(out, variant=variant, attack=attack, progress=bars("export", len(ds)))
-    console.print(f"wrote {len(ds)} images to {out}")
+data_app.command("export")(_data_export_cmd)
+data_app.command("check")(_data_check_cmd)
 
 
 @data_app.command("stats")
@@ -203,6 +194,8 @@ app.command("worker")(_worker_cmd)
 app.add_typer(_review_app, name="review")
 app.add_typer(_model_app, name="model")
 app.command("refine-cav")(_refine_cav_cmd)
+app.command("annotate")(_annotate_cmd)
+app.command("localize")(_localize_cmd)
 
 if __name__ == "__main__":
     app()

@@ -98,7 +98,7 @@ class _Names:
         self.ids, self.files, self.keys, self._spec = list(ids), list(files), list(keys), spec
 
     def spec(self, root: Path) -> str:
-        return self._spec.format(root=root)
+        return self._spec.format(root=root.resolve())
 
 
 def _names(ds: SynthDerm, layout: str) -> _Names:
