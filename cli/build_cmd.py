@@ -94,10 +94,17 @@ def build_versions(
     spec = None
     train = TrainConfig()
     try:
+        synth = SynthDermConfig()
+        if data.partition("?")[0] == "synthderm":  # synthderm?preset=isic_like&…: rendered, as the demo
+            from medaudit.models.data.registry import open_dataset
+
+            synth = open_dataset(data).cfg  # type: ignore[union-attr]
+            data = "synthderm"
         if model is not None:
             spec = load_spec(model)
             # The data is rendered at the model's input size.
-            train = replace(train, data=replace(SynthDermConfig(), size=spec.input_size[-1]))
+            synth = replace(synth, size=spec.input_size[-1])
+        train = replace(train, data=synth)
         cfg = BuildConfig(
             train=train,
             artifact=artifact,

@@ -19,11 +19,11 @@ from medaudit.cli.build_cmd import build as _build_cmd
 from medaudit.cli.console import console, progress_bars
 from medaudit.cli.data_cmd import data_check as _data_check_cmd
 from medaudit.cli.data_cmd import data_export as _data_export_cmd
-from medaudit.cli.flags_cmd import refine_cav as _refine_cav_cmd
 from medaudit.cli.flags_cmd import review_app as _review_app
 from medaudit.cli.flags_cmd import worker as _worker_cmd
 from medaudit.cli.localize_cmd import localize as _localize_cmd
 from medaudit.cli.model_cmd import model_app as _model_app
+from medaudit.cli.refine_cmd import refine_cav as _refine_cav_cmd
 from medaudit.clients.service_cmd import compare as _compare_cmd
 from medaudit.clients.service_cmd import predict as _predict_cmd
 
@@ -50,9 +50,9 @@ def _print_card(card: dict) -> None:
         )
     console.print(t)
     sc = card["test"]["shortcut"]
-    drop = sc["malignant_clean_minus_attacked_points"]
+    drop = sc.get("clean_minus_attacked_points", sc.get("malignant_clean_minus_attacked_points"))
     console.print(
-        f"shortcut: malignant accuracy drops by [bold]{drop:.1f}[/] points "
+        f"shortcut: {sc.get('class', 'malignant')} accuracy drops by [bold]{drop:.1f}[/] points "
         f"when a {sc['artifact']} is added to every test image"
     )
 

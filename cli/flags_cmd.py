@@ -1,4 +1,5 @@
-"""``medaudit worker``, ``medaudit review …`` and ``medaudit refine-cav``: the flag pipeline's commands.
+"""``medaudit worker`` and ``medaudit review …``: the flag pipeline's commands (``medaudit refine-cav``
+is :mod:`medaudit.cli.refine_cmd`).
 
 Registered in :mod:`medaudit.cli.commands`. Redis is found the same way everywhere:
 ``--redis-url``, else ``MEDAUDIT_REDIS_URL``/``REDIS_URL``, else a local Redis on 6379 or an
@@ -281,87 +282,3 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
-
-
-# --------------------------------------------------------------------------------- refine-cav
-
-
-def refine_cav(
-    version: str = typer.Argument(..., help="Served version whose bank to refine (vanilla or name:vanilla)."),
-    bentoml_home: Path | None = typer.Option(None, envvar="BENTOML_HOME", help="BentoML home of the store."),
-    out: Path = typer.Option(
-        Path("artifacts/refined"), help="Folder for the refined bank (<out>/bank) and refine.json."
-    ),
-    data_config: Path | None = typer.Option(
-        None, help="synthderm config JSON of the original fit data (default: the version card's data_config)."
-    ),
-    cache_dir: Path | None = typer.Option(None, help="Cache of rendered synthderm splits."),
-    seed: int = typer.Option(0, help="CAV fit seed."),
-    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
-    redis_url: str | None = typer.Option(None, help=_REDIS_HELP),
-) -> None:
-    """Refit a version's concept bank with reviewed flags (confirmed: positives, false alarms: negatives).
-
-    Re-extracts the bank's original fit data through the version's model, refits, and reports
-    held-out retrieval (AUROC, AP) of the stored bank, a refit without the reviewed samples and the
-    refined bank. Writes the refined bank with its provenance (which flags were added) to --out.
-    """
-    import torch
-    from rich.table import Table
-
-    from medaudit.cli.console import console
-    from medaudit.models.data.synthetic import SynthDermConfig
-    from medaudit.models.errors import MedauditError
-    from medaudit.service.audit import version_tag
-    from medaudit.service.flags.refine import refine_bank, reviewed_samples, synthderm_fit_data
-    from medaudit.service.store import load_version
-
-    if threads:
-        torch.set_num_threads(threads)
-    client = _client(redis_url)
-    try:
-        loaded = load_version(version_tag(version), home=bentoml_home)
-        bank = loaded.bank
-        samples, skipped = reviewed_samples(
-            client, _settings().keys, model_version=loaded.tag, layer=bank.layer
-        )
-        if not samples:
-            _fail(
-                f"no resolved flags of {loaded.tag} with a verdict of artifact_confirmed or false_alarm and "
-                f"stored features (left out: {skipped or 'none'}); nothing to refine",
-                1,
-            )
-        if data_config is not None:
-            cfg_dict = json.loads(data_config.read_text())
-        else:
-            cfg_dict = dict(loaded.card.data).get("data_config")
-            if not cfg_dict:
-                _fail(f"the card of {loaded.tag} records no data_config; pass --data-config FILE.json")
-        data_cfg = SynthDermConfig.from_dict(cfg_dict)
-        console.print(
-            f"{loaded.tag}: {len(samples)} reviewed samples; re-extracting the fit data at {bank.layer}"
-        )
-        data = synthderm_fit_data(
-            loaded.model, loaded.cfg, bank.layer, data_cfg, list(bank), cache_dir=cache_dir
-        )
-        res = refine_bank(bank, data, samples, seed=seed)
-    except (MedauditError, OSError, ValueError) as e:
-        _fail(str(e))
-    bank_dir = res.bank.save(out / "bank")
-    report = {**res.to_json(), "skipped_flags": skipped}
-    (out / "refine.json").write_text(json.dumps(report, indent=2) + "\n")
-    t = Table(title=f"held-out retrieval of {loaded.tag} @ {bank.layer} ({len(data.acts_eval)} images)")
-    for c in ("concept", "added +/−", "AUROC stored", "AUROC baseline refit", "AUROC refined", "AP refined"):
-        t.add_column(c, justify="right")
-    for c in res.bank:
-
-        def g(m: dict[str, float] | None, k: str = "auroc") -> str:
-            return "–" if m is None else f"{m[k]:.3f}"
-
-        a = res.added[c]
-        t.add_row(
-            c, f"{a['positive']}/{a['negative']}", g(res.stored[c]), g(res.baseline[c]), g(res.refined[c]),
-            g(res.refined[c], "ap"),
-        )  # fmt: skip
-    console.print(t)
-    console.print(f"refined bank: {bank_dir}\nreport: {out / 'refine.json'}")

@@ -36,19 +36,18 @@ from medaudit.models.evaluate import EvalData
 from medaudit.models.registry import ModelCfg
 from medaudit.models.train import Progress, render_split, render_splits
 
-#: Where the masks RRR and the evaluation use come from (a dataset's ``mask_source``).
+#: Where the masks RRR and the evaluation use come from (a dataset's ``mask_source_of``).
 MASK_SOURCES = ("ground_truth", "derived", "none")
 
 
-def mask_source(ds: AnnotatedDataset) -> str:
-    """``"ground_truth"``, ``"derived"`` (binarised CAV heatmaps, ``medaudit localize
-    --export-masks``) or ``"none"``: the dataset's own ``mask_source`` where it says, else
-    ground truth when it has masks."""
-    src = getattr(ds, "mask_source", None)
-    if src is None:
-        src = "ground_truth" if ds.has_masks else "none"
+def mask_source(ds: AnnotatedDataset, artifact: str) -> str:
+    """Where ``artifact``'s masks come from: ``"ground_truth"``, ``"derived"`` (binarised CAV
+    heatmaps, ``medaudit localize --export-masks``) or ``"none"``, as the dataset says
+    (``mask_source_of``); ground truth for a dataset that has masks and does not say."""
+    of = getattr(ds, "mask_source_of", None)
+    src = of(artifact) if callable(of) else ("ground_truth" if ds.has_masks else "none")
     if src not in MASK_SOURCES:
-        raise ConfigError(f"dataset mask_source {src!r}; valid: {', '.join(MASK_SOURCES)}")
+        raise ConfigError(f"dataset mask source {src!r} of {artifact}; valid: {', '.join(MASK_SOURCES)}")
     return str(src)
 
 
@@ -141,19 +140,26 @@ class DatasetData:
         spec: Its spec string (``folder:/path``, ``isic2019:/path``, …), recorded in cards and banks
             so that ``refine-cav`` can open it again.
         size: The model's input side.
-        cache: Folder for the split arrays (keyed by :meth:`key`).
+        cache: Folder for the split arrays (keyed by :meth:`key`); None: read every time.
+        artifact: The build's artifact, whose masks (:attr:`mask_source`) RRR and the evaluation use.
         progress: Progress bars.
     """
 
     can_pair = False
 
     def __init__(
-        self, ds: AnnotatedDataset, spec: str, size: int, cache: Path, progress: Progress | None = None
+        self,
+        ds: AnnotatedDataset,
+        spec: str,
+        size: int,
+        cache: Path | None,
+        artifact: str,
+        progress: Progress | None = None,
     ) -> None:
         self.ds, self.name, self.size, self.cache, self.progress = ds, spec, size, cache, progress
         self.label_names = tuple(ds.label_names)
         self.labels = np.asarray(ds.labels, dtype=np.int64)
-        self.mask_source = mask_source(ds)
+        self.mask_source = mask_source(ds, artifact) if artifact else "none"
         self.tr_idx = np.asarray(ds.indices("train"), dtype=np.int64)
         n = len(self.labels)
         self.membership: dict[str, np.ndarray] = {}
@@ -195,8 +201,8 @@ class DatasetData:
         digest = hashlib.sha256(
             json.dumps([self.key(), what, np.asarray(idx).tolist()], sort_keys=True).encode()
         ).hexdigest()[:16]
-        path = self.cache / f"data-{what}-{digest}.npy"
-        if path.exists():
+        path = self.cache / f"data-{what}-{digest}.npy" if self.cache is not None else None
+        if path is not None and path.exists():
             return torch.from_numpy(np.load(path)).permute(0, 3, 1, 2).contiguous()
         adv = self.progress(f"read {what}", len(idx)) if self.progress and len(idx) else None
         out = np.zeros((len(idx), self.size, self.size, 3), np.uint8)
@@ -204,10 +210,11 @@ class DatasetData:
             out[j] = self.ds.load_image(int(i), self.size)
             if adv:
                 adv(1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(path)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, out)
+            tmp.replace(path)
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
     def train(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,11 +297,13 @@ def build_data(
     synthderm: SynthDermConfig,
     size: int,
     cache: Path,
+    artifact: str,
     progress: Progress | None = None,
 ) -> BuildData:
     """The build's data: ``"synthderm"`` (or ``""``) renders ``synthderm`` (its own size), any
     other spec opens a dataset on disk (:func:`medaudit.models.data.registry.open_dataset`) read
-    at ``size``."""
+    at ``size``, after reading every image and mask once where the dataset can check itself
+    (``validate``): a bad file fails the build before anything is built."""
     if spec in ("", "synthderm"):
         return SynthDermData(synthderm, cache, progress)
     from medaudit.models.data.registry import open_dataset
@@ -302,15 +311,20 @@ def build_data(
     ds = open_dataset(spec)
     if isinstance(ds, SynthDerm):  # a synthderm spec with options: still rendered by its generator
         return SynthDermData(ds.cfg, cache, progress)
-    return DatasetData(ds, _absolute(spec), size, cache, progress)
+    validate = getattr(ds, "validate", None)
+    if callable(validate):
+        validate(progress)
+    return DatasetData(ds, _absolute(spec), size, cache, artifact, progress)
 
 
 def _absolute(spec: str) -> str:
-    """``kind:relative/path`` -> ``kind:/absolute/path``, so a card names data another folder can open."""
-    kind, sep, path = spec.partition(":")
+    """``kind:relative/path?opts`` -> ``kind:/absolute/path?opts``, so a card names data another
+    folder can open."""
+    head, q, query = spec.partition("?")
+    kind, sep, path = head.partition(":")
     if not sep or not path:
         return spec
-    return f"{kind}:{Path(path).expanduser().resolve()}"
+    return f"{kind}:{Path(path).expanduser().resolve()}{q}{query}"
 
 
 def _files(ds: AnnotatedDataset) -> list[str]:

@@ -172,8 +172,12 @@ class BuildConfig:
     @property
     def model_name(self) -> str:
         """Versions are registered as ``<model_name>:<version>``: the spec's name, else
-        ``<arch>-synthderm`` for the model medaudit trains."""
-        return self.model.name if self.model is not None else f"{self.train.arch}-synthderm"
+        ``<arch>-synthderm`` for the model medaudit trains (``<arch>-synthderm-<k>class`` on
+        synthderm's k-class forms)."""
+        if self.model is not None:
+            return self.model.name
+        d = self.train.data
+        return f"{self.train.arch}-synthderm" + ("" if d.plain else f"-{len(d.classes)}class")
 
     def correction(self, name: str) -> Correction:
         cls = CORRECTIONS[name]
@@ -273,7 +277,7 @@ def build(
     model_dir = Path(out_dir) / cfg.model_name
     cache = model_dir / "cache"
     side = cfg.model.input_size[-1] if cfg.model is not None else cfg.train.data.size
-    data = build_data(cfg.data, cfg.train.data, side, cache, progress)
+    data = build_data(cfg.data, cfg.train.data, side, cache, cfg.artifact, progress)
     focus, scope, cav_data = check_data(cfg, data)
 
     # 1. train (models.train.train is itself resumable and idempotent), or the spec's model
@@ -418,7 +422,9 @@ def check_data(cfg: BuildConfig, data: BuildData) -> tuple[int, tuple[int, ...] 
     if cfg.model is not None and tuple(cfg.model.labels) != tuple(labels):
         raise ConfigError(
             f"{cfg.model.path} has labels [{', '.join(cfg.model.labels)}] but {data.name} has classes "
-            f"[{', '.join(labels)}]: the spec's labels must be the data's classes, in index order"
+            f"[{', '.join(labels)}]: the spec's labels must be the data's classes, in index order "
+            f"(folder data takes the model's order as an option: {data.name.partition('?')[0]}"
+            f"?labels={','.join(cfg.model.labels)})"
         )
     drawn = data.train_membership()
     if cfg.artifact not in drawn:
@@ -427,10 +433,11 @@ def check_data(cfg: BuildConfig, data: BuildData) -> tuple[int, tuple[int, ...] 
             f"{', '.join(drawn) or 'none'}"
         )
     if "rrr" in cfg.corrections and data.mask_source == "none":
+        model = f" --model {cfg.model.path}" if cfg.model is not None else ""
         raise ConfigError(
-            f"rrr needs artifact masks and {data.name} has none: derive them from the concept with "
-            f"`medaudit localize --export-masks` on this data and artifact ({cfg.artifact}), then build "
-            "again, or leave rrr out of --corrections"
+            f"rrr needs masks of {cfg.artifact} and {data.name} has none: derive them from the concept "
+            f"with `medaudit localize --data {data.name} --artifact {cfg.artifact}{model} --export-masks`, "
+            "then build again, or leave rrr out of --corrections"
         )
     focus = int(np.argmax(data.rates(cfg.artifact)))
     if cfg.cav_scope == "artifact_class":

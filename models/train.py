@@ -229,7 +229,7 @@ def train(
     ds = SynthDerm(tcfg.data)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     Xtr, ytr = render_split(ds, "train", cache_dir=cache, progress=progress)
-    model, mcfg = create_model(tcfg.arch, img_size=tcfg.data.size)
+    model, mcfg = create_model(tcfg.arch, img_size=tcfg.data.size, labels=tuple(ds.label_names))
     model = model.to(device=torch.device(device), memory_format=torch.channels_last)  # type: ignore[call-overload]
     # foreach: the multi-tensor AdamW, bit-identical to torch's CPU default (a Python loop over the
     # 62 tensors) and ~30 % cheaper per step (tests/unit/test_train.py checks the identity).
@@ -318,7 +318,8 @@ def evaluate_base(
     attack: str = "band_aid",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Accuracy on the three test variants (method.md §5.4) and the shortcut's size.
+    """Accuracy on the three test variants (method.md §5.4) and the shortcut's size: the largest
+    clean→attacked accuracy drop of a class (malignant for band-aids on the binary data).
 
     Rows a variant shares byte for byte with an earlier one are not forwarded again
     (:func:`predict_reusing`, as ``medaudit.models.evaluate.evaluate_version`` does: 464 of synthderm's
@@ -329,11 +330,19 @@ def evaluate_base(
     sets = render_splits(ds, "test", ("ch", "clean", "attacked"), attack, cache, progress)
     for variant, (X, y) in sets.items():
         res[variant] = accuracy_report(predict_reusing(model, X, mcfg, done), y, mcfg.labels)
-    mal = f"accuracy_{mcfg.labels[1]}"
+    drops = {
+        k: res["clean"][f"accuracy_{k}"] - res["attacked"][f"accuracy_{k}"]
+        for k in mcfg.labels
+        if math.isfinite(res["clean"][f"accuracy_{k}"]) and math.isfinite(res["attacked"][f"accuracy_{k}"])
+    }
+    victim = max(drops, key=lambda k: drops[k]) if drops else mcfg.labels[-1]
     res["shortcut"] = {
         "artifact": attack,
-        "malignant_clean_minus_attacked_points": round(100 * (res["clean"][mal] - res["attacked"][mal]), 2),
+        "class": victim,
+        "clean_minus_attacked_points": round(100 * drops.get(victim, float("nan")), 2),
     }
+    if "malignant" in drops:  # the binary demo's card key, which earlier cards carry
+        res["shortcut"]["malignant_clean_minus_attacked_points"] = round(100 * drops["malignant"], 2)
     return {"test": res}
 
 

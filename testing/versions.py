@@ -19,8 +19,19 @@ from medaudit.service.store import LoadedVersion
 SERVED_NAME = "resnet18-synthderm"
 
 
-def write_version_files(d: Path, version: str, seed: int, img_size: int = 32) -> Path:
-    """A randomly initialised resnet18's served files in ``d``: weights, ONNX, card, concept bank."""
+def write_version_files(
+    d: Path,
+    version: str,
+    seed: int,
+    img_size: int = 32,
+    *,
+    labels: tuple[str, ...] | None = None,
+    name: str = SERVED_NAME,
+    data: dict[str, object] | None = None,
+) -> Path:
+    """A randomly initialised resnet18's served files in ``d``: weights, ONNX, card, concept bank;
+    ``labels`` (default benign, malignant) set its classes, ``name`` the model it belongs to,
+    ``data`` the card's data entry (default: synthderm)."""
     from medaudit.models.cards import build_card
     from medaudit.models.corrections.io import save_version
     from medaudit.models.export import export_onnx
@@ -28,16 +39,16 @@ def write_version_files(d: Path, version: str, seed: int, img_size: int = 32) ->
     from medaudit.models.xai.concepts import ConceptBank
 
     torch.manual_seed(seed)
-    model, cfg = create_model("resnet18", img_size=img_size)
+    model, cfg = create_model("resnet18", img_size=img_size, labels=labels)
     layer = cfg.default_cav_layer
     w = save_version(model, cfg, d / "model.pt", correction="vanilla", layer=layer, params={})
     o = export_onnx(model, cfg, d / "model.onnx")
     cls = {"accuracy": 0.9, "accuracy_malignant": 0.8, "f1_macro": 0.85}
     build_card(
-        name=f"{SERVED_NAME}:{version}",
+        name=f"{name}:{version}",
         version=version,
         architecture=cfg.to_dict(),
-        data={"dataset": "synthderm"},
+        data=data or {"dataset": "synthderm"},
         correction={"name": "vanilla", "layer": layer, "params": {}},
         metrics={
             "classification": {"ch": cls, "clean": cls, "attacked": cls},
@@ -60,10 +71,8 @@ def write_version_files(d: Path, version: str, seed: int, img_size: int = 32) ->
             Explainer(model, cfg).explain(x, ["pred"], cav_layers=[layer]).activations[layer].double().numpy()
         )
     t = (np.arange(24) % 2).astype(np.int64)
-    labels = {"band_aid": t, "ruler": rng.permutation(t)}
-    ConceptBank.fit(f"{SERVED_NAME}:{version}", layer, acts, labels, acts[t == 0], kind="signal").save(
-        d / "bank"
-    )
+    concepts = {"band_aid": t, "ruler": rng.permutation(t)}
+    ConceptBank.fit(f"{name}:{version}", layer, acts, concepts, acts[t == 0], kind="signal").save(d / "bank")
     return d
 
 

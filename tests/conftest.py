@@ -98,3 +98,14 @@ def redis_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
             r.delete(k)
     finally:
         r.close()
+
+
+@pytest.fixture(scope="session")
+def three_class_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthderm's three-class form (nevus, melanoma, bcc; band-aids on nevi) at 32 px, exported
+    in the folder + labels CSV layout with its true masks: a small dataset on disk for the build,
+    the service and refine-cav with more than two classes."""
+    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+
+    cfg = SynthDermConfig.preset("isic_like", size=32, n_train=90, n_val=30, n_test=45)
+    return SynthDerm(cfg).export(tmp_path_factory.mktemp("three_class") / "derm3", layout="folder")

@@ -13,17 +13,23 @@ fits saw, for three banks: the stored one, a refit on the original data alone (t
 same procedure, so the difference is the reviewed samples' alone) and the refined one. The new
 bank's provenance records how many samples were added per concept and which flags they came from.
 
-:func:`synthderm_fit_data` re-extracts the original fit data the way ``medaudit.models.pipeline`` does:
-synthderm's training split (training distribution) for the fit, clean validation images for the
-calibration, and the test split for the held-out evaluation, through the served version's own
-model, whose activations the flags' features are.
+:func:`synthderm_fit_data` and :func:`dataset_fit_data` re-extract the original fit data the way
+``medaudit.models.pipeline`` does, on synthderm or on any annotated dataset on disk: the training
+split for the fit, clean validation images for the calibration, and the test split for the
+held-out evaluation, through the served version's own model, whose activations the flags'
+features are.
+
+:func:`refit_version` turns a refined bank into a **new version** of the same model: the same
+weights and ONNX graph, the refitted bank under the new tag, and a copy of the card whose
+``concept_bank`` entry names the version it was refitted from and the flags it learnt from. It is
+registered and served like any version (beside the old one, for A/B of the two banks).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,8 +45,10 @@ if TYPE_CHECKING:
     import redis
     from torch import nn
 
+    from medaudit.models.data.protocol import AnnotatedDataset
     from medaudit.models.data.synthetic import SynthDermConfig
     from medaudit.models.registry import ModelCfg
+    from medaudit.service.store import LoadedVersion
 
 #: Verdict -> label of the flagged concept; verdicts not listed add no sample.
 VERDICT_LABELS = {"artifact_confirmed": 1, "false_alarm": 0}
@@ -351,6 +359,101 @@ def synthderm_fit_data(
         eval_labels={c: ds.membership[c][te].astype(np.int64) for c in concepts},
         dataset="synthderm",
     )
+
+
+def dataset_fit_data(
+    model: nn.Module,
+    cfg: ModelCfg,
+    layer: str,
+    ds: AnnotatedDataset,
+    concepts: Sequence[str],
+    *,
+    name: str = "unspecified",
+    batch_size: int = 64,
+) -> FitData:
+    """:func:`synthderm_fit_data` for any annotated dataset (``medaudit.models.build_data``): the
+    training split with annotation labels for the fit, validation images with no annotated
+    artifact for the calibration, the test split with annotation labels held out; images read at
+    the model's input side.
+
+    Raises:
+        ConceptBankError: A concept the dataset does not annotate.
+    """
+    from medaudit.models.build_data import DatasetData
+    from medaudit.models.corrections.base import pooled_activations
+
+    data = DatasetData(ds, name, int(cfg.input_size[-1]), None, concepts[0] if concepts else "")
+    unknown = [c for c in concepts if c not in data.membership]
+    if unknown:
+        raise ConceptBankError(
+            f"{name} annotates no image with {unknown}; annotated: {', '.join(data.membership) or 'none'}"
+        )
+    tr, te = data.tr_idx, np.asarray(ds.indices("test"), dtype=np.int64)
+
+    def acts(x: Any) -> np.ndarray:
+        return pooled_activations(model, cfg, layer, x, batch_size=batch_size)
+
+    return FitData(
+        acts_train=acts(data.train()[0]),
+        labels={c: data.membership[c][tr].astype(np.int64) for c in concepts},
+        acts_val_clean=acts(data.val_clean(concepts[0] if concepts else "")),
+        acts_eval=acts(data.arrays(te, "test")),
+        eval_labels={c: data.membership[c][te].astype(np.int64) for c in concepts},
+        dataset=name,
+    )
+
+
+# --------------------------------------------------------------------------------- new version
+
+
+def refit_version_name(version: str, existing: Sequence[str]) -> str:
+    """``vanilla`` -> ``vanilla-refit1``, or the next number not among ``existing`` versions."""
+    base = version.split("-refit", 1)[0]
+    n = 1
+    while f"{base}-refit{n}" in existing:
+        n += 1
+    return f"{base}-refit{n}"
+
+
+def refit_version(loaded: LoadedVersion, result: RefineResult, version: str, out: str | Path) -> Path:
+    """Writes a new version of ``loaded``'s model into ``out``: ``bank/`` (the refined bank under
+    ``<name>:<version>``) and ``card.json``/``card.md`` (the old card renamed, with a
+    ``concept_bank`` entry: refitted from which version, on how many reviewed samples, from which
+    flags). Weights and ONNX are the old version's (register them from ``loaded.path``).
+
+    Returns:
+        ``out``.
+    """
+    from medaudit.models.xai.concepts import ConceptBank
+
+    name = loaded.tag.split(":", 1)[0]
+    tag = f"{name}:{version}"
+    out = Path(out)
+    b = result.bank
+    bank = ConceptBank(tag, b.layer, {c: b[c] for c in b}, b.provenance, b.target_fpr)
+    bank.save(out / "bank")
+    refit = {
+        "refit_from": loaded.tag,
+        "layer": b.layer,
+        "added": dict(result.added),
+        "flag_ids": list(result.flag_ids),
+        "held_out": result.to_json()["held_out"],
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    note = (
+        f"Concept bank refitted from {loaded.tag} with {len(result.flag_ids)} reviewed flags "
+        "(same weights); see data.concept_bank."
+    )
+    card = replace(
+        loaded.card,
+        name=tag,
+        version=version,
+        data={**dict(loaded.card.data), "concept_bank": refit},
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        notes=(*loaded.card.notes, note),
+    )
+    card.save(out)
+    return out
 
 
 def _text(v: Any) -> str:

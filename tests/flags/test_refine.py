@@ -172,6 +172,7 @@ def test_refine_cav_command_on_the_tiny_store(
         str(out),
         "--data-config",
         str(cfg_path),
+        "--no-register",  # the session's tiny store stays as other modules expect it
     ]
     done = runner.invoke(app, args)
     assert done.exit_code == 0, done.output
@@ -179,7 +180,8 @@ def test_refine_cav_command_on_the_tiny_store(
     print(f"\nflags {flagged}, resolved {len(used)}; held-out retrieval: {json.dumps(report['held_out'])}")
     stored = load_version(TAG, home=tiny_store).bank
     new = ConceptBank.load(out / "bank")
-    assert new.model_version == stored.model_version and new.layer == stored.layer
+    # the refitted bank belongs to the new version it is registered as (same weights)
+    assert new.model_version == report["new_version"] == f"{TAG}-refit1" and new.layer == stored.layer
     assert all(not np.allclose(new[c].v, stored[c].v) for c in stored)
     assert sorted(new.provenance.extra["refined"]["flag_ids"]) == sorted(used) == sorted(report["flag_ids"])
     assert new.provenance.dataset == "synthderm" and new.provenance.n_train == 24 + len(used)
