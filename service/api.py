@@ -4,9 +4,10 @@ Endpoints (listed once, in :mod:`medaudit.service.endpoints`; every response car
 ``X-Request-ID`` and, when a model answered, ``X-Model-Version``):
 
 =======================  ====================================================================
-``POST /predict``        raw image body (PNG, JPEG, TIFF, GIF, DICOM) -> prediction
+``POST /predict``        raw image body (PNG, JPEG, TIFF, GIF, DICOM) -> prediction (``?detail=``:
+                         ``scores`` screens, ``full`` audits; :mod:`~medaudit.service.screening`)
 ``POST /audit``          raw image body -> prediction, heatmap, concept scores, flag decision
-                         (``?raw_heatmap=1`` adds the float16 map)
+                         (``?raw_heatmap=1`` adds the float16 map; ``?detail=scores`` screens)
 ``POST /compare``        raw image body -> audits by several versions (``?versions=a,b``;
                          default all served) side by side, with agreement
 ``GET /models``          served versions, A/B weights, shadow and its agreement counters
@@ -114,6 +115,7 @@ from medaudit.service.middleware import (
     UploadNormalizer,
 )
 from medaudit.service.routing import Route
+from medaudit.service.screening import Screening
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +384,7 @@ class MedAudit:
             ).set(1)
             log.info("serving %s (concepts: %s)", eng.tag, ", ".join(eng.bank.concepts))
         self.policy = self.settings.policy()
+        self.screening = Screening(self)  # /predict and /audit by ?detail=
         self.policy.check_concepts(sorted({c for e in self.engines.values() for c in e.bank.concepts}))
         self.publisher: Any = None
         self.review_client: Any = None
@@ -668,15 +671,12 @@ class MedAudit:
     @bentoml.api(route=PREDICT.path)
     async def predict(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Prediction for the image in the request body, adaptively batched in :class:`Predictor`."""
-        return await self._serve(ctx, image, lambda d, _rid: self.predict_async(d, ctx.request.headers))
+        return await self._serve(ctx, image, lambda d, rid: self.screening.predict(d, ctx.request, rid))
 
     @bentoml.api(route=AUDIT.path)
     async def audit(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Prediction, LRP heatmap, concept scores, localization masks and flag decision."""
-        raw = ctx.request.query_params.get("raw_heatmap", "").lower() in ("1", "true", "yes")
-        return await self._serve(
-            ctx, image, lambda d, rid: self.audit_async(d, ctx.request.headers, raw, rid)
-        )
+        return await self._serve(ctx, image, lambda d, rid: self.screening.audit(d, ctx.request, rid))
 
     @bentoml.api(route=COMPARE.path)
     async def compare(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:

@@ -113,7 +113,8 @@ class AuditResult:
     Attributes:
         prediction: From the explained forward pass.
         heatmap_png: Base64 PNG: the model-size input with the class heatmap overlaid
-            (red positive, blue negative relevance).
+            (red positive, blue negative relevance); ``None`` for a screen
+            (:meth:`AuditEngine.screen`), which computes no heatmap.
         heatmap: The raw class heatmap (H, W) as float16, if asked for.
         concepts: One score per concept of the version's bank (what the flag policy reads).
         layer: The bank's CAV layer.
@@ -123,7 +124,7 @@ class AuditResult:
     """
 
     prediction: Prediction
-    heatmap_png: str
+    heatmap_png: str | None
     concepts: tuple[ConceptScore, ...]
     layer: str
     heatmap: np.ndarray | None = field(default=None, repr=False)
@@ -437,29 +438,68 @@ class AuditEngine:
         overlays = self._map(lambda b: png_base64(overlay(rgb[b], heat[b])), range(len(preds)))
         out = []
         for b, pred in enumerate(preds):
-            concepts = tuple(
-                ConceptScore(
-                    concept=c,
-                    score=float(scores[c].score[b]),
-                    percentile=float(scores[c].percentile[b]),
-                    present=bool(scores[c].present[b]),
-                    threshold=float(scores[c].threshold),
-                    relevance_share=float(shares[c][b]),
-                    mask_png=masks.get((b, c)),
-                )
-                for c in self.bank
-            )
             out.append(
                 AuditResult(
                     prediction=pred,
                     heatmap_png=overlays[b],
-                    concepts=concepts,
+                    concepts=self._concepts(scores, shares, b, masks),
                     layer=layer,
                     heatmap=heat[b].astype(np.float16) if raw_heatmap else None,
                     features=pooled[b].astype(np.float32),
                 )
             )
         return out
+
+    def screen(self, images: Sequence[Image_]) -> list[AuditResult]:
+        """What :meth:`audit` gives the flag policy, without heatmaps or masks, for a batch of images.
+
+        The prediction, each concept's score, percentile and presence (method.md §1.4) and its
+        relevance share come from one LRP call whose backward stops at the CAV layer ℓ
+        (``Explainer.explain(heatmaps=False)``): the class relevance at ℓ depends only on the
+        layers above it (ResNet-18 at ``identity_2``: the last of four stages), and the forward
+        up to ℓ records no autograd graph. The same forward, the same relevance at ℓ and the same
+        scoring as :meth:`audit`, so the same scores, presence, shares and flag decision on the
+        same batch (tests/unit/test_screening.py). ``heatmap_png`` is ``None``, masks too.
+        """
+        _, x = self._inputs(images)
+        layer = self.bank.layer
+        e = self.explainer.explain(x, ["pred"], cav_layers=[layer], relevance_layers=[layer], heatmaps=False)
+        preds = predictions(_numpy(e.logits), self.cfg.labels, self.version)
+        pooled = _numpy(e.activations[layer])
+        scores = self.bank.score(pooled, self.fpr)
+        class_rel = _numpy(e.relevance[layer][0])
+        shares = {c: relevance_share(class_rel, self.bank[c].v) for c in self.bank}
+        return [
+            AuditResult(
+                prediction=pred,
+                heatmap_png=None,
+                concepts=self._concepts(scores, shares, b, {}),
+                layer=layer,
+                features=pooled[b].astype(np.float32),
+            )
+            for b, pred in enumerate(preds)
+        ]
+
+    def _concepts(
+        self,
+        scores: Mapping[str, Any],
+        shares: Mapping[str, np.ndarray],
+        b: int,
+        masks: Mapping[tuple[int, str], str],
+    ) -> tuple[ConceptScore, ...]:
+        """Image ``b``'s score of every concept of the bank, in bank order (audits and screens)."""
+        return tuple(
+            ConceptScore(
+                concept=c,
+                score=float(scores[c].score[b]),
+                percentile=float(scores[c].percentile[b]),
+                present=bool(scores[c].present[b]),
+                threshold=float(scores[c].threshold),
+                relevance_share=float(shares[c][b]),
+                mask_png=masks.get((b, c)),
+            )
+            for c in self.bank
+        )
 
     def _masks(
         self, x: torch.Tensor, scores: Mapping[str, Any], done: set[tuple[int, str]] | None = None

@@ -70,18 +70,30 @@ def by_version(jobs: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
     return out
 
 
-def audit_jobs(engines: Mapping[str, AuditEngine], jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One :meth:`AuditEngine.audit` call per version over a batch of jobs, results in job order.
+def is_screen(job: Mapping[str, Any]) -> bool:
+    """Whether ``job`` asks for a screen (:meth:`AuditEngine.screen`) rather than an audit."""
+    return job.get("detail") == "scores"
 
-    A job is ``{"version", "pixels": (H, W, 3) uint8, "raw_heatmap": bool}``; its result is
+
+def audit_jobs(engines: Mapping[str, AuditEngine], jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One :meth:`AuditEngine.audit` call per version over a batch of jobs, and one
+    :meth:`AuditEngine.screen` call per version over its screens; results in job order.
+
+    A job is ``{"version", "pixels": (H, W, 3) uint8, "raw_heatmap": bool}``, plus
+    ``"detail": "scores"`` for a screen (:mod:`medaudit.service.screening`) and, for an audit, the
+    ``"reason"`` it was asked for (the heatmap metric's label; default ``requested``). Its result is
     ``{"result": audit JSON, "features"}``: the pooled activations the flags store travel beside
     the JSON, not in it.
     """
     out: list[dict[str, Any]] = [{} for _ in jobs]
-    for version, idx in by_version(jobs).items():
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((str(job["version"]), is_screen(job)), []).append(i)
+    for (version, screen), idx in groups.items():
         rgb = [np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx]
         raw = any(bool(jobs[i].get("raw_heatmap")) for i in idx)
-        results = engines[version].audit(rgb, raw_heatmap=raw)
+        engine = engines[version]
+        results = engine.screen(rgb) if screen else engine.audit(rgb, raw_heatmap=raw)
         for i, r in zip(idx, results, strict=True):
             body = r.to_json()
             if not jobs[i].get("raw_heatmap"):
@@ -450,6 +462,9 @@ class AuditPool:
         with self._cond:
             old = self.seconds_per_image
             self.seconds_per_image = per_image if old is None else old + EWMA_WEIGHT * (per_image - old)
+        for job in jobs:  # computed, so counted (also when its caller has stopped waiting)
+            if not is_screen(job):
+                metrics.HEATMAPS.labels(str(job["version"]), str(job.get("reason", "requested"))).inc()
         return results
 
     def _crashed(self, lane: Lane, items: list[_Item], e: LaneCrashedError) -> None:

@@ -26,6 +26,13 @@ Variables (all optional except where auth is on):
 ``MEDAUDIT_FLAG_SHARE``            relevance share above which a present concept flags, in [0, 1]
                                    (default 0.2): the flag policy's default ``share`` unless
                                    ``MEDAUDIT_FLAG_POLICY`` sets one
+``MEDAUDIT_PREDICT_DETAIL``        what ``/predict`` answers when the request names no ``detail``:
+                                   ``prediction`` (default), ``scores`` (screened: concept scores
+                                   and flag, :mod:`~medaudit.service.screening`) or ``full`` (an audit)
+``MEDAUDIT_SCREEN_HEATMAPS``       ``flagged`` (default): a screened request that flags gets its
+                                   heatmap and masks in the same request; ``off``: never
+``MEDAUDIT_SCREEN_SAMPLE_RATE``    share of screened requests that get the heatmap anyway, for
+                                   monitoring, in [0, 1] (default 0)
 ``MEDAUDIT_MAX_BYTES``             largest accepted body, bytes (default 32 MiB)
 ``MEDAUDIT_MAX_PIXELS``            largest accepted width×height (default 40 000 000)
 ``MEDAUDIT_MIN_IMAGE_SIDE``        smallest accepted side, px (default 1: tiny images are upscaled)
@@ -54,7 +61,8 @@ from typing import overload
 
 from medaudit.models.errors import ConfigError
 from medaudit.service.auth import KeyEntry, KeyStore, parse_key_spec
-from medaudit.service.envvars import positive_int
+from medaudit.service.endpoints import PREDICT_DETAILS
+from medaudit.service.envvars import choice, positive_int, unit_float
 from medaudit.service.flags.policy import PolicyConfig
 from medaudit.service.flags.settings import NAMES as FLAG_NAMES
 from medaudit.service.flags.settings import FlagSettings
@@ -91,6 +99,11 @@ class Settings:
     ab_salt: str = ""
     flag_fpr: float | None = None
     flag_share: float = 0.2
+    #: Screening (:mod:`medaudit.service.screening`): what ``/predict`` answers by default, whether
+    #: a flagged screen gets its heatmap, and the share of screens that get one anyway.
+    predict_detail: str = "prediction"
+    screen_heatmaps: bool = True
+    screen_sample_rate: float = 0.0
     predict_backend: str = "onnx"
     #: Intra-op threads of the /predict model (ONNX Runtime or torch) and of the auditor's torch;
     #: ``None``: the library's default (one per core). Each runs in its own process, beside the
@@ -144,6 +157,15 @@ class Settings:
             raise ConfigError(f"{PREFIX}FLAG_FPR must be in (0, 1), got {self.flag_fpr!r}")
         if not 0.0 <= self.flag_share <= 1.0:
             raise ConfigError(f"{PREFIX}FLAG_SHARE must be in [0, 1], got {self.flag_share!r}")
+        if self.predict_detail not in PREDICT_DETAILS:
+            raise ConfigError(
+                f"{PREFIX}PREDICT_DETAIL must be one of {', '.join(PREDICT_DETAILS)}; "
+                f"got {self.predict_detail!r}"
+            )
+        if not 0.0 <= self.screen_sample_rate <= 1.0:
+            raise ConfigError(
+                f"{PREFIX}SCREEN_SAMPLE_RATE must be in [0, 1], got {self.screen_sample_rate!r}"
+            )
         if self.redis_url is not None and not re.match(r"^(redis|rediss|unix)://", self.redis_url):
             raise ConfigError(
                 f"{PREFIX}REDIS_URL must start with redis://, rediss:// or unix://, got "
@@ -189,6 +211,10 @@ class Settings:
             ab_salt=env.get(PREFIX + "AB_SALT", ""),
             flag_fpr=_float(env, PREFIX + "FLAG_FPR"),
             flag_share=_float(env, PREFIX + "FLAG_SHARE", cls.flag_share),
+            predict_detail=choice(env, PREFIX + "PREDICT_DETAIL", PREDICT_DETAILS, cls.predict_detail),
+            screen_heatmaps=choice(env, PREFIX + "SCREEN_HEATMAPS", ("flagged", "off"), "flagged")
+            == "flagged",
+            screen_sample_rate=unit_float(env, PREFIX + "SCREEN_SAMPLE_RATE", cls.screen_sample_rate),
             predict_backend=env.get(PREFIX + "PREDICT_BACKEND", "onnx").strip().lower(),
             predict_threads=_optional_positive_int(env, PREFIX + "PREDICT_THREADS"),
             audit_threads=_optional_positive_int(env, PREFIX + "AUDIT_THREADS"),
@@ -343,6 +369,9 @@ _NAMES = (
     "AB_SALT",
     "FLAG_FPR",
     "FLAG_SHARE",
+    "PREDICT_DETAIL",
+    "SCREEN_HEATMAPS",
+    "SCREEN_SAMPLE_RATE",
     "PREDICT_BACKEND",
     "PREDICT_THREADS",
     "AUDIT_THREADS",

@@ -131,6 +131,12 @@ ROUTING = (
 FLAG_ID = Param("flag_id", "path", required=True)
 
 #: What an image endpoint can answer besides 200 (401 only where keys are required).
+#: What an answer holds (``?detail=``; :mod:`medaudit.service.screening`): the prediction alone, the
+#: screen (prediction, concept scores, relevance shares and the flag decision, no heatmap) or the
+#: full audit (heatmap and masks too). ``/predict`` takes all three, ``/audit`` the last two.
+PREDICT_DETAILS = ("prediction", "scores", "full")
+AUDIT_DETAILS = ("scores", "full")
+
 IMAGE_ERRORS = (400, 401, 404, 413, 415, 422, 503)
 #: What a reviewer route can always answer (no reviewer key, another role, Redis down).
 REVIEW_ERRORS = (401, 403, 503)
@@ -191,11 +197,28 @@ PREDICT = Endpoint(
     "POST",
     "/predict",
     image=True,
-    summary="Prediction for one image (adaptively batched; ONNX Runtime)",
-    params=ROUTING,
-    answer="PredictResponse",
+    summary="Prediction for one image (adaptively batched; ONNX Runtime), or its screen or audit",
+    params=(
+        *ROUTING,
+        Param(
+            "detail",
+            "query",
+            {"enum": list(PREDICT_DETAILS)},
+            "prediction: the prediction; scores: a screen (prediction, concept scores, relevance "
+            "shares, flag decision; the heatmap only where the screen flags); full: the audit. "
+            "Default: the deployment's (MEDAUDIT_PREDICT_DETAIL; prediction unless set).",
+            required=False,
+        ),
+    ),
+    answer="PredictAnswer",
     errors=IMAGE_ERRORS,
 )
+    schemas={
+        "PredictAnswer": {
+            "anyOf": [ref("PredictResponse"), ref("ScreenResponse"), ref("AuditResponse")],
+            "description": "By detail: PredictResponse, ScreenResponse or AuditResponse.",
+        }
+    },
 AUDIT = Endpoint(
     "audit",
     "POST",
@@ -211,9 +234,22 @@ AUDIT = Endpoint(
             required=False,
         ),
     ),
-    answer="AuditResponse",
+        Param(
+            "detail",
+            "query",
+            {"enum": list(AUDIT_DETAILS)},
+            "full (default): the audit; scores: a screen, as /predict?detail=scores answers.",
+            required=False,
+        ),
+    answer="AuditAnswer",
     errors=IMAGE_ERRORS,
 )
+    schemas={
+        "AuditAnswer": {
+            "anyOf": [ref("AuditResponse"), ref("ScreenResponse")],
+            "description": "By detail: AuditResponse or ScreenResponse.",
+        }
+    },
 COMPARE = Endpoint(
     "compare",
     "POST",

@@ -137,6 +137,13 @@ class InvalidUploadError(AuditError):
     code = "invalid_upload"
 
 
+class InvalidParameterError(AuditError):
+    """A query parameter outside its valid set (``?detail=``); the body names the valid values."""
+
+    status = 422
+    code = "invalid_parameter"
+
+
 # -- routing ---------------------------------------------------------------------------------------
 
 

@@ -85,6 +85,24 @@ FLAGS = Counter(
     "Flag decisions raised, by version, concept and severity.",
     ["version", "concept", "severity"],
 )
+SCREENED = Counter(
+    "medaudit_screened_requests",
+    "Requests answered with a screen (prediction, concept scores, relevance shares and flag "
+    "decision without a heatmap; service.screening), by answering version.",
+    ["version"],
+)
+SCREEN_FLAGS = Counter(
+    "medaudit_screen_flags",
+    "Flags raised on screened requests, by version (one per flagging concept): over "
+    "medaudit_screened_requests_total, the flags per screened request.",
+    ["version"],
+)
+HEATMAPS = Counter(
+    "medaudit_heatmaps",
+    "Full audits (LRP heatmap to the input, masks) computed, by version and reason: requested "
+    "(/audit, /compare, detail=full), flagged (a screen that flagged), sampled (monitoring rate).",
+    ["version", "reason"],
+)
 AB_ASSIGNMENTS = Counter(
     "medaudit_ab_assignments",
     "Requests assigned to a version, by how it was chosen (explicit, hash, random).",

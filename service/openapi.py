@@ -112,6 +112,12 @@ def _schemas() -> dict[str, Schema]:
         "concepts": {"type": "array", "items": ref("ConceptScore")},
         "flag": ref("Flag"),
     }
+    screen_core = {
+        **audit_core,
+        "heatmap_png": nullable(B64_PNG),
+        "detail": {"const": "scores"},
+        "heatmap_reason": nullable({"enum": ["flagged", "sampled"]}),
+    }
     answer = {
         "request_id": STR,
         "version": STR,
@@ -156,8 +162,19 @@ def _schemas() -> dict[str, Schema]:
         "Prediction": prediction,
         "ConceptScore": concept,
         "Flag": flag,
-        "PredictResponse": obj({**answer, "prediction": ref("Prediction")}),
-        "AuditResponse": obj({**answer, **audit_core}),
+        "PredictResponse": obj(
+            {**answer, "prediction": ref("Prediction")}, {"detail": {"const": "prediction"}}
+        ),
+        "AuditResponse": obj(
+            {**answer, **audit_core},
+            {"detail": {"const": "full"}, "heatmap_reason": {"const": "requested"}},
+        ),
+        "ScreenResponse": obj(
+            {**answer, **screen_core},
+            description="A screen (detail=scores): the audit's prediction, concept scores, relevance "
+            "shares and flag decision, without heatmap or masks (heatmap_png null, heatmap_reason "
+            "null); or, where heatmap_reason says why (flagged, sampled), the full audit's answer.",
+        ),
         "CompareResponse": obj(
             {
                 "request_id": STR,

@@ -110,6 +110,8 @@ _RECORDING: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("medaudit_lr
 #: Hook points after whose outputs the forward may stop (see ``Explainer.explain(logits=False)``).
 _STOP_AFTER: ContextVar[frozenset[str] | None] = ContextVar("medaudit_lrp_stop_after", default=None)
 
+#: Hook points where the backward may stop (see ``Explainer.explain(heatmaps=False)``).
+_LEAVES: ContextVar[frozenset[str] | None] = ContextVar("medaudit_lrp_leaves", default=None)
 
 class _ForwardDone(Exception):
     """Raised by a :class:`Tap` once every hook point the call needs has been recorded."""
@@ -133,6 +135,10 @@ class Tap(nn.Module):
         store = _RECORDING.get()
         if store is not None:
             store[self.name] = out
+            leaves = _LEAVES.get()
+            if leaves is not None and self.name in leaves and not out.requires_grad:
+                # Nothing below needs gradient: the graph starts here, the backward ends here.
+                out = out.detach().requires_grad_(True)
             stop = _STOP_AFTER.get()
             if stop is not None and stop <= store.keys():
                 raise _ForwardDone  # the rest of the network cannot change this call's results
@@ -225,6 +231,7 @@ class Explainer:
                 number for a one-hot seed (``1`` as CRP's ``init_rel=1``).
             return_input_relevance: also return the ``(S, B, C, H, W)`` input relevance.
             logits: ``False`` lets a call whose seeds are all :class:`ConceptTarget` stop the
+        heatmaps: bool = True,
                 forward at the last hook point it needs (seed, CAV and relevance layers): the
                 layers above cannot change its heatmaps. ``Explanation.logits`` is then empty,
                 ``(B, 0)``. Ignored when a seed is a class.
@@ -241,6 +248,14 @@ class Explainer:
         if not (
             init_rel == "logit" or (isinstance(init_rel, int | float) and not isinstance(init_rel, bool))
         ):
+            heatmaps: ``False`` stops the backward at the relevance layers (class seeds only; at
+                least one relevance layer): no relevance below them is computed, and the forward
+                up to them builds no autograd graph (a relevance layer whose output needs no
+                gradient becomes a leaf of the graph, so only the layers above it are recorded).
+                The relevance at those layers is the same as with ``True``: it depends only on the
+                layers above. A screen needs no more (the class relevance at the CAV layer of
+                method.md §1.4's relevance share). ``Explanation.heatmaps`` is then empty,
+                ``(S, B, 0, 0)``.
             raise ConfigError(f"init_rel={init_rel!r}; valid: 'logit' or a number (1 = one-hot)")
         seed_layers = [t.layer for t in seeds if isinstance(t, ConceptTarget)]
         for name in [*cav_layers, *relevance_layers]:
@@ -254,21 +269,40 @@ class Explainer:
         repeat = self.batch_mode == "repeat" and n_seeds > 1
         ref = next(t for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point())
         x_in = x.detach().to(ref.device, ref.dtype)
-        x_in = (x_in.repeat(n_seeds, 1, 1, 1) if repeat else x_in).requires_grad_(True)
+        x_in = (x_in.repeat(n_seeds, 1, 1, 1) if repeat else x_in).requires_grad_(heatmaps)
+        leaves = None if heatmaps else frozenset(relevance_layers)
 
         if not _DEFER_SIGN_CHECK.get():
             for _attempt in range(2):  # a second run only if a z⁺ layer's sign assumption failed
+        if not heatmaps and (seed_layers or return_input_relevance or not relevance_layers):
+            raise ConfigError(
+                "heatmaps=False stops the backward at relevance_layers: it needs at least one, "
+                "class seeds only and no input relevance (concept seeds and input relevance need "
+                "the backward to the input)"
+            )
                 with rules.sign_audit() as signs_held:
                     out, out0, class_idx, got = self._propagate(
-                        x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers, stop_after
+                        x_in,
+                        seeds,
+                        batch,
+                        repeat,
+                        init_rel,
+                        seed_layers,
+                        relevance_layers,
+                        stop_after,
+                        leaves,
                     )
                 if signs_held():
                     break
         else:  # inside CapturedExplain: the caller's audit verifies after the graph replays
             out, out0, class_idx, got = self._propagate(
-                x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers, stop_after
+                x_in, seeds, batch, repeat, init_rel, seed_layers, relevance_layers, stop_after, leaves
             )
-        inputs = [x_in, *(out0[ln] for ln in relevance_layers)]
+        x_out = x_in
+        if not heatmaps:  # the backward did not reach the input: an empty heatmap in its place
+            x_out = x_in.new_empty(batch, 1, 0, 0)
+            got = (x_out.new_empty(n_seeds, batch, 1, 0, 0), *got)
+        inputs = [x_out, *(out0[ln] for ln in relevance_layers)]
         rel = [
             (i.new_zeros(n_seeds, *i.shape) if g is None else g)
             .reshape(n_seeds, batch, *i.shape[1:])
@@ -299,15 +333,17 @@ class Explainer:
         """One forward of the rule model and one (batched) backward for all seeds.
 
         With ``stop_after`` (concept seeds only) the forward ends once those hook points are
-        recorded, and the returned logits are an empty ``(B, 0)`` tensor.
+        recorded, and the returned logits are an empty ``(B, 0)`` tensor. With ``leaves``
+        (``heatmaps=False``) the backward ends at those hook points, not at ``x_in``.
         """
         with torch.enable_grad(), recording() as acts:
-            token = _STOP_AFTER.set(stop_after)
+            token, leaf_token = _STOP_AFTER.set(stop_after), _LEAVES.set(leaves)
             try:
                 logits = self.model(x_in)
             except _ForwardDone:
                 logits = x_in.new_zeros(x_in.shape[0], 0)
             finally:
+        leaves: frozenset[str] | None = None,
                 _STOP_AFTER.reset(token)
             out0 = {k: v[:batch] for k, v in acts.items()}
             class_idx, grad_logits = self._class_seeds(seeds, logits[:batch].detach(), init_rel)
@@ -318,10 +354,11 @@ class Explainer:
                 # Only concept seeds: the logits' seed is all zeros, and propagating zeros back
                 # through every layer above the concept layer would change nothing but the time.
                 outputs, grads = outputs[1:], grads[1:]
-            inputs = [x_in, *(acts[ln] for ln in relevance_layers)]
+            inputs = [*([x_in] if leaves is None else []), *(acts[ln] for ln in relevance_layers)]
             if repeat:  # (S, B, ...) -> (S·B, ...)
                 got = torch.autograd.grad(
                     outputs, inputs, [g.flatten(0, 1) for g in grads], allow_unused=True
+                _LEAVES.reset(leaf_token)
                 )
                 return logits, out0, class_idx, got
             split = self._split_layer(seeds, seed_layers, relevance_layers, acts, x_in, logits)

@@ -63,6 +63,7 @@ def test_document_lists_every_route_and_its_errors() -> None:
         "X-Model-Version",
         "X-Subject-Key",
         "raw_heatmap",
+        "detail",
     }
     assert doc["paths"]["/models/{version}"]["get"]["parameters"][1]["schema"]["enum"] == [
         "vanilla",
