@@ -130,13 +130,13 @@ ROUTING = (
 )
 FLAG_ID = Param("flag_id", "path", required=True)
 
-#: What an image endpoint can answer besides 200 (401 only where keys are required).
 #: What an answer holds (``?detail=``; :mod:`medaudit.service.screening`): the prediction alone, the
 #: screen (prediction, concept scores, relevance shares and the flag decision, no heatmap) or the
 #: full audit (heatmap and masks too). ``/predict`` takes all three, ``/audit`` the last two.
 PREDICT_DETAILS = ("prediction", "scores", "full")
 AUDIT_DETAILS = ("scores", "full")
 
+#: What an image endpoint can answer besides 200 (401 only where keys are required).
 IMAGE_ERRORS = (400, 401, 404, 413, 415, 422, 503)
 #: What a reviewer route can always answer (no reviewer key, another role, Redis down).
 REVIEW_ERRORS = (401, 403, 503)
@@ -212,13 +212,13 @@ PREDICT = Endpoint(
     ),
     answer="PredictAnswer",
     errors=IMAGE_ERRORS,
-)
     schemas={
         "PredictAnswer": {
             "anyOf": [ref("PredictResponse"), ref("ScreenResponse"), ref("AuditResponse")],
             "description": "By detail: PredictResponse, ScreenResponse or AuditResponse.",
         }
     },
+)
 AUDIT = Endpoint(
     "audit",
     "POST",
@@ -233,7 +233,6 @@ AUDIT = Endpoint(
             description="1/true/yes adds the raw float16 heatmap; anything else does not.",
             required=False,
         ),
-    ),
         Param(
             "detail",
             "query",
@@ -241,15 +240,16 @@ AUDIT = Endpoint(
             "full (default): the audit; scores: a screen, as /predict?detail=scores answers.",
             required=False,
         ),
+    ),
     answer="AuditAnswer",
     errors=IMAGE_ERRORS,
-)
     schemas={
         "AuditAnswer": {
             "anyOf": [ref("AuditResponse"), ref("ScreenResponse")],
             "description": "By detail: AuditResponse or ScreenResponse.",
         }
     },
+)
 COMPARE = Endpoint(
     "compare",
     "POST",

@@ -109,9 +109,9 @@ class Explanation:
 _RECORDING: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("medaudit_lrp_recording", default=None)
 #: Hook points after whose outputs the forward may stop (see ``Explainer.explain(logits=False)``).
 _STOP_AFTER: ContextVar[frozenset[str] | None] = ContextVar("medaudit_lrp_stop_after", default=None)
-
 #: Hook points where the backward may stop (see ``Explainer.explain(heatmaps=False)``).
 _LEAVES: ContextVar[frozenset[str] | None] = ContextVar("medaudit_lrp_leaves", default=None)
+
 
 class _ForwardDone(Exception):
     """Raised by a :class:`Tap` once every hook point the call needs has been recorded."""
@@ -134,11 +134,11 @@ class Tap(nn.Module):
         out = self.inner(*args, **kwargs)
         store = _RECORDING.get()
         if store is not None:
-            store[self.name] = out
             leaves = _LEAVES.get()
             if leaves is not None and self.name in leaves and not out.requires_grad:
                 # Nothing below needs gradient: the graph starts here, the backward ends here.
                 out = out.detach().requires_grad_(True)
+            store[self.name] = out
             stop = _STOP_AFTER.get()
             if stop is not None and stop <= store.keys():
                 raise _ForwardDone  # the rest of the network cannot change this call's results
@@ -218,6 +218,7 @@ class Explainer:
         init_rel: Literal["logit"] | float = "logit",
         return_input_relevance: bool = False,
         logits: bool = True,
+        heatmaps: bool = True,
     ) -> Explanation:
         """Logits, one heatmap per target and image, and activations/relevance at hook points.
 
@@ -231,10 +232,17 @@ class Explainer:
                 number for a one-hot seed (``1`` as CRP's ``init_rel=1``).
             return_input_relevance: also return the ``(S, B, C, H, W)`` input relevance.
             logits: ``False`` lets a call whose seeds are all :class:`ConceptTarget` stop the
-        heatmaps: bool = True,
                 forward at the last hook point it needs (seed, CAV and relevance layers): the
                 layers above cannot change its heatmaps. ``Explanation.logits`` is then empty,
                 ``(B, 0)``. Ignored when a seed is a class.
+            heatmaps: ``False`` stops the backward at the relevance layers (class seeds only; at
+                least one relevance layer): no relevance below them is computed, and the forward
+                up to them builds no autograd graph (a relevance layer whose output needs no
+                gradient becomes a leaf of the graph, so only the layers above it are recorded).
+                The relevance at those layers is the same as with ``True``: it depends only on the
+                layers above. A screen needs no more (the class relevance at the CAV layer of
+                method.md §1.4's relevance share). ``Explanation.heatmaps`` is then empty,
+                ``(S, B, 0, 0)``.
 
         Raises:
             ConfigError: bad input shape, target, class index or ``init_rel``.
@@ -248,18 +256,16 @@ class Explainer:
         if not (
             init_rel == "logit" or (isinstance(init_rel, int | float) and not isinstance(init_rel, bool))
         ):
-            heatmaps: ``False`` stops the backward at the relevance layers (class seeds only; at
-                least one relevance layer): no relevance below them is computed, and the forward
-                up to them builds no autograd graph (a relevance layer whose output needs no
-                gradient becomes a leaf of the graph, so only the layers above it are recorded).
-                The relevance at those layers is the same as with ``True``: it depends only on the
-                layers above. A screen needs no more (the class relevance at the CAV layer of
-                method.md §1.4's relevance share). ``Explanation.heatmaps`` is then empty,
-                ``(S, B, 0, 0)``.
             raise ConfigError(f"init_rel={init_rel!r}; valid: 'logit' or a number (1 = one-hot)")
         seed_layers = [t.layer for t in seeds if isinstance(t, ConceptTarget)]
         for name in [*cav_layers, *relevance_layers]:
             self._path(name)
+        if not heatmaps and (seed_layers or return_input_relevance or not relevance_layers):
+            raise ConfigError(
+                "heatmaps=False stops the backward at relevance_layers: it needs at least one, "
+                "class seeds only and no input relevance (concept seeds and input relevance need "
+                "the backward to the input)"
+            )
         n_seeds, batch = len(seeds), x.shape[0]
         stop_after = (
             None
@@ -274,12 +280,6 @@ class Explainer:
 
         if not _DEFER_SIGN_CHECK.get():
             for _attempt in range(2):  # a second run only if a z⁺ layer's sign assumption failed
-        if not heatmaps and (seed_layers or return_input_relevance or not relevance_layers):
-            raise ConfigError(
-                "heatmaps=False stops the backward at relevance_layers: it needs at least one, "
-                "class seeds only and no input relevance (concept seeds and input relevance need "
-                "the backward to the input)"
-            )
                 with rules.sign_audit() as signs_held:
                     out, out0, class_idx, got = self._propagate(
                         x_in,
@@ -329,6 +329,7 @@ class Explainer:
         seed_layers: Sequence[str],
         relevance_layers: Sequence[str],
         stop_after: frozenset[str] | None = None,
+        leaves: frozenset[str] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor | None, ...]]:
         """One forward of the rule model and one (batched) backward for all seeds.
 
@@ -343,8 +344,8 @@ class Explainer:
             except _ForwardDone:
                 logits = x_in.new_zeros(x_in.shape[0], 0)
             finally:
-        leaves: frozenset[str] | None = None,
                 _STOP_AFTER.reset(token)
+                _LEAVES.reset(leaf_token)
             out0 = {k: v[:batch] for k, v in acts.items()}
             class_idx, grad_logits = self._class_seeds(seeds, logits[:batch].detach(), init_rel)
             grad_layers = {ln: self._concept_seeds(seeds, ln, out0[ln]) for ln in dict.fromkeys(seed_layers)}
@@ -358,7 +359,6 @@ class Explainer:
             if repeat:  # (S, B, ...) -> (S·B, ...)
                 got = torch.autograd.grad(
                     outputs, inputs, [g.flatten(0, 1) for g in grads], allow_unused=True
-                _LEAVES.reset(leaf_token)
                 )
                 return logits, out0, class_idx, got
             split = self._split_layer(seeds, seed_layers, relevance_layers, acts, x_in, logits)
