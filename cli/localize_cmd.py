@@ -55,7 +55,7 @@ def localize(
     from medaudit.cli.console import console, progress_bars
     from medaudit.models.audit import default_concept_layers
     from medaudit.models.audit.annotated import annotation_cav, scope_of
-    from medaudit.models.audit.derive import derive_masks
+    from medaudit.models.audit.derive import derive_masks, refuse_drawn
     from medaudit.models.audit.derive import export_masks as export
     from medaudit.models.data.folder import ImageDataset
     from medaudit.models.data.masks import MaskFolder
@@ -76,6 +76,9 @@ def localize(
         elif export_masks:
             raise DatasetError(f"{data} has no folder of its own: give --masks-dir to export masks to")
         keys = list(getattr(ds, "keys", ds.ids))
+        if target is not None:
+            for name in names:
+                refuse_drawn(target, name, force)  # before any work
         with progress_bars() as bars:
             for name in names:
                 ln = layer or default_concept_layers(cfg, [name]).get(name) or cfg.default_cav_layer

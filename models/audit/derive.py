@@ -114,11 +114,7 @@ def export_masks(
             ``overwrite``.
     """
     art = fitted.artifact
-    if folder.has(art) and folder.source(art) == GROUND_TRUTH and not overwrite:
-        raise DatasetError(
-            f"{folder.root / art} holds masks a person drew (no mask_source.json says 'derived'); "
-            "derived masks would replace them: write them elsewhere (--masks-dir) or pass --force"
-        )
+    refuse_drawn(folder, art, overwrite)
     old = folder.root / art
     if old.is_dir():  # derived masks of images no longer annotated must not linger
         for p in old.rglob("*.png"):
@@ -152,6 +148,19 @@ def export_masks(
         **(provenance or {}),
     )
     return summary
+
+
+def refuse_drawn(folder: MaskFolder, artifact: str, overwrite: bool = False) -> None:
+    """Refuse to write derived masks over masks a person drew, unless ``overwrite``.
+
+    Raises:
+        DatasetError: ``folder`` holds ground-truth masks of ``artifact``.
+    """
+    if folder.has(artifact) and folder.source(artifact) == GROUND_TRUTH and not overwrite:
+        raise DatasetError(
+            f"{folder.root / artifact} holds masks a person drew (no mask_source.json says 'derived'); "
+            "derived masks would replace them: write them elsewhere (--masks-dir) or pass --force"
+        )
 
 
 def _stats(v: list[float]) -> dict[str, float]:

@@ -35,6 +35,9 @@ from medaudit.models.errors import DatasetError
 DEFAULT_FILES = ("artifacts.csv", "artifacts.json")
 CSV_COLUMNS = ("image", "artifacts")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
+#: Lookup value of a name the dataset knows but left out (a class outside a subset, a lateral
+#: view): its annotations are skipped, not refused.
+_SKIP = -1
 _SHOW = SHOW
 
 
@@ -72,6 +75,7 @@ def read_annotations(
     ids: Sequence[str],
     aliases: Mapping[str, int] | None = None,
     vocabulary: Sequence[str] | None = None,
+    left_out: Sequence[str] = (),
 ) -> Annotations:
     """Read an annotation file (CSV, JSON by image, or JSON by artifact) against a dataset's ids.
 
@@ -80,6 +84,8 @@ def read_annotations(
         ids: Sample ids in dataset order; position is the row index.
         aliases: Other accepted names per sample index (ids without extension, mask keys).
         vocabulary: The dataset's declared artifacts; None accepts any well-formed name.
+        left_out: Images of the files that the dataset leaves out (other classes, other views):
+            their annotations are skipped.
 
     Raises:
         DatasetError: A missing or unreadable file, missing or extra CSV columns, an unknown image,
@@ -87,7 +93,7 @@ def read_annotations(
             one name; each naming the file and the row or key.
     """
     path = Path(path)
-    lookup = {**(aliases or {}), **{sid: i for i, sid in enumerate(ids)}}
+    lookup = {**{sid: _SKIP for sid in left_out}, **(aliases or {}), **{sid: i for i, sid in enumerate(ids)}}
     if path.suffix.lower() == ".csv":
         by_image, where = _read_csv(path, lookup)
         fmt = "csv"
@@ -119,8 +125,8 @@ def read_annotations(
 
 def _read_csv(path: Path, lookup: Mapping[str, int]) -> tuple[dict[int, list[str]], dict[int, str]]:
     header, rows = read_csv(path, "annotation CSV")
-    refuse_extra_columns(path, header, CSV_COLUMNS, "; write one row per image: image,artifacts (a;b)")
     ci, ca = column(path, header, "image"), column(path, header, "artifacts")
+    refuse_extra_columns(path, header, CSV_COLUMNS, "; write one row per image: image,artifacts (a;b)")
     by_image: dict[int, list[str]] = {}
     where: dict[int, str] = {}
     for r, row in enumerate(rows):
@@ -130,6 +136,8 @@ def _read_csv(path: Path, lookup: Mapping[str, int]) -> tuple[dict[int, list[str
         i = _lookup(name, lookup)
         if i is None:
             raise DatasetError(f"{line(path, r)}: image {name!r} is not in the dataset")
+        if i == _SKIP:
+            continue
         if i in where:
             raise DatasetError(f"{line(path, r)}: image {name!r} is listed again (first at {where[i]})")
         where[i] = line(path, r)
@@ -147,6 +155,8 @@ def _by_image_json(
         i = _lookup(key, lookup)
         if i is None:
             raise DatasetError(f"{path}: key {key!r} is not an image of the dataset")
+        if i == _SKIP:
+            continue
         if not isinstance(names, list) or not all(isinstance(a, str) for a in names):
             raise DatasetError(
                 f"{path}: image {key!r} maps to {names!r:.80}; expected a list of artifact names"
@@ -276,7 +286,7 @@ def load_artifact_ids(
             )
         found = {_index_of(e, lookup, len(ids)) for e in entries}
         unknown += [f"{artifact}:{e!r}" for e in entries if _index_of(e, lookup, len(ids)) is None]
-        out[artifact] = sorted(i for i in found if i is not None)
+        out[artifact] = sorted(i for i in found if i is not None and i != _SKIP)
     if unknown:
         shown = ", ".join(unknown[:_SHOW])
         raise DatasetError(
@@ -314,7 +324,7 @@ def _any_sample(raw: Mapping[str, Any], lookup: Mapping[str, int], n: int) -> bo
     )
 
 
-def _index_of(entry: Any, lookup: dict[str, int], n: int) -> int | None:
+def _index_of(entry: Any, lookup: Mapping[str, int], n: int) -> int | None:
     """Row index of one annotation entry, or None when it names no sample."""
     if isinstance(entry, str):
         # "ISIC_0000005.jpg" names the sample "ISIC_0000005" too: retry without the extension.

@@ -101,17 +101,21 @@ class CheXpert(ImageDataset):
         names = tuple(labels) if labels is not None else (f"not {task}", task)
         if len(names) != 2:
             raise DatasetError(f"CheXpert labels={list(names)}: a binary task has two class names")
-        rows = _read_rows(path, task, uncertain, blank, views)
-        table = _table(path, rows, names)
+        rows, left = _read_rows(path, task, uncertain, blank, views)
+        table = _table(path, rows, names, left)
         if split == "official":
             official = _official_split(table, rows, seed)
             table = replace(table, splits=official, split_source="the official split (valid.csv = test)")
         super().__init__(path, table, path, (".jpg", ".jpeg", ".png"), annotations, seed=seed, **options)
 
 
-def _read_rows(path: Path, task: str, uncertain: str | None, blank: str, views: str) -> list[dict[str, Any]]:
-    """Kept rows as ``{file, where, id, label, csv}``, from ``train.csv`` then ``valid.csv``."""
+def _read_rows(
+    path: Path, task: str, uncertain: str | None, blank: str, views: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Kept rows as ``{file, where, id, label, csv}``, from ``train.csv`` then ``valid.csv``, and
+    the paths (and keys) of the rows left out by the view and label filters."""
     out: list[dict[str, Any]] = []
+    left: list[str] = []
     first_header: list[str] | None = None
     strip: bool | None = None
     for name in CSV_FILES:
@@ -141,11 +145,10 @@ def _read_rows(path: Path, task: str, uncertain: str | None, blank: str, views: 
         for r, row in enumerate(rows):
             where = line(csv_path, r)
             p = cell(csv_path, rows, r, cp, "Path")
-            if cv >= 0 and cell(csv_path, rows, r, cv, "Frontal/Lateral").lower() != views:
-                continue
             v = _value(row, ct)
             label = UNCERTAIN[str(uncertain)] if v == -1 else (BLANK[blank] if v is None else v)
-            if label is None:
+            if label is None or (cv >= 0 and cell(csv_path, rows, r, cv, "Frontal/Lateral").lower() != views):
+                left.extend((p, _key(p)))
                 continue
             if strip is None:  # decided once, on the first kept row
                 strip = not (path / p).is_file() and "/" in p and (path / p.split("/", 1)[1]).is_file()
@@ -158,7 +161,7 @@ def _read_rows(path: Path, task: str, uncertain: str | None, blank: str, views: 
                     "csv": name,
                 }
             )
-    return out
+    return out, left
 
 
 def _check_findings(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -180,7 +183,7 @@ def _value(row: Sequence[str], c: int) -> int | None:
     return _VALUES[row[c] if c < len(row) else ""]
 
 
-def _table(path: Path, rows: list[dict[str, Any]], names: tuple[str, ...]) -> LabelTable:
+def _table(path: Path, rows: list[dict[str, Any]], names: tuple[str, ...], left: list[str]) -> LabelTable:
     if not rows:
         raise DatasetError(f"{path}: no image left after the view and label filters")
     seen: dict[str, str] = {}
@@ -197,8 +200,7 @@ def _table(path: Path, rows: list[dict[str, Any]], names: tuple[str, ...]) -> La
                 f"{row['where']}: no patient in path {row['id']!r}; CheXpert paths hold a folder patientNNNNN"
             )
         groups.append(m.group(1))
-        parts = Path(row["file"]).with_suffix("").parts
-        keys.append("_".join(parts[-3:]))  # patientX_studyY_viewZ_frontal, the authors' key
+        keys.append(_key(row["file"]))
     return LabelTable(
         tuple(r["id"] for r in rows),
         tuple(int(r["label"]) for r in rows),
@@ -209,7 +211,13 @@ def _table(path: Path, rows: list[dict[str, Any]], names: tuple[str, ...]) -> La
         files=tuple(r["file"] for r in rows),
         group_kind="patient",
         source=str(path / CSV_FILES[0]),
+        left_out=tuple(left),
     )
+
+
+def _key(path: str) -> str:
+    """``patientX_studyY_viewZ_frontal``: the authors' key of a CheXpert image (mask file names)."""
+    return "_".join(Path(path).with_suffix("").parts[-3:])
 
 
 def _official_split(table: LabelTable, rows: list[dict[str, Any]], seed: int) -> tuple[str, ...]:

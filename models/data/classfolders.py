@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -142,17 +143,20 @@ def _table(
         names,
         origins=tuple(f"{root / files[k]} (class folder {where[cls_of[k]]})" for k in keep),
         source=str(root),
+        left_out=tuple(files[k] for k in range(len(files)) if cls_of[k] not in names),
     )
 
 
 def _with_groups(table: LabelTable, path: Path) -> LabelTable:
     header, rows = read_csv(path, "groups CSV")
-    refuse_extra_columns(path, header, ("image", "group"))
     ci, cg = column(path, header, "image"), column(path, header, "group")
+    refuse_extra_columns(path, header, ("image", "group"))
     group: dict[str, str] = {}
     index = set(table.ids)
     for r in range(len(rows)):
         image, g = cell(path, rows, r, ci, "image"), cell(path, rows, r, cg, "group")
+        if image in table.left_out:
+            continue
         if image not in index:
             raise DatasetError(
                 f"{line(path, r)}: image {image!r} is not in the dataset (ids are paths below root)"
@@ -163,11 +167,4 @@ def _with_groups(table: LabelTable, path: Path) -> LabelTable:
     missing = [sid for sid in table.ids if sid not in group]
     if missing:
         raise DatasetError(f"{path} gives no group for {len(missing)} images (first: {missing[0]!r})")
-    return LabelTable(
-        table.ids,
-        table.labels,
-        table.label_names,
-        groups=tuple(group[sid] for sid in table.ids),
-        origins=table.origins,
-        source=table.source,
-    )
+    return replace(table, groups=tuple(group[sid] for sid in table.ids))

@@ -100,6 +100,9 @@ class LabelTable:
     allow_empty: tuple[str, ...] = ()
     #: The file the labels came from, named when a class is empty.
     source: str = ""
+    #: Images the files list but the adapter leaves out (a class outside a subset, a lateral
+    #: view, an uncertain label ignored): annotations, masks and split files may name them.
+    left_out: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------- datasets
@@ -160,6 +163,7 @@ class ImageDataset:
         self.groups = table.groups if table.groups is not None else table.ids
         self.group_kind = table.group_kind
         self._aliases = {k: i for i, k in enumerate(self.keys)}
+        self._left_out = set(table.left_out) | {_stem(s, extensions) for s in table.left_out}
         self.split_of = self._split(table, splits, seed)
         self.vocabulary = tuple(artifacts) if artifacts is not None else None
         self.masks = MaskFolder(Path(masks) if masks is not None else root / MASKS_DIR)
@@ -168,7 +172,7 @@ class ImageDataset:
 
     def _split(self, table: LabelTable, split_file: str | Path | None, seed: int) -> np.ndarray:
         if split_file is not None:
-            out = read_split_file(Path(split_file), self._ids, self._aliases)
+            out = read_split_file(Path(split_file), self._ids, self._aliases, self._left_out)
             source = f"split file {split_file}"
         elif table.splits is not None:
             out, source = np.asarray(table.splits), table.split_source or "the split column"
@@ -185,7 +189,7 @@ class ImageDataset:
             path = default_annotation_file(self.root)
             if path is None:
                 return Annotations()
-        return read_annotations(path, self._ids, self._aliases, self.vocabulary)
+        return read_annotations(path, self._ids, self._aliases, self.vocabulary, tuple(self._left_out))
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -263,7 +267,8 @@ class ImageDataset:
             raise DatasetError(f"no mask folder {self.masks.root}")
         path = self.masks.path(self.keys[i], artifact)
         if path is not None:
-            return read_mask(path, size, image_size(self.paths[i], self.origins[i]), str(self.paths[i]))
+            expect = image_size(self.paths[i], self.origins[i])
+            return read_mask(path, size, expect, f"{self.paths[i]} ({self.origins[i]})")
         want = self.masks.root / artifact / f"{self.keys[i]}.png"
         if not self.masks.has(artifact):
             if artifact not in self._artifacts:
@@ -316,7 +321,7 @@ class ImageDataset:
             if sources[a] == NO_MASKS:
                 continue
             carriers = set(idx)
-            for key in sorted(self.masks.keys(a) - {self.keys[i] for i in carriers}):
+            for key in sorted(self.masks.keys(a) - {self.keys[i] for i in carriers} - self._left_out):
                 j = self._aliases.get(key)
                 what = f"image {self._ids[j]!r} ({self.origins[j]})" if j is not None else "no image"
                 raise DatasetError(
@@ -330,7 +335,7 @@ class ImageDataset:
                         f"{self.origins[i]}: image {self._ids[i]!r} is annotated with {a!r}, whose masks "
                         f"are in {self.masks.root / a}, but its mask {self.keys[i]}.png is missing"
                     )
-                read_mask(p, None, sizes[i], str(self.paths[i]))
+                read_mask(p, None, sizes[i], f"{self.paths[i]} ({self.origins[i]})")
                 n_masks += 1
         return {"images": len(self), "masks": n_masks, "mask_sources": sources}
 

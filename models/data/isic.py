@@ -16,6 +16,7 @@ photographs of one lesion in train and test.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ def _read_ground_truth(
     ci = column(path, header, "image")
     cols = [column(path, header, name) for name in ISIC_CLASSES]
     refuse_extra_columns(path, header, ("image", *ISIC_CLASSES), " (the published one-hot file)")
-    ids, labels, where = [], [], []
+    ids, labels, where, left_out = [], [], [], []
     listed = set()
     for r in range(len(rows)):
         image = cell(path, rows, r, ci, "image")
@@ -123,7 +124,8 @@ def _read_ground_truth(
             k = int(k == ISIC_CLASSES.index("MEL"))
         elif classes != "all":
             if ISIC_CLASSES[k] not in names:
-                continue  # a class outside the subset: left out
+                left_out.append(image)  # a class outside the subset
+                continue
             k = names.index(ISIC_CLASSES[k])
         ids.append(image)
         labels.append(k)
@@ -133,7 +135,13 @@ def _read_ground_truth(
     check_unique(path, ids, where)
     allow = ("UNK",) if classes == "all" else ()
     table = LabelTable(
-        tuple(ids), tuple(labels), names, origins=tuple(where), allow_empty=allow, source=str(path)
+        tuple(ids),
+        tuple(labels),
+        names,
+        origins=tuple(where),
+        allow_empty=allow,
+        source=str(path),
+        left_out=tuple(left_out),
     )
     return table, listed
 
@@ -160,16 +168,7 @@ def _with_lesions(table: LabelTable, path: Path, listed: set[str]) -> LabelTable
             "give every image a row (lesion_id may be empty) or pass metadata=false"
         )
     groups = tuple(lesion[sid] or sid for sid in table.ids)
-    return LabelTable(
-        table.ids,
-        table.labels,
-        table.label_names,
-        groups=groups,
-        origins=table.origins,
-        group_kind="lesion",
-        allow_empty=table.allow_empty,
-        source=table.source,
-    )
+    return replace(table, groups=groups, group_kind="lesion")
 
 
 def _class_of(path: Path, r: int, row: Sequence[str], cols: Sequence[int], image: str) -> int:

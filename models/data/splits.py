@@ -128,21 +128,24 @@ def check_groups(
     )
 
 
-def read_split_file(path: Path, ids: Sequence[str], aliases: Mapping[str, int] | None = None) -> np.ndarray:
+def read_split_file(
+    path: Path, ids: Sequence[str], aliases: Mapping[str, int] | None = None, left_out: set[str] | None = None
+) -> np.ndarray:
     """A split file ``image,split`` (every sample exactly once) as ``"train"``/``"val"``/``"test"``.
 
     Args:
         path: The CSV.
         ids: Sample ids in dataset order.
         aliases: Other accepted names per sample index (ids without extension, mask keys).
+        left_out: Images the dataset leaves out; their rows are skipped.
 
     Raises:
         DatasetError: Missing or extra columns, an unknown image or split value, an image listed
             twice, or samples the file does not list (each named with its line).
     """
     header, rows = read_csv(path, "split file")
-    refuse_extra_columns(path, header, ("image", "split"))
     ci, cs = column(path, header, "image"), column(path, header, "split")
+    refuse_extra_columns(path, header, ("image", "split"))
     lookup = dict(aliases or {})
     lookup.update({sid: i for i, sid in enumerate(ids)})
     out = np.full(len(ids), "", dtype="<U5")
@@ -150,6 +153,8 @@ def read_split_file(path: Path, ids: Sequence[str], aliases: Mapping[str, int] |
     for r in range(len(rows)):
         name, value = cell(path, rows, r, ci, "image"), cell(path, rows, r, cs, "split")
         i = lookup.get(name)
+        if i is None and left_out and name in left_out:
+            continue
         if i is None:
             raise DatasetError(f"{line(path, r)}: image {name!r} is not in the dataset")
         if value not in SPLITS:
