@@ -42,6 +42,20 @@ def _parse_pairs(values: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def _parse_scopes(values: list[str], labels: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """``--cav-scope band_aid=nevus`` -> ``{"band_aid": (index of nevus,)}``, by the data's classes."""
+    out = {}
+    for concept, classes in _parse_pairs(values, "--cav-scope").items():
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+        unknown = [c for c in names if c not in labels]
+        if unknown or not names:
+            raise typer.BadParameter(
+                f"--cav-scope {concept}={classes}: unknown classes {unknown}; the data's: {', '.join(labels)}"
+            )
+        out[concept] = tuple(sorted({labels.index(c) for c in names}))
+    return out
+
+
 def _parse_plant(value: str) -> tuple[str, tuple[float, float]]:
     """``timestamp:0.0,0.1`` -> ("timestamp", (0.0, 0.1))."""
     name, sep, rates = value.partition(":")
@@ -90,6 +104,11 @@ def audit(
     layer: str | None = typer.Option(None, help="Default CAV layer (the architecture's default if unset)."),
     concept_layer: list[str] = typer.Option(
         [], help="Per-concept layer, NAME=LAYER (repeatable); overrides the built-in defaults."
+    ),
+    cav_scope: list[str] = typer.Option(
+        [],
+        help="Classes whose training images fit a concept's CAV, NAME=CLASS,CLASS (repeatable; "
+        "method.md §1.1's cav_scope); concepts not named use every class.",
     ),
     cav_kind: str = typer.Option("svm", help="CAV estimator: svm (method.md §1.3), signal, ridge, logistic."),
     max_train: int = typer.Option(0, help="Audit at most this many training images (0: all)."),
@@ -233,6 +252,7 @@ def audit(
             caps = {s: n for s, n in (("train", max_train), ("val", max_val), ("test", max_test)) if n > 0}
             opts = AuditOptions(
                 concept_layers=layers,
+                cav_scope=_parse_scopes(cav_scope, tuple(ds.label_names)),
                 max_per_split=caps,
                 max_localize=max_localize,
                 top_k=top_k,
