@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from medaudit.clients.service_cmd import KEY_OPT, SERVICE_PANEL, TIMEOUT_OPT, URL_OPT
+from medaudit.clients.service_cmd import DICOM_OUT_OPT, KEY_OPT, SERVICE_PANEL, TIMEOUT_OPT, URL_OPT
 
 #: What the demo model is audited for: the synthderm artifacts with a spurious correlation.
 DEFAULT_ARTIFACTS = "band_aid,ruler,skin_marker"
@@ -29,7 +29,7 @@ DEFAULT_ARTIFACTS = "band_aid,ruler,skin_marker"
 DISCOVERY_LAYER = "identity_0"
 OFFLINE_OUT = Path("artifacts/audit")
 #: Parameters of the service mode (FILE given); every other one belongs to the offline audit.
-SERVICE_PARAMS = ("url", "api_key", "version", "subject_key", "timeout")
+SERVICE_PARAMS = ("url", "api_key", "version", "subject_key", "timeout", "dicom_out")
 
 
 def _parse_pairs(values: list[str], what: str) -> dict[str, str]:
@@ -149,6 +149,7 @@ def audit(
         None, help="Stable key (patient, study) for A/B routing.", rich_help_panel=SERVICE_PANEL
     ),
     timeout: float = TIMEOUT_OPT,
+    dicom_out: Path | None = DICOM_OUT_OPT,
 ) -> None:
     """Audit a checkpoint offline, or one image (FILE) with a running service.
 
@@ -173,6 +174,7 @@ def audit(
             subject_key=subject_key,
             out=out if out is not None else Path("."),
             timeout=timeout,
+            dicom_out=dicom_out,
         )
         return
     service_only = [n for n in given if n in SERVICE_PARAMS]

@@ -19,6 +19,7 @@ One module per concern, like redis-py's client:
 * :mod:`~medaudit.clients.errors`: one error tree under :class:`MedauditClientError`;
 * :mod:`~medaudit.clients.retry`: :class:`RetryPolicy`, backoff with jitter and ``Retry-After``;
 * :mod:`~medaudit.clients.images`: what an image may be, and how it goes on the wire;
+* :mod:`~medaudit.clients.dicom`: DICOM answers (multipart/related parts) and the STOW-RS answer;
 * :mod:`~medaudit.clients.service_cmd` and :mod:`~medaudit.clients.cli`: the commands.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 from medaudit.clients._base import DEFAULT_TIMEOUT, DEFAULT_URL
 from medaudit.clients.aio import AsyncMedauditClient
 from medaudit.clients.api_version import API_VERSION
+from medaudit.clients.dicom import DicomObjectRef, StowInstance, StowResponse
 from medaudit.clients.errors import (
     Conflict,
     Forbidden,
@@ -74,6 +76,7 @@ __all__ = [
     "CompareResponse",
     "ConceptScore",
     "Conflict",
+    "DicomObjectRef",
     "FlagDecision",
     "FlagThresholds",
     "Forbidden",
@@ -100,6 +103,8 @@ __all__ = [
     "ServerError",
     "ShadowAgreement",
     "ShadowInfo",
+    "StowInstance",
+    "StowResponse",
     "Unauthorized",
     "UnknownVersion",
     "check_api_version",

@@ -47,6 +47,8 @@ class _Response(Protocol):
     def headers(self) -> Mapping[str, str]: ...
     @property
     def text(self) -> str: ...
+    @property
+    def content(self) -> bytes: ...
     def json(self) -> Any: ...
 
 
@@ -103,7 +105,8 @@ class AsyncHTTP(Protocol):
 @dataclass(frozen=True)
 class _Call(Generic[T]):
     """One endpoint call, built once and sent (and resent) by either client; ``parse`` turns the
-    answer's JSON into a ``T``."""
+    answer's JSON into a ``T`` (with ``raw``, the answer's ``{"content": bytes, "content_type"}``:
+    DICOM)."""
 
     method: str
     path: str
@@ -111,6 +114,7 @@ class _Call(Generic[T]):
     content: bytes | None = None
     params: dict[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    raw: bool = False
 
 
 class _ClientBase:
@@ -177,6 +181,8 @@ class _ClientBase:
         if r.status_code >= 400:
             raise _http_error(r)
         try:
+            if call.raw:
+                return call.parse({"content": r.content, "content_type": r.headers.get("content-type", "")})
             body = r.json()
             return call.parse(body)
         except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -20,13 +20,16 @@ answer's frozen dataclass and its ``parse_<name>`` next to it (the older ones ar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import os
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 from urllib.parse import quote
 
 from medaudit.clients._base import _Call
+from medaudit.clients.dicom import DICOM, DICOM_PARTS, StowResponse, parse_parts, parse_stow, stow_body
 from medaudit.clients.images import ImageInput, encode_image
 from medaudit.clients.responses import (
     AuditResponse,
@@ -221,3 +224,89 @@ class Endpoints:
             content=body,
             headers={"Content-Type": "application/json"},
         )
+
+    @endpoint
+    def audit_dicom(
+        self,
+        image: ImageInput,
+        *,
+        version: str | None = None,
+        subject_key: str | None = None,
+        frames: str | None = None,
+        request_id: str | None = None,
+    ) -> _Call[tuple[bytes, ...]]:
+        """The audit of a DICOM image as DICOM objects (SEG, Parametric Map, Comprehensive SR):
+        ``POST /audit`` with ``Accept: multipart/related; type="application/dicom"``.
+
+        Args:
+            image: A DICOM Part-10 file (path or bytes).
+            version: As for :meth:`predict`.
+            subject_key: As for :meth:`predict`.
+            frames: Of a multi-frame image: ``first`` (default), ``all`` or ``"1,3"``.
+            request_id: As for :meth:`predict`.
+
+        Returns:
+            The Part-10 files, in the order the service wrote them.
+        """
+        call = _image_call(
+            "/audit",
+            image,
+            _parts,
+            version=version,
+            subject_key=subject_key,
+            request_id=request_id,
+            params={"frames": frames} if frames else None,
+        )
+        return dataclasses.replace(call, headers={**call.headers, "Accept": DICOM_PARTS}, raw=True)
+
+    @endpoint
+    def stow(
+        self,
+        files: Sequence[ImageInput],
+        *,
+        version: str | None = None,
+        subject_key: str | None = None,
+        frames: str | None = None,
+        request_id: str | None = None,
+    ) -> _Call[StowResponse]:
+        """STOW-RS: several DICOM instances in one request, each audited; one result per instance
+        (what was created, or why it failed), in order. A service that could audit none answers
+        409 (:class:`Conflict`, whose ``body`` holds the per-instance errors)."""
+        bodies = []
+        for f in files:
+            data, ctype = encode_image(f)
+            if ctype != DICOM:
+                raise ValueError(f"STOW-RS takes DICOM Part-10 files; {_name(f)} is {ctype}")
+            bodies.append(data)
+        content, ctype = stow_body(bodies)
+        headers = {"Content-Type": ctype}
+        for name, value in (
+            ("X-Model-Version", version),
+            ("X-Subject-Key", subject_key),
+            ("X-Request-ID", request_id),
+        ):
+            if value is not None:
+                headers[name] = value
+        params = {"frames": frames} if frames else None
+        return _Call("POST", "/dicomweb/studies", parse_stow, content=content, params=params, headers=headers)
+
+    @endpoint
+    def retrieve(
+        self, study: str, series: str | None = None, instance: str | None = None
+    ) -> _Call[tuple[bytes, ...]]:
+        """WADO-RS: DICOM objects the service created (a study's, a series' or one instance), as
+        Part-10 files, while it keeps them (``retrievable_for_s`` of the STOW answer)."""
+        path = "/dicomweb/studies/" + quote(study, safe="")
+        if series is not None:
+            path += "/series/" + quote(series, safe="")
+            if instance is not None:
+                path += "/instances/" + quote(instance, safe="")
+        return _Call("GET", path, _parts, headers={"Accept": DICOM_PARTS}, raw=True)
+
+
+def _parts(body: Mapping[str, Any]) -> tuple[bytes, ...]:
+    return parse_parts(body["content"], body["content_type"])
+
+
+def _name(f: Any) -> str:
+    return str(f) if isinstance(f, (str, os.PathLike)) else "an image given in memory"

@@ -65,6 +65,13 @@ KEY_OPT = typer.Option(
     help=f"API key (default: ${KEY_ENV}).",
     rich_help_panel=SERVICE_PANEL,
 )
+DICOM_OUT_OPT = typer.Option(
+    None,
+    "--dicom-out",
+    show_default=False,
+    help="Folder for the audit as DICOM objects (SEG, Parametric Map, SR) of a DICOM FILE, instead of PNGs.",
+    rich_help_panel=SERVICE_PANEL,
+)
 TIMEOUT_OPT = typer.Option(
     120.0, "--timeout", help="Seconds to wait for an answer.", rich_help_panel=SERVICE_PANEL
 )
@@ -286,12 +293,70 @@ def audit_image(
     subject_key: str | None,
     out: Path,
     timeout: float,
+    dicom_out: Path | None = None,
 ) -> None:
-    """``medaudit audit FILE``: audit one image with a running service, print it, save its PNGs."""
+    """``medaudit audit FILE``: audit one image with a running service, print it, save its PNGs
+    (or, with ``dicom_out``, its DICOM objects: :func:`audit_to_dicom`)."""
+    if dicom_out is not None:
+        audit_to_dicom(
+            file,
+            url=url,
+            api_key=api_key,
+            version=version,
+            subject_key=subject_key,
+            out=dicom_out,
+            timeout=timeout,
+        )
+        return
     with service_errors(url, file), open_client(url, api_key, timeout) as mc:
         res = mc.audit(file, version=version, subject_key=subject_key)
     print_audit(res, file)
     _print_saved(save_audit_pngs(res, file, out))
+
+
+def audit_to_dicom(
+    file: Path,
+    *,
+    url: str,
+    api_key: str | None,
+    version: str | None,
+    subject_key: str | None,
+    out: Path,
+    timeout: float,
+) -> list[Path]:
+    """``medaudit audit FILE.dcm --dicom-out DIR``: the file audited through STOW-RS, its created
+    objects fetched (WADO-RS) and written as ``DIR/<stem>_<kind>.dcm``; prints the prediction and
+    the flag. Returns the written paths."""
+    with service_errors(url, file), open_client(url, api_key, timeout) as mc:
+        try:
+            res = mc.stow([file], version=version, subject_key=subject_key)
+        except ValueError as e:
+            raise fail(f"{e}; --dicom-out needs a DICOM file", EXIT_HTTP) from None
+        inst = res.instances[0]
+        if not inst.ok:
+            raise fail(
+                f"the service refused {file.name}: {inst.detail} ({inst.http_status} {inst.error})", EXIT_HTTP
+            )
+        files = [
+            (o.kind, mc.retrieve(o.study_instance_uid, o.series_instance_uid, o.sop_instance_uid)[0])
+            for o in inst.objects
+        ]
+    frame = inst.frames[0]
+    pred, flag = frame["prediction"], frame["flag"]
+    console.print(
+        f"{escape(file.name)}: [bold]{escape(pred['label'])}[/] by {escape(str(inst.version))}, "
+        + (
+            "[bold red]FLAGGED[/] (" + escape(", ".join(flag["concepts"])) + ")"
+            if flag["flagged"]
+            else "not flagged"
+        )
+        + f"; request id {escape(res.request_id)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    paths = [_write(out / f"{_safe(file.stem)}_{_safe(kind)}.dcm", data) for kind, data in files]
+    _print_saved(paths)
+    return paths
 
 
 def audit(
@@ -302,10 +367,18 @@ def audit(
     subject_key: str | None = typer.Option(None, help="Stable key (patient, study) for A/B routing."),
     out: Path = typer.Option(Path("."), help="Folder for the heatmap and concept mask PNGs."),
     timeout: float = TIMEOUT_OPT,
+    dicom_out: Path | None = DICOM_OUT_OPT,
 ) -> None:
     """Audit one image with a running service: prediction, concept scores, flag, heatmap PNGs."""
     audit_image(
-        file, url=url, api_key=api_key, version=version, subject_key=subject_key, out=out, timeout=timeout
+        file,
+        url=url,
+        api_key=api_key,
+        version=version,
+        subject_key=subject_key,
+        out=out,
+        timeout=timeout,
+        dicom_out=dicom_out,
     )
 
 

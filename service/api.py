@@ -77,7 +77,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
 
-from medaudit.service import metrics
+from medaudit.service import dicomweb, metrics
 from medaudit.service.audit import (
     PREDICT_BACKENDS,
     AuditEngine,
@@ -353,6 +353,7 @@ def _review_app() -> Starlette:
 reviews_app = _review_app()
 
 
+@bentoml.asgi_app(dicomweb.dicomweb_app, path=dicomweb.DICOMWEB_MOUNT)
 @bentoml.asgi_app(reviews_app, path=REVIEWS_MOUNT)
 @bentoml.asgi_app(models_app, path=MODELS_MOUNT)
 @bentoml.service(name="medaudit", traffic={"timeout": 300})
@@ -676,6 +677,8 @@ class MedAudit:
     @bentoml.api(route=AUDIT.path)
     async def audit(self, image: ImageBody, /, ctx: bentoml.Context) -> Any:
         """Prediction, LRP heatmap, concept scores, localization masks and flag decision."""
+        if dicomweb.wants_dicom(ctx.request.headers):  # the audit as DICOM objects (service.dicomweb)
+            return await dicomweb.audit_response(self, ctx, image)
         return await self._serve(ctx, image, lambda d, rid: self.screening.audit(d, ctx.request, rid))
 
     @bentoml.api(route=COMPARE.path)

@@ -319,7 +319,6 @@ def _located(source: Any) -> Any:
             item.PlanePositionSequence = PlanePositionSequence("PATIENT", (0.0, 0.0, float(i)))
             per_frame.append(item)
         copy.PerFrameFunctionalGroupsSequence = per_frame
-    copy.is_little_endian, copy.is_implicit_VR = True, False
     return copy
 
 
@@ -407,7 +406,13 @@ def _parametric_map(
         slope=1.0,
         intercept=0.0,
     )
-    window = hd.VOILUTTransformation(window_center=0.0, window_width=2.0 * top)
+    # LINEAR_EXACT: relevance is small (a width below 1 is only valid with it, PS3.3 C.11.2.1.2)
+    window = hd.VOILUTTransformation(
+        window_center=0.0,
+        window_width=2.0 * top,
+        window_explanation="relevance, symmetric about 0",
+        voi_lut_function="LINEAR_EXACT",
+    )
     pm = hd.pm.ParametricMap(
         source_images=[source],
         pixel_array=heat if shape[0] > 1 else heat[0],

@@ -32,6 +32,7 @@ SERVICE = "service"  # a BentoML API of the entry service (``@bentoml.api``)
 BENTOML = "bentoml"  # BentoML's own route (probes, metrics)
 MODELS_MOUNT = "/models"
 REVIEWS_MOUNT = "/reviews"
+DICOMWEB_MOUNT = "/dicomweb"
 
 #: Who may call an endpoint (:attr:`Endpoint.auth`).
 KEY = "key"  # an API key, where the deployment requires keys (its 401 is documented only there)
@@ -371,6 +372,85 @@ METRICS = Endpoint(
     responses={"200": {"description": "OK", "content": {"text/plain": {"schema": STR}}}},
 )
 
+#: DICOMweb (service/dicomweb.py): STOW-RS in, WADO-RS out; multipart bodies, so literal responses.
+_DICOM_PARTS = {
+    'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}
+}
+_DICOM_ERRORS = {
+    str(s): {"description": d, "content": {"application/json": {"schema": ref("Error")}}}
+    for s, d in (
+        (401, "No or wrong API key (where keys are required)"),
+        (404, "Never created here, or expired"),
+    )
+}
+STOW = Endpoint(
+    "stow",
+    "POST",
+    "/dicomweb/studies",
+    app=DICOMWEB_MOUNT,
+    summary="STOW-RS: audit each DICOM instance of a multipart/related body; per-instance results",
+    params=(
+        REQUEST_ID,
+        *ROUTING[1:],
+        Param("frames", "query", description="first (default), all, or frame numbers such as 1,3."),
+    ),
+    responses={
+        **{
+            s: {"description": d, "content": {"application/json": {"schema": {"type": "object"}}}}
+            for s, d in (
+                ("200", "Every instance audited"),
+                ("202", "Some instances failed (each entry says why)"),
+                ("409", "No instance could be audited"),
+            )
+        },
+        **{
+            str(s): {"description": "Error", "content": {"application/json": {"schema": ref("Error")}}}
+            for s in (400, 401, 413, 422)
+        },
+    },
+)
+WADO_STUDY = Endpoint(
+    "wado_study",
+    "GET",
+    "/dicomweb/studies/{study}",
+    app=DICOMWEB_MOUNT,
+    summary="WADO-RS: the DICOM objects created here for a study (while they are kept)",
+    params=(REQUEST_ID, Param("study", "path", required=True)),
+    responses={"200": {"description": "The objects", "content": _DICOM_PARTS}, **_DICOM_ERRORS},
+)
+WADO_SERIES = Endpoint(
+    "wado_series",
+    "GET",
+    "/dicomweb/studies/{study}/series/{series}",
+    app=DICOMWEB_MOUNT,
+    summary="WADO-RS: one created series",
+    params=(REQUEST_ID, Param("study", "path", required=True), Param("series", "path", required=True)),
+    responses={"200": {"description": "The objects", "content": _DICOM_PARTS}, **_DICOM_ERRORS},
+)
+WADO_INSTANCE = Endpoint(
+    "wado_instance",
+    "GET",
+    "/dicomweb/studies/{study}/series/{series}/instances/{instance}",
+    app=DICOMWEB_MOUNT,
+    summary="WADO-RS: one created instance (multipart/related, or application/dicom if asked)",
+    params=(
+        REQUEST_ID,
+        Param("study", "path", required=True),
+        Param("series", "path", required=True),
+        Param("instance", "path", required=True),
+    ),
+    responses={
+        "200": {
+            "description": "The instance",
+            "content": {
+                **_DICOM_PARTS,
+                "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **_DICOM_ERRORS,
+    },
+)
+
 ENDPOINTS: tuple[Endpoint, ...] = (
     PREDICT,
     AUDIT,
@@ -385,6 +465,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     REVIEWS,
     REVIEW,
     RESOLVE,
+    STOW,
+    WADO_STUDY,
+    WADO_SERIES,
+    WADO_INSTANCE,
 )
 #: Paths of the endpoints whose body is an image.
 IMAGE_PATHS: tuple[str, ...] = tuple(e.path for e in ENDPOINTS if e.image)

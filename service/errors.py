@@ -144,6 +144,21 @@ class InvalidParameterError(AuditError):
     code = "invalid_parameter"
 
 
+class NotAcceptableError(AuditError):
+    """An ``Accept`` header asking for a representation the route cannot give (DICOM out of a PNG,
+    one ``application/dicom`` part for an audit that creates several)."""
+
+    status = 406
+    code = "not_acceptable"
+
+
+class UnknownInstanceError(AuditError):
+    """A DICOM study, series or instance that was never created here, or has expired."""
+
+    status = 404
+    code = "unknown_instance"
+
+
 # -- routing ---------------------------------------------------------------------------------------
 
 

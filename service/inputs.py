@@ -581,7 +581,9 @@ def _voi_to_unit(values: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
         if ds.get("VOILUTSequence"):
             from pydicom.pixels.processing import apply_voi
 
-            out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float64)
+            # integral stored values as integers: pydicom's LUT lookup warns on floats
+            whole = values.astype(np.int64) if np.array_equal(values, np.rint(values)) else values
+            out = np.asarray(apply_voi(whole, ds, index=0), dtype=np.float64)
             lut = _lut_data(ds.VOILUTSequence[0])
             lo, hi = float(lut.min()), float(lut.max())
             notes.append("DICOM VOI LUT applied")
