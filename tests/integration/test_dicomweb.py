@@ -189,9 +189,7 @@ def test_dicom_answers_refuse_what_they_cannot_give(client) -> None:
     assert r.status_code == 406 and "DICOM input" in r.json()["detail"]
     r = client.post("/dicomweb/studies", content=b"x", headers={"Content-Type": "application/dicom"})
     assert r.status_code == 400 and r.json()["error"] == "invalid_upload"
-    r = client.post(
-        "/audit?frames=0", content=tdicom.source("multiframe"), headers={"Accept": DICOM_PARTS}
-    )
+    r = client.post("/audit?frames=0", content=tdicom.source("multiframe"), headers={"Accept": DICOM_PARTS})
     assert r.status_code == 422 and r.json()["error"] == "invalid_parameter"
 
 
@@ -204,7 +202,13 @@ def test_cli_dicom_out_writes_the_objects(client, tmp_path: Path, monkeypatch) -
     f = tmp_path / "study.dcm"
     f.write_bytes(tdicom.source("ct", 32, 32, seed=11))
     paths = service_cmd.audit_to_dicom(
-        f, url="http://test", api_key=None, version="vanilla", subject_key=None, out=tmp_path / "out", timeout=30
+        f,
+        url="http://test",
+        api_key=None,
+        version="vanilla",
+        subject_key=None,
+        out=tmp_path / "out",
+        timeout=30,
     )
     assert sorted(p.name for p in paths) == ["study_PM.dcm", "study_SEG.dcm", "study_SR.dcm"]
     import pydicom
@@ -224,7 +228,9 @@ def test_no_patient_identifier_in_logs_metrics_or_the_flag_stream(client, redis_
     src = tdicom.source("ct", 32, 32, seed=12)
     broken = src[: len(src) // 3]
     for body, accept in ((src, "application/json"), (src, DICOM_PARTS), (broken, "application/json")):
-        r = client.post("/audit", content=body, headers={"Content-Type": "application/dicom", "Accept": accept})
+        r = client.post(
+            "/audit", content=body, headers={"Content-Type": "application/dicom", "Accept": accept}
+        )
         assert r.status_code in (200, 422), r.text
         for ident in tdicom.IDENTIFIERS:
             if accept == "application/json":
