@@ -11,6 +11,7 @@ the server's summed RSS (see :mod:`medaudit.cli.load`).
     python benchmarks/load.py --soak                # 10 min, RSS growth after a 2 min warm-up ≤ 10%
     python benchmarks/load.py --home /tmp/tiny/bentoml --seconds 60 --name load_tiny
     python benchmarks/load.py --url http://host:3000 --seconds 60   # an already running service
+    python benchmarks/load.py --screen 1 --name load_screen_cpu    # every /predict screened
 
 Writes ``benchmarks/results/<name>.md`` and ``.json`` (``load_cpu``, or ``soak_cpu`` with
 ``--soak``); the server log and locust's own CSV/HTML reports go to ``benchmarks/results/logs/``.
@@ -45,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spawn-rate", type=float, default=8.0, help="users started per second")
     p.add_argument("--seconds", type=float, help="run length (default 120; 600 with --soak)")
     p.add_argument("--wait", type=float, default=0.5, help="most think time between a user's requests, s")
+    p.add_argument(
+        "--screen",
+        type=float,
+        default=0.0,
+        help="share of the /predict requests sent as screens (?detail=scores), 0 to 1",
+    )
     p.add_argument("--soak", action="store_true", help="10 min, judge RSS growth after the warm-up")
     p.add_argument("--warmup", type=float, help="seconds before the RSS baseline (default 120 with --soak)")
     p.add_argument("--rss-limit", type=float, default=SOAK_LIMIT_PCT, help="soak: max RSS growth, %%")
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             rss_interval=5.0 if args.seconds > 180 else 2.0,
             warmup_s=args.warmup,
             rss_limit_pct=args.rss_limit if args.soak else None,
-            env={"MEDAUDIT_LOAD_WAIT": str(args.wait)},
+            env={"MEDAUDIT_LOAD_WAIT": str(args.wait), "MEDAUDIT_LOAD_SCREEN": str(args.screen)},
             meta={"served": served_desc, "workdir": workdir},
         )
 

@@ -1,4 +1,4 @@
-"""Benchmark: the served app under concurrent load — /predict (ONNX Runtime vs eager torch) and /audit.
+"""Benchmark: the served app under load: /predict (ONNX Runtime vs eager torch), screens, /audit.
 
 Starts real ``bentoml serve medaudit.service.api:MedAudit`` processes on a built store (``make demo`` builds
 one under ``artifacts/bentoml``) and drives them with concurrent HTTP clients, every contender in
@@ -7,7 +7,13 @@ the same run:
 * ``predict_onnx``: ``/predict`` as served (ONNX Runtime, adaptively batched);
 * ``predict_torch``: the same server started with ``MEDAUDIT_PREDICT_BACKEND=torch`` (eager);
 * ``audit``: ``/audit`` (LRP heatmap + concept scores + masks + flag), continuously batched in
-  the auditor's own queue over its LRP processes (:mod:`medaudit.service.audit_pool`).
+  the auditor's own queue over its LRP processes (:mod:`medaudit.service.audit_pool`);
+* ``screen``: ``/predict?detail=scores`` on a server started with ``MEDAUDIT_SCREEN_HEATMAPS=off``:
+  prediction, concept scores, relevance shares and flag for every request, no heatmap
+  (:mod:`medaudit.service.screening`), in the same auditor queue;
+* ``screen_flagged``: the same on the default server, where a screen that flags also gets the
+  full audit (heatmap and masks) in the same request: the throughput of the demo's mixed traffic
+  (half the images carry the band-aid), with its flag rate.
 
 Every contender runs at each concurrency of ``--users`` (closed loop: each user sends its next
 request when the last is answered), because the comparison depends on it: ONNX Runtime's cost per
@@ -22,6 +28,7 @@ and ratios (same run, same generator) are what to compare.
 
     python benchmarks/serve.py                          # artifacts/bentoml, 4, 8 and 16 users, 3×15 s
     python benchmarks/serve.py --users 16 32 --seconds 20 --rounds 5
+    python benchmarks/serve.py --users 16 --contenders predict_onnx screen screen_flagged audit
 
 Writes ``benchmarks/results/serve_cpu.md`` and ``.json``.
 """
@@ -77,6 +84,9 @@ class Phase:
     #: the queue kept every process working (several BentoML workers sharing one socket leave all
     #: but one idle: BentoML issue #5426).
     lrp_cpu_s: list[float] = field(default_factory=list)
+    #: Screens only: answers the flag policy flagged, and answers that carry a heatmap.
+    flagged: int = 0
+    heatmaps: int = 0
 
     @property
     def lrp_balance(self) -> float | None:
@@ -102,6 +112,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per phase per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--images", type=int, default=32, help="distinct synthderm test images (PNG) sent")
+    p.add_argument(
+        "--contenders",
+        nargs="+",
+        default=list(CONTENDERS),
+        choices=list(CONTENDERS),
+        help="which contenders to run (default all)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_cpu")
     return p.parse_args()
 
@@ -118,23 +135,38 @@ def test_images(n: int) -> list[bytes]:
     return out
 
 
+#: contender -> (endpoint, server: its MEDAUDIT_PREDICT_BACKEND and whether flagged screens get
+#: their heatmap).
+CONTENDERS: dict[str, tuple[str, str]] = {
+    "predict_onnx": ("/predict", "onnx"),
+    "audit": ("/audit", "onnx"),
+    "screen_flagged": ("/predict?detail=scores", "onnx"),
+    "screen": ("/predict?detail=scores", "screen-only"),
+    "predict_torch": ("/predict", "torch"),
+}
+
+
 @contextmanager
-def served_version(home: Path, version: str, backend: str, log_path: Path) -> Iterator[Server]:
-    """A ``bentoml serve`` process serving ``version`` with the ``backend`` predict path."""
+def served_version(home: Path, version: str, server: str, log_path: Path) -> Iterator[Server]:
+    """A ``bentoml serve`` process serving ``version``: ``onnx`` or ``torch`` (the predict path),
+    or ``screen-only`` (ONNX, and no heatmap for flagged screens)."""
     env = {
         "BENTOML_HOME": str(home),
         "MEDAUDIT_VERSIONS": version,
         "MEDAUDIT_AUTH": "off",
-        "MEDAUDIT_PREDICT_BACKEND": backend,
+        "MEDAUDIT_PREDICT_BACKEND": "torch" if server == "torch" else "onnx",
     }
-    with serving(env, log_path, ready_timeout=300) as server:
-        yield server
+    if server == "screen-only":
+        env["MEDAUDIT_SCREEN_HEATMAPS"] = "off"
+    with serving(env, log_path, ready_timeout=300) as served:
+        yield served
 
 
 async def drive(
     base: str, endpoint: str, images: list[bytes], users: int, seconds: float
-) -> tuple[list[float], int]:
-    """``users`` clients posting images back to back for ``seconds``: latencies (s) and errors.
+) -> tuple[list[float], int, dict[str, int]]:
+    """``users`` clients posting images back to back for ``seconds``: latencies (s), errors and,
+    for screens (``detail=scores``), how many answers were flagged and carried a heatmap.
 
     aiohttp, not httpx: the generator shares the server's cores, and aiohttp takes a third of the
     CPU per request that httpx took (0.3-0.5 ms against 1.2-1.4 on 2 cores), CPU the server then
@@ -143,6 +175,8 @@ async def drive(
     """
     latencies: list[float] = []
     errors = 0
+    screens = {"flagged": 0, "heatmaps": 0}
+    screening = "detail=scores" in endpoint
     stop = time.perf_counter() + seconds
     connector = aiohttp.TCPConnector(limit=users)
     timeout = aiohttp.ClientTimeout(total=120)
@@ -156,8 +190,12 @@ async def drive(
                 t0 = time.perf_counter()
                 try:
                     async with client.post(endpoint, data=images[k % len(images)], headers=headers) as r:
-                        await r.read()
+                        body = await r.read()
                         ok = r.status == 200
+                    if ok and screening:
+                        answer = json.loads(body)
+                        screens["flagged"] += bool(answer["flag"]["flagged"])
+                        screens["heatmaps"] += answer["heatmap_png"] is not None
                 except (aiohttp.ClientError, TimeoutError):
                     ok = False
                 if ok:
@@ -167,7 +205,7 @@ async def drive(
                 k += users
 
         await asyncio.gather(*(user(u) for u in range(users)))
-    return latencies, errors
+    return latencies, errors, screens
 
 
 def _own_cpu_s() -> float:
@@ -189,14 +227,14 @@ def run_phase(
     base = server.base
     asyncio.run(drive(base, endpoint, images, users, 3.0))  # warm-up at this concurrency
     before = batch_histogram(base, batches)
-    audits = endpoint in ("/audit", "/compare")
+    audits = endpoint in ("/audit", "/compare") or "detail=scores" in endpoint
 
     def lrp_cpu() -> dict[int, float]:
         return server.spawned_cpu_seconds("medaudit-auditor") if audits else {}
 
     cpu0, own0, lrp0 = server.cpu_seconds(), _own_cpu_s(), lrp_cpu()
     t0 = time.perf_counter()
-    lat, errors = asyncio.run(drive(base, endpoint, images, users, args.seconds))
+    lat, errors, screens = asyncio.run(drive(base, endpoint, images, users, args.seconds))
     wall = time.perf_counter() - t0
     cpu1, own1, lrp1 = server.cpu_seconds(), _own_cpu_s(), lrp_cpu()
     after = batch_histogram(base, batches)
@@ -219,6 +257,8 @@ def run_phase(
         batch_hist={k: v for k, v in hist.items() if k.startswith("le=")},
         cpu_ms={k: v for k, v in cpu_ms.items() if v >= 0.05},
         lrp_cpu_s=sorted((lrp1[pid] - t for pid, t in lrp0.items() if pid in lrp1), reverse=True),
+        flagged=screens["flagged"],
+        heatmaps=screens["heatmaps"],
     )
 
 
@@ -238,6 +278,8 @@ def summarize(phases: list[Phase]) -> dict[int, dict[str, dict[str, Any]]]:
             "batch_mean_median": statistics.median(means) if means else None,
             "lrp_balance_min": min(balances) if balances else None,
             "rounds": len(ps),
+            "flag_rate": sum(p.flagged for p in ps) / max(1, sum(p.requests for p in ps)),
+            "heatmap_rate": sum(p.heatmaps for p in ps) / max(1, sum(p.requests for p in ps)),
             "cpu_ms_median": {
                 role: statistics.median(p.cpu_ms.get(role, 0.0) for p in ps)
                 for role in dict.fromkeys(r for p in ps for r in p.cpu_ms)
@@ -268,6 +310,7 @@ def in_process(
             "onnx_predict": lambda rgb=rgb: engine.predictor.predict_pixels(rgb),
             "torch_predict": lambda rgb=rgb: torch_pred.predict_pixels(rgb),
             "audit": lambda rgb=rgb: engine.audit(list(rgb)),
+            "screen": lambda rgb=rgb: engine.screen(list(rgb)),
         }
         for f in paths.values():
             f()  # warm-up
@@ -281,15 +324,27 @@ def in_process(
     return out
 
 
-GOALS = {"audit_over_predict_onnx": 0.25, "predict_onnx_over_torch": 1.3}
+GOALS = {
+    "audit_over_predict_onnx": 0.25,
+    "predict_onnx_over_torch": 1.3,
+    "screen_over_predict_onnx": 0.6,
+    "screen_flagged_over_audit": 1.0,
+}
+#: ratio -> (numerator, denominator) contenders
+RATIOS = {
+    "audit_over_predict_onnx": ("audit", "predict_onnx"),
+    "predict_onnx_over_torch": ("predict_onnx", "predict_torch"),
+    "screen_over_predict_onnx": ("screen", "predict_onnx"),
+    "screen_flagged_over_audit": ("screen_flagged", "audit"),
+}
 
 
 def ratios_of(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The two acceptance ratios (:data:`GOALS`) at one concurrency."""
-    onnx = summary["predict_onnx"]["rps_median"]
+    """The acceptance ratios (:data:`GOALS`) at one concurrency, of the contenders that ran."""
     return {
-        "audit_over_predict_onnx": summary["audit"]["rps_median"] / onnx,
-        "predict_onnx_over_torch": onnx / summary["predict_torch"]["rps_median"],
+        k: summary[a]["rps_median"] / summary[b]["rps_median"]
+        for k, (a, b) in RATIOS.items()
+        if a in summary and b in summary
     }
 
 
@@ -307,36 +362,48 @@ def markdown(
         "",
         "The acceptance ratios at each concurrency (closed loop: `users` requests always in flight):",
         "",
-        "| users | /audit ÷ /predict (goal ≥ 0.25) | ONNX Runtime ÷ eager torch /predict (goal ≥ 1.3) |",
-        "|---:|---:|---:|",
+    ]
+    names = {
+        "audit_over_predict_onnx": "/audit ÷ /predict",
+        "predict_onnx_over_torch": "ONNX Runtime ÷ eager torch /predict",
+        "screen_over_predict_onnx": "screened /predict ÷ /predict",
+        "screen_flagged_over_audit": "screened with flagged heatmaps ÷ /audit",
+    }
+    shown = [k for k in RATIOS if any(k in ratios_of(summary[u]) for u in users)]
+    lines += [
+        "| users | " + " | ".join(f"{names[k]} (goal ≥ {GOALS[k]:g})" for k in shown) + " |",
+        "|---:|" + "---:|" * len(shown),
     ]
     for u in users:
         r = ratios_of(summary[u])
-        marks = {k: "" if v >= GOALS[k] else " (below)" for k, v in r.items()}
-        lines.append(
-            f"| {u} | **{r['audit_over_predict_onnx']:.2f}**{marks['audit_over_predict_onnx']} "
-            f"| **{r['predict_onnx_over_torch']:.2f}×**{marks['predict_onnx_over_torch']} |"
-        )
+        cells = [
+            "-" if k not in r else f"**{r[k]:.2f}**" + ("" if r[k] >= GOALS[k] else " (below)") for k in shown
+        ]
+        lines.append(f"| {u} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| users | contender | req/s (median) | p50 ms | p99 ms | mean batch | LRP balance "
-        "| requests | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| flagged | requests | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for u in users:
         for name, st in summary[u].items():
             b = f"{st['batch_mean_median']:.1f}" if st["batch_mean_median"] else "-"
             bal = st.get("lrp_balance_min")
+            flagged = f"{100 * st['flag_rate']:.0f} %" if name.startswith("screen") else "-"
             lines.append(
                 f"| {u} | {name} | {st['rps_median']:.1f} | {st['p50_ms_median']:.0f} "
                 f"| {st['p99_ms_median']:.0f} | {b} | {'-' if bal is None else f'{bal:.2f}'} "
-                f"| {st['requests']} | {st['errors']} |"
+                f"| {flagged} | {st['requests']} | {st['errors']} |"
             )
     lines += [
         "",
         "Mean batch: requests per batch of BentoML's dispatcher for /predict, images per LRP call "
-        "of the auditor's queue for /audit. LRP balance: the least busy LRP process's CPU over the "
-        "busiest's, the worst round (1.00 even; 0 is one process doing everything).",
+        "of the auditor's queue for /audit and screens. LRP balance: the least busy LRP process's "
+        "CPU over the busiest's, the worst round (1.00 even; 0 is one process doing everything). "
+        "Flagged: the share of screens the flag policy flagged (screen_flagged: each of them also "
+        "got the full audit in the same request). Images: synthderm test images, every other one "
+        "with the band-aid.",
     ]
     roles = list(
         dict.fromkeys(r for per in summary.values() for st in per.values() for r in st["cpu_ms_median"])
@@ -379,25 +446,22 @@ def main() -> None:
     phases: list[Phase] = []
     log_dir = args.out.parent / "logs"
     log_dir.mkdir(exist_ok=True)
-    # Two servers at once would fight over 2 cores: each backend gets its own server, started per
-    # round, and the phases alternate onnx-predict, audit (every concurrency), torch-predict.
+    # Two servers at once would fight over 2 cores: each server kind (onnx, screen-only, torch)
+    # is started per round, one after the other, and runs its contenders at every concurrency.
+    servers = dict.fromkeys(CONTENDERS[c][1] for c in CONTENDERS if c in args.contenders)
     for r in range(args.rounds):
-        with served_version(args.home, args.version, "onnx", log_dir / "serve_onnx.log") as server:
-            for users in args.users:
-                for name, endpoint, batches in (
-                    ("predict_onnx", "/predict", f"{ADAPTIVE}|predict_batch"),
-                    ("audit", "/audit", f"{BATCH_IMAGES}|auditor/{args.version}"),
-                ):
-                    phases.append(run_phase(name, server, endpoint, batches, images, users, args))
-                    print(f"round {r + 1}: {phases[-1]}", flush=True)
-        with served_version(args.home, args.version, "torch", log_dir / "serve_torch.log") as server:
-            for users in args.users:
-                phases.append(
-                    run_phase(
-                        "predict_torch", server, "/predict", f"{ADAPTIVE}|predict_batch", images, users, args
-                    )
-                )
-                print(f"round {r + 1}: {phases[-1]}", flush=True)
+        for kind in servers:
+            with served_version(args.home, args.version, kind, log_dir / f"serve_{kind}.log") as server:
+                for users in args.users:
+                    for name in (c for c in CONTENDERS if c in args.contenders and CONTENDERS[c][1] == kind):
+                        endpoint = CONTENDERS[name][0]
+                        batches = (
+                            f"{ADAPTIVE}|predict_batch"
+                            if endpoint == "/predict"
+                            else f"{BATCH_IMAGES}|auditor/{args.version}"
+                        )
+                        phases.append(run_phase(name, server, endpoint, batches, images, users, args))
+                        print(f"round {r + 1}: {phases[-1]}", flush=True)
     engine_ips = in_process(args.home, args.version, images, batches=[1, 4, 8], repeats=7)
     print(f"in-process images/s: {engine_ips}", flush=True)
     summary = summarize(phases)

@@ -433,6 +433,7 @@ def run_load(
         "payloads": summary.get("payloads", []),
         "subjects": summary.get("subjects"),
         "wait_max_s": summary.get("wait_max_s"),
+        "screen_share": summary.get("screen_share") or 0.0,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -513,7 +514,12 @@ def render_markdown(report: LoadReport, title: str) -> str:
     lines += [
         f"Mix: `cli/locustfile.py` (locust {m['locust']}): ~70% /predict, ~20% /audit, ~7% /compare, "
         f"~3% GET /models/; PNG/JPEG 64–1024 px and DICOM (RGB 8-bit, MONOCHROME2 16-bit); "
-        f"{m.get('subjects')} subject keys for A/B routing; think time 0–{m.get('wait_max_s')} s.",
+        f"{m.get('subjects')} subject keys for A/B routing; think time 0–{m.get('wait_max_s')} s"
+        + (
+            f"; {100 * m['screen_share']:.0f}% of the predictions screened (`/predict?detail=scores`)."
+            if m.get("screen_share")
+            else "."
+        ),
         "",
         f"**{n} requests, {f} failures ({100.0 * f / n if n else 0.0:.2f}%), "
         f"{total.rps if total else 0.0:.1f} req/s** over {m['measured_s']:.0f} s.",

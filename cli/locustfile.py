@@ -10,7 +10,10 @@ The mix (task weights of :class:`ClinicUser`): ~70% ``POST /predict``, ~20% ``PO
 of synthderm lesions (half with a band-aid) encoded as PNG and JPEG at 64 to 1024 px, plus DICOM
 Part-10 files: 8-bit RGB VL Photographic and 16-bit MONOCHROME2 Secondary Capture with a window.
 Most requests carry ``X-Subject-Key`` from a pool of patient ids, so A/B routing hashes them; a
-tenth of the predictions name ``X-Model-Version`` explicitly.
+tenth of the predictions name ``X-Model-Version`` explicitly. The screened variant sends a share
+of the predictions as ``POST /predict?detail=scores`` (``MEDAUDIT_LOAD_SCREEN``; 1: every one):
+screens, named apart in the stats, whose answers must carry concept scores and a flag decision,
+and a heatmap exactly when ``heatmap_reason`` says why.
 
 Requests are named ``ENDPOINT [PAYLOAD]`` (``/predict [jpeg-1024]``): locust's stats are then per
 endpoint and format, and :mod:`medaudit.cli.load` merges them per endpoint. A response counts as a
@@ -22,7 +25,8 @@ sticky while the weights stay the same).
 Environment: ``MEDAUDIT_API_KEY`` (sent as ``Authorization: Bearer``, when auth is on),
 ``MEDAUDIT_LOAD_WAIT`` (most think time between a user's requests, s; default 0.5),
 ``MEDAUDIT_LOAD_SUBJECTS`` (patient-id pool size, default 500), ``MEDAUDIT_LOAD_IMAGES``
-(distinct lesions per payload kind, default 4), ``MEDAUDIT_LOAD_SUMMARY`` (a path: at quit, the
+(distinct lesions per payload kind, default 4), ``MEDAUDIT_LOAD_SCREEN`` (share of the
+predictions screened, 0 to 1, default 0), ``MEDAUDIT_LOAD_SUMMARY`` (a path: at quit, the
 raw stats, errors and payload list are written there as JSON for :mod:`medaudit.cli.load`).
 
 No torch here: locust runs on gevent and monkey-patches the standard library at import, so the
@@ -145,6 +149,8 @@ PAYLOADS = build_payloads(_env_int("MEDAUDIT_LOAD_IMAGES", 4))
 _WEIGHTS = [PAYLOAD_WEIGHTS[p.kind] for p in PAYLOADS]
 SUBJECTS = [f"patient-{i:05d}" for i in range(_env_int("MEDAUDIT_LOAD_SUBJECTS", 500))]
 WAIT_MAX = float(os.environ.get("MEDAUDIT_LOAD_WAIT", "") or 0.5)
+#: Share of the /predict requests sent as screens (``?detail=scores``).
+SCREEN_SHARE = float(os.environ.get("MEDAUDIT_LOAD_SCREEN", "") or 0.0)
 
 # subject key -> the version hash routing gave it; shared by every user of this process.
 _ROUTED: dict[str, str] = {}
@@ -220,7 +226,10 @@ class ClinicUser(HttpUser):
         def check(b: dict[str, Any]) -> None:
             _require(b["prediction"]["label"] in b["prediction"]["probabilities"], "label not a class")
 
-        self._post("/predict", check, explicit=random.random() < 0.1)
+        if random.random() < SCREEN_SHARE:
+            self._post("/predict?detail=scores", _check_screen, explicit=random.random() < 0.1)
+        else:
+            self._post("/predict", check, explicit=random.random() < 0.1)
 
     @task(20)
     def audit(self) -> None:
@@ -251,6 +260,15 @@ class ClinicUser(HttpUser):
                 r.success()
             except (BadResponse, ValueError, KeyError, TypeError) as e:
                 r.failure(f"{type(e).__name__}: {e}")
+
+
+def _check_screen(b: dict[str, Any]) -> None:
+    """A screen: the prediction, every concept scored, a flag decision, and a heatmap exactly
+    when the answer says why it was computed (the screen flagged, or was sampled)."""
+    _require(b["detail"] == "scores", f"detail {b.get('detail')!r}, asked for scores")
+    _require(b["prediction"]["label"] in b["prediction"]["probabilities"], "label not a class")
+    _require(len(b["concepts"]) > 0 and isinstance(b["flag"]["flagged"], bool), "no concepts or flag")
+    _require((b["heatmap_png"] is None) == (b["heatmap_reason"] is None), "heatmap without its reason")
 
 
 @events.quitting.add_listener
@@ -288,5 +306,6 @@ def write_summary(environment: Any, **_kwargs: Any) -> None:
         ],
         "subjects": len(SUBJECTS),
         "wait_max_s": WAIT_MAX,
+        "screen_share": SCREEN_SHARE,
     }
     Path(path).write_text(json.dumps(summary))

@@ -143,6 +143,7 @@ class Endpoints:
         subject_key: str | None = None,
         raw_heatmap: bool = False,
         request_id: str | None = None,
+        detail: str | None = None,
     ) -> _Call[AuditResponse]:
         """Prediction, LRP heatmap, concept scores with masks, and the flag decision.
 
@@ -152,7 +153,14 @@ class Endpoints:
             subject_key: As for :meth:`predict`.
             raw_heatmap: Also fetch the (H, W) float16 heatmap (``AuditResponse.heatmap``).
             request_id: As for :meth:`predict`.
+            detail: ``"scores"``: a screen, at close to a prediction's cost: the same prediction,
+                concept scores, relevance shares and flag, without heatmap and masks
+                (``heatmap_png`` is ``None``) unless the screen flags (``heatmap_reason``).
+                ``"full"`` (the service's default): the audit.
         """
+        params = {"raw_heatmap": "1"} if raw_heatmap else {}
+        if detail is not None:
+            params["detail"] = detail
         return _image_call(
             "/audit",
             image,
@@ -160,7 +168,7 @@ class Endpoints:
             version=version,
             subject_key=subject_key,
             request_id=request_id,
-            params={"raw_heatmap": "1"} if raw_heatmap else None,
+            params=params or None,
         )
 
     @endpoint

@@ -130,26 +130,31 @@ class AuditResponse:
         via: How it was chosen; ``None`` in a comparison (every version there was asked for).
         prediction: The prediction the heatmap explains.
         heatmap_png: PNG bytes: the model-size input with the class heatmap overlaid (red
-            positive, blue negative relevance).
+            positive, blue negative relevance); ``None`` for a screen without heatmap.
         heatmap: The raw (H, W) float16 heatmap, read-only, when asked for (``raw_heatmap=True``).
         layer: The concept bank's layer.
         concepts: One score per concept of the version's bank.
         flag: The flag decision.
         shadow: The shadow version's answer (``None`` without a shadow, and in comparisons).
         notes: What the service did to the image.
+        detail: ``"full"`` (an audit) or ``"scores"`` (a screen: ``audit(detail="scores")``).
+        heatmap_reason: Why the heatmap was computed: ``requested``, or for a screen ``flagged``
+            or ``sampled``; ``None`` for a screen without heatmap (and in comparisons).
     """
 
     request_id: str
     version: str
     via: str | None
     prediction: Prediction
-    heatmap_png: bytes = field(repr=False)
+    heatmap_png: bytes | None = field(repr=False)
     heatmap: np.ndarray | None = field(repr=False)
     layer: str
     concepts: tuple[ConceptScore, ...]
     flag: FlagDecision
     shadow: ShadowInfo | None
     notes: tuple[str, ...]
+    detail: str = "full"
+    heatmap_reason: str | None = None
 
     def concept(self, name: str) -> ConceptScore:
         """The score of concept ``name``.
@@ -323,7 +328,7 @@ def _audit(
         version=version,
         via=via,
         prediction=_prediction(d["prediction"]),
-        heatmap_png=base64.b64decode(d["heatmap_png"]),
+        heatmap_png=_b64(d.get("heatmap_png")),
         heatmap=_raw_heatmap(d.get("heatmap")),
         layer=str(d["layer"]),
         concepts=tuple(
@@ -345,6 +350,8 @@ def _audit(
         ),
         shadow=shadow,
         notes=notes,
+        detail=str(d.get("detail", "full")),
+        heatmap_reason=d.get("heatmap_reason"),
     )
 
 

@@ -224,7 +224,7 @@ def print_audit(res: AuditResponse, file: Path) -> None:
 def save_audit_pngs(res: AuditResponse, file: Path, out: Path) -> list[Path]:
     """The heatmap overlay, and the mask of every present concept, as ``<stem>_<request id>_*.png``."""
     prefix = f"{_safe(file.stem)}_{_safe(res.request_id)}"
-    paths = [_write(out / f"{prefix}_heatmap.png", res.heatmap_png)]
+    paths = [] if res.heatmap_png is None else [_write(out / f"{prefix}_heatmap.png", res.heatmap_png)]
     for c in res.concepts:
         if c.mask_png is not None:
             paths.append(_write(out / f"{prefix}_mask_{_safe(c.concept)}.png", c.mask_png))
@@ -402,7 +402,8 @@ def compare(
         prefix = f"{_safe(file.stem)}_{_safe(res.request_id)}"
         _print_saved(
             [
-                _write(out / f"{prefix}_{_safe(v)}_heatmap.png", res.results[v].heatmap_png)
+                _write(out / f"{prefix}_{_safe(v)}_heatmap.png", png)
                 for v in res.versions
+                if (png := res.results[v].heatmap_png) is not None
             ]
         )

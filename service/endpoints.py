@@ -25,7 +25,7 @@ from typing import Any
 #: The HTTP contract's version (the OpenAPI document's ``info.version``, the ``X-Medaudit-API``
 #: header). Bump the major when a route, field or status changes meaning or disappears (and
 #: medaudit-client's ``API_VERSION`` with it); the minor for additions.
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 
 #: Where an endpoint is served from (:attr:`Endpoint.app`).
 SERVICE = "service"  # a BentoML API of the entry service (``@bentoml.api``)

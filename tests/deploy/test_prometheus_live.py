@@ -138,6 +138,8 @@ def _load(base: str) -> dict[str, int]:
     calls.append(("/audit", {**png, "X-Model-Version": "vanilla", "X-Subject-Key": "patient-x"}, _png(300)))
     for i in range(5):
         calls.append(("/compare?versions=vanilla,pclarc-band_aid", png, _png(400 + i)))
+    for i in range(6):  # screens (service.screening): the screening panels' series
+        calls.append((("/predict", "/audit")[i % 2] + "?detail=scores", png, _png(500 + i)))
     calls.append(("/predict", png, b"not an image"))  # a 4xx outcome
 
     def call(c: tuple[str, dict[str, str], bytes]) -> int:

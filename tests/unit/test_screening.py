@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,12 +22,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from medaudit.clients.endpoints import Endpoints
+from medaudit.clients.responses import parse_audit
 from medaudit.models.errors import ConfigError
 from medaudit.models.registry import create_model
 from medaudit.models.xai import ConceptTarget, Explainer, rules
 from medaudit.service.config import Settings
 from medaudit.service.errors import InvalidParameterError
 from medaudit.service.flags.policy import ConceptPolicy, PolicyConfig, PolicyDecision, evaluate
+from medaudit.service.openapi import build
 from medaudit.service.screening import FLAGGED, SAMPLED, heatmap_reason, parse_detail, sampled
 
 SIZE = 32
@@ -328,6 +332,12 @@ def test_served_screens_flag_with_heatmaps_and_count(client, redis_prefix: str) 
     assert via_audit["detail"] == "scores" and via_audit["flag"] == body["flag"]
     bad = client.post("/audit?detail=prediction", content=_png(0), headers=headers)
     assert bad.status_code == 422 and bad.json()["error"] == "invalid_parameter"
+    for path, answer in (("/predict", body), ("/predict", plain), ("/predict", full), ("/audit", via_audit)):
+        _conforms(path, answer)
+    parsed = parse_audit(body)  # the client's view of a flagged screen
+    assert (parsed.detail, parsed.heatmap_reason) == ("scores", "flagged") and parsed.heatmap_png
+    call = _Calls().audit(_png(0), detail="scores", raw_heatmap=True)
+    assert (call.path, call.params) == ("/audit", {"raw_heatmap": "1", "detail": "scores"})
 
     assert value("medaudit_screened_requests_total", version="vanilla") - screened0 == 2
     assert value("medaudit_heatmaps_total", version="vanilla", reason="flagged") - flagged0 == 2
@@ -345,3 +355,19 @@ def test_served_screens_flag_with_heatmaps_and_count(client, redis_prefix: str) 
     assert len(mine) == n_flags
     for e in mine:
         assert e.heatmap_key and r_conn.exists(e.heatmap_key) and e.mask_key and e.features_key
+
+
+class _Calls(Endpoints):
+    """The client's endpoint methods, returning the request they would send."""
+
+    def _call(self, build: Any) -> Any:
+        return build()
+
+
+def _conforms(path: str, body: dict[str, Any]) -> None:
+    """``body`` is one of the answers the OpenAPI document gives ``POST path``."""
+    import jsonschema
+
+    doc = build(["vanilla", "pclarc-band_aid"], auth=False, reviews=False)
+    schema = doc["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    jsonschema.validate(body, {**schema, "components": doc["components"]})
