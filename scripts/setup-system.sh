@@ -7,6 +7,7 @@
 #   redis-server          the real Redis of the flag-pipeline tests (.ci/run starts one if none answers)
 #   chromium              the HTML audit report, rendered in headless Chromium (tests/integration)
 #   promtool, prometheus  alert rules checked and unit-tested, the live dashboard check (tests/deploy)
+#   dciodvfy              the DICOM objects the service writes, validated against their IODs (dicom3tools)
 #
 # Adding a tool: one line in WANTED below (command, then the Debian package that provides it).
 set -euo pipefail
@@ -16,6 +17,7 @@ WANTED=(
   "chromium chromium"
   "promtool prometheus"
   "prometheus prometheus"
+  "dciodvfy dicom3tools"
 )
 
 missing=()

@@ -297,7 +297,8 @@ def _located(source: Any) -> Any:
     if "FrameOfReferenceUID" not in copy:
         copy.FrameOfReferenceUID = generate_uid()
     # highdicom places a single frame by its root position, the frames of a multi-frame image by
-    # their functional groups: frame i at (0, 0, i) mm, axial, the source's pixel spacing or 1 mm.
+    # their functional groups: frame i at (0, 0, -i) mm (highdicom orders frames by descending
+    # position, so the derived frames keep the source order), axial, the pixel spacing or 1 mm.
     spacing = [float(x) for x in (copy.get("PixelSpacing") or copy.get("ImagerPixelSpacing") or (1.0, 1.0))]
     orientation = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     n = int(copy.get("NumberOfFrames", 1) or 1)
@@ -316,7 +317,7 @@ def _located(source: Any) -> Any:
         per_frame = []
         for i in range(n):
             item = Dataset()
-            item.PlanePositionSequence = PlanePositionSequence("PATIENT", (0.0, 0.0, float(i)))
+            item.PlanePositionSequence = PlanePositionSequence("PATIENT", (0.0, 0.0, float(-i)))
             per_frame.append(item)
         copy.PerFrameFunctionalGroupsSequence = per_frame
     return copy
@@ -536,7 +537,8 @@ def _report(source: Any, frames: Sequence[FrameAudit], algorithm: Algorithm) -> 
 
 def read_report(ds: Any) -> list[dict[str, Any]]:
     """The measurement groups of an SR written by :func:`write_objects`, one dict per frame:
-    ``{"frame", "values": {code value: number}, "codes": {code value: code value}, "texts": [...]}``.
+    ``{"frame", "values": {code value: number}, "codes": {code value: code value}, "texts": [flag
+    reasons], "algorithm": {"name", "version", "parameters"}}``.
     For tests and clients that read the SR back."""
     out = []
 
@@ -547,7 +549,7 @@ def read_report(ds: Any) -> list[dict[str, Any]]:
     for group in _items(ds.ContentSequence):
         if group.ValueType != "CONTAINER" or "ContentSequence" not in group:
             continue
-        found: dict[str, Any] = {"frame": None, "values": {}, "codes": {}, "texts": []}
+        found: dict[str, Any] = {"frame": None, "values": {}, "codes": {}, "texts": [], "algorithm": {}}
         for item in group.ContentSequence:
             if item.ValueType == "NUM":
                 mv = item.MeasuredValueSequence[0]
@@ -557,11 +559,17 @@ def read_report(ds: Any) -> list[dict[str, Any]]:
                 found["codes"][value_of(item)] = str(c.get("CodeValue") or c.get("LongCodeValue"))
             elif item.ValueType == "TEXT" and value_of(item) == "reason":
                 found["texts"].append(str(item.TextValue))
+            elif item.ValueType == "TEXT" and value_of(item) in _ALGORITHM:
+                found["algorithm"][_ALGORITHM[value_of(item)]] = str(item.TextValue)
             elif item.ValueType == "TEXT" and str(item.TextValue).startswith("frame "):
                 found["frame"] = int(str(item.TextValue).split()[1])
         if found["values"]:
             out.append(found)
     return out
+
+
+#: TID 4019's items (DCM codes) in :func:`read_report`'s ``algorithm``.
+_ALGORITHM = {"111001": "name", "111003": "version", "111002": "parameters"}
 
 
 def _items(seq: Any) -> list[Any]:

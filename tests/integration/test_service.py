@@ -283,10 +283,20 @@ def _dcm(name: str) -> bytes:
     return Path(str(path)).read_bytes()
 
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "SC_rgb_dcmtk_+eb+cr.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "SC_rgb_dcmtk_+eb+cr.dcm",
+        "rtdose.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+    ],
+)
 @pytest.mark.parametrize("content_type", ["application/dicom", "application/octet-stream"])
 def test_real_dicom_files_are_predicted_and_audited(client, name: str, content_type: str) -> None:
-    """pydicom's bundled real files (CT with rescale, MR, RGB secondary capture) through the whole path."""
+    """pydicom's bundled real files (CT with rescale, MR, RGB secondary capture, a 15-frame dose
+    grid: its first frame, JPEG-LS) through the whole path."""
     body = _dcm(name)
     for endpoint in ("/predict", "/audit"):
         r = client.post(
@@ -302,15 +312,21 @@ def test_real_dicom_files_are_predicted_and_audited(client, name: str, content_t
 @pytest.mark.parametrize(
     ("name", "status", "code"),
     [
-        ("rtdose.dcm", 422, "invalid_image"),  # multi-frame: refused, not silently the first frame
         ("MR_truncated.dcm", 422, "invalid_image"),
-        ("MR_small_jpeg_ls_lossless.dcm", 415, "unsupported_media_type"),
+        ("MR_small.dcm as MPEG-4", 415, "unsupported_media_type"),  # video: no pixel decoder
     ],
 )
 def test_unsupported_dicom_is_a_named_4xx(client, name: str, status: int, code: str) -> None:
-    r = client.post("/audit", content=_dcm(name), headers={"Content-Type": "application/dicom"})
+    from pydicom.uid import MPEG4HP41
+
+    from medaudit.testing.dicom import with_transfer_syntax
+
+    body = with_transfer_syntax(_dcm("MR_small.dcm"), MPEG4HP41) if "MPEG" in name else _dcm(name)
+    r = client.post("/audit", content=body, headers={"Content-Type": "application/dicom"})
     assert r.status_code == status, r.text
     assert r.json()["error"] == code and r.json()["detail"]
+    if status == 415:
+        assert MPEG4HP41 in r.json()["detail"]
 
 
 @pytest.mark.parametrize(
