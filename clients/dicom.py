@@ -134,7 +134,7 @@ def parse_parts(content: bytes, content_type: str) -> tuple[bytes, ...]:
     for piece in content.split(b"--" + boundary.encode("latin-1"))[1:]:
         if piece.startswith(b"--"):
             break
-        _, sep, data = piece.partition(b"\r\n\r\n")
-        if sep:
+        _head, found, data = piece.partition(b"\r\n\r\n")
+        if found:
             out.append(data[:-2] if data.endswith(b"\r\n") else data)
     return tuple(out)

@@ -149,7 +149,7 @@ def with_transfer_syntax(data: bytes, uid: str) -> bytes:
     # pydicom writes no transfer syntax it does not know: an unknown one replaces, in the bytes, a
     # known one of the same padded length
     stand_in = pydicom.uid.MPEG4HP41
-    ds.file_meta.TransferSyntaxUID = uid if known else stand_in
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(uid) if known else stand_in
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     if known:

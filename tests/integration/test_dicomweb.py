@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from medaudit.service.auth import hash_key
-from medaudit.service.dicom_out import mask_of, read_report, to_source_grid, Geometry
+from medaudit.service.dicom_out import Geometry, mask_of, read_report, to_source_grid
 from medaudit.service.dicom_store import parse_multipart_related
 from medaudit.testing import dicom as tdicom
 
