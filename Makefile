@@ -33,6 +33,10 @@ $(STAMP): $(BIN)/python pyproject.toml clients/pyproject.toml
 	# zennit<=0.4.6, but the CondAttribution we compare against runs on 0.5.1 (method.md §11.2
 	# pins 0.5.1), so it goes in without its dependency resolution.
 	$(BIN)/pip install --quiet --no-deps zennit-crp==0.6.0
+	# lxt is the reference for the ViT attention rules in the tests (lxt.explicit needs torch only).
+	# Its metadata pulls transformers, accelerate, bitsandbytes and open_clip_torch, for its LLM
+	# patches: it goes in without them. Test-only, never imported by models/ or service/.
+	$(BIN)/pip install --quiet --no-deps lxt==2.1
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

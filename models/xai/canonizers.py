@@ -12,18 +12,21 @@ original (up to float rounding), but
   ``tests/unit/test_canonizers.py`` shows the difference;
 * residual additions become :class:`~models.xai.layers.ResidualSum` modules (Norm rule) with
   the block's last activation after the sum;
-* ViT attention and squeeze-excitation are wrapped in :class:`~models.xai.layers.PassThrough`
-  (Pass rule), concatenations become :class:`~models.xai.layers.Concat`;
+* squeeze-excitation is wrapped in :class:`~models.xai.layers.PassThrough` (Pass rule),
+  concatenations become :class:`~models.xai.layers.Concat`; ViT attention is written out as an
+  :class:`~models.xai.layers.AttentionCore` (AttnLRP / CP-LRP, :mod:`.vit_canonizers`);
 * modules that are the identity at inference (timm ``DropPath``) become ``nn.Identity`` and
   timm's fused ``BatchNormAct2d`` is split into the merged BatchNorm and its activation, so the
   generic engine never meets an architecture's own layer types.
 
-This is the only module of the LRP engine that knows architectures. Canonizers are looked up by
+This module and :mod:`.vit_canonizers` (the ViTs, kept apart for their size) are the only ones of
+the LRP engine that know architectures. Canonizers are looked up by
 the id in ``ModelCfg.canonizer`` (or found by :func:`detect_canonizer`): ``"resnet"`` (timm
 ResNet incl. the deep stem and avg-pool downsample of resnet-d, torchvision ResNet; basic and
 bottleneck blocks), ``"vgg"`` (torchvision VGG, with or without BatchNorm), ``"densenet"``
 (torchvision and timm DenseNet), ``"efficientnet"`` (timm EfficientNet/MobileNet-style blocks)
-and ``"vit"`` (timm VisionTransformer).
+and ``"vit"`` (timm VisionTransformer with class-token or average pooling, torchvision
+VisionTransformer).
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import timm.models._efficientnet_blocks as timm_eff_blocks
 import timm.models.densenet as timm_densenet
 import timm.models.efficientnet as timm_efficientnet
 import timm.models.resnet as timm_resnet
-import timm.models.vision_transformer as timm_vit
 import torch
 import torchvision.models.densenet as tv_densenet
 import torchvision.models.resnet as tv_resnet
@@ -44,6 +46,7 @@ import torchvision.models.vgg as tv_vgg
 from torch import nn
 
 from medaudit.models.errors import CanonizerError, UnknownModelError
+from medaudit.models.xai import vit_canonizers
 from medaudit.models.xai.layers import Concat, PassThrough, ResidualSum
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -496,66 +499,11 @@ def canonize_efficientnet(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- ViT
 
 
-class _TimmViTBlock(timm_vit.Block):
-    """timm ViT block with both residual additions as modules; ``attn`` is a PassThrough."""
-
-    residual_sum1: ResidualSum
-    residual_sum2: ResidualSum
-
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise CanonizerError("the canonized ViT block does not support attention masks")
-        x = self.residual_sum1(x, self.drop_path1(self.ls1(self.attn(self.norm1(x)))))
-        return self.residual_sum2(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
-
-
-class _TimmVisionTransformer(timm_vit.VisionTransformer):
-    """timm ViT with "tokens + position embedding" as a module (zennit ``EncoderCanonizer``)."""
-
-    pos_sum: ResidualSum
-
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        to_cat = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-        x = x.view(x.shape[0], -1, x.shape[-1])
-        if to_cat:
-            x = torch.cat([*to_cat, x], dim=1)
-        x = self.pos_sum(x, self.pos_embed.expand_as(x))  # type: ignore[union-attr]  # checked in canonize_vit
-        return self.pos_drop(x)
-
-
 def canonize_vit(model: nn.Module) -> None:
-    """timm VisionTransformer with zennit-0.5.1-equivalent rules (method.md §3.1, §3.2).
-
-    Under the paper's ``EpsilonPlusFlat`` with zennit ≤ 0.5.1 and its ``VITCanonizer``:
-
-    * attention is **Pass**: the relevance at the attention output is handed unchanged to the
-      attention input (the ``norm1`` output); zennit lists ``nn.MultiheadAttention`` among the
-      activations. We wrap timm's ``Attention`` in :class:`PassThrough` to get the same;
-    * both residual additions and "tokens + position embedding" are sums with the **Norm** rule
-      (the position embedding's share of relevance is dropped, as in zennit);
-    * LayerNorm has no rule: plain **gradient**; the class-token concat and reshapes too;
-    * MLP and head ``Linear`` layers get **ε**, GELU gets **Pass**, the patch-embedding conv (the
-      first layer) gets **Flat**.
-    """
-    if not isinstance(model, timm_vit.VisionTransformer):
-        raise CanonizerError(f"canonizer 'vit' expects a timm VisionTransformer, got {type(model).__name__}")
-    if model.pos_embed is None or model.no_embed_class or model.dynamic_img_size:
-        raise CanonizerError(
-            "canonizer 'vit' supports learned position embeddings that include the class token "
-            "(no_embed_class=False, dynamic_img_size=False)"
-        )
+    """timm and torchvision ViTs (:mod:`medaudit.models.xai.vit_canonizers`), BatchNorms of a conv
+    stem merged first (the paper's torchvision ViT has one, method.md §9)."""
     merge_sequential_batchnorms(model)
-    for block in model.blocks:
-        if type(block) is not timm_vit.Block:
-            raise CanonizerError(f"canonizer 'vit' supports timm Block only, got {type(block).__name__}")
-        block.__class__ = _TimmViTBlock
-        block.attn = PassThrough(block.attn)
-        block.add_module("residual_sum1", ResidualSum())
-        block.add_module("residual_sum2", ResidualSum())
-    model.__class__ = _TimmVisionTransformer
-    model.add_module("pos_sum", ResidualSum())
+    vit_canonizers.canonize_vit(model)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -574,7 +522,7 @@ FAMILIES: dict[str, tuple[type, ...]] = {
     "vgg": (tv_vgg.VGG,),
     "densenet": (tv_densenet.DenseNet, timm_densenet.DenseNet),
     "efficientnet": (timm_efficientnet.EfficientNet,),
-    "vit": (timm_vit.VisionTransformer,),
+    "vit": vit_canonizers.VIT_CLASSES,
 }
 
 

@@ -2,9 +2,12 @@
 
 zennit 0.5.1's ``EpsilonPlusFlat``, as rule modules of :mod:`medaudit.models.xai.rules`: the first
 conv/linear Flat, other convs z⁺, linears ε, residual sums and average pools Norm, activations
-and BatchNorms with no conv before them Pass. :data:`GRADIENT_TYPES` lists the layers that keep
-their plain gradient (max-pools, identities, ...); any other leaf is refused by name, never passed
-silently. :func:`build_lrp_model` applies the composite to a canonized model,
+and BatchNorms with no conv before them Pass. Transformers add AttnLRP's rules
+(:mod:`medaudit.models.xai.attention_rules`): attention by AttnLRP or CP-LRP (``attention``,
+:data:`DEFAULT_ATTENTION`), LayerNorm by the identity rule on σ with ε on the rest, average
+pooling over tokens Norm, LayerScale the uniform rule. :data:`GRADIENT_TYPES` lists the layers that
+keep their plain gradient (max-pools, identities, ...); any other leaf is refused by name, never
+passed silently. :func:`build_lrp_model` applies the composite to a canonized model,
 :func:`rule_report` says what each layer got.
 """
 
@@ -15,13 +18,26 @@ from dataclasses import dataclass
 from torch import nn
 
 from medaudit.models.errors import ConfigError
-from medaudit.models.xai import rules
+from medaudit.models.xai import attention_rules, rules
 from medaudit.models.xai.canonizers import canonize
-from medaudit.models.xai.layers import Concat, PassThrough, ResidualSum
+from medaudit.models.xai.layers import AttentionCore, Concat, PassThrough, ResidualSum, Scale, TokenMean
+
+#: Attention rules (Achtibat et al. 2024, see :mod:`~medaudit.models.xai.attention_rules`).
+ATTENTION_RULES: dict[str, type[nn.Module]] = {
+    "attnlrp": attention_rules.AttnLRPAttention,
+    "cp-lrp": attention_rules.CPLRPAttention,
+}
+#: The attention rule a ViT gets unless told otherwise: CP-LRP. Its heatmaps conserve the logit
+#: where AttnLRP's softmax rule keeps a share (the bias of the linearisation; tests/unit/
+#: test_attention_lrp.py), lxt 2.1 itself uses CP-LRP inside the attention of torchvision's ViT
+#: ("easier to tune"), and You et al. 2025 ("When LRP diverges from leave-one-out in
+#: transformers") find relevance through the values only closer to leave-one-out than AttnLRP's
+#: softmax rule.
+DEFAULT_ATTENTION = "cp-lrp"
 
 #: Modules that get the Pass rule. zennit 0.5.1's ``types.Activation`` (minus
-#: ``MultiheadAttention``, which canonizers wrap in PassThrough) plus BatchNorm, which zennit
-#: also passes (``layer_map_base``); canonizers merge every BatchNorm that follows a conv, so
+#: ``MultiheadAttention``, which the ViT canonizer writes out as an AttentionCore) plus BatchNorm,
+#: which zennit also passes (``layer_map_base``); canonizers merge every BatchNorm that follows a conv, so
 #: this is the rule of a BatchNorm with no conv before it (DenseNet, method.md §3.1).
 PASS_TYPES: tuple[type[nn.Module], ...] = (
     nn.ELU, nn.Hardshrink, nn.Hardsigmoid, nn.Hardtanh, nn.Hardswish, nn.LeakyReLU, nn.LogSigmoid,
@@ -32,8 +48,8 @@ PASS_TYPES: tuple[type[nn.Module], ...] = (
 #: Leaf modules that keep plain autograd gradient, with the rule name :func:`rule_report` shows.
 #: zennit 0.5.1's ``EpsilonPlusFlat`` maps none of them to a rule (method.md §3.1, §11.2):
 #: max-pooling's gradient is winner-take-all; dropout (at inference), identity, flatten and
-#: unflatten are the identity on relevance; LayerNorm keeps gradient as in zennit (ViT);
-#: a concatenation's gradient splits relevance by part (:class:`~models.xai.layers.Concat`).
+#: unflatten are the identity on relevance; a concatenation's gradient splits relevance by part
+#: (:class:`~models.xai.layers.Concat`).
 #: Any other leaf module is refused by :func:`build_lrp_model`: no layer is explained by a
 #: gradient nobody chose.
 _MAX_POOLS = (
@@ -47,7 +63,6 @@ _IDENTITIES = (
 GRADIENT_TYPES: dict[type[nn.Module], str] = {
     **dict.fromkeys(_MAX_POOLS, "Gradient (winner-take-all)"),
     **dict.fromkeys(_IDENTITIES, "Gradient (identity)"),
-    nn.LayerNorm: "Gradient",
     Concat: "Split",
 }
 #: Modules that only hold other modules; without children they compute nothing.
@@ -63,6 +78,8 @@ _UNSUPPORTED = (
 _RULE_NAMES: dict[type[nn.Module], str] = {
     rules.FlatConv: "Flat", rules.FlatLinear: "Flat", rules.ZPlusConv: "ZPlus",
     rules.EpsilonLinear: "Epsilon", rules.NormSum: "Norm", rules.NormAvgPool: "Norm", rules.PassRule: "Pass",
+    attention_rules.AttnLRPAttention: "AttnLRP", attention_rules.CPLRPAttention: "CP-LRP",
+    attention_rules.LayerNormRule: "LayerNorm (identity on σ, ε)", attention_rules.NormTokenMean: "Norm",
 }  # fmt: skip
 
 
@@ -75,8 +92,9 @@ class LayerRule:
             merged BatchNorms are ``Identity`` there, canonizers add ``residual_sum``/``concat``).
         module: the layer's class name.
         rule: ``"Flat"``, ``"ZPlus"``, ``"Epsilon"``, ``"Norm"``, ``"Pass"`` (a Pass owns its
-            whole subtree: nothing inside gets relevance of its own), ``"Split"`` or
-            ``"Gradient …"`` (:data:`GRADIENT_TYPES`).
+            whole subtree: nothing inside gets relevance of its own), ``"AttnLRP"``/``"CP-LRP"``
+            (an attention core), ``"LayerNorm …"``, ``"Split"`` or ``"Gradient …"``
+            (:data:`GRADIENT_TYPES`).
     """
 
     path: str
@@ -95,11 +113,20 @@ def _gradient_name(module: nn.Module) -> str | None:
     return next((GRADIENT_TYPES[c] for c in type(module).__mro__ if c in GRADIENT_TYPES), None)
 
 
-def rule_for(module: nn.Module, first: bool, path: str = "") -> nn.Module | None:
+def check_attention(attention: str) -> None:
+    """Raises :class:`ConfigError` naming the valid choices for an unknown attention rule."""
+    if attention not in ATTENTION_RULES:
+        raise ConfigError(f"attention={attention!r}; valid: {', '.join(ATTENTION_RULES)}")
+
+
+def rule_for(
+    module: nn.Module, first: bool, path: str = "", attention: str = DEFAULT_ATTENTION
+) -> nn.Module | None:
     """The rule module replacing ``module`` (``None``: keep it), method.md §3.1.
 
     ``first`` marks the first conv/linear in module order, which gets Flat. ``None`` is returned
     for containers (their children get rules) and :data:`GRADIENT_TYPES` (plain gradient).
+    ``attention`` picks the rule of an :class:`AttentionCore` (:data:`ATTENTION_RULES`).
 
     Raises:
         ConfigError: a leaf module with no rule and no reason to keep its gradient, or a
@@ -123,8 +150,15 @@ def rule_for(module: nn.Module, first: bool, path: str = "") -> nn.Module | None
         return rules.NormSum()
     if isinstance(module, _AVG_POOLS):
         return rules.NormAvgPool(module)
-    if isinstance(module, PASS_TYPES):
-        return rules.PassRule(module)
+    if isinstance(module, (*PASS_TYPES, Scale)):
+        return rules.PassRule(module)  # Scale: a constant factor, the uniform rule gives x it all
+    if isinstance(module, AttentionCore):
+        check_attention(attention)
+        return ATTENTION_RULES[attention](module)
+    if isinstance(module, nn.LayerNorm):
+        return attention_rules.LayerNormRule(module)
+    if isinstance(module, TokenMean):
+        return attention_rules.NormTokenMean(module)
     if _gradient_name(module) is not None or isinstance(module, _CONTAINERS):
         return None
     if next(module.children(), None) is not None:
@@ -136,7 +170,9 @@ def rule_for(module: nn.Module, first: bool, path: str = "") -> nn.Module | None
     )
 
 
-def _rule_plan(canonical: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None]]:
+def _rule_plan(
+    canonical: nn.Module, attention: str = DEFAULT_ATTENTION
+) -> list[tuple[str, nn.Module, nn.Module | None]]:
     """``(path, module, rule module or None)`` for every module that gets a rule or keeps gradient.
 
     Mirrors zennit's ``SpecialFirstLayerMapComposite``: the first ``Conv``/``Linear`` in
@@ -151,7 +187,7 @@ def _rule_plan(canonical: nn.Module) -> list[tuple[str, nn.Module, nn.Module | N
     for name, module in canonical.named_modules():
         if not name or any(name.startswith(p + ".") for p in skip_below):
             continue
-        rule = rule_for(module, first=name == first_path, path=name)
+        rule = rule_for(module, first=name == first_path, path=name, attention=attention)
         if rule is not None:
             plan.append((name, module, rule))
             skip_below.append(name)
@@ -160,13 +196,15 @@ def _rule_plan(canonical: nn.Module) -> list[tuple[str, nn.Module, nn.Module | N
     return plan
 
 
-def build_lrp_model(canonical: nn.Module) -> nn.Module:
+def build_lrp_model(canonical: nn.Module, attention: str = DEFAULT_ATTENTION) -> nn.Module:
     """Replace, in place, every layer of a canonized model by its rule module; return the model.
 
     Raises:
-        ConfigError: a leaf layer with no rule (see :func:`rule_for`); nothing is replaced then.
+        ConfigError: a leaf layer with no rule (see :func:`rule_for`) or an unknown
+            ``attention`` rule; nothing is replaced then.
     """
-    for name, _, rule in _rule_plan(canonical):
+    check_attention(attention)
+    for name, _, rule in _rule_plan(canonical, attention):
         if rule is None:
             continue
         parent_path, _, attr = name.rpartition(".")
@@ -174,7 +212,7 @@ def build_lrp_model(canonical: nn.Module) -> nn.Module:
     return canonical
 
 
-def rule_report(model: nn.Module, kind: str) -> list[LayerRule]:
+def rule_report(model: nn.Module, kind: str, attention: str = DEFAULT_ATTENTION) -> list[LayerRule]:
     """Which rule each layer of ``model`` gets under canonizer ``kind``, in module order.
 
     ``model`` is not modified (it is canonized as a copy, as :class:`Explainer` does).
@@ -182,10 +220,12 @@ def rule_report(model: nn.Module, kind: str) -> list[LayerRule]:
     Raises:
         UnknownModelError: ``kind`` is not a canonizer id.
         CanonizerError: the model is a variant the canonizer does not support.
-        ConfigError: a layer has no rule (the same refusal :class:`Explainer` would give).
+        ConfigError: a layer has no rule (the same refusal :class:`Explainer` would give), or
+            an unknown ``attention`` rule.
     """
+    check_attention(attention)
     report = []
-    for path, module, rule in _rule_plan(canonize(model, kind)):
+    for path, module, rule in _rule_plan(canonize(model, kind), attention):
         name = (_gradient_name(module) or "Gradient") if rule is None else _RULE_NAMES[type(rule)]
         report.append(LayerRule(path=path, module=type(module).__name__, rule=name))
     return report

@@ -6,7 +6,8 @@ Construction (once per served model, method.md §3):
    never modified);
 2. :func:`~medaudit.models.xai.composite.build_lrp_model` swaps every layer of that copy for its
    rule module from :mod:`medaudit.models.xai.rules` — zennit 0.5.1's ``EpsilonPlusFlat``
-   (method.md §3.1).
+   (method.md §3.1) — and, in transformers, :mod:`medaudit.models.xai.attention_rules` (AttnLRP
+   or CP-LRP through attention).
 
 A call (:meth:`Explainer.explain`) runs the rule model forward once, recording the outputs of the
 requested hook points, and then runs **one** backward for all relevance seeds of all images:
@@ -40,7 +41,7 @@ from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg
 from medaudit.models.xai import rules
 from medaudit.models.xai.canonizers import canonize
-from medaudit.models.xai.composite import build_lrp_model
+from medaudit.models.xai.composite import DEFAULT_ATTENTION, build_lrp_model, check_attention
 
 # --------------------------------------------------------------------------- seeds and results
 
@@ -175,14 +176,26 @@ class Explainer:
         cfg: its registry config (hook points, canonizer id).
         batch_mode: how several seeds share a call: ``"vmap"`` (one forward, a batched backward)
             or ``"repeat"`` (input repeated per seed).
+        attention: the rule of transformer attention, ``"cp-lrp"`` or ``"attnlrp"``
+            (:data:`~medaudit.models.xai.composite.DEFAULT_ATTENTION` says which is the default
+            and why); no effect on models without attention.
     """
 
-    def __init__(self, model: nn.Module, cfg: ModelCfg, *, batch_mode: Literal["vmap", "repeat"] = "vmap"):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ModelCfg,
+        *,
+        batch_mode: Literal["vmap", "repeat"] = "vmap",
+        attention: str = DEFAULT_ATTENTION,
+    ):
         if batch_mode not in ("vmap", "repeat"):
             raise ConfigError(f"batch_mode={batch_mode!r}; valid: 'vmap', 'repeat'")
+        check_attention(attention)
         self.cfg = cfg
         self.batch_mode = batch_mode
-        self.model = build_lrp_model(canonize(model, cfg.canonizer))
+        self.attention = attention
+        self.model = build_lrp_model(canonize(model, cfg.canonizer), attention)
         add_taps(self.model, cfg.hook_points)
         #: hook point -> whether it is a cut between input and logits (see ``_split_layer``)
         self._cuts: dict[str, bool] = {}

@@ -12,7 +12,7 @@ from torch import nn
 from medaudit.models.errors import CanonizerError, MedauditError, UnknownModelError
 from medaudit.models.registry import create_model, list_models
 from medaudit.models.xai.canonizers import canonize, merge_batchnorm
-from medaudit.models.xai.layers import PassThrough, ResidualSum
+from medaudit.models.xai.layers import AttentionCore, ResidualSum
 from medaudit.testing.models import trained_like
 
 SIZE = {"vit_tiny_patch16_224": 32, "vit_base_patch16_224": 32}
@@ -91,11 +91,11 @@ def test_torchvision_basic_block_resnet() -> None:
         assert (canonical(x) - model(x)).abs().max().item() <= 1e-10
 
 
-def test_vit_canonizer_wraps_attention_and_sums() -> None:
+def test_vit_canonizer_writes_attention_out_and_makes_sums_modules() -> None:
     model, cfg = create_model("vit_tiny_patch16_224", img_size=32)
     canonical = canonize(model, cfg.canonizer)
     n_blocks = len(model.blocks)
-    assert sum(isinstance(m, PassThrough) for m in canonical.modules()) == n_blocks
+    assert sum(isinstance(m, AttentionCore) for m in canonical.modules()) == n_blocks
     assert sum(isinstance(m, ResidualSum) for m in canonical.modules()) == 2 * n_blocks + 1
 
 

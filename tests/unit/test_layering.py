@@ -35,8 +35,9 @@ HEAVY = {"torch", "torchvision", "timm", "bentoml", "onnxruntime", "onnx", "zenn
 OPTIONAL = {"numpy", "PIL"}
 
 FORBIDDEN: dict[str, set[str]] = {
-    "models": TRANSPORT | {"medaudit.service", "medaudit.cli", "medaudit.clients", "medaudit.testing"},
-    "service": {"medaudit.cli", "medaudit.testing"},
+    # lxt (the ViT rules' reference, licensed for scientific use) is for tests only
+    "models": TRANSPORT | {"lxt", "medaudit.service", "medaudit.cli", "medaudit.clients", "medaudit.testing"},
+    "service": {"lxt", "medaudit.cli", "medaudit.testing"},
     "clients": HEAVY | TRANSPORT | {"medaudit.models", "medaudit.service", "medaudit.cli"},
 }
 
