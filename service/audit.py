@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ from medaudit.models.export import INPUT_NAME, OUTPUT_NAME, ort_session
 from medaudit.models.xai.concepts import relevance_share
 from medaudit.models.xai.localize import binarize
 from medaudit.models.xai.lrp import ConceptTarget, Explainer
+from medaudit.models.xai.validation import heatmap_refusal
 
 # the served-name rule is service.config's; re-exported where served versions are loaded
 from medaudit.service.config import DEFAULT_MODEL_NAME as DEFAULT_MODEL_NAME
@@ -121,6 +123,9 @@ class AuditResult:
         features: The spatially max-pooled activations φ(x) at ``layer`` (float32, (C,)): what
             the concept scores are dot products of. Not in the JSON; flags store it so that
             reviewed flags can refit the bank (``medaudit refine-cav``).
+        heatmap_note: Why the heatmap and masks are withheld (``heatmap_png`` ``None``): the
+            version's model family has no validated LRP rules (models/xai/validation.py). In
+            the JSON only when set.
     """
 
     prediction: Prediction
@@ -129,6 +134,7 @@ class AuditResult:
     layer: str
     heatmap: np.ndarray | None = field(default=None, repr=False)
     features: np.ndarray | None = field(default=None, repr=False)
+    heatmap_note: str | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], features: np.ndarray | None = None) -> AuditResult:
@@ -145,6 +151,7 @@ class AuditResult:
             if heat is None
             else np.frombuffer(base64.b64decode(heat["data"]), dtype="<f2").reshape(heat["shape"]),
             features=None if features is None else np.asarray(features, dtype=np.float32),
+            heatmap_note=body.get("heatmap_note"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -158,6 +165,7 @@ class AuditResult:
             "heatmap": raw,
             "layer": self.layer,
             "concepts": [c.to_json() for c in self.concepts],
+            **({"heatmap_note": self.heatmap_note} if self.heatmap_note else {}),
         }
 
 
@@ -359,6 +367,10 @@ class AuditEngine:
         self.bank = loaded.bank
         self.fpr = fpr
         self.explainer = Explainer(loaded.model, loaded.cfg).to(self.device)
+        #: Why this version's heatmaps are withheld (its family's rules are not validated), or None.
+        self.heatmap_note = heatmap_refusal(loaded.cfg.canonizer)
+        if self.heatmap_note:
+            logging.getLogger(__name__).warning("%s: %s", self.tag, self.heatmap_note)
         #: Per-image host work on a thread pool (see :meth:`_map`): on by default with a GPU.
         self.parallel_host = self.device.type != "cpu"
         self.predictor = OnnxPredictor(loaded, ort_threads)
@@ -430,12 +442,18 @@ class AuditEngine:
         heat = _numpy(e.heatmaps[0])  # (B, H, W)
         shares = {c: relevance_share(class_rel, self.bank[c].v) for c in self.bank}
         seeded = _numpy(e.heatmaps[1])  # (B, H, W): each image's first present concept
-        first = [(b, names[k]) for b, k in enumerate(pick) if k >= 0]
+        withheld = self.heatmap_note is not None  # never shown blank or wrong: no heatmap, no masks
+        first = [(b, names[k]) for b, k in enumerate(pick) if k >= 0 and not withheld]
         masks = dict(
             zip(first, self._map(lambda p: png_base64(binarize(seeded[p[0]]) * 255), first), strict=True)
         )
-        masks.update(self._masks(x, scores, done=set(masks)))
-        overlays = self._map(lambda b: png_base64(overlay(rgb[b], heat[b])), range(len(preds)))
+        if not withheld:
+            masks.update(self._masks(x, scores, done=set(masks)))
+        overlays: list[str | None] = (
+            [None] * len(preds)
+            if withheld
+            else list(self._map(lambda b: png_base64(overlay(rgb[b], heat[b])), range(len(preds))))
+        )
         out = []
         for b, pred in enumerate(preds):
             out.append(
@@ -444,8 +462,9 @@ class AuditEngine:
                     heatmap_png=overlays[b],
                     concepts=self._concepts(scores, shares, b, masks),
                     layer=layer,
-                    heatmap=heat[b].astype(np.float16) if raw_heatmap else None,
+                    heatmap=heat[b].astype(np.float16) if raw_heatmap and not withheld else None,
                     features=pooled[b].astype(np.float32),
+                    heatmap_note=self.heatmap_note,
                 )
             )
         return out

@@ -106,7 +106,7 @@ def _schemas() -> dict[str, Schema]:
     )
     audit_core = {
         "prediction": ref("Prediction"),
-        "heatmap_png": B64_PNG,
+        "heatmap_png": nullable(B64_PNG),  # null with heatmap_note: the family's rules are not validated
         "heatmap": nullable(raw_heatmap),
         "layer": STR,
         "concepts": {"type": "array", "items": ref("ConceptScore")},
@@ -167,7 +167,7 @@ def _schemas() -> dict[str, Schema]:
         ),
         "AuditResponse": obj(
             {**answer, **audit_core},
-            {"detail": {"const": "full"}, "heatmap_reason": {"const": "requested"}},
+            {"detail": {"const": "full"}, "heatmap_reason": {"const": "requested"}, "heatmap_note": STR},
         ),
         "ScreenResponse": obj(
             {**answer, **screen_core},
@@ -179,7 +179,7 @@ def _schemas() -> dict[str, Schema]:
             {
                 "request_id": STR,
                 "versions": {"type": "array", "items": STR, "minItems": 1},
-                "results": {"type": "object", "additionalProperties": obj(audit_core)},
+                "results": {"type": "object", "additionalProperties": obj(audit_core, {"heatmap_note": STR})},
                 "agreement": obj({"label": BOOL, "flag": BOOL}),
                 "notes": {"type": "array", "items": STR},
             }
