@@ -68,9 +68,11 @@ def correct_and_evaluate(
         data: CAVs, μ0 and training data for the correction.
         eval_data: Test sets, artifact samples and the original CAV for the evaluation.
         out_dir: Parent directory of the version directories.
-        model_name: ``<arch>-<dataset>``; the card is named ``<model_name>:<version>``.
+        model_name: The model's name (a spec's, or ``<arch>-synthderm``); the card is named
+            ``<model_name>:<version>``.
         data_info: Data configuration for the card (default: ``eval_data.info``).
-        parity_images: Images for the ONNX parity check (default: the first 64 clean test images).
+        parity_images: Images for the ONNX parity check (default: the first 64 clean test images, or
+            of the first test set where there is no clean one).
         opset: ONNX opset.
         log: Optional progress logger.
     """
@@ -97,7 +99,8 @@ def correct_and_evaluate(
         params=correction.params,
     )
     onnx_path = export_onnx(net, cfg, directory / ONNX_FILE, opset=opset)
-    images = parity_images if parity_images is not None else eval_data.sets["clean"].images[:64]
+    first = eval_data.sets.get("clean") or next(iter(eval_data.sets.values()))
+    images = parity_images if parity_images is not None else first.images[:64]
     parity = check_parity(net, cfg, onnx_path, images)
     say(f"{version}: ONNX parity {parity.max_abs_diff:.2g}")
     report = evaluate_version(net, cfg, eval_data)

@@ -311,10 +311,15 @@ def build_data(
     ds = open_dataset(spec)
     if isinstance(ds, SynthDerm):  # a synthderm spec with options: still rendered by its generator
         return SynthDermData(ds.cfg, cache, progress)
+    data = DatasetData(ds, _absolute(spec), size, cache, artifact, progress)
     validate = getattr(ds, "validate", None)
-    if callable(validate):
+    # once per content (key): a re-run over unchanged files does not read them all again
+    mark = cache / f"validated-{hashlib.sha256(json.dumps(data.key()).encode()).hexdigest()[:16]}"
+    if callable(validate) and not mark.exists():
         validate(progress)
-    return DatasetData(ds, _absolute(spec), size, cache, artifact, progress)
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+    return data
 
 
 def _absolute(spec: str) -> str:

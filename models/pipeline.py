@@ -426,6 +426,11 @@ def check_data(cfg: BuildConfig, data: BuildData) -> tuple[int, tuple[int, ...] 
             f"(folder data takes the model's order as an option: {data.name.partition('?')[0]}"
             f"?labels={','.join(cfg.model.labels)})"
         )
+    side = cfg.model.input_size[-1] if cfg.model is not None else data.size
+    if data.size != side:
+        raise ConfigError(
+            f"the data is rendered at {data.size} px but the model takes {side}: render it at {side}"
+        )
     drawn = data.train_membership()
     if cfg.artifact not in drawn:
         raise ConfigError(
@@ -561,6 +566,8 @@ def _first_n(data: EvalData, n: int) -> EvalData:
         return data
     sets = {k: EvalSet(s.images[:n], s.labels[:n]) for k, s in data.sets.items()}
     info = {**data.info, "n_eval_images": min(n, len(data.retrieval_labels))}
+    if "subsets" in info:  # what the card lists is what was evaluated
+        info["subsets"] = {k: int(len(s.labels)) for k, s in sets.items()}
     images, labels = data.retrieval_images[:n], data.retrieval_labels[:n]
     return replace(data, sets=sets, retrieval_images=images, retrieval_labels=labels, info=info)
 
