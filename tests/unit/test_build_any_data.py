@@ -225,3 +225,52 @@ def test_medaudits_trainer_builds_synthderms_three_class_form(tmp_path: Path) ->
     assert {f"acc_ovr_{c}" for c in ("nevus", "melanoma", "bcc")} <= set(
         card.metrics["classification"]["attacked"]
     )
+
+
+def _class_folders(src_root: Path, root: Path) -> str:
+    """The folder export rearranged as class folders (HyperKvasir's layout) with its annotations."""
+    import csv
+
+    from medaudit.models.data.registry import open_dataset
+
+    src = open_dataset(f"folder:{src_root}")
+    for i, p in enumerate(src.paths):
+        (root / src.label_names[src.labels[i]]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, root / src.label_names[src.labels[i]] / p.name)
+    carried: dict[str, list[str]] = {}
+    for a, idx in src.artifact_ids().items():
+        for i in idx:
+            carried.setdefault(f"{src.label_names[src.labels[i]]}/{src.paths[i].name}", []).append(a)
+    with open(root / "artifacts.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "artifacts"])
+        w.writerows([k, ";".join(v)] for k, v in carried.items())
+    return f"classfolders:{root}?annotations=artifacts.csv"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["chexpert", "classfolders"])
+def test_chexpert_and_class_folder_layouts_build_and_register(
+    layout: str, three_class_folder: Path, tmp_path: Path
+) -> None:
+    from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+    from medaudit.service.store import list_versions, register_version
+
+    torch.set_num_threads(1)
+    if layout == "chexpert":  # a binary task from a column, uncertain labels by the export's policy
+        root = SynthDerm(SynthDermConfig(size=32, n_train=90, n_val=30, n_test=45)).export(
+            tmp_path / "chexpert", layout="chexpert", masks=False
+        )
+        data = json.loads((root / "synthderm.json").read_text())["open_with"]
+        spec = _spec(tmp_path, "chest2", ("benign", "malignant"))
+    else:
+        data, spec = _class_folders(three_class_folder, tmp_path / "classes"), _spec(tmp_path, "kvasir3")
+    home = tmp_path / "bento"
+    res = build(
+        _cfg(spec, data, corrections=("vanilla", "pclarc")), tmp_path / "out", log=lambda _m: None,
+        register=functools.partial(register_version, home=home),
+    )  # fmt: skip
+    name = load_spec(spec).name
+    assert [v.tag for v in list_versions(home=home)] == [f"{name}:pclarc-band_aid", f"{name}:vanilla"]
+    assert res.cards[1].data["dataset"].startswith(f"{layout}:/")
+    assert res.cards[1].data["mask_source"] == "none"
