@@ -241,9 +241,16 @@ AUDIT = Endpoint(
             "full (default): the audit; scores: a screen, as /predict?detail=scores answers.",
             required=False,
         ),
+        Param(
+            "frames",
+            "query",
+            description='Asked with Accept: multipart/related; type="application/dicom" (the audit as '
+            "DICOM objects, docs/dicom.md): a multi-frame DICOM's first (default), all, or 1,3.",
+            required=False,
+        ),
     ),
     answer="AuditAnswer",
-    errors=IMAGE_ERRORS,
+    errors=(*IMAGE_ERRORS, 406),
     schemas={
         "AuditAnswer": {
             "anyOf": [ref("AuditResponse"), ref("ScreenResponse")],

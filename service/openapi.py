@@ -227,6 +227,7 @@ _DESCRIPTIONS = {
     401: "Missing or wrong API key",
     403: "The key's role may not use this endpoint",
     404: "Unknown model version, or unknown flag",
+    406: "DICOM asked for (Accept) where it cannot be given: a non-DICOM image, or a single part",
     409: "The flag was already resolved",
     413: "Body or declared image size over the limits",
     415: "The bytes are not a supported image format, or a DICOM transfer syntax has no decoder",

@@ -57,13 +57,14 @@ def test_document_lists_every_route_and_its_errors() -> None:
     assert doc["openapi"].startswith("3.1")
     assert {e.path for e in documented(reviews=True)} == set(doc["paths"])
     audit = doc["paths"]["/audit"]["post"]
-    assert {"200", "400", "401", "404", "413", "415", "422", "503"} == set(audit["responses"])
+    assert {"200", "400", "401", "404", "406", "413", "415", "422", "503"} == set(audit["responses"])
     assert {p["name"] for p in audit["parameters"]} == {
         "X-Request-ID",
         "X-Model-Version",
         "X-Subject-Key",
         "raw_heatmap",
         "detail",
+        "frames",
     }
     assert doc["paths"]["/models/{version}"]["get"]["parameters"][1]["schema"]["enum"] == [
         "vanilla",
