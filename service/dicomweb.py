@@ -31,6 +31,7 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -60,7 +61,7 @@ from medaudit.service.errors import (
     UnsupportedMediaTypeError,
     error_response,
 )
-from medaudit.service.inputs import check_body_size, decode_dicom, detect_format
+from medaudit.service.inputs import Limits, check_body_size, decode_dicom, detect_format
 from medaudit.service.uploads import BodyTooLargeError, limited, read_body, too_large
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,16 @@ async def audit_instance(
 # ------------------------------------------------------------------------------- HTTP
 
 
+def _log_failure(what: str, e: BaseException) -> None:
+    """Logs an unexpected failure by its type and where it was raised, not its message: a DICOM
+    library's message may quote an attribute's value, and the instance carries patient data."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    where = "; ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-4:])
+    log.error("%s failed: %s at %s", what, type(e).__name__, where)
+
+
 def _rid(headers: Mapping[str, str]) -> str:
     return headers.get("x-request-id") or uuid.uuid4().hex
 
@@ -242,6 +253,15 @@ async def audit_response(svc: Any, ctx: Any, image: bytes) -> Response:
     except AuditError as e:
         metrics.REQUESTS.labels("/audit", "none", e.code).inc()
         return svc._error(ctx, e, rid)  # BentoML answers with the context's status: set it there
+    except Exception as e:
+        _log_failure(f"DICOM out of request {rid}", e)
+        metrics.REQUESTS.labels("/audit", "none", "server_error").inc()
+        ctx.response.status_code = 500
+        return JSONResponse(
+            {"error": "internal_error", "detail": "the service failed on this request; quote its request id"},
+            status_code=500,
+            headers={"X-Request-ID": rid},
+        )
     body, ctype = multipart_related((o.to_bytes(), wado_url(o)) for o in objs)
     metrics.REQUESTS.labels("/audit", entry["version"], "ok").inc()
     metrics.STAGE_SECONDS.labels("/audit", "total").observe(time.perf_counter() - t0)
@@ -262,7 +282,7 @@ async def _stow(request: Request) -> JSONResponse:
         limit = web.settings.max_request_bytes
         declared = headers.get("content-length", "")
         if declared.isdigit():
-            check_body_size(int(declared), _limits(limit))
+            check_body_size(int(declared), Limits(max_bytes=limit))
         try:
             body = await read_body(limited(request.receive, limit))
         except BodyTooLargeError as e:
@@ -292,8 +312,8 @@ async def _stow(request: Request) -> JSONResponse:
         except AuditError as e:
             metrics.REQUESTS.labels(STOW.path, "none", e.code).inc()
             return {"index": i, "status": "failed", "http_status": e.status, **e.to_json()}
-        except Exception:  # one instance's failure is not the request's; logged without its data
-            log.exception("STOW-RS instance %d of request %s failed", i, rid)
+        except Exception as e:  # one instance's failure is not the request's
+            _log_failure(f"STOW-RS instance {i} of request {rid}", e)
             metrics.REQUESTS.labels(STOW.path, "none", "server_error").inc()
             return {
                 "index": i,
@@ -317,12 +337,6 @@ async def _stow(request: Request) -> JSONResponse:
         "retrievable_for_s": web.settings.ttl_s,
     }
     return JSONResponse(body_json, status_code=status, headers={"X-Request-ID": rid})
-
-
-def _limits(max_bytes: int) -> Any:
-    from medaudit.service.inputs import Limits
-
-    return Limits(max_bytes=max_bytes)
 
 
 async def _retrieve(request: Request) -> Response:

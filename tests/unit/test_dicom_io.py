@@ -217,3 +217,14 @@ def test_multipart_related_round_trips_and_accept_negotiates() -> None:
     assert parse_frames(None) == [1] and parse_frames("all") is None and parse_frames("3,1,3") == [3, 1]
     with pytest.raises(InvalidParameterError):
         parse_frames("last")
+
+
+def test_an_unexpected_failure_is_logged_without_its_message(caplog) -> None:
+    """A DICOM library's message may quote a patient's name: the log names the type and place."""
+    from medaudit.service.dicomweb import _log_failure
+
+    try:
+        raise ValueError(f"invalid Patient's Name {tdicom.PATIENT_NAME!r}")
+    except ValueError as e:
+        _log_failure("request r1", e)
+    assert "ValueError at test_dicom_io.py:" in caplog.text and tdicom.PATIENT_NAME not in caplog.text
