@@ -140,7 +140,12 @@ def build_versions(
     console.print(f"total {res.seconds:.1f} s; table: {res.comparison_md}, {res.comparison_json}")
     if res.registered:
         console.print("registered: " + ", ".join(tag for tag, _ in res.registered.values()))
-    if not res.accepted:
+    if res.cards and "attacked" not in res.cards[0].metrics["classification"]:
+        console.print(
+            f"[yellow]no attacked test set: the data has no masks of {cfg.artifact} to paste it with, so "
+            "the gap is not measured; derive them with `medaudit localize --export-masks` (docs/models.md)[/]"
+        )
+    elif not res.accepted:
         console.print("[yellow]no correction meets the criteria: gap recovered, clean cost, relevance cut[/]")
 
 
