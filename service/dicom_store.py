@@ -2,9 +2,10 @@
 
 :class:`InstanceStore` keeps each created instance as a file, ``<root>/<study>/<series>/<sop>.dcm``
 (mode 0600, in a 0700 folder), for ``ttl_s`` seconds after it was written; expired files are
-deleted on every write and never served. The store is a folder, not process memory, so that every
-API worker of one host serves what any of them created. These files hold patient data (the
-objects carry the source's Patient module): docs/dicom.md says where and for how long.
+never served, and deleted by a sweep every :data:`SWEEP_EVERY_S` seconds (a daemon thread,
+:meth:`InstanceStore.start_sweeping`) and on writes. The store is a folder, not process memory,
+so that every API worker of one host serves what any of them created. These files hold patient
+data (the objects carry the source's Patient module): docs/dicom.md says where and for how long.
 
 :func:`multipart_related` writes a ``multipart/related; type="application/dicom"`` body (PS3.18
 §8.6.1.2) and :func:`parse_multipart_related` reads one (a STOW-RS request).
@@ -13,9 +14,11 @@ objects carry the source's Patient module): docs/dicom.md says where and for how
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -24,8 +27,12 @@ from pathlib import Path
 
 from medaudit.service.envvars import positive_int
 
+log = logging.getLogger(__name__)
+
 DICOM = "application/dicom"
 MULTIPART_RELATED = "multipart/related"
+#: Least seconds between two sweeps of the store (a sweep walks every file; a write is frequent).
+SWEEP_EVERY_S = 30.0
 #: A DICOM UID: digits and dots, at most 64 characters (PS3.5 §9.1); also what keeps a path safe.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -81,6 +88,7 @@ class InstanceStore:
         self.root = Path(root)
         self.ttl_s = ttl_s
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._swept = 0.0
 
     def _path(self, study: str, series: str, sop: str) -> Path:
         for uid in (study, series, sop):
@@ -89,7 +97,8 @@ class InstanceStore:
         return self.root / study / series / f"{sop}.dcm"
 
     def put(self, study: str, series: str, sop: str, data: bytes) -> None:
-        """Writes one instance (atomically: readers never see half a file); sweeps expired ones."""
+        """Writes one instance (atomically: readers never see half a file); sweeps expired ones when
+        the last sweep is :data:`SWEEP_EVERY_S` old."""
         path = self._path(study, series, sop)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
@@ -97,7 +106,8 @@ class InstanceStore:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-        self.sweep()
+        if time.monotonic() - self._swept >= min(SWEEP_EVERY_S, self.ttl_s):
+            self.sweep()
 
     def _fresh(self, path: Path, now: float) -> bool:
         try:
@@ -127,8 +137,25 @@ class InstanceStore:
                     continue
         return out
 
+    def start_sweeping(self, every_s: float = SWEEP_EVERY_S) -> threading.Thread:
+        """Sweeps every ``every_s`` seconds in a daemon thread, for as long as the process runs, so
+        that expired patient data goes even when no request comes."""
+
+        def loop() -> None:
+            while True:
+                time.sleep(every_s)
+                try:
+                    self.sweep()
+                except OSError as e:  # a vanished folder must not end the sweeping
+                    log.warning("sweeping %s: %s", self.root, e.strerror or type(e).__name__)
+
+        t = threading.Thread(target=loop, name="dicom-store-sweep", daemon=True)
+        t.start()
+        return t
+
     def sweep(self) -> int:
         """Deletes expired instances (and the folders they leave empty); returns how many."""
+        self._swept = time.monotonic()
         now, n = time.time(), 0
         for p in self.root.rglob("*.dcm"):
             if not self._fresh(p, now):

@@ -76,6 +76,7 @@ class DicomWeb:
     def __init__(self, settings: DicomWebSettings) -> None:
         self.settings = settings
         self.store = InstanceStore(settings.store_dir, settings.ttl_s)
+        self.store.start_sweeping()
 
 
 def state(svc: Any) -> DicomWeb:

@@ -228,3 +228,16 @@ def test_an_unexpected_failure_is_logged_without_its_message(caplog) -> None:
     except ValueError as e:
         _log_failure("request r1", e)
     assert "ValueError at test_dicom_io.py:" in caplog.text and tdicom.PATIENT_NAME not in caplog.text
+
+
+def test_the_store_sweeps_by_itself(tmp_path: Path) -> None:
+    """Expired patient data goes without a request to trigger it."""
+    store = InstanceStore(tmp_path / "s", ttl_s=60)
+    store.put("1.2", "1.2.3", "1.2.3.4", b"one")
+    old = tmp_path / "s" / "1.2" / "1.2.3" / "1.2.3.4.dcm"
+    os.utime(old, (old.stat().st_atime, old.stat().st_mtime - 61))
+    store.start_sweeping(every_s=0.01)
+    deadline = time.monotonic() + 10
+    while old.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not old.exists()
