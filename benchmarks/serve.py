@@ -14,6 +14,10 @@ the same run:
 * ``screen_flagged``: the same on the default server, where a screen that flags also gets the
   full audit (heatmap and masks) in the same request: the throughput of the demo's mixed traffic
   (half the images carry the band-aid), with its flag rate.
+* ``audit_dicom_json`` and ``audit_dicom``: ``/audit`` of the same images as DICOM files (RGB
+  secondary captures), answered in JSON, and in DICOM (``Accept: multipart/related;
+  type="application/dicom"``: SEG, Parametric Map and SR written, stored for WADO-RS and returned;
+  :mod:`medaudit.service.dicomweb`): what DICOM out costs.
 
 Every contender runs at each concurrency of ``--users`` (closed loop: each user sends its next
 request when the last is answered), because the comparison depends on it: ONNX Runtime's cost per
@@ -143,7 +147,28 @@ CONTENDERS: dict[str, tuple[str, str]] = {
     "screen_flagged": ("/predict?detail=scores", "onnx"),
     "screen": ("/predict?detail=scores", "screen-only"),
     "predict_torch": ("/predict", "torch"),
+    "audit_dicom_json": ("/audit", "onnx"),
+    "audit_dicom": ("/audit", "onnx"),
 }
+#: Contenders that send DICOM files, and the headers they add.
+DICOM_HEADERS: dict[str, dict[str, str]] = {
+    "audit_dicom_json": {"Content-Type": "application/dicom"},
+    "audit_dicom": {
+        "Content-Type": "application/dicom",
+        "Accept": 'multipart/related; type="application/dicom"',
+    },
+}
+
+
+def dicom_images(images: list[bytes]) -> list[bytes]:
+    """The test images as DICOM files (RGB secondary captures of one made-up patient)."""
+    from medaudit.testing.dicom import source
+
+    out = []
+    for i, png in enumerate(images):
+        rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        out.append(source("rgb", *rgb.shape[:2], seed=i, pixels=rgb))
+    return out
 
 
 @contextmanager
@@ -163,7 +188,12 @@ def served_version(home: Path, version: str, server: str, log_path: Path) -> Ite
 
 
 async def drive(
-    base: str, endpoint: str, images: list[bytes], users: int, seconds: float
+    base: str,
+    endpoint: str,
+    images: list[bytes],
+    users: int,
+    seconds: float,
+    extra_headers: dict[str, str] | None = None,
 ) -> tuple[list[float], int, dict[str, int]]:
     """``users`` clients posting images back to back for ``seconds``: latencies (s), errors and,
     for screens (``detail=scores``), how many answers were flagged and carried a heatmap.
@@ -180,7 +210,7 @@ async def drive(
     stop = time.perf_counter() + seconds
     connector = aiohttp.TCPConnector(limit=users)
     timeout = aiohttp.ClientTimeout(total=120)
-    headers = {"Content-Type": "image/png"}
+    headers = {"Content-Type": "image/png", **(extra_headers or {})}
     async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as client:
 
         async def user(u: int) -> None:
@@ -221,11 +251,12 @@ def run_phase(
     images: list[bytes],
     users: int,
     args: argparse.Namespace,
+    headers: dict[str, str] | None = None,
 ) -> Phase:
     """One contender at one concurrency; ``batches`` names the batch-size histogram to read
     (:func:`medaudit.cli.load.batch_histogram`)."""
     base = server.base
-    asyncio.run(drive(base, endpoint, images, users, 3.0))  # warm-up at this concurrency
+    asyncio.run(drive(base, endpoint, images, users, 3.0, headers))  # warm-up at this concurrency
     before = batch_histogram(base, batches)
     audits = endpoint in ("/audit", "/compare") or "detail=scores" in endpoint
 
@@ -234,7 +265,7 @@ def run_phase(
 
     cpu0, own0, lrp0 = server.cpu_seconds(), _own_cpu_s(), lrp_cpu()
     t0 = time.perf_counter()
-    lat, errors, screens = asyncio.run(drive(base, endpoint, images, users, args.seconds))
+    lat, errors, screens = asyncio.run(drive(base, endpoint, images, users, args.seconds, headers))
     wall = time.perf_counter() - t0
     cpu1, own1, lrp1 = server.cpu_seconds(), _own_cpu_s(), lrp_cpu()
     after = batch_histogram(base, batches)
@@ -329,6 +360,7 @@ GOALS = {
     "predict_onnx_over_torch": 1.3,
     "screen_over_predict_onnx": 0.6,
     "screen_flagged_over_audit": 1.0,
+    "dicom_over_json_audit": 0.5,
 }
 #: ratio -> (numerator, denominator) contenders
 RATIOS = {
@@ -336,6 +368,7 @@ RATIOS = {
     "predict_onnx_over_torch": ("predict_onnx", "predict_torch"),
     "screen_over_predict_onnx": ("screen", "predict_onnx"),
     "screen_flagged_over_audit": ("screen_flagged", "audit"),
+    "dicom_over_json_audit": ("audit_dicom", "audit_dicom_json"),
 }
 
 
@@ -368,6 +401,7 @@ def markdown(
         "predict_onnx_over_torch": "ONNX Runtime ÷ eager torch /predict",
         "screen_over_predict_onnx": "screened /predict ÷ /predict",
         "screen_flagged_over_audit": "screened with flagged heatmaps ÷ /audit",
+        "dicom_over_json_audit": "DICOM-out /audit ÷ JSON /audit (DICOM in)",
     }
     shown = [k for k in RATIOS if any(k in ratios_of(summary[u]) for u in users)]
     lines += [
@@ -442,6 +476,7 @@ def main() -> None:
     if not (args.home / "models").is_dir():
         sys.exit(f"no model store at {args.home}: run `make demo` (or `medaudit build`) first")
     images = test_images(args.images)
+    dicoms = dicom_images(images) if DICOM_HEADERS.keys() & set(args.contenders) else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     phases: list[Phase] = []
     log_dir = args.out.parent / "logs"
@@ -460,7 +495,10 @@ def main() -> None:
                             if endpoint == "/predict"
                             else f"{BATCH_IMAGES}|auditor/{args.version}"
                         )
-                        phases.append(run_phase(name, server, endpoint, batches, images, users, args))
+                        sent, headers = (
+                            (dicoms, DICOM_HEADERS[name]) if name in DICOM_HEADERS else (images, None)
+                        )
+                        phases.append(run_phase(name, server, endpoint, batches, sent, users, args, headers))
                         print(f"round {r + 1}: {phases[-1]}", flush=True)
     engine_ips = in_process(args.home, args.version, images, batches=[1, 4, 8], repeats=7)
     print(f"in-process images/s: {engine_ips}", flush=True)

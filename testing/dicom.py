@@ -44,8 +44,10 @@ def source(
     seed: int = 0,
     patient: Patient | None = None,
     study_uid: str | None = None,
+    pixels: np.ndarray | None = None,
 ) -> bytes:
-    """A Part-10 file (explicit VR little endian) of ``kind`` (one of :data:`KINDS`)."""
+    """A Part-10 file (explicit VR little endian) of ``kind`` (one of :data:`KINDS`); ``pixels``
+    (rows×cols×3 uint8, for ``rgb``) replaces the random ones."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import (
         ComputedRadiographyImageStorage,
@@ -107,7 +109,7 @@ def source(
         ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
         ds.PhotometricInterpretation = "RGB" if kind == "rgb" else "YBR_FULL"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-        arr = rng.integers(0, 256, (rows, cols, 3), dtype=np.uint8)
+        arr = rng.integers(0, 256, (rows, cols, 3), dtype=np.uint8) if pixels is None else pixels
     else:
         ds.Modality, ds.ConversionType = "OT", "WSD"
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
