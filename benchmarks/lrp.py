@@ -5,7 +5,8 @@ over repeats, with the contenders interleaved round-robin so that background loa
 machine is shared) hits them alike. Writes ``benchmarks/results/lrp_<device>.md`` and ``.json``.
 
     python benchmarks/lrp.py                       # CPU: resnet18@128 b16, resnet50d@224 b8,
-                                                   #      densenet121@224 b4, efficientnet_b0@224 b4
+                                                   #      densenet121@224 b4, efficientnet_b0@224 b4,
+                                                   #      vit_tiny_patch16_224@224 b8
     python benchmarks/lrp.py --device cuda         # resnet50/resnet50d @224, batch 64 and 1, fp32(TF32)+bf16
     python benchmarks/lrp.py --vendor /path/wheels # add pure-python packages (zennit, captum) to sys.path
 
@@ -217,9 +218,21 @@ def run_case(args: argparse.Namespace, name: str, size: int, batch: int, torch: 
         fns["engine LRP (2 seeds, vmap, aten convs)"] = lambda: aten_convs(
             lambda: explainer.explain(x, [target, 0])
         )
+    if cfg.canonizer == "vit":  # the other attention rule (the default is the engine's rows)
+        from medaudit.models.xai.composite import ATTENTION_RULES, DEFAULT_ATTENTION
+
+        other = next(a for a in ATTENTION_RULES if a != DEFAULT_ATTENTION)
+        other_explainer = Explainer(model, cfg, attention=other).to(device, memory_format=fmt)
+        fns[f"engine LRP (1 seed, {other})"] = lambda: other_explainer.explain(x, [target])
+        notes["engine LRP (1 seed)"] = f"attention: {DEFAULT_ATTENTION} (the default)"
     repeats = dict.fromkeys(fns, args.repeats)
 
-    zennit_ok = True
+    zennit_ok = cfg.canonizer != "vit"
+    if not zennit_ok:
+        notes["zennit LRP"] = (
+            "skipped: zennit 0.5.1 passes attention (blank heatmaps with class-token pooling); "
+            "the ViT rules' reference is lxt (tests/unit/test_attention_lrp.py)"
+        )
     try:
         from medaudit.models.xai.zennit_reference import zennit_lrp
     except ImportError as e:  # pragma: no cover - depends on the machine
@@ -425,7 +438,13 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     default = {
-        "cpu": ["resnet18@128:16", "resnet50d@224:8", "densenet121@224:4", "efficientnet_b0@224:4"],
+        "cpu": [
+            "resnet18@128:16",
+            "resnet50d@224:8",
+            "densenet121@224:4",
+            "efficientnet_b0@224:4",
+            "vit_tiny_patch16_224@224:8",
+        ],
         "cuda": ["resnet50@224:64", "resnet50d@224:64", "resnet50@224:1", "resnet50d@224:1"],
     }
     info = machine(torch, args.device)
