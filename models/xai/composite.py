@@ -156,6 +156,10 @@ def rule_for(
         check_attention(attention)
         return ATTENTION_RULES[attention](module)
     if isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1:
+            raise ConfigError(
+                f"no LRP rule for {where}: a LayerNorm over {module.normalized_shape}, not the last dim"
+            )
         return attention_rules.LayerNormRule(module)
     if isinstance(module, TokenMean):
         return attention_rules.NormTokenMean(module)

@@ -196,7 +196,7 @@ def _canonize_torchvision(model: tv_vit.VisionTransformer) -> None:
                 f"canonizer 'vit' expects torchvision EncoderBlock layers, got {type(block).__name__}"
             )
         block.__class__ = _TvEncoderBlock
-        block.self_attention = _TvSelfAttention(block.self_attention)  # type: ignore[assignment]
+        block.self_attention = _TvSelfAttention(block.self_attention)
         block.add_module("residual_sum1", ResidualSum())
         block.add_module("residual_sum2", ResidualSum())
     encoder.__class__ = _TvEncoder

@@ -12,8 +12,6 @@ is above it); the input heatmap is then checked against Flat spread by hand over
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import timm
 import torch
@@ -341,19 +339,27 @@ def test_vit_conserves_the_logit_when_nothing_absorbs_it() -> None:
     torch.testing.assert_close(e.heatmaps.flatten(2).sum(2), e.logits.T, rtol=1e-4, atol=1e-6)
 
 
-def test_vit_heatmaps_are_not_blank_with_class_token_pooling() -> None:
-    """The registry's ViT pools the class token. With attention as Pass (zennit ≤ 0.5.1) its
-    relevance never reached a patch and every heatmap was zero; through attention it does."""
+def test_concept_heatmaps_at_the_class_token_as_the_audit_asks_them() -> None:
+    """The registry ViT's CAV layer is the class token after the final norm, (B, C): a concept
+    seed there (ReLU(A) ⊙ v, method.md §2.1) reaches every pixel, and the audit's one call with a
+    class and a concept seed (a batched backward) equals one call per seed."""
     from medaudit.models.registry import create_model
+    from medaudit.models.xai import ConceptTarget
 
     model, cfg = create_model("vit_tiny_patch16_224", img_size=32)
     with torch.no_grad():
         model.head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    for attention in ATTENTION:
-        heat = Explainer(model, cfg, attention=attention).explain(x, ["pred"]).heatmaps[0]
-        assert torch.count_nonzero(heat) == heat.numel(), attention
-        assert (heat.flatten(1).abs().sum(1) > 0).all()
+    v = torch.randn(192, generator=torch.Generator().manual_seed(2))
+    explainer = Explainer(model, cfg)
+    concept = ConceptTarget("inspection_layer", v)
+    both = explainer.explain(x, ["pred", concept], relevance_layers=["inspection_layer"])
+    alone = explainer.explain(x, [concept]).heatmaps[0]
+    assert torch.count_nonzero(alone) == alone.numel()
+    torch.testing.assert_close(both.heatmaps[1], alone, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        both.heatmaps[0], explainer.explain(x, ["pred"]).heatmaps[0], rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -400,10 +406,10 @@ def test_vit_rule_report_and_attention_choice() -> None:
 def test_unsupported_vit_variants_are_refused_by_name() -> None:
     from medaudit.models.errors import CanonizerError
 
-    pooled = timm.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32, global_pool="max")
+    pooled = timm.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32, depth=1, global_pool="max")
     with pytest.raises(CanonizerError, match="pools by 'max'"):
         canonize(pooled, "vit")
-    gated = copy.deepcopy(timm_vit("token"))
+    gated = timm.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32, depth=1)
     gated.blocks[0].attn.gate = nn.Linear(192, 192)
     with pytest.raises(CanonizerError, match="gated attention"):
         canonize(gated, "vit")
