@@ -333,15 +333,16 @@ def _absolute(spec: str) -> str:
 
 
 def _files(ds: AnnotatedDataset) -> list[str]:
-    """Image files the dataset lists (``paths``) and every file under its ``root``'s masks/ and
-    annotation files, where it has them; sorted."""
+    """Image files the dataset lists (``paths``), every file of its mask folder (``masks.root``,
+    wherever an option put it; else ``root/masks``) and the annotation files at its ``root``,
+    where it has them; sorted."""
     out = [str(p) for p in getattr(ds, "paths", ()) or ()]
     root = getattr(ds, "root", None)
+    masks = getattr(getattr(ds, "masks", None), "root", None)
+    if masks is None and root is not None:
+        masks = Path(root) / "masks"
+    if masks is not None and Path(masks).is_dir():
+        out += [str(p) for p in Path(masks).rglob("*") if p.is_file()]
     if root is not None:
-        root = Path(root)
-        for sub in ("masks",):
-            d = root / sub
-            if d.is_dir():
-                out += [str(p) for p in d.rglob("*") if p.is_file()]
-        out += [str(p) for p in root.glob("*.json")] + [str(p) for p in root.glob("*.csv")]
-    return sorted(out)
+        out += [str(p) for p in Path(root).glob("*.json")] + [str(p) for p in Path(root).glob("*.csv")]
+    return sorted(set(out))
