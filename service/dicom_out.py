@@ -6,12 +6,12 @@ objects, each a new series of the source's study:
 * **SEG** (Segmentation, BINARY): one segment per artifact concept present on an audited frame,
   its localization mask (method.md §2.1–2.2), frame for frame over the source; none when no concept
   is present (a SEG needs a segment).
-* **PM** (Parametric Map, 32-bit float): the class heatmap, the LRP relevance (method.md §3) of
-  the predicted class, with a real-world value mapping (unit: none) and a window centred on 0. A
-  Parametric Map rather than a Secondary Capture overlay: it carries the relevance values
-  themselves, which a viewer colours as it likes and an analysis can read back, and it duplicates
-  no pixel of the source image (an overlay would be a second copy of the patient's image, with a
-  colour map baked in).
+* **PM** (Parametric Map, 32-bit float; none where the answer withholds the heatmap): the class
+  heatmap, the LRP relevance (method.md §3) of the predicted class, with a real-world value
+  mapping (unit: none) and a window centred on 0. A Parametric Map rather than a Secondary Capture
+  overlay: it carries the relevance values themselves, which a viewer colours as it likes and an
+  analysis can read back, and it duplicates no pixel of the source image (an overlay would be a
+  second copy of the patient's image, with a colour map baked in).
 * **SR** (Comprehensive SR, TID 1500 Measurement Report): per audited frame one measurement group
   (TID 1501) referencing the source frame, with the class probabilities, each concept's CAV score,
   percentile and relevance share (NUM, exact as float in FloatingPointValue), the predicted class,
@@ -219,7 +219,8 @@ def write_objects(
         seg = _segmentation(_located(source), frames, algorithm, geometry, shape)
         if seg is not None:
             out.append(DicomObject("SEG", seg))
-    if "PM" in kinds:
+    # a family whose LRP rules are not validated gets no heatmap (its answer's heatmap_note): no PM
+    if "PM" in kinds and all(f.answer.get("heatmap") for f in frames):
         out.append(DicomObject("PM", _parametric_map(_located(source), frames, algorithm, geometry, shape)))
     if "SR" in kinds:
         out.append(DicomObject("SR", _report(source, frames, algorithm)))

@@ -190,6 +190,9 @@ def test_no_present_concept_means_no_segmentation(audited) -> None:
     }
     objs = write_objects(pydicom.dcmread(io.BytesIO(data)), [FrameAudit(2, quiet)], algorithm, geometry)
     assert [o.kind for o in objs] == ["PM", "SR"]
+    withheld = {**quiet, "heatmap": None, "heatmap_png": None}  # a family whose rules are not validated
+    objs = write_objects(pydicom.dcmread(io.BytesIO(data)), [FrameAudit(1, withheld)], algorithm, geometry)
+    assert [o.kind for o in objs] == ["SR"]
 
 
 def test_the_store_serves_until_the_ttl_and_refuses_paths(tmp_path: Path) -> None:
