@@ -12,6 +12,8 @@ is above it); the input heatmap is then checked against Flat spread by hand over
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import timm
 import torch
@@ -343,12 +345,11 @@ def test_concept_heatmaps_at_the_class_token_as_the_audit_asks_them() -> None:
     """The registry ViT's CAV layer is the class token after the final norm, (B, C): a concept
     seed there (ReLU(A) ⊙ v, method.md §2.1) reaches every pixel, and the audit's one call with a
     class and a concept seed (a batched backward) equals one call per seed."""
-    from medaudit.models.registry import create_model
+    from medaudit.models.registry import get_cfg
     from medaudit.models.xai import ConceptTarget
 
-    model, cfg = create_model("vit_tiny_patch16_224", img_size=32)
-    with torch.no_grad():
-        model.head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    model = timm_vit("token").float()  # three blocks of the registry's vit_tiny (class token)
+    cfg = replace(vit_cfg(model), hook_points=get_cfg("vit_tiny_patch16_224").hook_points)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     v = torch.randn(192, generator=torch.Generator().manual_seed(2))
     explainer = Explainer(model, cfg)
