@@ -15,12 +15,12 @@ from collections.abc import Mapping
 #: canonizer id (``ModelCfg.canonizer``) -> the evidence that its heatmaps may be shown.
 VALIDATED: Mapping[str, str] = {
     "resnet": "zennit 0.5.1 EpsilonPlusFlat parity (tests/unit/test_lrp_reference.py); region "
-    "perturbation and band-aid IoU (benchmarks/results/faithfulness_cpu.md)",
+    "perturbation above gradient×input and random, band-aid IoU (faithfulness_cpu_resnet.md)",
     "vgg": "zennit 0.5.1 EpsilonPlusFlat parity (tests/unit/test_lrp_reference.py)",
     "densenet": "zennit 0.5.1 parity with its canonizers (tests/unit/test_lrp_families.py)",
     "efficientnet": "zennit 0.5.1 parity with its canonizers (tests/unit/test_lrp_families.py)",
     "vit": "lxt 2.1 parity, AttnLRP and CP-LRP, timm and torchvision (tests/unit/test_attention_lrp.py); "
-    "region perturbation and band-aid IoU (benchmarks/results/faithfulness_cpu.md)",
+    "region perturbation above gradient×input and random (faithfulness_cpu_vit.md)",
 }
 
 
