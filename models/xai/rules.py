@@ -307,7 +307,9 @@ class ZPlusConv(nn.Module):
         return kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nonnegative = input_is_nonnegative(self, x)
+        # No relevance flows back into an input that needs no gradient (the layers below the cut
+        # of explain(heatmaps=False)): the sign, read only by the backward, is not checked.
+        nonnegative = input_is_nonnegative(self, x) if x.requires_grad else True
         packed = self.packed(x)
         if packed is not None:
             x = x.contiguous(memory_format=torch.channels_last)  # no copy once the first layer did it
