@@ -20,25 +20,27 @@ MIN_GAP_RECOVERED, MAX_CLEAN_LOSS_PTS, MIN_RELEVANCE_CUT = 50.0, 3.0, 50.0
 
 
 def victim_class(cards: Sequence[ModelCard], rates: Mapping[str, Sequence[float]], artifact: str) -> str:
-    """The class the artifact pushes images away from: the one with the lowest artifact rate
-    (malignant for band-aids); among several equally low (more than two classes), the one whose
-    accuracy the attack costs ``vanilla`` most."""
+    """The class the artifact pushes images away from: of the classes other than the one the
+    artifact is most frequent in, the one whose accuracy the attack costs ``vanilla`` most
+    (malignant for band-aids on the binary data; with more classes the realised rates of the
+    others differ by chance, so the rate alone does not pick it); the rarest class where there is
+    no attacked set to tell."""
     labels = list(cards[0].architecture.get("labels", [])) if cards else []
     if not labels:
         return ""
     r = list(rates.get(artifact, ()))[: len(labels)] or [0.0] * len(labels)
-    lowest = [k for k, x in enumerate(r) if x == min(r)]
+    others = [k for k in range(len(labels)) if r[k] < max(r)] or list(range(len(labels)))
     base = next((c for c in cards if c.correction.get("name") == "vanilla"), None)
-    if len(lowest) == 1 or base is None:
-        return labels[lowest[0]]
-    cls = base.metrics["classification"]
+    cls = base.metrics.get("classification", {}) if base is not None else {}
 
     def drop(k: int) -> float:
         key = f"accuracy_{labels[k]}"
         clean, att = cls.get("clean", {}).get(key), cls.get("attacked", {}).get(key)
         return -math.inf if clean is None or att is None else clean - att
 
-    return labels[max(lowest, key=drop)]
+    if all(drop(k) == -math.inf for k in others):
+        return labels[min(others, key=lambda k: r[k])]
+    return labels[max(others, key=drop)]
 
 
 def acceptance(

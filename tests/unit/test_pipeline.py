@@ -228,3 +228,29 @@ def test_fit_banks_forwards_rows_shared_with_the_ch_render_once(tmp_path, monkey
                 np.testing.assert_allclose(getattr(a[c], f), getattr(b[c], f), rtol=1e-9, atol=1e-9)
             np.testing.assert_allclose(a[c].cav.v, b[c].cav.v, rtol=0, atol=1e-6)
     np.testing.assert_allclose(reused.cav_svm, full.cav_svm, rtol=0, atol=1e-6)
+
+
+def test_the_victim_is_the_class_the_attack_costs_vanilla_most() -> None:
+    """With three classes the realised artifact rates of the two rare classes differ by chance
+    (band-aids on nevi: melanoma 4 %, bcc 3 %); the class whose images the attack pushes away is
+    the one that loses most, not the rarer."""
+    from medaudit.models.acceptance import victim_class
+    from medaudit.models.cards import ModelCard
+
+    def card(labels, clean, att):
+        sets = {"clean": dict(zip([f"accuracy_{k}" for k in labels], clean, strict=True))}
+        sets["attacked"] = dict(zip([f"accuracy_{k}" for k in labels], att, strict=True))
+        return ModelCard(
+            "m:vanilla", "vanilla", {"labels": labels}, {}, {"name": "vanilla"}, {"classification": sets}, {}
+        )
+
+    assert (
+        victim_class([card(["benign", "malignant"], [0.9, 0.8], [0.95, 0.4])], {"a": (0.5, 0.03)}, "a")
+        == "malignant"
+    )
+    three = card(["NV", "MEL", "BCC"], [0.92, 0.71, 1.0], [0.96, 0.31, 0.95])
+    assert victim_class([three], {"a": (0.5, 0.04, 0.03)}, "a") == "MEL"
+    no_attack = ModelCard(
+        "m:vanilla", "vanilla", {"labels": ["NV", "MEL", "BCC"]}, {}, {"name": "vanilla"}, {}, {}
+    )
+    assert victim_class([no_attack], {"a": (0.5, 0.04, 0.03)}, "a") == "BCC"  # the rarest, untold
