@@ -299,9 +299,10 @@ def markdown(meta: dict[str, Any], cases: list[dict[str, Any]], same: list[dict[
         lines.append("")
     lines += [
         "Backward skipped: 1 − (screen − rule forward without graph) / (audit clean − rule forward "
-        "with graph). Random weights (trained-like BatchNorm statistics); the machine was shared "
-        "with other work while measuring: compare ratios within a case. Reproduce: "
-        "`python benchmarks/screen.py`.",
+        "with graph). The cost tables use random weights (trained-like BatchNorm statistics). Load "
+        f"average when the run started: {meta['load_average'][0]:.2f} on {meta['cpu_count']} CPUs "
+        "(the machine is shared with other work: compare ratios within a case). Reproduce: "
+        "`python benchmarks/screen.py`" + (f" `--store {meta['store']}`" if meta.get("store") else "") + ".",
     ]
     return "\n".join(lines) + "\n"
 
