@@ -115,7 +115,6 @@ def engines(tiny_store: Path) -> dict[str, object]:
 POLICIES = [PolicyConfig(ConceptPolicy(share=s)) for s in (0.0, 0.05, 0.2)]
 
 
-@pytest.mark.slow
 def test_screen_equals_the_full_audit_on_512_images(engines, images) -> None:
     """512 images, half through each version (the presence FPR opened to 0.5 on ``vanilla``, so
     that concepts are present and flags fall both ways): the same prediction, features, scores,
@@ -296,7 +295,6 @@ def client(tiny_store: Path, redis_prefix: str, tmp_path_factory: pytest.TempPat
 
 
 @pytest.mark.redis
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
 def test_served_screens_flag_with_heatmaps_and_count(client, redis_prefix: str) -> None:
     """The deployment screens /predict by default; a flagged screen answers the full audit's
