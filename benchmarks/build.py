@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.machine import cpu_name, write_results  # noqa: E402
 
 GOAL_S = 8 * 60
 
@@ -67,10 +67,7 @@ def main() -> None:
             "load_average_after": load_after,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(report(res))
-    print(report(res))
+    write_results(args.out, res, report)
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def cpu_name() -> str:
@@ -15,3 +18,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def write_results(out: Path, res: dict[str, Any], report: Callable[[dict[str, Any]], str]) -> None:
+    """``<out>.json`` (the figures) and ``<out>.md`` (``report(res)``, also printed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    text = report(res)
+    out.with_suffix(".md").write_text(text)
+    print(text)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medaudit.models.registry import ModelCfg, create_model
+
 
 def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm2d of ``model`` random running statistics and affine parameters, in place.
@@ -24,3 +26,16 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model
+
+
+def branchy_resnet18(size: int) -> tuple[nn.Module, ModelCfg]:
+    """The registry's ResNet-18 at ``size`` px, seeded, with BatchNorm scales and variances drawn so
+    that every residual branch contributes (timm zero-inits each block's last BN)."""
+    torch.manual_seed(0)
+    model, cfg = create_model("resnet18", img_size=size)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model, cfg

@@ -12,19 +12,14 @@ from medaudit.models.errors import ConfigError, MedauditError, UnknownModelError
 from medaudit.models.registry import create_model
 from medaudit.models.xai import ClassTarget, ConceptTarget, Explainer, Explanation, rules
 from medaudit.models.xai import lrp as lrp_module
+from medaudit.testing.models import branchy_resnet18
 
 SIZE, BATCH = 32, 3
 
 
 @pytest.fixture(scope="module")
 def resnet() -> tuple[nn.Module, Explainer]:
-    torch.manual_seed(0)
-    model, cfg = create_model("resnet18", img_size=SIZE)
-    with torch.no_grad():  # timm zero-inits each block's last BN; make the branches matter
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.running_var.uniform_(0.5, 2.0)
+    model, cfg = branchy_resnet18(SIZE)
     return model, Explainer(model, cfg)
 
 

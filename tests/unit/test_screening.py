@@ -25,13 +25,13 @@ from torch import nn
 from medaudit.clients.endpoints import Endpoints
 from medaudit.clients.responses import parse_audit
 from medaudit.models.errors import ConfigError
-from medaudit.models.registry import create_model
 from medaudit.models.xai import ConceptTarget, Explainer, rules
 from medaudit.service.config import Settings
 from medaudit.service.errors import InvalidParameterError
 from medaudit.service.flags.policy import ConceptPolicy, PolicyConfig, PolicyDecision, evaluate
 from medaudit.service.openapi import build
 from medaudit.service.screening import FLAGGED, SAMPLED, heatmap_reason, parse_detail, sampled
+from medaudit.testing.models import branchy_resnet18
 
 SIZE = 32
 #: The real Redis of the tests (as tests/conftest.py's).
@@ -40,13 +40,7 @@ REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 @pytest.fixture(scope="module")
 def resnet() -> tuple[nn.Module, Explainer]:
-    torch.manual_seed(0)
-    model, cfg = create_model("resnet18", img_size=SIZE)
-    with torch.no_grad():  # timm zero-inits each block's last BN; make the branches matter
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.running_var.uniform_(0.5, 2.0)
+    model, cfg = branchy_resnet18(SIZE)
     return model, Explainer(model, cfg)
 
 
