@@ -35,7 +35,7 @@ def branchy_resnet18(size: int) -> tuple[nn.Module, ModelCfg]:
     model, cfg = create_model("resnet18", img_size=size)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d) and m.running_var is not None:
                 m.weight.uniform_(0.5, 1.5)
                 m.running_var.uniform_(0.5, 2.0)
     return model, cfg
