@@ -73,10 +73,11 @@ def nullable(s: Schema) -> Schema:
 
 #: Parameter schemas only the document can write, named by a :class:`Param` and filled in by
 #: :mod:`medaudit.service.openapi`: the deployment's versions, and the review queue's statuses and
-#: page size (defined in :mod:`medaudit.service.flags.review`, which imports this module).
+#: page size and offset (defined in :mod:`medaudit.service.flags.review`, which imports this module).
 SERVED_VERSION = "served_version"  # {"enum": [the served versions]}
 REVIEW_STATUS = "review_status"  # {"enum": STATUSES}
 PAGE_LIMIT = "page_limit"  # an integer, 1 to MAX_LIMIT
+PAGE_OFFSET = "page_offset"  # an integer, 0 to MAX_OFFSET
 
 
 @dataclass(frozen=True)
@@ -317,7 +318,7 @@ REVIEWS = Endpoint(
     params=(
         Param("status", "query", REVIEW_STATUS),
         Param("limit", "query", PAGE_LIMIT),
-        Param("offset", "query", {"type": "integer", "minimum": 0}),
+        Param("offset", "query", PAGE_OFFSET),
     ),
     answer="ReviewPage",
     errors=(*REVIEW_ERRORS, 422),

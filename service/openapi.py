@@ -38,6 +38,7 @@ from medaudit.service.endpoints import (
     NUM,
     OPEN,
     PAGE_LIMIT,
+    PAGE_OFFSET,
     REVIEW_STATUS,
     SERVED_VERSION,
     STR,
@@ -50,7 +51,7 @@ from medaudit.service.endpoints import (
     obj,
     ref,
 )
-from medaudit.service.flags.review import MAX_LIMIT, STATUSES, VERDICTS
+from medaudit.service.flags.review import MAX_LIMIT, MAX_OFFSET, STATUSES, VERDICTS
 from medaudit.service.inputs import FORMATS
 
 #: Where the document is served (not itself an operation of the contract).
@@ -209,7 +210,7 @@ def _schemas() -> dict[str, Schema]:
             {
                 "status": {"enum": list(STATUSES)},
                 "total": {"type": "integer", "minimum": 0},
-                "offset": {"type": "integer", "minimum": 0},
+                "offset": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
                 "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
                 "items": {"type": "array", "items": review_summary},
             }
@@ -266,6 +267,7 @@ def _named(versions: list[str]) -> dict[str, Schema]:
         SERVED_VERSION: {"type": "string", "enum": list(versions)},
         REVIEW_STATUS: {"enum": list(STATUSES)},
         PAGE_LIMIT: {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+        PAGE_OFFSET: {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
     }
 
 

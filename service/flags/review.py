@@ -47,6 +47,8 @@ VERDICTS = ("artifact_confirmed", "false_alarm", "other")
 STATUSES = ("open", "resolved")
 MAX_NOTE = 4000
 MAX_LIMIT = 500
+#: Largest page offset: Redis ranks are 64-bit, and no review queue reaches a billion flags.
+MAX_OFFSET = 10**9
 
 #: KEYS: [review, open index, resolved index, feature key…]; ARGV: [flag id, verdict, note,
 #: reviewer, resolved_at, score ms]. Returns {"ok", kept features (0/1)}, {"missing"} or
@@ -125,8 +127,10 @@ def list_reviews(
     keys = keys or FlagKeys()
     if status not in STATUSES:
         raise InvalidReviewError(f"unknown status {status!r}; valid: {', '.join(STATUSES)}", valid=STATUSES)
-    if not 1 <= limit <= MAX_LIMIT or offset < 0:
-        raise InvalidReviewError(f"limit must be in [1, {MAX_LIMIT}] and offset >= 0; got {limit}, {offset}")
+    if not 1 <= limit <= MAX_LIMIT or not 0 <= offset <= MAX_OFFSET:
+        raise InvalidReviewError(
+            f"limit must be in [1, {MAX_LIMIT}] and offset in [0, {MAX_OFFSET}]; got {limit}, {offset}"
+        )
     index = keys.open_index if status == "open" else keys.resolved_index
     with _available():
         total = int(client.zcard(index))
