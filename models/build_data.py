@@ -29,15 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from medaudit.models.data.protocol import AnnotatedDataset
+from medaudit.models.data.protocol import MASK_SOURCES, AnnotatedDataset
 from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 from medaudit.models.errors import ConfigError
 from medaudit.models.evaluate import EvalData
 from medaudit.models.registry import ModelCfg
 from medaudit.models.train import Progress, render_split, render_splits
-
-#: Where the masks RRR and the evaluation use come from (a dataset's ``mask_source_of``).
-MASK_SOURCES = ("ground_truth", "derived", "none")
 
 
 def mask_source(ds: AnnotatedDataset, artifact: str) -> str:

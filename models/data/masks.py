@@ -28,13 +28,13 @@ import numpy as np
 from PIL import Image
 
 from medaudit.models.data.files import read_mask
+from medaudit.models.data.protocol import MASK_SOURCES
 from medaudit.models.errors import DatasetError
 
 MASKS_DIR = "masks"
 SOURCE_FILE = "mask_source.json"
-#: Where an artifact's masks came from (``AnnotatedDataset.mask_source``).
-GROUND_TRUTH, DERIVED, NO_MASKS = "ground_truth", "derived", "none"
-MASK_SOURCES = (GROUND_TRUTH, DERIVED, NO_MASKS)
+#: Where an artifact's masks came from (``AnnotatedDataset.mask_source``), by name.
+GROUND_TRUTH, DERIVED, NO_MASKS = MASK_SOURCES
 
 
 class MaskFolder:
