@@ -77,7 +77,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
 
-from medaudit.service import dicomweb, metrics
+from medaudit.service import dicomweb, metrics, ui
 from medaudit.service.audit import (
     PREDICT_BACKENDS,
     AuditEngine,
@@ -353,6 +353,7 @@ def _review_app() -> Starlette:
 reviews_app = _review_app()
 
 
+@bentoml.asgi_app(ui.ui_app(), path=ui.UI_MOUNT)  # the reviewer workbench (service/ui/)
 @bentoml.asgi_app(dicomweb.dicomweb_app, path=dicomweb.DICOMWEB_MOUNT)
 @bentoml.asgi_app(reviews_app, path=REVIEWS_MOUNT)
 @bentoml.asgi_app(models_app, path=MODELS_MOUNT)

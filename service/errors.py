@@ -197,6 +197,13 @@ class ForbiddenError(AuditError):
     code = "forbidden"
 
 
+class CrossSiteRequestError(ForbiddenError):
+    """A state change the reviewer workbench refuses as cross-site: another origin, or no valid
+    CSRF token (:mod:`medaudit.service.ui.sessions`)."""
+
+    code = "cross_site_request"
+
+
 # -- capacity ---------------------------------------------------------------------------------------
 
 
@@ -259,6 +266,13 @@ class ReviewStoreUnavailableError(AuditError):
 
     status = 503
     code = "review_store_unavailable"
+
+
+class RefitRunningError(AuditError):
+    """The reviewer workbench's refit (``refine-cav``) is already running for this deployment."""
+
+    status = 409
+    code = "refit_running"
 
 
 # -- not HTTP errors: caught inside the service or the CLI -------------------------------------------

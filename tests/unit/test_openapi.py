@@ -19,8 +19,9 @@ from medaudit.service.openapi import _operations, build
 # bentoml 1.4.40 builds its IO schemas through a pydantic hook deprecated in pydantic 2.11: theirs to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
 
-#: BentoML's own pages, not part of the contract: its UI, its schema and OpenAPI views, their assets.
-FRAMEWORK_PAGES = {"/", "/docs.json", "/schema.json", "/static_content"}
+#: BentoML's own pages, not part of the contract: its UI, its schema and OpenAPI views, their assets;
+#: and the reviewer workbench (service/ui/), a browser's page and its API, left out on purpose.
+FRAMEWORK_PAGES = {"/", "/docs.json", "/schema.json", "/static_content", "/ui"}
 
 
 def _routes(app: Any, prefix: str = "") -> set[tuple[str, str]]:
