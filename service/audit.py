@@ -409,8 +409,13 @@ class AuditEngine:
         """Predictions for a batch of images, one ONNX Runtime run."""
         return self.predictor.predict(images)
 
-    def audit(self, images: Sequence[Image_], *, raw_heatmap: bool = False) -> list[AuditResult]:
+    def audit(
+        self, images: Sequence[Image_], *, raw_heatmap: bool = False, overlays: bool = True
+    ) -> list[AuditResult]:
         """Full audits for a batch of images.
+
+        ``overlays=False`` skips the heatmap overlay PNGs (``heatmap_png`` ``None``): host work for
+        callers that keep the raw heatmap instead (``medaudit scan --heatmaps``).
 
         One LRP call (one forward, one batched backward) gives the class heatmap, the pooled
         activations that score every concept, the class relevance at the CAV layer for the
@@ -449,9 +454,9 @@ class AuditEngine:
         )
         if not withheld:
             masks.update(self._masks(x, scores, done=set(masks)))
-        overlays: list[str | None] = (
+        pngs: list[str | None] = (
             [None] * len(preds)
-            if withheld
+            if withheld or not overlays
             else list(self._map(lambda b: png_base64(overlay(rgb[b], heat[b])), range(len(preds))))
         )
         out = []
@@ -459,7 +464,7 @@ class AuditEngine:
             out.append(
                 AuditResult(
                     prediction=pred,
-                    heatmap_png=overlays[b],
+                    heatmap_png=pngs[b],
                     concepts=self._concepts(scores, shares, b, masks),
                     layer=layer,
                     heatmap=heat[b].astype(np.float16) if raw_heatmap and not withheld else None,

@@ -151,20 +151,30 @@ class LaneSpec:
     device: str = "cpu"
 
 
+def load_engines(spec: LaneSpec, *, warmup: bool = True) -> dict[str, AuditEngine]:
+    """The engines an LRP process holds (``version -> AuditEngine``), with torch at ``spec.threads``
+    threads: the auditor's lanes and ``medaudit scan``'s workers load them the same way."""
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    engines = {
+        v: AuditEngine.from_store(
+            version_tag(v, spec.model_name), home=spec.home, fpr=spec.fpr, device=spec.device
+        )
+        for v in spec.versions
+    }
+    if warmup:
+        for e in engines.values():
+            e.warmup()
+    return engines
+
+
 def _lane_main(conn: Connection, spec: LaneSpec) -> None:
     """An LRP process: load and warm the versions, then audit batches until the pipe closes."""
     import torch
 
-    torch.set_num_threads(spec.threads)
     try:
-        engines = {
-            v: AuditEngine.from_store(
-                version_tag(v, spec.model_name), home=spec.home, fpr=spec.fpr, device=spec.device
-            )
-            for v in spec.versions
-        }
-        for e in engines.values():
-            e.warmup()
+        engines = load_engines(spec)
     except Exception as e:  # reported to the parent, which refuses to start
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
