@@ -24,6 +24,7 @@ from medaudit.cli.flags_cmd import worker as _worker_cmd
 from medaudit.cli.localize_cmd import localize as _localize_cmd
 from medaudit.cli.model_cmd import model_app as _model_app
 from medaudit.cli.refine_cmd import refine_cav as _refine_cav_cmd
+from medaudit.cli.scan_cmd import scan as _scan_cmd
 from medaudit.clients.service_cmd import compare as _compare_cmd
 from medaudit.clients.service_cmd import predict as _predict_cmd
 
@@ -196,6 +197,7 @@ app.add_typer(_model_app, name="model")
 app.command("refine-cav")(_refine_cav_cmd)
 app.command("annotate")(_annotate_cmd)
 app.command("localize")(_localize_cmd)
+app.command("scan")(_scan_cmd)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,174 @@
+"""One shard of a scan: files decoded, screened (or audited) by the service's engine, decided by its
+flag policy, and returned as rows. The same :class:`ShardScanner` runs in this process, in a local
+pool's processes and in Ray actors, so every runner gives the same rows for the same shard.
+
+Nothing here scores or decides by itself: predictions, concept scores, percentiles, presence and
+relevance shares come from :meth:`~medaudit.service.audit.AuditEngine.screen` (or
+:meth:`~medaudit.service.audit.AuditEngine.audit` when heatmaps are asked for: the same scores,
+tests/unit/test_screening.py), the flag decision from :func:`medaudit.service.flags.policy.evaluate`.
+The engines are loaded by :func:`medaudit.service.audit_pool.load_engines`, as the auditor's lanes
+load theirs.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from medaudit.cli.scan.sources import Item
+from medaudit.service.audit import AuditResult
+from medaudit.service.audit_pool import LaneSpec, load_engines
+from medaudit.service.config import DEFAULT_MODEL_NAME, version_tag
+from medaudit.service.flags.policy import PolicyConfig, evaluate
+from medaudit.service.inputs import Limits, decode_image, to_model_input
+
+#: Images per engine call inside a shard (the service's auditor batches up to 32 too).
+DEFAULT_BATCH = 32
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """What every worker of one scan loads and does (picklable: it travels to processes and actors).
+
+    Attributes:
+        version: The version, ``vanilla`` or ``<model name>:<version>``.
+        model_name: Store name of a version given without one.
+        home: BentoML home of the store (``None``: ``$BENTOML_HOME``).
+        fpr: Presence thresholds' false-positive rate (``None``: each bank's own).
+        policy: The flag policy spec (:meth:`PolicyConfig.parse`; empty: the defaults), as the
+            service's ``MEDAUDIT_FLAG_POLICY`` takes it.
+        heatmaps: Audit instead of screen and keep the raw class heatmap (float16) and the masks
+            of present concepts (PNG). Off by default: a screen costs a fraction of an audit.
+        device: Torch device of the engine (``cpu``, ``cuda:0``).
+        threads: Torch threads per worker (one LRP process per core: 1).
+        batch_size: Images per engine call.
+        decode_threads: Threads decoding and resizing files inside a worker (PIL and zlib release
+            the GIL); more than 1 pays where the engine is on a GPU.
+        max_bytes: Files larger than this are recorded as errors, not read.
+    """
+
+    version: str
+    model_name: str = DEFAULT_MODEL_NAME
+    home: str | None = None
+    fpr: float | None = None
+    policy: str = ""
+    heatmaps: bool = False
+    device: str = "cpu"
+    threads: int = 1
+    batch_size: int = DEFAULT_BATCH
+    decode_threads: int = 1
+    max_bytes: int = Limits().max_bytes
+
+    @property
+    def tag(self) -> str:
+        return version_tag(self.version, self.model_name)
+
+    def lane_spec(self) -> LaneSpec:
+        return LaneSpec((self.tag,), self.model_name, self.home, self.fpr, self.threads, self.device)
+
+    def on(self, device: str) -> ScanOptions:
+        return replace(self, device=device)
+
+
+def _decode(item: Item, size: tuple[int, int], resize: str, crop_pct: float, limits: Limits) -> Any:
+    """``(pixels, format, (h, w))`` of one file at the model's input size, or the error as text."""
+    try:
+        with open(item.path, "rb") as f:
+            data = f.read(limits.max_bytes + 1)
+        img = decode_image(data, limits=limits)  # checks the size, format, pixels
+        return to_model_input(img, size, resize, crop_pct), img.source_format, img.size
+    except Exception as e:  # a bad file is a row with its error, never the scan's end
+        return f"{type(e).__name__}: {e}"
+
+
+class ShardScanner:
+    """Holds one version's engine and scans shards with it (build once per worker)."""
+
+    def __init__(self, options: ScanOptions) -> None:
+        self.options = options
+        self.engine = load_engines(options.lane_spec(), warmup=False)[options.tag]
+        self.policy = PolicyConfig.parse(options.policy) if options.policy else PolicyConfig()
+        self.concepts = list(self.engine.bank)
+        self.labels = tuple(self.engine.cfg.labels)
+        self.limits = Limits(max_bytes=options.max_bytes)
+        self._pool = (
+            ThreadPoolExecutor(options.decode_threads, thread_name_prefix="scan-decode")
+            if options.decode_threads > 1
+            else None
+        )
+
+    def decode(self, items: Sequence[Item]) -> list[Any]:
+        cfg = self.engine.cfg
+        args = (self.engine.size, cfg.resize, cfg.crop_pct, self.limits)
+        if self._pool is None:
+            return [_decode(it, *args) for it in items]
+        return list(self._pool.map(lambda it: _decode(it, *args), items))
+
+    def scan(self, start: int, items: Sequence[Item]) -> list[dict[str, Any]]:
+        """Rows of ``items`` (global positions ``start``, ``start + 1``, ...), in their order."""
+        decoded = self.decode(items)
+        rows = [base_row(start + k, it) for k, it in enumerate(items)]
+        good = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
+        for k, d in enumerate(decoded):
+            if isinstance(d, str):
+                rows[k]["error"] = d
+        bs = max(1, self.options.batch_size)
+        for b in range(0, len(good), bs):
+            idx = good[b : b + bs]
+            pixels = [decoded[k][0] for k in idx]
+            results = (
+                self.engine.audit(pixels, raw_heatmap=True, overlays=False)
+                if self.options.heatmaps
+                else self.engine.screen(pixels)
+            )
+            for k, r in zip(idx, results, strict=True):
+                rows[k].update(ok=True, format=decoded[k][1], height=decoded[k][2][0], width=decoded[k][2][1])
+                rows[k].update(self.result_columns(r))
+        return rows
+
+    def result_columns(self, r: AuditResult) -> dict[str, Any]:
+        """One result's columns: prediction, each concept's score columns, the policy's decision."""
+        p = r.prediction
+        decision = evaluate(r, self.policy)
+        out: dict[str, Any] = {
+            "pred_label": p.label,
+            "pred_index": p.class_index,
+            "confidence": float(p.probabilities[p.label]),
+            "probabilities": [float(p.probabilities[lab]) for lab in self.labels],
+            "flagged": decision.flagged,
+            "severity": None if decision.severity is None else str(decision.severity),
+            "flag_concepts": list(decision.concepts),
+        }
+        for c in r.concepts:
+            out[f"{c.concept}_score"] = c.score
+            out[f"{c.concept}_percentile"] = c.percentile
+            out[f"{c.concept}_present"] = c.present
+            out[f"{c.concept}_share"] = c.relevance_share
+            if self.options.heatmaps:
+                out[f"{c.concept}_mask_png"] = None if c.mask_png is None else base64.b64decode(c.mask_png)
+        if self.options.heatmaps and r.heatmap is not None:
+            out["heatmap"] = np.ascontiguousarray(r.heatmap, dtype="<f2").tobytes()
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def base_row(index: int, item: Item) -> dict[str, Any]:
+    """The columns every row has, before (or without) a result."""
+    return {
+        "index": index,
+        "id": item.id,
+        "path": item.path,
+        "folder": item.folder,
+        "label": item.label,
+        "group": item.group,
+        "ok": False,
+        "error": None,
+    }
