@@ -135,9 +135,11 @@ def ui_app(backend: Callable[[Request], Backend] = service_backend) -> Starlette
     """
     import anyio.to_thread
 
-    page = resources.files("medaudit.service.ui").joinpath("static/index.html").read_bytes()
+    # The page's files are package data (pyproject.toml); "page-assets" is no identifier, so
+    # setuptools does not take the folder for a package it was not told about.
+    page = resources.files("medaudit.service.ui").joinpath("page-assets/index.html").read_bytes()
     assets = {
-        name: resources.files("medaudit.service.ui").joinpath(f"static/{name}").read_bytes()
+        name: resources.files("medaudit.service.ui").joinpath(f"page-assets/{name}").read_bytes()
         for name in STATIC
     }
 
