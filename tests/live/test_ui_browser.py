@@ -125,7 +125,8 @@ def _check_rendered(path: Path) -> None:
     img = np.asarray(Image.open(path).convert("RGB"))
     assert img.shape == (768, 1366, 3), img.shape
     assert img.std() > 20, f"{path.name} is (nearly) blank"
-    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 200, f"{path.name} has too few colours"
+    packed = (img[..., 0].astype(np.int32) << 16) | (img[..., 1].astype(np.int32) << 8) | img[..., 2]
+    assert len(np.unique(packed)) > 200, f"{path.name} has too few colours"
     bar = img[5:30, 300:1000].reshape(-1, 3)
     assert (np.abs(bar.astype(int) - BAR).sum(axis=1) < 12).mean() > 0.6, f"{path.name} lacks the header bar"
 
