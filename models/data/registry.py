@@ -75,7 +75,11 @@ OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
         "labels": _list,
     },
     "classfolders": {**_COMMON, "level": _text, "classes": _list, "groups": _text},
-    "synthderm": {"preset": _text, "size": _int, "seed": _int},
+    # n_train/n_val/n_test: a smaller (or larger) synthderm for a quick try or a test
+    "synthderm": {
+        **{k: _int for k in ("size", "seed", "n_train", "n_val", "n_test")},
+        "preset": _text,
+    },
 }
 _CLASSES: dict[str, Callable[..., ImageDataset]] = {
     "folder": FolderDataset,

@@ -43,6 +43,10 @@ BIN = Path(sys.executable).parent
 SIZE = 96
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VERSIONS = ("vanilla", "pclarc-band_aid", "rrclarc-band_aid")
+# The hospital's data: synthderm with fewer images than the default's 2,800 (the build's concept
+# banks read every training image); the build renders the same images by the same spec.
+SPLITS = {"n_train": 600, "n_val": 150, "n_test": 250}
+SYNTHDERM = f"synthderm?size={SIZE}&" + "&".join(f"{k}={v}" for k, v in SPLITS.items())
 
 # The hospital's training script: torch, timm, PIL and the csv module, nothing of medaudit.
 HOSPITAL_TRAINING = r"""
@@ -133,7 +137,7 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("hospital")
     data = root / "synthderm96"
-    SynthDerm(SynthDermConfig(size=SIZE)).export(data, variant="ch")
+    SynthDerm(SynthDermConfig(size=SIZE, **SPLITS)).export(data, variant="ch")
     script = root / "train.py"
     script.write_text(HOSPITAL_TRAINING)
     ckpt = root / "derm_resnet18.pt"
@@ -166,7 +170,7 @@ def built(hospital: dict[str, Path]) -> dict[str, Path]:
     out, home = hospital["root"] / "build", hospital["root"] / "bentoml"
     cmd = [
         str(BIN / "medaudit"), "build", "--model", str(hospital["spec"]), "--out", str(out),
-        "--corrections", ",".join(("vanilla", "pclarc", "rrclarc")),
+        "--data", SYNTHDERM, "--corrections", ",".join(("vanilla", "pclarc", "rrclarc")),
         "--n-correction-images", "120", "--n-eval-images", "60", "--bentoml-home", str(home),
     ]  # fmt: skip
     res = _run(cmd, timeout=1200, env={**os.environ, "BENTOML_HOME": str(home)})

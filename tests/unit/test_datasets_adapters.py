@@ -190,6 +190,8 @@ def test_open_dataset_options(exports: dict[str, Path]) -> None:
     assert isinstance(ds, CheXpert) and ds.label_names == ("other", "MEL")
     three = open_dataset("synthderm?preset=isic_like&size=32")
     assert isinstance(three, SynthDerm) and three.label_names == ("nevus", "melanoma", "bcc")
+    small = open_dataset("synthderm?size=32&n_train=60&n_val=20&n_test=30")
+    assert len(small.labels) == 110 and list(small.indices("test")) == list(range(80, 110))
     with pytest.raises(DatasetError, match="unknown option 'task' for isic2019; valid: annotations"):
         open_dataset(f"isic2019:{exports['isic']}?task=MEL")
     with pytest.raises(DatasetError, match="option metadata='maybe' is not a valid value"):
