@@ -6,10 +6,12 @@ tests/live/test_ui_browser.py."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from starlette.applications import Starlette
@@ -216,22 +218,96 @@ def test_sessions_end(client, keys: FlagKeys) -> None:
 
 
 @pytest.mark.slow
-def test_refit_runs_refine_cav_once_at_a_time(http: TestClient, keys: FlagKeys) -> None:
-    """The refit action starts the real ``medaudit refine-cav`` in a child process: here on an empty
-    store, where it fails at once, which is enough to see the job's life (lock, state, output)."""
-    csrf = _sign_in(http)
-    assert http.get("/ui/api/refit").json() == {"state": "none"}
-    assert _post(http, "/ui/api/refit", {"version": "nope"}, csrf).status_code == 422
-    started = _post(http, "/ui/api/refit", {"version": "vanilla"}, csrf)
-    assert started.status_code == 200 and started.json()["state"] == "running", started.text
-    second = _post(http, "/ui/api/refit", {"version": "vanilla"}, csrf)
-    assert second.status_code == 409 and second.json()["error"] == "refit_running"
-    deadline = time.monotonic() + 120
-    while (s := http.get("/ui/api/refit").json())["state"] == "running":
-        assert time.monotonic() < deadline, s
-        time.sleep(0.5)
-    assert s["state"] == "failed" and s["returncode"] != "0" and "vanilla" in s["output"], s
-    again = _post(http, "/ui/api/refit", {"version": "vanilla"}, csrf)  # the lock was freed
-    assert again.status_code == 200
-    while http.get("/ui/api/refit").json()["state"] == "running":
-        time.sleep(0.5)
+@pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211")
+def test_refit_runs_refine_cav_and_reports_before_and_after(
+    client, keys: FlagKeys, three_class_folder: Path, tmp_path: Path, redis_url: str
+) -> None:
+    """The refit action runs the real ``medaudit refine-cav`` in a child process: a random 32 px
+    three-class model stored as ``derm3:vanilla`` with its card naming a folder dataset, its flags
+    resolved through the workbench, then refitted; one refit at a time; the report holds the
+    held-out AUROC before and after and the new version registered beside the old one."""
+    import torch
+
+    from medaudit.models.data.registry import open_dataset
+    from medaudit.service.audit import AuditEngine
+    from medaudit.service.flags.producer import FlagPublisher
+    from medaudit.service.flags.redis_conn import connect
+    from medaudit.service.flags.worker import Worker, WorkerConfig
+    from medaudit.service.store import list_versions
+    from medaudit.testing.versions import register_version_files, write_version_files
+
+    torch.set_num_threads(1)
+    home, spec = tmp_path / "bento", f"folder:{three_class_folder}"
+    d = write_version_files(
+        tmp_path / "v",
+        "vanilla",
+        0,
+        labels=("bcc", "melanoma", "nevus"),
+        name="derm3",
+        data={"dataset": spec},
+    )
+    register_version_files(d, "vanilla", home, name="derm3")
+    ds = open_dataset(spec)
+    train = ds.indices("train")[:16]
+    engine = AuditEngine.from_store("derm3:vanilla", home=home, fpr=0.99)  # every concept "present"
+    pub = FlagPublisher(redis_url, keys=keys, spool_dir=tmp_path / "spool")
+    for i, r in enumerate(engine.audit([ds.load_image(int(j), 32) for j in train])):
+        pub.submit(
+            r, request_id=f"img{i}", version="vanilla", corrected_disagrees=True
+        )  # flags every present one
+    assert pub.close(10.0)
+    Worker(connect(redis_url, timeout=5), keys, WorkerConfig(consumer="w", block_ms=100)).run(drain=True)
+
+    store = KeyStore(parse_key_spec(f"reviewer:{hash_key(REVIEWER_KEY, SALT)}"), SALT)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "MEDAUDIT_REDIS_URL": redis_url,
+        "MEDAUDIT_FLAG_PREFIX": keys.prefix,
+        "OMP_NUM_THREADS": "1",
+    }
+    backend = Backend(
+        client=client,
+        keys=keys,
+        authenticate=lambda key: store.authenticate(f"Bearer {key}"),
+        versions=["vanilla"],
+        concepts=["band_aid", "ruler"],
+        model_name="derm3",
+        env=env,
+    )
+    app = Starlette(routes=[Mount(UI_MOUNT, app=ui_app(lambda _r: backend))])
+    with TestClient(app, base_url=f"http://{HOST}") as http:
+        csrf = _sign_in(http)
+        # Verdicts through the workbench, by the dataset's annotations.
+        member = {a: set(v) for a, v in ds.artifact_ids("train").items()}
+        items = http.get("/ui/api/queue?limit=100").json()["items"]
+        assert items, "no flags reached the queue"
+        for it in items:
+            i = int(it["request_id"][3:])
+            truth = int(train[i]) in member.get(it["concept"], set())
+            verdict = "artifact_confirmed" if truth else "false_alarm"
+            assert (
+                _post(http, f"/ui/api/flags/{it['ref']}/resolve", {"verdict": verdict}, csrf).status_code
+                == 200
+            )
+
+        assert http.get("/ui/api/refit").json() == {"state": "none"}
+        assert _post(http, "/ui/api/refit", {"version": "nope"}, csrf).status_code == 422
+        started = _post(http, "/ui/api/refit", {"version": "vanilla"}, csrf)
+        assert started.status_code == 200 and started.json()["state"] == "running", started.text
+        second = _post(http, "/ui/api/refit", {"version": "vanilla"}, csrf)
+        assert second.status_code == 409 and second.json()["error"] == "refit_running"
+        deadline = time.monotonic() + 300
+        while (s := http.get("/ui/api/refit").json())["state"] == "running":
+            assert time.monotonic() < deadline, s
+            time.sleep(0.5)
+    assert s["state"] == "done", s.get("output")
+    report = s["report"]
+    assert report["new_version"] == "derm3:vanilla-refit1"
+    added = sum(a["positive"] + a["negative"] for a in report["added"].values())
+    assert added == len(items) and len(report["flag_ids"]) == len(items)
+    for c, m in report["held_out"].items():
+        assert {"stored", "baseline", "refined"} <= set(m), c
+        assert m["refined"] is None or 0.0 <= m["refined"]["auroc"] <= 1.0
+    assert [v.tag for v in list_versions(home=home)] == ["derm3:vanilla", "derm3:vanilla-refit1"]
+    assert client.get(f"{keys.prefix}:ui:refit:lock") is None  # the next refit may start
