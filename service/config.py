@@ -44,6 +44,8 @@ Variables (all optional except where auth is on):
 ``MEDAUDIT_API_KEY_SALT``          the per-deployment salt the digests were made with
 ``MEDAUDIT_OPEN_HEALTH``           health endpoints without a key (default on)
 ``MEDAUDIT_OPEN_METRICS``          ``/metrics`` without a key (default on: scraped in-cluster)
+``MEDAUDIT_UI_REFIT_DIR``          where the reviewer workbench's refits write their banks, cards
+                                   and output (default: ``medaudit-refits/`` in the temp folder)
 ``MEDAUDIT_FLAG_*``                the flag pipeline (:mod:`medaudit.service.flags.settings`), in
                                    ``Settings.flags``
 =================================  ==========================================================
@@ -122,6 +124,8 @@ class Settings:
     api_key_salt: str = field(default="", repr=False)
     open_health: bool = True
     open_metrics: bool = True
+    #: Output folder of the reviewer workbench's refits (service/ui/refit.py); None: a temp folder.
+    ui_refit_dir: str | None = None
     flags: FlagSettings = field(default_factory=FlagSettings)
 
     def __post_init__(self) -> None:
@@ -232,6 +236,7 @@ class Settings:
             api_key_salt=env.get(PREFIX + "API_KEY_SALT", ""),
             open_health=_bool(env, PREFIX + "OPEN_HEALTH", True),
             open_metrics=_bool(env, PREFIX + "OPEN_METRICS", True),
+            ui_refit_dir=env.get(PREFIX + "UI_REFIT_DIR") or None,
             flags=FlagSettings.from_env(env),
         )
 
@@ -388,6 +393,7 @@ _NAMES = (
     "API_KEY_SALT",
     "OPEN_HEALTH",
     "OPEN_METRICS",
+    "UI_REFIT_DIR",
     *FLAG_NAMES,
 )
 

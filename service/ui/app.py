@@ -77,6 +77,7 @@ class Backend:
         concepts: Concepts of the served banks.
         model_name: The served model's name (``refine-cav --model-name``).
         env: The environment the refit runs in (None: this process's).
+        refit_dir: Where refits write their output (``MEDAUDIT_UI_REFIT_DIR``; None: a temp folder).
     """
 
     client: redis.Redis
@@ -86,6 +87,7 @@ class Backend:
     concepts: list[str]
     model_name: str = "resnet18-synthderm"
     env: dict[str, str] | None = field(default=None)
+    refit_dir: str | None = None
 
 
 def service_backend(request: Request) -> Backend:
@@ -101,6 +103,7 @@ def service_backend(request: Request) -> Backend:
         versions=list(svc.engines),
         concepts=sorted({c for e in svc.engines.values() for c in e.bank.concepts}),
         model_name=svc.settings.model_name,
+        refit_dir=svc.settings.ui_refit_dir,
     )
 
 
@@ -301,6 +304,7 @@ def ui_app(backend: Callable[[Request], Backend] = service_backend) -> Starlette
             model_name=be.model_name,
             reviewer=s.key_id,
             env=be.env,
+            out_root=be.refit_dir,
         )
 
     async def not_found(request: Request, exc: Exception) -> Response:

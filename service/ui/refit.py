@@ -77,9 +77,7 @@ def start(
             f"unknown version {version!r}; served: {', '.join(versions)}", valid=versions
         )
     job = uuid.uuid4().hex[:12]
-    root = Path(
-        out_root or os.environ.get("MEDAUDIT_UI_REFIT_DIR") or Path(tempfile.gettempdir()) / "medaudit-refits"
-    )
+    root = Path(out_root) if out_root else Path(tempfile.gettempdir()) / "medaudit-refits"
     out = root / job
     with _available():
         if not client.set(f"{_job_key(keys)}:lock", job, nx=True, ex=LOCK_S):

@@ -274,6 +274,7 @@ def test_refit_runs_refine_cav_and_reports_before_and_after(
         concepts=["band_aid", "ruler"],
         model_name="derm3",
         env=env,
+        refit_dir=str(tmp_path / "refits"),
     )
     app = Starlette(routes=[Mount(UI_MOUNT, app=ui_app(lambda _r: backend))])
     with TestClient(app, base_url=f"http://{HOST}") as http:
@@ -311,3 +312,4 @@ def test_refit_runs_refine_cav_and_reports_before_and_after(
         assert m["refined"] is None or 0.0 <= m["refined"]["auroc"] <= 1.0
     assert [v.tag for v in list_versions(home=home)] == ["derm3:vanilla", "derm3:vanilla-refit1"]
     assert client.get(f"{keys.prefix}:ui:refit:lock") is None  # the next refit may start
+    assert len(list((tmp_path / "refits").glob("*/bank"))) == 1  # written where the settings say
