@@ -58,6 +58,7 @@ def localize(
     from medaudit.models.audit.derive import derive_masks, refuse_drawn
     from medaudit.models.audit.derive import export_masks as export
     from medaudit.models.data.folder import ImageDataset
+    from medaudit.models.data.geometry import fitted
     from medaudit.models.data.masks import MaskFolder
     from medaudit.models.data.registry import open_dataset
     from medaudit.models.errors import DatasetError, MedauditError
@@ -65,14 +66,15 @@ def localize(
     names = parse_list(artifact)
     summaries: dict[str, Any] = {}
     try:
-        ds = open_dataset(data)
         net, cfg, version = load_classifier(model, weights)
+        raw = open_dataset(data)
+        ds = fitted(raw, cfg)  # read as the model fits images (its resize/crop policy)
         note = check_classes(cfg, ds)
         target = None
         if export_masks and masks_dir is not None:
             target = MaskFolder(masks_dir)
-        elif export_masks and isinstance(ds, ImageDataset):
-            target = ds.masks
+        elif export_masks and isinstance(raw, ImageDataset):
+            target = raw.masks
         elif export_masks:
             raise DatasetError(f"{data} has no folder of its own: give --masks-dir to export masks to")
         keys = list(getattr(ds, "keys", ds.ids))

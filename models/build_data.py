@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medaudit.models.data.geometry import fitted
 from medaudit.models.data.protocol import MASK_SOURCES, AnnotatedDataset
 from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 from medaudit.models.errors import ConfigError
@@ -167,6 +168,8 @@ class DatasetData:
         if len(self.tr_idx) == 0:
             raise ConfigError(f"dataset {spec} has no training images")
         self._key: dict[str, Any] | None = None
+        #: how images become ``size``² (a model spec's resize/crop policy; stage keys carry it)
+        self.fit = "resize"
 
     def key(self) -> Any:
         """The dataset's identity for stage keys: its spec, labels, splits, annotations, mask
@@ -188,6 +191,7 @@ class DatasetData:
                 "dataset": self.name,
                 "labels": list(self.label_names),
                 "size": self.size,
+                **({"fit": self.fit} if self.fit != "resize" else {}),
                 "mask_source": self.mask_source,
                 "content": h.hexdigest()[:16],
             }
@@ -296,11 +300,13 @@ def build_data(
     cache: Path,
     artifact: str,
     progress: Progress | None = None,
+    model: Any = None,
 ) -> BuildData:
     """The build's data: ``"synthderm"`` (or ``""``) renders ``synthderm`` (its own size), any
     other spec opens a dataset on disk (:func:`medaudit.models.data.registry.open_dataset`) read
     at ``size``, after reading every image and mask once where the dataset can check itself
-    (``validate``): a bad file fails the build before anything is built."""
+    (``validate``): a bad file fails the build before anything is built. ``model`` (a model spec
+    or ``ModelCfg``) says how images become ``size``²: its ``resize``/``crop_pct``, as served."""
     if spec in ("", "synthderm"):
         return SynthDermData(synthderm, cache, progress)
     from medaudit.models.data.registry import open_dataset
@@ -308,7 +314,10 @@ def build_data(
     ds = open_dataset(spec)
     if isinstance(ds, SynthDerm):  # a synthderm spec with options: still rendered by its generator
         return SynthDermData(ds.cfg, cache, progress)
-    data = DatasetData(ds, _absolute(spec), size, cache, artifact, progress)
+    # read as the model fits images (a spec's resize/crop policy), so it is built on what it is served
+    data = DatasetData(fitted(ds, model), _absolute(spec), size, cache, artifact, progress)
+    if getattr(model, "resize", "resize") != "resize":
+        data.fit = f"{model.resize}:{model.crop_pct}"
     validate = getattr(ds, "validate", None)
     # once per content (key): a re-run over unchanged files does not read them all again
     mark = cache / f"validated-{hashlib.sha256(json.dumps(data.key()).encode()).hexdigest()[:16]}"

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
@@ -41,6 +40,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+# The geometry is the one to_model_input applies; re-exported for the DICOM routes and tests.
+from medaudit.models.data.geometry import Geometry, to_source_grid
 
 #: The private coding scheme of medaudit's concept names.
 SCHEME = "99MEDAUDIT"
@@ -61,16 +63,6 @@ class Algorithm:
     @property
     def version(self) -> str:
         return self.tag.split(":", 1)[-1]
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How the model saw the source: its input size and resize policy (``ModelCfg.resize``,
-    ``crop_pct``)."""
-
-    size: tuple[int, int]
-    policy: str = "resize"
-    crop_pct: float = 0.875
 
 
 @dataclass(frozen=True)
@@ -128,28 +120,6 @@ class DicomObject:
 
 
 # ------------------------------------------------------------------------------- geometry
-
-
-def to_source_grid(a: np.ndarray, source: tuple[int, int], geometry: Geometry) -> np.ndarray:
-    """A model-size (h, w) array on the source's (rows, cols) grid, by nearest neighbour: each
-    source pixel takes the value of the model pixel it became in
-    :func:`~medaudit.service.inputs.to_model_input`; pixels a centre crop cut off get 0."""
-    h, w = geometry.size
-    ih, iw = source
-    if a.shape[:2] != (h, w):
-        raise ValueError(f"expected a {h}×{w} model-size array, got {a.shape}")
-    if geometry.policy == "center_crop":
-        short = math.floor(max(h, w) / geometry.crop_pct)
-        rh, rw = (int(short * ih / iw), short) if iw <= ih else (short, int(short * iw / ih))
-        top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))
-    else:
-        rh, rw, top, left = h, w, 0, 0
-    rows = np.floor((np.arange(ih) + 0.5) * rh / ih).astype(np.int64) - top
-    cols = np.floor((np.arange(iw) + 0.5) * rw / iw).astype(np.int64) - left
-    ok_r, ok_c = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
-    out = np.zeros((ih, iw, *a.shape[2:]), dtype=a.dtype)
-    out[np.ix_(ok_r, ok_c)] = a[np.ix_(rows[ok_r], cols[ok_c])]
-    return out
 
 
 def mask_of(png_b64: str) -> np.ndarray:

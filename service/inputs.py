@@ -42,7 +42,6 @@ request's notes. Errors are unaffected: every limit is checked from the header f
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +51,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medaudit.models.data.geometry import Geometry
 from medaudit.models.errors import ConfigError
 from medaudit.service.errors import (
     EmptyImageError,
@@ -282,30 +282,8 @@ def to_model_input(
         A new, writable height×width×3 uint8 array.
     """
     rgb = img.rgb if isinstance(img, DecodedImage) else img
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected H×W×3 uint8, got {rgb.shape} {rgb.dtype}")
     h, w = (size, size) if isinstance(size, int) else size
-    if h < 1 or w < 1:
-        raise ValueError(f"model input size must be positive, got {size!r}")
-    if policy not in ("resize", "center_crop"):
-        raise ValueError(f"resize policy {policy!r}; valid: resize, center_crop")
-    if policy == "center_crop":
-        # torchvision's Resize(floor(side / crop_pct)) on the short side, then CenterCrop(h, w),
-        # with its rounding, so a model trained with that eval transform sees the same pixels.
-        short = math.floor(max(h, w) / crop_pct)
-        ih, iw = rgb.shape[:2]
-        rh, rw = (int(short * ih / iw), short) if iw <= ih else (short, int(short * iw / ih))
-        if (rh, rw) != (ih, iw):
-            resized = Image.fromarray(np.ascontiguousarray(rgb)).resize((rw, rh), Image.Resampling.BICUBIC)
-            rgb = np.asarray(resized, dtype=np.uint8)
-        if rh < h or rw < w:
-            raise ValueError(f"crop_pct={crop_pct} leaves {rh}×{rw}, smaller than the input {h}×{w}")
-        top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))
-        return np.array(rgb[top : top + h, left : left + w], dtype=np.uint8, copy=True)
-    if rgb.shape[:2] == (h, w):
-        return np.array(rgb, dtype=np.uint8, copy=True)
-    out = Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.Resampling.BICUBIC)
-    return np.asarray(out, dtype=np.uint8).copy()
+    return Geometry((h, w), policy, crop_pct).image(rgb)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

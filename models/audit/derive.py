@@ -3,10 +3,11 @@
 For each image annotated with an artifact: the CAV-conditioned LRP heatmap of the artifact's CAV
 (fitted on the annotations, :mod:`~medaudit.models.audit.annotated`; §2.1: R = ReLU(A) ⊙ v at ℓ,
 propagated to the input), binarised (§2.2: blur k=7, σ=8, Otsu), at the model's input size, then
-laid over the image at its own size (nearest). :func:`export_masks` writes them in the dataset's
-mask layout (``masks/<artifact>/<key>.png``) and marks the artifact's masks ``"derived"`` with
-their provenance, so RRR, the IoU figures and the cards know what they use. Where true masks
-exist (synthderm, or masks held back), every derived mask is scored by IoU against them.
+laid over the image at its own size (nearest, undoing the model's resize or centre crop).
+:func:`export_masks` writes them in the dataset's mask layout (``masks/<artifact>/<key>.png``)
+and marks the artifact's masks ``"derived"`` with their provenance, so RRR, the IoU figures and
+the cards know what they use. Where true masks exist (synthderm, or masks held back), every
+derived mask is scored by IoU against them.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from medaudit.models.audit.annotated import AnnotationCav
 from medaudit.models.audit.options import Progress
+from medaudit.models.data.geometry import Geometry, to_source_grid
 from medaudit.models.data.masks import DERIVED, GROUND_TRUTH, MaskFolder
 from medaudit.models.data.protocol import AnnotatedDataset
 from medaudit.models.errors import DatasetError
@@ -56,25 +57,21 @@ def derive_masks(
     progress: Progress | None = None,
 ) -> Iterator[DerivedMask]:
     """Derived masks of ``fitted.artifact`` for ``indices`` (see the module docstring)."""
-    size = cfg.input_size[-1]
+    geometry = Geometry.of(cfg)  # the model's resize/crop policy, undone for the full-size mask
     explainer = Explainer(model, cfg)
     target = ConceptTarget(fitted.layer, torch.tensor(fitted.v, dtype=torch.float32))
     adv = progress(f"localize {fitted.artifact}", len(indices)) if progress and len(indices) else None
     for s in range(0, len(indices), batch_size):
         b = [int(i) for i in indices[s : s + batch_size]]
         full = [ds.load_image(i) for i in b]
-        x = np.stack([_resize(im, size) for im in full])
+        x = np.stack([geometry.image(im) for im in full])
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         hm = explainer.explain(cfg.normalize(xt), [target], logits=False).heatmaps[0].double().numpy()
         for j, i in enumerate(b):
             m = binarize(hm[j]) > 0
             gt = truth(i) if truth is not None else None
             score = iou(m, gt) if gt is not None and gt.any() else None
-            h, w = full[j].shape[:2]
-            big = (
-                np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST))
-                > 0
-            )
+            big = to_source_grid(m, full[j].shape[:2], geometry)
             yield DerivedMask(i, m, big, score)
         if adv:
             adv(len(b))
@@ -166,10 +163,3 @@ def refuse_drawn(folder: MaskFolder, artifact: str, overwrite: bool = False) -> 
 def _stats(v: list[float]) -> dict[str, float]:
     a = np.asarray(v, dtype=np.float64)
     return {"mean": float(a.mean()), "median": float(np.median(a)), "n": int(len(a))}
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic to ``size``², as every dataset's ``load_image(i, size)`` does."""
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
