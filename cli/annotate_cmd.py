@@ -48,7 +48,7 @@ def annotate(
 ) -> None:
     """Rank a split by a concept's CAV score into a review sheet, or apply a filled one."""
     from medaudit.cli.console import console, progress_bars
-    from medaudit.models.data.geometry import fitted
+    from medaudit.models.data.geometry import model_view
     from medaudit.models.data.registry import open_dataset
     from medaudit.models.errors import MedauditError
 
@@ -66,9 +66,9 @@ def annotate(
         from medaudit.models.audit.review import rank, write_sheet
 
         net, cfg, version = load_classifier(model, weights)
-        ds = fitted(ds, cfg)  # the model's resize/crop policy
+        ds = model_view(ds, cfg)  # the model's resize/crop policy
         note = check_classes(cfg, ds)
-        ln = layer or default_concept_layers(cfg, [concept]).get(concept) or cfg.default_cav_layer
+        ln = layer or default_concept_layers(cfg, [concept], net).get(concept) or cfg.default_cav_layer
         with progress_bars() as bars:
             fitted = annotation_cav(
                 net,

@@ -190,7 +190,7 @@ def audit(
     from medaudit.cli.console import console, progress_bars
     from medaudit.models.audit import AuditOptions, default_concept_layers, run_audit
     from medaudit.models.audit.report import write_report
-    from medaudit.models.data.geometry import fitted
+    from medaudit.models.data.geometry import model_view
     from medaudit.models.data.protocol import AnnotatedDataset
     from medaudit.models.data.registry import open_dataset
     from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
@@ -235,7 +235,7 @@ def audit(
                     ds = SynthDerm(SynthDermConfig(size=cfg.input_size[-1]))
                     notes.append(f"synthderm rendered at the model's input size, {cfg.input_size[-1]} px")
                 else:
-                    ds = fitted(open_dataset(dataset), cfg)  # the spec's resize/crop policy
+                    ds = model_view(open_dataset(dataset), cfg)  # the spec's resize/crop policy
                 version = model_version or f"{spec.name}:original"
             else:
                 ckpt = load_checkpoint_file(weights)
@@ -249,7 +249,7 @@ def audit(
                     ds = open_dataset(dataset)
                 version = model_version or f"{weights.parent.name}:{_card_version(weights)}"
             layers = {
-                **default_concept_layers(cfg, declared),
+                **default_concept_layers(cfg, declared, net),
                 **_parse_pairs(concept_layer, "--concept-layer"),
             }
             caps = {s: n for s, n in (("train", max_train), ("val", max_val), ("test", max_test)) if n > 0}

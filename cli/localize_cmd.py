@@ -58,7 +58,7 @@ def localize(
     from medaudit.models.audit.derive import derive_masks, refuse_drawn
     from medaudit.models.audit.derive import export_masks as export
     from medaudit.models.data.folder import ImageDataset
-    from medaudit.models.data.geometry import fitted
+    from medaudit.models.data.geometry import model_view
     from medaudit.models.data.masks import MaskFolder
     from medaudit.models.data.registry import open_dataset
     from medaudit.models.errors import DatasetError, MedauditError
@@ -68,7 +68,7 @@ def localize(
     try:
         net, cfg, version = load_classifier(model, weights)
         raw = open_dataset(data)
-        ds = fitted(raw, cfg)  # read as the model fits images (its resize/crop policy)
+        ds = model_view(raw, cfg)  # read as the model fits images (its resize/crop policy)
         note = check_classes(cfg, ds)
         target = None
         if export_masks and masks_dir is not None:
@@ -83,7 +83,7 @@ def localize(
                 refuse_drawn(target, name, force)  # before any work
         with progress_bars() as bars:
             for name in names:
-                ln = layer or default_concept_layers(cfg, [name]).get(name) or cfg.default_cav_layer
+                ln = layer or default_concept_layers(cfg, [name], net).get(name) or cfg.default_cav_layer
                 fitted = annotation_cav(
                     net,
                     cfg,

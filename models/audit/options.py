@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from medaudit.models.registry import ModelCfg
 
 #: ``progress(description, total) -> advance(n)``, called once per long step.
@@ -44,9 +46,41 @@ DEFAULT_CONCEPT_LAYERS: dict[str, str] = {
 }
 
 
-def default_concept_layers(cfg: ModelCfg, artifacts: Sequence[str]) -> dict[str, str]:
-    """The built-in per-concept layers that apply to ``cfg``'s hook points and the declared concepts."""
-    return {a: ln for a, ln in DEFAULT_CONCEPT_LAYERS.items() if a in artifacts and ln in cfg.hook_points}
+#: The feature-map side the per-concept layers give: identity_1's 16×16 at 128 px above, and the
+#: paper's identity_2 at 224 px (14×14, method.md §9).
+CONCEPT_GRID = 16
+
+
+def default_concept_layers(
+    cfg: ModelCfg, artifacts: Sequence[str], model: nn.Module | None = None
+) -> dict[str, str]:
+    """The built-in per-concept layers for the declared concepts.
+
+    On the registry's models, the named hook points of :data:`DEFAULT_CONCEPT_LAYERS`. A model
+    from a spec has other hook point names (a timm ResNet's ``layer1``…``layer4``): given the
+    ``model``, those concepts take the hook point whose feature map is nearest
+    :data:`CONCEPT_GRID` cells a side at the model's input size (the deeper one on a tie), the
+    resolution the table above measured best, instead of the architecture's default ℓ."""
+    named = {a: ln for a, ln in DEFAULT_CONCEPT_LAYERS.items() if a in artifacts and ln in cfg.hook_points}
+    missing = [a for a in DEFAULT_CONCEPT_LAYERS if a in artifacts and a not in named]
+    if model is None or not missing:
+        return named
+    grid = grid_layer(model, cfg)
+    return {**named, **dict.fromkeys(missing, grid)} if grid else named
+
+
+def grid_layer(model: nn.Module, cfg: ModelCfg, side: int = CONCEPT_GRID) -> str | None:
+    """The hook point whose (C, H, W) output is nearest ``side`` cells a side (the deeper one on a
+    tie); None where no hook point gives a feature map (a ViT's tokens)."""
+    from medaudit.models.spec import inspect_layers
+
+    depth = max((p.count(".") for p in cfg.hook_points.values()), default=0) + 1
+    maps = [(i, li) for i, li in enumerate(inspect_layers(model, cfg, max_depth=depth)) if li.hook_point]
+    maps = [(i, li) for i, li in maps if len(li.shape) == 3]
+    if not maps:
+        return None
+    _, best = min(maps, key=lambda t: (abs(t[1].shape[1] - side), -t[0]))
+    return best.hook_point
 
 
 @dataclass(frozen=True)

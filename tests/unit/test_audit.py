@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from medaudit.models.audit import (
@@ -212,6 +213,22 @@ def test_default_concept_layers_apply_to_declared_concepts_and_known_layers() ->
     assert default_concept_layers(resnet, ["band_aid", "timestamp"]) == {"band_aid": "identity_1"}
     _, vgg = create_model("vgg16")
     assert default_concept_layers(vgg, ["band_aid"]) == {}  # no identity_1 hook point there
+
+
+@pytest.mark.parametrize(("size", "layer"), [(128, "layer2"), (224, "layer3"), (64, "layer1")])
+def test_a_spec_models_concepts_take_the_hook_point_with_the_measured_grid(size: int, layer: str) -> None:
+    """A timm ResNet from a spec has hook points layer1..layer4, none named identity_1: its concepts
+    take the feature map nearest 16 cells a side (16² at 128 px, 14² at 224 px, 16² at 64 px)."""
+    from medaudit.models.audit.options import grid_layer
+    from medaudit.models.registry import ModelCfg
+
+    net = timm.create_model("resnet18", pretrained=False, num_classes=2).eval()
+    hooks = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
+    cfg = ModelCfg("resnet18", "timm", (3, size, size), hook_points=hooks, default_cav_layer="layer3")
+    got = default_concept_layers(cfg, ["band_aid", "ruler", "timestamp"], net)
+    assert got == {"band_aid": layer, "ruler": layer}
+    assert default_concept_layers(cfg, ["band_aid"]) == {}  # without the model: no shapes to go by
+    assert grid_layer(net, cfg, side=4) == ("layer4" if size == 128 else "layer3" if size == 64 else "layer4")
 
 
 def test_cli_writes_report_metrics_and_banks(trained: tuple, tmp_path: Path) -> None:
