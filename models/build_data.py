@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medaudit.models.data.geometry import fitted
+from medaudit.models.data.geometry import model_view
 from medaudit.models.data.protocol import MASK_SOURCES, AnnotatedDataset
 from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 from medaudit.models.errors import ConfigError
@@ -315,7 +315,7 @@ def build_data(
     if isinstance(ds, SynthDerm):  # a synthderm spec with options: still rendered by its generator
         return SynthDermData(ds.cfg, cache, progress)
     # read as the model fits images (a spec's resize/crop policy), so it is built on what it is served
-    data = DatasetData(fitted(ds, model), _absolute(spec), size, cache, artifact, progress)
+    data = DatasetData(model_view(ds, model), _absolute(spec), size, cache, artifact, progress)
     if getattr(model, "resize", "resize") != "resize":
         data.fit = f"{model.resize}:{model.crop_pct}"
     validate = getattr(ds, "validate", None)

@@ -8,7 +8,7 @@ A model spec says how its images were fitted to the input size (``ModelCfg.resiz
   trained with it sees the same pixels.
 
 The service (:func:`medaudit.service.inputs.to_model_input`), the build's data and the offline
-audit (:func:`fitted`, which wraps a dataset) and DICOM out (:func:`to_source_grid`) all use this
+audit (:func:`model_view`, a view of a dataset) and DICOM out (:func:`to_source_grid`) all use this
 module, so the pixels a model sees in a build are the pixels it sees when served.
 """
 
@@ -119,7 +119,7 @@ class _Fitted:
         return full if size is None else self._geometry(size).mask(full)
 
 
-def fitted(ds: Any, cfg: Any) -> Any:
+def model_view(ds: Any, cfg: Any) -> Any:
     """``ds`` read the way the model ``cfg`` (a ``ModelCfg``) fits images: the dataset itself when
     it stretches (every dataset's ``load_image(i, size)`` does), else a view that centre-crops
     images and masks as :meth:`Geometry.image` and :meth:`Geometry.mask` do."""

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from medaudit.models.build_data import build_data
-from medaudit.models.data.geometry import Geometry, fitted, to_source_grid
+from medaudit.models.data.geometry import Geometry, model_view, to_source_grid
 from medaudit.models.data.registry import open_dataset
 from medaudit.models.data.synthetic import SynthDermConfig
 from medaudit.service.inputs import to_model_input
@@ -52,8 +52,8 @@ STRETCH = SimpleNamespace(resize="resize", crop_pct=0.875, input_size=(3, SIDE, 
 def test_the_service_and_the_datasets_fit_images_alike(landscape: Path) -> None:
     ds = open_dataset(f"folder:{landscape}")
     full = ds.load_image(0)
-    assert fitted(ds, STRETCH) is ds  # a stretch is what every dataset's load_image(i, size) does
-    crop = fitted(ds, CROP)
+    assert model_view(ds, STRETCH) is ds  # a stretch is what every dataset's load_image(i, size) does
+    crop = model_view(ds, CROP)
     got = crop.load_image(0, SIDE)
     np.testing.assert_array_equal(got, to_model_input(full, SIDE, "center_crop", 0.8))
     assert not np.array_equal(got, ds.load_image(0, SIDE))
@@ -62,7 +62,7 @@ def test_the_service_and_the_datasets_fit_images_alike(landscape: Path) -> None:
 
 
 def test_masks_follow_their_images_through_the_crop(landscape: Path) -> None:
-    crop = fitted(open_dataset(f"folder:{landscape}"), CROP)
+    crop = model_view(open_dataset(f"folder:{landscape}"), CROP)
     img, mask = crop.load_image(0, SIDE), crop.mask(0, "band_aid", SIDE)
     assert mask.dtype == bool and mask.shape == (SIDE, SIDE)
     # the white square is where the mask is, and the crop cut some of it off
