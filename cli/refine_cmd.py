@@ -143,10 +143,10 @@ def _fit_data(
     spec = data or card.get("dataset")
     layer, concepts = loaded.bank.layer, list(loaded.bank)
     if data_config is None and spec and str(spec).partition("?")[0] not in ("synthderm", "unspecified"):
-        from medaudit.models.data.geometry import fitted
+        from medaudit.models.data.geometry import model_view
         from medaudit.models.data.registry import open_dataset
 
-        ds = fitted(open_dataset(str(spec)), loaded.cfg)  # the model's resize/crop policy
+        ds = model_view(open_dataset(str(spec)), loaded.cfg)  # the model's resize/crop policy
         return dataset_fit_data(loaded.model, loaded.cfg, layer, ds, concepts, name=str(spec))
     if data_config is not None:
         cfg_dict = json.loads(data_config.read_text())
