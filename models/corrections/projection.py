@@ -13,6 +13,8 @@ layer, and only :mod:`~medaudit.models.corrections.pclarc` fits it.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -52,6 +54,9 @@ class ClarcProjection(nn.Module):
     v: torch.Tensor
     mu0: torch.Tensor
     gate: torch.Tensor
+    #: the LRP engine records hook point ℓ at this module's input, the layer's own output, where the
+    #: concept banks were fitted (:func:`medaudit.models.xai.lrp.add_taps`)
+    tap_before: ClassVar[bool] = True
 
     def extra_repr(self) -> str:
         return f"channels={self.v.numel()}, reactive={self.reactive}"

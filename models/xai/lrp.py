@@ -158,11 +158,23 @@ def recording() -> Iterator[dict[str, torch.Tensor]]:
 
 
 def add_taps(model: nn.Module, hook_points: dict[str, str]) -> None:
-    """Wrap the module of every hook point (``name -> dotted path``) of ``model`` in a :class:`Tap`."""
+    """Wrap the module of every hook point (``name -> dotted path``) of ``model`` in a :class:`Tap`.
+
+    A hook point whose module is an ``nn.Sequential`` ending in a module that declares
+    ``tap_before = True`` (a ClArC projection, which P-ClArC appends at ℓ) is tapped at that
+    module's **input**: the layer's own output, where the version's concept bank was fitted
+    (method.md §11.7). Tapped after it, every score along the projected CAV read the constant
+    ⟨μ0, v⟩ and the concept heatmaps started from the shifted activation.
+    """
     for name, path in sorted(hook_points.items(), key=lambda kv: -kv[1].count(".")):  # deepest first
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, Tap(getattr(parent, attr), name))
+        inner = getattr(parent, attr)
+        if isinstance(inner, nn.Sequential) and len(inner) and getattr(inner[-1], "tap_before", False):
+            *body, last = list(inner)
+            setattr(parent, attr, nn.Sequential(Tap(nn.Sequential(*body), name), last))
+        else:
+            setattr(parent, attr, Tap(inner, name))
 
 
 # --------------------------------------------------------------------------- explainer
