@@ -21,12 +21,14 @@ Exits 1 when a request failed, or, in a soak, when RSS grew more than the limit.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from medaudit.cli.commands import SERVED_FILE  # noqa: E402
 from medaudit.cli.load import LoadReport, run_load, write_report  # noqa: E402
 from medaudit.service.process import serving  # noqa: E402
 
@@ -39,9 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--home", type=Path, default=ROOT / "artifacts" / "bentoml", help="BENTOML_HOME with the store"
     )
     p.add_argument("--url", help="load an already running service instead (no serving, no RSS)")
-    p.add_argument("--versions", default="vanilla,pclarc-band_aid", help="MEDAUDIT_VERSIONS")
-    p.add_argument("--ab-weights", default="vanilla=1,pclarc-band_aid=1", help="MEDAUDIT_AB_WEIGHTS")
-    p.add_argument("--shadow", default="pclarc-band_aid", help="MEDAUDIT_SHADOW_VERSION ('' for none)")
+    p.add_argument(
+        "--versions",
+        help="MEDAUDIT_VERSIONS (default: what `medaudit demo` serves, from served.json beside --home: "
+        "vanilla and the best corrected version by the correction criteria)",
+    )
+    p.add_argument("--ab-weights", help="MEDAUDIT_AB_WEIGHTS (default: 1:1 between the served versions)")
+    p.add_argument(
+        "--shadow", help="MEDAUDIT_SHADOW_VERSION ('' for none; default: the demo's, the best version)"
+    )
     p.add_argument("--users", type=int, default=16, help="concurrent locust users (batching needs several)")
     p.add_argument("--spawn-rate", type=float, default=8.0, help="users started per second")
     p.add_argument("--seconds", type=float, help="run length (default 120; 600 with --soak)")
@@ -61,7 +69,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seconds = args.seconds or (SOAK_SECONDS if args.soak else 120.0)
     args.warmup = args.warmup if args.warmup is not None else (SOAK_WARMUP if args.soak else 0.0)
     args.name = args.name or ("soak_cpu" if args.soak else "load_cpu")
+    demo = _demo_served(args.home) if args.versions is None or args.shadow is None else {}
+    args.versions = args.versions if args.versions is not None else demo["MEDAUDIT_VERSIONS"]
+    names = [v for v in args.versions.split(",") if v]
+    args.ab_weights = args.ab_weights or ",".join(f"{v}=1" for v in names)
+    args.shadow = args.shadow if args.shadow is not None else demo.get("MEDAUDIT_SHADOW_VERSION", "")
     return args
+
+
+def _demo_served(home: Path) -> dict[str, str]:
+    """``served.json`` that ``medaudit demo`` writes beside its store (``<out>/bentoml``)."""
+    path = home.resolve().parent / SERVED_FILE
+    if not path.exists():
+        sys.exit(f"{path} not found: build the demo store first (make demo), or name --versions and --shadow")
+    served: dict[str, str] = json.loads(path.read_text())
+    return served
 
 
 def serve_env(args: argparse.Namespace) -> dict[str, str]:

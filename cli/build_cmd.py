@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from medaudit.models.pipeline import BuildResult
 
 
 def build(
@@ -32,7 +36,18 @@ def build(
     corrections: str = typer.Option(
         "vanilla,vanilla-ft,pclarc,rpclarc,rrclarc,rrr", help="Comma-separated corrections to build."
     ),
-    layer: str = typer.Option("", help="CAV / correction layer (default: the architecture's)."),
+    layer: str = typer.Option(
+        "",
+        help="Build layer: the concept banks' and default correction layer (default: the architecture's).",
+    ),
+    settings: list[str] = typer.Option(
+        [],
+        "--set",
+        metavar="NAME.FIELD=VALUE",
+        help="A correction's setting over the architecture family's defaults, NAME.FIELD=VALUE with FIELD "
+        "one of layer, optimizer, lr, epochs, lamb; repeatable (--set rrclarc.layer=identity_2 "
+        "--set rrclarc.lr=1e-4). docs/models.md lists the defaults.",
+    ),
     n_correction_images: int | None = typer.Option(
         None, help="Training images the fine-tuning corrections see (0: all; default: the build config's)."
     ),
@@ -55,6 +70,7 @@ def build(
         cav_scope=cav_scope,
         corrections=corrections,
         layer=layer,
+        settings=tuple(settings),
         n_correction_images=n_correction_images,
         n_eval_images=n_eval_images,
         register=register,
@@ -72,18 +88,21 @@ def build_versions(
     cav_scope: str = "artifact_class",
     corrections: str = "vanilla,vanilla-ft,pclarc,rpclarc,rrclarc,rrr",
     layer: str = "",
+    settings: tuple[str, ...] = (),
     n_correction_images: int | None = None,
     n_eval_images: int | None = None,
     register: bool = True,
     bentoml_home: Path | None = None,
     threads: int = 0,
-) -> None:
+) -> BuildResult:
     """:func:`build` with plain defaults, for callers in Python (``medaudit demo``): a typer
-    command's own defaults are option objects, not values."""
+    command's own defaults are option objects, not values. Returns the build's result (its
+    ``best`` version is what the demo serves beside ``vanilla``)."""
     from dataclasses import replace
     from functools import partial
 
     from medaudit.cli.console import console, progress_bars
+    from medaudit.models.corrections.settings import settings_from_pairs
     from medaudit.models.data.synthetic import SynthDermConfig
     from medaudit.models.errors import MedauditError
     from medaudit.models.pipeline import BuildConfig
@@ -105,12 +124,14 @@ def build_versions(
             # The data is rendered at the model's input size.
             synth = replace(synth, size=spec.input_size[-1])
         train = replace(train, data=synth)
+        names = tuple(c for c in corrections.split(",") if c)
         cfg = BuildConfig(
             train=train,
             artifact=artifact,
             layer=layer,
             cav_scope=parse_cav_scope(cav_scope),
-            corrections=tuple(c for c in corrections.split(",") if c),
+            corrections=names,
+            settings=settings_from_pairs(settings, {n: None for n in names}),
             model=spec,
             data="" if data == "synthderm" else data,
         )
@@ -147,6 +168,9 @@ def build_versions(
         )
     elif not res.accepted:
         console.print("[yellow]no correction meets the criteria: gap recovered, clean cost, relevance cut[/]")
+    if res.best:
+        console.print(f"best version by the correction criteria: {res.best}")
+    return res
 
 
 def parse_cav_scope(value: str) -> str | tuple[str, ...]:

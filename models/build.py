@@ -26,6 +26,9 @@ from medaudit.models.export import check_parity, export_onnx
 from medaudit.models.registry import ModelCfg
 
 WEIGHTS_FILE, ONNX_FILE = "model.pt", "model.onnx"
+#: The CAV TCAV measures each version with (method.md §7 ``measure_tcav.py``: the config's
+#: ``direction_mode``, ``signal`` for the ClArC configs, default ``svm`` for Vanilla and RRR).
+TCAV_KIND = {"pclarc": "signal", "rpclarc": "signal", "rrclarc": "signal"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,7 +106,7 @@ def correct_and_evaluate(
     images = parity_images if parity_images is not None else first.images[:64]
     parity = check_parity(net, cfg, onnx_path, images)
     say(f"{version}: ONNX parity {parity.max_abs_diff:.2g}")
-    report = evaluate_version(net, cfg, eval_data)
+    report = evaluate_version(net, cfg, eval_data, tcav_kind=TCAV_KIND.get(correction.name, "svm"))
     card = build_card(
         name=f"{model_name}:{version}",
         version=version,

@@ -215,6 +215,9 @@ class EvalData:
         cav_layer: The fixed TCAV / retrieval layer (§7: ResNet ``identity_2``).
         cav: Unit CAV fitted on the **original** model's activations at ``cav_layer``.
         cav_kind: Its kind (§7: ``signal`` for ClArC configs, ``svm`` otherwise), for the card.
+        cav_svm: The ``svm`` CAV of the same concept on the original model at ``cav_layer`` (every
+            class, §7 ``cav_scope: None``), for the TCAV of versions that are not ClArC; None:
+            ``cav`` serves every version.
         tcav_class: c*, the class the artifact is correlated with.
         artifact_images, artifact_labels, artifact_masks: artifact samples (ch variant) with their
             masks (N, H, W), for artifact relevance and TCAV; masks None where the dataset has
@@ -236,6 +239,7 @@ class EvalData:
     retrieval_images: torch.Tensor
     retrieval_labels: np.ndarray
     info: Mapping[str, Any] = field(default_factory=dict)
+    cav_svm: np.ndarray | None = None
     prefix: PrefixCache = field(default_factory=lambda: PrefixCache(), repr=False)
 
 
@@ -471,8 +475,14 @@ class _Forwards:
         return logits, acts
 
 
-def evaluate_version(model: nn.Module, cfg: ModelCfg, data: EvalData) -> EvalReport:
+def evaluate_version(
+    model: nn.Module, cfg: ModelCfg, data: EvalData, tcav_kind: str | None = None
+) -> EvalReport:
     """Every §7 metric of one version (the model as served: projections active).
+
+    TCAV uses the CAV of ``tcav_kind`` (§7: ``signal`` for the ClArC versions, ``svm`` for
+    Vanilla and RRR): ``data.cav_svm`` for ``svm`` when there is one, else ``data.cav``; retrieval
+    always scores with ``data.cav``.
 
     Classification forwards (:class:`_Forwards`): the first version evaluated records every test
     row's activation at ℓ in ``data.prefix``; a later version whose layers up to ℓ are the same
@@ -497,7 +507,9 @@ def evaluate_version(model: nn.Module, cfg: ModelCfg, data: EvalData) -> EvalRep
         rel = mean_sem(np.zeros(0))
     else:
         rel = artifact_relevance(model, cfg, data.artifact_images, data.artifact_labels, data.artifact_masks)
-    tc = tcav(model, cfg, data.cav_layer, data.cav, data.artifact_images, data.tcav_class)
+    use_svm = tcav_kind == "svm" and data.cav_svm is not None
+    tcav_cav = data.cav_svm if use_svm and data.cav_svm is not None else data.cav
+    tc = tcav(model, cfg, data.cav_layer, tcav_cav, data.artifact_images, data.tcav_class)
     ret: dict[str, float] = {}
     if len(np.unique(data.retrieval_labels)) == 2:  # retrieval needs images with and without it
         if acts is None:
@@ -510,7 +522,7 @@ def evaluate_version(model: nn.Module, cfg: ModelCfg, data: EvalData) -> EvalRep
         retrieval=ret,
         artifact=data.artifact,
         cav_layer=data.cav_layer,
-        cav_kind=data.cav_kind,
+        cav_kind="svm" if use_svm else data.cav_kind,
     )
 
 

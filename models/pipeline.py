@@ -46,13 +46,15 @@ import numpy as np
 import torch
 
 from medaudit.models.acceptance import acceptance as acceptance
-from medaudit.models.acceptance import comparison_report, victim_class
+from medaudit.models.acceptance import best_version, comparison_report, rank_versions, victim_class
 from medaudit.models.banks import fit_banks, load_banks, save_banks
 from medaudit.models.build_data import BuildData, build_data
 from medaudit.models.cards import CARD_JSON, ModelCard
 from medaudit.models.corrections import CORRECTIONS, Correction, CorrectionData, FinetuneConfig
+from medaudit.models.corrections.settings import CorrectionSettings, make_correction, resolve
 from medaudit.models.errors import ConfigError
 from medaudit.models.evaluate import EvalData, EvalSet
+from medaudit.models.registry import ModelCfg
 from medaudit.models.spec import ModelSpec
 from medaudit.models.train import Progress, TrainConfig, sha256_file, train
 from medaudit.models.xai.concepts import ConceptBank
@@ -117,6 +119,9 @@ class BuildConfig:
     cav_data: str = "paired"
     corrections: tuple[str, ...] = DEFAULT_CORRECTIONS
     finetune: FinetuneConfig | None = None
+    #: Per-correction settings (layer ℓ, optimiser, lr, epochs, λ) over the architecture family's
+    #: defaults (:mod:`medaudit.models.corrections.settings`); ``{}`` = the defaults.
+    settings: Mapping[str, CorrectionSettings] = field(default_factory=dict)
     n_correction_images: int = 800
     n_eval_images: int = 0
     max_artifact_samples: int = 64
@@ -149,6 +154,14 @@ class BuildConfig:
         unknown = [c for c in self.corrections if c not in CORRECTIONS]
         if unknown:
             raise ConfigError(f"unknown corrections {unknown}; valid: {', '.join(CORRECTIONS)}")
+        stray = [c for c in self.settings if c not in self.corrections]
+        if stray:
+            raise ConfigError(
+                f"settings for {stray}, which this build does not make; it makes: "
+                f"{', '.join(self.corrections)}"
+            )
+        for name, s in self.settings.items():  # a training-free correction refuses a schedule now
+            make_correction(CORRECTIONS[name], s, self.finetune)
         if isinstance(self.cav_scope, str) and self.cav_scope not in CAV_SCOPES:
             raise ConfigError(
                 f"cav_scope={self.cav_scope!r}; valid: 'artifact_class', 'all' or a list of class names"
@@ -179,16 +192,20 @@ class BuildConfig:
         d = self.train.data
         return f"{self.train.arch}-synthderm" + ("" if d.plain else f"-{len(d.classes)}class")
 
-    def correction(self, name: str) -> Correction:
-        cls = CORRECTIONS[name]
-        if self.finetune is not None and "finetune" in getattr(cls, "__dataclass_fields__", {}):
-            return cls(finetune=self.finetune)
-        return cls()
+    def correction_settings(self, name: str, family: str, build_layer: str) -> CorrectionSettings:
+        """What correction ``name`` runs with on architecture ``family`` (``ModelCfg.canonizer``):
+        this config's settings over the family's defaults over the build layer."""
+        return resolve(name, family, build_layer, self.settings.get(name))
+
+    def correction(self, name: str, settings: CorrectionSettings | None = None) -> Correction:
+        """Correction ``name`` with ``settings`` (default: none beyond ``finetune``) applied."""
+        return make_correction(CORRECTIONS[name], settings or CorrectionSettings(), self.finetune)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["train"] = self.train.to_dict()
         d["finetune"] = None if self.finetune is None else self.finetune.to_dict()
+        d["settings"] = {k: v.to_dict() for k, v in self.settings.items()}
         d["model"] = None if self.model is None else str(self.model.path)
         return d
 
@@ -227,6 +244,12 @@ class BuildResult:
     comparison_json: Path
     stages: tuple[StageRun, ...]
     seconds: float
+
+    @property
+    def best(self) -> str | None:
+        """The best corrected version by the criteria (:func:`~models.acceptance.best_version`):
+        what the demo serves beside ``vanilla``."""
+        return best_version(self.comparison)
 
     @property
     def accepted(self) -> list[str]:
@@ -302,6 +325,7 @@ def build(
 
         model, mcfg, _ = load_version(ckpt)
     layer = cfg.layer or mcfg.default_cav_layer
+    plan = correction_plan(cfg, mcfg, layer)
     Xtr, ytr = data.train()
     base_tag = f"{cfg.model_name}:vanilla"
 
@@ -349,6 +373,30 @@ def build(
         "mask_source": data.mask_source,
     }
 
+    # 3b. the correction CAV, μ0 and gate at every other layer a correction runs at (detection
+    # stays at the build layer: every version keeps the layers up to it, see correction_plan)
+    layer_data = {layer: (corr_data, bank_key)}
+    for other in dict.fromkeys(s.layer for s in plan.values() if s.layer != layer):
+        t0 = time.perf_counter()
+        okey = stage_key(
+            "banks", weights_sha, data.key(), other, cfg.artifact, scope, concepts, cfg.seed, cfg.target_fpr,
+            cav_data,
+        )  # fmt: skip
+        odir = model_dir / "banks" / okey
+        ob = load_banks(odir)
+        if ob is None:
+            ob = fit_banks(
+                model, mcfg, data, other, Xtr, ytr, artifact=cfg.artifact, scope=scope, cav_data=cav_data,
+                base_tag=base_tag, seed=cfg.seed, target_fpr=cfg.target_fpr, log=log,
+            )  # fmt: skip
+            save_banks(ob, odir, {"key": okey, "layer": other, "scope": scope, "concepts": concepts})
+        layer_data[other] = (
+            replace(corr_data, layer=other, cav=ob.cav, mu0=ob.mu0, cav_svm=ob.cav_svm),
+            okey,
+        )
+        stages.append(StageRun(f"banks@{other}", okey, ob.reused, _since(t0)))
+        log(f"banks: {'reused' if ob.reused else 'fitted'} at {other} ({odir})")
+
     # 4. versions
     eval_data = None
     cards: list[ModelCard] = []
@@ -358,12 +406,13 @@ def build(
 
     for name in cfg.corrections:
         t0 = time.perf_counter()
-        corr = cfg.correction(name)
+        corr = cfg.correction(name, plan[name])
         version = version_name(corr, cfg.artifact)
         vdir = model_dir / "versions" / version
+        vdata, vbank = layer_data[plan[name].layer]
         vkey = stage_key(
-            "version", weights_sha, bank_key, sub_key, name, corr.params, layer, cfg.max_artifact_samples,
-            cfg.n_eval_images, cfg.opset, opt_state is not None,
+            "version", weights_sha, bank_key, vbank, sub_key, name, corr.params, plan[name].layer, layer,
+            cfg.max_artifact_samples, cfg.n_eval_images, cfg.opset, opt_state is not None,
         )  # fmt: skip
         card = _valid_version(vdir, vkey)
         if card is None:
@@ -373,10 +422,13 @@ def build(
                     max_artifact_samples=cfg.max_artifact_samples, tcav_class=focus, seed=cfg.seed,
                 )  # fmt: skip
                 eval_data = _first_n(eval_data, cfg.n_eval_images)
+                if cfg.artifact in banks.detection.concepts:  # §7: svm CAV for Vanilla and RRR TCAV
+                    svm = np.array(banks.detection[cfg.artifact].cav.v, np.float64)  # a writable copy
+                    eval_data = replace(eval_data, cav_svm=svm)
             log(f"{version}: building")
             (vdir / "build.json").unlink(missing_ok=True)
             res = correct_and_evaluate(
-                model, mcfg, corr, corr_data, eval_data, vdir.parent, model_name=cfg.model_name,
+                model, mcfg, corr, vdata, eval_data, vdir.parent, model_name=cfg.model_name,
                 opset=cfg.opset, log=log, data_info={**eval_data.info, **cav_card},
             )  # fmt: skip
             card = res.card
@@ -396,7 +448,14 @@ def build(
     rows = tuple(acceptance(cards, rates, cfg.artifact))
     md_path, json_path = model_dir / "comparison.md", model_dir / "comparison.json"
     md_path.write_text(comparison_report(cards, rows, focus_class=victim_class(cards, rates, cfg.artifact)))
-    json_path.write_text(json.dumps({"rows": list(rows), "stages": [asdict(s) for s in stages]}, indent=2))
+    best, ranking = best_version(rows), rank_versions(rows)
+    json_path.write_text(
+        json.dumps(
+            {"rows": list(rows), "best": best, "ranking": ranking, "stages": [asdict(s) for s in stages]},
+            indent=2,
+        )
+    )
+    log(f"best version by the correction criteria: {best} (ranking: {', '.join(ranking)})")
 
     # 6. register every version, or none
     registered: dict[str, tuple[str, bool]] = {}
@@ -407,6 +466,37 @@ def build(
     return BuildResult(
         model_dir, tuple(cards), dirs, registered, rows, md_path, json_path, tuple(stages), total
     )
+
+
+def correction_plan(cfg: BuildConfig, mcfg: ModelCfg, layer: str) -> dict[str, CorrectionSettings]:
+    """Each correction's settings (:meth:`BuildConfig.correction_settings`), after checking their
+    layers: a hook point of the model at or after the build layer ``layer``.
+
+    Every version is served with the detection bank fitted at ``layer`` on the original model, so
+    each must leave the original's activations up to ``layer`` untouched: a fine-tune freezes up to
+    its ℓ and a projection acts after its ℓ, both fine at ``layer`` or later, not before it.
+
+    Raises:
+        ConfigError: A layer that is not a hook point, or one before ``layer``.
+    """
+    order = list(mcfg.hook_points)
+    plan = {}
+    for name in cfg.corrections:
+        s = cfg.correction_settings(name, mcfg.canonizer, layer)
+        if name == "vanilla":
+            s = CorrectionSettings(layer=layer)  # the original: no layer, nothing to set
+        if s.layer not in order:
+            raise ConfigError(
+                f"{name}: layer {s.layer!r} is not a hook point of {mcfg.arch}; valid: {', '.join(order)}"
+            )
+        if layer in order and order.index(s.layer) < order.index(layer):
+            raise ConfigError(
+                f"{name} at {s.layer} would change the activations at the build layer {layer}, where every "
+                f"version's concept bank is fitted: use a layer from {layer} on, or move the build layer "
+                f"(--layer {s.layer})"
+            )
+        plan[name] = s
+    return plan
 
 
 def check_data(cfg: BuildConfig, data: BuildData) -> tuple[int, tuple[int, ...] | None, str]:

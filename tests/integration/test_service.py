@@ -426,7 +426,8 @@ def test_tier3_real_bentoml_serve_with_httpx_and_curl(tiny_store: Path, tmp_path
 
         example = tmp_path / "demo example.png"
         example.write_bytes(_png())
-        demo_curls = [c for c in try_commands(example, int(base.rsplit(":", 1)[1])) if c.startswith("curl")]
+        port = int(base.rsplit(":", 1)[1])
+        demo_curls = [c for c in try_commands(example, port, "pclarc-band_aid") if c.startswith("curl")]
         assert len(demo_curls) == 4
         for cmd in demo_curls:
             out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60, check=True)

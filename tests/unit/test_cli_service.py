@@ -193,11 +193,12 @@ def test_demo_try_commands_print_one_per_line_on_a_narrow_console(tmp_path: Path
 
     example = tmp_path / "a folder" / "example malignant band_aid.png"
     buf = io.StringIO()
-    print_try_commands(Console(file=buf, width=40), example, 3000)
-    commands = try_commands(example, 3000)
+    print_try_commands(Console(file=buf, width=40), example, 3000, "rrr-band_aid")
+    commands = try_commands(example, 3000, "rrr-band_aid")
     assert buf.getvalue().splitlines() == ["  " + c for c in commands]
     assert all(len(c) > 40 for c in commands[:3])  # the console really was narrower
     assert shlex.split(commands[0])[3] == f"@{example}"
+    assert "compare?versions=vanilla,rrr-band_aid" in commands[1]  # the partner it is given
 
 
 def test_build_versions_takes_every_option_of_the_build_command() -> None:

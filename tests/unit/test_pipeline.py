@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from medaudit.models.acceptance import best_version, rank_versions
 from medaudit.models.cards import build_card
 from medaudit.models.corrections import FinetuneConfig
 from medaudit.models.data.synthetic import SynthDermConfig
@@ -68,6 +69,12 @@ def test_first_build_makes_registers_and_tabulates_every_version(two_builds) -> 
         assert {"model.pt", "model.onnx", "card.json", "card.md", "build.json"} <= {
             p.name for p in vdir.iterdir()
         }
+    # each correction at its layer (the ResNet family's defaults), the best version recorded
+    layers = {c.version: c.correction["layer"] for c in first.cards}
+    assert layers["rrclarc-band_aid"] == "last_conv" and layers["rrr-band_aid"] == "identity_2"
+    ranking = json.loads(first.comparison_json.read_text())
+    assert ranking["best"] == first.best == best_version(rows)
+    assert ranking["ranking"] == rank_versions(rows) and sorted(ranking["ranking"]) == sorted(versions[1:])
     lv = load_version(f"{NAME}:pclarc-band_aid", home=home)
     assert lv.card.correction["name"] == "pclarc"
     assert any("counterfactual pairs" in line for line in logs1)  # the correction CAV's data
