@@ -300,7 +300,7 @@ def build(
     model_dir = Path(out_dir) / cfg.model_name
     cache = model_dir / "cache"
     side = cfg.model.input_size[-1] if cfg.model is not None else cfg.train.data.size
-    data = build_data(cfg.data, cfg.train.data, side, cache, cfg.artifact, progress)
+    data = build_data(cfg.data, cfg.train.data, side, cache, cfg.artifact, progress, model=cfg.model)
     focus, scope, cav_data = check_data(cfg, data)
 
     # 1. train (models.train.train is itself resumable and idempotent), or the spec's model
