@@ -62,6 +62,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ig-steps", type=int, default=32)
     p.add_argument("--cav-images", type=int, default=400, help="training images the CAV is fitted on")
     p.add_argument("--localize", type=int, default=60, help="band-aid test images localized (IoU)")
+    p.add_argument(
+        "--composites",
+        nargs="*",
+        default=[],
+        help="CNN composites to compare (models/xai/composite.py COMPOSITES); default: the family's",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / ".cache" / "faithfulness")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -136,6 +142,24 @@ def perturbation_curves(
     return out
 
 
+def lrp_variants(cfg: Any, args: argparse.Namespace) -> list[tuple[str, dict[str, str]]]:
+    """``(method name, Explainer keyword arguments)``: every attention rule of a ViT, the chosen
+    composites of a CNN (``--composites``), else the engine's default; the default marked."""
+    from medaudit.models.xai.composite import ATTENTION_RULES, DEFAULT_ATTENTION, family_composite
+
+    if cfg.canonizer == "vit":
+        return [
+            (f"LRP (engine, {a}{', default' if a == DEFAULT_ATTENTION else ''})", {"attention": a})
+            for a in ATTENTION_RULES
+        ]
+    if not args.composites:
+        return [("LRP (engine)", {})]
+    default = family_composite(cfg.canonizer)
+    return [
+        (f"LRP (engine, {c}{', default' if c == default else ''})", {"composite": c}) for c in args.composites
+    ]
+
+
 def heatmaps(
     model: Any, cfg: Any, x01: Any, target: Any, args: argparse.Namespace
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -143,22 +167,18 @@ def heatmaps(
     import torch
 
     from medaudit.models.xai import Explainer
-    from medaudit.models.xai.composite import ATTENTION_RULES, DEFAULT_ATTENTION
 
     x = cfg.normalize(x01)
     out: dict[str, Any] = {}
     conservation: dict[str, Any] = {}
-    variants = list(ATTENTION_RULES) if cfg.canonizer == "vit" else [DEFAULT_ATTENTION]
-    for attention in variants:
-        e = Explainer(model, cfg, attention=attention).explain(x, ["pred"])
+    for name, kwargs in lrp_variants(cfg, args):
+        e = Explainer(model, cfg, **kwargs).explain(x, ["pred"])
         assert torch.equal(e.class_indices[0], target)
-        name = "LRP (engine)"
-        if cfg.canonizer == "vit":
-            name = f"LRP (engine, {attention}{', default' if attention == DEFAULT_ATTENTION else ''})"
         out[name] = e.heatmaps[0]
         sums, logit = e.heatmaps[0].flatten(1).sum(1), e.logits[torch.arange(len(target)), target]
         rel = ((sums - logit).abs() / logit.abs()).double()
         conservation[name] = {
+            "median_sum_over_logit": float((sums / logit).double().median()),  # signed: 1 = conserved
             "median_rel_diff_sum_vs_logit": float(rel.median()),
             "mean_rel_diff_sum_vs_logit": float(rel.mean()),
             "max_rel_diff_sum_vs_logit": float(rel.max()),
@@ -222,7 +242,6 @@ def localization(
     from medaudit.models.audit.options import default_concept_layers
     from medaudit.models.xai import ConceptTarget, Explainer
     from medaudit.models.xai.cav import fit_cav
-    from medaudit.models.xai.composite import ATTENTION_RULES, DEFAULT_ATTENTION
     from medaudit.models.xai.localize import artifact_relevance_rho, binarize, iou
 
     layer = default_concept_layers(cfg, ["band_aid"]).get("band_aid", cfg.default_cav_layer)
@@ -239,9 +258,8 @@ def localization(
     rows = [j for j, i in enumerate(te_idx) if carries[i]][: args.localize]
     masks = [ds.mask(int(te_idx[j]), "band_aid", args.size) for j in rows]
     out: dict[str, Any] = {"layer": layer, "n": len(rows), "cav": cav.meta()}
-    variants = list(ATTENTION_RULES) if cfg.canonizer == "vit" else [DEFAULT_ATTENTION]
-    for attention in variants:
-        e = Explainer(model, cfg, attention=attention)
+    for _name, kwargs in lrp_variants(cfg, args):
+        e = Explainer(model, cfg, **kwargs)
         ious, rhos = [], []
         for b0 in range(0, len(rows), 32):
             xb = cfg.normalize(X[rows[b0 : b0 + 32]])
@@ -249,7 +267,7 @@ def localization(
             for h, gt in zip(hm, masks[b0 : b0 + 32], strict=True):
                 ious.append(iou(binarize(h), gt))
                 rhos.append(artifact_relevance_rho(h, gt))
-        key = attention if cfg.canonizer == "vit" else "engine"
+        key = kwargs.get("attention") or kwargs.get("composite") or "engine"
         out[key] = {"mean_iou": float(np.mean(ious)), "mean_rho": float(np.mean(rhos))}
     return out
 

@@ -37,6 +37,16 @@ ATTENTION_RULES: dict[str, type[nn.Module]] = {
 #: through the values only closer to leave-one-out than AttnLRP's softmax rule.
 DEFAULT_ATTENTION = "cp-lrp"
 
+#: Composites for CNNs, by name (method.md §3.1): zennit 0.5.1's ``EpsilonPlusFlat`` (z⁺ on every
+#: conv but the first) and ``EpsilonGammaFlat``, the same with the generalised γ-rule
+#: (:class:`~medaudit.models.xai.rules.GammaConv`, γ = 0.25) in place of z⁺ — the composite of
+#: the paper's ``utils/lrp_composites.py`` (unused there) and of Montavon et al. 2019's advice
+#: for lower and middle layers. They differ only on convs.
+COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-flat")
+DEFAULT_COMPOSITE = "epsilon-plus-flat"
+#: canonizer id -> its composite where it is not :data:`DEFAULT_COMPOSITE` (see docs/models.md).
+FAMILY_COMPOSITES: dict[str, str] = {}
+
 #: Modules that get the Pass rule. zennit 0.5.1's ``types.Activation`` (minus
 #: ``MultiheadAttention``, which the ViT canonizer writes out as an AttentionCore) plus BatchNorm,
 #: which zennit also passes (``layer_map_base``); canonizers merge every BatchNorm that follows a conv, so
@@ -78,7 +88,7 @@ _UNSUPPORTED = (
 )  # fmt: skip
 #: Rule module class -> the rule's name in :func:`rule_report` (method.md §3.1).
 _RULE_NAMES: dict[type[nn.Module], str] = {
-    rules.FlatConv: "Flat", rules.FlatLinear: "Flat", rules.ZPlusConv: "ZPlus",
+    rules.FlatConv: "Flat", rules.FlatLinear: "Flat", rules.ZPlusConv: "ZPlus", rules.GammaConv: "Gamma",
     rules.EpsilonLinear: "Epsilon", rules.NormSum: "Norm", rules.NormAvgPool: "Norm", rules.PassRule: "Pass",
     attention_rules.AttnLRPAttention: "AttnLRP", attention_rules.CPLRPAttention: "CP-LRP",
     attention_rules.LayerNormRule: "LayerNorm (identity on σ, ε)", attention_rules.NormTokenMean: "Norm",
@@ -121,14 +131,30 @@ def check_attention(attention: str) -> None:
         raise ConfigError(f"attention={attention!r}; valid: {', '.join(ATTENTION_RULES)}")
 
 
+def family_composite(kind: str) -> str:
+    """The composite :class:`~medaudit.models.xai.lrp.Explainer` uses for canonizer ``kind``."""
+    return FAMILY_COMPOSITES.get(kind, DEFAULT_COMPOSITE)
+
+
+def check_composite(composite: str) -> None:
+    """Raises :class:`ConfigError` naming the valid choices for an unknown composite."""
+    if composite not in COMPOSITES:
+        raise ConfigError(f"composite={composite!r}; valid: {', '.join(COMPOSITES)}")
+
+
 def rule_for(
-    module: nn.Module, first: bool, path: str = "", attention: str = DEFAULT_ATTENTION
+    module: nn.Module,
+    first: bool,
+    path: str = "",
+    attention: str = DEFAULT_ATTENTION,
+    composite: str = DEFAULT_COMPOSITE,
 ) -> nn.Module | None:
     """The rule module replacing ``module`` (``None``: keep it), method.md §3.1.
 
     ``first`` marks the first conv/linear in module order, which gets Flat. ``None`` is returned
     for containers (their children get rules) and :data:`GRADIENT_TYPES` (plain gradient).
-    ``attention`` picks the rule of an :class:`AttentionCore` (:data:`ATTENTION_RULES`).
+    ``attention`` picks the rule of an :class:`AttentionCore` (:data:`ATTENTION_RULES`),
+    ``composite`` that of the convs after the first (:data:`COMPOSITES`).
 
     Raises:
         ConfigError: a leaf module with no rule and no reason to keep its gradient, or a
@@ -145,7 +171,9 @@ def rule_for(
             "class's function. Have the canonizer replace it (models/xai/canonizers.py)"
         )
     if isinstance(module, _CONVS):
-        return rules.FlatConv(module) if first else rules.ZPlusConv(module)
+        if first:
+            return rules.FlatConv(module)
+        return rules.GammaConv(module) if composite == "epsilon-gamma-flat" else rules.ZPlusConv(module)
     if isinstance(module, nn.Linear):
         return rules.FlatLinear(module) if first else rules.EpsilonLinear(module)
     if isinstance(module, ResidualSum):
@@ -177,7 +205,7 @@ def rule_for(
 
 
 def _rule_plan(
-    canonical: nn.Module, attention: str = DEFAULT_ATTENTION
+    canonical: nn.Module, attention: str = DEFAULT_ATTENTION, composite: str = DEFAULT_COMPOSITE
 ) -> list[tuple[str, nn.Module, nn.Module | None]]:
     """``(path, module, rule module or None)`` for every module that gets a rule or keeps gradient.
 
@@ -193,7 +221,7 @@ def _rule_plan(
     for name, module in canonical.named_modules():
         if not name or any(name.startswith(p + ".") for p in skip_below):
             continue
-        rule = rule_for(module, first=name == first_path, path=name, attention=attention)
+        rule = rule_for(module, first=name == first_path, path=name, attention=attention, composite=composite)
         if rule is not None:
             plan.append((name, module, rule))
             skip_below.append(name)
@@ -202,15 +230,18 @@ def _rule_plan(
     return plan
 
 
-def build_lrp_model(canonical: nn.Module, attention: str = DEFAULT_ATTENTION) -> nn.Module:
+def build_lrp_model(
+    canonical: nn.Module, attention: str = DEFAULT_ATTENTION, composite: str = DEFAULT_COMPOSITE
+) -> nn.Module:
     """Replace, in place, every layer of a canonized model by its rule module; return the model.
 
     Raises:
-        ConfigError: a leaf layer with no rule (see :func:`rule_for`) or an unknown
-            ``attention`` rule; nothing is replaced then.
+        ConfigError: a leaf layer with no rule (see :func:`rule_for`), an unknown
+            ``attention`` rule or ``composite``; nothing is replaced then.
     """
     check_attention(attention)
-    for name, _, rule in _rule_plan(canonical, attention):
+    check_composite(composite)
+    for name, _, rule in _rule_plan(canonical, attention, composite):
         if rule is None:
             continue
         parent_path, _, attr = name.rpartition(".")
@@ -218,20 +249,25 @@ def build_lrp_model(canonical: nn.Module, attention: str = DEFAULT_ATTENTION) ->
     return canonical
 
 
-def rule_report(model: nn.Module, kind: str, attention: str = DEFAULT_ATTENTION) -> list[LayerRule]:
+def rule_report(
+    model: nn.Module, kind: str, attention: str = DEFAULT_ATTENTION, composite: str | None = None
+) -> list[LayerRule]:
     """Which rule each layer of ``model`` gets under canonizer ``kind``, in module order.
 
     ``model`` is not modified (it is canonized as a copy, as :class:`Explainer` does).
+    ``composite``: as :class:`Explainer`'s, ``None`` for the family's (:func:`family_composite`).
 
     Raises:
         UnknownModelError: ``kind`` is not a canonizer id.
         CanonizerError: the model is a variant the canonizer does not support.
         ConfigError: a layer has no rule (the same refusal :class:`Explainer` would give), or
-            an unknown ``attention`` rule.
+            an unknown ``attention`` rule or ``composite``.
     """
     check_attention(attention)
+    composite = family_composite(kind) if composite is None else composite
+    check_composite(composite)
     report = []
-    for path, module, rule in _rule_plan(canonize(model, kind), attention):
+    for path, module, rule in _rule_plan(canonize(model, kind), attention, composite):
         name = (_gradient_name(module) or "Gradient") if rule is None else _RULE_NAMES[type(rule)]
         report.append(LayerRule(path=path, module=type(module).__name__, rule=name))
     return report

@@ -41,7 +41,13 @@ from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import ModelCfg
 from medaudit.models.xai import rules
 from medaudit.models.xai.canonizers import canonize
-from medaudit.models.xai.composite import DEFAULT_ATTENTION, build_lrp_model, check_attention
+from medaudit.models.xai.composite import (
+    DEFAULT_ATTENTION,
+    build_lrp_model,
+    check_attention,
+    check_composite,
+    family_composite,
+)
 
 # --------------------------------------------------------------------------- seeds and results
 
@@ -191,6 +197,9 @@ class Explainer:
         attention: the rule of transformer attention, ``"cp-lrp"`` or ``"attnlrp"``
             (:data:`~medaudit.models.xai.composite.DEFAULT_ATTENTION` says which is the default
             and why); no effect on models without attention.
+        composite: the rules of the convs, a name of
+            :data:`~medaudit.models.xai.composite.COMPOSITES`; ``None``: the family's default
+            (:func:`~medaudit.models.xai.composite.family_composite`).
     """
 
     def __init__(
@@ -200,14 +209,17 @@ class Explainer:
         *,
         batch_mode: Literal["vmap", "repeat"] = "vmap",
         attention: str = DEFAULT_ATTENTION,
+        composite: str | None = None,
     ):
         if batch_mode not in ("vmap", "repeat"):
             raise ConfigError(f"batch_mode={batch_mode!r}; valid: 'vmap', 'repeat'")
         check_attention(attention)
+        self.composite = family_composite(cfg.canonizer) if composite is None else composite
+        check_composite(self.composite)
         self.cfg = cfg
         self.batch_mode = batch_mode
         self.attention = attention
-        self.model = build_lrp_model(canonize(model, cfg.canonizer), attention)
+        self.model = build_lrp_model(canonize(model, cfg.canonizer), attention, self.composite)
         add_taps(self.model, cfg.hook_points)
         #: hook point -> whether it is a cut between input and logits (see ``_split_layer``)
         self._cuts: dict[str, bool] = {}

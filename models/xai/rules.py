@@ -326,6 +326,102 @@ class ZPlusConv(nn.Module):
         )
 
 
+# --------------------------------------------------------------------------- γ (conv)
+
+#: γ of the γ-rule: Montavon et al. 2019 ("Layer-wise relevance propagation: an overview") use
+#: 0.25 in the lower layers of VGG-16; zennit's ``Gamma`` default and the ``EpsilonGammaFlat`` of
+#: the paper's ``utils/lrp_composites.py`` (method.md §3.1) take the same value.
+GAMMA = 0.25
+
+
+class _GammaFn(torch.autograd.Function):
+    """Generalised γ-rule (method.md §3.1, zennit 0.5.1 ``Gamma``), signed inputs and outputs.
+
+    With ``A = w + γw⁺``, ``B = w + γw⁻`` (biases ``b + γb⁺``, ``b + γb⁻``): an output with
+    ``z_j > 0`` takes the contributions that favour its sign, ``D⁺_j = Σ x⁺A + x⁻B + b + γb⁺``;
+    one with ``z_j < 0`` the mirror image, ``D⁻_j = Σ x⁺B + x⁻A + b + γb⁻``; ``z_j = 0`` gets
+    nothing. ``R_i = x⁺_i (Aᵀs⁺ + Bᵀs⁻)_i + x⁻_i (Bᵀs⁺ + Aᵀs⁻)_i``, ``s^± = 1[±z > 0] R / stab(D^±)``.
+    ``D⁺ = z + γ·(same-sign part) ≥ z > 0`` and ``D⁻ ≤ z < 0``: unlike z⁺ (the γ → ∞ limit for
+    ``z > 0`` outputs), every output that received relevance has a denominator, so without biases
+    nothing is lost (EfficientNet's linear bottlenecks and SiLUs pass negative outputs on).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        w_a: torch.Tensor,
+        w_b: torch.Tensor,
+        b_a: torch.Tensor,
+        b_b: torch.Tensor,
+        args: ConvArgs,
+        eps: float,
+    ) -> torch.Tensor:
+        return _conv(x, w, b, args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, _, _, w_a, w_b, b_a, b_b, args, eps = inputs
+        ctx.save_for_backward(x, w_a, w_b, b_a, b_b, output)
+        ctx.args, ctx.eps = args, eps
+
+    @staticmethod
+    def backward(ctx: Any, r: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w_a, w_b, b_a, b_b, z = ctx.saved_tensors
+        args, eps = ctx.args, ctx.eps
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        d_pos = _conv(x_pos, w_a, b_a, args).add_(_conv(x_neg, w_b, None, args))
+        d_neg = _conv(x_pos, w_b, b_b, args).add_(_conv(x_neg, w_a, None, args))
+        s_pos = torch.where(z > 0, r / stabilize(d_pos, eps), 0.0)
+        s_neg = torch.where(z < 0, r / stabilize(d_neg, eps), 0.0)
+
+        def adj(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return _conv_transpose(v, x.shape, w, args)
+
+        rel = (adj(s_pos, w_a) + adj(s_neg, w_b)).mul_(x_pos)
+        return (
+            rel.add_((adj(s_pos, w_b) + adj(s_neg, w_a)).mul_(x_neg)),
+            *([None] * 8),
+        )
+
+
+class GammaConv(nn.Module):
+    """A convolution whose backward is the generalised γ-rule (:class:`_GammaFn`).
+
+    The efficientnet family's composite (``EpsilonGammaFlat``, models/xai/composite.py) gives it
+    every conv but the first: z⁺ drops the relevance of outputs without a same-sign contribution.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    weight_a: torch.Tensor
+    weight_b: torch.Tensor
+    bias_a: torch.Tensor
+    bias_b: torch.Tensor
+
+    def __init__(self, conv: nn.modules.conv._ConvNd, gamma: float = GAMMA, eps: float = EPSILON) -> None:
+        super().__init__()
+        self.args = conv_args(conv)
+        self.gamma, self.eps = gamma, eps
+        w = conv.weight.detach()
+        b = conv.bias.detach() if conv.bias is not None else w.new_zeros(w.shape[0])
+        self.register_buffer("weight", w.clone())
+        self.register_buffer("bias", None if conv.bias is None else b.clone())
+        self.register_buffer("weight_a", w + gamma * w.clamp(min=0))
+        self.register_buffer("weight_b", w + gamma * w.clamp(max=0))
+        self.register_buffer("bias_a", b + gamma * b.clamp(min=0))
+        self.register_buffer("bias_b", b + gamma * b.clamp(max=0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GammaFn.apply(
+            x, self.weight, self.bias, self.weight_a, self.weight_b, self.bias_a, self.bias_b,
+            self.args, self.eps,
+        )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- sign audit
 
 #: ``(layer, min of its input)`` for every z⁺ layer that assumed a non-negative input this call.
