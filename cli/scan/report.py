@@ -117,7 +117,9 @@ def _thumbnail(path: str) -> str | None:
     except Exception:  # moved or changed since the scan: the card says so instead
         return None
     im = Image.fromarray(np.ascontiguousarray(img.rgb))
-    im.thumbnail((THUMB, THUMB), Image.Resampling.BICUBIC)
+    scale = THUMB / max(im.size)  # small images are enlarged too (pixels kept sharp), large ones reduced
+    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+    im = im.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BICUBIC)
     return png_data_uri(np.asarray(im))
 
 

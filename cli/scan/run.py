@@ -175,11 +175,12 @@ def scan(
     totals = folder.read(["ok", "flagged"])
     ok = int(pc.sum(totals["ok"]).as_py() or 0)
     flagged = int(pc.sum(pc.fill_null(totals["flagged"], False)).as_py() or 0)
-    summary = ScanSummary(Path(out), n, n_shards, len(done), len(todo), ok, n - ok, flagged, seconds, name)
+    errors = totals.num_rows - ok  # of the finished shards' rows
+    summary = ScanSummary(Path(out), n, n_shards, len(done), len(todo), ok, errors, flagged, seconds, name)
     manifest.update(
         complete=len(folder.done() & set(range(n_shards))) == n_shards,
         n_ok=ok,
-        n_errors=n - ok,
+        n_errors=errors,
         n_flagged=flagged,
         finished=datetime.now(UTC).isoformat(timespec="seconds"),
     )

@@ -178,8 +178,14 @@ def connect_ray(address: str, num_cpus: int | None = None) -> bool:
         return False
     if address == "local":
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-    else:
+        return True
+    try:
         ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise ScanRunError(
+            f"--ray {address}: no Ray cluster answers ({e}); start one with `ray start --head`, or use "
+            "--ray local to start one for this scan"
+        ) from e
     return True
 
 

@@ -231,3 +231,70 @@ def test_the_command_scans_and_reports(archive: Path, tiny_store: Path, tmp_path
         app, ["scan", "/no/such", "--version", "vanilla", "--out", str(tmp_path / "x")], env=env
     )
     assert res.exit_code == 2 and "neither a folder" in res.output
+
+
+@pytest.mark.e2e
+def test_the_report_renders_every_image_in_headless_chromium(
+    archive: Path, options: ScanOptions, tmp_path: Path
+) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    from medaudit.cli.scan.report import write_scan_report
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "headless Chromium is needed; install it with: apt-get update && apt-get install -y chromium"
+    out = tmp_path / "scan"
+    scan(str(archive), out, options, shard_size=64)
+    page = write_scan_report(out, top=4)
+    dom = subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'p'}",
+            "--dump-dom",
+        ]
+        + [page.resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    check = re.search(r'data-loaded="(\d+)"\s+data-total="(\d+)"', dom.stdout) or re.search(
+        r'data-total="(\d+)"\s+data-loaded="(\d+)"', dom.stdout
+    )
+    assert check, "the page's image check did not run"
+    n = page.read_text().count("<img ")
+    assert int(check.group(1)) == int(check.group(2)) == n == 2 + 2 + 2 * 4
+
+
+def test_threaded_decoding_gives_the_same_rows(
+    archive: Path, options: ScanOptions, reference: list[dict], tmp_path: Path
+) -> None:
+    """The GPU path decodes on threads (--decode-threads, 8 by default on a GPU): same rows."""
+    from dataclasses import replace
+
+    out = tmp_path / "scan"
+    scan(str(archive), out, replace(options, decode_threads=3), shard_size=16)
+    assert_same_rows(ScanFolder(out).read().to_pylist(), reference)
+
+
+def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error(tiny_store: Path, tmp_path: Path) -> None:
+    import re
+
+    import torch
+    from typer.testing import CliRunner
+
+    from medaudit.cli.commands import app
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    res = CliRunner().invoke(
+        app, ["scan", str(tmp_path), "--version", "vanilla", "--out", str(tmp_path / "o"), "--device", "cuda"]
+    )
+    text = re.sub(r"[\s│╭╮╰╯─]+", " ", res.output)  # the words, without rich's error box
+    assert res.exit_code == 2 and "--device cuda" in text and "torch sees no GPU" in text, text
