@@ -274,7 +274,7 @@ class Auditor:
 
     @bentoml.api
     async def audit(self, job: dict[str, Any]) -> dict[str, Any]:
-        """``{"version", "pixels", "raw_heatmap"}`` -> ``{"result": audit JSON, "features"}``."""
+        """``{"version", "pixels", "raw_heatmap"}`` -> ``{"result": audit JSON, "features", "heatmap"}``."""
         try:
             return await self.pool.audit_async(job)
         except PoolOverloadedError as e:
@@ -552,7 +552,7 @@ class MedAudit:
         reasons. Publishing never blocks or fails the request (:class:`FlagPublisher.submit`).
         """
         t0 = time.perf_counter()
-        result = AuditResult.from_json(answer["result"], answer["features"])
+        result = AuditResult.from_answer(answer)  # with the raw heatmap and the input's pixels
         disagrees = None if shadow is None else shadow["label"] != result.prediction.label
         if self.publisher is not None:
             decision = self.publisher.submit(
@@ -560,7 +560,7 @@ class MedAudit:
                 request_id=request_id,
                 version=route.version,
                 subject_key=headers.get("x-subject-key"),
-                corrected_disagrees=disagrees,
+                corrected=shadow,
             )
         else:
             decision = evaluate(result, self.policy, disagrees)
@@ -580,7 +580,7 @@ class MedAudit:
         job, shadow_job = self._jobs(image, route)
         answer = audit_jobs(self.engines, [{**job, "raw_heatmap": raw_heatmap}])[0]
         shadow = self._shadow_sync(shadow_job)
-        res = self._flag(route, answer, headers, request_id or uuid.uuid4().hex, shadow)
+        res = self._flag(route, {**answer, **job}, headers, request_id or uuid.uuid4().hex, shadow)
         return self._answer(route, res, res["prediction"]["label"], shadow)
 
     async def predict_async(self, image: DecodedImage, headers: Mapping[str, str]) -> dict[str, Any]:
@@ -609,7 +609,7 @@ class MedAudit:
         with _stage("/audit", "explain"):
             answers = await asyncio.gather(*calls)
         shadow_pred = answers[1][0] if shadow else None
-        res = self._flag(route, answers[0], headers, request_id, shadow_pred)
+        res = self._flag(route, {**answers[0], **job}, headers, request_id, shadow_pred)
         return self._answer(route, res, res["prediction"]["label"], shadow_pred)
 
     async def compare_async(self, image: DecodedImage, versions: list[str]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,8 @@ class AuditResult:
         heatmap_note: Why the heatmap and masks are withheld (``heatmap_png`` ``None``): the
             version's model family has no validated LRP rules (models/xai/validation.py). In
             the JSON only when set.
+        image: The model-size input (H, W, 3) uint8 the heatmap is over. Not in the JSON; flags
+            store it so that a reviewer sees the bare image under the overlays.
     """
 
     prediction: Prediction
@@ -135,6 +137,20 @@ class AuditResult:
     heatmap: np.ndarray | None = field(default=None, repr=False)
     features: np.ndarray | None = field(default=None, repr=False)
     heatmap_note: str | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_answer(cls, answer: Mapping[str, Any]) -> AuditResult:
+        """An :func:`medaudit.service.audit_pool.audit_jobs` answer with what travels beside its JSON:
+        ``features``, the raw class ``heatmap`` (float16; used over the JSON's, which is there only
+        when the caller asked for it) and the ``pixels`` the caller sent (the model-size input)."""
+        r = cls.from_json(answer["result"], answer.get("features"))
+        heat, pixels = answer.get("heatmap"), answer.get("pixels")
+        return replace(
+            r,
+            heatmap=r.heatmap if heat is None else np.asarray(heat, dtype=np.float16),
+            image=None if pixels is None else np.asarray(pixels, dtype=np.uint8),
+        )
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], features: np.ndarray | None = None) -> AuditResult:
@@ -203,7 +219,7 @@ class Comparison:
 
 
 def png_base64(arr: np.ndarray) -> str:
-    """uint8 (H, W) or (H, W, 3) array -> base64 PNG.
+    """uint8 (H, W), (H, W, 3) or (H, W, 4) (RGBA) array -> base64 PNG.
 
     zlib level 1: a 128 px heatmap overlay encodes in 1.2 ms instead of 4.9 ms (PIL's default 6)
     for 6% more bytes; an audit encodes one overlay per image plus one mask per present concept.
@@ -224,6 +240,20 @@ def overlay(rgb: np.ndarray, heatmap: np.ndarray, alpha: float = 0.6) -> np.ndar
     weight = alpha * np.abs(h)[..., None]
     out = (1 - weight) * rgb.astype(np.float64) + weight * 255.0 * colour
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def heat_layer(heatmap: np.ndarray) -> np.ndarray:
+    """The heatmap alone as an RGBA layer (H, W, 4) uint8: red where relevance is positive, blue
+    where negative, colour and alpha both |h| / max|h|. Drawn over the image at opacity ``a`` it
+    gives exactly :func:`overlay` with ``alpha=a`` (up to rounding), so a viewer can toggle it."""
+    h = np.asarray(heatmap, dtype=np.float64)
+    m = float(np.abs(h).max()) if h.size else 0.0
+    h = h / m if m > 0 else np.zeros_like(h)
+    out = np.zeros((*h.shape, 4), dtype=np.uint8)
+    out[..., 0] = np.rint(255.0 * np.clip(h, 0, 1))
+    out[..., 2] = np.rint(255.0 * np.clip(-h, 0, 1))
+    out[..., 3] = np.rint(255.0 * np.abs(h))
+    return out
 
 
 # --------------------------------------------------------------------------------- engine
@@ -473,6 +503,7 @@ class AuditEngine:
                     heatmap=heat[b].astype(np.float16) if raw_heatmap and heat is not None else None,
                     features=pooled[b].astype(np.float32),
                     heatmap_note=self.heatmap_note,
+                    image=rgb[b],
                 )
             )
         return out

@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -82,8 +82,9 @@ def audit_jobs(engines: Mapping[str, AuditEngine], jobs: Sequence[Mapping[str, A
     A job is ``{"version", "pixels": (H, W, 3) uint8, "raw_heatmap": bool}``, plus
     ``"detail": "scores"`` for a screen (:mod:`medaudit.service.screening`) and, for an audit, the
     ``"reason"`` it was asked for (the heatmap metric's label; default ``requested``). Its result is
-    ``{"result": audit JSON, "features"}``: the pooled activations the flags store travel beside
-    the JSON, not in it.
+    ``{"result": audit JSON, "features", "heatmap"}``: the pooled activations and the raw class
+    heatmap (float16 (H, W), None for a screen or a withheld heatmap), which the flags store, travel
+    beside the JSON, not in it (the JSON holds the heatmap only when the job asked for it).
     """
     out: list[dict[str, Any]] = [{} for _ in jobs]
     groups: dict[tuple[str, bool], list[int]] = {}
@@ -91,14 +92,13 @@ def audit_jobs(engines: Mapping[str, AuditEngine], jobs: Sequence[Mapping[str, A
         groups.setdefault((str(job["version"]), is_screen(job)), []).append(i)
     for (version, screen), idx in groups.items():
         rgb = [np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx]
-        raw = any(bool(jobs[i].get("raw_heatmap")) for i in idx)
         engine = engines[version]
-        results = engine.screen(rgb) if screen else engine.audit(rgb, raw_heatmap=raw)
+        # the raw heatmap always (a float16 copy of what the overlay is made of): a flagged
+        # request stores it as its own layer over the bare image (service/flags/producer.py)
+        results = engine.screen(rgb) if screen else engine.audit(rgb, raw_heatmap=True)
         for i, r in zip(idx, results, strict=True):
-            body = r.to_json()
-            if not jobs[i].get("raw_heatmap"):
-                body["heatmap"] = None
-            out[i] = {"result": body, "features": r.features}
+            body = (r if jobs[i].get("raw_heatmap") else replace(r, heatmap=None)).to_json()
+            out[i] = {"result": body, "features": r.features, "heatmap": r.heatmap}
     return out
 
 

@@ -197,7 +197,7 @@ class Screening:
                 svc.auditor.to_async.audit, {**job, "reason": reason}, AUDIT_DEADLINE_S
             )
             metrics.STAGE_SECONDS.labels(endpoint, "heatmap").observe(time.perf_counter() - t0)
-        res = svc._flag(route, answer, headers, request_id, shadow)
+        res = svc._flag(route, {**answer, **job}, headers, request_id, shadow)  # job: the pixels
         metrics.SCREENED.labels(route.version).inc()
         metrics.SCREEN_FLAGS.labels(route.version).inc(len(res["flag"]["flags"]))
         body = {**res, "detail": SCORES, "heatmap_reason": reason}

@@ -94,7 +94,8 @@ class FlagKeys:
         return f"{self.prefix}:published:{request_id}"
 
     def blob(self, request_id: str, kind: str) -> str:
-        """Binary objects of one request: ``heatmap``, ``features``, ``mask:<concept>``."""
+        """Binary objects of one request: ``heatmap`` (the blend), ``image`` (the bare model-size
+        input), ``heat_layer`` (the heatmap alone, RGBA), ``features``, ``mask:<concept>``."""
         return f"{self.prefix}:blob:{request_id}:{kind}"
 
     def scan_pattern(self) -> str:
@@ -121,7 +122,15 @@ class FlagEvent:
         label, probability: The answering version's prediction.
         subject_hash: sha256 of ``X-Subject-Key``; "" when the request had none.
         corrected_disagrees: "1"/"0" when a corrected version was asked, "" otherwise.
-        heatmap_key, mask_key, features_key: Object keys ("" when absent).
+        corrected_version, corrected_label, corrected_probability: That corrected (shadow)
+            version's name, label and the probability of its label ("", "", None when none was
+            asked, and on events written before these fields existed).
+        heatmap_key, mask_key, features_key: Object keys ("" when absent). ``heatmap_key`` is the
+            image with the class heatmap blended in (what ``/reviews`` and ``medaudit review``
+            hand out).
+        image_key, heat_layer_key: The bare model-size input (RGB PNG) and the class heatmap as
+            its own layer (RGBA PNG: red positive, blue negative, alpha = |relevance| / max), so
+            a viewer can show the image with the heatmap toggled off; "" on older events.
         features_dim: Length of the float32 feature vector under ``features_key`` (0: none).
         schema: :data:`SCHEMA_VERSION`.
     """
@@ -143,18 +152,25 @@ class FlagEvent:
     probability: float
     subject_hash: str = ""
     corrected_disagrees: str = ""
+    corrected_version: str = ""
+    corrected_label: str = ""
+    corrected_probability: float | None = None
     heatmap_key: str = ""
     mask_key: str = ""
     features_key: str = ""
     features_dim: int = 0
+    image_key: str = ""
+    heat_layer_key: str = ""
     schema: int = SCHEMA_VERSION
 
     def to_fields(self) -> dict[str, str]:
-        """Stream fields: every attribute as a string (``reasons`` as a JSON list)."""
+        """Stream fields: every attribute as a string (``reasons`` as a JSON list, None as "")."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "reasons":
+            if v is None:
+                out[f.name] = ""
+            elif f.name == "reasons":
                 out[f.name] = json.dumps(list(v))
             elif isinstance(v, float):
                 out[f.name] = repr(v)
@@ -188,7 +204,9 @@ class FlagEvent:
                     if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
                         raise ValueError("not a list of strings")
                     kw[f.name] = tuple(parsed)
-                elif f.type in ("float", float):
+                elif f.type == "float | None" and v == "":
+                    kw[f.name] = None
+                elif f.type in ("float", float, "float | None"):
                     x = float(v)
                     if not math.isfinite(x):
                         raise ValueError("not finite")

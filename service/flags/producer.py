@@ -228,8 +228,13 @@ class FlagPublisher:
         version: str,
         subject_key: str | None = None,
         corrected_disagrees: bool | None = None,
+        corrected: Mapping[str, Any] | None = None,
     ) -> PolicyDecision:
         """Decides the flags of one audit and queues them for publishing. Never raises, never waits.
+
+        A flagged request's record is built here, on the caller's thread: besides the events it
+        encodes two PNGs when the result carries them (the bare input and the heatmap layer, ~1 ms
+        each at 224 px); unflagged requests cost the policy only.
 
         Args:
             result: The answering version's audit of the request's image.
@@ -239,17 +244,29 @@ class FlagPublisher:
             version: The answering version.
             subject_key: ``X-Subject-Key``; only its sha256 is stored.
             corrected_disagrees: Whether a corrected version (e.g. the shadow) gave a different
-                label; None when none was asked.
+                label; None when none was asked (or to derive it from ``corrected``).
+            corrected: That corrected version's prediction JSON (``version``, ``label``,
+                ``probabilities``), stored with the flag so that a reviewer sees its answer.
 
         Returns:
             The policy decision (empty when nothing flags, and also when building the record
             failed, which is logged and counted as dropped).
         """
         try:
+            if corrected_disagrees is None and corrected is not None:
+                corrected_disagrees = str(corrected.get("label")) != result.prediction.label
             decision = evaluate(result, self.policy, corrected_disagrees)
             if decision.flagged:
                 self.enqueue(
-                    self.record(result, decision, request_id, version, subject_key, corrected_disagrees)
+                    self.record(
+                        result,
+                        decision,
+                        request_id,
+                        version,
+                        subject_key,
+                        corrected_disagrees,
+                        corrected=corrected,
+                    )
                 )
             return decision
         except Exception:  # a bug here must not fail the request that was audited fine
@@ -266,16 +283,44 @@ class FlagPublisher:
         subject_key: str | None = None,
         corrected_disagrees: bool | None = None,
         now: datetime | None = None,
+        *,
+        corrected: Mapping[str, Any] | None = None,
     ) -> Record:
-        """The spoolable record of one flagged request: events as stream fields, blobs as base64."""
+        """The spoolable record of one flagged request: events as stream fields, blobs as base64.
+
+        Pixels it stores (once per request, shared by its flags): the bare model-size input
+        (``image``, RGB PNG) and the heatmap as its own RGBA layer (``heat_layer``), which the
+        workbench shows as separate overlays and from which ``/reviews`` and ``medaudit review``
+        compose the blend they hand out; plus one mask PNG per flagging concept. A result that
+        lacks the raw heatmap or the input (one built by hand) stores its blend (``heatmap``), as
+        every record did before. At 224 px: image ~65 KiB + layer ~4 KiB, where the blend alone
+        was ~66 KiB (docs/review-ui.md).
+        """
+        # here, not at the top: medaudit.service.audit imports torch, which the producer's own
+        # users (tests, tools replaying spools) need not load
+        from medaudit.service.audit import heat_layer, png_base64
+
         rid = check_request_id(request_id)
         now = now or datetime.now(UTC)
         k = self.keys
         blobs: dict[str, str] = {}
-        heat_key = feat_key = ""
-        if result.heatmap_png:
+        heat_key = feat_key = image_key = layer_key = ""
+        # Pixels only where the audit has a heatmap: a withheld one (heatmap_note) stays withheld.
+        if result.heatmap_png and result.image is not None and result.heatmap is not None:
+            # the bare input and the heatmap alone; the blend is composed from them when asked
+            # for (medaudit.service.flags.review.compose_blend), so it is not stored as well
+            image_key, layer_key = k.blob(rid, "image"), k.blob(rid, "heat_layer")
+            blobs[image_key] = png_base64(np.asarray(result.image, dtype=np.uint8))
+            blobs[layer_key] = png_base64(heat_layer(result.heatmap))
+        elif result.heatmap_png:  # a result without its pixels (built by hand): the blend only
             heat_key = k.blob(rid, "heatmap")
             blobs[heat_key] = result.heatmap_png
+        c_version = c_label = ""
+        c_prob: float | None = None
+        if corrected is not None:
+            c_version, c_label = str(corrected.get("version", "")), str(corrected.get("label", ""))
+            p = (corrected.get("probabilities") or {}).get(c_label)
+            c_prob = float(p) if p is not None and np.isfinite(p) else None
         dim = 0
         if result.features is not None:
             feats = np.ascontiguousarray(np.asarray(result.features).ravel(), dtype="<f4")
@@ -307,10 +352,15 @@ class FlagPublisher:
                 probability=float(probs.get(result.prediction.label, float("nan"))),
                 subject_hash=subject_hash(subject_key),
                 corrected_disagrees="" if corrected_disagrees is None else str(int(corrected_disagrees)),
+                corrected_version=c_version,
+                corrected_label=c_label,
+                corrected_probability=c_prob,
                 heatmap_key=heat_key,
                 mask_key=mask_key,
                 features_key=feat_key,
                 features_dim=dim,
+                image_key=image_key,
+                heat_layer_key=layer_key,
             )
             events.append(ev.to_fields())
         return {

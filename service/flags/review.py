@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import redis
+from PIL import Image
 
 from medaudit.service.endpoints import RESOLVE, REVIEW, REVIEWS
 from medaudit.service.errors import (
@@ -105,6 +108,8 @@ def _record(raw: dict[Any, Any]) -> dict[str, Any]:
         d["reasons"] = json.loads(d["reasons"])
     cd = d.get("corrected_disagrees", "")
     d["corrected_disagrees"] = None if cd == "" else cd == "1"
+    if "corrected_probability" in d:  # "" when no corrected version answered
+        d["corrected_probability"] = float(d["corrected_probability"]) if d["corrected_probability"] else None
     return d
 
 
@@ -161,27 +166,55 @@ def get_review(
         if not raw:
             raise UnknownFlagError(flag_id)
         rec = _record(raw)
-        blob_keys = [rec.get(k, "") for k in ("heatmap_key", "mask_key", "features_key")]
-        present = [bool(k) and bool(client.exists(k)) for k in blob_keys]
-        rec["available"] = {"heatmap": present[0], "mask": present[1], "features": present[2]}
-        if images:
-            for name, key, ok in zip(("heatmap_png", "mask_png"), blob_keys[:2], present[:2], strict=True):
-                data = client.get(key) if ok else None
-                rec[name] = None if data is None else _b64(data)
+        names = ("heatmap", "mask", "features", "image", "heat_layer")
+        blob_keys = [rec.get(f"{n}_key", "") for n in names]
+        present = dict(zip(names, (bool(k) and bool(client.exists(k)) for k in blob_keys), strict=True))
+        # image and heat_layer: the bare input and the heatmap alone, from which the blend is
+        # composed; records from before they were stored have the blend only
+        present["heatmap"] = present["heatmap"] or (present["image"] and present["heat_layer"])
+        rec["available"] = present
+    if images:
+        pngs = review_images(client, flag_id, keys)
+        for name in ("heatmap", "mask"):
+            data = pngs[name]
+            rec[f"{name}_png"] = None if data is None else _b64(data)
     return rec
 
 
 def review_images(client: redis.Redis, flag_id: str, keys: FlagKeys | None = None) -> dict[str, bytes | None]:
-    """The flag's PNGs as bytes: ``{"heatmap": …, "mask": …}`` (None where expired or absent)."""
+    """The flag's PNGs as bytes: ``{"heatmap", "mask", "image", "heat_layer"}`` (None where expired
+    or absent; older records have no ``image`` and ``heat_layer``)."""
     keys = keys or FlagKeys()
+    names = ("heatmap", "mask", "image", "heat_layer")
     with _available():
-        rec = client.hmget(keys.review(flag_id), ["flag_id", "heatmap_key", "mask_key"])
+        rec = client.hmget(keys.review(flag_id), ["flag_id", *(f"{n}_key" for n in names)])
         if rec[0] is None:
             raise UnknownFlagError(flag_id)
         out: dict[str, bytes | None] = {}
-        for name, key in (("heatmap", rec[1]), ("mask", rec[2])):
+        for name, key in zip(names, rec[1:], strict=True):
             out[name] = cast("bytes | None", client.get(key)) if key else None
+    if out["heatmap"] is None and out["image"] is not None and out["heat_layer"] is not None:
+        out["heatmap"] = compose_blend(out["image"], out["heat_layer"])
     return out
+
+
+#: The heatmap layer's weight in the blend: ``medaudit.service.audit.overlay``'s ``alpha``, the
+#: workbench's default heatmap opacity.
+BLEND_OPACITY = 0.6
+
+
+def compose_blend(image_png: bytes, layer_png: bytes, opacity: float = BLEND_OPACITY) -> bytes:
+    """The image with its heatmap layer drawn over it at ``opacity``: the blend ``/audit`` returns
+    as ``heatmap_png`` (to within a grey level of rounding), as PNG bytes (~3 ms at 224 px)."""
+    rgb = np.asarray(Image.open(io.BytesIO(image_png)).convert("RGB"), dtype=np.float64)
+    layer = np.asarray(Image.open(io.BytesIO(layer_png)).convert("RGBA"), dtype=np.float64)
+    if layer.shape[:2] != rgb.shape[:2]:
+        raise ValueError(f"heatmap layer {layer.shape[:2]} and image {rgb.shape[:2]} differ in size")
+    a = opacity * layer[..., 3:] / 255.0
+    out = np.clip(np.rint((1 - a) * rgb + a * layer[..., :3]), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(out).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def resolve_review(

@@ -38,6 +38,26 @@ def test_fields_round_trip_as_bytes_like_redis_returns_them() -> None:
     assert json.loads(fields["reasons"]) == ["a", 'b, with "quotes"']
 
 
+def test_the_corrected_answer_and_the_layers_round_trip_and_older_events_still_parse() -> None:
+    ev = _event(
+        corrected_disagrees="1", corrected_version="pclarc-band_aid", corrected_label="malignant",
+        corrected_probability=0.625, image_key="p:blob:r1:image", heat_layer_key="p:blob:r1:heat_layer",
+    )  # fmt: skip
+    assert FlagEvent.from_fields(ev.to_fields()) == ev
+    plain = _event().to_fields()
+    assert plain["corrected_probability"] == "" and FlagEvent.from_fields(plain).corrected_probability is None
+    # An event written before these fields existed (same schema: they are optional).
+    old = {
+        k: v
+        for k, v in plain.items()
+        if not k.startswith("corrected_") and k not in ("image_key", "heat_layer_key")
+    }
+    back = FlagEvent.from_fields(old)
+    assert (back.corrected_label, back.corrected_probability, back.image_key) == ("", None, "")
+    with pytest.raises(EventFormatError, match="corrected_probability"):
+        FlagEvent.from_fields({**plain, "corrected_probability": "nan"})
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import signal
@@ -223,3 +224,64 @@ def test_ensure_redis_prefers_the_given_one_then_an_embedded_one(redis_url: str,
     url = ensure_redis(nobody, embedded_dir=tmp_path)
     assert url.startswith("unix://") and answers(url)
     assert ensure_redis(nobody, embedded_dir=tmp_path) == url  # one embedded server per directory
+
+
+def test_a_flag_stores_the_bare_image_the_heatmap_layer_and_the_corrected_answer(
+    redis_url: str, keys: FlagKeys, client, tmp_path: Path
+) -> None:
+    """What the workbench shows (issue #27): the model-size input itself, the heatmap as its own
+    RGBA layer that, drawn over it at 60 %, is the blend /audit returns, and the corrected (shadow)
+    version's name, label and probability, through the worker into the review record."""
+    from dataclasses import replace
+
+    from medaudit.service.audit import overlay, png_base64
+    from medaudit.service.flags.redis_conn import connect
+    from medaudit.service.flags.review import get_review, review_images
+    from medaudit.service.flags.worker import Worker, WorkerConfig
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    heat = rng.normal(size=(24, 24)).astype(np.float16)
+    r = replace(result(seed=5), heatmap_png=png_base64(overlay(rgb, heat)), heatmap=heat, image=rgb)
+    shadow = {
+        "version": "pclarc-band_aid",
+        "label": "malignant",
+        "class_index": 1,
+        "probabilities": {"benign": 0.35, "malignant": 0.65},
+    }
+    pub = FlagPublisher(redis_url, keys=keys, spool_dir=tmp_path / "s", ttl_s=3600)
+    assert pub.submit(r, request_id="req-layers", version="vanilla", corrected=shadow).flagged
+    assert pub.submit(result(seed=6), request_id="req-old", version="vanilla").flagged  # blend only
+    assert pub.close(5.0)
+    Worker(connect(redis_url, timeout=5), keys, WorkerConfig(consumer="w", block_ms=100)).run(drain=True)
+
+    rec = get_review(client, "req-layers:band_aid", keys)
+    assert rec["available"] == dict.fromkeys(("heatmap", "mask", "features", "image", "heat_layer"), True)
+    assert (rec["corrected_version"], rec["corrected_label"], rec["corrected_probability"]) == (
+        "pclarc-band_aid", "malignant", 0.65
+    )  # fmt: skip
+    assert rec["corrected_disagrees"] is True  # derived from the corrected answer's label
+    assert 0 < client.ttl(rec["image_key"]) <= 3600 and 0 < client.ttl(rec["heat_layer_key"]) <= 3600
+    assert rec["heatmap_key"] == ""  # the blend is not stored twice: it is composed on reading
+    pngs = review_images(client, "req-layers:band_aid", keys)
+    image = np.asarray(Image.open(io.BytesIO(pngs["image"] or b"")))
+    np.testing.assert_array_equal(image, rgb)  # the pixels the model saw, losslessly
+    layer = Image.open(io.BytesIO(pngs["heat_layer"] or b""))
+    assert layer.mode == "RGBA" and layer.size == (24, 24)
+    # The layer over the image at 60 % opacity (the page's default) is /audit's blend; /reviews
+    # and `medaudit review` get that blend composed from the two.
+    want = overlay(rgb, heat).astype(np.float64)
+    la = np.asarray(layer).astype(np.float64)
+    a = 0.6 * la[..., 3:] / 255.0
+    assert np.abs((1 - a) * rgb + a * la[..., :3] - want).max() <= 2.0  # the 8-bit layer's rounding
+    blend = np.asarray(Image.open(io.BytesIO(pngs["heatmap"] or b""))).astype(np.float64)
+    assert np.abs(blend - want).max() <= 2.0
+    shown = get_review(client, "req-layers:band_aid", keys, images=True)
+    assert base64.b64decode(shown["heatmap_png"]) == pngs["heatmap"] and shown["mask_png"]
+
+    old = get_review(client, "req-old:band_aid", keys)  # no pixels, no shadow: as before
+    assert (
+        not old["available"]["image"] and not old["available"]["heat_layer"] and old["available"]["heatmap"]
+    )
+    assert (old["corrected_version"], old["corrected_label"], old["corrected_probability"]) == ("", "", None)
+    assert review_images(client, "req-old:band_aid", keys)["image"] is None

@@ -52,7 +52,14 @@ def test_list_show_resolve(client, queued: FlagKeys) -> None:
 
     rec = get_review(client, "req-1:band_aid", keys, images=True)
     assert rec["status"] == "open" and rec["concept"] == "band_aid" and rec["corrected_disagrees"] is False
-    assert rec["available"] == {"heatmap": True, "mask": True, "features": True}
+    # no pixels beyond the blend in these results: the bare image and layer are absent
+    assert rec["available"] == {
+        "heatmap": True,
+        "mask": True,
+        "features": True,
+        "image": False,
+        "heat_layer": False,
+    }
     assert Image.open(io.BytesIO(base64.b64decode(rec["heatmap_png"]))).format == "PNG"
     assert get_review(client, "req-2:band_aid", keys)["corrected_disagrees"] is True
 

@@ -346,7 +346,9 @@ def test_served_screens_flag_with_heatmaps_and_count(client, redis_prefix: str) 
     mine = [e for e in events if e.request_id == rid]
     assert len(mine) == n_flags
     for e in mine:
-        assert e.heatmap_key and r_conn.exists(e.heatmap_key) and e.mask_key and e.features_key
+        # the bare input and the heatmap layer (the blend is composed from them on reading)
+        assert e.image_key and e.heat_layer_key and not e.heatmap_key
+        assert r_conn.exists(e.image_key, e.heat_layer_key) == 2 and e.mask_key and e.features_key
 
 
 class _Calls(Endpoints):
