@@ -131,9 +131,14 @@ def scan(
     except MedauditError as e:
         console.print(f"[red]scan failed:[/] {e}")
         raise typer.Exit(EXIT_BAD_INPUT) from e
+    ran = (
+        f" · {summary.shards_run} shards in {summary.seconds:.0f} s on {summary.runner} "
+        f"({summary.images_per_s:.1f} img/s, worker start included)"
+        if summary.shards_run
+        else ""
+    )
     console.print(
         f"{summary.n_items} images ({summary.shards_skipped} of {summary.n_shards} shards already done) · "
-        f"decoded {summary.n_ok} · errors {summary.n_errors} · flagged {summary.n_flagged} · "
-        f"{summary.images_per_s:.1f} img/s on {summary.runner}\nscan folder: {out}\n"
-        f"summary: medaudit scan report {out}"
+        f"decoded {summary.n_ok} · errors {summary.n_errors} · flagged {summary.n_flagged}{ran}\n"
+        f"scan folder: {out}\nsummary: medaudit scan report {out}"
     )
