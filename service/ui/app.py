@@ -9,7 +9,7 @@ Routes, relative to the mount (``/ui``)::
     GET  /api/me                    who is signed in, the CSRF token, versions, concepts, verdicts
     GET  /api/queue?status&concept&severity&version&since&until&offset&limit
     GET  /api/flags/{ref}           one flag: record, other flags of its request, earlier verdicts
-    GET  /api/flags/{ref}/heatmap.png, /mask.png
+    GET  /api/flags/{ref}/image.png, /heat_layer.png, /mask.png, /heatmap.png (the blend)
     POST /api/flags/{ref}/resolve   {"verdict", "note"}
     GET  /api/concepts/{concept}?top=
     GET  /api/refit, POST /api/refit {"version"}
@@ -48,6 +48,11 @@ from medaudit.service.ui import queries, refit, sessions
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
+
+#: A flag's PNGs: the bare input, the heatmap alone (RGBA), the concept's mask (grey levels), and
+#: the heatmap blended into the input (composed from the first two; records stored before those
+#: were kept hold only the blend).
+IMAGES = ("image", "heat_layer", "mask", "heatmap")
 
 #: The page's security headers. ``img-src 'self'``: the overlays are this origin's PNGs; the mask
 #: is recoloured in a canvas, which needs nothing more.
@@ -259,8 +264,9 @@ def ui_app(backend: Callable[[Request], Backend] = service_backend) -> Starlette
     def image(request: Request, be: Backend, _s: sessions.Session | None) -> Response:
         fid = queries.Refs(be.client, be.keys).resolve(request.path_params["ref"])
         kind = request.path_params["kind"]
-        if kind not in ("heatmap", "mask"):
-            return _json({"error": "not_found", "detail": "images are heatmap.png and mask.png"}, 404)
+        if kind not in IMAGES:
+            detail = "images are " + ", ".join(f"{k}.png" for k in IMAGES)
+            return _json({"error": "not_found", "detail": detail}, 404)
         data = review_images(be.client, fid, be.keys).get(kind)
         if data is None:
             return _json(

@@ -151,6 +151,12 @@ def test_flag_references_verdicts_and_csrf(http: TestClient, seeded: list, clien
     assert flag["available"]["heatmap"] and flag["available"]["mask"]
     png = http.get(f"/ui/api/flags/{first['ref']}/heatmap.png")
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    # These records hold the blend only, like those stored before the bare image was kept: the
+    # page falls back to the blend (tests/live/test_ui_browser.py sees the layered view).
+    assert not flag["available"]["image"] and not flag["available"]["heat_layer"]
+    missing = http.get(f"/ui/api/flags/{first['ref']}/image.png")
+    assert missing.status_code == 404 and "never stored" in missing.json()["detail"]
+    assert http.get(f"/ui/api/flags/{first['ref']}/raw.png").status_code == 404
     assert http.get(f"/ui/api/flags/{'0' * 32}").status_code == 404
     assert http.get(f"/ui/api/flags/{seeded[0].flag_id}").status_code == 404  # ids are not references
 

@@ -3,10 +3,13 @@ Playwright (the Python package, pointed at /usr/bin/chromium: no browser downloa
 live ``bentoml serve`` of tests/live/conftest.py.
 
 A flagged ``/audit`` reaches the queue (publisher -> stream -> worker); the reviewer signs in with
-the reviewer key, opens the flag, toggles the overlays, writes a note and gives the verdict by
-keyboard; the Redis review record holds it. A client key cannot open the page; a forged
-cross-site POST (an attacker's page in the same browser, and a same-origin request without the
-CSRF token) changes nothing. Screenshots of the queue, a flag and a concept page are taken at
+the reviewer key, opens the flag (the bare image under the heatmap and mask layers, and the
+shadow version's answer), toggles the overlays, writes a note and gives the verdict by keyboard;
+the Redis review record holds it. The refit action runs the real ``refine-cav`` and the page shows
+its before/after table (on a small bank of its own: the live store's is shared and has no fit
+data). A client key cannot open the page; a forged cross-site POST (an
+attacker's page in the same browser, and a same-origin request without the CSRF token) changes
+nothing. Screenshots of the queue, a flag and a concept page are taken at
 1366x768 and checked to render; ``MEDAUDIT_UI_SCREENSHOTS=docs/img`` also writes them there (the
 ones docs/review-ui.md shows), and :func:`test_committed_screenshots_render` checks those.
 """
@@ -35,6 +38,8 @@ SHOTS = ("ui-queue.png", "ui-flag.png", "ui-concept.png")
 VIEWPORT = {"width": 1366, "height": 768}
 #: The header bar's colour (ui.css ``.bar``): a screenshot of the page has it across its top.
 BAR = (0x15, 0x30, 0x4F)
+#: The reviewer key of the refit's own workbench (test_the_refit_action_shows_the_before_and_after_table).
+REFIT_KEY = f"rk-refit-{uuid.uuid4().hex}"
 
 
 def _png(seed: int) -> bytes:
@@ -75,9 +80,9 @@ def flagged(live: Live) -> list[str]:
     with live.client("client") as c:
         for seed in range(40):
             rid = f"ui-{run}-{seed}"
-            r = c.post(
-                "/audit", content=_png(seed), headers={"Content-Type": "image/png", "X-Request-ID": rid}
-            )
+            # pinned to vanilla: the shadow (pclarc-band_aid) answers too, and its answer is stored
+            headers = {"Content-Type": "image/png", "X-Request-ID": rid, "X-Model-Version": "vanilla"}
+            r = c.post("/audit", content=_png(seed), headers=headers)
             assert r.status_code == 200, r.text
             ids += [f"{rid}:{f['concept']}" for f in r.json()["flag"]["flags"]]
             if len(ids) >= 3:
@@ -207,22 +212,37 @@ def test_reviewer_resolves_a_flag_in_the_browser(
     assert status == 403
     assert _review(live, target)["status"] == "open"
 
-    # The flag's page: heatmap and mask, overlays toggled by click and by key.
+    # The flag's page: the bare image under the heatmap layer and the mask, overlays toggled by
+    # click and by key; the shadow version's label and probability among the facts.
     row.locator("a").click()
     page.wait_for_selector("#view-flag:not([hidden])")
-    page.wait_for_function("() => document.querySelector('#heat').naturalWidth > 0")
+    page.wait_for_function("() => ['#base', '#heat'].every(s => document.querySelector(s).naturalWidth > 0)")
     assert request_id in page.text_content("#flag-title")
+    assert page.get_attribute("#base", "src").endswith("/image.png") and page.is_visible("#base")
+    assert page.get_attribute("#heat", "src").endswith("/heat_layer.png")
     assert page.get_attribute("#heat", "alt").startswith("LRP heatmap")
+    assert page.get_attribute("#base", "alt").startswith("The model-size input image")
     assert page.locator("#flag-reasons li").count() >= 1
     assert "flag/" + ref in page.url and target not in page.url and request_id not in page.url
+    rec = _review(live, target)
+    p_shadow = 100 * float(rec["corrected_probability"])
+    shadow = f"{rec['corrected_version']}: {rec['corrected_label']} ({p_shadow:.1f} %)"
+    assert rec["corrected_version"] == "pclarc-band_aid" and shadow in page.text_content("#flag-facts")
     _shot(page, "ui-flag.png", tmp_path)
     page.click("#show-heat")
     assert page.eval_on_selector("#heat", "e => e.style.opacity") == "0"
     page.keyboard.press("h")
-    assert page.eval_on_selector("#heat", "e => e.style.opacity") == "1"
+    assert page.eval_on_selector("#heat", "e => e.style.opacity") == "0.6"  # the blend's weight
     if page.is_enabled("#show-mask"):
         page.keyboard.press("m")
         assert page.eval_on_selector("#mask-layer", "e => e.style.opacity") == "0"
+    # Both overlays off: the image itself shows (the random pixels and the pad), not black.
+    page.keyboard.press("h")
+    if page.is_enabled("#show-mask") and page.is_checked("#show-mask"):
+        page.keyboard.press("m")
+    stage = np.asarray(Image.open(io.BytesIO(page.locator("#stage").screenshot())).convert("RGB"), float)
+    assert stage.mean() > 60 and stage.std() > 30, (stage.mean(), stage.std())
+    page.keyboard.press("h")
     page.eval_on_selector("#heat-opacity", "e => { e.value = '40'; e.dispatchEvent(new Event('input')); }")
     assert page.eval_on_selector("#heat", "e => e.style.opacity") == "0.4"
 
@@ -248,6 +268,131 @@ def test_reviewer_resolves_a_flag_in_the_browser(
     page.wait_for_selector("#concept-items li")
     assert "flagged images of recent traffic" in page.text_content("#concept-summary")
     _shot(page, "ui-concept.png", tmp_path)
+
+    assert not errors, errors
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def refit_workbench(three_class_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The workbench alone (service/ui mounted at /ui, served by uvicorn in a thread) over a store
+    of its own: a random 32 px three-class model whose card names the small three-class folder
+    dataset, and 12 of its audits flagged and resolved by the dataset's annotations, so that
+    ``refine-cav`` has reviewed samples and fit data (~10 s). Yields the base URL."""
+    import threading
+
+    import torch
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from medaudit.models.data.registry import open_dataset
+    from medaudit.service.audit import AuditEngine
+    from medaudit.service.auth import KeyStore, hash_key, parse_key_spec
+    from medaudit.service.flags.events import FlagKeys
+    from medaudit.service.flags.producer import FlagPublisher
+    from medaudit.service.flags.redis_conn import connect
+    from medaudit.service.flags.review import resolve_review
+    from medaudit.service.flags.worker import Worker, WorkerConfig
+    from medaudit.service.process import free_port
+    from medaudit.service.ui import UI_MOUNT
+    from medaudit.service.ui.app import Backend, ui_app
+    from medaudit.testing.versions import register_version_files, write_version_files
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("refit_ui")
+    home, spec = tmp / "bento", f"folder:{three_class_folder}"
+    labels = ("bcc", "melanoma", "nevus")
+    d = write_version_files(tmp / "v", "vanilla", 0, labels=labels, name="derm3", data={"dataset": spec})
+    register_version_files(d, "vanilla", home, name="derm3")
+    ds = open_dataset(spec)
+    train = ds.indices("train")[:12]
+    keys = FlagKeys(f"uirefit-{uuid.uuid4().hex[:10]}")
+    engine = AuditEngine.from_store("derm3:vanilla", home=home, fpr=0.99)  # every concept "present"
+    pub = FlagPublisher(REDIS_URL, keys=keys, spool_dir=tmp / "spool")
+    for i, r in enumerate(engine.audit([ds.load_image(int(j), 32) for j in train])):
+        pub.submit(r, request_id=f"img{i}", version="vanilla", corrected_disagrees=True)
+    assert pub.close(10.0)
+    r = connect(REDIS_URL, timeout=5.0)
+    Worker(r, keys, WorkerConfig(consumer="w", block_ms=100)).run(drain=True)
+    member = {a: set(v) for a, v in ds.artifact_ids("train").items()}
+    for fid in r.zrange(keys.open_index, 0, -1):
+        rid, concept = fid.decode().rsplit(":", 1)
+        truth = int(train[int(rid[3:])]) in member.get(concept, set())
+        verdict = "artifact_confirmed" if truth else "false_alarm"
+        resolve_review(r, fid.decode(), verdict, reviewer="k_test", keys=keys)
+
+    salt = "ui-refit-salt"
+    store = KeyStore(parse_key_spec(f"reviewer:{hash_key(REFIT_KEY, salt)}"), salt)
+    backend = Backend(
+        client=r,
+        keys=keys,
+        authenticate=lambda key: store.authenticate(f"Bearer {key}"),
+        versions=["vanilla"],
+        concepts=list(engine.bank),
+        model_name="derm3",
+        env={
+            **os.environ,
+            "BENTOML_HOME": str(home),
+            "MEDAUDIT_REDIS_URL": REDIS_URL,
+            "MEDAUDIT_FLAG_PREFIX": keys.prefix,
+            "OMP_NUM_THREADS": "1",
+        },
+        refit_dir=str(tmp / "refits"),
+    )
+    app = Starlette(routes=[Mount(UI_MOUNT, app=ui_app(lambda _r: backend))])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the workbench did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        doomed = list(r.scan_iter(match=keys.scan_pattern(), count=1000))
+        if doomed:
+            r.delete(*doomed)
+        r.close()
+
+
+def test_the_refit_action_shows_the_before_and_after_table(refit_workbench: str, browser: Any) -> None:
+    """The reviewer starts a refit from the page; the real ``refine-cav`` runs in a child process
+    and the page, polling, renders the bank's held-out AUROC before and after, per concept."""
+    ctx = browser.new_context(base_url=refit_workbench, viewport=VIEWPORT)
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    _sign_in(page, REFIT_KEY)
+    page.wait_for_selector("#view-queue:not([hidden])")
+    page.click("#nav a[data-view=refit]")
+    page.wait_for_selector("#view-refit:not([hidden])")
+    assert page.text_content("#refit-state") == "No refit yet."
+    page.select_option("#refit-version", "vanilla")
+    page.click("#refit-form button[type=submit]")
+    page.wait_for_function(
+        "() => !/Refitting|No refit/.test(document.querySelector('#refit-state').textContent)",
+        timeout=300_000,
+    )
+    state = page.text_content("#refit-state")
+    assert "new version derm3:vanilla-refit1" in state, (state, page.text_content("#refit-output"))
+    assert page.is_visible("#refit-table")
+    rows = [
+        [td.strip() for td in tr.locator("td").all_text_contents()]
+        for tr in page.locator("#refit-rows tr").all()
+    ]
+    assert sorted(r[0] for r in rows) == ["band_aid", "ruler"], rows
+    added = 0
+    for row in rows:  # concept, added +/-, AUROC stored / refit w/o reviews / refined, AP refined
+        pos, neg = (int(x) for x in row[1].split("/"))
+        added += pos + neg
+        assert len(row) == 6 and all(x == "–" or 0.0 <= float(x) <= 1.0 for x in row[2:]), row
+        assert row[2] != "–" and row[4] != "–", row  # the stored and the refined bank were scored
+    assert added > 0  # the reviewed flags went in
     assert not errors, errors
     ctx.close()
 

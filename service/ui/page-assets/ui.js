@@ -208,11 +208,28 @@ async function openFlag(ref) {
   try { f = await api(`api/flags/${ref}`); } catch (e) { say(e.message); return; }
   state.flag = f;
   $("flag-title").textContent = `${f.concept} flag on request ${f.request_id}`;
-  const heat = $("heat");
-  heat.alt = `LRP heatmap of the ${f.label} prediction over the model-size input: red where relevance is positive, blue where negative`;
+  // The bare input with the heatmap as its own layer (RGBA: its opacity is the blend's weight,
+  // 60 % as in /audit's heatmap_png). Flags stored before the bare image was kept have only the
+  // blend: shown as before, on black, with the heatmap slider at 100 %.
+  const base = $("base"), heat = $("heat");
+  const layered = Boolean(f.available.image && f.available.heat_layer);
+  if (layered !== state.layered) $("heat-opacity").value = layered ? 60 : 100;
+  state.layered = layered;
   $("image-note").textContent = "";
-  if (f.available.heatmap) heat.src = `api/flags/${ref}/heatmap.png`;
-  else { heat.removeAttribute("src"); $("image-note").textContent = "The heatmap expired (stored 7 days) or was withheld."; }
+  base.hidden = !layered;
+  if (layered) {
+    base.alt = `The model-size input image of request ${f.request_id}`;
+    base.src = `api/flags/${ref}/image.png`;
+    heat.alt = `LRP heatmap of the ${f.label} prediction, drawn over the image: red where relevance is positive, blue where negative`;
+    heat.src = `api/flags/${ref}/heat_layer.png`;
+  } else {
+    base.removeAttribute("src");
+    heat.alt = `LRP heatmap of the ${f.label} prediction blended into the model-size input: red where relevance is positive, blue where negative`;
+    if (f.available.heatmap) {
+      heat.src = `api/flags/${ref}/heatmap.png`;
+      $("image-note").textContent = "This flag was stored before the bare image was kept: the image shows only with the heatmap.";
+    } else { heat.removeAttribute("src"); $("image-note").textContent = "The heatmap expired (stored 7 days) or was withheld."; }
+  }
   const mask = $("mask-layer");
   mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
   $("show-mask").disabled = !f.available.mask;
@@ -234,8 +251,10 @@ async function openFlag(ref) {
   fact(dl, "CAV score", `${num(f.score)} (threshold ${num(f.threshold)})`);
   fact(dl, "Percentile", `${pctl(f.percentile)} of clean images score lower`);
   fact(dl, "Relevance share", `${pct(f.relevance_share)} of the prediction's relevance inside the concept's mask`);
+  const differs = f.corrected_disagrees ? "answers differently (the artifact may be deciding)" : "gives the same answer";
   fact(dl, "Corrected version", f.corrected_disagrees === null ? "not asked (no shadow version)"
-    : f.corrected_disagrees ? "answers differently (the artifact may be deciding)" : "gives the same answer");
+    : f.corrected_label ? `${f.corrected_version}: ${f.corrected_label} (${pct(f.corrected_probability)}), ${differs}`
+      : differs);
   $("flag-reasons").replaceChildren(...(f.reasons || []).map((r) => el("li", {}, r)));
   const none = (text) => [el("li", { class: "hint" }, text)];
   $("flag-siblings").replaceChildren(...(f.same_request.length ? f.same_request.map(flagItem) : none("none")));
