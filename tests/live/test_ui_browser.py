@@ -362,7 +362,8 @@ def refit_workbench(three_class_folder: Path, tmp_path_factory: pytest.TempPathF
 
 def test_the_refit_action_shows_the_before_and_after_table(refit_workbench: str, browser: Any) -> None:
     """The reviewer starts a refit from the page; the real ``refine-cav`` runs in a child process
-    and the page, polling, renders the bank's held-out AUROC before and after, per concept."""
+    and the page, polling, renders the bank's held-out AUROC before and after, per concept. Then a
+    flag stored as the blend only (an older record) shows that blend, as before."""
     ctx = browser.new_context(base_url=refit_workbench, viewport=VIEWPORT)
     page = ctx.new_page()
     errors: list[str] = []
@@ -393,6 +394,17 @@ def test_the_refit_action_shows_the_before_and_after_table(refit_workbench: str,
         assert len(row) == 6 and all(x == "–" or 0.0 <= float(x) <= 1.0 for x in row[2:]), row
         assert row[2] != "–" and row[4] != "–", row  # the stored and the refined bank were scored
     assert added > 0  # the reviewed flags went in
+
+    # These flags were published from engine results without the raw heatmap, so they hold the
+    # blend only, like every record stored before the bare image was kept: the page shows that.
+    page.click("#nav a[data-view=queue]")
+    page.select_option("#filters select[name=status]", "resolved")
+    page.click("#filters button[type=submit]")
+    page.locator("#queue-rows tr a").first.click()
+    page.wait_for_function("() => document.querySelector('#heat').naturalWidth > 0")
+    assert page.is_hidden("#base") and page.get_attribute("#heat", "src").endswith("/heatmap.png")
+    assert "stored before the bare image was kept" in page.text_content("#image-note")
+    assert page.eval_on_selector("#heat", "e => e.style.opacity") == "1"
     assert not errors, errors
     ctx.close()
 
