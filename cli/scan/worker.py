@@ -13,7 +13,7 @@ load theirs.
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -102,33 +102,52 @@ class ShardScanner:
             else None
         )
 
-    def decode(self, items: Sequence[Item]) -> list[Any]:
+    def decoded(self, items: Sequence[Item]) -> Iterator[Any]:
+        """Each item's :func:`_decode` result, in order. With decoding threads every file is
+        submitted at once and yielded as its turn comes, so the threads decode the next batches
+        while the engine runs this one (on a GPU the engine would otherwise wait for the host)."""
         cfg = self.engine.cfg
         args = (self.engine.size, cfg.resize, cfg.crop_pct, self.limits)
         if self._pool is None:
-            return [_decode(it, *args) for it in items]
-        return list(self._pool.map(lambda it: _decode(it, *args), items))
+            yield from (_decode(it, *args) for it in items)
+            return
+        futures = [self._pool.submit(_decode, it, *args) for it in items]
+        try:
+            for f in futures:
+                yield f.result()
+        finally:  # a scan that stopped early leaves no decoding behind
+            for f in futures:
+                f.cancel()
 
     def scan(self, start: int, items: Sequence[Item]) -> list[dict[str, Any]]:
-        """Rows of ``items`` (global positions ``start``, ``start + 1``, ...), in their order."""
-        decoded = self.decode(items)
+        """Rows of ``items`` (global positions ``start``, ``start + 1``, ...), in their order.
+
+        The decoded images go to the engine in batches of ``batch_size``, in item order (bad
+        files left out), so that every runner forms the same batches from the same shard."""
         rows = [base_row(start + k, it) for k, it in enumerate(items)]
-        good = [k for k, d in enumerate(decoded) if not isinstance(d, str)]
-        for k, d in enumerate(decoded):
-            if isinstance(d, str):
-                rows[k]["error"] = d
-        bs = max(1, self.options.batch_size)
-        for b in range(0, len(good), bs):
-            idx = good[b : b + bs]
-            pixels = [decoded[k][0] for k in idx]
+        batch: list[tuple[int, Any]] = []
+
+        def run() -> None:
+            pixels = [d[0] for _, d in batch]
             results = (
                 self.engine.audit(pixels, raw_heatmap=True, overlays=False)
                 if self.options.heatmaps
                 else self.engine.screen(pixels)
             )
-            for k, r in zip(idx, results, strict=True):
-                rows[k].update(ok=True, format=decoded[k][1], height=decoded[k][2][0], width=decoded[k][2][1])
+            for (k, d), r in zip(batch, results, strict=True):
+                rows[k].update(ok=True, format=d[1], height=d[2][0], width=d[2][1])
                 rows[k].update(self.result_columns(r))
+            batch.clear()
+
+        for k, d in enumerate(self.decoded(items)):
+            if isinstance(d, str):
+                rows[k]["error"] = d
+                continue
+            batch.append((k, d))
+            if len(batch) >= max(1, self.options.batch_size):
+                run()
+        if batch:
+            run()
         return rows
 
     def result_columns(self, r: AuditResult) -> dict[str, Any]:
