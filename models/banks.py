@@ -63,22 +63,32 @@ def fit_banks(
     seed: int,
     target_fpr: float,
     log: Callable[[str], None],
+    detection: bool = True,
 ) -> Banks:
     """Fits both banks; see the module docstring.
+
+    With ``detection=False`` (a correction layer other than the build layer, whose versions serve
+    the build layer's detection bank) only the correction bank and gate are fitted, and on
+    counterfactual pairs the training split's own activations are not computed either (the pairs
+    alone fit them): ``Banks.detection`` is then the correction bank. About half the forwards.
 
     Raises:
         ConfigError: The artifact has no annotated training sample in scope, or none without it.
     """
     log(f"banks: activations of the original model at {layer}")
-    acts = pooled_activations(model, mcfg, layer, Xtr)
-    done = [(Xtr, acts)]  # (images, φ) whose rows later renders of the training split may share
+    skip_train = not detection and cav_data == "paired"
+    acts = np.zeros((0, 0)) if skip_train else pooled_activations(model, mcfg, layer, Xtr)
+    # (images, φ) whose rows later renders of the training split may share
+    done: list[tuple[torch.Tensor, np.ndarray]] = [] if skip_train else [(Xtr, acts)]
     val = pooled_activations(model, mcfg, layer, data.val_clean(artifact))
     member = data.train_membership()
     prov = {"fitted_on": base_tag, "pooling": "max", "activations": "original model"}
-    detection = ConceptBank.fit(
-        base_tag, layer, acts, member, val, kind="svm", dataset=data.name, seed=seed,
-        target_fpr=target_fpr, provenance={**prov, "cav_scope": None},
-    )  # fmt: skip
+    det: ConceptBank | None = None
+    if detection:
+        det = ConceptBank.fit(
+            base_tag, layer, acts, member, val, kind="svm", dataset=data.name, seed=seed,
+            target_fpr=target_fpr, provenance={**prov, "cav_scope": None},
+        )  # fmt: skip
     if cav_data == "paired":
         log(f"banks: counterfactual pairs, the training split without and with {artifact}")
         Xc, Xa = data.pairs(artifact)
@@ -89,7 +99,7 @@ def fit_banks(
             seed=seed, target_fpr=target_fpr, provenance={**prov, "cav_data": "paired"},
         )  # fmt: skip
         gate = fit_cav(pair_acts, t_pair, kind="svm", seed=seed).v
-        return Banks(detection, correction, np.asarray(gate, np.float64), reused=False)
+        return Banks(det or correction, correction, np.asarray(gate, np.float64), reused=False)
     keep = np.ones(len(ytr), bool) if scope is None else np.isin(ytr.numpy(), scope)
     t = np.where(keep, member.get(artifact, np.zeros(len(ytr), np.int64)), -1)
     n_pos, n_neg = int((t == 1).sum()), int((t == 0).sum())
@@ -105,7 +115,7 @@ def fit_banks(
         target_fpr=target_fpr, provenance={**prov, "cav_scope": scope},
     )  # fmt: skip
     gate = fit_cav(acts[keep], t[keep], kind="svm", seed=seed).v  # as fit_correction_data does
-    return Banks(detection, correction, np.asarray(gate, np.float64), reused=False)
+    return Banks(det or correction, correction, np.asarray(gate, np.float64), reused=False)
 
 
 def pooled_reusing(

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -192,10 +192,13 @@ class BuildConfig:
         d = self.train.data
         return f"{self.train.arch}-synthderm" + ("" if d.plain else f"-{len(d.classes)}class")
 
-    def correction_settings(self, name: str, family: str, build_layer: str) -> CorrectionSettings:
+    def correction_settings(
+        self, name: str, family: str, build_layer: str, hook_points: Sequence[str] | None = None
+    ) -> CorrectionSettings:
         """What correction ``name`` runs with on architecture ``family`` (``ModelCfg.canonizer``):
-        this config's settings over the family's defaults over the build layer."""
-        return resolve(name, family, build_layer, self.settings.get(name))
+        this config's settings over the family's defaults (their layer where the model has it as a
+        hook point) over the build layer."""
+        return resolve(name, family, build_layer, self.settings.get(name), hook_points)
 
     def correction(self, name: str, settings: CorrectionSettings | None = None) -> Correction:
         """Correction ``name`` with ``settings`` (default: none beyond ``finetune``) applied."""
@@ -380,14 +383,14 @@ def build(
         t0 = time.perf_counter()
         okey = stage_key(
             "banks", weights_sha, data.key(), other, cfg.artifact, scope, concepts, cfg.seed, cfg.target_fpr,
-            cav_data,
+            cav_data, "correction only",
         )  # fmt: skip
         odir = model_dir / "banks" / okey
         ob = load_banks(odir)
         if ob is None:
             ob = fit_banks(
                 model, mcfg, data, other, Xtr, ytr, artifact=cfg.artifact, scope=scope, cav_data=cav_data,
-                base_tag=base_tag, seed=cfg.seed, target_fpr=cfg.target_fpr, log=log,
+                base_tag=base_tag, seed=cfg.seed, target_fpr=cfg.target_fpr, log=log, detection=False,
             )  # fmt: skip
             save_banks(ob, odir, {"key": okey, "layer": other, "scope": scope, "concepts": concepts})
         layer_data[other] = (
@@ -482,7 +485,7 @@ def correction_plan(cfg: BuildConfig, mcfg: ModelCfg, layer: str) -> dict[str, C
     order = list(mcfg.hook_points)
     plan = {}
     for name in cfg.corrections:
-        s = cfg.correction_settings(name, mcfg.canonizer, layer)
+        s = cfg.correction_settings(name, mcfg.canonizer, layer, order)
         if name == "vanilla":
             s = CorrectionSettings(layer=layer)  # the original: no layer, nothing to set
         if s.layer not in order:

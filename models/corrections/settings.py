@@ -18,7 +18,7 @@ fine-tune with the same schedule and freezing. VGG16: SGD at 1e-3. P-ClArC is tr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -160,11 +160,23 @@ def settings_from_pairs(
 
 
 def resolve(
-    name: str, family: str, build_layer: str, user: CorrectionSettings | None = None
+    name: str,
+    family: str,
+    build_layer: str,
+    user: CorrectionSettings | None = None,
+    hook_points: Sequence[str] | None = None,
 ) -> CorrectionSettings:
     """The settings correction ``name`` runs with: the user's over the family's over the build's
-    layer (the other fields fall back to the correction's own defaults in :func:`make_correction`)."""
-    s = (user or CorrectionSettings()).over(family_defaults(family, name))
+    layer (the other fields fall back to the correction's own defaults in :func:`make_correction`).
+
+    The family's layer is the registry's hook-point name (``last_conv``); a model whose hook points
+    (``hook_points``) lack it, such as a spec naming its own (``layer4``), keeps the build layer
+    unless the user sets one.
+    """
+    fam = family_defaults(family, name)
+    if hook_points is not None and fam.layer and fam.layer not in hook_points:
+        fam = replace(fam, layer="")
+    s = (user or CorrectionSettings()).over(fam)
     return s.over(CorrectionSettings(layer=build_layer))
 
 

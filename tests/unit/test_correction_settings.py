@@ -4,6 +4,8 @@ version's concept scores are read (issue 24)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +104,9 @@ def test_correction_plan_gives_each_correction_its_layer_and_refuses_one_before_
     early = BuildConfig(settings={"rrclarc": CorrectionSettings(layer="identity_1")})
     with pytest.raises(ConfigError, match="rrclarc at identity_1 would change the activations at the build"):
         correction_plan(early, mcfg, "identity_2")
+    # a spec naming its own hook points keeps the build layer where the family's name is not one
+    spec_like = replace(mcfg, hook_points={f"layer{k}": f"layer{k}" for k in range(1, 5)})
+    assert correction_plan(BuildConfig(), spec_like, "layer3")["rrclarc"].layer == "layer3"
     bad = BuildConfig(settings={"rrr": CorrectionSettings(layer="layer9")})
     with pytest.raises(
         ConfigError, match="layer 'layer9' is not a hook point of resnet18; valid: identity_0"
