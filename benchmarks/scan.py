@@ -20,7 +20,14 @@ in-process scan's (same labels and flag decisions, largest score difference).
     python benchmarks/scan.py                         # 2,000 images at 128 px, 3 repeats
     python benchmarks/scan.py --images 500 --repeats 1
 
-Writes ``benchmarks/results/scan_cpu.md`` and ``.json``.
+With ``--device cuda`` the contenders are one engine on the GPU: in this process, in one pool
+worker and in one Ray actor (``num_gpus=1``), each decoding on ``--decode-threads`` (8) threads.
+The issue's H100 figure (ResNet-50 @224, screens, decode from local files included, ≥ 1,000 img/s):
+
+    python benchmarks/scan.py --device cuda --arch resnet50 --size 224 --images 20000 \
+        --shard-size 1000 --batch-size 64 --repeats 2 --out benchmarks/results/scan_cuda_h100
+
+Writes ``benchmarks/results/scan_cpu.md`` and ``.json`` (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +60,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=100)
     p.add_argument("--workers", type=int, default=0, help="Most workers tried (0: usable cores).")
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--arch", default="resnet18", help="Registered architecture (random weights).")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda: the GPU figures (in-process, one pool worker, one actor).",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--decode-threads", type=int, default=0, help="Per worker (0: 1 on cpu, 8 on cuda).")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scan_cpu")
     return p.parse_args()
 
@@ -131,7 +147,7 @@ def compare(out: Path, ref: Path) -> dict[str, Any]:
     return {"rows_same_decision": same, "rows": len(b), "max_score_diff": float(np.max(diffs))}
 
 
-def prepare(tmp: Path, images: int, size: int) -> None:
+def prepare(tmp: Path, images: int, size: int, arch: str = "resnet18") -> None:
     """The random-weight version in a store under ``tmp`` and the mixed archive ``tmp/archive``."""
     import torch
 
@@ -139,9 +155,8 @@ def prepare(tmp: Path, images: int, size: int) -> None:
     from medaudit.testing.versions import register_version_files, write_version_files
 
     torch.set_num_threads(1)
-    register_version_files(
-        write_version_files(tmp / "src", "vanilla", 0, img_size=size), "vanilla", tmp / "bentoml"
-    )
+    src = write_version_files(tmp / "src", "vanilla", 0, img_size=size, arch=arch)
+    register_version_files(src, "vanilla", tmp / "bentoml")
     write_mixed_folder(tmp / "archive", images, size=size, corrupt=6)
 
 
@@ -161,26 +176,40 @@ def main() -> None:
     torch.set_num_threads(1)
     t = time.perf_counter()
     # in a child process, so that this one's peak RSS is the scans' alone
-    prep = multiprocessing.get_context("spawn").Process(target=prepare, args=(tmp, args.images, args.size))
+    prep = multiprocessing.get_context("spawn").Process(
+        target=prepare, args=(tmp, args.images, args.size, args.arch)
+    )
     prep.start()
     prep.join()
     assert prep.exitcode == 0, "preparing the store and the archive failed"
     source = tmp / "archive"
     print(f"archive of {args.images} images at {args.size} px in {time.perf_counter() - t:.1f} s", flush=True)
-    opts = ScanOptions("vanilla", home=str(home))
-    threaded = ScanOptions("vanilla", home=str(home), threads=cores)
-    contenders: list[tuple[str, Any, Any]] = [
-        ("in-process, 1 thread", opts, lambda: InProcessRunner(opts)),
-        (f"in-process, {cores} threads", threaded, lambda: InProcessRunner(threaded)),
-    ]
-    contenders += [
-        (f"local pool, {k}", opts, lambda k=k: LocalPoolRunner(opts, k)) for k in range(1, cores + 1)
-    ]
+    gpu = args.device.startswith("cuda")
+    decode = args.decode_threads or (8 if gpu else 1)
+    opts = ScanOptions(
+        "vanilla", home=str(home), device=args.device, batch_size=args.batch_size, decode_threads=decode
+    )
+    contenders: list[tuple[str, Any, Any]]
+    if gpu:  # one engine per GPU: in this process, in one pool worker, in one Ray actor
+        contenders = [
+            (f"in-process, {args.device}", opts, lambda: InProcessRunner(opts)),
+            (f"local pool, 1 ({args.device})", opts, lambda: LocalPoolRunner(opts, 1)),
+        ]
+    else:
+        threaded = replace(opts, threads=cores)
+        contenders = [
+            ("in-process, 1 thread", opts, lambda: InProcessRunner(opts)),
+            (f"in-process, {cores} threads", threaded, lambda: InProcessRunner(threaded)),
+        ]
+        contenders += [
+            (f"local pool, {k}", opts, lambda k=k: LocalPoolRunner(opts, k)) for k in range(1, cores + 1)
+        ]
     if not args.no_ray:
         import ray
 
-        ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
-        contenders += [(f"ray, {k}", opts, lambda k=k: RayRunner(opts, k)) for k in range(1, cores + 1)]
+        ray.init(num_cpus=cores, num_gpus=1 if gpu else 0, include_dashboard=False, logging_level="WARNING")
+        ks = [1] if gpu else list(range(1, cores + 1))
+        contenders += [(f"ray, {k}", opts, lambda k=k: RayRunner(opts, k)) for k in ks]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in contenders}
     checks: dict[str, dict[str, Any]] = {}
     ref = tmp / "ref"
@@ -210,6 +239,10 @@ def main() -> None:
         "images": args.images,
         "corrupt": 6,
         "size": args.size,
+        "arch": args.arch,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "decode_threads": decode,
         "shard_size": SHARD,
         "repeats": args.repeats,
         "torch": torch.__version__,
@@ -222,17 +255,19 @@ def main() -> None:
 
 def report(res: dict[str, Any]) -> str:
     m = res["median"]
-    base = m["in-process, 1 thread"]["steady_images_per_s"]
+    first = next(iter(m))
+    base = m[first]["steady_images_per_s"]
     lines = [
         f"# medaudit scan throughput ({res['machine']['cpu']}, "
         f"{res['machine']['usable_cores']} usable cores)",
         "",
         f"{res['images']} synthderm images + {res['corrupt']} corrupt files in a mixed folder (PNG, JPEG, "
-        f"DICOM), random-weight ResNet-18 at {res['size']} px, screen (no heatmaps), shards of "
-        f"{res['shard_size']}; medians of {res['repeats']} interleaved runs; load average at the end "
-        f"{', '.join(f'{x:.1f}' for x in res['load_average'])}.",
+        f"DICOM), random-weight {res['arch']} at {res['size']} px on {res['device']} (batch "
+        f"{res['batch_size']}, {res['decode_threads']} decoding thread(s) per worker), screen (no heatmaps), "
+        f"shards of {res['shard_size']}; medians of {res['repeats']} interleaved runs; load average at the "
+        f"end {', '.join(f'{x:.1f}' for x in res['load_average'])}.",
         "",
-        "| contender | img/s end to end | img/s steady | × in-process 1 thread (steady) | CPU ms / image "
+        f"| contender | img/s end to end | img/s steady | × {first} (steady) | CPU ms / image "
         "| driver peak RSS MB | worker peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]

@@ -28,10 +28,12 @@ def write_version_files(
     labels: tuple[str, ...] | None = None,
     name: str = SERVED_NAME,
     data: dict[str, object] | None = None,
+    arch: str = "resnet18",
 ) -> Path:
     """A randomly initialised resnet18's served files in ``d``: weights, ONNX, card, concept bank;
     ``labels`` (default benign, malignant) set its classes, ``name`` the model it belongs to,
-    ``data`` the card's data entry (default: synthderm)."""
+    ``data`` the card's data entry (default: synthderm), ``arch`` another registered
+    architecture (``resnet50`` for the GPU throughput figures of benchmarks/scan.py)."""
     from medaudit.models.cards import build_card
     from medaudit.models.corrections.io import save_version
     from medaudit.models.export import export_onnx
@@ -39,7 +41,7 @@ def write_version_files(
     from medaudit.models.xai.concepts import ConceptBank
 
     torch.manual_seed(seed)
-    model, cfg = create_model("resnet18", img_size=img_size, labels=labels)
+    model, cfg = create_model(arch, img_size=img_size, labels=labels)
     layer = cfg.default_cav_layer
     w = save_version(model, cfg, d / "model.pt", correction="vanilla", layer=layer, params={})
     o = export_onnx(model, cfg, d / "model.onnx")
