@@ -1,8 +1,9 @@
 """Publishing flags without ever blocking or failing the HTTP request that produced them.
 
 :meth:`FlagPublisher.submit` runs the flag policy (pure, microseconds), builds one record per
-flagged request (its events plus the heatmap, masks and features) and puts it on a bounded
-in-memory queue; a background thread publishes it. The request thread never touches the network.
+flagged request (its events plus the image, heatmap layer, masks and features) and puts it on a
+bounded in-memory queue; a background thread PNG-encodes the image and heatmap layer and
+publishes it. The request thread never touches the network and encodes no image.
 
 One record is published by one Lua script (:data:`PUBLISH_LUA`), atomically: the blobs with a TTL,
 one ``XADD <prefix>:flags MAXLEN ~ N`` per flagging concept, then the idempotency marker
@@ -232,9 +233,10 @@ class FlagPublisher:
     ) -> PolicyDecision:
         """Decides the flags of one audit and queues them for publishing. Never raises, never waits.
 
-        A flagged request's record is built here, on the caller's thread: besides the events it
-        encodes two PNGs when the result carries them (the bare input and the heatmap layer, ~1 ms
-        each at 224 px); unflagged requests cost the policy only.
+        A flagged request's record is built here, on the caller's thread, without encoding any
+        image: the bare input and the heatmap layer (~5 ms of PNG encoding at 224 px) are encoded
+        by the background thread (:meth:`_encode`), so the request (on the service's event loop)
+        does not wait for them.
 
         Args:
             result: The answering version's audit of the request's image.
@@ -296,22 +298,20 @@ class FlagPublisher:
         every record did before. At 224 px: image ~65 KiB + layer ~4 KiB, where the blend alone
         was ~66 KiB (docs/review-ui.md).
         """
-        # here, not at the top: medaudit.service.audit imports torch, which the producer's own
-        # users (tests, tools replaying spools) need not load
-        from medaudit.service.audit import heat_layer, png_base64
-
         rid = check_request_id(request_id)
         now = now or datetime.now(UTC)
         k = self.keys
         blobs: dict[str, str] = {}
+        pending: dict[str, tuple[str, np.ndarray]] = {}
         heat_key = feat_key = image_key = layer_key = ""
         # Pixels only where the audit has a heatmap: a withheld one (heatmap_note) stays withheld.
         if result.heatmap_png and result.image is not None and result.heatmap is not None:
             # the bare input and the heatmap alone; the blend is composed from them when asked
             # for (medaudit.service.flags.review.compose_blend), so it is not stored as well
+            # (encoded to PNG by the background thread: _encode)
             image_key, layer_key = k.blob(rid, "image"), k.blob(rid, "heat_layer")
-            blobs[image_key] = png_base64(np.asarray(result.image, dtype=np.uint8))
-            blobs[layer_key] = png_base64(heat_layer(result.heatmap))
+            pending[image_key] = ("image", np.array(result.image, dtype=np.uint8))
+            pending[layer_key] = ("heat_layer", np.array(result.heatmap, dtype=np.float16))
         elif result.heatmap_png:  # a result without its pixels (built by hand): the blend only
             heat_key = k.blob(rid, "heatmap")
             blobs[heat_key] = result.heatmap_png
@@ -363,13 +363,34 @@ class FlagPublisher:
                 heat_layer_key=layer_key,
             )
             events.append(ev.to_fields())
-        return {
+        rec: Record = {
             "request_id": rid,
             "stream": k.stream,
             "marker": k.published(rid),
             "events": events,
             "blobs": blobs,
         }
+        if pending:
+            rec["pending"] = pending
+        return rec
+
+    @staticmethod
+    def _encode(rec: Record) -> Record:
+        """Encodes the PNGs :meth:`record` left to the background thread into ``rec["blobs"]``, in
+        place (a no-op once done). Runs before a record is published, spooled or rejected."""
+        pending = rec.pop("pending", None)
+        if not pending:
+            return rec
+        # here, not at the top: medaudit.service.audit imports torch, which the producer's own
+        # users (tests, tools replaying spools) need not load
+        from medaudit.service.audit import heat_layer, png_base64
+
+        for key, (kind, arr) in pending.items():
+            try:
+                rec["blobs"][key] = png_base64(heat_layer(arr) if kind == "heat_layer" else arr)
+            except Exception:  # the flag still counts: its page shows this image as missing
+                log.exception("flags: could not encode the %s of request %r", kind, rec.get("request_id"))
+        return rec
 
     def enqueue(self, rec: Record) -> None:
         """Queues a record for the background thread; to the spool when the queue is full."""
@@ -432,13 +453,15 @@ class FlagPublisher:
         out = []
         while True:
             try:
-                out.append(self._queue.get_nowait())
+                out.append(self._encode(self._queue.get_nowait()))
             except queue.Empty:
                 return out
 
     def _spool(self, recs: list[Record]) -> None:
         if not recs:
             return
+        for rec in recs:
+            self._encode(rec)  # the spool holds JSON (a full queue spools on the caller's thread)
         try:
             self.spool.append(recs)
             self._add("spooled", len(recs))
@@ -566,6 +589,7 @@ class FlagPublisher:
             rec = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
         except queue.Empty:
             return False
+        self._encode(rec)
         if self.spool.pending or time.monotonic() < self._retry_at:
             self._spool([rec, *self._drain_queue()])  # degraded: behind the spool, in order
             return False

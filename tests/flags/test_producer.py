@@ -285,3 +285,28 @@ def test_a_flag_stores_the_bare_image_the_heatmap_layer_and_the_corrected_answer
     )
     assert (old["corrected_version"], old["corrected_label"], old["corrected_probability"]) == ("", "", None)
     assert review_images(client, "req-old:band_aid", keys)["image"] is None
+
+
+def test_pixels_are_encoded_off_the_request_and_spooled_as_png(tmp_path: Path) -> None:
+    """The record a request builds holds the arrays, not PNGs (encoding is the background thread's);
+    with Redis away the spooled record holds both PNGs and nothing that is not JSON."""
+    from dataclasses import replace
+
+    from medaudit.service.flags.policy import evaluate
+
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    r = replace(result(seed=7), heatmap=rng.normal(size=(16, 16)).astype(np.float16), image=rgb)
+    pub = FlagPublisher("redis://127.0.0.1:1/0", spool_dir=tmp_path, keys=FlagKeys("t"), timeout=0.2)
+    try:
+        rec = pub.record(r, evaluate(r), "req-s", "vanilla")
+        assert set(rec["pending"]) == {"t:blob:req-s:image", "t:blob:req-s:heat_layer"}
+        assert "t:blob:req-s:image" not in rec["blobs"]
+        assert pub.submit(r, request_id="req-s", version="vanilla").flagged
+    finally:
+        pub.close(0.5)
+    (spooled,) = [json.loads(line) for line in pub.spool.path.read_text().splitlines()]
+    assert "pending" not in spooled
+    for kind in ("image", "heat_layer"):
+        png = base64.b64decode(spooled["blobs"][f"t:blob:req-s:{kind}"])
+        assert Image.open(io.BytesIO(png)).size == (16, 16), kind
