@@ -234,7 +234,7 @@ class FlagPublisher:
         """Decides the flags of one audit and queues them for publishing. Never raises, never waits.
 
         A flagged request's record is built here, on the caller's thread, without encoding any
-        image: the bare input and the heatmap layer (~5 ms of PNG encoding at 224 px) are encoded
+        image: the bare input and the heatmap layer (~8 ms of PNG encoding at 224 px) are encoded
         by the background thread (:meth:`_encode`), so the request (on the service's event loop)
         does not wait for them.
 

@@ -204,8 +204,8 @@ BLEND_OPACITY = 0.6
 
 
 def compose_blend(image_png: bytes, layer_png: bytes, opacity: float = BLEND_OPACITY) -> bytes:
-    """The image with its heatmap layer drawn over it at ``opacity``: the blend ``/audit`` returns
-    as ``heatmap_png`` (to within a grey level of rounding), as PNG bytes (~3 ms at 224 px)."""
+    """The image with its heatmap layer drawn over it at ``opacity``: the blend ``/audit`` returns as
+    ``heatmap_png`` (to within a grey level of rounding), as PNG bytes (~14 ms at 224 px, 2 busy cores)."""
     rgb = np.asarray(Image.open(io.BytesIO(image_png)).convert("RGB"), dtype=np.float64)
     layer = np.asarray(Image.open(io.BytesIO(layer_png)).convert("RGBA"), dtype=np.float64)
     if layer.shape[:2] != rgb.shape[:2]:
