@@ -18,7 +18,9 @@ VALIDATED: Mapping[str, str] = {
     "perturbation above gradient×input and random, band-aid IoU (faithfulness_cpu_resnet.md)",
     "vgg": "zennit 0.5.1 EpsilonPlusFlat parity (tests/unit/test_lrp_reference.py)",
     "densenet": "zennit 0.5.1 parity with its canonizers (tests/unit/test_lrp_families.py)",
-    "efficientnet": "zennit 0.5.1 parity with its canonizers (tests/unit/test_lrp_families.py)",
+    "efficientnet": "zennit 0.5.1 parity with its canonizers, epsilon-gamma-flat (zennit's Gamma) and "
+    "EpsilonPlusFlat, conservation without biases (tests/unit/test_lrp_families.py); region "
+    "perturbation below random and gradient×input for both composites (faithfulness_cpu_efficientnet.md)",
     "vit": "lxt 2.1 parity, AttnLRP and CP-LRP, timm and torchvision (tests/unit/test_attention_lrp.py); "
     "region perturbation above gradient×input and random (faithfulness_cpu_vit.md)",
 }

@@ -1,7 +1,8 @@
 """The LRP engine on every supported family (method.md §3.1, §3.2, §11.1-2).
 
 Per family: the canonized model computes the original function (float64); engine heatmaps match
-zennit 0.5.1's ``EpsilonPlusFlat`` (mean cosine ≥ 0.99, per-image relevance sums within 1%) with
+zennit 0.5.1's ``EpsilonPlusFlat`` (EfficientNet's default ``epsilon-gamma-flat``: the same with
+zennit's ``Gamma`` in place of ``ZPlus``) (mean cosine ≥ 0.99, per-image relevance sums within 1%) with
 zennit's own canonizers where it has them (torchvision ResNet, VGG), the paper-style ones of
 ``zennit_reference`` for timm ResNets, and zennit canonizer classes configured here for DenseNet
 and EfficientNet (zennit 0.5.1 ships none for them); and relevance is conserved: with every bias
@@ -348,20 +349,21 @@ def test_relevance_is_conserved_when_nothing_can_absorb_it(name: str) -> None:
     """Flat, z⁺ without bias, ε without bias, Norm, Pass, Split and max-pool gradient all conserve.
 
     Inputs ×100 so that the ε = 1e-6 stabilisers are negligible next to the pre-activations.
-    EfficientNet does not conserve even without biases (see the next test).
+    EfficientNet does so under its default ``epsilon-gamma-flat``, not under z⁺ (the next tests).
     """
     model = bias_free(model_for(name))
     share = input_relevance_share(model, image(model) * 100, 1)
     torch.testing.assert_close(share, torch.ones_like(share), atol=0, rtol=1e-4)
 
 
-def test_efficientnet_conserves_under_epsilon_gamma_flat() -> None:
+def test_efficientnet_conserves_under_its_default_epsilon_gamma_flat() -> None:
     """The generalised γ-rule has a denominator for every output that gets relevance (its sign's
     contributions, ``D⁺ ≥ z > 0``, ``D⁻ ≤ z < 0``), so EfficientNet-B0 conserves without biases
     where z⁺ keeps 0.93-0.95 (next test). Measured: 1 - 1.7e-5 at 64 px, 1 - 4e-6 at 224 px
     (the ε = 1e-6 stabilisers; exactly 1 to float64 rounding with ε = 1e-30)."""
+    assert family_composite("efficientnet") == "epsilon-gamma-flat"
     model = bias_free(model_for("timm:efficientnet_b0"))
-    share = input_relevance_share(model, image(model) * 100, 1, "epsilon-gamma-flat")
+    share = input_relevance_share(model, image(model) * 100, 1)
     torch.testing.assert_close(share, torch.ones_like(share), atol=0, rtol=1e-4)
 
 
@@ -452,7 +454,7 @@ def test_efficientnet_rule_report() -> None:
     assert got["conv_stem"].rule == "Flat"
     assert got["bn1"].module == "SiLU" and got["bn1"].rule == "Pass"  # BN merged, its SiLU left
     block = "blocks.1.1"
-    assert got[f"{block}.conv_dw"].rule == "ZPlus"  # depthwise
+    assert got[f"{block}.conv_dw"].rule == "Gamma"  # depthwise; the family's composite is epsilon-gamma-flat
     assert got[f"{block}.se"] == LayerRule(f"{block}.se", "PassThrough", "Pass")  # the gate is a constant
     assert not any(p.startswith(f"{block}.se.") for p in got)  # nothing inside the SE gets relevance
     assert got[f"{block}.residual_sum"].rule == "Norm"
@@ -476,10 +478,7 @@ def test_efficientnet_rule_report_under_epsilon_gamma_flat() -> None:
     assert (got["conv_head"].rule, got["classifier"].rule) == ("Gamma", "Epsilon")
     plus = {r.path: r for r in rule_report(model, "efficientnet", composite="epsilon-plus-flat")}
     assert {p for p in got if got[p] != plus[p]} == set(convs) - {"conv_stem"}
-    default = rule_report(model, "efficientnet")
-    assert default == list(
-        (got if family_composite("efficientnet") == "epsilon-gamma-flat" else plus).values()
-    )
+    assert rule_report(model, "efficientnet") == list(got.values())  # the family's default
 
 
 def test_an_unknown_composite_is_refused_with_the_choices() -> None:
