@@ -452,7 +452,9 @@ def canonize_efficientnet(model: nn.Module) -> None:
 
     * Every BatchNorm follows a conv (stem, the convs of each block, the head) and is merged
       into it; timm's fused ``BatchNormAct2d`` leaves its activation (SiLU: **Pass**).
-    * Depthwise convs are convs with ``groups = channels``: **z⁺** per group, as any other conv.
+    * Depthwise convs are convs with ``groups = channels``: per group the rule of any other conv,
+      **γ** under the family's composite ``epsilon-gamma-flat`` (z⁺ under ``epsilon-plus-flat``;
+      models/xai/composite.py ``FAMILY_COMPOSITES`` says why).
     * Squeeze-excitation ``x ⊙ σ(W₂ SiLU(W₁ mean(x)))`` is wrapped in :class:`PassThrough`: the
       gate is a constant and relevance passes through the signal (**Pass**), the SE branch gets
       none — the signal-only gate of Pahde et al. 2023 (CVPR workshops, "Optimizing explanations
