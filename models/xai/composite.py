@@ -22,6 +22,7 @@ from medaudit.models.errors import ConfigError
 from medaudit.models.xai import attention_rules, rules
 from medaudit.models.xai.canonizers import canonize
 from medaudit.models.xai.layers import AttentionCore, Concat, PassThrough, ResidualSum, Scale, TokenMean
+from medaudit.models.xai.rules_gamma import GammaConv
 
 #: Attention rules (Achtibat et al. 2024, see :mod:`~medaudit.models.xai.attention_rules`).
 ATTENTION_RULES: dict[str, type[nn.Module]] = {
@@ -40,7 +41,7 @@ DEFAULT_ATTENTION = "cp-lrp"
 
 #: Composites for CNNs, by name (method.md §3.1): zennit 0.5.1's ``EpsilonPlusFlat`` (z⁺ on every
 #: conv but the first) and ``EpsilonGammaFlat``, the same with the generalised γ-rule
-#: (:class:`~medaudit.models.xai.rules.GammaConv`, γ = 0.25) in place of z⁺ — the composite of
+#: (:class:`~medaudit.models.xai.rules_gamma.GammaConv`, γ = 0.25) in place of z⁺ — the composite of
 #: the paper's ``utils/lrp_composites.py`` (unused there) and of Montavon et al. 2019's advice
 #: for lower and middle layers. They differ only on convs.
 COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-flat")
@@ -94,7 +95,7 @@ _UNSUPPORTED = (
 )  # fmt: skip
 #: Rule module class -> the rule's name in :func:`rule_report` (method.md §3.1).
 _RULE_NAMES: dict[type[nn.Module], str] = {
-    rules.FlatConv: "Flat", rules.FlatLinear: "Flat", rules.ZPlusConv: "ZPlus", rules.GammaConv: "Gamma",
+    rules.FlatConv: "Flat", rules.FlatLinear: "Flat", rules.ZPlusConv: "ZPlus", GammaConv: "Gamma",
     rules.EpsilonLinear: "Epsilon", rules.NormSum: "Norm", rules.NormAvgPool: "Norm", rules.PassRule: "Pass",
     attention_rules.AttnLRPAttention: "AttnLRP", attention_rules.CPLRPAttention: "CP-LRP",
     attention_rules.LayerNormRule: "LayerNorm (identity on σ, ε)", attention_rules.NormTokenMean: "Norm",
@@ -179,7 +180,7 @@ def rule_for(
     if isinstance(module, _CONVS):
         if first:
             return rules.FlatConv(module)
-        return rules.GammaConv(module) if composite == "epsilon-gamma-flat" else rules.ZPlusConv(module)
+        return GammaConv(module) if composite == "epsilon-gamma-flat" else rules.ZPlusConv(module)
     if isinstance(module, nn.Linear):
         return rules.FlatLinear(module) if first else rules.EpsilonLinear(module)
     if isinstance(module, ResidualSum):

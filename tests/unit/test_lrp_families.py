@@ -31,6 +31,7 @@ from medaudit.models.xai.canonizers import canonize, detect_canonizer
 from medaudit.models.xai.composite import LayerRule, build_lrp_model, family_composite, rule_report
 from medaudit.models.xai.layers import Concat, PassThrough
 from medaudit.models.xai.lrp import Explainer
+from medaudit.models.xai.rules_gamma import GAMMA, GammaConv
 from medaudit.models.xai.zennit_reference import zennit_canonizers
 from medaudit.testing.models import trained_like
 
@@ -225,7 +226,7 @@ def zennit_composite(composite: str, canonizers: list[Any]) -> Any:
     from zennit.types import Convolution
 
     assert composite in ("epsilon-plus-flat", "epsilon-gamma-flat"), composite
-    layer_map = [(Convolution, Gamma(gamma=rules.GAMMA))] if composite == "epsilon-gamma-flat" else []
+    layer_map = [(Convolution, Gamma(gamma=GAMMA))] if composite == "epsilon-gamma-flat" else []
     return EpsilonPlusFlat(layer_map=layer_map, canonizers=canonizers)
 
 
@@ -590,12 +591,12 @@ def test_gamma_on_a_depthwise_conv_matches_the_formula() -> None:
     an output with z > 0 shares by its same-sign contributions ``x⁺(w + γw⁺)``, ``x⁻(w + γw⁻)``
     and ``b + γb⁺``; one with z < 0 by the mirror image."""
     g = torch.Generator().manual_seed(0)
-    gamma = rules.GAMMA
+    gamma = GAMMA
     conv = nn.Conv2d(3, 3, 3, padding=1, groups=3).double()
     x = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)
     r = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)
     xs = x.clone().requires_grad_(True)
-    (got,) = torch.autograd.grad(rules.GammaConv(conv)(xs), xs, r)
+    (got,) = torch.autograd.grad(GammaConv(conv)(xs), xs, r)
     want = torch.zeros_like(x)
     xp = nn.functional.pad(x, (1, 1, 1, 1))
     signs = set()
