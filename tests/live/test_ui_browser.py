@@ -181,6 +181,17 @@ def test_reviewer_resolves_a_flag_in_the_browser(
     page.select_option("#filters select[name=concept]", concept)
     page.click("#filters button[type=submit]")
     row = page.locator("#queue-rows tr", has_text=request_id)
+    # Open flags come oldest first, 25 a page: earlier live tests (the fuzzer's audits) may have
+    # left older open flags of the concept, so page on until this run's flag shows.
+    page.wait_for_function(
+        "document.getElementById('queue-counts').textContent.includes('match these filters')"
+    )
+    for _ in range(40):
+        if row.count():
+            break
+        before = page.text_content("#page-info")
+        page.click("#next")
+        page.wait_for_function("t => document.getElementById('page-info').textContent !== t", arg=before)
     row.wait_for()
     assert "match these filters" in page.text_content("#queue-counts")
     _shot(page, "ui-queue.png", tmp_path)
