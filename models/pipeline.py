@@ -47,7 +47,7 @@ import torch
 
 from medaudit.models.acceptance import acceptance as acceptance
 from medaudit.models.acceptance import best_version, comparison_report, rank_versions, victim_class
-from medaudit.models.banks import fit_banks, load_banks, save_banks
+from medaudit.models.banks import Banks, fit_banks, load_banks, save_banks
 from medaudit.models.build_data import BuildData, build_data
 from medaudit.models.cards import CARD_JSON, ModelCard
 from medaudit.models.corrections import CORRECTIONS, Correction, CorrectionData, FinetuneConfig
@@ -335,18 +335,25 @@ def build(
     # 2. concept banks on the original model
     t0 = time.perf_counter()
     concepts = list(data.train_membership())
-    bank_key = stage_key(
-        "banks", weights_sha, data.key(), layer, cfg.artifact, scope, concepts, cfg.seed, cfg.target_fpr,
-        cav_data,
-    )  # fmt: skip
-    bank_dir = model_dir / "banks" / bank_key
-    banks = load_banks(bank_dir)
-    if banks is None:
-        banks = fit_banks(
-            model, mcfg, data, layer, Xtr, ytr, artifact=cfg.artifact, scope=scope, cav_data=cav_data,
-            base_tag=base_tag, seed=cfg.seed, target_fpr=cfg.target_fpr, log=log,
+
+    def bank_stage(at: str, *extra: str, detection: bool = True) -> tuple[Banks, str, Path]:
+        """The banks fitted at ``at`` on the original model: loaded when its stage key matches,
+        else fitted and saved."""
+        key = stage_key(
+            "banks", weights_sha, data.key(), at, cfg.artifact, scope, concepts, cfg.seed, cfg.target_fpr,
+            cav_data, *extra,
         )  # fmt: skip
-        save_banks(banks, bank_dir, {"key": bank_key, "layer": layer, "scope": scope, "concepts": concepts})
+        bdir = model_dir / "banks" / key
+        fitted = load_banks(bdir)
+        if fitted is None:
+            fitted = fit_banks(
+                model, mcfg, data, at, Xtr, ytr, artifact=cfg.artifact, scope=scope, cav_data=cav_data,
+                base_tag=base_tag, seed=cfg.seed, target_fpr=cfg.target_fpr, log=log, detection=detection,
+            )  # fmt: skip
+            save_banks(fitted, bdir, {"key": key, "layer": at, "scope": scope, "concepts": concepts})
+        return fitted, key, bdir
+
+    banks, bank_key, bank_dir = bank_stage(layer)
     stages.append(StageRun("banks", bank_key, banks.reused, _since(t0)))
     log(f"banks: {'reused' if banks.reused else 'fitted'} at {layer} ({bank_dir})")
 
@@ -381,18 +388,7 @@ def build(
     layer_data = {layer: (corr_data, bank_key)}
     for other in dict.fromkeys(s.layer for s in plan.values() if s.layer != layer):
         t0 = time.perf_counter()
-        okey = stage_key(
-            "banks", weights_sha, data.key(), other, cfg.artifact, scope, concepts, cfg.seed, cfg.target_fpr,
-            cav_data, "correction only",
-        )  # fmt: skip
-        odir = model_dir / "banks" / okey
-        ob = load_banks(odir)
-        if ob is None:
-            ob = fit_banks(
-                model, mcfg, data, other, Xtr, ytr, artifact=cfg.artifact, scope=scope, cav_data=cav_data,
-                base_tag=base_tag, seed=cfg.seed, target_fpr=cfg.target_fpr, log=log, detection=False,
-            )  # fmt: skip
-            save_banks(ob, odir, {"key": okey, "layer": other, "scope": scope, "concepts": concepts})
+        ob, okey, odir = bank_stage(other, "correction only", detection=False)
         layer_data[other] = (
             replace(corr_data, layer=other, cav=ob.cav, mu0=ob.mu0, cav_svm=ob.cav_svm),
             okey,
