@@ -567,23 +567,37 @@ def test_zplus_on_a_depthwise_conv_matches_the_formula() -> None:
     r = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)
     xs = x.clone().requires_grad_(True)
     (got,) = torch.autograd.grad(rules.ZPlusConv(conv)(xs), xs, r)
+
+    def share(patch: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
+        contrib = patch.clamp(min=0) * w.clamp(min=0) + patch.clamp(max=0) * w.clamp(max=0)
+        return contrib * r_out / (contrib.sum() + bias.clamp(min=0) + 1e-6)
+
+    torch.testing.assert_close(got, _depthwise_reference(conv, x, r, share), atol=1e-10, rtol=1e-8)
+
+
+def _depthwise_reference(
+    conv: nn.Conv2d,
+    x: torch.Tensor,
+    r: torch.Tensor,
+    share: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Input relevance of a 3×3 depthwise conv (padding 1), output by output: ``share(patch,
+    weight, bias, R_out)`` is one output's 3×3 relevance shares, summed back onto its inputs."""
     want = torch.zeros_like(x)
     xp = nn.functional.pad(x, (1, 1, 1, 1))
-    for b in range(2):
-        for c in range(3):
+    n, ch, h, wd = x.shape
+    for b in range(n):
+        for c in range(ch):
             w, bias = conv.weight[c, 0], conv.bias[c]
-            for i in range(5):
-                for j in range(5):
-                    patch = xp[b, c, i : i + 3, j : j + 3]
-                    contrib = patch.clamp(min=0) * w.clamp(min=0) + patch.clamp(max=0) * w.clamp(max=0)
-                    z = contrib.sum() + bias.clamp(min=0) + 1e-6
-                    share = contrib * r[b, c, i, j] / z
+            for i in range(h):
+                for j in range(wd):
+                    s = share(xp[b, c, i : i + 3, j : j + 3], w, bias, r[b, c, i, j])
                     for di in range(3):
                         for dj in range(3):
                             ii, jj = i + di - 1, j + dj - 1
-                            if 0 <= ii < 5 and 0 <= jj < 5:
-                                want[b, c, ii, jj] += share[di, dj]
-    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+                            if 0 <= ii < h and 0 <= jj < wd:
+                                want[b, c, ii, jj] += s[di, dj]
+    return want
 
 
 def test_gamma_on_a_depthwise_conv_matches_the_formula() -> None:
@@ -597,30 +611,21 @@ def test_gamma_on_a_depthwise_conv_matches_the_formula() -> None:
     r = torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64)
     xs = x.clone().requires_grad_(True)
     (got,) = torch.autograd.grad(GammaConv(conv)(xs), xs, r)
-    want = torch.zeros_like(x)
-    xp = nn.functional.pad(x, (1, 1, 1, 1))
     signs = set()
-    for b in range(2):
-        for c in range(3):
-            w, bias = conv.weight[c, 0], conv.bias[c]
-            for i in range(5):
-                for j in range(5):
-                    patch = xp[b, c, i : i + 3, j : j + 3]
-                    z = (patch * w).sum() + bias
-                    up, down = w + gamma * w.clamp(min=0), w + gamma * w.clamp(max=0)
-                    if z > 0:
-                        contrib = patch.clamp(min=0) * up + patch.clamp(max=0) * down
-                        denom = contrib.sum() + bias + gamma * bias.clamp(min=0)
-                    else:
-                        contrib = patch.clamp(min=0) * down + patch.clamp(max=0) * up
-                        denom = contrib.sum() + bias + gamma * bias.clamp(max=0)
-                    signs.add(bool(z > 0))
-                    share = contrib * r[b, c, i, j] / (denom + (1e-6 if denom >= 0 else -1e-6))
-                    for di in range(3):
-                        for dj in range(3):
-                            ii, jj = i + di - 1, j + dj - 1
-                            if 0 <= ii < 5 and 0 <= jj < 5:
-                                want[b, c, ii, jj] += share[di, dj]
+
+    def share(patch: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
+        z = (patch * w).sum() + bias
+        up, down = w + gamma * w.clamp(min=0), w + gamma * w.clamp(max=0)
+        if z > 0:
+            contrib = patch.clamp(min=0) * up + patch.clamp(max=0) * down
+            denom = contrib.sum() + bias + gamma * bias.clamp(min=0)
+        else:
+            contrib = patch.clamp(min=0) * down + patch.clamp(max=0) * up
+            denom = contrib.sum() + bias + gamma * bias.clamp(max=0)
+        signs.add(bool(z > 0))
+        return contrib * r_out / (denom + (1e-6 if denom >= 0 else -1e-6))
+
+    want = _depthwise_reference(conv, x, r, share)
     assert signs == {True, False}  # both branches of the rule were exercised
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 
