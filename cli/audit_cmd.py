@@ -195,11 +195,10 @@ def audit(
     from medaudit.models.data.registry import open_dataset
     from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
     from medaudit.models.errors import MedauditError
-    from medaudit.models.pipeline import train_with_hidden_artifact
     from medaudit.models.registry import create_model, load_checkpoint_file
     from medaudit.models.spec import build as build_spec
     from medaudit.models.spec import load_spec
-    from medaudit.models.train import TrainConfig
+    from medaudit.models.train import TrainConfig, train_with_hidden_artifact
 
     if threads:
         torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from medaudit.models.corrections.base import pooled_activations
+from medaudit.models.corrections.base import pooled_activations, pooled_activations_at
 from medaudit.models.errors import ConfigError
 from medaudit.models.train import reusing
 from medaudit.models.xai.concepts import ConceptBank, fit_cav
@@ -64,6 +64,7 @@ def fit_banks(
     target_fpr: float,
     log: Callable[[str], None],
     detection: bool = True,
+    shared: SharedActivations | None = None,
 ) -> Banks:
     """Fits both banks; see the module docstring.
 
@@ -71,16 +72,22 @@ def fit_banks(
     the build layer's detection bank) only the correction bank and gate are fitted, and on
     counterfactual pairs the training split's own activations are not computed either (the pairs
     alone fit them): ``Banks.detection`` is then the correction bank. About half the forwards.
+    With ``shared`` (:class:`SharedActivations` of several layers' stages), φ comes from it, and
+    the training split's rows are read there too since they cost nothing more.
 
     Raises:
         ConfigError: The artifact has no annotated training sample in scope, or none without it.
     """
     log(f"banks: activations of the original model at {layer}")
-    skip_train = not detection and cav_data == "paired"
-    acts = np.zeros((0, 0)) if skip_train else pooled_activations(model, mcfg, layer, Xtr)
+
+    def phi(images: torch.Tensor) -> np.ndarray:
+        return shared(layer, images) if shared else pooled_activations(model, mcfg, layer, images)
+
+    skip_train = not detection and cav_data == "paired" and shared is None
+    acts = np.zeros((0, 0)) if skip_train else phi(Xtr)
     # (images, φ) whose rows later renders of the training split may share
     done: list[tuple[torch.Tensor, np.ndarray]] = [] if skip_train else [(Xtr, acts)]
-    val = pooled_activations(model, mcfg, layer, data.val_clean(artifact))
+    val = phi(data.val_clean(artifact))
     member = data.train_membership()
     prov = {"fitted_on": base_tag, "pooling": "max", "activations": "original model"}
     det: ConceptBank | None = None
@@ -92,7 +99,7 @@ def fit_banks(
     if cav_data == "paired":
         log(f"banks: counterfactual pairs, the training split without and with {artifact}")
         Xc, Xa = data.pairs(artifact)
-        pair_acts = np.concatenate([pooled_reusing(model, mcfg, layer, X, done) for X in (Xc, Xa)])
+        pair_acts = np.concatenate([reusing(X, done, phi) for X in (Xc, Xa)])
         t_pair = np.repeat(np.array([0, 1], np.int64), len(Xc))
         correction = ConceptBank.fit(
             base_tag, layer, pair_acts, {artifact: t_pair}, val, kind="signal", dataset=data.name,
@@ -118,17 +125,30 @@ def fit_banks(
     return Banks(det or correction, correction, np.asarray(gate, np.float64), reused=False)
 
 
-def pooled_reusing(
-    model: torch.nn.Module,
-    mcfg: Any,
-    layer: str,
-    images: torch.Tensor,
-    done: list[tuple[torch.Tensor, np.ndarray]],
-) -> np.ndarray:
-    """φ of ``images`` through :func:`medaudit.models.train.reusing`: the counterfactual pairs are the
-    training split rendered "clean" and "attacked", and their rows equal to a "ch" row (on the
-    default build 903 + 484 of the 3600 pair rows) reuse its φ."""
-    return reusing(images, done, lambda x: pooled_activations(model, mcfg, layer, x))
+class SharedActivations:
+    """φ of one model at several layers, from one forward per image set (to the deepest layer):
+    the build fits banks at its layer and at each correction's own layer on the same images.
+    ``shared(layer, images)`` computes every layer's φ of ``images`` on first request and keeps
+    them; an equal tensor asked again (the pair renders' unshared rows, once per layer) is served
+    from memory. The rows of the training split shared by the counterfactual pairs are reused as
+    :func:`medaudit.models.train.reusing` does for a single layer (on the default build 903 + 484
+    of the 3600 pair rows)."""
+
+    def __init__(self, model: torch.nn.Module, mcfg: Any, layers: tuple[str, ...]) -> None:
+        self.model, self.mcfg, self.layers = model, mcfg, layers
+        self._seen: list[tuple[torch.Tensor, dict[str, np.ndarray]]] = []
+        self.forwards = 0  # image sets run through the model (tests count them)
+
+    def __call__(self, layer: str, images: torch.Tensor) -> np.ndarray:
+        if layer not in self.layers:
+            raise KeyError(f"{layer!r} is not one of the shared layers {self.layers}")
+        for seen, acts in self._seen:
+            if seen.shape == images.shape and torch.equal(seen, images):
+                return acts[layer]
+        acts = pooled_activations_at(self.model, self.mcfg, self.layers, images)
+        self.forwards += 1
+        self._seen.append((images, acts))
+        return acts[layer]
 
 
 def save_banks(banks: Banks, directory: Path, meta: Mapping[str, Any]) -> None:

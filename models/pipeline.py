@@ -47,7 +47,7 @@ import torch
 
 from medaudit.models.acceptance import acceptance as acceptance
 from medaudit.models.acceptance import best_version, comparison_report, rank_versions, victim_class
-from medaudit.models.banks import Banks, fit_banks, load_banks, save_banks
+from medaudit.models.banks import Banks, SharedActivations, fit_banks, load_banks, save_banks
 from medaudit.models.build_data import BuildData, build_data
 from medaudit.models.cards import CARD_JSON, ModelCard
 from medaudit.models.corrections import CORRECTIONS, Correction, CorrectionData, FinetuneConfig
@@ -57,6 +57,7 @@ from medaudit.models.evaluate import EvalData, EvalSet
 from medaudit.models.registry import ModelCfg
 from medaudit.models.spec import ModelSpec
 from medaudit.models.train import Progress, TrainConfig, sha256_file, train
+from medaudit.models.xai.cav import cv_workers
 from medaudit.models.xai.concepts import ConceptBank
 
 #: Bump when a stage's outputs change meaning, so old outputs are not reused.
@@ -296,9 +297,24 @@ def build(
             artifact is not annotated, RRR without masks, a class in ``cav_scope`` it lacks),
             before anything is built.
     """
-    t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # the CAV fits' regularisation CV on as many processes as torch has threads (liblinear is one
+    # thread; the fits are bit-identical to the serial ones)
+    with cv_workers(torch.get_num_threads()):
+        return _build(cfg, out_dir, progress, log, register=register, unregister=unregister)
+
+
+def _build(
+    cfg: BuildConfig,
+    out_dir: str | Path,
+    progress: Progress | None,
+    log: Callable[[str], None],
+    *,
+    register: Register | None,
+    unregister: Unregister | None,
+) -> BuildResult:
+    t_start = time.perf_counter()
     stages: list[StageRun] = []
     model_dir = Path(out_dir) / cfg.model_name
     cache = model_dir / "cache"
@@ -336,19 +352,40 @@ def build(
     t0 = time.perf_counter()
     concepts = list(data.train_membership())
 
-    def bank_stage(at: str, *extra: str, detection: bool = True) -> tuple[Banks, str, Path]:
+    # the build layer's banks, then the correction CAV, μ0 and gate at every other layer a
+    # correction runs at (detection stays at the build layer: every version keeps the layers up to
+    # it, see correction_plan); the layers still to fit share one forward per image set
+    others = tuple(dict.fromkeys(s.layer for s in plan.values() if s.layer != layer))
+    keys = {
+        at: stage_key(
+            "banks",
+            weights_sha,
+            data.key(),
+            at,
+            cfg.artifact,
+            scope,
+            concepts,
+            cfg.seed,
+            cfg.target_fpr,
+            cav_data,
+            *(() if at == layer else ("correction only",)),
+        )  # fmt: skip
+        for at in (layer, *others)
+    }
+    loaded = {at: load_banks(model_dir / "banks" / key) for at, key in keys.items()}
+    to_fit = tuple(at for at, b in loaded.items() if b is None)
+    shared = SharedActivations(model, mcfg, to_fit) if len(to_fit) > 1 else None
+
+    def bank_stage(at: str) -> tuple[Banks, str, Path]:
         """The banks fitted at ``at`` on the original model: loaded when its stage key matches,
         else fitted and saved."""
-        key = stage_key(
-            "banks", weights_sha, data.key(), at, cfg.artifact, scope, concepts, cfg.seed, cfg.target_fpr,
-            cav_data, *extra,
-        )  # fmt: skip
-        bdir = model_dir / "banks" / key
-        fitted = load_banks(bdir)
+        key, bdir = keys[at], model_dir / "banks" / keys[at]
+        fitted = loaded[at]
         if fitted is None:
             fitted = fit_banks(
                 model, mcfg, data, at, Xtr, ytr, artifact=cfg.artifact, scope=scope, cav_data=cav_data,
-                base_tag=base_tag, seed=cfg.seed, target_fpr=cfg.target_fpr, log=log, detection=detection,
+                base_tag=base_tag, seed=cfg.seed, target_fpr=cfg.target_fpr, log=log,
+                detection=at == layer, shared=shared,
             )  # fmt: skip
             save_banks(fitted, bdir, {"key": key, "layer": at, "scope": scope, "concepts": concepts})
         return fitted, key, bdir
@@ -383,12 +420,11 @@ def build(
         "mask_source": data.mask_source,
     }
 
-    # 3b. the correction CAV, μ0 and gate at every other layer a correction runs at (detection
-    # stays at the build layer: every version keeps the layers up to it, see correction_plan)
+    # 3b. the banks at the corrections' other layers (their φ mostly computed in stage 2)
     layer_data = {layer: (corr_data, bank_key)}
-    for other in dict.fromkeys(s.layer for s in plan.values() if s.layer != layer):
+    for other in others:
         t0 = time.perf_counter()
-        ob, okey, odir = bank_stage(other, "correction only", detection=False)
+        ob, okey, odir = bank_stage(other)
         layer_data[other] = (
             replace(corr_data, layer=other, cav=ob.cav, mu0=ob.mu0, cav_svm=ob.cav_svm),
             okey,
@@ -574,37 +610,6 @@ def _register_all(
             log(f"registration failed; removed {', '.join(created_now) or 'nothing'} again")
         raise
     return registered
-
-
-# --------------------------------------------------------------------------------- planted artifact
-
-
-def hidden_artifact_config(
-    base: TrainConfig, artifact: str = "timestamp", rates: tuple[float, float] = (0.1, 0.0)
-) -> TrainConfig:
-    """``base`` with ``artifact`` planted at ``rates`` (fraction of benign, malignant) in its data.
-
-    The discovery acceptance experiment: train on this, audit without declaring ``artifact`` and
-    count how many top-ranked outliers carry it
-    (:attr:`medaudit.models.audit.results.Discovery.hits`).
-    """
-    return replace(base, data=base.data.with_spec(**{artifact: rates}))
-
-
-def train_with_hidden_artifact(
-    out_dir: str | Path,
-    artifact: str = "timestamp",
-    rates: tuple[float, float] = (0.0, 0.1),
-    base: TrainConfig | None = None,
-    *,
-    cache_dir: str | Path | None = None,
-    progress: Progress | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Trains (or resumes) the acceptance experiment's model: ``base`` (default: the demo config)
-    with ``artifact`` planted at ``rates``; returns its card (see :func:`medaudit.models.train.train`)."""
-    tcfg = hidden_artifact_config(base or TrainConfig(), artifact, rates)
-    return train(tcfg, out_dir, cache_dir=cache_dir, progress=progress, log=log)
 
 
 # --------------------------------------------------------------------------------- stages

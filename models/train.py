@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -359,3 +359,31 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def hidden_artifact_config(
+    base: TrainConfig, artifact: str = "timestamp", rates: tuple[float, float] = (0.1, 0.0)
+) -> TrainConfig:
+    """``base`` with ``artifact`` planted at ``rates`` (fraction of benign, malignant) in its data.
+
+    The discovery acceptance experiment: train on this, audit without declaring ``artifact`` and
+    count how many top-ranked outliers carry it
+    (:attr:`medaudit.models.audit.results.Discovery.hits`).
+    """
+    return replace(base, data=base.data.with_spec(**{artifact: rates}))
+
+
+def train_with_hidden_artifact(
+    out_dir: str | Path,
+    artifact: str = "timestamp",
+    rates: tuple[float, float] = (0.0, 0.1),
+    base: TrainConfig | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Trains (or resumes) the acceptance experiment's model: ``base`` (default: the demo config)
+    with ``artifact`` planted at ``rates``; returns its card (see :func:`medaudit.models.train.train`)."""
+    tcfg = hidden_artifact_config(base or TrainConfig(), artifact, rates)
+    return train(tcfg, out_dir, cache_dir=cache_dir, progress=progress, log=log)

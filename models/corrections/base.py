@@ -187,14 +187,44 @@ def pooled_activations(
     FLOPs). For the registered architectures every hook point runs once per forward, so the
     activation is the one a full forward records.
     """
+    return pooled_activations_at(
+        model, cfg, (layer,), images, batch_size, before_correction=before_correction
+    )[layer]
+
+
+@torch.no_grad()
+def pooled_activations_at(
+    model: nn.Module,
+    cfg: ModelCfg,
+    layers: tuple[str, ...],
+    images: torch.Tensor,
+    batch_size: int = 64,
+    *,
+    before_correction: bool = False,
+) -> dict[str, np.ndarray]:
+    """:func:`pooled_activations` at several hook points from **one** forward per batch, stopped
+    once every one of them is recorded (the build's banks at the build layer and at a correction's
+    own deeper layer cost one forward to the deeper one, not two)."""
     model.eval()
-    out = []
-    with capture(model, cfg, layer, before_correction=before_correction, stop=True) as store:
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    with contextlib.ExitStack() as stack:
+        stores = {
+            name: stack.enter_context(capture(model, cfg, name, before_correction=before_correction))
+            for name in layers
+        }
+
+        def stop_when_all(*_: Any) -> None:  # runs after every capture hook of its module
+            if all("a" in store for store in stores.values()):
+                raise _ForwardStopped
+
+        for name in dict.fromkeys(layers):
+            stack.callback(hook_module(model, cfg, name).register_forward_hook(stop_when_all).remove)
         for i in range(0, len(images), batch_size):
             with contextlib.suppress(_ForwardStopped):
                 model(cfg.normalize(images[i : i + batch_size]))
-            out.append(max_pool_spatial(store.pop("a")).double())
-    return torch.cat(out).numpy()
+            for name, store in stores.items():
+                out[name].append(max_pool_spatial(store.pop("a")).double())
+    return {name: torch.cat(rows).numpy() for name, rows in out.items()}
 
 
 def fit_correction_data(

@@ -8,19 +8,19 @@ builds the concept bank on these.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-import warnings
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast, get_args
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
+from joblib import Parallel, delayed
 from sklearn.model_selection import StratifiedKFold
-from sklearn.svm import LinearSVC
 
 from medaudit.models.errors import ConceptBankError, InvalidArrayError
+from medaudit.models.linear_fits import ESTIMATORS, PATHS, REFITTING, FitFn, ScoreFn, fold_score
 
 CavKind = Literal["signal", "svm", "ridge", "logistic"]
 CAV_KINDS: tuple[str, ...] = get_args(CavKind)
@@ -29,10 +29,27 @@ CAV_KINDS: tuple[str, ...] = get_args(CavKind)
 REG_GRID: tuple[float, ...] = tuple(float(10.0**k) for k in range(-5, 5))
 #: Folds of the CV that picks the regularisation (§1.2: sklearn's default 5-fold stratified CV).
 CV_FOLDS = 5
-#: liblinear's iteration cap; 1000 is LinearSVC's default, which the authors keep (§1.2).
-MAX_ITER = 1000
 #: Fallback regularisation when a class has a single sample and no CV is possible (sklearn's default).
 DEFAULT_REG = 1.0
+#: Smallest activation matrix (N·C entries) whose CV fits go to worker processes under
+#: :func:`cv_workers`; below it a process's start and the copy cost more than the fits.
+PARALLEL_MIN_ENTRIES = 200_000
+
+_CV_WORKERS: contextvars.ContextVar[int] = contextvars.ContextVar("cv_workers", default=1)
+
+
+@contextlib.contextmanager
+def cv_workers(n: int) -> Iterator[None]:
+    """Inside the block, the regularisation CV of svm/logistic CAVs on large activation matrices
+    fits its (fold, C) pairs in ``n`` joblib worker processes. Each fit is a separate liblinear
+    solve seeded as in the serial loop, so the chosen C, the CV score and the CAV are bit-identical
+    to the serial ones (tests/unit/test_cav.py); the build uses it (a liblinear fit is one thread,
+    and the SVM CVs were ~45 s of the demo build's concept banks on 2 cores)."""
+    token = _CV_WORKERS.set(max(1, int(n)))
+    try:
+        yield
+    finally:
+        _CV_WORKERS.reset(token)
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,7 +124,7 @@ def fit_cav(acts: np.ndarray, labels: np.ndarray, kind: str = "svm", seed: int =
         return Cav(v=_unit(w, kind), kind="signal", n_pos=n_pos, n_neg=n_neg)
     weights = balanced_weights(t)
     n_folds = min(CV_FOLDS, n_pos, n_neg)
-    fit_one, score_one = _ESTIMATORS[kind]
+    fit_one, score_one = ESTIMATORS[kind]
     if n_folds >= 2:
         reg, cv_score = _choose_reg(x, t, weights, n_folds, seed, fit_one, score_one)
     else:
@@ -157,11 +174,6 @@ def _unit(w: np.ndarray, kind: str) -> np.ndarray:
     return v
 
 
-FitFn = Callable[[np.ndarray, np.ndarray, np.ndarray, float], tuple[np.ndarray, bool]]
-ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
-PathFn = Callable[[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]], list[np.ndarray]]
-
-
 def _choose_reg(
     x: np.ndarray,
     t: np.ndarray,
@@ -172,89 +184,23 @@ def _choose_reg(
     score_one: ScoreFn,
 ) -> tuple[float, float]:
     """Grid search over :data:`REG_GRID`; ties go to the smaller value, as in GridSearchCV."""
-    splits = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, t)
+    splits = list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(x, t))
     scores = np.zeros((n_folds, len(REG_GRID)))
-    for i, (tr, va) in enumerate(splits):
-        path = _PATHS[fit_one](x[tr], t[tr], w[tr], REG_GRID)
-        scores[i] = [score_one(coef, x[va], t[va]) for coef in path]
+    workers = _CV_WORKERS.get()
+    if workers > 1 and fit_one in REFITTING and x.size >= PARALLEL_MIN_ENTRIES:
+        jobs = [(i, j) for i in range(n_folds) for j in range(len(REG_GRID))]
+        # large C first: their solves run to the iteration cap, so they set the critical path
+        jobs.sort(key=lambda ij: -ij[1])
+        got = Parallel(n_jobs=workers, max_nbytes="1M")(
+            delayed(fold_score)(x, t, w, splits[i][0], splits[i][1], REG_GRID[j], fit_one, score_one)
+            for i, j in jobs
+        )
+        for (i, j), score in zip(jobs, got, strict=True):
+            scores[i, j] = score
+    else:
+        for i, (tr, va) in enumerate(splits):
+            path = PATHS[fit_one](x[tr], t[tr], w[tr], REG_GRID)
+            scores[i] = [score_one(coef, x[va], t[va]) for coef in path]
     means = scores.mean(axis=0)
     best = int(np.argmax(means))
     return REG_GRID[best], float(means[best])
-
-
-def _path_by_refitting(fit_one: FitFn) -> PathFn:
-    def path(x: np.ndarray, t: np.ndarray, w: np.ndarray, regs: tuple[float, ...]) -> list[np.ndarray]:
-        return [fit_one(x, t, w, reg)[0] for reg in regs]
-
-    return path
-
-
-def _fit_svm(x: np.ndarray, t: np.ndarray, w: np.ndarray, reg: float) -> tuple[np.ndarray, bool]:
-    svc = LinearSVC(C=reg, dual=True, random_state=0, max_iter=MAX_ITER)
-    # liblinear stops at MAX_ITER for large C on non-separable data, as in the authors' code (§1.2);
-    # the CV picks among the resulting solutions, and `converged` records it for the final fit.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        svc.fit(x, t, sample_weight=w)
-    return _coef_with_intercept(svc), int(np.max(svc.n_iter_)) < MAX_ITER
-
-
-def _fit_logistic(x: np.ndarray, t: np.ndarray, w: np.ndarray, reg: float) -> tuple[np.ndarray, bool]:
-    lr = LogisticRegression(C=reg, solver="liblinear", max_iter=MAX_ITER)
-    # Same reasoning as _fit_svm: a capped solve is a usable direction, and is recorded.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        lr.fit(x, 2 * t - 1, sample_weight=w)
-    return _coef_with_intercept(lr), int(np.max(lr.n_iter_)) < MAX_ITER
-
-
-def _coef_with_intercept(model: Any) -> np.ndarray:
-    # Keep the intercept for CV scoring only; the CAV itself drops it (§1.2).
-    return np.append(np.ravel(model.coef_), np.ravel(model.intercept_)[0])
-
-
-def _fit_ridge(x: np.ndarray, t: np.ndarray, w: np.ndarray, reg: float) -> tuple[np.ndarray, bool]:
-    """Weighted ridge onto 2t−1 with an unpenalised intercept, in closed form."""
-    return _ridge_path(x, t, w, (reg,))[0], True
-
-
-def _ridge_path(x: np.ndarray, t: np.ndarray, w: np.ndarray, regs: tuple[float, ...]) -> list[np.ndarray]:
-    """Ridge solutions for every α from one eigendecomposition of the weighted, centred Gram matrix.
-
-    Minimises Σ w_n (y_n − x_n·β − b)² + α‖β‖² (sklearn ``Ridge(fit_intercept=True)`` with
-    ``sample_weight``): centre with weighted means, then β(α) = Q diag(1/(λ+α)) Qᵀ Xcᵀ W yc.
-    """
-    y = 2.0 * t - 1.0
-    ws = w / w.sum()
-    x_mean, y_mean = ws @ x, float(ws @ y)
-    xcw = (x - x_mean) * w[:, None]
-    lam, q = np.linalg.eigh(xcw.T @ (x - x_mean))
-    qb = q.T @ (xcw.T @ (y - y_mean))
-    out = []
-    for reg in regs:
-        coef = q @ (qb / (np.maximum(lam, 0.0) + reg))
-        out.append(np.append(coef, y_mean - x_mean @ coef))
-    return out
-
-
-def _accuracy(coef: np.ndarray, x: np.ndarray, t: np.ndarray) -> float:
-    return float(np.mean((x @ coef[:-1] + coef[-1] > 0) == (t == 1)))
-
-
-def _r2(coef: np.ndarray, x: np.ndarray, t: np.ndarray) -> float:
-    y = 2.0 * t - 1.0
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
-    ss_res = float(np.sum((y - x @ coef[:-1] - coef[-1]) ** 2))
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
-
-
-_ESTIMATORS: dict[str, tuple[FitFn, ScoreFn]] = {
-    "svm": (_fit_svm, _accuracy),
-    "ridge": (_fit_ridge, _r2),
-    "logistic": (_fit_logistic, _accuracy),
-}
-_PATHS: dict[FitFn, PathFn] = {
-    _fit_svm: _path_by_refitting(_fit_svm),
-    _fit_ridge: _ridge_path,
-    _fit_logistic: _path_by_refitting(_fit_logistic),
-}

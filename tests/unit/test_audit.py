@@ -27,9 +27,8 @@ from medaudit.models.audit import (
 from medaudit.models.data.folder import FolderDataset
 from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 from medaudit.models.errors import ConfigError
-from medaudit.models.pipeline import hidden_artifact_config, train_with_hidden_artifact
 from medaudit.models.registry import create_model
-from medaudit.models.train import TrainConfig
+from medaudit.models.train import TrainConfig, hidden_artifact_config, train_with_hidden_artifact
 from medaudit.models.xai.localize import iou
 
 DECLARED = ("band_aid", "ruler")

@@ -92,14 +92,37 @@ def test_cav_separates_a_linear_concept_on_held_out_data(kind: str) -> None:
 
 
 def test_ridge_matches_sklearn_weighted_ridge() -> None:
-    from medaudit.models.xai.cav import _fit_ridge
+    from medaudit.models.linear_fits import fit_ridge
 
     x, t = _concept_data(120, seed=7)
     x64, w = x.astype(np.float64), balanced_weights(t)
-    coef, _ = _fit_ridge(x64, t, w, 0.1)
+    coef, _ = fit_ridge(x64, t, w, 0.1)
     ref = Ridge(alpha=0.1, fit_intercept=True).fit(x64, 2 * t - 1, sample_weight=w)
     np.testing.assert_allclose(coef[:-1], ref.coef_, rtol=1e-7, atol=1e-9)
     assert coef[-1] == pytest.approx(ref.intercept_, rel=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["svm", "logistic"])
+def test_parallel_cv_is_bit_identical_to_the_serial_cv(kind: str, monkeypatch) -> None:
+    """Under cv_workers(2) the (fold, C) fits run in worker processes; the chosen C, the CV score
+    and the CAV equal the serial loop's exactly."""
+    import medaudit.models.xai.cav as cav_mod
+
+    x, t = _concept_data(600, seed=5, strength=0.4)  # overlapping: large C stops at the cap
+    serial = fit_cav(x, t, kind=kind, seed=3)
+    monkeypatch.setattr(cav_mod, "PARALLEL_MIN_ENTRIES", 0)  # a small matrix goes to the workers too
+    calls = []
+    real = cav_mod.fold_score
+    monkeypatch.setattr(cav_mod, "fold_score", lambda *a: calls.append(1) or real(*a))
+    with cav_mod.cv_workers(2):
+        parallel = fit_cav(x, t, kind=kind, seed=3)
+    assert not calls  # the cells were computed in the workers (each has its own module)
+    assert parallel.reg == serial.reg and parallel.cv_score == serial.cv_score
+    np.testing.assert_array_equal(parallel.v, serial.v)
+    with cav_mod.cv_workers(2):
+        monkeypatch.setattr(cav_mod, "PARALLEL_MIN_ENTRIES", x.size + 1)
+        fit_cav(x, t, kind=kind, seed=3)  # too small: the serial loop
+    assert cav_mod._CV_WORKERS.get() == 1
 
 
 def test_balanced_weights_give_minority_one_and_majority_ratio() -> None:

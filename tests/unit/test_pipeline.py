@@ -207,9 +207,7 @@ def test_fit_banks_forwards_rows_shared_with_the_ch_render_once(tmp_path, monkey
 
     reused = fit()
     n_reused = list(forwarded)
-    monkeypatch.setattr(
-        banks, "pooled_reusing", lambda m, c, layer, images, _done: counting(m, c, layer, images)
-    )
+    monkeypatch.setattr(banks, "reusing", lambda images, _done, compute: compute(images))
     full = fit()
     n = len(tr_idx)
     arts = np.stack([ds.membership[a][tr_idx] for a in ds.membership])
@@ -235,6 +233,56 @@ def test_fit_banks_forwards_rows_shared_with_the_ch_render_once(tmp_path, monkey
                 np.testing.assert_allclose(getattr(a[c], f), getattr(b[c], f), rtol=1e-9, atol=1e-9)
             np.testing.assert_allclose(a[c].cav.v, b[c].cav.v, rtol=0, atol=1e-6)
     np.testing.assert_allclose(reused.cav_svm, full.cav_svm, rtol=0, atol=1e-6)
+
+
+def test_banks_at_two_layers_share_one_forward_per_image_set(tmp_path) -> None:
+    """The build's banks at its layer and at the ClArC corrections' deeper layer come from one
+    forward per image set (training split, clean validation, the pair renders' unshared rows), and
+    equal the banks each layer's own forwards fit."""
+    import numpy as np
+    import torch
+
+    import medaudit.models.banks as banks
+    from medaudit.models.build_data import SynthDermData
+    from medaudit.models.corrections.base import pooled_activations
+    from medaudit.models.registry import create_model
+    from medaudit.models.train import render_split
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model, mcfg = create_model("resnet18", img_size=32)
+    data = SynthDermData(cfg.train.data, tmp_path)
+    Xtr, ytr = render_split(data.ds, "train", cache_dir=tmp_path)
+    layers = ("identity_2", "last_conv")
+    shared = banks.SharedActivations(model, mcfg, layers)
+    both = {
+        at: pooled_activations(model, mcfg, at, Xtr[:10]) for at in layers
+    }  # one layer per forward, stopped at it
+    for at in layers:
+        np.testing.assert_array_equal(shared(at, Xtr[:10]), both[at])
+    assert shared.forwards == 1
+    with pytest.raises(KeyError, match="identity_1"):
+        shared("identity_1", Xtr[:10])
+
+    def fit(at: str, detection: bool, via: banks.SharedActivations | None) -> banks.Banks:
+        return banks.fit_banks(
+            model, mcfg, data, at, Xtr, ytr, artifact=cfg.artifact, scope=(0,), cav_data="paired",
+            base_tag="t:vanilla", seed=cfg.seed, target_fpr=cfg.target_fpr, log=lambda _s: None,
+            detection=detection, shared=via,
+        )  # fmt: skip
+
+    shared = banks.SharedActivations(model, mcfg, layers)
+    got = [fit("identity_2", True, shared), fit("last_conv", False, shared)]
+    assert shared.forwards == 4  # train, clean validation, the two renders' unshared rows
+    want = [fit("identity_2", True, None), fit("last_conv", False, None)]
+    for a, b in zip(got, want, strict=True):
+        for name in ("detection", "correction"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.concepts == y.concepts and x.layer == y.layer
+            for c in x:
+                np.testing.assert_allclose(x[c].mu0, y[c].mu0, rtol=1e-9, atol=1e-9)
+                np.testing.assert_allclose(x[c].cav.v, y[c].cav.v, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a.cav_svm, b.cav_svm, rtol=0, atol=1e-6)
 
 
 def test_the_victim_is_the_class_the_attack_costs_vanilla_most() -> None:
