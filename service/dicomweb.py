@@ -15,6 +15,8 @@
 
 ``?frames=first`` (default), ``all`` (up to ``MEDAUDIT_DICOM_MAX_FRAMES``) or ``1,3`` picks the
 frames of a multi-frame instance to audit; every frame of one instance is audited by one version.
+DICOM out is always the full audit: ``/audit?detail=scores`` (a screen, no heatmap or masks) asking
+for DICOM is a 406 naming the choice.
 
 No patient identifier leaves the instance: none is logged, used as a metric label, put in an error
 body or in a flag. Without ``X-Subject-Key``, an instance is routed by a keyed hash of its Patient
@@ -242,6 +244,12 @@ async def audit_response(svc: Any, ctx: Any, image: bytes) -> Response:
             raise NotAcceptableError(
                 "an audit creates up to three DICOM instances: ask for "
                 'Accept: multipart/related; type="application/dicom"'
+            )
+        detail = ctx.request.query_params.get("detail", "full")
+        if detail != "full":  # a screen has no heatmap or masks: no SEG or Parametric Map to write
+            raise NotAcceptableError(
+                f"DICOM output is the full audit (SEG, Parametric Map, SR); detail={detail!r} "
+                "is answered in JSON only: drop detail or ask for Accept: application/json"
             )
         if detect_format(bytes(image[:132])) != "dicom":
             raise NotAcceptableError(

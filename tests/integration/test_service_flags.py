@@ -285,6 +285,10 @@ def test_dicom_answers_refuse_what_they_cannot_give(client) -> None:
     assert r.status_code == 400 and r.json()["error"] == "invalid_upload"
     r = client.post("/audit?frames=0", content=tdicom.source("multiframe"), headers={"Accept": DICOM_PARTS})
     assert r.status_code == 422 and r.json()["error"] == "invalid_parameter"
+    r = client.post("/audit?detail=scores", content=src, headers={"Accept": DICOM_PARTS})
+    assert r.status_code == 406 and "detail='scores'" in r.json()["detail"]
+    r = client.post("/audit?detail=scores", content=src)  # the same screen in JSON is answered
+    assert r.status_code == 200 and r.json()["detail"] == "scores"
 
 
 def test_cli_dicom_out_writes_the_objects(client, tmp_path: Path, monkeypatch) -> None:
