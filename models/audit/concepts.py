@@ -129,6 +129,8 @@ def audit_concept(
     todo = list(dict.fromkeys([*(int(i) for i in carriers), *gallery_idx]))
     target = ConceptTarget(ln, torch.tensor(np.asarray(entry.v), dtype=torch.float32))
     ious, rhos, gallery = [], [], {}
+    iou_idx: list[int] = []
+    pred_masks: dict[int, np.ndarray] = {}
     adv = progress(f"localize {name}", len(todo)) if progress and todo else None
     carrier_set = set(int(i) for i in carriers)
     for b0 in range(0, len(todo), opts.batch_size):
@@ -145,6 +147,8 @@ def audit_concept(
                 if i in carrier_set:
                     ious.append(score_iou)
                     rhos.append(artifact_relevance_rho(h, gt))
+                    iou_idx.append(i)
+                    pred_masks[i] = mask
             if i in gallery_idx:
                 gallery[i] = LocalizedSample(
                     index=i,
@@ -174,4 +178,6 @@ def audit_concept(
         n_localized=len(ious),
         gallery=tuple(gallery[i] for i in gallery_idx if i in gallery),
         note="; ".join(notes),
+        iou_indices=np.asarray(iou_idx, dtype=np.int64),
+        pred_masks=pred_masks,
     )

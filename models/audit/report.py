@@ -24,11 +24,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medaudit.models.audit.results import AuditReport, ConceptAudit, LocalizedSample, Outlier, write_metrics
+from medaudit.models.audit.results import (
+    AuditReport,
+    ConceptAudit,
+    LocalizedSample,
+    Outlier,
+    StyleExample,
+    StyleRow,
+    write_metrics,
+)
 
 #: Quality targets of an audit (retrieval AUROC, localization IoU, discovery hit rate); shown next
 #: to the measured values, never used to alter anything.
 TARGET_AUROC, TARGET_IOU, TARGET_DISCOVERY = 0.95, 0.5, 0.5
+#: Per-style targets (issue 23): detection at the bank's FPR on unseen styles, and the most
+#: another concept may fire on them.
+TARGET_DETECTION, MAX_CONFUSION = 0.9, 0.10
 PRED_COLOUR = (255, 215, 0)  # predicted mask contour
 GT_COLOUR = (0, 230, 64)  # ground-truth contour
 _CSS = """
@@ -241,6 +252,65 @@ def _concept_section(c: ConceptAudit) -> str:
     return "".join(parts)
 
 
+def _style_card(e: StyleExample, concept: str) -> str:
+    f = _scale_for(e.image.shape[0])
+    img = draw_contours(e.image, e.pred_mask, e.gt_mask, f)
+    state = "present" if e.present else "not present"
+    return (
+        f'<div class="card">{_img(png_data_uri(img), f"{concept} style image {e.index}")}'
+        f"id {e.index} · {state} · IoU {_fmt(e.iou)}</div>"
+    )
+
+
+def _style_row(r: StyleRow) -> str:
+    conf = (
+        "–"
+        if r.confusion is None
+        else f'<span class="{"ok" if r.confusion <= MAX_CONFUSION else "miss"}">{r.confusion:.3f}</span>'
+    )
+    others = ", ".join(f"{_e(b)} {v:.2f}" for b, v in r.other_present.items() if v > 0) or "–"
+    return (
+        f"<tr><td>{_e(r.style)}</td><td>{'seen' if r.seen else 'unseen'}</td>"
+        f"<td>{_e(', '.join(r.splits))}</td><td>{r.n}</td><td>{_mark(r.detection, TARGET_DETECTION)}</td>"
+        f"<td>{_mark(r.auroc, TARGET_AUROC)}</td>"
+        f"<td>{_mark(r.iou_mean, TARGET_IOU)} ({r.n_localized})</td><td>{conf}</td><td>{others}</td></tr>"
+    )
+
+
+def _styles_section(report: AuditReport) -> str:
+    st = report.styles
+    if st is None:
+        return ""
+    parts = [
+        "<h2>Concepts per artifact style: seen and unseen</h2>",
+        "<p>Held-out test images carrying each concept's artifact, per style. <i>Seen</i>: the "
+        "training split has the style (the model and the CAV saw it); <i>unseen</i>: it does not. "
+        f"Detection: concept present at the bank's FPR (target ≥ {TARGET_DETECTION}); AUROC against "
+        f"every held-out image without the artifact; IoU over the localized ones (count in brackets); "
+        f"confusion: another concept present whose artifact the image lacks (≤ {MAX_CONFUSION}). "
+        "Contours: ground truth green, predicted mask yellow.</p>",
+        f"<p>Clean held-out images (no annotated artifact, n = {st.n_clean}): any concept present on "
+        f"{_fmt(st.clean_any_present)}.</p>",
+    ]
+    if st.note:
+        parts.append(f'<p class="muted">{_e(st.note)}</p>')
+    head = (
+        "<tr><th>style</th><th>seen</th><th>splits</th><th>n</th><th>detection</th><th>AUROC</th>"
+        "<th>mean IoU (n)</th><th>confusion</th><th>other concepts present</th></tr>"
+    )
+    for concept, rows in st.rows.items():
+        groups = "".join(_style_row(r) for r in st.groups[concept].values())
+        parts.append(
+            f'<h3 id="styles-{_e(concept)}">{_e(concept)} by style</h3>'
+            f"<table>{head}{groups}{''.join(_style_row(r) for r in rows)}</table>"
+        )
+        for r in rows:
+            if r.gallery:
+                cards = "".join(_style_card(e, concept) for e in r.gallery)
+                parts.append(f'<p class="muted">{_e(r.style)}</p><div class="row">{cards}</div>')
+    return "".join(parts)
+
+
 def _outlier_card(o: Outlier, labels: Sequence[str], undeclared: set[str]) -> str:
     f = _scale_for(o.image.shape[0])
     hidden = [a for a in o.artifacts if a in undeclared]
@@ -331,6 +401,7 @@ def render_html(report: AuditReport, title: str | None = None) -> str:
         "training samples the CAV was fitted on and is optimistic (method.md §1.5).</p>",
         _summary_table(report),
         *(_concept_section(c) for c in report.concepts.values()),
+        _styles_section(report),
         _discovery_section(report),
     ]
     return (

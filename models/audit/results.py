@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -89,6 +89,10 @@ class ConceptAudit:
     n_localized: int
     gallery: tuple[LocalizedSample, ...]
     note: str = ""
+    #: Dataset index of each ``iou`` entry, and the binarised localization of each (per-style
+    #: metrics and galleries read them).
+    iou_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pred_masks: Mapping[int, np.ndarray] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         loc: dict[str, Any] | None = None
@@ -169,6 +173,116 @@ class Discovery:
 
 
 @dataclass(frozen=True, eq=False)
+class StyleExample:
+    """One held-out image of one artifact style, for the report's per-style gallery.
+
+    Attributes:
+        index: Dataset index.
+        image: H×W×3 uint8 as the model saw it.
+        gt_mask: The artifact's ground-truth mask.
+        pred_mask: The binarised CAV-conditioned localization, when the image was localized.
+        score: s(x) = ⟨φ(x), v⟩.
+        present: Whether the score passes the bank's presence threshold.
+        iou: IoU(pred, gt) when localized.
+    """
+
+    index: int
+    image: np.ndarray
+    gt_mask: np.ndarray | None
+    pred_mask: np.ndarray | None
+    score: float
+    present: bool
+    iou: float | None
+
+
+@dataclass(frozen=True, eq=False)
+class StyleRow:
+    """A concept's metrics on the held-out images of one artifact style (or a group of styles).
+
+    Attributes:
+        concept: The concept (artifact).
+        style: ``artifact/style``, or ``seen`` / ``unseen`` for a group.
+        seen: Whether the style occurs in the training split (the model and the CAV saw it).
+        splits: The dataset splits whose images carry the style.
+        n: Held-out test images in the concept's scope carrying the artifact in this style.
+        detection: Share of them where the concept is present at the bank's FPR.
+        auroc: AUROC of their scores against every held-out image in scope without the artifact.
+        n_localized: How many of them were localized (the audit's ``max_localize`` subset).
+        iou_mean: Mean localization IoU over those.
+        confusion: Share where another declared concept is present whose artifact the image
+            does not carry.
+        other_present: The same per other concept.
+        gallery: A few of the images with their masks.
+    """
+
+    concept: str
+    style: str
+    seen: bool
+    splits: tuple[str, ...]
+    n: int
+    detection: float | None
+    auroc: float | None
+    n_localized: int
+    iou_mean: float | None
+    confusion: float | None
+    other_present: Mapping[str, float]
+    gallery: tuple[StyleExample, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "style": self.style,
+            "seen": self.seen,
+            "splits": list(self.splits),
+            "n": self.n,
+            "detection": self.detection,
+            "auroc": self.auroc,
+            "n_localized": self.n_localized,
+            "iou_mean": self.iou_mean,
+            "confusion": self.confusion,
+            "other_present": dict(self.other_present),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class StyleAudit:
+    """Per-concept metrics per artifact style, seen against unseen (datasets that record styles).
+
+    Attributes:
+        groups: Per concept, the ``seen`` and ``unseen`` rows over all their styles' images.
+        rows: Per concept, one row per style among its held-out carriers.
+        clean_any_present: Share of held-out images carrying no annotated artifact on which any
+            declared concept is present.
+        clean_present: The same per concept.
+        n_clean: Those images.
+        note: What was left out.
+    """
+
+    groups: Mapping[str, Mapping[str, StyleRow]]
+    rows: Mapping[str, tuple[StyleRow, ...]]
+    clean_any_present: float | None
+    clean_present: Mapping[str, float]
+    n_clean: int
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "per_concept": {
+                c: {
+                    **{g: r.as_dict() for g, r in self.groups[c].items()},
+                    "per_style": [r.as_dict() for r in self.rows[c]],
+                }
+                for c in self.rows
+            },
+            "clean": {
+                "n": self.n_clean,
+                "any_present": self.clean_any_present,
+                "present": dict(self.clean_present),
+            },
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True, eq=False)
 class AuditReport:
     """What :func:`~medaudit.models.audit.run.run_audit` returns; :meth:`to_json` is ``metrics.json``.
 
@@ -188,6 +302,9 @@ class AuditReport:
         notes: Subsampling, skipped parts and other caveats, for the report.
         dataset_config: The dataset's generator config (``AnnotatedDataset.config``), None for
             data read from disk.
+        styles: Per-style concept metrics, seen against unseen, where the dataset records each
+            image's artifact styles (a styled synthderm); None otherwise, and ``metrics.json``
+            then has no ``styles`` key.
     """
 
     model_version: str
@@ -204,6 +321,7 @@ class AuditReport:
     timings: Mapping[str, float]
     notes: tuple[str, ...] = ()
     dataset_config: Mapping[str, Any] | None = None
+    styles: StyleAudit | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = self.discovery
@@ -271,6 +389,8 @@ class AuditReport:
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
             "notes": list(self.notes),
         }
+        if self.styles is not None:  # only datasets that record artifact styles
+            out["styles"] = self.styles.to_dict()
         return cast(dict[str, Any], _finite(out))
 
     def to_json(self) -> str:

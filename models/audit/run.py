@@ -21,6 +21,7 @@ from medaudit.models.audit.discovery import discover
 from medaudit.models.audit.options import SPLITS, AuditOptions, Progress
 from medaudit.models.audit.results import AuditReport, ConceptAudit
 from medaudit.models.audit.sources import AuditSource, choose_samples
+from medaudit.models.audit.styles import style_audit
 from medaudit.models.data.protocol import AnnotatedDataset
 from medaudit.models.errors import ConfigError
 from medaudit.models.registry import ModelCfg
@@ -121,6 +122,12 @@ def run_audit(
             a, banks[concept_layer[a]], scopes[a], col, src, explainer, cfg, opts, progress
         )
     timings["retrieval_localization"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    styles = style_audit(dataset, src, col, concepts, banks, opts)
+    if styles is not None:  # a dataset that records artifact styles (a styled synthderm)
+        timings["styles"] = time.perf_counter() - t0
+        if styles.note:
+            notes.append(styles.note)
     if not src.has_masks:
         notes.append("the dataset has no artifact masks: localization IoU and ρ are not computed")
 
@@ -143,4 +150,5 @@ def run_audit(
         timings=timings,
         notes=tuple(notes),
         dataset_config=dataset.config(),
+        styles=styles,
     )

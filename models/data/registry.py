@@ -1,7 +1,8 @@
 """Open a dataset from one spec string, the form the CLI and configs carry: ``KIND:PATH?OPTIONS``.
 
 ``synthderm`` is the embedded synthetic default (``synthderm?preset=isic_like&size=96`` for its
-three-class form); ``folder:``, ``isic2019:``, ``chexpert:`` and ``classfolders:`` read real data
+three-class form, ``synthderm?styles=split`` for artifacts in style families split by split);
+``folder:``, ``isic2019:``, ``chexpert:`` and ``classfolders:`` read real data
 from disk. Options follow a ``?`` as ``key=value`` pairs joined by ``&``, e.g.
 ``chexpert:/data/chexpert?task=Cardiomegaly&uncertain=zeros`` or
 ``isic2019:/data/isic?classes=NV,MEL,BCC&annotations=review/artifacts.csv``. A relative path in
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from medaudit.models.data.artifact_styles import STYLE_MODES
 from medaudit.models.data.chexpert import CheXpert
 from medaudit.models.data.classfolders import ClassFolders
 from medaudit.models.data.folder import FolderDataset, ImageDataset
@@ -75,10 +77,12 @@ OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
         "labels": _list,
     },
     "classfolders": {**_COMMON, "level": _text, "classes": _list, "groups": _text},
-    # n_train/n_val/n_test: a smaller (or larger) synthderm for a quick try or a test
+    # n_train/n_val/n_test: a smaller (or larger) synthderm for a quick try or a test; styles:
+    # artifact style families (house, split, all; models/data/artifact_styles.py)
     "synthderm": {
         **{k: _int for k in ("size", "seed", "n_train", "n_val", "n_test")},
         "preset": _text,
+        "styles": _text,
     },
 }
 _CLASSES: dict[str, Callable[..., ImageDataset]] = {
@@ -159,4 +163,8 @@ def _synthderm(spec: str, options: dict[str, Any]) -> SynthDerm:
     preset = options.pop("preset", "binary")
     if preset not in PRESETS:
         raise DatasetError(f"dataset spec {spec!r}: preset {preset!r}; valid: {', '.join(PRESETS)}")
+    if options.get("styles", "house") not in STYLE_MODES:
+        raise DatasetError(
+            f"dataset spec {spec!r}: styles {options['styles']!r}; valid: {', '.join(STYLE_MODES)}"
+        )
     return SynthDerm(SynthDermConfig.preset(preset, **options))

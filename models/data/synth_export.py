@@ -3,7 +3,8 @@ shortcut is known: the folder + labels CSV layout, ISIC 2019 as published, and C
 with patient folders.
 
 Every export writes the images, ``artifacts.csv`` (``image,artifacts``) and ``synthderm.json`` (the
-generator config, the layout and the spec that opens it). Masks (``masks/<artifact>/<key>.png``,
+generator config, the layout and the spec that opens it); a styled synthderm (``styles=split``)
+also ``artifact_styles.json``, each image's ``{artifact: style}``. Masks (``masks/<artifact>/<key>.png``,
 :mod:`~medaudit.models.data.masks`) go beside the data, or to ``mask_dir`` to hold them back (the
 hospital case: annotations only, true masks kept to score derived ones), or nowhere.
 """
@@ -34,6 +35,8 @@ ISIC_IMAGE_DIR = "ISIC_2019_Training_Input"
 CHEXPERT_PREFIX = "CheXpert-v1.0-small"
 _SITES = ("anterior torso", "posterior torso", "upper extremity", "lower extremity", "head/neck")
 Progress = Callable[[int], None] | None
+#: A styled synthderm's ``{image id: {artifact: style}}`` (``styles=split``; docs/data.md).
+STYLES_FILE = "artifact_styles.json"
 
 
 def export(
@@ -84,6 +87,9 @@ def export(
         if progress is not None:
             progress(1)
     write_annotations(root / "artifacts.csv", names.ids, carriers)
+    if ds.styled:  # each image's artifact styles, beside its annotations
+        styles = {names.ids[i]: dict(st) for i, st in enumerate(_styles_of(ds, variant, attack)) if st}
+        (root / STYLES_FILE).write_text(json.dumps(styles, indent=1))
     _tables(ds, root, layout, names)
     meta = {"layout": layout, "variant": variant, "open_with": names.spec(root), **ds.cfg.to_dict()}
     meta["masks"] = "none" if store is None else str(store.root)
@@ -99,6 +105,11 @@ class _Names:
 
     def spec(self, root: Path) -> str:
         return self._spec.format(root=root.resolve())
+
+
+def _styles_of(ds: SynthDerm, variant: str, attack: str) -> list[dict[str, str]]:
+    """Per image, ``{artifact: style}`` of the artifacts ``variant`` draws on it."""
+    return [{a: ds.style_of(i, a) for a in ds.artifacts_of(i, variant, attack)} for i in range(len(ds))]
 
 
 def _names(ds: SynthDerm, layout: str) -> _Names:

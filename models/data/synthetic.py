@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from medaudit.models.data import artifact_styles as _styles
 from medaudit.models.data import artifacts as _artifacts
 from medaudit.models.data.synth_lesions import BCC_SEVERITY_AB, draw_vascular
 from medaudit.models.errors import ConfigError, DatasetError
@@ -112,6 +113,13 @@ class SynthDermConfig:
     #: (min, max) photographs per lesion, drawn uniformly; the photographs of a lesion share its
     #: look and class and lie in one split. (1, 1): every image its own lesion.
     images_per_lesion: tuple[int, int] = (1, 1)
+    #: Artifact looks (:mod:`~medaudit.models.data.artifact_styles`): ``"house"``, one look per
+    #: artifact (the bytes synthderm always drew); ``"split"``, style families with some styles
+    #: only in train, val or test (``style_split``); ``"all"``, every style in every split.
+    styles: str = "house"
+    #: ``{artifact: {"shared" | "train" | "val" | "test": (style, ...)}}`` for ``styles="split"``;
+    #: empty: :data:`~medaudit.models.data.artifact_styles.DEFAULT_STYLE_SPLIT`.
+    style_split: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.size < 32:
@@ -140,6 +148,7 @@ class SynthDermConfig:
         lo, hi = self.images_per_lesion
         if not 1 <= lo <= hi:
             raise ConfigError(f"images_per_lesion={self.images_per_lesion}: need 1 <= min <= max")
+        _styles.style_pools(self.styles, self.style_split)  # raises on a bad mode or split
 
     @property
     def plain(self) -> bool:
@@ -183,6 +192,10 @@ class SynthDermConfig:
                 kw[key] = tuple(kw[key])
         if "images_per_lesion" in kw:
             kw["images_per_lesion"] = tuple(int(x) for x in kw["images_per_lesion"])
+        if "style_split" in kw:
+            kw["style_split"] = {
+                a: {k: tuple(v) for k, v in parts.items()} for a, parts in kw["style_split"].items()
+            }
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,7 +223,19 @@ class SynthDermConfig:
                 if self.images_per_lesion == (1, 1)
                 else {"images_per_lesion": list(self.images_per_lesion)}
             ),
+            **self._styles_dict(),
         }
+
+    def _styles_dict(self) -> dict[str, Any]:
+        """The styles and the split in force (the default's written out, so the dict renders the
+        same bytes if the default changes); nothing for the house look."""
+        if self.styles == "house":
+            return {}
+        out: dict[str, Any] = {"styles": self.styles}
+        if self.styles == "split":
+            decl = self.style_split or _styles.DEFAULT_STYLE_SPLIT
+            out["style_split"] = {a: {k: list(v) for k, v in parts.items()} for a, parts in decl.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -224,6 +249,7 @@ class Sample:
     masks: dict[str, np.ndarray]  # artifact -> H×W bool, exactly the pixels it drew
     lesion: np.ndarray  # H×W bool
     severity: float
+    styles: Mapping[str, str] = field(default_factory=dict)  # artifact -> style drawn
 
 
 class SynthDerm:
@@ -257,6 +283,8 @@ class SynthDerm:
             [self._severity(self._lesion_rng(i), int(y)) for i, y in enumerate(self.labels)]
         )
         self.membership = self._draw_membership()
+        #: Per artifact and split, the styles its images draw from (:func:`artifact_styles.style_pools`).
+        self.style_pools = _styles.style_pools(c.styles, c.style_split)
         yy, xx = np.mgrid[0 : c.size, 0 : c.size].astype(np.float32)
         self._yy, self._xx = yy, xx
 
@@ -272,6 +300,25 @@ class SynthDerm:
     def groups(self) -> tuple[str, ...]:
         """Lesion per image (``lesion_000005``): several photographs of one lesion share it."""
         return tuple(f"lesion_{k:06d}" for k in self.lesion_of)
+
+    @property
+    def styled(self) -> bool:
+        """Whether artifacts are drawn in style families (``styles`` other than ``"house"``)."""
+        return self.cfg.styles != "house"
+
+    def style_of(self, index: int, artifact: str) -> str:
+        """The style (``artifact/style``) ``artifact`` takes on image ``index`` when drawn: from the
+        pool of the image's split, by a generator seeded by ``(seed, index, artifact)``."""
+        pool = self.style_pools[artifact][str(self.split_of[index])]
+        if len(pool) == 1:
+            return pool[0]
+        rng = np.random.default_rng([self.cfg.seed, 0x5771E, index, _ARTIFACT_ID[artifact]])
+        return pool[int(rng.integers(len(pool)))]
+
+    def artifact_styles(self, split: str = "all") -> dict[str, dict[int, str]]:
+        """``{artifact: {index: style}}`` of the images of ``split`` that carry each artifact in the
+        training distribution (the ``artifact_ids`` of :meth:`artifact_ids`, with their styles)."""
+        return {a: {i: self.style_of(i, a) for i in ids} for a, ids in self.artifact_ids(split).items()}
 
     def mask_source_of(self, artifact: str) -> str:
         """``"ground_truth"``: synthderm knows every pixel it drew."""
@@ -409,12 +456,18 @@ class SynthDerm:
         img = base.image.copy() if copy and arts else base.image
         occupied = base.masks[""]
         masks: dict[str, np.ndarray] = {}
+        styles: dict[str, str] = {}
         for art in arts:
             arng = np.random.default_rng([c.seed, index, 1 + _ARTIFACT_ID[art]])
-            m = _artifacts.render(art, img, occupied, arng)
+            if self.styled:
+                styles[art] = self.style_of(index, art)
+                m = _styles.render(styles[art], img, occupied, arng)
+            else:
+                styles[art] = f"{art}/{_styles.HOUSE}"
+                m = _artifacts.render(art, img, occupied, arng)
             masks[art] = m
             occupied = occupied | m
-        return Sample(index, img, base.label, arts, masks, base.lesion, base.severity)
+        return Sample(index, img, base.label, arts, masks, base.lesion, base.severity, styles)
 
     def _severity(self, rng: np.random.Generator, label: int) -> float:
         c = self.cfg

@@ -10,6 +10,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from medaudit.models.audit import (
     run_audit,
     write_metrics,
 )
+from medaudit.models.audit.report import write_report
+from medaudit.models.data.artifact_styles import DEFAULT_STYLE_SPLIT
 from medaudit.models.data.folder import FolderDataset
 from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 from medaudit.models.errors import ConfigError
@@ -106,6 +109,7 @@ def test_report_structure_and_json(report: AuditReport, tmp_path: Path) -> None:
     assert set(m["discovery"]) >= {"spray", "channels", "undeclared_artifact_hits", "top_k"}
     for s in ("train", "val", "test"):
         assert 0.0 <= m["accuracy"][s] <= 1.0
+    assert "styles" not in m and "styles" not in m["timings_s"]  # a dataset without artifact styles
 
 
 def test_one_bank_per_layer_keyed_by_version(report: AuditReport) -> None:
@@ -185,6 +189,45 @@ def test_folder_dataset_without_masks_skips_iou(trained: tuple, ds: SynthDerm, t
     assert any("no artifact masks" in n for n in rep.notes)
     assert all(g.gt_mask is None and g.heatmap.shape == (32, 32) for g in c.gallery)
     assert math.isfinite(c.retrieval["held_out"].auroc)
+
+
+def test_per_style_metrics_seen_and_unseen(trained: tuple, tmp_path: Path) -> None:
+    """A styled synthderm: per-style detection, AUROC, IoU and confusion on the held-out carriers,
+    each style seen (in the training split) or not, in metrics.json and the report."""
+    model, cfg, _ = trained
+    styled = SynthDerm(replace(DATA, styles="split"))
+    rep = run_audit(model, cfg, "v", styled, DECLARED, options=OPTS)
+    assert rep.styles is not None
+    m = json.loads(write_metrics(rep, tmp_path).read_text())["styles"]
+    for name in DECLARED:
+        c = rep.concepts[name]
+        train_styles = set(styled.artifact_styles("train")[name].values())
+        test_styles = styled.artifact_styles("test")[name]
+        shared = {f"{name}/{s}" for s in DEFAULT_STYLE_SPLIT[name]["shared"]}
+        per = {r["style"]: r for r in m["per_concept"][name]["per_style"]}
+        assert set(per) == set(test_styles.values())
+        present = dict(zip(c.test_indices.tolist(), (c.test_scores > c.threshold).tolist(), strict=True))
+        loc = dict(zip(c.iou_indices.tolist(), c.iou.tolist(), strict=True))
+        for sty, r in per.items():
+            idx = [i for i, s in test_styles.items() if s == sty]
+            assert r["seen"] == (sty in train_styles) and r["n"] == len(idx)
+            assert r["detection"] == pytest.approx(np.mean([present[i] for i in idx]))
+            ious = [loc[i] for i in idx if i in loc]
+            assert r["n_localized"] == len(ious)
+            assert r["iou_mean"] == (pytest.approx(np.mean(ious)) if ious else None)
+            assert 0.0 <= r["auroc"] <= 1.0 and "test" in r["splits"]
+            assert set(r["splits"]) == {"test"} or sty in shared  # a test-only style is in no other split
+        groups = m["per_concept"][name]
+        assert groups["seen"]["n"] + groups["unseen"]["n"] == len(test_styles)
+        assert groups["unseen"]["n"] == sum(1 for s in test_styles.values() if s not in train_styles) > 0
+    assert m["clean"]["n"] > 0 and 0.0 <= m["clean"]["any_present"] <= 1.0
+    html = write_report(rep, tmp_path).read_text()
+    assert 'id="styles-band_aid"' in html and "unseen" in html
+    assert (
+        html.count("style image")
+        == sum(len(r.gallery) for rows in rep.styles.rows.values() for r in rows)
+        > 0
+    )
 
 
 def test_bad_requests_name_the_valid_choices(trained: tuple, ds: SynthDerm) -> None:

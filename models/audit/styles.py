@@ -1,0 +1,207 @@
+"""Per-style concept metrics: does a concept recognise its artifact in looks it never saw?
+
+Where the dataset records each image's artifact style (a synthderm built with ``styles=split``:
+``styled`` and ``artifact_styles()``), :func:`style_audit` reads, per declared concept and per
+style among the held-out test images that carry the artifact (in the concept's class scope):
+
+* **detection**: the share on which the concept is present, s(x) > the bank's threshold at its
+  target FPR (method.md §1.4);
+* **AUROC** of their scores against every held-out image in scope without the artifact;
+* **localization IoU**, mean over those of them the audit localized (its ``max_localize`` subset);
+* **confusion**: the share on which another declared concept is present whose artifact the image
+  does not carry.
+
+A style is *seen* when images of the training split carry it (the model trained on them and the
+CAV was fitted on them) and *unseen* otherwise; the ``seen`` and ``unseen`` rows pool the styles of
+each kind. Clean held-out images (no annotated artifact) give the rate at which any concept fires
+where there is nothing to find. Each style keeps a few images with their masks for the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from medaudit.models.audit.collect import Collected
+from medaudit.models.audit.options import AuditOptions
+from medaudit.models.audit.results import ConceptAudit, StyleAudit, StyleExample, StyleRow
+from medaudit.models.audit.sources import AuditSource
+from medaudit.models.data.protocol import AnnotatedDataset
+from medaudit.models.xai.concepts import ConceptBank, cav_score
+from medaudit.models.xai.localize import iou
+
+#: Images per style in the report's gallery.
+STYLE_GALLERY = 3
+
+
+def dataset_styles(dataset: AnnotatedDataset) -> dict[str, dict[int, str]] | None:
+    """``{artifact: {index: style}}`` of a dataset that records artifact styles; None otherwise."""
+    fn = getattr(dataset, "artifact_styles", None)
+    if not getattr(dataset, "styled", False) or not callable(fn):
+        return None
+    styles: dict[str, dict[int, str]] = fn("all")
+    return styles
+
+
+@dataclass(frozen=True, eq=False)
+class _Concept:
+    """One concept's arrays over the collected samples, for its rows."""
+
+    name: str
+    score: np.ndarray
+    present: np.ndarray
+    negatives: np.ndarray  # held-out, in scope, without the artifact
+    confused: np.ndarray  # another concept present whose artifact the sample lacks
+    other_present: Mapping[str, np.ndarray]  # per other concept: present & not carried, where not carried
+    not_carried: Mapping[str, np.ndarray]
+    loc_iou: Mapping[int, float]
+
+
+def style_audit(
+    dataset: AnnotatedDataset,
+    src: AuditSource,
+    col: Collected,
+    concepts: Mapping[str, ConceptAudit],
+    banks: Mapping[str, ConceptBank],
+    opts: AuditOptions,
+) -> StyleAudit | None:
+    """Per-style metrics of every audited concept (see the module docstring); None when the
+    dataset records no styles."""
+    styles = dataset_styles(dataset)
+    if styles is None:
+        return None
+    split_of = {s: set(int(i) for i in src.indices(s)) for s in ("train", "val", "test")}
+    test = col.split == "test"
+    scores, present = {}, {}
+    for name, c in concepts.items():
+        bank = banks[c.layer]
+        scores[name] = cav_score(col.acts[c.layer], bank[name].v)
+        present[name] = scores[name] > bank[name].threshold(bank.target_fpr)
+    carries = {a: src.membership[a][col.index] for a in concepts}
+    groups: dict[str, dict[str, StyleRow]] = {}
+    rows: dict[str, tuple[StyleRow, ...]] = {}
+    for name, c in concepts.items():
+        art_styles = styles.get(name, {})
+        seen = {s for i, s in art_styles.items() if i in split_of["train"]}
+        where = {
+            s: tuple(sp for sp in ("train", "val", "test") if any(i in split_of[sp] for i in ids))
+            for s, ids in _by_style(art_styles).items()
+        }
+        in_scope = test & np.isin(col.label, c.scope)
+        pos = in_scope & carries[name]
+        others = [b for b in concepts if b != name]
+        confused = np.zeros(len(col.index), dtype=bool)
+        for b in others:
+            confused |= present[b] & ~carries[b]
+        ctx = _Concept(
+            name=name,
+            score=scores[name],
+            present=present[name],
+            negatives=in_scope & ~carries[name],
+            confused=confused,
+            other_present={b: present[b] for b in others},
+            not_carried={b: ~carries[b] for b in others},
+            loc_iou=dict(zip((int(i) for i in c.iou_indices), (float(x) for x in c.iou), strict=True)),
+        )
+        style_of = np.array([art_styles.get(int(i), "") for i in col.index])
+        per_style = []
+        for sty in sorted({str(s) for s in style_of[pos]}):
+            sel = pos & (style_of == sty)
+            gallery = _gallery(src, c, [int(i) for i in col.index[sel]], ctx, col)
+            per_style.append(
+                replace(_row(ctx, col, sty, sel, sty in seen, where.get(sty, ())), gallery=gallery)
+            )
+        rows[name] = tuple(per_style)
+        seen_sel = pos & np.isin(style_of, sorted(seen))
+        groups[name] = {
+            "seen": _row(ctx, col, "seen", seen_sel, True, ()),
+            "unseen": _row(ctx, col, "unseen", pos & ~seen_sel, False, ()),
+        }
+    any_art = np.zeros(len(col.index), dtype=bool)
+    for m in src.membership.values():
+        any_art |= m[col.index]
+    clean = test & ~any_art
+    fired = np.zeros(len(col.index), dtype=bool)
+    for p in present.values():
+        fired |= p
+    n_clean = int(clean.sum())
+    partial = any(len(c.iou) < int((test & carries[n]).sum()) for n, c in concepts.items())
+    return StyleAudit(
+        groups=groups,
+        rows=rows,
+        clean_any_present=float(fired[clean].mean()) if n_clean else None,
+        clean_present={n: float(p[clean].mean()) for n, p in present.items()} if n_clean else {},
+        n_clean=n_clean,
+        note=f"per-style IoU over at most {opts.max_localize} localized images per concept"
+        if partial
+        else "",
+    )
+
+
+def _row(
+    ctx: _Concept, col: Collected, label: str, sel: np.ndarray, seen: bool, splits: tuple[str, ...]
+) -> StyleRow:
+    n = int(sel.sum())
+    ious = [ctx.loc_iou[int(i)] for i in col.index[sel] if int(i) in ctx.loc_iou]
+    other = {
+        b: float(np.mean(p[sel & ctx.not_carried[b]]))
+        for b, p in ctx.other_present.items()
+        if (sel & ctx.not_carried[b]).any()
+    }
+    return StyleRow(
+        concept=ctx.name,
+        style=label,
+        seen=seen,
+        splits=splits,
+        n=n,
+        detection=float(np.mean(ctx.present[sel])) if n else None,
+        auroc=_auroc(ctx.score[sel], ctx.score[ctx.negatives]),
+        n_localized=len(ious),
+        iou_mean=float(np.mean(ious)) if ious else None,
+        confusion=float(np.mean(ctx.confused[sel])) if n and ctx.other_present else None,
+        other_present=other,
+    )
+
+
+def _by_style(styles: Mapping[int, str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, s in styles.items():
+        out.setdefault(s, []).append(int(i))
+    return out
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    return float(roc_auc_score(y, np.r_[pos, neg]))
+
+
+def _gallery(
+    src: AuditSource, c: ConceptAudit, idx: Sequence[int], ctx: _Concept, col: Collected
+) -> tuple[StyleExample, ...]:
+    """Up to :data:`STYLE_GALLERY` of the style's images, localized ones first."""
+    chosen = sorted(idx, key=lambda i: (i not in c.pred_masks, i))[:STYLE_GALLERY]
+    if not chosen:
+        return ()
+    X = src.images(chosen).permute(0, 2, 3, 1).numpy()
+    pos = {int(i): j for j, i in enumerate(col.index)}
+    out = []
+    for k, i in enumerate(chosen):
+        gt = src.mask(i, ctx.name)
+        pred = c.pred_masks.get(i)
+        out.append(
+            StyleExample(
+                index=i,
+                image=X[k].copy(),
+                gt_mask=gt,
+                pred_mask=pred,
+                score=float(ctx.score[pos[i]]),
+                present=bool(ctx.present[pos[i]]),
+                iou=iou(pred, gt) if pred is not None and gt is not None and gt.any() else None,
+            )
+        )
+    return tuple(out)
