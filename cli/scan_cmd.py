@@ -66,6 +66,12 @@ def scan(
     batch_size: int = typer.Option(32, help="Images per engine call."),
     shard_size: int = typer.Option(256, help="Images per shard (the unit of resumption)."),
     decode_threads: int = typer.Option(0, help="Decoding threads per worker (0: 1 on CPU, 8 on a GPU)."),
+    encode_threads: int = typer.Option(
+        1, help="With --heatmaps: threads encoding masks while the next batch runs (0: between batches)."
+    ),
+    cuda_graphs: bool = typer.Option(
+        False, help="On a GPU: replay screens at the fixed --batch-size as CUDA graphs (ignored on CPU)."
+    ),
     top: int = typer.Option(12, help="With `report`: thumbnails per concept."),
 ) -> None:
     """Audit every image of an archive into Parquet, resumably; or `scan report DIR` for its summary."""
@@ -110,6 +116,8 @@ def scan(
         device=dev,
         batch_size=batch_size,
         decode_threads=decode_threads or (8 if gpu else 1),
+        encode_threads=encode_threads,
+        cuda_graphs=cuda_graphs,
     )
     columns = (
         TextColumn("[bold]{task.description}"),

@@ -25,24 +25,36 @@ which ``medaudit.models.export.check_parity`` tests at export).
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from medaudit.models.export import INPUT_NAME, OUTPUT_NAME, ort_session
-from medaudit.models.xai.concepts import relevance_share
 from medaudit.models.xai.localize import binarize
 from medaudit.models.xai.lrp import ConceptTarget, Explainer
 from medaudit.models.xai.validation import heatmap_refusal
+from medaudit.service.audit_graphs import (
+    FixedShapeScreen,
+    GraphChoice,
+    ScreenOut,
+    channel_sum,
+    choose,
+    plain_screen,
+)
+
+# the host encodings are audit_stages'; re-exported where callers have always imported them
+from medaudit.service.audit_stages import DeviceScorer, HostScores, RawAudit, overlay_pixels
+from medaudit.service.audit_stages import heat_layer as heat_layer
+from medaudit.service.audit_stages import overlay as overlay
+from medaudit.service.audit_stages import png_base64 as png_base64
 
 # the served-name rule is service.config's; re-exported where served versions are loaded
 from medaudit.service.config import DEFAULT_MODEL_NAME as DEFAULT_MODEL_NAME
@@ -215,47 +227,6 @@ class Comparison:
         }
 
 
-# --------------------------------------------------------------------------------- images -> PNG
-
-
-def png_base64(arr: np.ndarray) -> str:
-    """uint8 (H, W), (H, W, 3) or (H, W, 4) (RGBA) array -> base64 PNG.
-
-    zlib level 1: a 128 px heatmap overlay encodes in 1.2 ms instead of 4.9 ms (PIL's default 6)
-    for 6% more bytes; an audit encodes one overlay per image plus one mask per present concept.
-    """
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def overlay(rgb: np.ndarray, heatmap: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """The image with a heatmap blended in: red where relevance is positive, blue where negative."""
-    h = np.asarray(heatmap, dtype=np.float64)
-    m = float(np.abs(h).max())
-    h = h / m if m > 0 else np.zeros_like(h)
-    colour = np.zeros((*h.shape, 3))
-    colour[..., 0] = np.clip(h, 0, 1)
-    colour[..., 2] = np.clip(-h, 0, 1)
-    weight = alpha * np.abs(h)[..., None]
-    out = (1 - weight) * rgb.astype(np.float64) + weight * 255.0 * colour
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def heat_layer(heatmap: np.ndarray) -> np.ndarray:
-    """The heatmap alone as an RGBA layer (H, W, 4) uint8: red where relevance is positive, blue
-    where negative, colour and alpha both |h| / max|h|. Drawn over the image at opacity ``a`` it
-    gives exactly :func:`overlay` with ``alpha=a`` (up to rounding), so a viewer can toggle it."""
-    h = np.asarray(heatmap, dtype=np.float64)
-    m = float(np.abs(h).max()) if h.size else 0.0
-    h = h / m if m > 0 else np.zeros_like(h)
-    out = np.zeros((*h.shape, 4), dtype=np.uint8)
-    out[..., 0] = np.rint(255.0 * np.clip(h, 0, 1))
-    out[..., 2] = np.rint(255.0 * np.clip(-h, 0, 1))
-    out[..., 3] = np.rint(255.0 * np.abs(h))
-    return out
-
-
 # --------------------------------------------------------------------------------- engine
 
 
@@ -414,6 +385,16 @@ class AuditEngine:
         self._names = list(self.bank)
         cavs = torch.stack([self._cavs[c] for c in self._names])
         self._seed_rows = torch.cat([cavs, cavs.new_zeros(1, cavs.shape[1])])
+        #: Score concepts on the engine's device (:class:`DeviceScorer`; one host copy a batch and no
+        #: host sync between the forward and the backward) where that device is not the host; on the
+        #: CPU the bank's own numpy scoring, whose results the device scores are tested against.
+        self.device_scoring = self.device.type != "cpu"
+        self._scorer: DeviceScorer | None = None
+        #: The screen's LRP call: plain, or at fixed batch sizes (:meth:`use_screen_graphs`).
+        self._screen: Callable[[torch.Tensor], ScreenOut] = partial(
+            plain_screen, self.explainer, self.bank.layer
+        )
+        self.graphs = GraphChoice(False, "CUDA graphs not asked for")
 
     @classmethod
     def from_store(
@@ -431,6 +412,13 @@ class AuditEngine:
     def size(self) -> tuple[int, int]:
         return int(self.cfg.input_size[1]), int(self.cfg.input_size[2])
 
+    @property
+    def scorer(self) -> DeviceScorer:
+        """The bank's scoring on the engine's device, at the engine's current presence FPR."""
+        if self._scorer is None or self._scorer.fpr != self.fpr:
+            self._scorer = DeviceScorer(self.bank, self.fpr, self.device)
+        return self._scorer
+
     def _inputs(self, images: Sequence[Image_]) -> tuple[np.ndarray, torch.Tensor]:
         rgb = self.predictor.pixels(images)  # (B, H, W, 3) uint8
         return rgb, self.cfg.normalize(torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous())
@@ -439,13 +427,34 @@ class AuditEngine:
         """Predictions for a batch of images, one ONNX Runtime run."""
         return self.predictor.predict(images)
 
+    def use_screen_graphs(self, buckets: Sequence[int], *, pad_only: bool = False) -> GraphChoice:
+        """Screens at the fixed batch sizes ``buckets``, replayed as CUDA graphs where the engine is
+        on CUDA (:mod:`medaudit.service.audit_graphs`); elsewhere the plain path, the reason kept in
+        :attr:`graphs`. ``pad_only``: the cut-and-pad path without capture, on any device."""
+        choice = choose(self.device, True, buckets)
+        layer = self.bank.layer
+        if choice.graphed or pad_only:
+            sizes = choice.buckets or tuple(buckets)
+            self._screen = FixedShapeScreen(self.explainer, layer, sizes, capture=choice.graphed)
+        else:
+            self._screen = partial(plain_screen, self.explainer, layer)
+        self.graphs = choice
+        return choice
+
     def audit(
         self, images: Sequence[Image_], *, raw_heatmap: bool = False, overlays: bool = True
     ) -> list[AuditResult]:
-        """Full audits for a batch of images.
+        """Full audits for a batch of images: :meth:`audit_raw`, then :meth:`finish`.
 
         ``overlays=False`` skips the heatmap overlay PNGs (``heatmap_png`` ``None``): host work for
         callers that keep the raw heatmap instead (``medaudit scan --heatmaps``).
+        """
+        return self.finish(self.audit_raw(images, raw_heatmap=raw_heatmap, overlays=overlays))
+
+    def audit_raw(
+        self, images: Sequence[Image_], *, raw_heatmap: bool = False, overlays: bool = True
+    ) -> RawAudit:
+        """An audit's critical path: the LRP calls, the scores, the overlay blend, arrays to the host.
 
         One LRP call (one forward, one batched backward) gives the class heatmap, the pooled
         activations that score every concept, the class relevance at the CAV layer for the
@@ -453,60 +462,70 @@ class AuditEngine:
         image's mask for the first concept present on it (a ``ConceptTarget`` whose vector is
         a function of the forward: no second forward). On clean traffic that seed is zero and
         is skipped, so the audit costs one backward. Only images showing two or more concepts
-        need one more call, for their other concepts' masks.
+        need one more call, for their other concepts' masks. The overlays are blended where the
+        heatmaps are (:func:`~medaudit.service.audit_stages.overlay_pixels`) and cross as uint8;
+        masks and PNGs are :meth:`finish`'s.
         """
         rgb, x = self._inputs(images)
         layer = self.bank.layer
-        names = self._names
         chosen: dict[str, Any] = {}
 
         def first_present(pooled: torch.Tensor) -> torch.Tensor:
+            if self.device_scoring:  # no host sync between the forward and the backward
+                chosen["scores"] = s = self.scorer.score(pooled)
+                return self._seed_rows[s.pick]  # -1: the zero row
             scores = self.bank.score(pooled.double().cpu().numpy(), self.fpr)
-            present = np.stack([np.asarray(scores[c].present, dtype=bool) for c in names])  # (K, B)
+            present = np.stack([np.asarray(scores[c].present, dtype=bool) for c in self._names])  # (K, B)
             pick = np.where(present.any(0), present.argmax(0), -1)
-            chosen.update(scores=scores, pick=pick)
-            return self._seed_rows[torch.as_tensor(pick, device=self.device)]  # -1: the zero row
+            return self._seed_rows[torch.as_tensor(pick, device=self.device)]
 
         e = self.explainer.explain(
             x, ["pred", ConceptTarget(layer, first_present)], cav_layers=[layer], relevance_layers=[layer]
         )
-        scores, pick = chosen["scores"], chosen["pick"]
-        preds = predictions(_numpy(e.logits), self.cfg.labels, self.version)
-        pooled = _numpy(e.activations[layer])
-        class_rel = _channel_relevance(e.relevance[layer][0])  # (B, C), seeded at the class
-        shares = {c: relevance_share(class_rel, self.bank[c].v) for c in self.bank}
+        class_rel = channel_sum(e.relevance[layer][0])  # (B, C), seeded at the class
+        preds, scores, pooled = self._score(e.logits, e.activations[layer], class_rel, chosen.get("scores"))
         withheld = self.heatmap_note is not None  # never shown blank or wrong: no heatmap, no masks
-        # host copies only of what is asked for: the class heatmap for overlays or raw heatmaps,
-        # the concept-seeded one where some image shows a concept
-        heat = _numpy(e.heatmaps[0]) if not withheld and (overlays or raw_heatmap) else None  # (B, H, W)
-        first = [(b, names[k]) for b, k in enumerate(pick) if k >= 0 and not withheld]
-        masks: dict[tuple[int, str], str] = {}
-        if first:
-            seeded = _numpy(e.heatmaps[1])  # (B, H, W): each image's first present concept
-            pngs_first = self._map(lambda p: png_base64(binarize(seeded[p[0]]) * 255), first)
-            masks = dict(zip(first, pngs_first, strict=True))
+        # host copies only of what is asked for: overlays (uint8) and raw heatmaps (float16) of the
+        # class heatmap, the concept-seeded heatmap of the images that show a concept
+        heat = e.heatmaps[0] if not withheld and (overlays or raw_heatmap) else None  # (B, H, W)
+        raw = RawAudit(preds, scores, pooled, rgb)
+        if heat is not None and overlays:
+            raw.overlays = overlay_pixels(torch.from_numpy(rgb).to(heat.device), heat).cpu().numpy()
+        if heat is not None and raw_heatmap:
+            raw.heatmaps = heat.detach().to(torch.float16).cpu().numpy()
         if not withheld:
-            masks.update(self._masks(x, scores, done=set(masks)))
-        pngs: list[str | None] = (
-            [None] * len(preds)
-            if heat is None or not overlays
-            else list(self._map(lambda b: png_base64(overlay(rgb[b], heat[b])), range(len(preds))))
-        )
-        out = []
-        for b, pred in enumerate(preds):
-            out.append(
-                AuditResult(
-                    prediction=pred,
-                    heatmap_png=pngs[b],
-                    concepts=self._concepts(scores, shares, b, masks),
-                    layer=layer,
-                    heatmap=heat[b].astype(np.float16) if raw_heatmap and heat is not None else None,
-                    features=pooled[b].astype(np.float32),
-                    heatmap_note=self.heatmap_note,
-                    image=rgb[b],
+            first = [(b, self._names[k]) for b, k in enumerate(scores.pick) if k >= 0]
+            if first:  # each image's first present concept, seeded in the call above
+                seeded = _numpy(
+                    e.heatmaps[1][torch.as_tensor([b for b, _ in first], device=e.heatmaps.device)]
                 )
+                raw.concept_heat = dict(zip(first, seeded, strict=True))
+            raw.concept_heat = {**raw.concept_heat, **self._mask_heat(x, scores, done=set(raw.concept_heat))}
+        return raw
+
+    def finish(self, raw: RawAudit) -> list[AuditResult]:
+        """An audit's host stage: masks binarised (method.md §2.2) and every PNG encoded."""
+        keys = list(raw.concept_heat)
+        pngs_masks = self._map(lambda key: png_base64(binarize(raw.concept_heat[key]) * 255), keys)
+        masks = dict(zip(keys, pngs_masks, strict=True))
+        n = len(raw.predictions)
+        ov = raw.overlays
+        pngs: list[str | None] = (
+            [None] * n if ov is None else list(self._map(lambda b: png_base64(ov[b]), range(n)))
+        )
+        return [
+            AuditResult(
+                prediction=pred,
+                heatmap_png=pngs[b],
+                concepts=self._concepts(raw.scores, b, masks),
+                layer=self.bank.layer,
+                heatmap=None if raw.heatmaps is None else raw.heatmaps[b],
+                features=raw.pooled[b].astype(np.float32),
+                heatmap_note=self.heatmap_note,
+                image=raw.rgb[b],
             )
-        return out
+            for b, pred in enumerate(raw.predictions)
+        ]
 
     def screen(self, images: Sequence[Image_]) -> list[AuditResult]:
         """What :meth:`audit` gives the flag policy, without heatmaps or masks, for a batch of images.
@@ -517,62 +536,70 @@ class AuditEngine:
         layers above it (ResNet-18 at ``identity_2``: the last of four stages), and the forward
         up to ℓ records no autograd graph. The same forward, the same relevance at ℓ and the same
         scoring as :meth:`audit`, so the same scores, presence, shares and flag decision on the
-        same batch (tests/unit/test_screening.py). ``heatmap_png`` is ``None``, masks too.
+        same batch (tests/unit/test_screening.py). ``heatmap_png`` is ``None``, masks too. At fixed
+        batch sizes the call may be a CUDA-graph replay (:meth:`use_screen_graphs`).
         """
         _, x = self._inputs(images)
-        layer = self.bank.layer
-        e = self.explainer.explain(x, ["pred"], cav_layers=[layer], relevance_layers=[layer], heatmaps=False)
-        preds = predictions(_numpy(e.logits), self.cfg.labels, self.version)
-        pooled = _numpy(e.activations[layer])
-        scores = self.bank.score(pooled, self.fpr)
-        class_rel = _channel_relevance(e.relevance[layer][0])
-        shares = {c: relevance_share(class_rel, self.bank[c].v) for c in self.bank}
+        out = self._screen(x)
+        preds, scores, pooled = self._score(out.logits, out.pooled, out.class_rel)
         return [
             AuditResult(
                 prediction=pred,
                 heatmap_png=None,
-                concepts=self._concepts(scores, shares, b, {}),
-                layer=layer,
+                concepts=self._concepts(scores, b, {}),
+                layer=self.bank.layer,
                 features=pooled[b].astype(np.float32),
             )
             for b, pred in enumerate(preds)
         ]
 
+    def _score(
+        self, logits: torch.Tensor, pooled: torch.Tensor, class_rel: torch.Tensor, scored: Any = None
+    ) -> tuple[list[Prediction], HostScores, np.ndarray]:
+        """Predictions, concept scores with relevance shares, and φ(x) on the host (float64).
+
+        On the device (:attr:`device_scoring`) everything crosses in one copy (``scored``: the
+        scores already computed between the forward and the backward); on the CPU with the bank's
+        numpy scoring."""
+        if self.device_scoring:
+            s = scored if scored is not None else self.scorer.score(pooled)
+            scores, (z, phi) = self.scorer.to_host(s, class_rel, logits, pooled)
+        else:
+            z, phi = _numpy(logits), _numpy(pooled)
+            scores = HostScores.from_bank(self.bank, phi, _numpy(class_rel), self.fpr)
+        return predictions(z, self.cfg.labels, self.version), scores, phi
+
     def _concepts(
-        self,
-        scores: Mapping[str, Any],
-        shares: Mapping[str, np.ndarray],
-        b: int,
-        masks: Mapping[tuple[int, str], str],
+        self, scores: HostScores, b: int, masks: Mapping[tuple[int, str], str]
     ) -> tuple[ConceptScore, ...]:
         """Image ``b``'s score of every concept of the bank, in bank order (audits and screens)."""
         return tuple(
             ConceptScore(
                 concept=c,
-                score=float(scores[c].score[b]),
-                percentile=float(scores[c].percentile[b]),
-                present=bool(scores[c].present[b]),
-                threshold=float(scores[c].threshold),
-                relevance_share=float(shares[c][b]),
+                score=float(scores.score[b, k]),
+                percentile=float(scores.percentile[b, k]),
+                present=bool(scores.present[b, k]),
+                threshold=float(scores.threshold[k]),
+                relevance_share=float(scores.share[b, k]),
                 mask_png=masks.get((b, c)),
             )
-            for c in self.bank
+            for k, c in enumerate(scores.names)
         )
 
-    def _masks(
-        self, x: torch.Tensor, scores: Mapping[str, Any], done: set[tuple[int, str]] | None = None
-    ) -> dict[tuple[int, str], str]:
-        """Localization masks (method.md §2.1–2.2) of the present concepts: ``(image, concept) -> PNG``.
+    def _mask_heat(
+        self, x: torch.Tensor, scores: HostScores, done: set[tuple[int, str]] | None = None
+    ) -> dict[tuple[int, str], np.ndarray]:
+        """Concept-conditioned heatmaps (method.md §2.1) of the present concepts, for their masks:
+        ``(image, concept) -> (H, W)`` float64.
 
         One LRP call over the (image, concept) pairs that are present (less those in ``done``),
         each seeded at its own concept's CAV (a per-image :class:`ConceptTarget`), so an image
         pays for the concepts it shows, not for every concept of the bank.
         """
-        concepts = list(self.bank)
         pairs = [
             (int(b), c)
-            for c in concepts
-            for b in np.flatnonzero(np.asarray(scores[c].present, dtype=bool))
+            for k, c in enumerate(scores.names)
+            for b in np.flatnonzero(scores.present[:, k])
             if (int(b), c) not in (done or set())
         ]
         if not pairs:
@@ -581,8 +608,7 @@ class AuditEngine:
         target = ConceptTarget(self.bank.layer, torch.stack([self._cavs[c] for _, c in pairs]))
         # logits=False: the forward stops at the CAV layer (nothing above it changes the masks)
         heat = _numpy(self.explainer.explain(x[rows], [target], logits=False).heatmaps[0])
-        pngs = self._map(lambda i: png_base64(binarize(heat[i]) * 255), range(len(pairs)))
-        return {(int(b), c): png for (b, c), png in zip(pairs, pngs, strict=True)}
+        return {pair: heat[i] for i, pair in enumerate(pairs)}
 
     def _map(self, fn: Callable[[Any], str], items: Iterable[Any]) -> list[str]:
         """``[fn(i) for i in items]``: the per-image host work (overlays, PNG encoding).
@@ -632,10 +658,7 @@ def _channel_relevance(t: torch.Tensor) -> np.ndarray:
     """Relevance at the CAV layer summed over its spatial positions on the engine's device, in
     float64 (as :func:`~medaudit.models.xai.concepts.relevance_share` sums it), then moved: (B, C)
     crosses to the host instead of (B, C, h, w) (ResNet-50 @224 at batch 32: 25 MB less a batch)."""
-    t = t.detach()
-    if t.ndim == 4:
-        t = t.to(torch.float64).sum(dim=(2, 3))
-    return _numpy(t)
+    return _numpy(channel_sum(t))
 
 
 def compare(

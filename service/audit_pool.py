@@ -39,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -85,17 +85,42 @@ def audit_jobs(engines: Mapping[str, AuditEngine], jobs: Sequence[Mapping[str, A
     ``{"result": audit JSON, "features", "heatmap"}``: the pooled activations and the raw class
     heatmap (float16 (H, W), None for a screen or a withheld heatmap), which the flags store, travel
     beside the JSON, not in it (the JSON holds the heatmap only when the job asked for it).
+
+    It is :func:`run_jobs` (the engines' device stage) then :func:`finish_jobs` (the host stage:
+    masks, PNGs, JSON), which a :class:`LocalLane` may run on another thread.
     """
-    out: list[dict[str, Any]] = [{} for _ in jobs]
+    return finish_jobs(engines, jobs, run_jobs(engines, jobs))
+
+
+#: A batch between its stages: per (version, screen) group, its job indices and the screens'
+#: results or the audits' :class:`~medaudit.service.audit_stages.RawAudit`.
+Staged = list[tuple[str, bool, list[int], Any]]
+
+
+def run_jobs(engines: Mapping[str, AuditEngine], jobs: Sequence[Mapping[str, Any]]) -> Staged:
+    """The device stage of :func:`audit_jobs`: screens, and the audits' :meth:`AuditEngine.audit_raw`."""
     groups: dict[tuple[str, bool], list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault((str(job["version"]), is_screen(job)), []).append(i)
+    staged: Staged = []
     for (version, screen), idx in groups.items():
         rgb = [np.asarray(jobs[i]["pixels"], dtype=np.uint8) for i in idx]
         engine = engines[version]
         # the raw heatmap always (a float16 copy of what the overlay is made of): a flagged
         # request stores it as its own layer over the bare image (service/flags/producer.py)
-        results = engine.screen(rgb) if screen else engine.audit(rgb, raw_heatmap=True)
+        staged.append(
+            (version, screen, idx, engine.screen(rgb) if screen else engine.audit_raw(rgb, raw_heatmap=True))
+        )
+    return staged
+
+
+def finish_jobs(
+    engines: Mapping[str, AuditEngine], jobs: Sequence[Mapping[str, Any]], staged: Staged
+) -> list[dict[str, Any]]:
+    """The host stage of :func:`audit_jobs`: each audit's :meth:`AuditEngine.finish`, every answer."""
+    out: list[dict[str, Any]] = [{} for _ in jobs]
+    for version, screen, idx, got in staged:
+        results = got if screen else engines[version].finish(got)
         for i, r in zip(idx, results, strict=True):
             body = (r if jobs[i].get("raw_heatmap") else replace(r, heatmap=None)).to_json()
             out[i] = {"result": body, "features": r.features, "heatmap": r.heatmap}
@@ -122,14 +147,28 @@ class Lane(Protocol):
 
 
 class LocalLane:
-    """Audits in this process, on engines it was given (one lane: a GPU, or one core)."""
+    """Audits in this process, on engines it was given (one lane: a GPU, or one core).
 
-    def __init__(self, engines: Mapping[str, AuditEngine]) -> None:
+    ``pipelined`` (default: when an engine is on CUDA) has the pool run each batch's host stage
+    (:func:`finish_jobs`: masks, PNGs, JSON) on the lane's own thread while the engines take the
+    next batch (:meth:`AuditPool._serve`); the answers are :func:`audit_jobs`' either way.
+    """
+
+    def __init__(self, engines: Mapping[str, AuditEngine], *, pipelined: bool | None = None) -> None:
         self.engines = engines
         self.name = f"local:{os.getpid()}"
+        if pipelined is None:
+            pipelined = any(e.device.type == "cuda" for e in engines.values())
+        self.pipelined = pipelined
 
     def run(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return audit_jobs(self.engines, jobs)
+
+    def run_device(self, jobs: Sequence[Mapping[str, Any]]) -> Staged:
+        return run_jobs(self.engines, jobs)
+
+    def finish(self, jobs: Sequence[Mapping[str, Any]], staged: Staged) -> list[dict[str, Any]]:
+        return finish_jobs(self.engines, jobs, staged)
 
     def restart(self) -> None:  # this process cannot crash without the pool
         pass
@@ -437,6 +476,8 @@ class AuditPool:
         """A lane's thread: take, run, answer, until the pool closes. Whatever goes wrong with a
         batch fails that batch's futures; the thread itself never dies of it (a dead thread
         would leave its callers waiting)."""
+        if isinstance(lane, LocalLane) and lane.pipelined:
+            return self._serve_pipelined(lane)
         while (items := self._take()) is not None:
             items = [it for it in items if it.start()]  # cancelled while queued: dropped
             if not items:
@@ -456,8 +497,43 @@ class AuditPool:
             for it, r in zip(items, results, strict=True):
                 it.future.set_result(r)
 
-    def _run(self, lane: Lane, items: list[_Item]) -> list[dict[str, Any]]:
-        """One batch on ``lane``, with its metrics and the seconds-per-image estimate."""
+    def _serve_pipelined(self, lane: LocalLane) -> None:
+        """:meth:`_serve` in two stages: the engines' device stage here, each batch's host stage
+        on one more thread while the next batch runs; at most one batch waits for it."""
+        finishing: Future[None] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="audit-finish") as host:
+            while (items := self._take()) is not None:
+                items = [it for it in items if it.start()]
+                if not items:
+                    continue
+                jobs = [it.job for it in items]
+                try:
+                    staged = self._run(lane, items, stage=lane.run_device)
+                except Exception as e:
+                    log.exception("audit batch of %d failed on %s", len(items), lane.name)
+                    for it in items:
+                        it.future.set_exception(e)
+                    continue
+                if finishing is not None:
+                    finishing.result()  # never raises: _finish answers every future itself
+                finishing = host.submit(self._finish, lane, items, jobs, staged)
+
+    def _finish(
+        self, lane: LocalLane, items: list[_Item], jobs: list[Mapping[str, Any]], staged: Staged
+    ) -> None:
+        try:
+            results = lane.finish(jobs, staged)
+        except Exception as e:
+            log.exception("audit batch of %d failed on %s", len(items), lane.name)
+            for it in items:
+                it.future.set_exception(e)
+            return
+        for it, r in zip(items, results, strict=True):
+            it.future.set_result(r)
+
+    def _run(self, lane: Lane, items: list[_Item], stage: Any = None) -> Any:
+        """One batch on ``lane`` (or its ``stage``), with its metrics and the seconds-per-image
+        estimate (of the stage alone, when one is given: the part the lane is busy for)."""
         now = time.monotonic()
         jobs = [it.job for it in items]
         for it in items:
@@ -465,8 +541,8 @@ class AuditPool:
         for version, idx in by_version(jobs).items():
             metrics.BATCH_IMAGES.labels("auditor", version).observe(len(idx))
         t0 = time.perf_counter()
-        results = lane.run(jobs)
-        if len(results) != len(items):
+        results = (stage or lane.run)(jobs)
+        if stage is None and len(results) != len(items):
             raise RuntimeError(f"{lane.name} answered {len(results)} of {len(items)} audits")
         per_image = (time.perf_counter() - t0) / len(items)
         with self._cond:

@@ -13,8 +13,9 @@ load theirs.
 from __future__ import annotations
 
 import base64
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +51,12 @@ class ScanOptions:
         decode_threads: Threads decoding and resizing files inside a worker (PIL and zlib release
             the GIL); more than 1 pays where the engine is on a GPU.
         max_bytes: Files larger than this are recorded as errors, not read.
+        encode_threads: With ``heatmaps``, threads that binarise and PNG-encode a batch's masks
+            and build its rows while the engine runs the next batch (0: in the scanning thread,
+            between batches). At most ``encode_threads`` batches are queued for encoding at once.
+        cuda_graphs: Screen at the fixed ``batch_size`` (the last batch of a shard padded to it)
+            replayed as a CUDA graph (:meth:`~medaudit.service.audit.AuditEngine.use_screen_graphs`);
+            ignored, with the reason kept, where the engine is not on CUDA.
     """
 
     version: str
@@ -63,6 +70,8 @@ class ScanOptions:
     batch_size: int = DEFAULT_BATCH
     decode_threads: int = 1
     max_bytes: int = Limits().max_bytes
+    encode_threads: int = 1
+    cuda_graphs: bool = False
 
     @property
     def tag(self) -> str:
@@ -101,6 +110,17 @@ class ShardScanner:
             if options.decode_threads > 1
             else None
         )
+        self._encoder = (
+            ThreadPoolExecutor(options.encode_threads, thread_name_prefix="scan-encode")
+            if options.heatmaps and options.encode_threads > 0
+            else None
+        )
+        #: Which path screens take (plain, or CUDA graphs at the batch size) and why.
+        self.graphs = (
+            self.engine.use_screen_graphs([max(1, options.batch_size)])
+            if options.cuda_graphs
+            else self.engine.graphs
+        )
 
     def decoded(self, items: Sequence[Item]) -> Iterator[Any]:
         """Each item's :func:`_decode` result, in order. With decoding threads every file is
@@ -126,28 +146,43 @@ class ShardScanner:
         files left out), so that every runner forms the same batches from the same shard."""
         rows = [base_row(start + k, it) for k, it in enumerate(items)]
         batch: list[tuple[int, Any]] = []
+        encoding: deque[Future[None]] = deque()
 
-        def run() -> None:
-            pixels = [d[0] for _, d in batch]
-            results = (
-                self.engine.audit(pixels, raw_heatmap=True, overlays=False)
-                if self.options.heatmaps
-                else self.engine.screen(pixels)
-            )
-            for (k, d), r in zip(batch, results, strict=True):
+        def fill(done: list[tuple[int, Any]], results: Sequence[AuditResult]) -> None:
+            for (k, d), r in zip(done, results, strict=True):  # each batch its own rows
                 rows[k].update(ok=True, format=d[1], height=d[2][0], width=d[2][1])
                 rows[k].update(self.result_columns(r))
-            batch.clear()
 
-        for k, d in enumerate(self.decoded(items)):
-            if isinstance(d, str):
-                rows[k]["error"] = d
-                continue
-            batch.append((k, d))
-            if len(batch) >= max(1, self.options.batch_size):
+        def run() -> None:
+            pixels, done = [d[0] for _, d in batch], list(batch)
+            batch.clear()
+            if not self.options.heatmaps:
+                fill(done, self.engine.screen(pixels))
+                return
+            # the critical path: LRP, scores and the float16 heatmaps; masks and PNGs after it
+            raw = self.engine.audit_raw(pixels, raw_heatmap=True, overlays=False)
+            if self._encoder is None:
+                fill(done, self.engine.finish(raw))
+                return
+            encoding.append(self._encoder.submit(lambda: fill(done, self.engine.finish(raw))))
+            while len(encoding) > self.options.encode_threads:  # bounded: the oldest first
+                encoding.popleft().result()
+
+        try:
+            for k, d in enumerate(self.decoded(items)):
+                if isinstance(d, str):
+                    rows[k]["error"] = d
+                    continue
+                batch.append((k, d))
+                if len(batch) >= max(1, self.options.batch_size):
+                    run()
+            if batch:
                 run()
-        if batch:
-            run()
+            while encoding:
+                encoding.popleft().result()
+        finally:  # a failed batch leaves no encoding behind
+            for f in encoding:
+                f.cancel()
         return rows
 
     def result_columns(self, r: AuditResult) -> dict[str, Any]:
@@ -175,8 +210,9 @@ class ShardScanner:
         return out
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
+        for pool in (self._pool, self._encoder):
+            if pool is not None:
+                pool.shutdown()
 
 
 def base_row(index: int, item: Item) -> dict[str, Any]:

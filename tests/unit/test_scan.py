@@ -186,6 +186,31 @@ def test_heatmaps_keep_raw_float16_heatmaps_and_masks(
     assert all(r["band_aid_mask_png"] is None for r in rows if not r["band_aid_present"])
 
 
+def test_masks_encoded_off_the_critical_path_give_the_same_rows(
+    archive: Path, options: ScanOptions, tmp_path: Path
+) -> None:
+    """``--heatmaps`` with the masks encoded on a thread while the next batch runs (the default)
+    and between batches: the same rows, heatmap and mask bytes included. ``cuda_graphs`` on the
+    CPU keeps the plain screen path and says why."""
+    from dataclasses import replace
+
+    from medaudit.cli.scan.worker import ShardScanner
+
+    heat = replace(options, heatmaps=True, fpr=0.5)  # FPR 0.5: masks on many images
+    rows = {}
+    for threads in (0, 2):
+        out = tmp_path / f"scan-{threads}"
+        scan(str(archive), out, replace(heat, encode_threads=threads), workers=0, shard_size=16)
+        rows[threads] = ScanFolder(out).read().to_pylist()
+    assert sum(r["band_aid_mask_png"] is not None for r in rows[0]) > 5
+    assert rows[2] == rows[0]
+    scanner = ShardScanner(replace(options, cuda_graphs=True))
+    try:
+        assert not scanner.graphs.graphed and "CUDA" in scanner.graphs.reason
+    finally:
+        scanner.close()
+
+
 def test_report_has_prevalence_distributions_top_images_and_a_review_sheet(
     archive: Path, options: ScanOptions, reference: list[dict], tmp_path: Path
 ) -> None:
