@@ -194,11 +194,16 @@ class BuildConfig:
         return f"{self.train.arch}-synthderm" + ("" if d.plain else f"-{len(d.classes)}class")
 
     def correction_settings(
-        self, name: str, family: str, build_layer: str, hook_points: Sequence[str] | None = None
+        self,
+        name: str,
+        family: str,
+        build_layer: str,
+        hook_points: Mapping[str, str] | Sequence[str] | None = None,
     ) -> CorrectionSettings:
         """What correction ``name`` runs with on architecture ``family`` (``ModelCfg.canonizer``):
         this config's settings over the family's defaults (their layer where the model has it as a
-        hook point) over the build layer."""
+        hook point, under the model's name for it: :func:`~models.corrections.settings.resolve`)
+        over the build layer."""
         return resolve(name, family, build_layer, self.settings.get(name), hook_points)
 
     def correction(self, name: str, settings: CorrectionSettings | None = None) -> Correction:
@@ -517,7 +522,7 @@ def correction_plan(cfg: BuildConfig, mcfg: ModelCfg, layer: str) -> dict[str, C
     order = list(mcfg.hook_points)
     plan = {}
     for name in cfg.corrections:
-        s = cfg.correction_settings(name, mcfg.canonizer, layer, order)
+        s = cfg.correction_settings(name, mcfg.canonizer, layer, mcfg.hook_points)
         if name == "vanilla":
             s = CorrectionSettings(layer=layer)  # the original: no layer, nothing to set
         if s.layer not in order:

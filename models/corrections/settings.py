@@ -114,6 +114,24 @@ DEPARTURES: dict[str, str] = {
 }
 
 
+#: The module each family default layer above names in the registry's models
+#: (:mod:`medaudit.models.registry`: a ResNet's ``last_conv`` is the output of ``layer4``), so
+#: that a model naming its hook points otherwise gets the same layer under its own name.
+FAMILY_LAYER_MODULES: dict[str, dict[str, str]] = {
+    "resnet": {"identity_0": "layer1", "identity_1": "layer2", "identity_2": "layer3", "last_conv": "layer4"},
+}
+
+
+def same_module(family: str, layer: str, hook_points: Mapping[str, str] | Sequence[str]) -> str:
+    """The name, among ``hook_points`` (name -> module path), of the hook point at the module the
+    family's ``layer`` names (:data:`FAMILY_LAYER_MODULES`); ``""`` where none is, or where only
+    names are given."""
+    module = FAMILY_LAYER_MODULES.get(family, {}).get(layer)
+    if module is None or not isinstance(hook_points, Mapping):
+        return ""
+    return next((n for n, path in hook_points.items() if path == module), "")
+
+
 def family_defaults(family: str, name: str) -> CorrectionSettings:
     """The paper's settings (with the demo's departures) for correction ``name`` on ``family``."""
     return FAMILY_DEFAULTS.get(family, {}).get(name, CorrectionSettings())
@@ -164,18 +182,20 @@ def resolve(
     family: str,
     build_layer: str,
     user: CorrectionSettings | None = None,
-    hook_points: Sequence[str] | None = None,
+    hook_points: Mapping[str, str] | Sequence[str] | None = None,
 ) -> CorrectionSettings:
     """The settings correction ``name`` runs with: the user's over the family's over the build's
     layer (the other fields fall back to the correction's own defaults in :func:`make_correction`).
 
-    The family's layer is the registry's hook-point name (``last_conv``); a model whose hook points
-    (``hook_points``) lack it, such as a spec naming its own (``layer4``), keeps the build layer
-    unless the user sets one.
+    The family's layer is the registry's hook-point name (``last_conv``). A model whose hook points
+    (``hook_points``: name -> module path, or names only) lack that name, such as a model spec
+    naming its own (timm's ``layer1``..``layer4``), gets the hook point at the same module
+    (:data:`FAMILY_LAYER_MODULES`: ``last_conv`` is ``layer4``); where it has none there, or only
+    names are given, it keeps the build layer unless the user sets one.
     """
     fam = family_defaults(family, name)
     if hook_points is not None and fam.layer and fam.layer not in hook_points:
-        fam = replace(fam, layer="")
+        fam = replace(fam, layer=same_module(family, fam.layer, hook_points))
     s = (user or CorrectionSettings()).over(fam)
     return s.over(CorrectionSettings(layer=build_layer))
 

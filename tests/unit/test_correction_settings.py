@@ -15,6 +15,7 @@ from medaudit.models.acceptance import best_version, criteria_score, rank_versio
 from medaudit.models.corrections import RRR, CorrectionData, PClarc, RRClarc, Vanilla
 from medaudit.models.corrections.base import pooled_activations
 from medaudit.models.corrections.settings import (
+    FAMILY_LAYER_MODULES,
     CorrectionSettings,
     family_defaults,
     make_correction,
@@ -75,6 +76,14 @@ def test_user_settings_override_the_family_defaults_which_override_the_build_lay
     assert resolve("rrr", "vit", "inspection_layer") == CorrectionSettings(layer="inspection_layer")
 
 
+def test_the_family_layers_modules_are_the_registrys_and_map_onto_a_specs_names() -> None:
+    assert FAMILY_LAYER_MODULES["resnet"] == get_cfg("resnet18").hook_points
+    named = {"stem": "conv1", "deep": "layer4", "mid": "layer3"}
+    assert resolve("rrclarc", "resnet", "mid", hook_points=named).layer == "deep"
+    assert resolve("rrclarc", "resnet", "mid", hook_points=list(named)).layer == "mid"  # names only
+    assert resolve("rrclarc", "vit", "x", hook_points=named).layer == "x"  # no family layer
+
+
 def test_make_correction_applies_the_schedule_and_lambda() -> None:
     rr = make_correction(RRClarc, CorrectionSettings(optimizer="sgd", lr=5e-3, epochs=3, lamb=10.0))
     assert isinstance(rr, RRClarc)
@@ -104,9 +113,15 @@ def test_correction_plan_gives_each_correction_its_layer_and_refuses_one_before_
     early = BuildConfig(settings={"rrclarc": CorrectionSettings(layer="identity_1")})
     with pytest.raises(ConfigError, match="rrclarc at identity_1 would change the activations at the build"):
         correction_plan(early, mcfg, "identity_2")
-    # a spec naming its own hook points keeps the build layer where the family's name is not one
+    # a spec naming its own hook points (timm's layer1..layer4) gets the family's layer under its
+    # own name: last_conv is the module layer4 (the ISIC-layout build ran RR-ClArC and P-ClArC at
+    # the build layer layer3 before, where the demo measured them far worse)
     spec_like = replace(mcfg, hook_points={f"layer{k}": f"layer{k}" for k in range(1, 5)})
-    assert correction_plan(BuildConfig(), spec_like, "layer3")["rrclarc"].layer == "layer3"
+    plan = correction_plan(BuildConfig(), spec_like, "layer3")
+    assert [plan[c].layer for c in ("rrclarc", "pclarc", "rpclarc", "rrr")] == ["layer4"] * 3 + ["layer3"]
+    # where no hook point sits at that module, the build layer stays
+    no_layer4 = replace(mcfg, hook_points={f"block{k}": f"layer{k}" for k in range(1, 4)})
+    assert correction_plan(BuildConfig(), no_layer4, "block3")["rrclarc"].layer == "block3"
     bad = BuildConfig(settings={"rrr": CorrectionSettings(layer="layer9")})
     with pytest.raises(
         ConfigError, match="layer 'layer9' is not a hook point of resnet18; valid: identity_0"
