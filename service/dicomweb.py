@@ -20,7 +20,7 @@ for DICOM is a 406 naming the choice.
 
 No patient identifier leaves the instance: none is logged, used as a metric label, put in an error
 body or in a flag. Without ``X-Subject-Key``, an instance is routed by a keyed hash of its Patient
-ID when ``MEDAUDIT_SUBJECT_SECRET`` is set (the flag then stores the sha256 of that keyed hash).
+ID when ``MEDAUDIT_SUBJECT_SECRET`` is set (the flag then stores an HMAC of that keyed hash).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ with a default does not need a bump.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -33,10 +34,15 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-def subject_hash(subject_key: str | None) -> str:
-    """sha256 hex of the caller's ``X-Subject-Key``, so the raw key never reaches Redis ("" if none)."""
+def subject_hash(subject_key: str | None, secret: str | None = None) -> str:
+    """A hex digest of the caller's ``X-Subject-Key``, so the raw key never reaches Redis ("" if
+    none): HMAC-SHA256 keyed with ``secret`` (``MEDAUDIT_SUBJECT_SECRET``) when one is set, since
+    a subject key is often a patient or accession number, few enough to hash every candidate and
+    match an unkeyed sha256; plain sha256 without a secret."""
     if not subject_key:
         return ""
+    if secret:
+        return hmac.new(secret.encode(), subject_key.encode(), hashlib.sha256).hexdigest()
     return hashlib.sha256(subject_key.encode()).hexdigest()
 
 
@@ -120,7 +126,7 @@ class FlagEvent:
         severity: ``low``, ``medium`` or ``high`` (:mod:`medaudit.service.flags.policy`).
         reasons: Human-readable reasons.
         label, probability: The answering version's prediction.
-        subject_hash: sha256 of ``X-Subject-Key``; "" when the request had none.
+        subject_hash: :func:`subject_hash` of ``X-Subject-Key``; "" when the request had none.
         corrected_disagrees: "1"/"0" when a corrected version was asked, "" otherwise.
         corrected_version, corrected_label, corrected_probability: That corrected (shadow)
             version's name, label and the probability of its label ("", "", None when none was

@@ -135,6 +135,7 @@ class FlagPublisher:
             of ``published``, ``replayed``, ``spooled``, ``duplicate``, ``dropped`` (the labels of
             ``medaudit_flag_publish_total``); read ``publisher.spool.pending`` there for the
             spool gauge. It runs on the caller's or the publisher's thread and must not raise.
+        subject_secret: Keys the flag's hash of ``X-Subject-Key`` (:func:`subject_hash`).
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class FlagPublisher:
         backoff: tuple[float, float] = (0.05, 2.0),
         client: redis.Redis | None = None,
         observer: Callable[[str, int], None] | None = None,
+        subject_secret: str | None = None,
     ) -> None:
         if client is None:
             client = connect(
@@ -182,6 +184,7 @@ class FlagPublisher:
         self.submitted = self.published = self.replayed = self.spooled = self.duplicates = self.dropped = 0
         self.flags_published = 0
         self._observer = observer
+        self._subject_secret = subject_secret
         self._thread = threading.Thread(target=self._run, name="flag-publisher", daemon=True)
         self._thread.start()
 
@@ -215,6 +218,7 @@ class FlagPublisher:
             "queue_size": f.queue_size,
             "maxlen": f.maxlen,
             "ttl_s": f.ttl_s,
+            "subject_secret": f.subject_secret,
         }
         args.update(kwargs)
         return cls(url, **args)
@@ -350,7 +354,7 @@ class FlagPublisher:
                 reasons=f.reasons,
                 label=result.prediction.label,
                 probability=float(probs.get(result.prediction.label, float("nan"))),
-                subject_hash=subject_hash(subject_key),
+                subject_hash=subject_hash(subject_key, self._subject_secret),
                 corrected_disagrees="" if corrected_disagrees is None else str(int(corrected_disagrees)),
                 corrected_version=c_version,
                 corrected_label=c_label,

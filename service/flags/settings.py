@@ -21,13 +21,15 @@ as ``settings.flags``.
                                    (default 60 000; above the slowest handler)
 ``MEDAUDIT_FLAG_MAX_DELIVERIES``   deliveries before an entry goes to the dead-letter stream
                                    (default 5)
+``MEDAUDIT_SUBJECT_SECRET``        keys the HMAC-SHA256 a flag stores of ``X-Subject-Key``
+                                   (unset: plain sha256); shared with the DICOM routes
 =================================  ==========================================================
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medaudit.models.errors import ConfigError
@@ -73,6 +75,7 @@ class FlagSettings:
     group: str = "medaudit-review"
     min_idle_ms: int = 60_000
     max_deliveries: int = 5
+    subject_secret: str | None = field(default=None, repr=False)  # MEDAUDIT_SUBJECT_SECRET
 
     def __post_init__(self) -> None:
         try:
@@ -111,4 +114,5 @@ class FlagSettings:
             group=env.get(PREFIX + "GROUP", cls.group).strip(),
             min_idle_ms=positive_int(env, PREFIX + "MIN_IDLE_MS", cls.min_idle_ms),
             max_deliveries=positive_int(env, PREFIX + "MAX_DELIVERIES", cls.max_deliveries),
+            subject_secret=env.get("MEDAUDIT_SUBJECT_SECRET"),
         )

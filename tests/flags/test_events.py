@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,6 +93,32 @@ def test_optional_fields_may_be_missing() -> None:
 def test_subject_key_is_only_ever_hashed() -> None:
     assert subject_hash(None) == subject_hash("") == ""
     assert subject_hash("patient-7") == hashlib.sha256(b"patient-7").hexdigest()
+    keyed = subject_hash("patient-7", "s3cret")
+    assert keyed == hmac.new(b"s3cret", b"patient-7", hashlib.sha256).hexdigest()
+    assert keyed != subject_hash("patient-7") and keyed != subject_hash("patient-7", "other")
+
+
+def test_the_publisher_keys_subject_hashes_with_the_secret(tmp_path: Path) -> None:
+    """With MEDAUDIT_SUBJECT_SECRET the flag's hash is the keyed one: a low-entropy subject key
+    (a patient number) cannot be found by hashing every candidate; the secret is not in the
+    settings' repr."""
+    from medaudit.service.flags.producer import FlagPublisher
+
+    settings = FlagSettings.from_env({"MEDAUDIT_SUBJECT_SECRET": "s3cret"})
+    assert settings.subject_secret == "s3cret" and "s3cret" not in repr(settings)
+    pub = FlagPublisher(
+        "redis://127.0.0.1:1/0",
+        spool_dir=tmp_path,
+        keys=FlagKeys("t"),
+        subject_secret=settings.subject_secret,
+    )
+    try:
+        r = result(score("band_aid"))
+        rec = pub.record(r, evaluate(r), "req-1", "vanilla", "4711", None, datetime(2026, 1, 2, tzinfo=UTC))
+    finally:
+        pub.close(0.5)
+    (event,) = [FlagEvent.from_fields(e) for e in rec["events"]]
+    assert event.subject_hash == subject_hash("4711", "s3cret") != hashlib.sha256(b"4711").hexdigest()
 
 
 def test_publisher_record_holds_no_image_and_no_raw_subject_key(tmp_path: Path) -> None:

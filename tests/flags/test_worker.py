@@ -55,6 +55,7 @@ class _Keys:
 
     def __init__(self, keys: FlagKeys) -> None:
         self.keys = keys
+        self._subject_secret = None  # plain sha256 subject hashes
 
 
 def _pending(client, keys: FlagKeys, consumer: str | None = None) -> int:
