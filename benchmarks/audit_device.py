@@ -147,10 +147,15 @@ def main() -> None:
         rows: list[dict[str, Any]] = []
         for dev in devices:
             eng = AuditEngine(loaded, device=dev)
-            # on a GPU, its default (host work on a thread pool) and the serial host work it replaced
-            for parallel in (False, True) if eng.device.type != "cpu" else (False,):
-                eng.parallel_host = parallel
-                rows += time_engine(eng, images, args.batches, args.repeats)
+            # on a GPU, its default (host work on a thread pool, scores on the device) against the
+            # serial host work and the host scoring (the bank's numpy code) it replaced
+            variants = (
+                [(False, False)] if eng.device.type == "cpu" else [(False, True), (True, False), (True, True)]
+            )
+            for parallel, on_device in variants:
+                eng.parallel_host, eng.device_scoring = parallel, on_device
+                for r in time_engine(eng, images, args.batches, args.repeats):
+                    rows.append({**r, "scoring": "device" if on_device else "host"})
     tag = args.tag or "_".join(d.split(":")[0] for d in devices)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"audit_engine_{tag}"
@@ -166,18 +171,28 @@ def markdown(info: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"CPU {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads); "
         f"GPU {info['gpu'] or 'none'}; torch {info['torch']}. Medians of the timed repeats; "
         "'in LRP' is the time an audit spent in its own LRP calls (synchronised), the rest of "
-        "it is host work (concept scoring, relevance shares, PNG encoding of overlay and masks).",
+        "it is host work (concept scoring on the host, relevance shares, PNG encoding of overlay and "
+        "masks); 'scoring' is where concept scores are computed (on a GPU: the device's default, "
+        "and the bank's numpy code on the host it replaced).",
         "",
-        "| device | host work | batch | audit ms | audit img/s | in LRP ms | LRP share of the audit |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| device | host work | scoring | batch | audit ms | audit img/s | in LRP ms | LRP share |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['device']} | {r.get('host_work', 'serial')} | {r['batch']} | {r['audit_ms']:.1f} | "
+            f"| {r['device']} | {r.get('host_work', 'serial')} | {r.get('scoring', 'host')} | {r['batch']} | "
+            f"{r['audit_ms']:.1f} | "
             f"{r['audit_img_s']:.0f} | {r['lrp_ms']:.1f} | {100 * r['lrp_share']:.0f} % |"
         )
     cpu = {r["batch"]: r for r in rows if r["device"] == "cpu"}
-    gpu = [r for r in rows if r["device"] != "cpu" and r["batch"] in cpu and r.get("host_work") != "serial"]
+    gpu = [
+        r
+        for r in rows
+        if r["device"] != "cpu"
+        and r["batch"] in cpu
+        and r.get("host_work") != "serial"
+        and r.get("scoring") != "host"
+    ]
     gpu = gpu or [r for r in rows if r["device"] != "cpu" and r["batch"] in cpu]
     if gpu:
         lines += [

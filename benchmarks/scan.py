@@ -28,6 +28,17 @@ The issue's H100 figure (ResNet-50 @224, screens, decode from local files includ
         --shard-size 1000 --batch-size 64 --repeats 2 --out benchmarks/results/scan_cuda_h100
 
 Writes ``benchmarks/results/scan_cpu.md`` and ``.json`` (``--out`` elsewhere).
+
+``--stages`` times the engine's stages instead: in-process scans, each in a fresh process, of
+``--heatmaps`` audits with the masks encoded between batches (``encode_threads=0``) and on a thread
+while the next batch runs (1), and of screens with and without ``--cuda-graphs`` (which only
+changes anything on CUDA); ``--baseline-tree DIR`` adds the same scans by another checkout of the
+package (``git archive HEAD | tar -x -C DIR``), the "before" of a change, in the same run:
+
+    python benchmarks/scan.py --stages --images 2000 --repeats 3 --baseline-tree /tmp/base \
+        --out benchmarks/results/scan_stages_cpu
+    python benchmarks/scan.py --stages --device cuda --arch resnet50 --size 224 --images 20000 \
+        --shard-size 1000 --batch-size 64 --repeats 2 --out benchmarks/results/scan_stages_cuda_h100
 """
 
 from __future__ import annotations
@@ -68,8 +79,17 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--decode-threads", type=int, default=0, help="Per worker (0: 1 on cpu, 8 on cuda).")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/scan_cpu")
-    return p.parse_args()
+    p.add_argument("--out", type=Path, default=None, help="Result stem (default scan_cpu / scan_stages_cpu).")
+    p.add_argument("--stages", action="store_true", help="Time the engine's stages (see above).")
+    p.add_argument("--baseline-tree", type=Path, help="With --stages: a checkout to time as the baseline.")
+    p.add_argument("--fpr", type=float, default=None, help="Presence FPR (more masks to encode when higher).")
+    p.add_argument("--contenders", nargs="*", help="With --stages: only these contenders (by name).")
+    args = p.parse_args()
+    if args.out is None:
+        args.out = ROOT / (
+            "benchmarks/results/scan_stages_cpu" if args.stages else "benchmarks/results/scan_cpu"
+        )
+    return args
 
 
 def _proc(pid: int) -> tuple[float, int]:
@@ -162,6 +182,10 @@ def prepare(tmp: Path, images: int, size: int, arch: str = "resnet18") -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.stages:
+        from benchmarks.scan_stages import main_stages
+
+        return main_stages(args, prepare, compare)
     global SHARD
     SHARD = args.shard_size
     import torch

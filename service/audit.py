@@ -10,7 +10,10 @@ Per request:
   call's own forward pass, at the CAV of the concept each image shows (method.md §2.1). It gives
   the class heatmap, the max-pooled activations for concept scores (§1.4), the class relevance
   at the CAV layer for each concept's relevance share, and the concept-conditioned heatmap whose
-  binarisation (§2.2) is the localization mask of a concept judged present.
+  binarisation (§2.2) is the localization mask of a concept judged present. It runs in two
+  stages (:mod:`medaudit.service.audit_stages`): :meth:`AuditEngine.audit_raw` on the engine's
+  device (LRP, scores, the overlay blend, one host copy) and :meth:`AuditEngine.finish` on the host
+  (masks, PNGs), which a caller may overlap with the next batch's first stage.
 * :func:`compare`: one image through several versions, side by side, with their agreement.
 
 The engine scores; it does not decide. Whether a result is flagged for review is the flag

@@ -169,6 +169,9 @@ class DeviceScorer:
             torch.tensor(np.asarray(bank[c].clean_scores, dtype=np.float64), device=device)
             for c in self.names
         ]
+        # built once here: a tensor made from a host list per call is a host-to-device copy that
+        # torch synchronises, the host sync between the forward and the backward this avoids
+        self._lengths = torch.tensor([len(c) for c in self._clean], dtype=torch.float64, device=device)
 
     def score(self, pooled: torch.Tensor) -> DeviceScores:
         """(B, C) pooled activations -> scores, percentiles, presence, each (B, K)."""
@@ -176,8 +179,7 @@ class DeviceScorer:
         idx = torch.stack(
             [torch.searchsorted(c, s[:, k].contiguous(), right=True) for k, c in enumerate(self._clean)], 1
         )
-        lengths = torch.tensor([len(c) for c in self._clean], dtype=torch.float64, device=s.device)
-        return DeviceScores(s, 100.0 * idx.to(torch.float64) / lengths, s > self._thr)
+        return DeviceScores(s, 100.0 * idx.to(torch.float64) / self._lengths, s > self._thr)
 
     def shares(self, class_rel: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         """(B, C) channel relevance (float64) -> (B, K) relevance shares in [0, 1]."""
