@@ -143,7 +143,9 @@ class FixedShapeScreen:
 
     def _capture(self, example: torch.Tensor) -> Callable[[torch.Tensor], ScreenOut] | None:
         size, layer = example.shape[0], self.layer
-        device = next(self.explainer.model.parameters()).device
+        model = self.explainer.model
+        # where explain puts its input: the rule model keeps its weights as buffers, not parameters
+        device = next(t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()).device
         try:
             graph = self.explainer.capture(example.to(device), ["pred"], **screen_kwargs(layer))
         except Exception as e:  # a capture that fails leaves the bucket on the eager path

@@ -265,3 +265,24 @@ def test_a_pipelined_lane_answers_like_audit_jobs(engine: AuditEngine, images: l
         w = want[id(job)]
         assert json.dumps(g["result"], sort_keys=True) == json.dumps(w["result"], sort_keys=True)
         np.testing.assert_array_equal(g["features"], w["features"])
+
+
+def test_a_failed_capture_leaves_its_bucket_on_the_eager_padded_path(
+    tiny_loaded: Any, images: list[np.ndarray]
+) -> None:
+    """The graphed wrapper's fallback: a bucket whose capture fails (here: a CPU explainer, which
+    ``Explainer.capture`` refuses) runs eagerly, padded, with the error kept; a CUDA device that
+    torch does not see picks the plain path."""
+    eng = AuditEngine(tiny_loaded, fpr=0.5, ort_threads=1)
+    want = eng.screen(images)
+    screen = FixedShapeScreen(eng.explainer, eng.bank.layer, [4], capture=True)
+    eng._screen = screen
+    got = eng.screen(images)
+    assert list(screen.failed) == [4] and "CUDA" in screen.failed[4]
+    for g, w in zip(got, want, strict=True):
+        assert [c.present for c in g.concepts] == [c.present for c in w.concepts]
+        np.testing.assert_allclose(
+            [c.score for c in g.concepts], [c.score for c in w.concepts], rtol=1e-5, atol=1e-6
+        )
+    if not torch.cuda.is_available():
+        assert choose(torch.device("cuda"), True, [8]).reason == "torch sees no CUDA device"
