@@ -2,6 +2,10 @@
 
 1. Synthderm's ISIC-like form (nevus, melanoma, bcc; band-aids on nevi) is exported in the ISIC
    2019 layout with artifact annotations only; the true masks are held back in a folder apart.
+   The hospital's own train/val/test split (synthderm's, lesion-grouped) is ``isic/splits.csv``,
+   and medaudit opens the data with it (``&splits=``): without it the adapter draws its own
+   lesion split, and 194 of its 282 test images were images the hospital's model was trained on,
+   so the build evaluated corrections on training images.
 2. A plain torch script that knows nothing of medaudit (the hospital's) trains a timm ResNet-18 on
    the exported JPEGs (ImageNet mean/std), and the band-aid shortcut it learned is measured:
    melanoma accuracy on clean test images minus on the same images with a band-aid.
@@ -12,12 +16,15 @@
     .venv/bin/python benchmarks/derived_masks.py                   # 128 px, 6 epochs
     .venv/bin/python benchmarks/derived_masks.py --keep /tmp/dm    # keep data, model and masks
     .venv/bin/python benchmarks/derived_masks.py --keep /tmp/dm --layer layer2   # reuse them
+    .venv/bin/python benchmarks/build_real.py --model /tmp/dm/derm.toml --cav-scope NV \\
+        --data 'isic2019:/tmp/dm/isic?classes=NV,MEL,BCC&splits=splits.csv'      # then build
 
-The CAV layer matters. Same model (128 px, the run in the results file), svm CAV, IoU mean over
-all annotated images: band-aid 0.618 at ``layer1`` (32×32), 0.488 at ``layer2`` (16×16; its masks
-cover the white pad, a third of the plaster); ruler 0.752 and 0.723. With the band-aid CAV fitted
-on nevi alone (``--scope NV``, the paper's scope for ISIC band-aids, method.md §1.1): 0.648 at
-``layer1``, 0.491 at ``layer2``; a ``signal`` CAV on nevi at ``layer2``: 0.535.
+The CAV layer matters. On an earlier training of the same script (2026-12-07 01:01, 128 px),
+svm CAV, IoU mean over all annotated images: band-aid 0.618 at ``layer1`` (32×32), 0.488 at
+``layer2`` (16×16; its masks cover the white pad, a third of the plaster); ruler 0.752 and
+0.723. With the band-aid CAV fitted on nevi alone (``--scope NV``, the paper's scope for ISIC
+band-aids, method.md §1.1): 0.648 at ``layer1``, 0.491 at ``layer2``; a ``signal`` CAV on nevi
+at ``layer2``: 0.535.
 
 Writes ``benchmarks/results/derived_masks_cpu.md`` and ``.json``.
 """
@@ -41,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_name  # noqa: E402
 
 GOAL_IOU = 0.5
+#: The hospital's split file (``image,split``) in the exported folder; it trains on ``train``.
+SPLITS = "splits.csv"
 
 # The hospital's training script: torch, timm, PIL and csv only.
 HOSPITAL = r"""
@@ -117,7 +126,7 @@ def main() -> None:
         timings = {}
         t0 = time.perf_counter()
         synth.export(work / "isic", layout="isic2019", mask_dir=work / "held")
-        (work / "train_ids.txt").write_text("\n".join(f"ISIC_{i:07d}" for i in synth.indices("train")))
+        _write_splits(synth, work)
         timings["export"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         (work / "train.py").write_text(HOSPITAL)
@@ -140,10 +149,12 @@ def main() -> None:
             """
         )
     )
+    _write_splits(synth, work)  # a kept run from before the split file: the split it trained on
     shortcut = _shortcut(synth, work / "derm.toml")
 
     t0 = time.perf_counter()
-    data = json.loads((work / "isic" / "synthderm.json").read_text())["open_with"]
+    # the hospital's split, so that medaudit's test split is the images its model never saw
+    data = json.loads((work / "isic" / "synthderm.json").read_text())["open_with"] + f"&splits={SPLITS}"
     medaudit = Path(sys.executable).with_name("medaudit")
     loc = [str(medaudit), "localize", "--data", data, "--artifact", "band_aid,ruler",
            "--model", str(work / "derm.toml"), "--layer", args.layer, "--export-masks",
@@ -164,6 +175,7 @@ def main() -> None:
         "layer": args.layer,
         "n_images": len(synth),
         "n_train": int(len(synth.indices("train"))),
+        "data": data,
         "shortcut": shortcut,
         "derived_masks": summary,
         "goal_iou": GOAL_IOU,
@@ -180,6 +192,16 @@ def main() -> None:
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
     del np
+
+
+def _write_splits(synth: object, work: Path) -> None:
+    """The hospital's split: ``isic/splits.csv`` (image,split; synthderm's lesion-grouped split)
+    and the ids of its ``train`` rows, which the training script reads."""
+    split_of = list(synth.split_of)  # type: ignore[attr-defined]
+    rows = [f"ISIC_{i:07d},{s}" for i, s in enumerate(split_of)]
+    (work / "isic" / SPLITS).write_text("image,split\n" + "\n".join(rows) + "\n")
+    train = [f"ISIC_{i:07d}" for i, s in enumerate(split_of) if s == "train"]
+    (work / "train_ids.txt").write_text("\n".join(train))
 
 
 def _shortcut(synth: object, spec: Path) -> dict[str, float]:
