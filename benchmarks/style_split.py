@@ -1,0 +1,98 @@
+"""Artifact styles and the band-aid shortcut (issue 23): train the demo's base model on a synthderm
+with ``styles`` and measure its band-aid attack drop per band-aid style.
+
+Trains (or resumes) resnet18 with the demo's TrainConfig on ``SynthDermConfig(size, styles)`` into
+OUT, then prints the malignant clean→attacked accuracy drop on the test split with the band-aids of
+``--eval-styles`` (each style's, pooled over styles the training split has and has not), and with
+house band-aids. The per-style concept metrics come from the offline audit of the same model::
+
+    python benchmarks/style_split.py /tmp/styled --size 64 --styles split
+    medaudit audit --weights /tmp/styled/model.pt --out /tmp/styled/audit
+    python benchmarks/style_split.py /tmp/house --size 64 --styles house --eval-styles split
+    medaudit audit --weights /tmp/house/model.pt --dataset "synthderm?size=64&styles=split" \\
+        --out /tmp/house/audit_styled
+
+Figures (64 px, one seed, 2-core machine) are in docs/data.md ("Artifacts in many styles").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
+from medaudit.models.registry import create_model
+from medaudit.models.train import TrainConfig, train
+
+
+def _predict(model: torch.nn.Module, mcfg: object, X: np.ndarray) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(X), 100):
+            x = torch.from_numpy(X[b : b + 100]).permute(0, 3, 1, 2).contiguous()
+            out.append(model(mcfg.normalize(x)).argmax(1).numpy())  # type: ignore[attr-defined]
+    return np.concatenate(out)
+
+
+def drops(weights: Path, data: SynthDermConfig, styles: str) -> dict[str, dict[str, float]]:
+    """Malignant accuracy clean / attacked and the drop in points, per band-aid style group."""
+    model, mcfg = create_model("resnet18", weights=weights)
+    model.eval()
+    res: dict[str, dict[str, float]] = {}
+    styled = replace(data, styles=styles)
+    train_styles = set(SynthDerm(styled).artifact_styles("train").get("band_aid", {}).values())
+    for name, cfg in ((styles, styled), ("house", replace(data, styles="house", style_split={}))):
+        ds = SynthDerm(cfg)
+        Xs, y = ds.variant_arrays("test", ("clean", "attacked"), "band_aid")
+        pc, pa = _predict(model, mcfg, Xs["clean"]), _predict(model, mcfg, Xs["attacked"])
+        sty = np.array([ds.style_of(int(i), "band_aid") for i in ds.indices("test")])
+        groups = {"all": np.ones(len(y), dtype=bool)}
+        if name != "house":
+            seen = np.isin(sty, sorted(train_styles))
+            groups |= {"seen styles": seen, "unseen styles": ~seen}
+            groups |= {s: sty == s for s in sorted(set(sty))}
+        for g, sel in groups.items():
+            m = sel & (y == 1)
+            clean, attacked = float((pc[m] == 1).mean()), float((pa[m] == 1).mean())
+            res[f"{name}/{g}"] = {
+                "n_malignant": int(m.sum()),
+                "clean": round(clean, 4),
+                "attacked": round(attacked, 4),
+                "drop_points": round(100 * (clean - attacked), 1),
+            }
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--styles", default="split", help="house, split or all: what the model trains on")
+    p.add_argument("--eval-styles", default=None, help="band-aid styles of the attack (default: --styles)")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--n-train", type=int, default=SynthDermConfig.n_train)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    data = SynthDermConfig(size=a.size, n_train=a.n_train, styles=a.styles)
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    card = train(TrainConfig(threads=a.threads, epochs=a.epochs, data=data), a.out, log=print)
+    train_s = time.perf_counter() - t0
+    out = {
+        "train_s": round(train_s, 1),
+        "test": card["test"],
+        "attack_drops": drops(a.out / "model.pt", data, a.eval_styles or a.styles),
+        "load_start": load0,
+        "load_end": os.getloadavg(),
+    }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
