@@ -194,6 +194,8 @@ def test_reviewer_resolves_a_flag_in_the_browser(
         page.wait_for_function("t => document.getElementById('page-info').textContent !== t", arg=before)
     row.wait_for()
     assert "match these filters" in page.text_content("#queue-counts")
+    # A new page reads from the top (the pager is below the table): the header bar is in view.
+    page.wait_for_function("window.scrollY === 0")
     _shot(page, "ui-queue.png", tmp_path)
 
     # Forged cross-site POSTs while signed in: a form on another site's page, and a same-origin

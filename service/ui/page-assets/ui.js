@@ -266,6 +266,13 @@ async function openFlag(ref) {
   $("flag-state").textContent = open ? "Open" : `Resolved: ${f.verdict} by ${f.reviewer} at ${when(f.resolved_at)}`;
 }
 
+async function turnPage(step) {
+  // The pager sits below the table: a new page is read from its first row, under the header.
+  state.filters.offset = Math.max(0, state.filters.offset + step * state.filters.limit);
+  await openQueue();
+  window.scrollTo(0, 0);
+}
+
 async function nextFlag() {
   // The next open flag of the current filters, fetched as data: the page itself stays.
   const current = state.flag && state.flag.ref;
@@ -412,8 +419,8 @@ document.addEventListener("DOMContentLoaded", () => {
     state.sel = 0;
     setTimeout(openQueue, 0);
   });
-  $("prev").addEventListener("click", () => { state.filters.offset = Math.max(0, state.filters.offset - state.filters.limit); openQueue(); });
-  $("next").addEventListener("click", () => { state.filters.offset += state.filters.limit; openQueue(); });
+  $("prev").addEventListener("click", () => turnPage(-1));
+  $("next").addEventListener("click", () => turnPage(1));
   for (const id of ["show-heat", "heat-opacity", "show-mask", "mask-opacity"]) $(id).addEventListener("input", applyLayers);
   for (const b of document.querySelectorAll("#verdict-form button[data-verdict]")) {
     b.addEventListener("click", () => resolveFlag(b.dataset.verdict));
