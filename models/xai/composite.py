@@ -44,7 +44,8 @@ DEFAULT_ATTENTION = "cp-lrp"
 #: (:class:`~medaudit.models.xai.rules_gamma.GammaConv`, γ = 0.25) in place of z⁺ — the composite of
 #: the paper's ``utils/lrp_composites.py`` (unused there) and of Montavon et al. 2019's advice
 #: for lower and middle layers. They differ only on convs.
-COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-flat")
+#: ``epsilon`` puts ε on every conv and linear, the first too: a ViT's (below).
+COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-flat", "epsilon")
 DEFAULT_COMPOSITE = "epsilon-plus-flat"
 #: canonizer id -> its composite where it is not :data:`DEFAULT_COMPOSITE` (docs/models.md).
 #: EfficientNet: z⁺ drops the relevance of outputs with no same-sign contribution, which its linear
@@ -52,7 +53,12 @@ DEFAULT_COMPOSITE = "epsilon-plus-flat"
 #: (1 - 2e-5), and on the synthderm-trained B0 (96 px, faithfulness_cpu_efficientnet*.md) ranks
 #: pixels at least as well (AOPC 113.8 against 112.6 over 64 images) and localizes the band-aid
 #: better (IoU 0.324 against 0.277). It costs about 2x z⁺'s backward on the CPU.
-FAMILY_COMPOSITES: dict[str, str] = {"efficientnet": "epsilon-gamma-flat"}
+#: ViT: its only conv is the patch embedding (16×16 kernel, stride 16), the first layer, whose Flat
+#: rule spreads each token's relevance evenly over its patch, so the heatmap is a grid of uniform
+#: blocks and nothing smaller than a patch can be localized. ε there is the relevance lxt's ViTs
+#: give the pixels (gradient × input through the patch embedding); its linears are ε in both.
+#: The paper ran no LRP on its ViT (method.md §2.4), so there is no setting of theirs to keep.
+FAMILY_COMPOSITES: dict[str, str] = {"efficientnet": "epsilon-gamma-flat", "vit": "epsilon"}
 
 #: Modules that get the Pass rule. zennit 0.5.1's ``types.Activation`` (minus
 #: ``MultiheadAttention``, which the ViT canonizer writes out as an AttentionCore) plus BatchNorm,
@@ -96,7 +102,8 @@ _UNSUPPORTED = (
 #: Rule module class -> the rule's name in :func:`rule_report` (method.md §3.1).
 _RULE_NAMES: dict[type[nn.Module], str] = {
     rules.FlatConv: "Flat", rules.FlatLinear: "Flat", rules.ZPlusConv: "ZPlus", GammaConv: "Gamma",
-    rules.EpsilonLinear: "Epsilon", rules.NormSum: "Norm", rules.NormAvgPool: "Norm", rules.PassRule: "Pass",
+    rules.EpsilonLinear: "Epsilon", rules.EpsilonConv: "Epsilon", rules.NormSum: "Norm",
+    rules.NormAvgPool: "Norm", rules.PassRule: "Pass",
     attention_rules.AttnLRPAttention: "AttnLRP", attention_rules.CPLRPAttention: "CP-LRP",
     attention_rules.LayerNormRule: "LayerNorm (identity on σ, ε)", attention_rules.NormTokenMean: "Norm",
 }  # fmt: skip
@@ -178,11 +185,13 @@ def rule_for(
             "class's function. Have the canonizer replace it (models/xai/canonizers.py)"
         )
     if isinstance(module, _CONVS):
+        if composite == "epsilon":
+            return rules.EpsilonConv(module)
         if first:
             return rules.FlatConv(module)
         return GammaConv(module) if composite == "epsilon-gamma-flat" else rules.ZPlusConv(module)
     if isinstance(module, nn.Linear):
-        return rules.FlatLinear(module) if first else rules.EpsilonLinear(module)
+        return rules.FlatLinear(module) if first and composite != "epsilon" else rules.EpsilonLinear(module)
     if isinstance(module, ResidualSum):
         return rules.NormSum()
     if isinstance(module, _AVG_POOLS):

@@ -444,6 +444,50 @@ class FlatConv(nn.Module):
         return _FlatConvFn.apply(x, self.weight, self.bias, self.args, self.eps)
 
 
+class _EpsilonConvFn(torch.autograd.Function):
+    """ε rule on a convolution (method.md §3.1, zennit ``Epsilon``):
+    ``R_i = x_i Σ_j w_ji R_j / stab(z_j)``, the adjoint convolution of ``R / stab(z)`` times x."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, args: ConvArgs, eps: float
+    ) -> torch.Tensor:
+        return _conv(x, w, b, args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, w, _, args, eps = inputs
+        ctx.save_for_backward(x, w, output)
+        ctx.args, ctx.eps = args, eps
+
+    @staticmethod
+    def backward(ctx: Any, r: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w, z = ctx.saved_tensors
+        rel = _conv_transpose(r / stabilize(z, ctx.eps), x.shape, w, ctx.args).mul_(x)
+        return rel, None, None, None, None
+
+
+class EpsilonConv(nn.Module):
+    """A convolution whose backward is the ε rule: a ViT's patch embedding under the ``epsilon``
+    composite (:mod:`medaudit.models.xai.composite`), where Flat would make every 16×16 patch one
+    uniform block of the heatmap."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, conv: nn.modules.conv._ConvNd, eps: float = EPSILON) -> None:
+        super().__init__()
+        self.args = conv_args(conv)
+        self.eps = eps
+        self.register_buffer("weight", conv.weight.detach().clone())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _EpsilonConvFn.apply(x, self.weight, self.bias, self.args, self.eps)
+
+
 class _FlatLinearFn(torch.autograd.Function):
     """Flat for a linear first layer: ``R_i = Σ_j R_j / stab(d_in)``."""
 

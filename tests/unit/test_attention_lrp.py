@@ -6,8 +6,10 @@ The reference is lxt's own rule functions (``lxt.explicit.functional``: ``linear
 test-only dependency (installed without its dependencies, Makefile): ``lxt.efficient``, its
 monkey-patching of torchvision's ViT, imports ``transformers`` for its LLM patches and is not used.
 
-lxt has no Flat rule, so the comparison is at the patch-embedding output (every transformer rule
-is above it); the input heatmap is then checked against Flat spread by hand over each patch.
+The comparison is at the patch-embedding output (every transformer rule is above it); the input
+heatmap is then checked against the ε rule through the patch embedding written out by hand (the
+ViT family's ``epsilon`` composite; lxt's own pixel relevance, gradient × input of that linear
+map, is the same rule with ε = 0).
 """
 
 from __future__ import annotations
@@ -288,14 +290,27 @@ def engine_tokens(model: nn.Module, x: torch.Tensor, attention: str) -> tuple[to
     return ours, e.heatmaps[0]
 
 
+def epsilon_through_patches(model: nn.Module, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The ε rule from patch-token relevance (B, N, C) to the pixels, summed over RGB (B, H, W):
+    ``R_i = x_i Σ_c w_ci R_c / stab(z_c)`` within each non-overlapping patch."""
+    conv = model.patch_embed.proj if isinstance(model, timm.models.VisionTransformer) else model.conv_proj
+    with torch.no_grad():
+        z = conv(x).flatten(2).transpose(1, 2)
+    b, _, h, w = x.shape
+    p = conv.kernel_size[0]
+    back = torch.einsum("bnc,cdij->bndij", tokens / stab(z), conv.weight)  # (B, N, 3, p, p)
+    back = back.reshape(b, h // p, w // p, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, h, w)
+    return (x * back).sum(1)
+
+
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_vit_relevance_equals_lxt_with_the_same_stabiliser(
     name: str, attention: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With ε and its sign convention aligned, the relevance at the patch tokens is lxt's to
-    float64 rounding, and the input heatmap is that relevance spread by Flat over each 16×16
-    patch (the first layer's rule, method.md §3.1; lxt has no Flat)."""
+    float64 rounding, and the input heatmap is that relevance taken to the pixels by the ε rule
+    through the patch embedding: pixel detail inside each 16×16 patch, not Flat's uniform block."""
     signed_stabilizer(monkeypatch)
     model = MODELS[name]()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -305,10 +320,9 @@ def test_vit_relevance_equals_lxt_with_the_same_stabiliser(
     # avg-pools) on the mean; everywhere else the two agree to rounding.
     tol = 1e-3 if name == "timm-avg" else 1e-9
     torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol * theirs.abs().max().item())
-    per_patch = ours.sum(-1).reshape(2, 2, 2) / 256  # Σ_c R over 3·16·16 inputs, summed over RGB
-    flat = per_patch.repeat_interleave(16, 1).repeat_interleave(16, 2)
-    torch.testing.assert_close(heat, flat, rtol=1e-8, atol=1e-12)  # Flat: n = 768 + ε
-    assert torch.count_nonzero(heat) == heat.numel()
+    torch.testing.assert_close(heat, epsilon_through_patches(model, x, ours), rtol=1e-8, atol=1e-12)
+    patch = heat[:, :16, :16]  # one patch: its pixels differ (Flat would give them one value)
+    assert patch.std(dim=(1, 2)).min() > 1e-3 * patch.abs().amax(dim=(1, 2)).max()
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
@@ -398,7 +412,7 @@ def test_vit_rule_report_and_attention_choice() -> None:
     assert report["blocks.0.attn.core"] == "CP-LRP"
     assert report["blocks.0.norm1"].startswith("LayerNorm") and report["fc_norm"].startswith("LayerNorm")
     assert report["blocks.0.mlp.act"] == "Pass" and report["blocks.0.attn.qkv"] == "Epsilon"
-    assert report["patch_embed.proj"] == "Flat" and report["token_pool"] == "Norm"
+    assert report["patch_embed.proj"] == "Epsilon" and report["token_pool"] == "Norm"
     assert {r.path: r.rule for r in rule_report(model, "vit", "attnlrp")}["blocks.2.attn.core"] == "AttnLRP"
     with pytest.raises(ConfigError, match="attention='softmax'; valid: attnlrp, cp-lrp"):
         Explainer(model, vit_cfg(model), attention="softmax")

@@ -484,7 +484,7 @@ def test_efficientnet_rule_report_under_epsilon_gamma_flat() -> None:
 
 def test_an_unknown_composite_is_refused_with_the_choices() -> None:
     with pytest.raises(
-        ConfigError, match=r"composite='epsilon-plus'; valid: epsilon-plus-flat, epsilon-gamma-flat"
+        ConfigError, match=r"composite='epsilon-plus'; valid: epsilon-plus-flat, epsilon-gamma-flat, epsilon"
     ):
         engine(model_for("tv:resnet18"), "epsilon-plus")
     with pytest.raises(ConfigError, match=r"valid: epsilon-plus-flat"):

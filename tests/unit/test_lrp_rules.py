@@ -58,6 +58,14 @@ def ref_epsilon(lin: nn.Linear, x: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     return (c / stab(z)[:, None] * r[:, None]).sum(2)
 
 
+def ref_epsilon_conv(conv: nn.Conv2d, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    s, p = conv.stride[0], conv.padding[0]
+    c = conv_contributions(x, conv.weight, s, p)
+    z = c.sum(1) + conv.bias[None, :, None]
+    r_patch = (c / stab(z)[:, None] * r.flatten(2)[:, None]).sum(2)
+    return fold_back(r_patch, x, conv.weight.shape[-1], s, p)
+
+
 def ref_norm_avgpool(k: int, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     c = F.unfold(x, k, stride=k).reshape(x.shape[0], x.shape[1], k * k, -1) / (k * k)
     z = c.sum(2)
@@ -128,6 +136,19 @@ def test_epsilon_matches_formula(gen: torch.Generator) -> None:
     r = torch.randn(4, 3, generator=gen, dtype=torch.float64)
     (got,) = rule_relevance(rules.EpsilonLinear(lin), r, x)
     torch.testing.assert_close(got, ref_epsilon(lin, x, r), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding"), [(3, 1, 1), (4, 4, 0)], ids=["overlapping", "patches"]
+)
+def test_epsilon_conv_matches_formula(gen: torch.Generator, kernel: int, stride: int, padding: int) -> None:
+    """The ε rule on a conv, signed inputs: overlapping windows, and a ViT patch embedding's
+    non-overlapping ones (kernel = stride)."""
+    conv = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding).double()
+    x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    r = torch.randn(2, 5, *conv(x).shape[-2:], generator=gen, dtype=torch.float64)
+    (got,) = rule_relevance(rules.EpsilonConv(conv), r, x)
+    torch.testing.assert_close(got, ref_epsilon_conv(conv, x, r), atol=TOL, rtol=TOL)
 
 
 def test_flat_linear_spreads_uniformly(gen: torch.Generator) -> None:
