@@ -66,7 +66,8 @@ def parse_args() -> argparse.Namespace:
         "--composites",
         nargs="*",
         default=[],
-        help="CNN composites to compare (models/xai/composite.py COMPOSITES); default: the family's",
+        help="composites to compare (models/xai/composite.py COMPOSITES; a ViT's under each attention "
+        "rule); default: the family's",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=ROOT / ".cache" / "faithfulness")
@@ -147,9 +148,16 @@ def lrp_variants(cfg: Any, args: argparse.Namespace) -> list[tuple[str, dict[str
     composites of a CNN (``--composites``), else the engine's default; the default marked."""
     from medaudit.models.xai.composite import ATTENTION_RULES, DEFAULT_ATTENTION, family_composite
 
-    if cfg.canonizer == "vit":
+    if cfg.canonizer == "vit":  # every attention rule, under each --composites (else the family's)
+        family = family_composite("vit")
+        composites = args.composites or [family]
         return [
-            (f"LRP (engine, {a}{', default' if a == DEFAULT_ATTENTION else ''})", {"attention": a})
+            (
+                f"LRP (engine, {a}{'' if c == family and not args.composites else f', {c}'}"
+                f"{', default' if (a, c) == (DEFAULT_ATTENTION, family) else ''})",
+                {"attention": a, "composite": c},
+            )
+            for c in composites
             for a in ATTENTION_RULES
         ]
     if not args.composites:
@@ -267,7 +275,7 @@ def localization(
             for h, gt in zip(hm, masks[b0 : b0 + 32], strict=True):
                 ious.append(iou(binarize(h), gt))
                 rhos.append(artifact_relevance_rho(h, gt))
-        key = kwargs.get("attention") or kwargs.get("composite") or "engine"
+        key = ", ".join(kwargs[k] for k in ("attention", "composite") if k in kwargs) or "engine"
         out[key] = {"mean_iou": float(np.mean(ious)), "mean_rho": float(np.mean(rhos))}
     return out
 

@@ -21,8 +21,9 @@ VALIDATED: Mapping[str, str] = {
     "efficientnet": "zennit 0.5.1 parity with its canonizers, epsilon-gamma-flat (zennit's Gamma) and "
     "EpsilonPlusFlat, conservation without biases (tests/unit/test_lrp_families.py); region "
     "perturbation below random and gradient×input for both composites (faithfulness_cpu_efficientnet.md)",
-    "vit": "lxt 2.1 parity, AttnLRP and CP-LRP, timm and torchvision (tests/unit/test_attention_lrp.py); "
-    "region perturbation above gradient×input and random (faithfulness_cpu_vit.md)",
+    "vit": "lxt 2.1 parity, AttnLRP and CP-LRP, timm and torchvision, ε through the patch embedding "
+    "(tests/unit/test_attention_lrp.py); region perturbation above gradient×input and random "
+    "(faithfulness_cpu_vit.md, faithfulness_cpu_vit64_band_aid.md)",
 }
 
 
