@@ -63,6 +63,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cav-images", type=int, default=400, help="training images the CAV is fitted on")
     p.add_argument("--localize", type=int, default=60, help="band-aid test images localized (IoU)")
     p.add_argument(
+        "--shapley",
+        type=int,
+        default=0,
+        help="also localize the first N of those by the authors' ViT method, Shapley value sampling "
+        "over SLIC superpixels (method.md §2.4); 0: not run (it costs samples × 100 forwards an image)",
+    )
+    p.add_argument("--shapley-samples", type=int, default=150, help="Shapley permutations (the paper's: 150)")
+    p.add_argument(
         "--composites",
         nargs="*",
         default=[],
@@ -266,18 +274,126 @@ def localization(
     rows = [j for j, i in enumerate(te_idx) if carries[i]][: args.localize]
     masks = [ds.mask(int(te_idx[j]), "band_aid", args.size) for j in rows]
     out: dict[str, Any] = {"layer": layer, "n": len(rows), "cav": cav.meta()}
+    shown: list[tuple[str, Any]] = []  # (variant, first GALLERY heatmaps) for the picture
+    per_image: dict[str, list[float]] = {}  # variant -> IoU per image, for the Shapley comparison
+    segments = [superpixels(X[j]) for j in rows] if args.shapley else []
     for _name, kwargs in lrp_variants(cfg, args):
         e = Explainer(model, cfg, **kwargs)
-        ious, rhos = [], []
+        ious, rhos, pooled = [], [], []
         for b0 in range(0, len(rows), 32):
             xb = cfg.normalize(X[rows[b0 : b0 + 32]])
             hm = e.explain(xb, [ConceptTarget(layer, v)], logits=False).heatmaps[0].double().numpy()
-            for h, gt in zip(hm, masks[b0 : b0 + 32], strict=True):
+            for i, (h, gt) in enumerate(zip(hm, masks[b0 : b0 + 32], strict=True)):
                 ious.append(iou(binarize(h), gt))
                 rhos.append(artifact_relevance_rho(h, gt))
+                if segments:  # the heatmap summed over the superpixels the Shapley features use
+                    seg = segments[b0 + i]
+                    pooled.append(iou(binarize(np.bincount(seg.ravel(), weights=h.ravel())[seg]), gt))
         key = ", ".join(kwargs[k] for k in ("attention", "composite") if k in kwargs) or "engine"
         out[key] = {"mean_iou": float(np.mean(ious)), "mean_rho": float(np.mean(rhos))}
+        if pooled:
+            out[key]["mean_iou_superpixels"] = float(np.mean(pooled))
+        per_image[key] = ious
+        first = cfg.normalize(X[rows[:GALLERY]])
+        shown.append((key, e.explain(first, [ConceptTarget(layer, v)], logits=False).heatmaps[0].numpy()))
+    out["gallery"] = gallery(X[rows[:GALLERY]].numpy(), shown, masks[:GALLERY])
+    if args.shapley:
+        n = min(args.shapley, len(rows))
+        shap = shapley_localization(model, cfg, layer, v, X[rows[:n]], masks[:n], args.shapley_samples)
+        shap["lrp_iou_same_images"] = {k: float(np.mean(ious[:n])) for k, ious in per_image.items()}
+        out["shapley"] = shap
     return out
+
+
+def superpixels(image: Any) -> Any:
+    """SLIC segments of a (3, H, W) uint8 image as the authors cut their ViT's Shapley features
+    (method.md §2.4: 100 segments, compactness 10)."""
+    import numpy as np
+    from skimage.segmentation import slic
+
+    return slic(np.transpose(np.asarray(image), (1, 2, 0)), n_segments=100, compactness=10, start_label=0)
+
+
+def shapley_localization(
+    model: Any, cfg: Any, layer: str, v: Any, images: Any, masks: list[Any], samples: int
+) -> dict[str, Any]:
+    """The authors' ViT localization (method.md §2.4): captum's Shapley value sampling of the CAV
+    score ``<φ(x), v>`` (their bias-free linear readout on the concept layer) over SLIC superpixels
+    (100 segments, compactness 10, on the uint8 image), baseline 0 in the normalised input (the
+    mean colour here, mid-grey in their 0.5/0.5 normalisation); clamped at 0 and summed over
+    channels, then binarised and scored like the LRP heatmaps."""
+    import numpy as np
+    import torch
+    from captum.attr import ShapleyValueSampling
+
+    from medaudit.models.features import max_pool_spatial
+    from medaudit.models.xai.localize import artifact_relevance_rho, binarize, iou
+
+    store: dict[str, Any] = {}
+    hook = model.get_submodule(cfg.hook_points[layer]).register_forward_hook(
+        lambda _m, _i, o: store.__setitem__("a", o)
+    )
+
+    def score(x: Any) -> Any:
+        model(x)
+        return max_pool_spatial(store["a"]) @ v
+
+    ious, rhos = [], []
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for img, gt in zip(images, masks, strict=True):
+                seg = superpixels(img.numpy())
+                features = torch.as_tensor(seg)[None, None].repeat(1, 3, 1, 1)
+                attr = ShapleyValueSampling(score).attribute(
+                    cfg.normalize(img[None]),
+                    baselines=0.0,
+                    feature_mask=features,
+                    n_samples=samples,
+                    perturbations_per_eval=32,
+                )
+                h = attr.clamp(min=0).sum(1)[0].double().numpy()
+                ious.append(iou(binarize(h), gt))
+                rhos.append(artifact_relevance_rho(h, gt))
+    finally:
+        hook.remove()
+    return {
+        "mean_iou": float(np.mean(ious)),
+        "mean_rho": float(np.mean(rhos)),
+        "images": len(ious),
+        "samples": samples,
+        "seconds_per_image": round((time.perf_counter() - t0) / max(1, len(ious)), 1),
+    }
+
+
+#: Band-aid test images shown in the localization picture.
+GALLERY = 6
+
+
+def gallery(images: Any, shown: list[tuple[str, Any]], masks: list[Any]) -> Any:
+    """A (rows, cols) uint8 picture: per image its pixels, then per variant the concept heatmap
+    (red positive, blue negative) and its binary mask, and last the drawn band-aid mask."""
+    import numpy as np
+
+    from medaudit.models.xai.localize import binarize
+
+    def colour(h: Any) -> Any:
+        h = h / (np.abs(h).max() or 1.0)
+        return (np.stack([h.clip(0, 1), np.zeros_like(h), (-h).clip(0, 1)], -1) * 255).astype(np.uint8)
+
+    def grey(m: Any) -> Any:
+        return np.repeat((np.asarray(m) > 0)[..., None] * 255, 3, -1).astype(np.uint8)
+
+    rows = []
+    for i, img in enumerate(images):
+        cells = [np.transpose(img, (1, 2, 0)).astype(np.uint8)]
+        for _key, heat in shown:
+            cells += [colour(heat[i].astype(np.float64)), grey(binarize(heat[i]))]
+        cells.append(grey(masks[i]))
+        rows.append(
+            np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells], 1)
+        )
+    return np.concatenate(rows, 0)
 
 
 def run(arch: str, args: argparse.Namespace, weights: dict[str, str]) -> dict[str, Any]:
@@ -344,11 +460,36 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], args: argparse
                 lines.append(f"- {k}: " + ", ".join(f"{a} {b:.3f}" for a, b in v.items()))
         loc = r["localization"]
         lines += ["", f"Band-aid localization at `{loc['layer']}`, {loc['n']} test images:", ""]
-        for k, v in loc.items():
-            if isinstance(v, dict) and "mean_iou" in v:
-                lines.append(f"- {k}: mean IoU **{v['mean_iou']:.3f}**, mean ρ {v['mean_rho']:.3f}")
+        variants = [k for k, v in loc.items() if isinstance(v, dict) and "mean_iou" in v and k != "shapley"]
+        for k in variants:
+            v = loc[k]
+            pooled = (
+                f"; summed over SLIC superpixels first, IoU **{v['mean_iou_superpixels']:.3f}**"
+                if "mean_iou_superpixels" in v
+                else ""
+            )
+            lines.append(f"- {k}: mean IoU **{v['mean_iou']:.3f}**, mean ρ {v['mean_rho']:.3f}{pooled}")
+        if "shapley" in loc:
+            sh = loc["shapley"]
+            same = "; ".join(f"{k} {x:.3f}" for k, x in sh["lrp_iou_same_images"].items())
+            lines += [
+                "",
+                f"The authors' ViT localization (method.md §2.4: Shapley value sampling over SLIC "
+                f"superpixels, {sh['samples']} samples) on the first {sh['images']} of those images: "
+                f"mean IoU **{sh['mean_iou']:.3f}**, mean ρ {sh['mean_rho']:.3f} "
+                f"({sh['seconds_per_image']} s an image); LRP on the same images: {same}.",
+            ]
+        lines += [
+            "",
+            f"![band-aid localization]({png_path(args, r['arch']).name}): per image, the image, then "
+            f"for {'; '.join(variants)} the concept heatmap and its binary mask, last the drawn mask.",
+        ]
         lines.append("")
     return "\n".join(lines)
+
+
+def png_path(args: argparse.Namespace, arch: str) -> Path:
+    return args.out / f"faithfulness_cpu{args.tag}_{arch}.png"
 
 
 def main() -> None:
@@ -376,6 +517,10 @@ def main() -> None:
         print(f"{arch}: {time.perf_counter() - t0:.0f} s", flush=True)
     info["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    for r in results:  # the localization picture beside the tables (markdown() links it)
+        Image.fromarray(r["localization"].pop("gallery")).save(png_path(args, r["arch"]))
     stem = args.out / f"faithfulness_cpu{args.tag}"
     stem.with_suffix(".json").write_text(
         json.dumps({"machine": info, "results": results}, indent=2, default=str)
