@@ -279,27 +279,29 @@ def localization(
     segments = [superpixels(X[j]) for j in rows] if args.shapley else []
     for _name, kwargs in lrp_variants(cfg, args):
         e = Explainer(model, cfg, **kwargs)
+        key = ", ".join(kwargs[k] for k in ("attention", "composite") if k in kwargs) or "engine"
         ious, rhos, pooled = [], [], []
         for b0 in range(0, len(rows), 32):
             xb = cfg.normalize(X[rows[b0 : b0 + 32]])
             hm = e.explain(xb, [ConceptTarget(layer, v)], logits=False).heatmaps[0].double().numpy()
+            if b0 == 0:
+                shown.append((key, hm[:GALLERY]))
             for i, (h, gt) in enumerate(zip(hm, masks[b0 : b0 + 32], strict=True)):
                 ious.append(iou(binarize(h), gt))
                 rhos.append(artifact_relevance_rho(h, gt))
                 if segments:  # the heatmap summed over the superpixels the Shapley features use
                     seg = segments[b0 + i]
                     pooled.append(iou(binarize(np.bincount(seg.ravel(), weights=h.ravel())[seg]), gt))
-        key = ", ".join(kwargs[k] for k in ("attention", "composite") if k in kwargs) or "engine"
         out[key] = {"mean_iou": float(np.mean(ious)), "mean_rho": float(np.mean(rhos))}
         if pooled:
             out[key]["mean_iou_superpixels"] = float(np.mean(pooled))
         per_image[key] = ious
-        first = cfg.normalize(X[rows[:GALLERY]])
-        shown.append((key, e.explain(first, [ConceptTarget(layer, v)], logits=False).heatmaps[0].numpy()))
     out["gallery"] = gallery(X[rows[:GALLERY]].numpy(), shown, masks[:GALLERY])
     if args.shapley:
         n = min(args.shapley, len(rows))
-        shap = shapley_localization(model, cfg, layer, v, X[rows[:n]], masks[:n], args.shapley_samples)
+        shap = shapley_localization(
+            model, cfg, layer, v, X[rows[:n]], masks[:n], segments[:n], args.shapley_samples
+        )
         shap["lrp_iou_same_images"] = {k: float(np.mean(ious[:n])) for k, ious in per_image.items()}
         out["shapley"] = shap
     return out
@@ -315,7 +317,14 @@ def superpixels(image: Any) -> Any:
 
 
 def shapley_localization(
-    model: Any, cfg: Any, layer: str, v: Any, images: Any, masks: list[Any], samples: int
+    model: Any,
+    cfg: Any,
+    layer: str,
+    v: Any,
+    images: Any,
+    masks: list[Any],
+    segments: list[Any],
+    samples: int,
 ) -> dict[str, Any]:
     """The authors' ViT localization (method.md §2.4): captum's Shapley value sampling of the CAV
     score ``<φ(x), v>`` (their bias-free linear readout on the concept layer) over SLIC superpixels
@@ -342,8 +351,7 @@ def shapley_localization(
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            for img, gt in zip(images, masks, strict=True):
-                seg = superpixels(img.numpy())
+            for img, gt, seg in zip(images, masks, segments, strict=True):
                 features = torch.as_tensor(seg)[None, None].repeat(1, 3, 1, 1)
                 attr = ShapleyValueSampling(score).attribute(
                     cfg.normalize(img[None]),

@@ -424,9 +424,10 @@ class _FlatConvFn(torch.autograd.Function):
         return rel, None, None, None, None
 
 
-class FlatConv(nn.Module):
-    """A convolution whose backward is the Flat rule (the first conv/linear, method.md §3.1)."""
+class _RuleConv(nn.Module):
+    """A frozen copy of a convolution whose forward runs the autograd function ``_fn``."""
 
+    _fn: ClassVar[type[torch.autograd.Function]]
     weight: torch.Tensor
     bias: torch.Tensor | None
 
@@ -438,10 +439,19 @@ class FlatConv(nn.Module):
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn.apply(x, self.weight, self.bias, self.args, self.eps)
+
+
+class FlatConv(_RuleConv):
+    """A convolution whose backward is the Flat rule (the first conv/linear, method.md §3.1)."""
+
+    _fn = _FlatConvFn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if packed_kernels_usable(x, self.weight, self.args):
             # the layers above run channels-last (PackedConv); from here on everything is
             x = x.contiguous(memory_format=torch.channels_last)
-        return _FlatConvFn.apply(x, self.weight, self.bias, self.args, self.eps)
+        return super().forward(x)
 
 
 class _EpsilonConvFn(torch.autograd.Function):
@@ -469,23 +479,12 @@ class _EpsilonConvFn(torch.autograd.Function):
         return rel, None, None, None, None
 
 
-class EpsilonConv(nn.Module):
+class EpsilonConv(_RuleConv):
     """A convolution whose backward is the ε rule: a ViT's patch embedding under the ``epsilon``
     composite (:mod:`medaudit.models.xai.composite`), where Flat would make every 16×16 patch one
     uniform block of the heatmap."""
 
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-    def __init__(self, conv: nn.modules.conv._ConvNd, eps: float = EPSILON) -> None:
-        super().__init__()
-        self.args = conv_args(conv)
-        self.eps = eps
-        self.register_buffer("weight", conv.weight.detach().clone())
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _EpsilonConvFn.apply(x, self.weight, self.bias, self.args, self.eps)
+    _fn = _EpsilonConvFn
 
 
 class _FlatLinearFn(torch.autograd.Function):
