@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     title = ("Soak" if args.soak else "Load") + " test of the served app"
     workdir = str(logs.relative_to(ROOT)) if logs.is_relative_to(ROOT) else str(logs)
+    command = " ".join(["python benchmarks/load.py", *(sys.argv[1:] if argv is None else argv)])
 
     def load(base: str, served_desc: str, server_pid: int | None) -> LoadReport:
         print(f"loading {base}: {args.users} users for {args.seconds:.0f} s ...", flush=True)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup_s=args.warmup,
             rss_limit_pct=args.rss_limit if args.soak else None,
             env={"MEDAUDIT_LOAD_WAIT": str(args.wait), "MEDAUDIT_LOAD_SCREEN": str(args.screen)},
-            meta={"served": served_desc, "workdir": workdir},
+            meta={"served": served_desc, "workdir": workdir, "command": command},
         )
 
     if args.url:

@@ -509,6 +509,8 @@ def render_markdown(report: LoadReport, title: str) -> str:
         f"# {title} ({m['date']}, {m['cpu_count']} CPUs, {m['users']} users, {m['seconds']:.0f} s)",
         "",
     ]
+    if m.get("command"):
+        lines += [f"Command: `{m['command']}`.", ""]
     if m.get("served"):
         lines.append(f"Served: {m['served']}.")
     lines += [

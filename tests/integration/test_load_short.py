@@ -37,9 +37,14 @@ def test_load_mix_has_no_errors_and_batches(tiny_deployment: dict[str, str], tmp
             # Think time up to 1 s: enough concurrency to batch, below the predictor's 1 s
             # max_latency_ms on a busy 2-core runner (past it BentoML answers 503 "overloaded").
             env={"MEDAUDIT_LOAD_WAIT": "1.0"},
-            meta={"served": "tiny store, vanilla + pclarc-band_aid A/B 1:1, shadow pclarc-band_aid"},
+            meta={
+                "served": "tiny store, vanilla + pclarc-band_aid A/B 1:1, shadow pclarc-band_aid",
+                "command": "python benchmarks/load.py --users 16",
+            },
         )
-    print("\n" + render_markdown(report, "Short load test"))
+    md = render_markdown(report, "Short load test")
+    print("\n" + md)
+    assert "Command: `python benchmarks/load.py --users 16`." in md  # a report says how to rerun it
     # Internal hops retried because BentoML's client dropped a connection under a request in
     # flight (service.api._keep_sessions stops its session recycling; ~1 a second before).
     dropped = (tmp_path / "serve.log").read_text(errors="replace").count("dependency call connection dropped")
