@@ -48,6 +48,15 @@ def version_name(correction: Correction, artifact: str) -> str:
     return "vanilla" if correction.name == "vanilla" else f"{correction.name}-{artifact}"
 
 
+def recorded_params(correction: Correction, data_info: Mapping[str, Any]) -> dict[str, Any]:
+    """The correction's parameters as its weights and card record them: a correction fitted on
+    artifact masks (RRR) names the masks the data had, ground truth or derived from concepts."""
+    params = dict(correction.params)
+    if "masks" in params:
+        params["masks"] = data_info.get("mask_source", params["masks"])
+    return params
+
+
 def correct_and_evaluate(
     model: nn.Module,
     cfg: ModelCfg,
@@ -80,6 +89,8 @@ def correct_and_evaluate(
         log: Optional progress logger.
     """
     version = version_name(correction, data.artifact)
+    info = dict(data_info if data_info is not None else eval_data.info)
+    params = recorded_params(correction, info)
     directory = Path(out_dir) / version
     directory.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
@@ -99,7 +110,7 @@ def correct_and_evaluate(
         directory / WEIGHTS_FILE,
         correction=correction.name,
         layer=data.layer,
-        params=correction.params,
+        params=params,
     )
     onnx_path = export_onnx(net, cfg, directory / ONNX_FILE, opset=opset)
     first = eval_data.sets.get("clean") or next(iter(eval_data.sets.values()))
@@ -111,13 +122,13 @@ def correct_and_evaluate(
         name=f"{model_name}:{version}",
         version=version,
         architecture=cfg.to_dict(),
-        data=dict(data_info if data_info is not None else eval_data.info),
+        data=info,
         correction={
             "name": correction.name,
             "layer": data.layer if correction.name != "vanilla" else "",
             "cav_kind": "signal",
             "artifact": data.artifact,
-            "params": correction.params,
+            "params": params,
             **extra,
         },
         metrics=report.as_dict(),

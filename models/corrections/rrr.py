@@ -78,7 +78,7 @@ class RRR:
         return {
             "lamb": self.lamb,
             "explanation": "ExpMax",
-            "masks": "gt",
+            "masks": "ground_truth",  # the build writes the data's mask source here
             "finetune": self.finetune.to_dict(),
         }
 

@@ -94,6 +94,8 @@ def test_three_class_build_on_disk_data_registers_versions_with_per_class_cards(
         assert card.architecture["labels"] == list(CLASSES)
         d = card.data
         assert d["mask_source"] == "ground_truth" and d["cav_data"] == "membership"
+        if card.correction["name"] == "rrr":
+            assert card.correction["params"]["masks"] == d["mask_source"]
         assert d["cav_scope"] == ["melanoma", "nevus"] and d["dataset"].startswith("folder:/")
         # the attacked set: every clean test image with an instance from the training split
         assert d["attacked"]["images"] == d["subsets"]["clean"] == d["subsets"]["attacked"] > 0

@@ -154,3 +154,17 @@ def test_correct_and_evaluate_writes_a_complete_version(tmp_path) -> None:
     assert record["name"] == "pclarc"
     x = torch.randn(2, 3, 32, 32)
     assert np.allclose(loaded(x).detach().numpy(), res.model(x).detach().numpy())
+
+
+def test_an_rrr_version_records_the_masks_it_was_fitted_on() -> None:
+    """A build on data whose masks were derived from concepts must not record RRR as fitted on
+    ground truth: the card's correction parameters name the data's mask source."""
+    from medaudit.models.build import recorded_params
+    from medaudit.models.corrections import PClarc
+    from medaudit.models.corrections.rrr import RRR
+
+    assert recorded_params(RRR(), {"mask_source": "derived"})["masks"] == "derived"
+    assert recorded_params(RRR(), {"mask_source": "ground_truth"})["masks"] == "ground_truth"
+    assert recorded_params(RRR(), {})["masks"] == "ground_truth"
+    assert "masks" not in recorded_params(PClarc(), {"mask_source": "derived"})
+    assert recorded_params(RRR(lamb=7.0), {"mask_source": "derived"})["lamb"] == 7.0
