@@ -28,6 +28,7 @@ run); ``--weights arch=PATH`` takes a checkpoint instead. Writes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -103,9 +104,11 @@ def trained(arch: str, args: argparse.Namespace, weights: dict[str, str]) -> tup
     tcfg = TrainConfig(
         arch=arch, epochs=args.epochs, lr=args.lr, threads=args.threads, data=data_config(args)
     )
-    out = (
-        args.work / f"{arch}-{args.size}" if not args.band_aid else args.work / f"{arch}-{args.size}-band_aid"
-    )
+    # One folder per training config (threads included: they change what a ViT learns), so a
+    # rerun with other settings trains beside a cached model instead of over it.
+    key = hashlib.sha256(json.dumps(tcfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    out = args.work / f"{arch}-{args.size}{'-band_aid' if args.band_aid else ''}-{key}"
+    print(f"{arch}: model folder {out}", flush=True)
     t0 = time.perf_counter()
     card = train(tcfg, out, cache_dir=args.work / "cache", log=lambda m: print(m, flush=True))
     model, cfg = create_model(arch, weights=out / "model.pt")
@@ -258,7 +261,14 @@ def localization(
     from medaudit.models.audit.options import default_concept_layers
     from medaudit.models.xai import ConceptTarget, Explainer
     from medaudit.models.xai.cav import fit_cav
-    from medaudit.models.xai.localize import artifact_relevance_rho, binarize, iou
+    from medaudit.models.xai.localize import (
+        artifact_relevance_rho,
+        binarize,
+        family_mask_pooling,
+        iou,
+        pool_superpixels,
+        superpixels,
+    )
 
     layer = default_concept_layers(cfg, ["band_aid"]).get("band_aid", cfg.default_cav_layer)
     carries = np.zeros(len(ds), dtype=bool)
@@ -273,10 +283,13 @@ def localization(
     v = torch.tensor(np.asarray(cav.v), dtype=torch.float32)
     rows = [j for j, i in enumerate(te_idx) if carries[i]][: args.localize]
     masks = [ds.mask(int(te_idx[j]), "band_aid", args.size) for j in rows]
-    out: dict[str, Any] = {"layer": layer, "n": len(rows), "cav": cav.meta()}
+    # mean_iou: Otsu on the pixels (method.md §2.2); mean_iou_superpixels: on the heatmap summed
+    # over the SLIC superpixels of the authors' ViT features (§2.4); the audit uses the family's.
+    pooling = family_mask_pooling(cfg.canonizer)
+    out: dict[str, Any] = {"layer": layer, "n": len(rows), "cav": cav.meta(), "audit_mask_pooling": pooling}
     shown: list[tuple[str, Any]] = []  # (variant, first GALLERY heatmaps) for the picture
     per_image: dict[str, list[float]] = {}  # variant -> IoU per image, for the Shapley comparison
-    segments = [superpixels(X[j]) for j in rows] if args.shapley else []
+    segments = [superpixels(X[j].permute(1, 2, 0).numpy()) for j in rows]
     for _name, kwargs in lrp_variants(cfg, args):
         e = Explainer(model, cfg, **kwargs)
         key = ", ".join(kwargs[k] for k in ("attention", "composite") if k in kwargs) or "engine"
@@ -289,14 +302,17 @@ def localization(
             for i, (h, gt) in enumerate(zip(hm, masks[b0 : b0 + 32], strict=True)):
                 ious.append(iou(binarize(h), gt))
                 rhos.append(artifact_relevance_rho(h, gt))
-                if segments:  # the heatmap summed over the superpixels the Shapley features use
-                    seg = segments[b0 + i]
-                    pooled.append(iou(binarize(np.bincount(seg.ravel(), weights=h.ravel())[seg]), gt))
-        out[key] = {"mean_iou": float(np.mean(ious)), "mean_rho": float(np.mean(rhos))}
-        if pooled:
-            out[key]["mean_iou_superpixels"] = float(np.mean(pooled))
-        per_image[key] = ious
-    out["gallery"] = gallery(X[rows[:GALLERY]].numpy(), shown, masks[:GALLERY])
+                pooled.append(iou(binarize(pool_superpixels(h, segments[b0 + i])), gt))
+        out[key] = {
+            "mean_iou": float(np.mean(ious)),
+            "mean_iou_superpixels": float(np.mean(pooled)),
+            "mean_rho": float(np.mean(rhos)),
+        }
+        out[key]["mean_iou_audit"] = out[key][
+            "mean_iou_superpixels" if pooling == "superpixels" else "mean_iou"
+        ]
+        per_image[key] = pooled if pooling == "superpixels" else ious
+    out["gallery"] = gallery(X[rows[:GALLERY]].numpy(), shown, masks[:GALLERY], pooling)
     if args.shapley:
         n = min(args.shapley, len(rows))
         shap = shapley_localization(
@@ -305,15 +321,6 @@ def localization(
         shap["lrp_iou_same_images"] = {k: float(np.mean(ious[:n])) for k, ious in per_image.items()}
         out["shapley"] = shap
     return out
-
-
-def superpixels(image: Any) -> Any:
-    """SLIC segments of a (3, H, W) uint8 image as the authors cut their ViT's Shapley features
-    (method.md §2.4: 100 segments, compactness 10)."""
-    import numpy as np
-    from skimage.segmentation import slic
-
-    return slic(np.transpose(np.asarray(image), (1, 2, 0)), n_segments=100, compactness=10, start_label=0)
 
 
 def shapley_localization(
@@ -378,12 +385,13 @@ def shapley_localization(
 GALLERY = 6
 
 
-def gallery(images: Any, shown: list[tuple[str, Any]], masks: list[Any]) -> Any:
+def gallery(images: Any, shown: list[tuple[str, Any]], masks: list[Any], pooling: str) -> Any:
     """A (rows, cols) uint8 picture: per image its pixels, then per variant the concept heatmap
-    (red positive, blue negative) and its binary mask, and last the drawn band-aid mask."""
+    (red positive, blue negative) and the audit's binary mask of it (``pooling``, the family's),
+    and last the drawn band-aid mask."""
     import numpy as np
 
-    from medaudit.models.xai.localize import binarize
+    from medaudit.models.xai.localize import concept_mask
 
     def colour(h: Any) -> Any:
         h = h / (np.abs(h).max() or 1.0)
@@ -396,7 +404,7 @@ def gallery(images: Any, shown: list[tuple[str, Any]], masks: list[Any]) -> Any:
     for i, img in enumerate(images):
         cells = [np.transpose(img, (1, 2, 0)).astype(np.uint8)]
         for _key, heat in shown:
-            cells += [colour(heat[i].astype(np.float64)), grey(binarize(heat[i]))]
+            cells += [colour(heat[i].astype(np.float64)), grey(concept_mask(heat[i], cells[0], pooling))]
         cells.append(grey(masks[i]))
         rows.append(
             np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells], 1)
@@ -476,7 +484,12 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], args: argparse
                 if "mean_iou_superpixels" in v
                 else ""
             )
-            lines.append(f"- {k}: mean IoU **{v['mean_iou']:.3f}**, mean ρ {v['mean_rho']:.3f}{pooled}")
+            lines.append(
+                f"- {k}: mean IoU on pixels **{v['mean_iou']:.3f}**, mean ρ {v['mean_rho']:.3f}{pooled}"
+            )
+        lines.append(
+            f"- `medaudit audit` binarises this family's heatmaps on **{loc['audit_mask_pooling']}**."
+        )
         if "shapley" in loc:
             sh = loc["shapley"]
             same = "; ".join(f"{k} {x:.3f}" for k, x in sh["lrp_iou_same_images"].items())
@@ -485,12 +498,14 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], args: argparse
                 f"The authors' ViT localization (method.md §2.4: Shapley value sampling over SLIC "
                 f"superpixels, {sh['samples']} samples) on the first {sh['images']} of those images: "
                 f"mean IoU **{sh['mean_iou']:.3f}**, mean ρ {sh['mean_rho']:.3f} "
-                f"({sh['seconds_per_image']} s an image); LRP on the same images: {same}.",
+                f"({sh['seconds_per_image']} s an image); LRP on the same images, masks as the audit makes "
+                f"them: {same}.",
             ]
         lines += [
             "",
             f"![band-aid localization]({png_path(args, r['arch']).name}): per image, the image, then "
-            f"for {'; '.join(variants)} the concept heatmap and its binary mask, last the drawn mask.",
+            f"for {'; '.join(variants)} the concept heatmap and the audit's binary mask of it "
+            f"({loc['audit_mask_pooling']}), last the drawn mask.",
         ]
         lines.append("")
     return "\n".join(lines)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from medaudit.models.export import INPUT_NAME, OUTPUT_NAME, ort_session
-from medaudit.models.xai.localize import binarize
+from medaudit.models.xai.localize import concept_mask, family_mask_pooling
 from medaudit.models.xai.lrp import ConceptTarget, Explainer
 from medaudit.models.xai.validation import heatmap_refusal
 from medaudit.service.audit_graphs import (
@@ -509,7 +509,12 @@ class AuditEngine:
     def finish(self, raw: RawAudit) -> list[AuditResult]:
         """An audit's host stage: masks binarised (method.md §2.2) and every PNG encoded."""
         keys = list(raw.concept_heat)
-        pngs_masks = self._map(lambda key: png_base64(binarize(raw.concept_heat[key]) * 255), keys)
+        pooling = family_mask_pooling(self.cfg.canonizer)  # superpixels for a ViT, method.md §2.4
+
+        def mask_png(key: tuple[int, str]) -> str:
+            return png_base64(concept_mask(raw.concept_heat[key], raw.rgb[key[0]], pooling) * 255)
+
+        pngs_masks = self._map(mask_png, keys)
         masks = dict(zip(keys, pngs_masks, strict=True))
         n = len(raw.predictions)
         ov = raw.overlays

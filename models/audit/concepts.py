@@ -23,7 +23,7 @@ from medaudit.models.audit.sources import AuditSource
 from medaudit.models.errors import ConfigError
 from medaudit.models.registry import ModelCfg
 from medaudit.models.xai.concepts import ConceptBank, cav_score
-from medaudit.models.xai.localize import artifact_relevance_rho, binarize, iou
+from medaudit.models.xai.localize import artifact_relevance_rho, concept_mask, family_mask_pooling, iou
 from medaudit.models.xai.lrp import ConceptTarget, Explainer
 from medaudit.models.xai.metrics import RetrievalMetrics, retrieval_metrics
 
@@ -128,6 +128,7 @@ def audit_concept(
     gallery_idx = [int(t_idx[j]) for j in order[: opts.n_gallery]]
     todo = list(dict.fromkeys([*(int(i) for i in carriers), *gallery_idx]))
     target = ConceptTarget(ln, torch.tensor(np.asarray(entry.v), dtype=torch.float32))
+    pooling = family_mask_pooling(cfg.canonizer)
     ious, rhos, gallery = [], [], {}
     iou_idx: list[int] = []
     pred_masks: dict[int, np.ndarray] = {}
@@ -139,7 +140,7 @@ def audit_concept(
         hm = explainer.explain(cfg.normalize(X), [target], logits=False).heatmaps[0].double().numpy()
         for j, i in enumerate(b):
             h = hm[j]
-            mask = binarize(h)
+            mask = concept_mask(h, X[j].permute(1, 2, 0).numpy(), pooling)
             gt = src.mask(i, name) if src.membership[name][i] else None
             score_iou = None
             if gt is not None and gt.any():

@@ -28,7 +28,7 @@ from medaudit.models.data.masks import DERIVED, GROUND_TRUTH, MaskFolder
 from medaudit.models.data.protocol import AnnotatedDataset
 from medaudit.models.errors import DatasetError
 from medaudit.models.registry import ModelCfg
-from medaudit.models.xai.localize import binarize, iou
+from medaudit.models.xai.localize import concept_mask, family_mask_pooling, iou
 from medaudit.models.xai.lrp import ConceptTarget, Explainer
 
 #: ``truth(i) -> H×W bool at the model's input size``, or None where image i has no true mask.
@@ -60,6 +60,7 @@ def derive_masks(
     geometry = Geometry.of(cfg)  # the model's resize/crop policy, undone for the full-size mask
     explainer = Explainer(model, cfg)
     target = ConceptTarget(fitted.layer, torch.tensor(fitted.v, dtype=torch.float32))
+    pooling = family_mask_pooling(cfg.canonizer)
     adv = progress(f"localize {fitted.artifact}", len(indices)) if progress and len(indices) else None
     for s in range(0, len(indices), batch_size):
         b = [int(i) for i in indices[s : s + batch_size]]
@@ -68,7 +69,7 @@ def derive_masks(
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         hm = explainer.explain(cfg.normalize(xt), [target], logits=False).heatmaps[0].double().numpy()
         for j, i in enumerate(b):
-            m = binarize(hm[j]) > 0
+            m = concept_mask(hm[j], x[j], pooling) > 0
             gt = truth(i) if truth is not None else None
             score = iou(m, gt) if gt is not None and gt.any() else None
             big = to_source_grid(m, full[j].shape[:2], geometry)

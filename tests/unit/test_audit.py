@@ -32,7 +32,7 @@ from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
 from medaudit.models.errors import ConfigError
 from medaudit.models.registry import create_model
 from medaudit.models.train import TrainConfig, hidden_artifact_config, train_with_hidden_artifact
-from medaudit.models.xai.localize import iou
+from medaudit.models.xai.localize import binarize, concept_mask, iou
 
 DECLARED = ("band_aid", "ruler")
 HIDDEN = "timestamp"
@@ -293,3 +293,20 @@ def test_cli_writes_report_metrics_and_banks(trained: tuple, tmp_path: Path) -> 
     # --plant refuses to retrain a checkpoint that was trained without that plant
     res = CliRunner().invoke(app, [*args, "--plant", "timestamp:0.1,0.0"])
     assert res.exit_code == 2 and "trained without timestamp" in re.sub(r"[\s│]+", " ", res.output)
+
+
+def test_a_vits_concept_masks_are_binarised_over_superpixels(ds: SynthDerm) -> None:
+    """A ViT's localization masks come from its concept heatmap summed over the image's SLIC
+    superpixels (the family's pooling, method.md §2.4); a ResNet's stay on the pixels (above)."""
+    torch.manual_seed(0)
+    model, cfg = create_model("vit_tiny_patch16_224", img_size=32)
+    opts = replace(OPTS, concept_layers={}, n_gallery=4)
+    rep = run_audit(model, cfg, "vit-tiny:untrained", ds, ("band_aid",), options=opts)
+    shown = rep.concepts["band_aid"].gallery
+    assert shown
+    differ = 0
+    for g in shown:
+        pooled = concept_mask(g.heatmap.astype(np.float64), g.image, "superpixels")
+        assert (g.mask == pooled).mean() > 0.99  # the heatmap is kept as float32 in the gallery
+        differ += int((binarize(g.heatmap) != g.mask).sum())
+    assert differ > 0, "the masks are the pixel binarisation: superpixel pooling is not applied"

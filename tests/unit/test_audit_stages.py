@@ -12,7 +12,9 @@ the CPU: the same code the GPU path runs, checked against the numpy path it repl
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 from medaudit.models.xai.concepts import relevance_share
-from medaudit.models.xai.localize import binarize
+from medaudit.models.xai.localize import binarize, concept_mask
 from medaudit.models.xai.lrp import ConceptTarget
 from medaudit.service.audit import AuditEngine, AuditResult, ConceptScore, _numpy, png_base64, predictions
 from medaudit.service.audit_graphs import FixedShapeScreen, choose, chunks, pad_rows
@@ -286,3 +288,22 @@ def test_a_failed_capture_leaves_its_bucket_on_the_eager_padded_path(
         )
     if not torch.cuda.is_available():
         assert choose(torch.device("cuda"), True, [8]).reason == "torch sees no CUDA device"
+
+
+def test_a_vit_familys_masks_are_binarised_over_superpixels(
+    engine: AuditEngine, images: list[np.ndarray]
+) -> None:
+    """The host stage binarises by the model family's pooling (method.md §2.4 for a ViT): the same
+    raw audit finished as a ViT's gives each concept mask from the heatmap summed over the image's
+    SLIC superpixels, and as a ResNet's from the pixels."""
+    raw = engine.audit_raw(images)
+    assert raw.concept_heat, "some concept must be present"
+    as_vit = copy.copy(engine)
+    as_vit.cfg = replace(engine.cfg, canonizer="vit")
+    for eng, pooling in ((engine, "pixels"), (as_vit, "superpixels")):
+        got = eng.finish(raw)
+        for (b, name), heat in raw.concept_heat.items():
+            mask_png = next(c.mask_png for c in got[b].concepts if c.concept == name)
+            assert mask_png == png_base64(concept_mask(heat, raw.rgb[b], pooling) * 255)
+    pooled = [concept_mask(h, raw.rgb[b], "superpixels") for (b, _), h in raw.concept_heat.items()]
+    assert any((p != binarize(h)).any() for p, h in zip(pooled, raw.concept_heat.values(), strict=True))

@@ -10,11 +10,15 @@ from medaudit.models.xai.localize import (
     artifact_relevance_eval,
     artifact_relevance_rho,
     binarize,
+    concept_mask,
     concept_seed,
+    family_mask_pooling,
     gaussian_blur,
     iou,
     otsu_threshold,
+    pool_superpixels,
     refine_eval_mask,
+    superpixels,
     upsample,
 )
 
@@ -150,3 +154,61 @@ def test_eval_relevance_uses_absolute_values_and_differs_from_rho() -> None:
     assert artifact_relevance_eval(heat, mask) == pytest.approx(3.0 / 4.0)
     assert artifact_relevance_rho(heat, mask) == pytest.approx(0.0)
     assert artifact_relevance_eval(heat, np.zeros_like(mask)) == 0.0
+
+
+# ------------------------------------------------------------- superpixel pooling (ViT masks)
+
+
+def _bar_image(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A grey textured skin with a tan bar across it (a band-aid), and the bar's mask."""
+    rng = np.random.default_rng(5)
+    img = np.clip(rng.normal(150, 6, (size, size, 3)), 0, 255)
+    bar = np.zeros((size, size), dtype=np.uint8)
+    bar[26:38, 8:56] = 1
+    img[bar == 1] = (222, 184, 135)
+    return img.astype(np.uint8), bar
+
+
+def test_pool_superpixels_sums_each_segment_by_hand() -> None:
+    seg = np.array([[0, 0, 1], [2, 1, 1]])
+    h = np.array([[1.0, -3.0, 2.0], [5.0, 0.5, 0.25]])
+    np.testing.assert_allclose(pool_superpixels(h, seg), [[-2.0, -2.0, 2.75], [5.0, 2.75, 2.75]])
+    with pytest.raises(InvalidArrayError, match="one shape"):
+        pool_superpixels(h, seg[:, :2])
+
+
+def test_superpixels_follow_the_object_outline_and_accept_floats() -> None:
+    img, bar = _bar_image()
+    seg = superpixels(img)
+    assert seg.shape == bar.shape and seg.min() == 0
+    assert 20 <= seg.max() + 1 <= 150  # about 100 segments (method.md §2.4)
+    # segments do not straddle the bar's edge: each lies almost wholly inside or outside it
+    inside = np.bincount(seg.ravel(), weights=bar.ravel()) / np.bincount(seg.ravel())
+    assert ((inside < 0.1) | (inside > 0.9)).mean() > 0.9, inside
+    np.testing.assert_array_equal(superpixels(img.astype(np.float32) / 255.0), seg)
+    with pytest.raises(InvalidArrayError, match=r"\(H, W, 3\)"):
+        superpixels(img[..., 0])
+
+
+def test_superpixel_masks_cover_the_object_where_relevance_hits_only_its_patches() -> None:
+    # a ViT's concept relevance: on a few spots of the artifact (its decisive patches), not all of it
+    img, bar = _bar_image()
+    heat = np.zeros(bar.shape)
+    heat[30:34, 10:14] = 1.0
+    heat[30:34, 50:54] = 0.8
+    heat[31, 30] = 0.5
+    pixels = concept_mask(heat, img, "pixels")
+    pooled = concept_mask(heat, img, "superpixels")
+    np.testing.assert_array_equal(pixels, binarize(heat))
+    assert iou(pooled, bar) > iou(pixels, bar) + 0.1, (iou(pooled, bar), iou(pixels, bar))
+    assert (pooled & bar).sum() / pooled.sum() > 0.7  # what it adds is mostly the bar
+
+
+def test_mask_pooling_is_per_family_and_checked() -> None:
+    assert family_mask_pooling("vit") == "superpixels"
+    assert family_mask_pooling("resnet") == "pixels" and family_mask_pooling("efficientnet") == "pixels"
+    img, _ = _bar_image()
+    with pytest.raises(InvalidArrayError, match="valid: pixels, superpixels"):
+        concept_mask(np.zeros((64, 64)), img, "segments")
+    with pytest.raises(InvalidArrayError, match="needs the image"):
+        concept_mask(np.zeros((64, 64)), None, "superpixels")
