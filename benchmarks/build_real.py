@@ -92,6 +92,7 @@ def main() -> None:
         "stages": comparison["stages"],
         "acceptance": comparison["rows"],
         "best": comparison.get("best"),
+        "warnings": comparison.get("warnings", []),
         "versions": versions,
         "settings": args.settings,
         "data": {
@@ -144,6 +145,7 @@ def report(res: dict) -> str:
             + f" | {'yes' if r['meets criteria'] else 'no'} |"
         )
     lines += ["", f"Best version by the criteria: {res.get('best')}."]
+    lines += [f"\n**The build warned:** {w}" for w in res.get("warnings", [])]
     lines += _against_finetune(res, victim)
     la, lb = res["machine"]["load_average_before"], res["machine"]["load_average_after"]
     lines += [

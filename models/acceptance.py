@@ -118,6 +118,28 @@ def best_version(rows: Sequence[Mapping[str, Any]]) -> str | None:
     return next((v for v in rank_versions(rows) if math.isfinite(criteria_score(by_version[v]))), None)
 
 
+def baseline_warnings(cards: Sequence[ModelCard], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What makes the columns against ``vanilla`` misleading, read off ``vanilla-ft`` (the same
+    fine-tuning without a correction term, method.md §4.7): a checkpoint whose clean accuracy the
+    plain fine-tune moves by more than :data:`MAX_CLEAN_LOSS_PTS` was not converged, and every
+    fine-tuning correction's gains are then partly the fine-tune's own."""
+    out = []
+    for card, row in zip(cards, rows, strict=True):
+        d_clean = row.get("clean Δ pts")
+        if card.correction.get("name") != "vanilla-ft" or d_clean is None:
+            continue
+        if abs(d_clean) > MAX_CLEAN_LOSS_PTS:
+            rec = next((v for k, v in row.items() if k.endswith("gap recovered %")), None)
+            out.append(
+                f"`{row['version']}` (fine-tuning alone) changes clean accuracy by {d_clean:+.1f} points"
+                + (f" and recovers {rec:.1f} % of the gap" if rec is not None else "")
+                + ": the checkpoint looks unconverged, so a fine-tuning correction's figures against "
+                "`vanilla` include the fine-tune's own gains; compare them against "
+                f"`{row['version']}`, or train the model further before the build."
+            )
+    return out
+
+
 def comparison_report(
     cards: Sequence[ModelCard], rows: Sequence[Mapping[str, Any]], focus_class: str | None = None
 ) -> str:
@@ -141,6 +163,9 @@ def comparison_report(
     for r in rows:
         cells = [_cell(r[k]) for k in extra]
         out.append(f"| {r['version']} | " + " | ".join(cells) + " |")
+    warnings = baseline_warnings(cards, rows)
+    if warnings:
+        out += ["", "**Warning:** " + "\n\n**Warning:** ".join(warnings)]
     return "\n".join(out) + "\n"
 
 

@@ -168,6 +168,27 @@ def test_acceptance_columns_and_thresholds(tmp_path) -> None:
     assert [v for v, r in rows.items() if r["meets criteria"]] == ["good"]
 
 
+def test_an_unconverged_checkpoint_is_named_by_what_fine_tuning_alone_does(tmp_path) -> None:
+    """vanilla-ft moving clean accuracy by more than the criteria's 3 points warns, in the report
+    and the JSON's words; within them, or with no vanilla-ft, nothing is said."""
+    from medaudit.models.acceptance import baseline_warnings, comparison_report
+
+    spec = {"band_aid": (0.5, 0.03)}
+    base = _card(tmp_path, "vanilla", "vanilla", 0.74, 0.04, 0.40)
+    fixer = _card(tmp_path, "rrr-band_aid", "rrr", 0.85, 0.57, 0.38)
+    moved = _card(tmp_path, "vanilla-ft-band_aid", "vanilla-ft", 0.89, 0.64, 0.44)
+    cards = [base, moved, fixer]
+    rows = acceptance(cards, spec, "band_aid")
+    (w,) = baseline_warnings(cards, rows)
+    assert "`vanilla-ft-band_aid` (fine-tuning alone) changes clean accuracy by +15.0 points" in w
+    assert "unconverged" in w and "recovers" in w
+    assert "**Warning:** `vanilla-ft-band_aid`" in comparison_report(cards, rows, focus_class="malignant")
+    steady = _card(tmp_path, "vanilla-ft-band_aid", "vanilla-ft", 0.76, 0.20, 0.40)  # +2 points
+    assert baseline_warnings([base, steady], acceptance([base, steady], spec, "band_aid")) == []
+    assert baseline_warnings([base, fixer], acceptance([base, fixer], spec, "band_aid")) == []
+    assert "Warning" not in comparison_report([base, fixer], acceptance([base, fixer], spec, "band_aid"))
+
+
 def test_fit_banks_forwards_rows_shared_with_the_ch_render_once(tmp_path, monkeypatch) -> None:
     """The counterfactual pairs reuse φ of training rows the "ch" render already forwarded; the banks
     equal those of forwarding every row (up to float round-off of another batch composition)."""
