@@ -140,6 +140,17 @@ def baseline_warnings(cards: Sequence[ModelCard], rows: Sequence[Mapping[str, An
     return out
 
 
+def comparison_summary(cards: Sequence[ModelCard], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``comparison.json``'s verdict: the rows, the best version and the ranking by the criteria,
+    and the :func:`baseline_warnings`."""
+    return {
+        "rows": list(rows),
+        "best": best_version(rows),
+        "ranking": rank_versions(rows),
+        "warnings": baseline_warnings(cards, rows),
+    }
+
+
 def comparison_report(
     cards: Sequence[ModelCard], rows: Sequence[Mapping[str, Any]], focus_class: str | None = None
 ) -> str:

@@ -46,13 +46,7 @@ import numpy as np
 import torch
 
 from medaudit.models.acceptance import acceptance as acceptance
-from medaudit.models.acceptance import (
-    baseline_warnings,
-    best_version,
-    comparison_report,
-    rank_versions,
-    victim_class,
-)
+from medaudit.models.acceptance import best_version, comparison_report, comparison_summary, victim_class
 from medaudit.models.banks import Banks, SharedActivations, fit_banks, load_banks, save_banks
 from medaudit.models.build_data import BuildData, build_data
 from medaudit.models.cards import CARD_JSON, ModelCard
@@ -494,22 +488,11 @@ def _build(
     rows = tuple(acceptance(cards, rates, cfg.artifact))
     md_path, json_path = model_dir / "comparison.md", model_dir / "comparison.json"
     md_path.write_text(comparison_report(cards, rows, focus_class=victim_class(cards, rates, cfg.artifact)))
-    best, ranking = best_version(rows), rank_versions(rows)
-    warnings = baseline_warnings(cards, rows)
-    json_path.write_text(
-        json.dumps(
-            {
-                "rows": list(rows),
-                "best": best,
-                "ranking": ranking,
-                "warnings": warnings,
-                "stages": [asdict(s) for s in stages],
-            },
-            indent=2,
-        )
-    )
-    log(f"best version by the correction criteria: {best} (ranking: {', '.join(ranking)})")
-    for w in warnings:
+    summary = comparison_summary(cards, rows)
+    json_path.write_text(json.dumps({**summary, "stages": [asdict(s) for s in stages]}, indent=2))
+    ranking = ", ".join(summary["ranking"])
+    log(f"best version by the correction criteria: {summary['best']} (ranking: {ranking})")
+    for w in summary["warnings"]:
         log(f"warning: {w}")
 
     # 6. register every version, or none
