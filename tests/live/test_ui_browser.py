@@ -181,17 +181,20 @@ def test_reviewer_resolves_a_flag_in_the_browser(
     page.select_option("#filters select[name=concept]", concept)
     page.click("#filters button[type=submit]")
     row = page.locator("#queue-rows tr", has_text=request_id)
+    # The rows show a page once #queue-rows names its query (an answer superseded by a newer load,
+    # e.g. the unfiltered queue of the sign-in landing after the filtered one, is dropped).
+    shown = (
+        "([c, o]) => { const q = new URLSearchParams(document.getElementById('queue-rows').dataset.query"
+        " || ''); return q.get('concept') === c && q.get('offset') === o; }"
+    )
+    page.wait_for_function(shown, arg=[concept, "0"])
     # Open flags come oldest first, 25 a page: earlier live tests (the fuzzer's audits) may have
     # left older open flags of the concept, so page on until this run's flag shows.
-    page.wait_for_function(
-        "document.getElementById('queue-counts').textContent.includes('match these filters')"
-    )
-    for _ in range(40):
+    for k in range(1, 41):
         if row.count():
             break
-        before = page.text_content("#page-info")
         page.click("#next")
-        page.wait_for_function("t => document.getElementById('page-info').textContent !== t", arg=before)
+        page.wait_for_function(shown, arg=[concept, str(25 * k)])
     row.wait_for()
     assert "match these filters" in page.text_content("#queue-counts")
     # A new page reads from the top (the pager is below the table): the header bar is in view.

@@ -125,12 +125,19 @@ async function loadQueue() {
   return state.page;
 }
 
+// Each queue load is numbered: the answer to a load that a newer one (filters applied, a page
+// turned) has superseded is dropped, so a slow earlier answer never paints over the newer page.
+let queueLoads = 0;
+
 async function openQueue() {
   show("queue");
   const form = $("filters");
   for (const [k, v] of Object.entries(state.filters)) if (form.elements[k]) form.elements[k].value = v;
+  const load = ++queueLoads;
+  const query = queueQuery(state.filters);
   let page;
-  try { page = await loadQueue(); } catch (e) { say(e.message); return; }
+  try { page = await loadQueue(); } catch (e) { if (load === queueLoads) say(e.message); return; }
+  if (load !== queueLoads) return;
   const facets = page.facets;
   for (const name of ["concept", "severity", "version"]) {
     for (const opt of form.elements[name].options) {
@@ -163,6 +170,7 @@ async function openQueue() {
     return tr;
   }));
   if (!page.items.length) $("queue-rows").append(el("tr", {}, el("td", { colSpan: 9 }, "Nothing to review with these filters.")));
+  $("queue-rows").dataset.query = query;  // which filters and page the rows show
 }
 
 function moveSel(d) {
