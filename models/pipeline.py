@@ -677,7 +677,7 @@ def _version_bank(bank: ConceptBank, tag: str) -> ConceptBank:
     ClArC projections act on ℓ's output, which the bank reads before the projection).
     """
     prov = replace(bank.provenance, extra={**bank.provenance.extra, "version": tag})
-    return ConceptBank(tag, bank.layer, {c: bank[c] for c in bank}, prov, bank.target_fpr)
+    return ConceptBank(tag, bank.layer, {c: bank[c] for c in bank}, prov, bank.target_fpr, bank.fpr_scope)
 
 
 def _file_state(path: Path) -> tuple[int, int] | None:

@@ -163,7 +163,7 @@ class DeviceScorer:
         self.v = torch.tensor(np.stack(vs), dtype=torch.float64, device=device)  # (K, C)
         unit = np.stack([v / float(np.linalg.norm(v)) for v in vs])  # as relevance_share does
         self.unit = torch.tensor(unit, dtype=torch.float64, device=device)
-        self.thresholds = np.asarray([bank[c].threshold(rate) for c in self.names], dtype=np.float64)
+        self.thresholds = np.asarray([bank.threshold(c, rate) for c in self.names], dtype=np.float64)
         self._thr = torch.tensor(self.thresholds, dtype=torch.float64, device=device)
         self._clean = [
             torch.tensor(np.asarray(bank[c].clean_scores, dtype=np.float64), device=device)

@@ -21,8 +21,9 @@ Variables (all optional except where auth is on):
                                    cores shared out among the workers)
 ``MEDAUDIT_AUDIT_DEVICE``          where the auditor runs LRP: ``auto`` (default: the GPU when
                                    torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``
-``MEDAUDIT_FLAG_FPR``              presence threshold's false-positive rate, in (0, 1)
-                                   (default: each concept bank's own target FPR)
+``MEDAUDIT_FLAG_FPR``              presence false-positive rate, in (0, 1): the rate at which a
+                                   clean image sets off any concept of a bank (default: each
+                                   concept bank's own target FPR)
 ``MEDAUDIT_FLAG_SHARE``            relevance share above which a present concept flags, in [0, 1]
                                    (default 0.2): the flag policy's default ``share`` unless
                                    ``MEDAUDIT_FLAG_POLICY`` sets one

@@ -63,7 +63,7 @@ def describe_version(options: ScanOptions) -> dict[str, Any]:
         "concepts": list(bank),
         "layer": bank.layer,
         "input_size": list(loaded.cfg.input_size),
-        "thresholds": {c: float(bank[c].threshold(fpr)) for c in bank},
+        "thresholds": {c: float(bank.threshold(c, fpr)) for c in bank},
         "presence_fpr": fpr,
     }
 

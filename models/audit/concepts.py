@@ -169,7 +169,7 @@ def audit_concept(
         layer=ln,
         scope=scope,
         cav=entry.cav.meta(),
-        threshold=entry.threshold(bank.target_fpr),
+        threshold=bank.threshold(name),
         retrieval=retrieval,
         test_scores=t_s,
         test_labels=t_y,

@@ -79,7 +79,7 @@ def style_audit(
     for name, c in concepts.items():
         bank = banks[c.layer]
         scores[name] = cav_score(col.acts[c.layer], bank[name].v)
-        present[name] = scores[name] > bank[name].threshold(bank.target_fpr)
+        present[name] = scores[name] > bank.threshold(name)
     carries = {a: src.membership[a][col.index] for a in concepts}
     groups: dict[str, dict[str, StyleRow]] = {}
     rows: dict[str, tuple[StyleRow, ...]] = {}

@@ -237,7 +237,9 @@ def _fit(
         entries.update({c: fitted[c] for c in concepts})
     assert fitted is not None  # a bank has at least one concept
     ordered = {c: entries[c] for c in bank}
-    return ConceptBank(bank.model_version, bank.layer, ordered, fitted.provenance, bank.target_fpr)
+    return ConceptBank(
+        bank.model_version, bank.layer, ordered, fitted.provenance, bank.target_fpr, bank.fpr_scope
+    )
 
 
 def refine_bank(
@@ -430,7 +432,7 @@ def refit_version(loaded: LoadedVersion, result: RefineResult, version: str, out
     tag = f"{name}:{version}"
     out = Path(out)
     b = result.bank
-    bank = ConceptBank(tag, b.layer, {c: b[c] for c in b}, b.provenance, b.target_fpr)
+    bank = ConceptBank(tag, b.layer, {c: b[c] for c in b}, b.provenance, b.target_fpr, b.fpr_scope)
     bank.save(out / "bank")
     refit = {
         "refit_from": loaded.tag,

@@ -182,6 +182,21 @@ def test_bank_round_trip_is_exact(bank: ConceptBank, tmp_path: Path) -> None:
         np.testing.assert_array_equal(s.score, loaded.score(x)[name].score)
 
 
+def test_a_bank_saved_before_the_bank_wide_rate_keeps_its_per_concept_thresholds(
+    bank: ConceptBank, tmp_path: Path
+) -> None:
+    assert ConceptBank.load(bank.save(tmp_path / "new")).fpr_scope == "bank"
+    old = bank.save(tmp_path / "old")
+    meta = json.loads((old / "bank.json").read_text())
+    del meta["fpr_scope"]
+    (old / "bank.json").write_text(json.dumps(meta))
+    loaded = ConceptBank.load(old)
+    assert loaded.fpr_scope == "concept" and loaded.concept_fpr() == bank.target_fpr
+    assert loaded.threshold("ruler") == bank["ruler"].threshold(bank.target_fpr)
+    with pytest.raises(ConceptBankError, match="fpr_scope"):
+        ConceptBank("m", "l", {"ruler": bank["ruler"]}, bank.provenance, fpr_scope="image")
+
+
 def test_bank_records_provenance(bank: ConceptBank) -> None:
     p = bank.provenance
     assert (p.dataset, p.split, p.seed, p.n_train, p.n_val_clean) == ("synthderm", "train", 0, 400, 1000)
@@ -213,14 +228,57 @@ def test_threshold_gives_the_target_false_positive_rate(bank: ConceptBank, fpr: 
     thr = entry.threshold(fpr)
     calib = np.mean(entry.clean_scores > thr)
     assert fpr - 0.002 <= calib <= fpr  # at most fpr on the calibration set itself
-    fresh = bank.score(_clean(4000, seed=11), fpr=fpr)["ruler"]
+    per_concept = ConceptBank("m", "l", {"ruler": entry}, bank.provenance, fpr_scope="concept")
+    fresh = per_concept.score(_clean(4000, seed=11), fpr=fpr)["ruler"]
     assert fresh.present.mean() == pytest.approx(fpr, abs=0.02 + fpr / 4)
+
+
+def _independent_bank(n_concepts: int, n_val: int = 1000) -> ConceptBank:
+    """A bank of concepts on disjoint channels, so their clean scores are independent."""
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.normal(1.0, 1.0, size=(600, C))).astype(np.float32)
+    labels = {}
+    for k in range(n_concepts):
+        t = (rng.random(600) < 0.3).astype(np.int64)
+        x[t == 1, 4 * k : 4 * k + 4] += 2.0
+        labels[f"c{k}"] = t
+    return ConceptBank.fit("m", "l", x, labels, _clean(n_val, seed=6), kind="signal")
+
+
+@pytest.mark.parametrize("fpr", [0.05, 0.2])
+def test_a_bank_rate_is_the_rate_any_of_its_concepts_fires_on_new_clean_images(fpr: float) -> None:
+    bank = _independent_bank(3)
+    assert bank.fpr_scope == "bank" and bank.concept_fpr(fpr) == pytest.approx(fpr / 3)
+    fresh = bank.score(_clean(20000, seed=12), fpr=fpr)
+    rates = [fresh[c].present.mean() for c in bank]
+    any_rate = np.any([fresh[c].present for c in bank], axis=0).mean()
+    # each concept at fpr/3, so the three together at most fpr (about 1-(1-fpr/3)^3 when independent)
+    assert all(r == pytest.approx(fpr / 3, abs=0.01 + fpr / 10) for r in rates), rates
+    assert 0.8 * fpr <= any_rate <= fpr + 0.01, any_rate
+    # the same concepts each at the full rate fire together on far more clean images
+    loose = ConceptBank("m", "l", {c: bank[c] for c in bank}, bank.provenance, fpr_scope="concept")
+    loose_rate = np.any([s.present for s in loose.score(_clean(20000, seed=12), fpr=fpr).values()], 0).mean()
+    assert loose_rate > 2.3 * fpr
+
+
+def test_conformal_threshold_is_the_split_conformal_rank_of_the_clean_scores() -> None:
+    bank = _independent_bank(1, n_val=199)
+    entry = bank["c0"]
+    scores = entry.clean_scores  # sorted ascending
+    # 199 scores: rank ceil(0.95 * 200) = 190, so 9 of them lie above it (the in-sample quantile leaves 9 too)
+    assert entry.conformal_threshold(0.05) == scores[189]
+    assert entry.conformal_threshold(0.02) == scores[195]  # ceil(0.98 * 200) = 196
+    # too few scores for the rank: the largest, the least 199 images can promise
+    assert entry.conformal_threshold(0.001) == scores[-1]
+    assert bank.threshold("c0", 0.05) == entry.conformal_threshold(0.05)
+    with pytest.raises(InvalidArrayError):
+        entry.conformal_threshold(1.5)
 
 
 def test_scores_carry_percentile_and_presence(bank: ConceptBank) -> None:
     x, t = _concept_data(200, seed=12)
     s = bank.score(x)["ruler"]
-    assert s.fpr == bank.target_fpr and s.threshold == bank["ruler"].threshold(bank.target_fpr)
+    assert s.fpr == bank.target_fpr and s.threshold == bank.threshold("ruler")
     assert ((s.percentile >= 0) & (s.percentile <= 100)).all()
     order = np.argsort(s.score)
     assert (np.diff(s.percentile[order]) >= 0).all()
