@@ -12,7 +12,16 @@ house band-aids. The per-style concept metrics come from the offline audit of th
     medaudit audit --weights /tmp/house/model.pt --dataset "synthderm?size=64&styles=split" \\
         --out /tmp/house/audit_styled
 
-Figures (64 px, one seed, 2-core machine) are in docs/data.md ("Artifacts in many styles").
+``--report METRICS.json`` renders such an audit's per-style metrics as Markdown instead (with
+``--command`` naming what made them), as ``benchmarks/results/style_split_cpu_128.md``::
+
+    python benchmarks/style_split.py /tmp/house128 --size 128 --styles house --eval-styles split
+    medaudit audit --weights /tmp/house128/model.pt --dataset "synthderm?size=128&styles=split" \\
+        --out /tmp/house128/audit
+    python benchmarks/style_split.py benchmarks/results/style_split_cpu_128.md \\
+        --report /tmp/house128/audit/metrics.json
+
+Figures (one seed, 2-core machine) are in docs/data.md ("Artifacts in many styles").
 """
 
 from __future__ import annotations
@@ -70,6 +79,51 @@ def drops(weights: Path, data: SynthDermConfig, styles: str) -> dict[str, dict[s
     return res
 
 
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def render_report(metrics: dict, command: str) -> str:
+    """Markdown of an audit's ``metrics.json`` ``styles``: seen/unseen rows, then each style's."""
+    st = metrics["styles"]
+    lines = [
+        f"# Concepts on artifact styles: {metrics['model_version']} on {metrics['dataset']}",
+        "",
+        f"Command: `{command}`" if command else "",
+        "",
+        "Held-out test images in each concept's scope. Detection: present at the bank's FPR (the rate at "
+        "which a clean image sets off any concept); confusion: another concept present whose artifact the "
+        "image lacks. Seen: a style of the training split, which fitted the CAVs.",
+        "",
+        "| concept | styles | n | detection | AUROC | IoU | confusion | other concepts present |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for c, g in st["per_concept"].items():
+        for r in (g["seen"], g["unseen"], *g["per_style"]):
+            other = ", ".join(f"{b} {_pct(v)}" for b, v in (r.get("other_present") or {}).items())
+            label = (
+                r["style"]
+                if r["style"] in ("seen", "unseen")
+                else f"{r['style']} ({'seen' if r['seen'] else 'unseen'})"
+            )
+            lines.append(
+                f"| {c} | {label} | {r['n']} | {_pct(r['detection'])} | {_num(r['auroc'])} | "
+                f"{_num(r['iou_mean'])} | {_pct(r['confusion'])} | {other} |"
+            )
+    clean = st["clean"]
+    per = ", ".join(f"{c} {_pct(v)}" for c, v in clean["present"].items())
+    lines += [
+        "",
+        f"Clean held-out images ({clean['n']}): any concept present on {_pct(clean['any_present'])} ({per}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
@@ -79,7 +133,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--n-train", type=int, default=SynthDermConfig.n_train)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report", type=Path, default=None, help="an audit's metrics.json: write OUT as Markdown")
+    p.add_argument("--command", default="", help="with --report: the command that made the audit")
     a = p.parse_args()
+    if a.report is not None:
+        a.out.write_text(render_report(json.loads(a.report.read_text()), a.command))
+        print(a.out)
+        return
     data = SynthDermConfig(size=a.size, n_train=a.n_train, styles=a.styles)
     load0, t0 = os.getloadavg(), time.perf_counter()
     card = train(TrainConfig(threads=a.threads, epochs=a.epochs, data=data), a.out, log=print)

@@ -6,6 +6,7 @@ the structure, the ranges, and that localization is scored against the dataset's
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -40,6 +41,8 @@ DATA = SynthDermConfig(size=32, n_train=60, n_val=24, n_test=40, seed=3).with_sp
     band_aid=(0.5, 0.2), ruler=(0.2, 0.5), skin_marker=(0.0, 0.0), timestamp=(0.0, 0.3)
 )
 OPTS = AuditOptions(top_k=8, n_gallery=3, batch_size=32, concept_layers={"ruler": "identity_1"})
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -221,6 +224,17 @@ def test_per_style_metrics_seen_and_unseen(trained: tuple, tmp_path: Path) -> No
         assert groups["seen"]["n"] + groups["unseen"]["n"] == len(test_styles)
         assert groups["unseen"]["n"] == sum(1 for s in test_styles.values() if s not in train_styles) > 0
     assert m["clean"]["n"] > 0 and 0.0 <= m["clean"]["any_present"] <= 1.0
+    # the benchmark's Markdown of these metrics: a row per style and per seen/unseen group
+    bench = importlib.util.spec_from_file_location("style_split", ROOT / "benchmarks" / "style_split.py")
+    assert bench is not None and bench.loader is not None
+    style_split = importlib.util.module_from_spec(bench)
+    bench.loader.exec_module(style_split)
+    md = style_split.render_report(json.loads(write_metrics(rep, tmp_path).read_text()), "medaudit audit …")
+    for name in DECLARED:
+        for r in m["per_concept"][name]["per_style"]:
+            assert f"| {name} | {r['style']} ({'seen' if r['seen'] else 'unseen'}) | {r['n']} |" in md
+        assert f"| {name} | unseen | {m['per_concept'][name]['unseen']['n']} |" in md
+    assert f"any concept present on {100 * m['clean']['any_present']:.1f} %" in md
     html = write_report(rep, tmp_path).read_text()
     assert 'id="styles-band_aid"' in html and "unseen" in html
     assert (
