@@ -117,7 +117,8 @@ class ConceptScores:
         percentile: 100 · (fraction of clean validation scores ≤ s), in [0, 100].
         present: s > threshold.
         threshold: The clean-score quantile used.
-        fpr: The target false-positive rate the threshold was set for.
+        fpr: The false-positive rate the threshold was set for: from :meth:`ConceptBank.score`,
+            the bank's (any of its concepts on a clean image), not the concept's share of it.
     """
 
     score: np.ndarray
