@@ -23,8 +23,8 @@ from typing import cast
 import numpy as np
 import torch
 
+from medaudit.models.corrections.base import pooled_activations
 from medaudit.models.data.synthetic import SynthDerm, SynthDermConfig
-from medaudit.models.features import max_pool_spatial
 from medaudit.models.registry import create_model
 from medaudit.models.xai.concepts import ConceptBank
 
@@ -34,16 +34,9 @@ CONCEPTS = ("band_aid", "ruler", "skin_marker")
 def pooled_acts(weights: str, ds: SynthDerm, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Max-pooled activations at hook point ``layer`` of every image, their indices and splits."""
     model, cfg = create_model("resnet18", weights=weights)
-    model.eval()
-    module = dict(model.named_modules())[cfg.hook_points[layer]]
-    got: list[torch.Tensor] = []
-    module.register_forward_hook(lambda _m, _i, o: got.append(max_pool_spatial(o)))
     idx = np.concatenate([ds.indices(s) for s in ("train", "val", "test")])
-    for b in range(0, len(idx), 100):
-        x = torch.from_numpy(np.stack([ds.sample(int(i)).image for i in idx[b : b + 100]]))
-        with torch.no_grad():
-            model(cfg.normalize(x.permute(0, 3, 1, 2)))
-    return torch.cat(got).numpy(), idx, ds.split_of[idx]
+    images = torch.from_numpy(np.stack([ds.sample(int(i)).image for i in idx])).permute(0, 3, 1, 2)
+    return pooled_activations(model, cfg, layer, images, batch_size=100), idx, ds.split_of[idx]
 
 
 def detection(

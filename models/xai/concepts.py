@@ -219,12 +219,6 @@ class ConceptEntry:
         idx = np.searchsorted(self.clean_scores, np.asarray(scores, dtype=np.float64), side="right")
         return cast(np.ndarray, 100.0 * idx / len(self.clean_scores))
 
-    def score(self, acts: np.ndarray, fpr: float = 0.05) -> ConceptScores:
-        """Scores, calibrated percentiles and presence at ``fpr`` (method.md §1.4)."""
-        s = np.atleast_1d(cav_score(acts, self.cav.v))
-        thr = self.threshold(fpr)
-        return ConceptScores(score=s, percentile=self.percentile(s), present=s > thr, threshold=thr, fpr=fpr)
-
 
 class ConceptBank:
     """The concepts of one (model version, layer), each a :class:`ConceptEntry` (method.md §1, App.).
