@@ -273,7 +273,8 @@ def _style_row(r: StyleRow) -> str:
         f"<tr><td>{_e(r.style)}</td><td>{'seen' if r.seen else 'unseen'}</td>"
         f"<td>{_e(', '.join(r.splits))}</td><td>{r.n}</td><td>{_mark(r.detection, TARGET_DETECTION)}</td>"
         f"<td>{_mark(r.auroc, TARGET_AUROC)}</td>"
-        f"<td>{_mark(r.iou_mean, TARGET_IOU)} ({r.n_localized})</td><td>{conf}</td><td>{others}</td></tr>"
+        f"<td>{_mark(r.iou_mean, TARGET_IOU)} ({r.n_localized})</td><td>{conf}</td><td>{others}</td>"
+        f"<td>{_fmt(r.effect)}</td><td>{_mark(r.detection_weighted, TARGET_DETECTION)}</td></tr>"
     )
 
 
@@ -288,7 +289,12 @@ def _styles_section(report: AuditReport) -> str:
         f"Detection: concept present at the bank's FPR (target ≥ {TARGET_DETECTION}); AUROC against "
         f"every held-out image without the artifact; IoU over the localized ones (count in brackets); "
         f"confusion: another concept present whose artifact the image lacks (≤ {MAX_CONFUSION}). "
-        "Contours: ground truth green, predicted mask yellow.</p>",
+        "Effect: how far the artifact moves the model's class probabilities (total variation "
+        "against the same image rendered without it; – where the dataset cannot render that); "
+        "weighted detection: detection weighted by each image's effect, the share of the "
+        "artifact's pull on the model that the concept catches. The concepts read the model's own "
+        "features, so a style the model hardly reacts to can go undetected without hiding a "
+        "shortcut. Contours: ground truth green, predicted mask yellow.</p>",
         f"<p>Clean held-out images (no annotated artifact, n = {st.n_clean}): any concept present on "
         f"{_fmt(st.clean_any_present)}.</p>",
     ]
@@ -296,7 +302,8 @@ def _styles_section(report: AuditReport) -> str:
         parts.append(f'<p class="muted">{_e(st.note)}</p>')
     head = (
         "<tr><th>style</th><th>seen</th><th>splits</th><th>n</th><th>detection</th><th>AUROC</th>"
-        "<th>mean IoU (n)</th><th>confusion</th><th>other concepts present</th></tr>"
+        "<th>mean IoU (n)</th><th>confusion</th><th>other concepts present</th><th>effect</th>"
+        "<th>weighted detection</th></tr>"
     )
     for concept, rows in st.rows.items():
         groups = "".join(_style_row(r) for r in st.groups[concept].values())

@@ -212,6 +212,12 @@ class StyleRow:
         confusion: Share where another declared concept is present whose artifact the image
             does not carry.
         other_present: The same per other concept.
+        effect: Mean effect of the artifact on the model over them: the total-variation distance
+            ½‖p(x) − p(x without it)‖₁ between the class probabilities of each image and of its
+            counterfactual without the artifact (datasets that render one); None otherwise.
+        detection_weighted: Detection weighted by that effect, Σ eᵢ·presentᵢ / Σ eᵢ: the share
+            of the artifact's pull on the model that the concept catches; None when there is no
+            effect to weigh.
         gallery: A few of the images with their masks.
     """
 
@@ -226,6 +232,8 @@ class StyleRow:
     iou_mean: float | None
     confusion: float | None
     other_present: Mapping[str, float]
+    effect: float | None = None
+    detection_weighted: float | None = None
     gallery: tuple[StyleExample, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
@@ -240,6 +248,8 @@ class StyleRow:
             "iou_mean": self.iou_mean,
             "confusion": self.confusion,
             "other_present": dict(self.other_present),
+            "effect": self.effect,
+            "detection_weighted": self.detection_weighted,
         }
 
 

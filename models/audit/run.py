@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from medaudit.models.audit.collect import collect
@@ -25,6 +26,7 @@ from medaudit.models.audit.styles import style_audit
 from medaudit.models.data.protocol import AnnotatedDataset
 from medaudit.models.errors import ConfigError
 from medaudit.models.registry import ModelCfg
+from medaudit.models.train import predict
 from medaudit.models.xai.concepts import CAV_KINDS
 from medaudit.models.xai.lrp import Explainer
 
@@ -123,7 +125,9 @@ def run_audit(
         )
     timings["retrieval_localization"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    styles = style_audit(dataset, src, col, concepts, banks, opts)
+    styles = style_audit(
+        dataset, src, col, concepts, banks, opts, lambda x: torch.softmax(predict(model, x, cfg), 1).numpy()
+    )
     if styles is not None:  # a dataset that records artifact styles (a styled synthderm)
         timings["styles"] = time.perf_counter() - t0
         if styles.note:

@@ -9,7 +9,13 @@ style among the held-out test images that carry the artifact (in the concept's c
 * **AUROC** of their scores against every held-out image in scope without the artifact;
 * **localization IoU**, mean over those of them the audit localized (its ``max_localize`` subset);
 * **confusion**: the share on which another declared concept is present whose artifact the image
-  does not carry.
+  does not carry;
+* **effect** (datasets that render an image without one of its artifacts: synthderm's
+  ``without``): how far the artifact moves the model, the total-variation distance
+  ½‖p(x) − p(x without it)‖₁ of the class probabilities, averaged; and **effect-weighted
+  detection**, Σ eᵢ·presentᵢ / Σ eᵢ, the share of that pull the concept catches. The CAVs read the
+  audited model's own features (method.md §1.1), so a style the model hardly reacts to may stay
+  below the threshold without hiding a shortcut; a style it reacts to should not.
 
 A style is *seen* when images of the training split carry it (the model trained on them and the
 CAV was fitted on them) and *unseen* otherwise; the ``seen`` and ``unseen`` rows pool the styles of
@@ -19,10 +25,11 @@ where there is nothing to find. Each style keeps a few images with their masks f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score
 
 from medaudit.models.audit.collect import Collected
@@ -35,6 +42,11 @@ from medaudit.models.xai.localize import iou
 
 #: Images per style in the report's gallery.
 STYLE_GALLERY = 3
+#: Images per forward when measuring effects.
+_EFFECT_BATCH = 64
+
+#: Class probabilities of uint8 (N, 3, H, W) images, (N, K).
+Probs = Callable[[torch.Tensor], np.ndarray]
 
 
 def dataset_styles(dataset: AnnotatedDataset) -> dict[str, dict[int, str]] | None:
@@ -58,6 +70,40 @@ class _Concept:
     other_present: Mapping[str, np.ndarray]  # per other concept: present & not carried, where not carried
     not_carried: Mapping[str, np.ndarray]
     loc_iou: Mapping[int, float]
+    effect: Mapping[int, float]  # dataset index -> the artifact's effect on the model
+
+
+def artifact_effects(
+    dataset: AnnotatedDataset, src: AuditSource, col: Collected, names: Sequence[str], probs: Probs
+) -> dict[str, dict[int, float]]:
+    """Per concept, ``{index: ½‖p(x) − p(x without the artifact)‖₁}`` over the audited held-out
+    test images carrying it; empty when the dataset cannot render an image without one artifact."""
+    without = getattr(dataset, "without", None)
+    if not callable(without):
+        return {}
+    test = col.split == "test"
+    carriers = {a: [int(i) for i in col.index[test & src.membership[a][col.index]]] for a in names}
+    union = sorted({i for idx in carriers.values() for i in idx})
+    natural = dict(zip(union, _batched(probs, union, src.images), strict=True))
+    out: dict[str, dict[int, float]] = {}
+    for a, idx in carriers.items():
+
+        def counterfactuals(b: Sequence[int], a: str = a) -> torch.Tensor:
+            arr = np.stack([without(i, a, src.size) for i in b])
+            return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+        cf = _batched(probs, idx, counterfactuals)
+        out[a] = {i: 0.5 * float(np.abs(natural[i] - p).sum()) for i, p in zip(idx, cf, strict=True)}
+    return out
+
+
+def _batched(
+    probs: Probs, idx: Sequence[int], images: Callable[[Sequence[int]], torch.Tensor]
+) -> list[np.ndarray]:
+    rows: list[np.ndarray] = []
+    for s in range(0, len(idx), _EFFECT_BATCH):
+        rows.extend(probs(images(idx[s : s + _EFFECT_BATCH])))
+    return rows
 
 
 def style_audit(
@@ -67,12 +113,15 @@ def style_audit(
     concepts: Mapping[str, ConceptAudit],
     banks: Mapping[str, ConceptBank],
     opts: AuditOptions,
+    probs: Probs | None = None,
 ) -> StyleAudit | None:
     """Per-style metrics of every audited concept (see the module docstring); None when the
-    dataset records no styles."""
+    dataset records no styles. ``probs`` (the audited model's class probabilities) adds the
+    artifacts' effects."""
     styles = dataset_styles(dataset)
     if styles is None:
         return None
+    effects = artifact_effects(dataset, src, col, list(concepts), probs) if probs is not None else {}
     split_of = {s: set(int(i) for i in src.indices(s)) for s in ("train", "val", "test")}
     test = col.split == "test"
     scores, present = {}, {}
@@ -105,6 +154,7 @@ def style_audit(
             other_present={b: present[b] for b in others},
             not_carried={b: ~carries[b] for b in others},
             loc_iou=dict(zip((int(i) for i in c.iou_indices), (float(x) for x in c.iou), strict=True)),
+            effect=effects.get(name, {}),
         )
         style_of = np.array([art_styles.get(int(i), "") for i in col.index])
         per_style = []
@@ -151,6 +201,12 @@ def _row(
         for b, p in ctx.other_present.items()
         if (sel & ctx.not_carried[b]).any()
     }
+    eff = [
+        (ctx.effect[int(i)], bool(p))
+        for i, p in zip(col.index[sel], ctx.present[sel], strict=True)
+        if int(i) in ctx.effect
+    ]
+    total = sum(e for e, _ in eff)
     return StyleRow(
         concept=ctx.name,
         style=label,
@@ -163,6 +219,8 @@ def _row(
         iou_mean=float(np.mean(ious)) if ious else None,
         confusion=float(np.mean(ctx.confused[sel])) if n and ctx.other_present else None,
         other_present=other,
+        effect=float(np.mean([e for e, _ in eff])) if eff else None,
+        detection_weighted=sum(e for e, p in eff if p) / total if total > 0 else None,
     )
 
 

@@ -417,6 +417,18 @@ class SynthDerm:
             return np.zeros((side, side), dtype=bool)
         return m if size is None or m.shape[0] == size else _resize(m.astype(np.uint8) * 255, size) > 127
 
+    def without(self, i: int, artifact: str, size: int | None = None) -> np.ndarray:
+        """Image ``i`` as :meth:`load_image` renders it, but with ``artifact`` left undrawn: the
+        counterfactual that differs from it on exactly ``mask(i, artifact)``. The artifact still
+        claims its area, so every other artifact lands where it does in the image itself.
+
+        Raises:
+            DatasetError: An artifact synthderm does not draw.
+        """
+        if artifact not in _ARTIFACT_ID:
+            raise DatasetError(f"unknown artifact {artifact!r}; valid: {', '.join(ARTIFACT_ORDER)}")
+        return _resize(self._dress(self._base(i), "ch", "band_aid", skip=artifact).image, size)
+
     def config(self) -> dict[str, Any]:
         """The generator config (:meth:`SynthDermConfig.to_dict`), which renders these bytes again."""
         return self.cfg.to_dict()
@@ -448,9 +460,12 @@ class SynthDerm:
         occupied = _dilate(lesion, max(2, c.size // 40))
         return Sample(index, img, label, (), {"": occupied}, lesion, t)
 
-    def _dress(self, base: Sample, variant: str, attack: str, copy: bool = False) -> Sample:
+    def _dress(
+        self, base: Sample, variant: str, attack: str, copy: bool = False, skip: str | None = None
+    ) -> Sample:
         """``base`` with the artifacts of ``variant``, each from its own generator seeded by
-        ``(seed, index, artifact)``. They draw into ``base.image`` unless ``copy``."""
+        ``(seed, index, artifact)``. They draw into ``base.image`` unless ``copy``. ``skip`` is
+        drawn on a scratch copy: it keeps its mask and its area, and leaves the image as it was."""
         c, index = self.cfg, base.index
         arts = self.artifacts_of(index, variant, attack)
         img = base.image.copy() if copy and arts else base.image
@@ -459,12 +474,13 @@ class SynthDerm:
         styles: dict[str, str] = {}
         for art in arts:
             arng = np.random.default_rng([c.seed, index, 1 + _ARTIFACT_ID[art]])
+            canvas = img.copy() if art == skip else img
             if self.styled:
                 styles[art] = self.style_of(index, art)
-                m = _styles.render(styles[art], img, occupied, arng)
+                m = _styles.render(styles[art], canvas, occupied, arng)
             else:
                 styles[art] = f"{art}/{_styles.HOUSE}"
-                m = _artifacts.render(art, img, occupied, arng)
+                m = _artifacts.render(art, canvas, occupied, arng)
             masks[art] = m
             occupied = occupied | m
         return Sample(index, img, base.label, arts, masks, base.lesion, base.severity, styles)

@@ -156,6 +156,29 @@ def test_styled_dataset_masks_are_the_changed_pixels() -> None:
                 assert np.array_equal(changed, m), (art, i, att.styles[art])
 
 
+@pytest.mark.parametrize("styles", ["house", "split"])
+def test_without_an_artifact_changes_exactly_its_mask(styles: str) -> None:
+    """The counterfactual the audit measures an artifact's effect with: image i with one artifact
+    left undrawn differs from image i on exactly that artifact's pixels, so the other artifacts
+    stay where they were."""
+    ds = SynthDerm(replace(SPLIT, styles=styles))
+    several = 0
+    for art, ids in ds.artifact_ids("all").items():
+        for i in ids[:6]:
+            s = ds.sample(i)
+            changed = (ds.without(i, art) != s.image).any(axis=2)
+            if styles == "split" and not s.styles[art].endswith("/house"):
+                assert np.array_equal(changed, s.masks[art]), (art, i, s.styles[art])
+            else:  # the house renderer may leave pixels of its mask unchanged (or find no room)
+                assert changed.any() == s.masks[art].any() and not (changed & ~s.masks[art]).any()
+            several += len(s.artifacts) > 1
+    assert several > 0  # images with other artifacts kept
+    assert ds.without(0, "ruler").shape == ds.sample(0).image.shape
+    assert ds.without(0, "ruler", 32).shape == (32, 32, 3)
+    with pytest.raises(DatasetError, match="unknown artifact 'pen'"):
+        ds.without(0, "pen")
+
+
 def test_bad_style_configs_name_the_valid_choices() -> None:
     with pytest.raises(ConfigError, match="valid: house, split, all"):
         SynthDermConfig(styles="many")

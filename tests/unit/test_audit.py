@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -194,6 +195,13 @@ def test_folder_dataset_without_masks_skips_iou(trained: tuple, ds: SynthDerm, t
     assert math.isfinite(c.retrieval["held_out"].auroc)
 
 
+def src_images(ds: SynthDerm, idx: list[int], cfg: Any, without: str | None = None) -> torch.Tensor:
+    """Images ``idx`` at the model's input size, or without one artifact."""
+    side = cfg.input_size[-1]
+    arr = [ds.without(i, without, side) if without else ds.load_image(i, side) for i in idx]
+    return torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2).contiguous()
+
+
 def test_per_style_metrics_seen_and_unseen(trained: tuple, tmp_path: Path) -> None:
     """A styled synthderm: per-style detection, AUROC, IoU and confusion on the held-out carriers,
     each style seen (in the training split) or not, in metrics.json and the report."""
@@ -220,6 +228,21 @@ def test_per_style_metrics_seen_and_unseen(trained: tuple, tmp_path: Path) -> No
             assert r["iou_mean"] == (pytest.approx(np.mean(ious)) if ious else None)
             assert 0.0 <= r["auroc"] <= 1.0 and "test" in r["splits"]
             assert set(r["splits"]) == {"test"} or sty in shared  # a test-only style is in no other split
+        # the artifact's effect: class probabilities against the image rendered without it
+        carriers = sorted(test_styles)
+        with torch.no_grad():
+            p = torch.softmax(model(cfg.normalize(src_images(styled, carriers, cfg))), 1).numpy()
+            q = torch.softmax(
+                model(cfg.normalize(src_images(styled, carriers, cfg, without=name))), 1
+            ).numpy()
+        effect = dict(zip(carriers, 0.5 * np.abs(p - q).sum(1), strict=True))
+        for sty, r in per.items():
+            idx = [i for i, s in test_styles.items() if s == sty]
+            e = np.array([effect[i] for i in idx])
+            assert r["effect"] == pytest.approx(e.mean(), abs=1e-5)
+            hit = np.array([present[i] for i in idx])
+            want = (e * hit).sum() / e.sum() if e.sum() > 0 else None
+            assert r["detection_weighted"] == (None if want is None else pytest.approx(want, abs=1e-5))
         groups = m["per_concept"][name]
         assert groups["seen"]["n"] + groups["unseen"]["n"] == len(test_styles)
         assert groups["unseen"]["n"] == sum(1 for s in test_styles.values() if s not in train_styles) > 0
