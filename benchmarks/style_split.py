@@ -21,7 +21,7 @@ house band-aids. The per-style concept metrics come from the offline audit of th
     python benchmarks/style_split.py benchmarks/results/style_split_cpu_128.md \\
         --report /tmp/house128/audit/metrics.json
 
-Figures (one seed, 2-core machine) are in docs/data.md ("Artifacts in many styles").
+Figures (two training seeds, 2-core machine) are in docs/data.md ("Artifacts in many styles").
 """
 
 from __future__ import annotations
