@@ -13,6 +13,9 @@ house band-aids. The per-style concept metrics come from the offline audit of th
         --out /tmp/house/audit_styled
 
 ``--report METRICS.json`` renders such an audit's per-style metrics as Markdown instead (with
+``--command`` naming what made them); several files (audits of models trained with different
+``--seed``) render the seen/unseen rows of each with their median, as
+``benchmarks/results/style_split_cpu_128_seeds.md``. One file (with
 ``--command`` naming what made them), as ``benchmarks/results/style_split_cpu_128.md``::
 
     python benchmarks/style_split.py /tmp/house128 --size 128 --styles house --eval-styles split
@@ -128,6 +131,48 @@ def render_report(metrics: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+#: The seen/unseen metrics :func:`render_seeds` tabulates, with their formatters.
+_SEED_COLUMNS = (
+    ("detection", _pct),
+    ("auroc", _num),
+    ("iou_mean", _num),
+    ("confusion", _pct),
+    ("effect", _num),
+    ("detection_weighted", _pct),
+)
+
+
+def render_seeds(runs: list[dict], names: list[str], command: str) -> str:
+    """Markdown of several audits' seen/unseen rows: one line per audit and the median per metric."""
+    lines = [
+        f"# Concepts on artifact styles over {len(runs)} training runs, on {runs[0]['dataset']}",
+        "",
+        f"Command: `{command}`" if command else "",
+        "",
+        "Seen and unseen rows of each run's audit (as in the single-run files) and, last, the median "
+        "over runs. Clean: any concept present on held-out images without an artifact.",
+        "",
+        "| concept | styles | run | n | detection | AUROC | IoU | confusion | effect "
+        "| weighted detection | clean |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    concepts = list(runs[0]["styles"]["per_concept"])
+    clean = [r["styles"]["clean"]["any_present"] for r in runs]
+    for c in concepts:
+        for group in ("seen", "unseen"):
+            rows = [r["styles"]["per_concept"][c][group] for r in runs]
+            for name, row, cl in zip(names, rows, clean, strict=True):
+                cells = " | ".join(f(row.get(k)) for k, f in _SEED_COLUMNS)
+                lines.append(f"| {c} | {group} | {name} | {row['n']} | {cells} | {_pct(cl)} |")
+            med = []
+            for k, f in _SEED_COLUMNS:
+                vals = [row[k] for row in rows if row.get(k) is not None]
+                med.append(f"**{f(float(np.median(vals)))}**" if vals else "–")
+            mid = _pct(float(np.median(clean)))
+            lines.append(f"| {c} | {group} | median | {rows[0]['n']} | {' | '.join(med)} | {mid} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
@@ -140,11 +185,22 @@ def main() -> None:
         "--seed", type=int, default=TrainConfig.seed, help="the training seed (data stay seed 0's)"
     )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--report", type=Path, default=None, help="an audit's metrics.json: write OUT as Markdown")
+    p.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="audits' metrics.json (one, or one per training run): write OUT as Markdown",
+    )
     p.add_argument("--command", default="", help="with --report: the command that made the audit")
     a = p.parse_args()
     if a.report is not None:
-        a.out.write_text(render_report(json.loads(a.report.read_text()), a.command))
+        runs = [json.loads(f.read_text()) for f in a.report]
+        a.out.write_text(
+            render_report(runs[0], a.command)
+            if len(runs) == 1
+            else render_seeds(runs, [r["model_version"].split(":")[0] for r in runs], a.command)
+        )
         print(a.out)
         return
     data = SynthDermConfig(size=a.size, n_train=a.n_train, styles=a.styles)

@@ -258,6 +258,18 @@ def test_per_style_metrics_seen_and_unseen(trained: tuple, tmp_path: Path) -> No
             assert f"| {name} | {r['style']} ({'seen' if r['seen'] else 'unseen'}) | {r['n']} |" in md
         assert f"| {name} | unseen | {m['per_concept'][name]['unseen']['n']} |" in md
     assert f"any concept present on {100 * m['clean']['any_present']:.1f} %" in md
+    # several training runs: a line per run and the median per metric
+    full = json.loads(write_metrics(rep, tmp_path).read_text())
+    low, high = json.loads(json.dumps(full)), json.loads(json.dumps(full))
+    for name in DECLARED:
+        low["styles"]["per_concept"][name]["unseen"]["detection"] = 0.0
+        high["styles"]["per_concept"][name]["unseen"]["detection"] = 1.0
+    seeds = style_split.render_seeds([low, full, high], ["s0", "s1", "s2"], "")
+    for name in DECLARED:
+        u = m["per_concept"][name]["unseen"]
+        assert f"| {name} | unseen | s0 | {u['n']} | 0.0 % |" in seeds
+        assert f"| {name} | unseen | s2 | {u['n']} | 100.0 % |" in seeds
+        assert f"| {name} | unseen | median | {u['n']} | **{100 * u['detection']:.1f} %** |" in seeds
     html = write_report(rep, tmp_path).read_text()
     assert 'id="styles-band_aid"' in html and "unseen" in html
     assert (
