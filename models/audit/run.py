@@ -126,7 +126,14 @@ def run_audit(
     timings["retrieval_localization"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     styles = style_audit(
-        dataset, src, col, concepts, banks, opts, lambda x: torch.softmax(predict(model, x, cfg), 1).numpy()
+        dataset,
+        src,
+        col,
+        concepts,
+        banks,
+        opts,
+        lambda x: torch.softmax(predict(model, x, cfg), 1).numpy(),
+        progress,
     )
     if styles is not None:  # a dataset that records artifact styles (a styled synthderm)
         timings["styles"] = time.perf_counter() - t0

@@ -33,7 +33,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from medaudit.models.audit.collect import Collected
-from medaudit.models.audit.options import AuditOptions
+from medaudit.models.audit.options import AuditOptions, Progress
 from medaudit.models.audit.results import ConceptAudit, StyleAudit, StyleExample, StyleRow
 from medaudit.models.audit.sources import AuditSource
 from medaudit.models.data.protocol import AnnotatedDataset
@@ -74,7 +74,12 @@ class _Concept:
 
 
 def artifact_effects(
-    dataset: AnnotatedDataset, src: AuditSource, col: Collected, names: Sequence[str], probs: Probs
+    dataset: AnnotatedDataset,
+    src: AuditSource,
+    col: Collected,
+    names: Sequence[str],
+    probs: Probs,
+    progress: Progress | None = None,
 ) -> dict[str, dict[int, float]]:
     """Per concept, ``{index: ½‖p(x) − p(x without the artifact)‖₁}`` over the audited held-out
     test images carrying it; empty when the dataset cannot render an image without one artifact."""
@@ -84,7 +89,9 @@ def artifact_effects(
     test = col.split == "test"
     carriers = {a: [int(i) for i in col.index[test & src.membership[a][col.index]]] for a in names}
     union = sorted({i for idx in carriers.values() for i in idx})
-    natural = dict(zip(union, _batched(probs, union, src.images), strict=True))
+    total = len(union) + sum(len(idx) for idx in carriers.values())
+    adv = progress("artifact effects", total) if progress else None
+    natural = dict(zip(union, _batched(probs, union, src.images, adv), strict=True))
     out: dict[str, dict[int, float]] = {}
     for a, idx in carriers.items():
 
@@ -92,17 +99,23 @@ def artifact_effects(
             arr = np.stack([without(i, a, src.size) for i in b])
             return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
-        cf = _batched(probs, idx, counterfactuals)
+        cf = _batched(probs, idx, counterfactuals, adv)
         out[a] = {i: 0.5 * float(np.abs(natural[i] - p).sum()) for i, p in zip(idx, cf, strict=True)}
     return out
 
 
 def _batched(
-    probs: Probs, idx: Sequence[int], images: Callable[[Sequence[int]], torch.Tensor]
+    probs: Probs,
+    idx: Sequence[int],
+    images: Callable[[Sequence[int]], torch.Tensor],
+    adv: Callable[[int], None] | None,
 ) -> list[np.ndarray]:
     rows: list[np.ndarray] = []
     for s in range(0, len(idx), _EFFECT_BATCH):
-        rows.extend(probs(images(idx[s : s + _EFFECT_BATCH])))
+        b = idx[s : s + _EFFECT_BATCH]
+        rows.extend(probs(images(b)))
+        if adv:
+            adv(len(b))
     return rows
 
 
@@ -114,6 +127,7 @@ def style_audit(
     banks: Mapping[str, ConceptBank],
     opts: AuditOptions,
     probs: Probs | None = None,
+    progress: Progress | None = None,
 ) -> StyleAudit | None:
     """Per-style metrics of every audited concept (see the module docstring); None when the
     dataset records no styles. ``probs`` (the audited model's class probabilities) adds the
@@ -121,7 +135,7 @@ def style_audit(
     styles = dataset_styles(dataset)
     if styles is None:
         return None
-    effects = artifact_effects(dataset, src, col, list(concepts), probs) if probs is not None else {}
+    effects = artifact_effects(dataset, src, col, list(concepts), probs, progress) if probs else {}
     split_of = {s: set(int(i) for i in src.indices(s)) for s in ("train", "val", "test")}
     test = col.split == "test"
     scores, present = {}, {}

@@ -207,8 +207,17 @@ def test_per_style_metrics_seen_and_unseen(trained: tuple, tmp_path: Path) -> No
     each style seen (in the training split) or not, in metrics.json and the report."""
     model, cfg, _ = trained
     styled = SynthDerm(replace(DATA, styles="split"))
-    rep = run_audit(model, cfg, "v", styled, DECLARED, options=OPTS)
+    seen: dict[str, list[int]] = {}
+
+    def progress(desc: str, total: int) -> Callable[[int], None]:
+        seen[desc] = [total, 0]
+        return lambda n: seen[desc].__setitem__(1, seen[desc][1] + n)
+
+    rep = run_audit(model, cfg, "v", styled, DECLARED, options=OPTS, progress=progress)
     assert rep.styles is not None
+    carriers = [styled.artifact_styles("test")[n] for n in DECLARED]
+    n_effects = len(set().union(*carriers)) + sum(len(c) for c in carriers)
+    assert seen["artifact effects"] == [n_effects, n_effects]  # natural images, then counterfactuals
     m = json.loads(write_metrics(rep, tmp_path).read_text())["styles"]
     for name in DECLARED:
         c = rep.concepts[name]
