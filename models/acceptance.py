@@ -122,8 +122,22 @@ def baseline_warnings(cards: Sequence[ModelCard], rows: Sequence[Mapping[str, An
     """What makes the columns against ``vanilla`` misleading, read off ``vanilla-ft`` (the same
     fine-tuning without a correction term, method.md §4.7): a checkpoint whose clean accuracy the
     plain fine-tune moves by more than :data:`MAX_CLEAN_LOSS_PTS` was not converged, and every
-    fine-tuning correction's gains are then partly the fine-tune's own."""
+    fine-tuning correction's gains are then partly the fine-tune's own. A build with fine-tuned
+    versions but no ``vanilla-ft`` says that the check could not run."""
     out = []
+    names = [str(card.correction.get("name")) for card in cards]
+    tuned = [
+        str(row["version"])
+        for card, row in zip(cards, rows, strict=True)
+        if "finetune" in (card.correction.get("params") or {}) and card.correction.get("name") != "vanilla-ft"
+    ]
+    if tuned and "vanilla-ft" not in names:
+        out.append(
+            "no `vanilla-ft` version was built, so whether fine-tuning alone moves this checkpoint "
+            f"was not checked: {', '.join(f'`{v}`' for v in tuned)} may owe part of "
+            "its figures against `vanilla` to the fine-tune itself; add `vanilla-ft` to the "
+            "build's corrections to see."
+        )
     for card, row in zip(cards, rows, strict=True):
         d_clean = row.get("clean Δ pts")
         if card.correction.get("name") != "vanilla-ft" or d_clean is None:

@@ -132,7 +132,9 @@ def test_build_config_defaults_come_from_the_dataclasses_and_bad_values_are_name
     assert BuildConfig(finetune=ft).correction("rrr").finetune == ft  # type: ignore[attr-defined]
 
 
-def _card(tmp_path: Path, version: str, name: str, clean: float, att_mal: float, rel: float):
+def _card(
+    tmp_path: Path, version: str, name: str, clean: float, att_mal: float, rel: float, params: dict | None = None
+):
     w = tmp_path / f"{version}.pt"
     w.write_bytes(version.encode())
     cls = {"accuracy": clean, "accuracy_malignant": 0.9, "accuracy_benign": 0.9}
@@ -147,7 +149,7 @@ def _card(tmp_path: Path, version: str, name: str, clean: float, att_mal: float,
         version=version,
         architecture={"labels": ["benign", "malignant"]},
         data={},
-        correction={"name": name},
+        correction={"name": name, "params": params or {}},
         metrics=metrics,
         weights_path=w,
     )
@@ -187,6 +189,27 @@ def test_an_unconverged_checkpoint_is_named_by_what_fine_tuning_alone_does(tmp_p
     assert baseline_warnings([base, steady], acceptance([base, steady], spec, "band_aid")) == []
     assert baseline_warnings([base, fixer], acceptance([base, fixer], spec, "band_aid")) == []
     assert "Warning" not in comparison_report([base, fixer], acceptance([base, fixer], spec, "band_aid"))
+
+
+def test_a_build_of_fine_tuned_versions_without_vanilla_ft_says_the_check_did_not_run(tmp_path) -> None:
+    """Fine-tuned versions (their params carry ``finetune``) and no vanilla-ft: the report names them
+    and says how to run the check; projections alone (no fine-tune) need no such check."""
+    from medaudit.models.acceptance import baseline_warnings, comparison_report
+
+    spec = {"band_aid": (0.5, 0.03)}
+    base = _card(tmp_path, "vanilla", "vanilla", 0.74, 0.04, 0.40)
+    tuned = _card(tmp_path, "rrr-band_aid", "rrr", 0.85, 0.57, 0.38, params={"finetune": {"epochs": 3}})
+    projected = _card(tmp_path, "pclarc-band_aid", "pclarc", 0.70, 0.50, 0.30, params={"mode": "signal"})
+    cards = [base, projected, tuned]
+    (w,) = baseline_warnings(cards, acceptance(cards, spec, "band_aid"))
+    assert "no `vanilla-ft` version was built" in w and "`rrr-band_aid`" in w
+    assert "pclarc" not in w and "add `vanilla-ft`" in w
+    report = comparison_report(cards, acceptance(cards, spec, "band_aid"), focus_class="malignant")
+    assert "**Warning:** no `vanilla-ft`" in report
+    assert baseline_warnings([base, projected], acceptance([base, projected], spec, "band_aid")) == []
+    steady = _card(tmp_path, "vanilla-ft-band_aid", "vanilla-ft", 0.76, 0.20, 0.40, {"finetune": {"epochs": 3}})
+    with_ft = [base, steady, tuned]
+    assert baseline_warnings(with_ft, acceptance(with_ft, spec, "band_aid")) == []
 
 
 def test_fit_banks_forwards_rows_shared_with_the_ch_render_once(tmp_path, monkeypatch) -> None:
