@@ -29,6 +29,19 @@ def _rate_column() -> object:
     return Rate()
 
 
+def local_ray_note(ray: str | None, gpu: bool, cpus: int) -> str | None:
+    """What to tell someone who asks for ``--ray local`` on CPUs: a Ray started here only has this
+    machine's cores, and there the local worker pool is faster (Ray's daemons take a share of the
+    cores and its actors cost more CPU per image: docs/scan.md, benchmarks/results/scan_cpu.md)."""
+    if ray != "local" or gpu:
+        return None
+    return (
+        f"--ray local runs on this machine's {cpus} CPU{'s' if cpus != 1 else ''} only, where the local "
+        "worker pool (leave out --ray) scans faster: Ray's daemons share the cores (docs/scan.md). "
+        "Ray pays off across machines: --ray auto or --ray ADDRESS."
+    )
+
+
 def scan(
     source: str = typer.Argument(
         ...,
@@ -119,6 +132,9 @@ def scan(
         encode_threads=encode_threads,
         cuda_graphs=cuda_graphs,
     )
+    note = local_ray_note(ray, gpu, usable_cpus())
+    if note:
+        console.print(f"[yellow]note:[/] {note}")
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),

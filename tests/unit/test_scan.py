@@ -258,6 +258,19 @@ def test_the_command_scans_and_reports(archive: Path, tiny_store: Path, tmp_path
     assert res.exit_code == 2 and "neither a folder" in res.output
 
 
+def test_a_local_ray_on_cpus_is_pointed_to_the_local_pool() -> None:
+    """`--ray local` on CPUs gets a note naming the faster local pool and where Ray pays off; a
+    cluster, a GPU actor or no Ray at all get none."""
+    from medaudit.cli.scan_cmd import local_ray_note
+
+    note = local_ray_note("local", gpu=False, cpus=2)
+    assert note is not None and "2 CPUs" in note and "leave out --ray" in note and "--ray auto" in note
+    assert "1 CPU only" in (local_ray_note("local", gpu=False, cpus=1) or "")
+    assert local_ray_note("auto", gpu=False, cpus=2) is None
+    assert local_ray_note("local", gpu=True, cpus=2) is None
+    assert local_ray_note(None, gpu=False, cpus=2) is None
+
+
 @pytest.mark.e2e
 def test_the_report_renders_every_image_in_headless_chromium(
     archive: Path, options: ScanOptions, tmp_path: Path
