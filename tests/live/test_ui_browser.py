@@ -7,7 +7,8 @@ the reviewer key, opens the flag (the bare image under the heatmap and mask laye
 shadow version's answer), toggles the overlays, writes a note and gives the verdict by keyboard;
 the Redis review record holds it. The refit action runs the real ``refine-cav`` and the page shows
 its before/after table (on a small bank of its own: the live store's is shared and has no fit
-data). A client key cannot open the page; a forged cross-site POST (an
+data). A slow unfiltered queue answer, held back until the filtered one has painted, does not
+paint over it. A client key cannot open the page; a forged cross-site POST (an
 attacker's page in the same browser, and a same-origin request without the CSRF token) changes
 nothing. Screenshots of the queue, a flag and a concept page are taken at
 1366x768 and checked to render; ``MEDAUDIT_UI_SCREENSHOTS=docs/img`` also writes them there (the
@@ -286,6 +287,44 @@ def test_reviewer_resolves_a_flag_in_the_browser(
     _shot(page, "ui-concept.png", tmp_path)
 
     assert not errors, errors
+    ctx.close()
+
+
+def test_a_slow_earlier_queue_answer_does_not_paint_over_a_newer_one(
+    live: Live, browser: Any, flagged: list[str]
+) -> None:
+    """The sign-in's unfiltered queue load is held back until the reviewer's concept-filtered load
+    has painted, then let through: the page keeps showing the filtered rows (the workbench drops
+    the answer of a load a newer one superseded)."""
+    concept = flagged[0].rsplit(":", 1)[1]
+    ctx = browser.new_context(base_url=live.base, viewport=VIEWPORT)
+    page = ctx.new_page()
+    held: list[Any] = []
+
+    def hold_the_first_unfiltered(route: Any) -> None:
+        if "concept=" not in route.request.url and not held:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/ui/api/queue*", hold_the_first_unfiltered)
+    _sign_in(page, live.reviewer_key)
+    page.wait_for_selector("#view-queue:not([hidden])")
+    page.wait_for_function("() => document.querySelector('#filters select[name=concept]').options.length > 1")
+    assert len(held) == 1, "the sign-in's queue load never reached the route"
+    page.select_option("#filters select[name=concept]", concept)
+    page.click("#filters button[type=submit]")
+    shown = "c => new URLSearchParams(document.getElementById('queue-rows').dataset.query || '').get('concept') === c"
+    page.wait_for_function(shown, arg=concept)
+    filtered_counts = page.text_content("#queue-counts")
+    with page.expect_response(lambda r: "api/queue" in r.url and "concept=" not in r.url) as late:
+        held[0].continue_()
+    late.value.finished()
+    page.evaluate("() => new Promise(r => setTimeout(r, 300))")  # the page's await chain runs out
+    assert page.evaluate(shown, concept), page.evaluate("document.getElementById('queue-rows').dataset.query")
+    assert page.text_content("#queue-counts") == filtered_counts
+    cells = page.locator("#queue-rows tr[data-ref] td:nth-child(3)").all_text_contents()
+    assert cells and set(cells) == {concept}
     ctx.close()
 
 
