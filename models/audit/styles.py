@@ -1,8 +1,10 @@
 """Per-style concept metrics: does a concept recognise its artifact in looks it never saw?
 
-Where the dataset records each image's artifact style (a synthderm built with ``styles=split``:
-``styled`` and ``artifact_styles()``), :func:`style_audit` reads, per declared concept and per
-style among the held-out test images that carry the artifact (in the concept's class scope):
+Where the dataset records each image's artifact style (``styled`` and ``artifact_styles()``: a
+synthderm built with ``styles=split``, or data on disk with an ``artifact_styles.json`` beside its
+annotations), :func:`style_audit` reads, per declared concept and per style among the held-out
+test images that carry the artifact (in the concept's class scope; a carrier with no style on file
+is in no style's row):
 
 * **detection**: the share on which the concept is present, s(x) > the bank's threshold at its
   target FPR (method.md §1.4);
@@ -171,6 +173,7 @@ def style_audit(
             effect=effects.get(name, {}),
         )
         style_of = np.array([art_styles.get(int(i), "") for i in col.index])
+        pos &= style_of != ""  # a carrier whose look is not on file is in no style's row
         per_style = []
         for sty in sorted({str(s) for s in style_of[pos]}):
             sel = pos & (style_of == sty)

@@ -246,6 +246,73 @@ def require_artifact(
     raise DatasetError(f"no image of {source} is annotated with {name!r}{hint}; annotated: {listed}")
 
 
+# ------------------------------------------------------------------------------ artifact styles
+
+#: The optional style file beside the annotations (what a styled synthderm export writes).
+STYLES_FILE = "artifact_styles.json"
+_STYLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]*")
+
+
+def read_styles(
+    path: str | Path,
+    ids: Sequence[str],
+    by_artifact: Mapping[str, Sequence[int]],
+    aliases: Mapping[str, int] | None = None,
+    left_out: Sequence[str] = (),
+) -> dict[str, dict[int, str]]:
+    """Read a style file ``{image: {artifact: style}}`` against a dataset and its annotations.
+
+    A style names a look of an artifact (``"round-white"``, ``"light-on-dark"``): the audit reports
+    each concept per style, seen in training or not (docs/data.md). Styles come back as
+    ``"artifact/style"`` (a value already written so is kept). An image may leave out styles of its
+    artifacts; a style for an artifact the annotations do not list on that image is refused.
+
+    Returns:
+        ``{artifact: {index: "artifact/style"}}``.
+
+    Raises:
+        DatasetError: An unreadable file, an unknown image, a value that is not an object of
+            strings, a malformed style, or a style for an artifact the image is not annotated with;
+            each naming the file and the image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"artifact style file {path} does not exist")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read artifact styles as JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise DatasetError(
+            f"{path}: top level is {type(raw).__name__}; expected {{image: {{artifact: style}}}}"
+        )
+    lookup = {**{sid: _SKIP for sid in left_out}, **(aliases or {}), **{sid: i for i, sid in enumerate(ids)}}
+    carried = {a: set(v) for a, v in by_artifact.items()}
+    out: dict[str, dict[int, str]] = {}
+    for key, styles in raw.items():
+        i = _lookup(key, lookup)
+        if i is None:
+            raise DatasetError(f"{path}: key {key!r} is not an image of the dataset")
+        if i == _SKIP:
+            continue
+        if not isinstance(styles, dict) or not all(isinstance(v, str) for v in styles.values()):
+            raise DatasetError(f"{path}: image {key!r} maps to {styles!r:.80}; expected {{artifact: style}}")
+        for art, style in styles.items():
+            if i not in carried.get(art, ()):
+                raise DatasetError(
+                    f"{path}: image {key!r} has a style for {art!r}, but the annotations do not list "
+                    f"{art!r} on it"
+                )
+            name = style.strip().removeprefix(f"{art}/")
+            if not _STYLE.fullmatch(name):
+                raise DatasetError(
+                    f"{path}: image {key!r}: style {style!r} of {art!r} is not a name (letters, digits, "
+                    "space, _ . + -)"
+                )
+            out.setdefault(art, {})[i] = f"{art}/{name}"
+    return out
+
+
 # ----------------------------------------------------------------------- JSON by artifact (paper)
 
 

@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medaudit.models.data.annotations import Annotations, default_annotation_file, read_annotations
+from medaudit.models.data.annotations import (
+    STYLES_FILE,
+    Annotations,
+    default_annotation_file,
+    read_annotations,
+    read_styles,
+)
 from medaudit.models.data.files import (
     IMAGE_EXTENSIONS,
     cell,
@@ -169,6 +175,7 @@ class ImageDataset:
         self.masks = MaskFolder(Path(masks) if masks is not None else root / MASKS_DIR)
         self.annotations = self._load_annotations(annotations)
         self._artifacts = self.annotations.by_artifact
+        self._styles = self._load_styles()
 
     def _split(self, table: LabelTable, split_file: str | Path | None, seed: int) -> np.ndarray:
         if split_file is not None:
@@ -190,6 +197,14 @@ class ImageDataset:
             if path is None:
                 return Annotations()
         return read_annotations(path, self._ids, self._aliases, self.vocabulary, tuple(self._left_out))
+
+    def _load_styles(self) -> dict[str, dict[int, str]]:
+        """``root/artifact_styles.json`` when present (each annotated artifact's look per image), else
+        none."""
+        path = self.root / STYLES_FILE
+        if not path.is_file():
+            return {}
+        return read_styles(path, self._ids, self._artifacts, self._aliases, tuple(self._left_out))
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -233,6 +248,16 @@ class ImageDataset:
         """``{artifact: [indices]}`` from the annotation file, restricted to ``split``."""
         keep = set(self.indices(split).tolist())
         return {a: [i for i in idx if i in keep] for a, idx in self._artifacts.items()}
+
+    @property
+    def styled(self) -> bool:
+        """Whether a style file names the looks of the annotated artifacts (per-style audit)."""
+        return bool(self._styles)
+
+    def artifact_styles(self, split: str = "all") -> dict[str, dict[int, str]]:
+        """``{artifact: {index: "artifact/style"}}`` of ``split``'s images with a style on file."""
+        keep = set(self.indices(split).tolist())
+        return {a: {i: s for i, s in v.items() if i in keep} for a, v in self._styles.items()}
 
     @property
     def has_masks(self) -> bool:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from medaudit.models.data.annotations import write_annotations
+from medaudit.models.data.annotations import STYLES_FILE, write_annotations
 from medaudit.models.data.isic import GROUND_TRUTH, ISIC_CLASSES, METADATA, METADATA_COLUMNS
 from medaudit.models.data.masks import MASKS_DIR, MaskFolder
 from medaudit.models.errors import ConfigError
@@ -35,8 +35,6 @@ ISIC_IMAGE_DIR = "ISIC_2019_Training_Input"
 CHEXPERT_PREFIX = "CheXpert-v1.0-small"
 _SITES = ("anterior torso", "posterior torso", "upper extremity", "lower extremity", "head/neck")
 Progress = Callable[[int], None] | None
-#: A styled synthderm's ``{image id: {artifact: style}}`` (``styles=split``; docs/data.md).
-STYLES_FILE = "artifact_styles.json"
 
 
 def export(

@@ -314,7 +314,10 @@ def test_a_slow_earlier_queue_answer_does_not_paint_over_a_newer_one(
     assert len(held) == 1, "the sign-in's queue load never reached the route"
     page.select_option("#filters select[name=concept]", concept)
     page.click("#filters button[type=submit]")
-    shown = "c => new URLSearchParams(document.getElementById('queue-rows').dataset.query || '').get('concept') === c"
+    shown = (
+        "c => new URLSearchParams(document.getElementById('queue-rows').dataset.query || '')"
+        ".get('concept') === c"
+    )
     page.wait_for_function(shown, arg=concept)
     filtered_counts = page.text_content("#queue-counts")
     with page.expect_response(lambda r: "api/queue" in r.url and "concept=" not in r.url) as late:

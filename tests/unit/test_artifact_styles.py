@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -210,3 +211,40 @@ def test_spec_string_config_round_trip_and_export(tmp_path) -> None:
     assert json.loads((root / "synthderm.json").read_text())["styles"] == "split"
     plain = open_dataset("synthderm?size=32&n_train=12&n_val=4&n_test=6&seed=2").export(tmp_path / "plain")
     assert not (plain / "artifact_styles.json").exists()
+
+
+def test_an_exported_styled_dataset_reads_its_styles_back_and_bad_style_files_are_named(tmp_path) -> None:
+    """The folder adapter reads ``artifact_styles.json`` beside the annotations: the export's styles
+    come back per index and split as synthderm's; a partial file is fine; an unknown image, a style
+    for an artifact the image does not carry, or a malformed value is refused with the image."""
+    from medaudit.models.data.folder import FolderDataset
+
+    ds = open_dataset("synthderm?size=32&n_train=12&n_val=4&n_test=6&seed=2&styles=split")
+    root = ds.export(tmp_path / "styled")
+    back = FolderDataset(root)
+    assert (
+        back.styled
+        and not FolderDataset(
+            open_dataset("synthderm?size=32&n_train=12&n_val=4&n_test=6").export(tmp_path / "plain")
+        ).styled
+    )
+    for split in ("train", "test", "all"):
+        want = {a: v for a, v in ds.artifact_styles(split).items() if v}
+        assert {a: v for a, v in back.artifact_styles(split).items() if v} == want
+    rec = json.loads((root / "artifact_styles.json").read_text())
+    image, looks = next(iter(rec.items()))
+    art = next(iter(looks))
+    # a hospital's own words: a bare style name, some images without one
+    (root / "artifact_styles.json").write_text(json.dumps({image: {art: "wide tan"}}))
+    assert FolderDataset(root).artifact_styles("all") == {art: {back.ids.index(image): f"{art}/wide tan"}}
+    carried = {a for a, idx in back.artifact_ids().items() if back.ids.index(image) in idx}
+    other = next(a for a in ("band_aid", "ruler", "skin_marker", "timestamp") if a not in carried)
+    for bad, match in (
+        ({"nobody": {art: "x"}}, "'nobody' is not an image"),
+        ({image: {other: "x"}}, f"has a style for '{other}', but the annotations do not list"),
+        ({image: ["x"]}, "expected {artifact: style}"),
+        ({image: {art: "!?"}}, "is not a name"),
+    ):
+        (root / "artifact_styles.json").write_text(json.dumps(bad))
+        with pytest.raises(DatasetError, match=re.escape(match)):
+            FolderDataset(root)

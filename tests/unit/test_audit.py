@@ -195,6 +195,46 @@ def test_folder_dataset_without_masks_skips_iou(trained: tuple, ds: SynthDerm, t
     assert math.isfinite(c.retrieval["held_out"].auroc)
 
 
+def test_own_data_with_a_style_file_gets_the_per_style_audit(trained: tuple, tmp_path: Path) -> None:
+    """A styled synthderm exported to the folder layout (images, annotations, masks and
+    ``artifact_styles.json``) and audited from disk gives synthderm's per-style rows: the same
+    images, splits and styles, so the same detection, AUROC and IoU. The counterfactual effects need
+    the generator and are absent. Carriers whose style is left out of the file fall out of the rows."""
+    model, cfg, _ = trained
+    styled = SynthDerm(replace(DATA, styles="split"))
+    opts = replace(OPTS, max_localize=10_000)
+    root = styled.export(tmp_path / "styled")
+    want = run_audit(model, cfg, "v", styled, DECLARED, options=opts).styles
+    got = run_audit(model, cfg, "v", FolderDataset(root), DECLARED, options=opts).styles
+    assert want is not None and got is not None
+    keys = ("style", "seen", "splits", "n", "detection", "auroc", "iou_mean", "n_localized")
+    for name in DECLARED:
+        assert len(got.rows[name]) == len(want.rows[name]) > 1
+        for g, w in zip(got.rows[name], want.rows[name], strict=True):
+            assert g.effect is None and g.detection_weighted is None
+            for k in keys:
+                gv, wv = getattr(g, k), getattr(w, k)
+                assert gv == (pytest.approx(wv, abs=1e-6) if isinstance(wv, float) else wv), (
+                    name,
+                    g.style,
+                    k,
+                )
+    assert got.clean_any_present == pytest.approx(want.clean_any_present)
+    # the hospital names the looks of some band-aids only
+    rec = json.loads((root / "artifact_styles.json").read_text())
+    test_ids = {FolderDataset(root).ids[i] for i in styled.indices("test")}
+    dropped = sorted(k for k, v in rec.items() if k in test_ids and "band_aid" in v)[::2]
+    for k in dropped:
+        del rec[k]["band_aid"]
+    (root / "artifact_styles.json").write_text(json.dumps(rec))
+    part = run_audit(model, cfg, "v", FolderDataset(root), DECLARED, options=opts).styles
+    assert part is not None
+    n_all = sum(r.n for r in want.rows["band_aid"])
+    assert sum(r.n for r in part.rows["band_aid"]) == n_all - len(dropped) > 0
+    groups = part.groups["band_aid"]
+    assert groups["seen"].n + groups["unseen"].n == n_all - len(dropped)
+
+
 def src_images(ds: SynthDerm, idx: list[int], cfg: Any, without: str | None = None) -> torch.Tensor:
     """Images ``idx`` at the model's input size, or without one artifact."""
     side = cfg.input_size[-1]

@@ -133,7 +133,13 @@ def test_build_config_defaults_come_from_the_dataclasses_and_bad_values_are_name
 
 
 def _card(
-    tmp_path: Path, version: str, name: str, clean: float, att_mal: float, rel: float, params: dict | None = None
+    tmp_path: Path,
+    version: str,
+    name: str,
+    clean: float,
+    att_mal: float,
+    rel: float,
+    params: dict | None = None,
 ):
     w = tmp_path / f"{version}.pt"
     w.write_bytes(version.encode())
@@ -207,7 +213,9 @@ def test_a_build_of_fine_tuned_versions_without_vanilla_ft_says_the_check_did_no
     report = comparison_report(cards, acceptance(cards, spec, "band_aid"), focus_class="malignant")
     assert "**Warning:** no `vanilla-ft`" in report
     assert baseline_warnings([base, projected], acceptance([base, projected], spec, "band_aid")) == []
-    steady = _card(tmp_path, "vanilla-ft-band_aid", "vanilla-ft", 0.76, 0.20, 0.40, {"finetune": {"epochs": 3}})
+    steady = _card(
+        tmp_path, "vanilla-ft-band_aid", "vanilla-ft", 0.76, 0.20, 0.40, {"finetune": {"epochs": 3}}
+    )
     with_ft = [base, steady, tuned]
     assert baseline_warnings(with_ft, acceptance(with_ft, spec, "band_aid")) == []
 
