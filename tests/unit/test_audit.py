@@ -205,8 +205,13 @@ def test_own_data_with_a_style_file_gets_the_per_style_audit(trained: tuple, tmp
     opts = replace(OPTS, max_localize=10_000)
     root = styled.export(tmp_path / "styled")
     want = run_audit(model, cfg, "v", styled, DECLARED, options=opts).styles
-    got = run_audit(model, cfg, "v", FolderDataset(root), DECLARED, options=opts).styles
+    folder_rep = run_audit(model, cfg, "v", FolderDataset(root), DECLARED, options=opts)
+    got = folder_rep.styles
     assert want is not None and got is not None
+    html = write_report(folder_rep, tmp_path / "report").read_text()
+    assert 'id="styles-band_aid"' in html and html.count("style image") > 0
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())["styles"]["per_concept"]
+    assert saved["band_aid"]["unseen"]["effect"] is None
     keys = ("style", "seen", "splits", "n", "detection", "auroc", "iou_mean", "n_localized")
     for name in DECLARED:
         assert len(got.rows[name]) == len(want.rows[name]) > 1
