@@ -22,6 +22,11 @@ def data_export(
     preset: str = typer.Option(
         "binary", help="binary (benign, malignant) or isic_like (nevus, melanoma, bcc)."
     ),
+    styles: str = typer.Option(
+        "house",
+        help="Artifact looks: house (one per artifact), split (style families, some only in "
+        "val or test; also writes artifact_styles.json) or all (docs/data.md).",
+    ),
     masks: bool = typer.Option(True, help="Write the true artifact masks (--no-masks: annotations only)."),
     masks_dir: Path | None = typer.Option(
         None, help="Hold the masks back in this folder instead of <out>/masks."
@@ -33,7 +38,7 @@ def data_export(
     from medaudit.models.errors import MedauditError
 
     try:
-        ds = SynthDerm(SynthDermConfig.preset(preset, seed=seed, size=size))
+        ds = SynthDerm(SynthDermConfig.preset(preset, seed=seed, size=size, styles=styles))
         with progress_bars() as bars:
             root = ds.export(
                 out,
@@ -96,8 +101,18 @@ def data_check(
         console.print(f"[yellow]warning:[/] {w}")
     arts = ds.artifact_ids("all")
     rep["artifacts"] = {a: {"images": len(v), "masks": ds.mask_source_of(a)} for a, v in arts.items()}
+    looks = style_summary(ds)
     for a, v in rep["artifacts"].items():
-        console.print(f"artifact {a}: {v['images']} images, masks: {v['masks']}")
+        line = f"artifact {a}: {v['images']} images, masks: {v['masks']}"
+        if a in looks:
+            v["styles"] = looks[a]
+            per = looks[a]["per_style"]
+            unseen = [st.split("/", 1)[-1] for st, n in per.items() if not n.get("train")]
+            line += f", styles named on {looks[a]['named']}: {len(per)} looks"
+            if unseen:
+                shown = ", ".join(unseen[:6]) + (", …" if len(unseen) > 6 else "")
+                line += f", {len(unseen)} never in train ({shown})"
+        console.print(line)
     if checked:
         console.print(
             f"read {checked['images']} images and {checked['masks']} masks: all readable, masks fit"
@@ -105,3 +120,21 @@ def data_check(
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rep, indent=1))
+
+
+def style_summary(ds: Any) -> dict[str, dict[str, Any]]:
+    """Per artifact of a dataset that records styles (``styled``): on how many images a style is
+    named and, per style, its images per split; empty for a dataset without styles."""
+    if not getattr(ds, "styled", False):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for split in ("train", "val", "test"):
+        for a, by in ds.artifact_styles(split).items():
+            entry = out.setdefault(a, {"named": 0, "per_style": {}})
+            entry["named"] += len(by)
+            for st in by.values():
+                counts = entry["per_style"].setdefault(st, {})
+                counts[split] = counts.get(split, 0) + 1
+    for entry in out.values():
+        entry["per_style"] = dict(sorted(entry["per_style"].items()))
+    return {a: e for a, e in out.items() if e["named"]}

@@ -248,3 +248,36 @@ def test_an_exported_styled_dataset_reads_its_styles_back_and_bad_style_files_ar
         (root / "artifact_styles.json").write_text(json.dumps(bad))
         with pytest.raises(DatasetError, match=re.escape(match)):
             FolderDataset(root)
+
+
+def test_the_cli_exports_styles_and_data_check_counts_them(tmp_path) -> None:
+    """``data export --styles split`` writes the style file; ``data check`` reads it back and
+    reports, per artifact, the looks per split and those never in training; a bad mode is named."""
+    from typer.testing import CliRunner
+
+    from medaudit.cli.commands import app
+
+    out = tmp_path / "exp"
+    res = CliRunner().invoke(app, ["data", "export", str(out), "--size", "32", "--styles", "split"])
+    assert res.exit_code == 0, res.output
+    assert (out / "artifact_styles.json").is_file()
+    res = CliRunner().invoke(
+        app, ["data", "check", f"folder:{out}", "--no-images", "--out", str(tmp_path / "c.json")]
+    )
+    assert res.exit_code == 0, res.output
+    looks = json.loads((tmp_path / "c.json").read_text())["artifacts"]["band_aid"]["styles"]
+    ds = SynthDerm(SynthDermConfig(size=32, styles="split"))
+    for split in ("train", "val", "test"):
+        want: dict[str, int] = {}
+        for st in ds.artifact_styles(split)["band_aid"].values():
+            want[st] = want.get(st, 0) + 1
+        assert {st: c[split] for st, c in looks["per_style"].items() if split in c} == want
+    assert looks["named"] == len(ds.artifact_ids("all")["band_aid"])
+    text = re.sub(r"\s+", " ", res.output)
+    unseen = [*DEFAULT_STYLE_SPLIT["band_aid"]["val"], *DEFAULT_STYLE_SPLIT["band_aid"]["test"]]
+    assert 0 < len(unseen) <= 6 and f"{len(unseen)} never in train (" in text
+    assert all(st in text for st in unseen)
+    res = CliRunner().invoke(
+        app, ["data", "export", str(tmp_path / "bad"), "--size", "32", "--styles", "fancy"]
+    )
+    assert res.exit_code == 2 and "styles='fancy'; valid: house, split, all" in res.output
