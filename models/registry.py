@@ -6,7 +6,8 @@ version tag (``arch.tag``) and does not change the architecture.
 
 Hook points follow the paper's layer semantics (method.md §9, §11.3): ``identity_k`` is the
 post-ReLU output of ResNet stage k+1, ``last_conv`` the last stage's; VGG names are the ReLU
-modules of ``features``; the ViT's ``inspection_layer`` is the CLS token after the final norm.
+modules of ``features``; the ViT's ``inspection_layer`` is the CLS token after the final norm
+(timm's ``fc_norm``; torchvision's :data:`TV_VIT_CLASS_TOKEN`).
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def construct(source: str, arch: str, num_classes: int, kwargs: Mapping[str, Any
             near = difflib.get_close_matches(arch, names, n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise UnknownModelError(f"{source} has no model {arch!r}{hint}")
-        return make()
+        return expose_class_token(make())
     if source != "entrypoint":
         raise UnknownModelError(f"unknown model source {source!r}; valid: timm, torchvision, entrypoint")
     module_name, _, factory_name = arch.partition(":")
@@ -254,6 +255,27 @@ def construct(source: str, arch: str, num_classes: int, kwargs: Mapping[str, Any
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise UnknownModelError(f"{arch}() returned a {type(model).__name__}, not a torch.nn.Module")
+    return expose_class_token(model)
+
+
+#: A torchvision ViT's ``inspection_layer``: its class token after the final norm (method.md §11.4).
+#: torchvision picks the token inline in ``forward`` (``x[:, 0]``), so no module outputs it; an
+#: ``nn.Identity`` of this name at the front of ``heads`` does. It has no parameters, so every
+#: checkpoint of the model loads as before and its logits do not change.
+TV_VIT_CLASS_TOKEN = "heads.class_token"
+
+
+def expose_class_token(model: nn.Module) -> nn.Module:
+    """A torchvision ``VisionTransformer`` with :data:`TV_VIT_CLASS_TOKEN` (in place, idempotent);
+    any other model as it is."""
+    from collections import OrderedDict
+
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer) and isinstance(model.heads, nn.Sequential):
+        children = OrderedDict(model.heads.named_children())
+        if "class_token" not in children:
+            model.heads = nn.Sequential(OrderedDict([("class_token", nn.Identity()), *children.items()]))
     return model
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from medaudit.models.errors import CanonizerError, ConfigError, SpecError, UnknownModelError, WeightsError
-from medaudit.models.registry import ModelCfg, construct
+from medaudit.models.registry import TV_VIT_CLASS_TOKEN, ModelCfg, construct, expose_class_token
 from medaudit.models.train import sha256_file
 
 SOURCES = ("timm", "torchvision", "entrypoint")
@@ -261,7 +261,7 @@ def build(spec: ModelSpec) -> tuple[nn.Module, ModelCfg, str]:
         raise WeightsError(f"{spec.checkpoint}: sha256 {digest} is not the spec's {spec.sha256}")
     obj = _read_checkpoint(spec)
     if isinstance(obj, nn.Module):
-        model = obj
+        model = expose_class_token(obj)
     else:
         model = _construct(spec)
         _load_state(model, _state_dict(obj, spec), spec)
@@ -419,7 +419,14 @@ def default_hook_points(model: nn.Module, family: str) -> dict[str, str]:
         blocks = model.get_submodule("blocks")
         return {f"blocks.{i}": f"blocks.{i}" for i in range(len(blocks))}  # type: ignore[arg-type]
     if family == "vit":
-        return {"inspection_layer": "fc_norm" if "fc_norm" in names else "norm"}
+        if "fc_norm" in names:  # timm: the pooled token after the final norm
+            return {"inspection_layer": "fc_norm"}
+        if "heads" in names and TV_VIT_CLASS_TOKEN.split(".", 1)[1] in dict(names["heads"].named_children()):
+            return {"inspection_layer": TV_VIT_CLASS_TOKEN}  # torchvision, by expose_class_token
+        raise UnknownModelError(
+            "no default hook point for this ViT: its class token after the final norm is output by no "
+            "module (timm's fc_norm, torchvision's heads); give [hook_points] inspection_layer"
+        )
     raise UnknownModelError(f"no default hook points for family {family!r}; give [hook_points] in the spec")
 
 

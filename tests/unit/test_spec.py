@@ -6,6 +6,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -115,6 +116,70 @@ def test_torchvision_vgg_bn_gets_block_outputs(tmp_path: Path) -> None:
     _model, cfg, _ = build(load_spec(spec))
     assert cfg.canonizer == "vgg" and len(cfg.hook_points) == 5
     assert cfg.default_cav_layer == list(cfg.hook_points)[-2]
+
+
+def test_a_torchvision_vit_gets_its_class_token_as_the_cav_layer(tmp_path: Path) -> None:
+    """torchvision picks the class token inline in ``forward``, so no module outputs it: the spec
+    model gets an Identity at the front of ``heads`` (the checkpoint of the plain model loads, the
+    logits do not change), and the family's default hook point records exactly that token after
+    the final norm. A concept seeded there explains to the pixels, and the version round-trips."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from medaudit.models.corrections.base import pooled_activations
+    from medaudit.models.corrections.io import load_version, save_version
+    from medaudit.models.xai.lrp import ConceptTarget, Explainer
+
+    kw = {
+        "image_size": 32,
+        "patch_size": 16,
+        "num_layers": 2,
+        "num_heads": 2,
+        "hidden_dim": 16,
+        "mlp_dim": 32,
+    }
+    torch.manual_seed(0)
+    plain = _trained_like(VisionTransformer(num_classes=2, **kw))
+    torch.save(plain.state_dict(), tmp_path / "vit.pt")
+    body = "\n".join(f"{k} = {v}" for k, v in kw.items())
+    spec = _spec(
+        tmp_path,
+        f"""
+        name = "tv-vit"
+        source = "entrypoint"
+        arch = "torchvision.models.vision_transformer:VisionTransformer"
+        checkpoint = "vit.pt"
+        labels = ["benign", "malignant"]
+        input_size = 32
+        {IMAGENET}
+        [factory_kwargs]
+        num_classes = 2
+        {body}
+        """,
+    )
+    model, cfg, _ = build(load_spec(spec))
+    assert cfg.canonizer == "vit" and cfg.hook_points == {"inspection_layer": "heads.class_token"}
+    x = torch.rand(3, 3, 32, 32)
+    images = (x * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+        tokens = plain._process_input(cfg.normalize(images))
+        cls = plain.encoder(torch.cat([plain.class_token.expand(3, -1, -1), tokens], dim=1))[:, 0]
+    acts = pooled_activations(model, cfg, "inspection_layer", images)
+    assert acts.shape == (3, 16) and np.allclose(acts, cls.double().numpy(), atol=1e-5)
+    v = torch.randn(16)
+    hm = (
+        Explainer(model, cfg)
+        .explain(cfg.normalize(images), [ConceptTarget("inspection_layer", v)])
+        .heatmaps[0]
+    )
+    assert hm.shape == (3, 32, 32) and bool((hm.abs().flatten(1).sum(1) > 0).all())
+    report = check(load_spec(spec))
+    assert report.canonized_max_diff < 1e-3 and report.conservation_error < 1.0
+    save_version(model, cfg, tmp_path / "v" / "model.pt", correction="vanilla", layer="", params={})
+    loaded, cfg2, _ = load_version(tmp_path / "v" / "model.pt")
+    assert cfg2.hook_points == cfg.hook_points
+    with torch.no_grad():
+        assert torch.equal(loaded(x), plain(x))
 
 
 # ------------------------------------------------------------------------------ refusals
