@@ -42,6 +42,11 @@ def export_onnx(model: nn.Module, cfg: ModelCfg, path: str | Path, opset: int = 
     model.eval()
     dummy = torch.zeros(2, *cfg.input_size)
     tmp = p.with_suffix(".tmp.onnx")
+    # nn.MultiheadAttention (torchvision's ViTs) takes a fused kernel in eval mode,
+    # aten::_native_multi_head_attention, which has no ONNX symbolic: export the plain path, the
+    # same function (the parity check compares the logits).
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # The TorchScript exporter announces its own deprecation in favour of dynamo=True
@@ -51,6 +56,10 @@ def export_onnx(model: nn.Module, cfg: ModelCfg, path: str | Path, opset: int = 
                 "ignore", category=DeprecationWarning, message=r".*legacy TorchScript-based ONNX export"
             )
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\._internal\.")
+            # The tracer warns where a model reads a size as a Python number (torchvision's ViT
+            # formats its input-size assert with one): the graph is then fixed to that number. The
+            # batch axis stays dynamic, and check_parity runs the graph at other batch sizes.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
                 model,
                 (dummy,),
@@ -66,6 +75,7 @@ def export_onnx(model: nn.Module, cfg: ModelCfg, path: str | Path, opset: int = 
         raise ExportError(f"ONNX export of {cfg.arch} to {p} failed: {e}") from e
     finally:
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     tmp.replace(p)
     return p
 

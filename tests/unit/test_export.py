@@ -58,6 +58,30 @@ def test_reactive_exports(corrected, tmp_path) -> None:
     assert check_parity(net, cfg, path, images).ok
 
 
+def test_a_torchvision_vit_exports_and_matches_torch(tmp_path) -> None:
+    """torchvision's ViTs attend through nn.MultiheadAttention, whose eval-mode fused kernel has no
+    ONNX symbolic: the export takes the plain path (the same function, checked by parity) and
+    leaves torch's fast-path switch as it found it."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from medaudit.models.registry import ModelCfg, expose_class_token
+
+    torch.manual_seed(0)
+    model = expose_class_token(
+        VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    ).eval()
+    torch.nn.init.normal_(model.heads.head.weight, 0, 0.3)
+    cfg = ModelCfg(arch="tv-vit", source="entrypoint", input_size=(3, 32, 32), labels=tuple("abcdefghij"))
+    before = torch.backends.mha.get_fastpath_enabled()
+    path = export_onnx(model, cfg, tmp_path / "vit.onnx")
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    images = torch.randint(
+        0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
+    parity = check_parity(model, cfg, path, images)
+    assert parity.ok and parity.max_abs_diff <= 1e-4
+
+
 def test_parity_failure_raises(corrected, tmp_path) -> None:
     model, cfg, _ = corrected
     path = export_onnx(model, cfg, tmp_path / "m.onnx")
