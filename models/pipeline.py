@@ -52,6 +52,7 @@ from medaudit.models.build_data import BuildData, build_data
 from medaudit.models.cards import CARD_JSON, ModelCard
 from medaudit.models.corrections import CORRECTIONS, Correction, CorrectionData, FinetuneConfig
 from medaudit.models.corrections.settings import CorrectionSettings, make_correction, resolve
+from medaudit.models.data.registry import label_order_hint
 from medaudit.models.errors import ConfigError
 from medaudit.models.evaluate import EvalData, EvalSet
 from medaudit.models.registry import ModelCfg
@@ -551,8 +552,7 @@ def check_data(cfg: BuildConfig, data: BuildData) -> tuple[int, tuple[int, ...] 
         raise ConfigError(
             f"{cfg.model.path} has labels [{', '.join(cfg.model.labels)}] but {data.name} has classes "
             f"[{', '.join(labels)}]: the spec's labels must be the data's classes, in index order "
-            f"(folder data takes the model's order as an option: {data.name.partition('?')[0]}"
-            f"?labels={','.join(cfg.model.labels)})"
+            f"({label_order_hint(data.name, cfg.model.labels)})"
         )
     side = cfg.model.input_size[-1] if cfg.model is not None else data.size
     if data.size != side:

@@ -306,16 +306,36 @@ def _family(model: nn.Module, spec: ModelSpec) -> str:
     try:
         return detect_canonizer(model)
     except CanonizerError as e:
-        refusals = []
+        # one entry per layer type and reason: a network repeats its blocks, and their refusals
+        refusals: dict[tuple[str, str], list[str]] = {}
         for path, module in model.named_modules():
             if path and next(module.children(), None) is None:
                 try:
                     rule_for(module, first=False, path=path)
                 except ConfigError as no_rule:
-                    refusals.append(str(no_rule))
+                    kind = f"{type(module).__module__}.{type(module).__name__}"
+                    reason = str(no_rule).replace(f"layer {path!r} ({kind})", "{layers}", 1)
+                    refusals.setdefault((kind, reason), []).append(path)
         if refusals:
-            raise ConfigError(f"{spec.path}: " + "; ".join(refusals)) from e
+            raise ConfigError(f"{spec.path}: {_grouped(refusals)}") from e
         raise CanonizerError(f"{spec.path}: {e}; or name one with canonizer = ... in the spec") from e
+
+
+def _grouped(refusals: Mapping[tuple[str, str], list[str]], shown: int = 3) -> str:
+    """One refusal per layer type, naming its first few layers and how many more; advice that
+    several share ("Either the canonizer ...") is said once, at the end."""
+    heads: list[str] = []
+    advice: dict[str, None] = {}
+    for (kind, reason), paths in refusals.items():
+        more = f", and {len(paths) - shown} more" if len(paths) > shown else ""
+        layers = (
+            f"{kind} ({len(paths)} layer{'s' if len(paths) > 1 else ''}: {', '.join(paths[:shown])}{more})"
+        )
+        head, sep, tail = reason.replace("{layers}", layers, 1).partition(". Either ")
+        heads.append(head)
+        if sep:
+            advice["Either " + tail] = None
+    return "; ".join(heads) + "".join(f". {a}" for a in advice)
 
 
 def _read_checkpoint(spec: ModelSpec) -> Any:
@@ -416,8 +436,12 @@ def default_hook_points(model: nn.Module, family: str) -> dict[str, str]:
             if k.startswith("transition")
         }
     if family == "efficientnet":
-        blocks = model.get_submodule("blocks")
-        return {f"blocks.{i}": f"blocks.{i}" for i in range(len(blocks))}  # type: ignore[arg-type]
+        if "blocks" in names:  # timm: the stages
+            blocks = model.get_submodule("blocks")
+            return {f"blocks.{i}": f"blocks.{i}" for i in range(len(blocks))}  # type: ignore[arg-type]
+        # torchvision: features.0 is the stem conv, the last the 1x1 head conv, the rest the stages
+        features = model.get_submodule("features")
+        return {f"features.{i}": f"features.{i}" for i in range(1, len(features) - 1)}  # type: ignore[arg-type]
     if family == "vit":
         if "fc_norm" in names:  # timm: the pooled token after the final norm
             return {"inspection_layer": "fc_norm"}

@@ -12,7 +12,7 @@ Every kind returns an :class:`~medaudit.models.data.protocol.AnnotatedDataset`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +168,19 @@ def _synthderm(spec: str, options: dict[str, Any]) -> SynthDerm:
             f"dataset spec {spec!r}: styles {options['styles']!r}; valid: {', '.join(STYLE_MODES)}"
         )
     return SynthDerm(SynthDermConfig.preset(preset, **options))
+
+
+def label_order_hint(name: str, labels: Sequence[str]) -> str:
+    """How to make dataset spec ``name`` take a model's class order (``labels``), where its kind
+    has an option for it; otherwise what fixes the data's classes."""
+    head = name.partition("?")[0]
+    kind = head.partition(":")[0]
+    for option in ("labels", "classes"):
+        if option in OPTIONS.get(kind, {}):
+            return f"{kind} data takes the model's order as an option: {head}?{option}={','.join(labels)}"
+    if kind == "synthderm":
+        return (
+            "synthderm draws fixed classes (preset=isic_like: nevus, melanoma, bcc): give a spec those "
+            "labels to try the model on it, or --data your own dataset"
+        )
+    return f"{kind} data fixes its class order"

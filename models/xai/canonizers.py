@@ -24,7 +24,8 @@ the LRP engine that know architectures. Canonizers are looked up by
 the id in ``ModelCfg.canonizer`` (or found by :func:`detect_canonizer`): ``"resnet"`` (timm
 ResNet incl. the deep stem and avg-pool downsample of resnet-d, torchvision ResNet; basic and
 bottleneck blocks), ``"vgg"`` (torchvision VGG, with or without BatchNorm), ``"densenet"``
-(torchvision and timm DenseNet), ``"efficientnet"`` (timm EfficientNet/MobileNet-style blocks)
+(torchvision and timm DenseNet), ``"efficientnet"`` (timm EfficientNet/MobileNet-style blocks,
+torchvision EfficientNet)
 and ``"vit"`` (timm VisionTransformer with class-token or average pooling, torchvision
 VisionTransformer).
 """
@@ -41,9 +42,12 @@ import timm.models.efficientnet as timm_efficientnet
 import timm.models.resnet as timm_resnet
 import torch
 import torchvision.models.densenet as tv_densenet
+import torchvision.models.efficientnet as tv_efficientnet
 import torchvision.models.resnet as tv_resnet
 import torchvision.models.vgg as tv_vgg
 from torch import nn
+from torchvision.ops import SqueezeExcitation as TvSqueezeExcitation
+from torchvision.ops import StochasticDepth
 
 from medaudit.models.errors import CanonizerError, UnknownModelError
 from medaudit.models.xai import vit_canonizers
@@ -447,8 +451,57 @@ _EFFICIENTNET_BLOCKS: dict[type, tuple[type | None, tuple[tuple[str, str], ...]]
 }  # fmt: skip
 
 
+class _TvMBConv(tv_efficientnet.MBConv):
+    """torchvision MBConv (EfficientNet) with the residual addition as a module."""
+
+    residual_sum: ResidualSum
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        result = self.block(input)
+        return self.residual_sum(input, self.stochastic_depth(result)) if self.use_res_connect else result
+
+
+class _TvFusedMBConv(tv_efficientnet.FusedMBConv):
+    """torchvision fused MBConv (EfficientNet-V2) with the residual addition as a module."""
+
+    residual_sum: ResidualSum
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        result = self.block(input)
+        return self.residual_sum(input, self.stochastic_depth(result)) if self.use_res_connect else result
+
+
+_TV_EFFICIENTNET_BLOCKS: dict[type, type] = {
+    tv_efficientnet.MBConv: _TvMBConv,
+    tv_efficientnet.FusedMBConv: _TvFusedMBConv,
+}
+
+
+def _canonize_tv_efficientnet(model: tv_efficientnet.EfficientNet) -> None:
+    """torchvision's EfficientNet (B0-B7, V2): the same canonical form as timm's (see
+    :func:`canonize_efficientnet`). Every BatchNorm is the second layer of a ``Conv2dNormActivation``
+    right after its conv, so the sequential merge finds them all."""
+    merge_sequential_batchnorms(model)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, StochasticDepth):
+            _set_child(model, path, nn.Identity())
+        elif isinstance(module, TvSqueezeExcitation):
+            _set_child(model, path, PassThrough(module))
+    blocks = 0
+    for module in model.features.modules():
+        canonical = _TV_EFFICIENTNET_BLOCKS.get(type(module))
+        if canonical is not None:
+            module.__class__ = canonical
+            module.add_module("residual_sum", ResidualSum())
+            blocks += 1
+    if blocks == 0:
+        raise CanonizerError(f"no EfficientNet blocks of a known type in {type(model).__name__}")
+    _require_no_batchnorm(model, "efficientnet")
+
+
 def canonize_efficientnet(model: nn.Module) -> None:
-    """timm EfficientNet / MobileNet-style networks (method.md §3.2, "EfficientNet" row).
+    """timm EfficientNet / MobileNet-style networks and torchvision's EfficientNet (method.md §3.2,
+    "EfficientNet" row).
 
     * Every BatchNorm follows a conv (stem, the convs of each block, the head) and is merged
       into it; timm's fused ``BatchNormAct2d`` leaves its activation (SiLU: **Pass**).
@@ -463,9 +516,12 @@ def canonize_efficientnet(model: nn.Module) -> None:
     * Skip connections (``has_skip``) are :class:`ResidualSum` (**Norm**); ``DropPath`` is the
       identity at inference.
     """
+    if isinstance(model, tv_efficientnet.EfficientNet):
+        _canonize_tv_efficientnet(model)
+        return
     if not isinstance(model, timm_efficientnet.EfficientNet):
         raise CanonizerError(
-            f"canonizer 'efficientnet' expects a timm EfficientNet, got {type(model).__name__}"
+            f"canonizer 'efficientnet' expects a timm or torchvision EfficientNet, got {type(model).__name__}"
         )
     _merge_pair(model, "conv_stem", "bn1")
     _merge_pair(model, "conv_head", "bn2")
@@ -523,7 +579,7 @@ FAMILIES: dict[str, tuple[type, ...]] = {
     "resnet": (timm_resnet.ResNet, tv_resnet.ResNet),
     "vgg": (tv_vgg.VGG,),
     "densenet": (tv_densenet.DenseNet, timm_densenet.DenseNet),
-    "efficientnet": (timm_efficientnet.EfficientNet,),
+    "efficientnet": (timm_efficientnet.EfficientNet, tv_efficientnet.EfficientNet),
     "vit": vit_canonizers.VIT_CLASSES,
 }
 

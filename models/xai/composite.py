@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from medaudit.models.errors import ConfigError
 from medaudit.models.xai import attention_rules, rules
@@ -74,7 +75,7 @@ PASS_TYPES: tuple[type[nn.Module], ...] = (
 )  # fmt: skip
 #: Leaf modules that keep plain autograd gradient, with the rule name :func:`rule_report` shows.
 #: zennit 0.5.1's ``EpsilonPlusFlat`` maps none of them to a rule (method.md §3.1, §11.2):
-#: max-pooling's gradient is winner-take-all; dropout (at inference), identity, flatten and
+#: max-pooling's gradient is winner-take-all; dropout and drop-path (at inference), identity, flatten and
 #: unflatten are the identity on relevance; a concatenation's gradient splits relevance by part
 #: (:class:`~models.xai.layers.Concat`).
 #: Any other leaf module is refused by :func:`build_lrp_model`: no layer is explained by a
@@ -86,6 +87,7 @@ _MAX_POOLS = (
 _IDENTITIES = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.Identity, nn.Flatten, nn.Unflatten,
+    StochasticDepth,  # torchvision's drop-path: the identity at inference, as dropout
 )  # fmt: skip
 GRADIENT_TYPES: dict[type[nn.Module], str] = {
     **dict.fromkeys(_MAX_POOLS, "Gradient (winner-take-all)"),

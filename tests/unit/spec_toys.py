@@ -25,3 +25,26 @@ class LstmNet(nn.Module):
 
 def lstm_net(num_classes: int = 2) -> nn.Module:
     return LstmNet(num_classes)
+
+
+class GruStack(nn.Module):
+    """Five GRUs after the stem, and an ELU-like custom activation twice: refusals that repeat."""
+
+    def __init__(self, num_classes: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.rnns = nn.ModuleList([nn.GRU(8 * 16 if k == 0 else 8, 8, batch_first=True) for k in range(5)])
+        self.acts = nn.ModuleList([nn.Softmin(dim=-1) for _ in range(2)])
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = self.stem(x).permute(0, 2, 1, 3).flatten(2)
+        for rnn in self.rnns:
+            seq, _ = rnn(seq)
+        for act in self.acts:
+            seq = act(seq)
+        return self.head(seq[:, -1])
+
+
+def gru_stack(num_classes: int = 2) -> nn.Module:
+    return GruStack(num_classes)

@@ -197,3 +197,18 @@ def test_an_empty_class(tmp_path: Path) -> None:
         DatasetError, match=r"class 'pylorus' has no images: no class folder .*; class folders: cecum, polyps"
     ):
         ClassFolders(d, classes="polyps,pylorus")
+
+
+def test_a_class_order_mismatch_names_the_option_that_fixes_it() -> None:
+    """A model whose labels are not the data's classes is told how to reorder the data where its
+    kind can (folder and CheXpert labels=, ISIC and class folders classes=), and otherwise that
+    the classes are fixed (synthderm: not an option it lacks)."""
+    from medaudit.models.data.registry import label_order_hint
+
+    labels = ("normal", "cardiomegaly")
+    assert label_order_hint("folder:/d?csv=x.csv", labels).endswith("folder:/d?labels=normal,cardiomegaly")
+    assert "chexpert:/c?labels=" in label_order_hint("chexpert:/c", labels)
+    assert "isic2019:/i?classes=normal,cardiomegaly" in label_order_hint("isic2019:/i?classes=NV,MEL", labels)
+    assert "classfolders:/f?classes=" in label_order_hint("classfolders:/f", labels)
+    synth = label_order_hint("synthderm?size=64", labels)
+    assert "fixed classes" in synth and "?labels" not in synth and "--data" in synth

@@ -110,6 +110,15 @@ def _ir_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.canonizer_sum(torch.stack([shortcut, x], dim=-1)) if self.has_skip else x
 
 
+def _tv_se_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    return _SignalOnlyGate.apply(self._scale(x), x)
+
+
+def _tv_mbconv_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    out = self.block(x)
+    return self.canonizer_sum(torch.stack([x, out], dim=-1)) if self.use_res_connect else out
+
+
 def _tv_densenet_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     out = self.canonizer_pool(self.canonizer_relu(self.features(x)))
     return self.classifier(torch.flatten(out, 1))
@@ -206,6 +215,16 @@ def zennit_reference(model: nn.Module) -> tuple[nn.Module, list[Any]]:
         )
         return model, [NamedMergeBatchNorm(pairs), final]
     assert kind == "efficientnet"
+    if isinstance(model, torchvision.models.EfficientNet):
+        # Conv2dNormActivation = Sequential(conv, BN, act): zennit's sequential merge finds each pair
+        from torchvision.models.efficientnet import MBConv
+        from torchvision.ops import SqueezeExcitation
+
+        return model, [
+            SequentialMergeBatchNorm(),
+            _rebind(SqueezeExcitation, _tv_se_forward),
+            _rebind(MBConv, _tv_mbconv_forward, canonizer_sum=Sum),
+        ]
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
 
     model = _split_batchnorm_act(copy.deepcopy(model))
@@ -300,7 +319,7 @@ RESNETS = [
 ]
 VGGS = [f"tv:vgg{d}" for d in (11, 13, 16, 19)] + [f"tv:vgg{d}_bn" for d in (11, 13, 16, 19)]
 DENSENETS = ["tv:densenet121", "timm:densenet121"]
-EFFICIENTNETS = ["timm:efficientnet_b0"]
+EFFICIENTNETS = ["timm:efficientnet_b0", "tv:efficientnet_b0"]
 SIZES = {"densenet": 64, "efficientnet": 64}
 
 

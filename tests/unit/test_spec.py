@@ -118,6 +118,35 @@ def test_torchvision_vgg_bn_gets_block_outputs(tmp_path: Path) -> None:
     assert cfg.default_cav_layer == list(cfg.hook_points)[-2]
 
 
+def test_a_torchvision_efficientnet_is_canonized_with_its_stages_as_hook_points(tmp_path: Path) -> None:
+    """torchvision's EfficientNet (a chest X-ray staple) joins the efficientnet family: its
+    stages ``features.1..7`` are the hook points (the stem conv and the 1x1 head conv are not),
+    ``check`` canonizes it to the same function and runs LRP through it (its drop-path is the
+    identity at inference)."""
+    torch.manual_seed(0)
+    model = _trained_like(torchvision.models.efficientnet_b0(weights=None, num_classes=2))
+    torch.save(model.state_dict(), tmp_path / "b0.pt")
+    spec = _spec(
+        tmp_path,
+        f"""
+        name = "cxr-b0"
+        source = "torchvision"
+        arch = "efficientnet_b0"
+        checkpoint = "b0.pt"
+        labels = ["normal", "cardiomegaly"]
+        input_size = 64
+        {IMAGENET}
+        """,
+    )
+    _model, cfg, _ = build(load_spec(spec))
+    assert cfg.canonizer == "efficientnet"
+    assert list(cfg.hook_points) == [f"features.{i}" for i in range(1, 8)]
+    assert cfg.default_cav_layer == "features.6"
+    report = check(load_spec(spec))  # (its biases absorb nearly all relevance: docs/models.md)
+    assert report.canonized_max_diff < 1e-3 and len(report.relevance_sums) == len(report.logits)
+    assert {"Gamma", "Pass", "Norm"} <= {r.rule for r in report.rules}
+
+
 def test_a_torchvision_vit_gets_its_class_token_as_the_cav_layer(tmp_path: Path) -> None:
     """torchvision picks the class token inline in ``forward``, so no module outputs it: the spec
     model gets an Identity at the front of ``heads`` (the checkpoint of the plain model loads, the
@@ -225,8 +254,19 @@ def test_a_layer_without_a_rule_is_refused_by_name(tmp_path: Path) -> None:
         stem = "stem"
         """,
     )
-    with pytest.raises(ConfigError, match=r"no LRP rule for layer 'rnn' \(torch.nn.modules.rnn.LSTM\)"):
+    with pytest.raises(
+        ConfigError, match=r"no LRP rule for torch.nn.modules.rnn.LSTM \(1 layer: rnn\)\. Either"
+    ):
         check(load_spec(spec))
+    # Repeated blocks: one refusal per layer type, its first layers named, the advice said once.
+    torch.save(__import__("spec_toys").gru_stack(2).state_dict(), tmp_path / "gru.pt")
+    gru = spec.read_text().replace("lstm_net", "gru_stack").replace("lstm.pt", "gru.pt")
+    with pytest.raises(ConfigError) as refused:
+        check(load_spec(_spec(tmp_path, gru, "gru.toml")))
+    text = str(refused.value)
+    assert "no LRP rule for torch.nn.modules.rnn.GRU (5 layers: rnns.0, rnns.1, rnns.2, and 2 more)" in text
+    assert "torch.nn.modules.activation.Softmin (2 layers: acts.0, acts.1)" in text
+    assert text.count("Either the canonizer") == 1 and "rnns.3" not in text
     # Named explicitly, the family's canonizer refuses the model instead.
     named = spec.read_text().replace("input_size = 16", 'input_size = 16\ncanonizer = "vgg"')
     with pytest.raises(CanonizerError, match="expects a torchvision VGG"):
