@@ -235,7 +235,7 @@ def run_case(args: argparse.Namespace, name: str, size: int, batch: int, torch: 
             "the ViT rules' reference is lxt (tests/unit/test_attention_lrp.py)"
         )
     try:
-        from medaudit.models.xai.zennit_reference import zennit_lrp
+        from medaudit.testing.zennit_reference import zennit_lrp
     except ImportError as e:  # pragma: no cover - depends on the machine
         zennit_ok, notes["zennit LRP"] = False, f"skipped: {e}"
     try:

@@ -33,11 +33,16 @@ TRANSPORT = {"bentoml", "redis", "prometheus_client", "starlette"}
 HEAVY = {"torch", "torchvision", "timm", "bentoml", "onnxruntime", "onnx", "zennit", "sklearn", "scipy"}
 #: Optional in medaudit-client (its ``arrays`` extra): imported inside the functions that need them.
 OPTIONAL = {"numpy", "PIL"}
+#: The reference implementations the tests compare against, never imported by what is deployed.
+REFERENCES = {"lxt", "zennit", "crp"}
 
 FORBIDDEN: dict[str, set[str]] = {
-    # lxt (the ViT rules' reference, licensed for scientific use) is for tests only
-    "models": TRANSPORT | {"lxt", "medaudit.service", "medaudit.cli", "medaudit.clients", "medaudit.testing"},
-    "service": {"lxt", "medaudit.cli", "medaudit.testing"},
+    # lxt (the ViT rules' reference, licensed for scientific use) and zennit / zennit-crp (LGPL, the
+    # LRP reference) are for tests and benchmarks only: testing/zennit_reference.py, tests/
+    "models": TRANSPORT
+    | REFERENCES
+    | {"medaudit.service", "medaudit.cli", "medaudit.clients", "medaudit.testing"},
+    "service": REFERENCES | {"medaudit.cli", "medaudit.testing"},
     "clients": HEAVY | TRANSPORT | {"medaudit.models", "medaudit.service", "medaudit.cli"},
 }
 

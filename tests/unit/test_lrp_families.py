@@ -32,8 +32,8 @@ from medaudit.models.xai.composite import LayerRule, build_lrp_model, family_com
 from medaudit.models.xai.layers import Concat, PassThrough
 from medaudit.models.xai.lrp import Explainer
 from medaudit.models.xai.rules_gamma import GAMMA, GammaConv
-from medaudit.models.xai.zennit_reference import zennit_canonizers
 from medaudit.testing.models import trained_like
+from medaudit.testing.zennit_reference import zennit_canonizers
 
 BATCH = 2
 

@@ -1,7 +1,7 @@
 """Engine heatmaps vs zennit 0.5.1 ``EpsilonPlusFlat`` + canonizers on the registry's architectures.
 
 zennit uses its own canonizers where it has them (torchvision ResNet/VGG) and the paper-style
-ones of :mod:`medaudit.models.xai.zennit_reference` for timm models, so the engine's canonizers are
+ones of :mod:`medaudit.testing.zennit_reference` for timm models, so the engine's canonizers are
 checked too. Small inputs (64 px, batch 2) at random and "trained-like" weights (random BN
 statistics and affine, so merging BN matters; timm also zero-inits each block's last BN).
 """
@@ -14,8 +14,8 @@ from torch import nn
 
 from medaudit.models.registry import create_model
 from medaudit.models.xai import ClassTarget, ConceptTarget, Explainer
-from medaudit.models.xai.zennit_reference import zennit_composite, zennit_lrp
 from medaudit.testing.models import trained_like
+from medaudit.testing.zennit_reference import zennit_composite, zennit_lrp
 
 SIZE, BATCH = 64, 2
 
