@@ -57,8 +57,29 @@ def _timm_vit_pos_embed(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.pos_drop(self.canonizer_pos_sum(torch.stack([x, self.pos_embed.expand_as(x)], dim=-1)))
 
 
+class SignalOnlyGate(torch.autograd.Function):
+    """``scale * x`` with all relevance on ``x``: the signal-only gate of Pahde et al. 2023's SE
+    canonizer (the engine's :class:`~medaudit.models.xai.layers.PassThrough`)."""
+
+    @staticmethod
+    def forward(ctx: Any, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return scale * x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros_like(grad), grad
+
+
+def _timm_se_module_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    x_se = x.mean((2, 3), keepdim=True)
+    if self.add_maxpool:
+        x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
+    return SignalOnlyGate.apply(self.gate(self.fc2(self.act(self.bn(self.fc1(x_se))))), x)
+
+
 def zennit_canonizers(kind: str, model: nn.Module) -> list[Any]:
     """zennit canonizers equivalent to the paper's for ``ModelCfg.canonizer`` id ``kind``."""
+    import timm.layers.squeeze_excite as timm_se
     import timm.models.resnet as timm_resnet
     import timm.models.vision_transformer as timm_vit
     from zennit.canonizers import AttributeCanonizer, SequentialMergeBatchNorm
@@ -80,6 +101,7 @@ def zennit_canonizers(kind: str, model: nn.Module) -> list[Any]:
             SequentialMergeBatchNorm(),
             rebind(timm_resnet.BasicBlock, _timm_basic_forward, ("canonizer_sum",)),
             rebind(timm_resnet.Bottleneck, _timm_bottleneck_forward, ("canonizer_sum",)),
+            rebind(timm_se.SEModule, _timm_se_module_forward, ()),  # SE-ResNets
         ]
     if kind == "resnet":
         return [ResNetCanonizer()]

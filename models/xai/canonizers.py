@@ -36,6 +36,7 @@ import copy
 from collections.abc import Callable, Iterator
 
 import timm.layers as timm_layers
+import timm.layers.squeeze_excite as timm_se
 import timm.models._efficientnet_blocks as timm_eff_blocks
 import timm.models.densenet as timm_densenet
 import timm.models.efficientnet as timm_efficientnet
@@ -216,7 +217,9 @@ _RESNET_BLOCKS: dict[type, tuple[type, tuple[tuple[str, str], ...]]] = {
 
 
 def canonize_resnet(model: nn.Module) -> None:
-    """timm and torchvision ResNets (method.md §3.2): merge BN, explicit residual sums."""
+    """timm and torchvision ResNets (method.md §3.2): merge BN, explicit residual sums; a timm
+    SE-ResNet's squeeze-excitation as :class:`PassThrough`, the signal-only gate of the
+    efficientnet family (:func:`canonize_efficientnet`)."""
     if not isinstance(model, timm_resnet.ResNet | tv_resnet.ResNet):
         raise CanonizerError(
             f"canonizer 'resnet' expects a timm or torchvision ResNet, got {type(model).__name__}"
@@ -244,6 +247,9 @@ def canonize_resnet(model: nn.Module) -> None:
         blocks += 1
     if blocks == 0:
         raise CanonizerError(f"no ResNet blocks of a known type in {type(model).__name__}")
+    for path, module in list(model.named_modules()):
+        if type(module) in (timm_se.SEModule, timm_se.EffectiveSEModule):
+            _set_child(model, path, PassThrough(module))
     _require_no_batchnorm(model, "resnet")
 
 

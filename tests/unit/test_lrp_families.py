@@ -33,7 +33,7 @@ from medaudit.models.xai.layers import Concat, PassThrough
 from medaudit.models.xai.lrp import Explainer
 from medaudit.models.xai.rules_gamma import GAMMA, GammaConv
 from medaudit.testing.models import trained_like
-from medaudit.testing.zennit_reference import zennit_canonizers
+from medaudit.testing.zennit_reference import SignalOnlyGate, zennit_canonizers
 
 BATCH = 2
 
@@ -80,21 +80,9 @@ def model_for(name: str) -> nn.Module:
 # --------------------------------------------------------------------------- zennit references
 
 
-class _SignalOnlyGate(torch.autograd.Function):
-    """``scale * x`` with all relevance on ``x`` (Pahde et al. 2023's SE canonizer)."""
-
-    @staticmethod
-    def forward(ctx: Any, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return scale * x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros_like(grad), grad
-
-
 def _se_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     scale = self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
-    return _SignalOnlyGate.apply(scale, x)
+    return SignalOnlyGate.apply(scale, x)
 
 
 def _ds_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +99,7 @@ def _ir_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _tv_se_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    return _SignalOnlyGate.apply(self._scale(x), x)
+    return SignalOnlyGate.apply(self._scale(x), x)
 
 
 def _tv_mbconv_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -315,6 +303,8 @@ RESNETS = [
     *(f"timm:resnet{d}" for d in (18, 34, 50)),
     *(pytest.param(f"timm:resnet{d}", marks=pytest.mark.slow) for d in (101, 152)),
     *(f"timm:resnet{d}d" for d in (18, 26, 34, 50)),
+    "timm:seresnet18",  # squeeze-excitation: the signal-only gate (Pass)
+    pytest.param("timm:seresnet50", marks=pytest.mark.slow),
     *(pytest.param(f"timm:resnet{d}d", marks=pytest.mark.slow) for d in (101, 152, 200)),
 ]
 VGGS = [f"tv:vgg{d}" for d in (11, 13, 16, 19)] + [f"tv:vgg{d}_bn" for d in (11, 13, 16, 19)]
