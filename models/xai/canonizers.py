@@ -25,7 +25,7 @@ the id in ``ModelCfg.canonizer`` (or found by :func:`detect_canonizer`): ``"resn
 ResNet incl. the deep stem and avg-pool downsample of resnet-d, torchvision ResNet; basic and
 bottleneck blocks), ``"vgg"`` (torchvision VGG, with or without BatchNorm), ``"densenet"``
 (torchvision and timm DenseNet), ``"efficientnet"`` (timm EfficientNet/MobileNet-style blocks,
-torchvision EfficientNet)
+torchvision EfficientNet and MobileNetV3)
 and ``"vit"`` (timm VisionTransformer with class-token or average pooling, torchvision
 VisionTransformer).
 """
@@ -44,6 +44,7 @@ import timm.models.resnet as timm_resnet
 import torch
 import torchvision.models.densenet as tv_densenet
 import torchvision.models.efficientnet as tv_efficientnet
+import torchvision.models.mobilenetv3 as tv_mobilenetv3
 import torchvision.models.resnet as tv_resnet
 import torchvision.models.vgg as tv_vgg
 from torch import nn
@@ -477,14 +478,25 @@ class _TvFusedMBConv(tv_efficientnet.FusedMBConv):
         return self.residual_sum(input, self.stochastic_depth(result)) if self.use_res_connect else result
 
 
+class _TvInvertedResidual(tv_mobilenetv3.InvertedResidual):
+    """torchvision MobileNetV3 inverted residual with the residual addition as a module."""
+
+    residual_sum: ResidualSum
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        result = self.block(input)
+        return self.residual_sum(input, result) if self.use_res_connect else result
+
+
 _TV_EFFICIENTNET_BLOCKS: dict[type, type] = {
     tv_efficientnet.MBConv: _TvMBConv,
     tv_efficientnet.FusedMBConv: _TvFusedMBConv,
+    tv_mobilenetv3.InvertedResidual: _TvInvertedResidual,
 }
 
 
-def _canonize_tv_efficientnet(model: tv_efficientnet.EfficientNet) -> None:
-    """torchvision's EfficientNet (B0-B7, V2): the same canonical form as timm's (see
+def _canonize_tv_efficientnet(model: tv_efficientnet.EfficientNet | tv_mobilenetv3.MobileNetV3) -> None:
+    """torchvision's EfficientNet (B0-B7, V2) and MobileNetV3: the same canonical form as timm's (see
     :func:`canonize_efficientnet`). Every BatchNorm is the second layer of a ``Conv2dNormActivation``
     right after its conv, so the sequential merge finds them all."""
     merge_sequential_batchnorms(model)
@@ -522,12 +534,13 @@ def canonize_efficientnet(model: nn.Module) -> None:
     * Skip connections (``has_skip``) are :class:`ResidualSum` (**Norm**); ``DropPath`` is the
       identity at inference.
     """
-    if isinstance(model, tv_efficientnet.EfficientNet):
+    if isinstance(model, tv_efficientnet.EfficientNet | tv_mobilenetv3.MobileNetV3):
         _canonize_tv_efficientnet(model)
         return
     if not isinstance(model, timm_efficientnet.EfficientNet):
         raise CanonizerError(
-            f"canonizer 'efficientnet' expects a timm or torchvision EfficientNet, got {type(model).__name__}"
+            "canonizer 'efficientnet' expects a timm or torchvision EfficientNet or a torchvision "
+            f"MobileNetV3, got {type(model).__name__}"
         )
     _merge_pair(model, "conv_stem", "bn1")
     _merge_pair(model, "conv_head", "bn2")
@@ -585,7 +598,11 @@ FAMILIES: dict[str, tuple[type, ...]] = {
     "resnet": (timm_resnet.ResNet, tv_resnet.ResNet),
     "vgg": (tv_vgg.VGG,),
     "densenet": (tv_densenet.DenseNet, timm_densenet.DenseNet),
-    "efficientnet": (timm_efficientnet.EfficientNet, tv_efficientnet.EfficientNet),
+    "efficientnet": (
+        timm_efficientnet.EfficientNet,
+        tv_efficientnet.EfficientNet,
+        tv_mobilenetv3.MobileNetV3,
+    ),
     "vit": vit_canonizers.VIT_CLASSES,
 }
 

@@ -203,15 +203,17 @@ def zennit_reference(model: nn.Module) -> tuple[nn.Module, list[Any]]:
         )
         return model, [NamedMergeBatchNorm(pairs), final]
     assert kind == "efficientnet"
-    if isinstance(model, torchvision.models.EfficientNet):
+    if isinstance(model, torchvision.models.EfficientNet | torchvision.models.MobileNetV3):
         # Conv2dNormActivation = Sequential(conv, BN, act): zennit's sequential merge finds each pair
         from torchvision.models.efficientnet import MBConv
+        from torchvision.models.mobilenetv3 import InvertedResidual
         from torchvision.ops import SqueezeExcitation
 
         return model, [
             SequentialMergeBatchNorm(),
             _rebind(SqueezeExcitation, _tv_se_forward),
             _rebind(MBConv, _tv_mbconv_forward, canonizer_sum=Sum),
+            _rebind(InvertedResidual, _tv_mbconv_forward, canonizer_sum=Sum),
         ]
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
 
@@ -309,7 +311,7 @@ RESNETS = [
 ]
 VGGS = [f"tv:vgg{d}" for d in (11, 13, 16, 19)] + [f"tv:vgg{d}_bn" for d in (11, 13, 16, 19)]
 DENSENETS = ["tv:densenet121", "timm:densenet121"]
-EFFICIENTNETS = ["timm:efficientnet_b0", "tv:efficientnet_b0"]
+EFFICIENTNETS = ["timm:efficientnet_b0", "tv:efficientnet_b0", "tv:mobilenet_v3_small"]
 SIZES = {"densenet": 64, "efficientnet": 64}
 
 

@@ -147,6 +147,32 @@ def test_a_torchvision_efficientnet_is_canonized_with_its_stages_as_hook_points(
     assert {"Gamma", "Pass", "Norm"} <= {r.rule for r in report.rules}
 
 
+def test_a_torchvision_mobilenet_v3_gets_its_blocks_as_hook_points(tmp_path: Path) -> None:
+    """MobileNetV3 (torchvision) is canonized by the efficientnet family; its hook points are the
+    blocks between the stem and the last 1x1 conv."""
+    torch.manual_seed(0)
+    model = _trained_like(torchvision.models.mobilenet_v3_small(weights=None, num_classes=2))
+    torch.save(model.state_dict(), tmp_path / "mnv3.pt")
+    spec = _spec(
+        tmp_path,
+        f"""
+        name = "mnv3"
+        source = "torchvision"
+        arch = "mobilenet_v3_small"
+        checkpoint = "mnv3.pt"
+        labels = ["normal", "effusion"]
+        input_size = 64
+        {IMAGENET}
+        """,
+    )
+    report = check(load_spec(spec))
+    _model, cfg, _ = build(load_spec(spec))
+    assert cfg.canonizer == "efficientnet" and list(cfg.hook_points) == [
+        f"features.{i}" for i in range(1, 12)
+    ]
+    assert report.canonized_max_diff < 1e-3 and {"Gamma", "Pass", "Norm"} <= {r.rule for r in report.rules}
+
+
 def test_a_torchvision_vit_gets_its_class_token_as_the_cav_layer(tmp_path: Path) -> None:
     """torchvision picks the class token inline in ``forward``, so no module outputs it: the spec
     model gets an Identity at the front of ``heads`` (the checkpoint of the plain model loads, the
