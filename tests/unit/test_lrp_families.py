@@ -562,8 +562,8 @@ def test_detect_canonizer(factory: Callable[[], nn.Module], kind: str) -> None:
 
 
 def test_detect_canonizer_names_the_class_and_the_families() -> None:
-    model = torchvision.models.mobilenet_v3_small(num_classes=2)
-    with pytest.raises(CanonizerError, match=r"torchvision\.models\.mobilenetv3\.MobileNetV3.*densenet: "):
+    model = torchvision.models.squeezenet1_1(num_classes=2)
+    with pytest.raises(CanonizerError, match=r"torchvision\.models\.squeezenet\.SqueezeNet.*densenet: "):
         detect_canonizer(model)
 
 
