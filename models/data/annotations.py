@@ -276,16 +276,7 @@ def read_styles(
             each naming the file and the image.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"artifact style file {path} does not exist")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read artifact styles as JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise DatasetError(
-            f"{path}: top level is {type(raw).__name__}; expected {{image: {{artifact: style}}}}"
-        )
+    raw = _read_json(path, "style", "{image: {artifact: style}}")
     lookup = {**{sid: _SKIP for sid in left_out}, **(aliases or {}), **{sid: i for i, sid in enumerate(ids)}}
     carried = {a: set(v) for a, v in by_artifact.items()}
     out: dict[str, dict[int, str]] = {}
@@ -362,17 +353,19 @@ def load_artifact_ids(
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(
+    path: Path, what: str = "annotation", shape: str = "an object {artifact: [ids]}"
+) -> dict[str, Any]:
+    """A JSON object read from an artifact ``what`` file (annotations, styles), refused by name when
+    missing, unreadable or not an object (``shape`` says what it should be)."""
     if not path.is_file():
-        raise DatasetError(f"artifact annotation file {path} does not exist")
+        raise DatasetError(f"artifact {what} file {path} does not exist")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read artifact annotations as JSON ({e})") from e
+        raise DatasetError(f"{path}: cannot read artifact {what}s as JSON ({e})") from e
     if not isinstance(raw, dict):
-        raise DatasetError(
-            f"{path}: top level is {type(raw).__name__}; expected an object {{artifact: [ids]}}"
-        )
+        raise DatasetError(f"{path}: top level is {type(raw).__name__}; expected {shape}")
     return raw
 
 

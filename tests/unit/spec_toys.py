@@ -28,7 +28,7 @@ def lstm_net(num_classes: int = 2) -> nn.Module:
 
 
 class GruStack(nn.Module):
-    """Five GRUs after the stem, and an ELU-like custom activation twice: refusals that repeat."""
+    """Five GRUs after the stem, then two Softmins: layers without a rule that repeat."""
 
     def __init__(self, num_classes: int = 2) -> None:
         super().__init__()

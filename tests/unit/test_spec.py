@@ -263,7 +263,7 @@ def test_checkpoint_of_another_architecture(tmp_path: Path) -> None:
 
 
 def test_a_layer_without_a_rule_is_refused_by_name(tmp_path: Path) -> None:
-    from spec_toys import lstm_net
+    from spec_toys import gru_stack, lstm_net
 
     torch.save(lstm_net(2).state_dict(), tmp_path / "lstm.pt")
     spec = _spec(
@@ -285,7 +285,7 @@ def test_a_layer_without_a_rule_is_refused_by_name(tmp_path: Path) -> None:
     ):
         check(load_spec(spec))
     # Repeated blocks: one refusal per layer type, its first layers named, the advice said once.
-    torch.save(__import__("spec_toys").gru_stack(2).state_dict(), tmp_path / "gru.pt")
+    torch.save(gru_stack(2).state_dict(), tmp_path / "gru.pt")
     gru = spec.read_text().replace("lstm_net", "gru_stack").replace("lstm.pt", "gru.pt")
     with pytest.raises(ConfigError) as refused:
         check(load_spec(_spec(tmp_path, gru, "gru.toml")))
